@@ -1,0 +1,182 @@
+"""Typed configuration: YAML files plus `--set section.key=value` overrides.
+
+Every section is a pydantic model that forbids unknown keys and documents each field
+with the docstring under it. Errors name the dotted key, what was given and what
+would be accepted, before any expensive work starts.
+"""
+
+from __future__ import annotations
+
+import difflib
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message says where and why."""
+
+
+class Section(BaseModel):
+    """Base for config sections: unknown keys are errors, field docstrings become help."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True)
+
+
+Modality = Literal["text", "image"]
+
+
+class FieldSpec(Section):
+    """One input field of a side (a column of the data) and its fusion weight."""
+
+    modality: Modality = "text"
+    """How the column is encoded: `text` (tokenized) or `image` (bytes or a path)."""
+    weight: float = Field(1.0, ge=0.0)
+    """Fusion weight of this field's embedding within its side."""
+
+
+class FieldsConfig(Section):
+    """Which columns form the left side (queries) and the right side (documents)."""
+
+    left: dict[str, FieldSpec] = Field(default_factory=lambda: {"query": FieldSpec()})
+    """Left-side fields by column name, e.g. `{query: {modality: text, weight: 1.0}}`."""
+    right: dict[str, FieldSpec] = Field(
+        default_factory=lambda: {
+            "image": FieldSpec(modality="image", weight=0.9),
+            "title": FieldSpec(modality="text", weight=0.1),
+        }
+    )
+    """Right-side fields by column name, e.g. image 0.9 and title 0.1 as in the GCL paper."""
+
+    @model_validator(mode="after")
+    def _check_sides(self) -> FieldsConfig:
+        for side in ("left", "right"):
+            specs: dict[str, FieldSpec] = getattr(self, side)
+            if not specs:
+                raise ValueError(f"fields.{side} needs at least one field (a column name with a modality)")
+            if sum(s.weight for s in specs.values()) <= 0:
+                raise ValueError(f"fields.{side}: at least one field weight must be > 0")
+        both = set(self.left) & set(self.right)
+        if both:
+            raise ValueError(f"column(s) {sorted(both)} are on both sides; a column belongs to one side")
+        return self
+
+    def weights(self, side: Literal["left", "right"]) -> dict[str, float]:
+        """Field name -> fusion weight for one side."""
+        return {name: spec.weight for name, spec in getattr(self, side).items()}
+
+    def modalities(self) -> dict[str, str]:
+        """Field name -> modality for both sides."""
+        return {name: spec.modality for name, spec in {**self.left, **self.right}.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and overrides
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file into a dict; an empty file is an empty config."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides (value parsed as YAML) to a nested dict, in order."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        parts = key.strip().split(".")
+        node = data
+        for depth, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                where = ".".join(parts[: depth + 1])
+                raise ConfigError(f"override {item!r}: {where} is a value, not a section")
+            node = child
+        try:
+            node[parts[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: value is not valid YAML: {err}") from err
+    return data
+
+
+def _accepted_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The field names accepted at `loc` (a pydantic error location) within `model`."""
+    current: Any = model
+    for part in loc[:-1]:
+        if isinstance(current, type) and issubclass(current, BaseModel) and isinstance(part, str):
+            field = current.model_fields.get(part)
+            if field is None:
+                return []
+            current = field.annotation
+        # Unwrap dict[str, X], list[X] and X | None to reach the model that holds the key.
+        while typing.get_origin(current) is not None:
+            args = [a for a in typing.get_args(current) if a is not type(None)]
+            current = args[-1] if args else None
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return []
+
+
+def format_validation_error(err: ValidationError, model: type[BaseModel], source: str) -> str:
+    """Turn a pydantic error into lines naming the dotted key, the value and what is accepted."""
+    lines = [f"invalid config ({source}):"]
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            accepted = _accepted_keys(model, loc)
+            hint = difflib.get_close_matches(str(loc[-1]), accepted, n=1)
+            msg = f"  {key}: unknown key; accepted keys here: {', '.join(accepted)}"
+            if hint:
+                msg += f" (did you mean {hint[0]!r}?)"
+        else:
+            got = e.get("input")
+            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            msg = f"  {key}: {e['msg']}{shown}"
+        lines.append(msg)
+    return "\n".join(lines)
+
+
+def parse_config(
+    model: type[BaseModel], path: str | Path | None = None, overrides: list[str] | None = None
+) -> Any:
+    """Load `path` (optional), apply overrides and validate into `model`.
+
+    Raises ConfigError with every problem listed by dotted key.
+    """
+    data = load_yaml(path) if path else {}
+    data = apply_overrides(data, list(overrides or []))
+    source = str(path) if path else "defaults"
+    if overrides:
+        source += " with --set " + " ".join(overrides)
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, model, source)) from None
+
+
+def describe(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """One line per config key: dotted name, type and docstring (for `gcl config --keys`)."""
+    lines = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            lines.extend(describe(ann, key + "."))
+            continue
+        type_name = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
+        lines.append(f"{key} ({type_name}): {field.description or ''}".rstrip())
+    return lines

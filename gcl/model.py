@@ -1,0 +1,165 @@
+"""open_clip models for GCL: create, encode fields, save and load.
+
+A model is an open_clip CLIP model created from an architecture name and either a
+pretrained tag (downloaded by open_clip), a local checkpoint file, an exported model
+directory, or nothing (random init). gcl ships tiny architectures (`gcl-tiny`,
+`gcl-small`) that train on a CPU in seconds.
+
+Saved models use open_clip's own layout (`open_clip_config.json` + weights), so they
+load with `open_clip.create_model_and_transforms("local-dir:DIR")`, or with
+`create_model_and_transforms(arch, pretrained="DIR/open_clip_pytorch_model.bin")`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from gcl.config import Section
+
+GCL_MODEL_CONFIGS = Path(__file__).parent / "model_configs"
+CONFIG_FILE = "open_clip_config.json"
+WEIGHTS_FILE = "open_clip_pytorch_model.bin"
+
+
+class ModelConfig(Section):
+    """Which open_clip model to fine-tune."""
+
+    arch: str = "gcl-tiny"
+    """open_clip architecture name (e.g. `ViT-B-32`), or gcl's tiny `gcl-tiny` / `gcl-small`."""
+    pretrained: str | None = None
+    """open_clip pretrained tag (e.g. `laion2b_s34b_b79k`), a local checkpoint file, an exported
+    model directory, or null for random initialization."""
+    cache_dir: str | None = None
+    """Where open_clip caches downloaded weights (null: its default)."""
+
+
+_registered = False
+
+
+def register_gcl_configs() -> None:
+    """Make gcl's tiny architectures known to open_clip (idempotent; names start with `gcl-`)."""
+    global _registered
+    if _registered:
+        return
+    import open_clip
+
+    for path in sorted(GCL_MODEL_CONFIGS.glob("*.json")):
+        if path.stem not in open_clip.list_models():
+            open_clip.add_model_config(path)
+    _registered = True
+
+
+@dataclass
+class LoadedModel:
+    """An open_clip model with what is needed to feed and save it."""
+
+    clip: torch.nn.Module
+    """The open_clip model, with a (1,)-shaped `logit_scale` (DeepSpeed cannot broadcast 0-dim)."""
+    model_cfg: dict[str, Any]
+    """open_clip's architecture config, written out on save."""
+    tokenizer: Callable[..., torch.Tensor]
+    """Text -> (B, context_length) token ids."""
+    preprocess_train: Callable
+    """PIL image -> (3, H, W) tensor, with open_clip's training augmentation."""
+    preprocess_val: Callable
+    """PIL image -> (3, H, W) tensor, deterministic."""
+
+
+def _open_clip_source(cfg: ModelConfig) -> tuple[str, str | None, dict[str, Any]]:
+    """(model name for open_clip, pretrained argument, architecture config) for a ModelConfig."""
+    import open_clip
+
+    pretrained = cfg.pretrained
+    if pretrained and Path(pretrained).is_dir():
+        config_path = Path(pretrained) / CONFIG_FILE
+        if not config_path.is_file():
+            raise FileNotFoundError(f"model.pretrained={pretrained}: directory has no {CONFIG_FILE}")
+        model_cfg = json.loads(config_path.read_text())["model_cfg"]
+        return f"local-dir:{pretrained}", None, model_cfg
+    model_cfg = open_clip.get_model_config(cfg.arch)
+    if model_cfg is None:
+        raise ValueError(
+            f"model.arch={cfg.arch!r} is not an open_clip architecture; known: gcl-tiny, gcl-small, "
+            f"ViT-B-32, ViT-B-16, ... ({len(open_clip.list_models())} in open_clip.list_models())"
+        )
+    return cfg.arch, pretrained, model_cfg
+
+
+def create_model(cfg: ModelConfig, init_temperature: float | None = None) -> LoadedModel:
+    """Create the open_clip model, tokenizer and image transforms described by `cfg`.
+
+    init_temperature: if given, the logit scale starts at log(1 / init_temperature).
+    """
+    import open_clip
+
+    register_gcl_configs()
+    name, pretrained, model_cfg = _open_clip_source(cfg)
+    clip, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+        name, pretrained=pretrained, cache_dir=cfg.cache_dir, nonscalar_logit_scale=True
+    )
+    if init_temperature is not None:
+        with torch.no_grad():
+            clip.logit_scale.fill_(math.log(1.0 / init_temperature))
+    tokenizer = open_clip.get_tokenizer(name)
+    return LoadedModel(clip, dict(model_cfg), tokenizer, preprocess_train, preprocess_val)
+
+
+class FieldEncoder(torch.nn.Module):
+    """Encodes named fields with the model's text or image tower.
+
+    The module's forward is what the training engine calls, so the logit scale is
+    returned from it (under ZeRO-3 parameters are only materialized inside forward).
+    """
+
+    def __init__(self, clip: torch.nn.Module, modalities: Mapping[str, str]):
+        super().__init__()
+        self.clip = clip
+        self.modalities = dict(modalities)
+
+    def forward(self, fields: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """fields: name -> (B, L) token ids for text, (B, 3, H, W) pixels for images.
+
+        Returns name -> (B, D) L2-normalized embeddings, and the (1,) log logit scale.
+        Fields of one modality go through their tower in a single call.
+        """
+        out: dict[str, torch.Tensor] = {}
+        for modality, encode in (("text", self.clip.encode_text), ("image", self.clip.encode_image)):
+            names = [n for n in fields if self.modalities.get(n) == modality]
+            if not names:
+                continue
+            sizes = [fields[n].shape[0] for n in names]
+            embedded = F.normalize(encode(torch.cat([fields[n] for n in names])), dim=-1)
+            out.update(zip(names, embedded.split(sizes), strict=True))
+        unknown = set(fields) - set(self.modalities)
+        if unknown:
+            raise KeyError(f"fields {sorted(unknown)} have no modality; known fields: {sorted(self.modalities)}")
+        return out, self.clip.logit_scale
+
+
+def save_model(clip: torch.nn.Module, model_cfg: Mapping[str, Any], out_dir: str | Path,
+               state_dict: Mapping[str, torch.Tensor] | None = None) -> Path:
+    """Write an open_clip checkpoint directory: `open_clip_config.json` and the weights.
+
+    state_dict: weights to write instead of `clip.state_dict()` (e.g. gathered ZeRO-3 shards).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    preprocess_cfg = dict(getattr(clip.visual, "preprocess_cfg", {}) or {})
+    config = {"model_cfg": dict(model_cfg), "preprocess_cfg": preprocess_cfg}
+    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    weights = {k: v.detach().cpu().float().contiguous() for k, v in (state_dict or clip.state_dict()).items()}
+    torch.save(weights, out / WEIGHTS_FILE)
+    return out
+
+
+def load_model(model_dir: str | Path) -> LoadedModel:
+    """Load a model saved by `save_model` (open_clip `local-dir:` layout)."""
+    return create_model(ModelConfig(arch="local", pretrained=str(model_dir)))

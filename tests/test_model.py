@@ -1,0 +1,90 @@
+"""open_clip model wrapper: tiny configs, field encoding, save/load in open_clip's format."""
+
+import open_clip
+import pytest
+import torch
+from PIL import Image
+
+from gcl.model import WEIGHTS_FILE, FieldEncoder, ModelConfig, create_model, load_model, register_gcl_configs, save_model
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return create_model(ModelConfig(arch="gcl-tiny"), init_temperature=0.05)
+
+
+def _inputs(loaded):
+    tokens = loaded.tokenizer(["red round shoe", "blue striped bag", "green hat"])
+    images = torch.stack(
+        [loaded.preprocess_val(Image.new("RGB", (40, 40), color)) for color in ("red", "blue", "green")]
+    )
+    return tokens, images
+
+
+def test_tiny_model_has_vector_logit_scale_and_temperature_init(tiny):
+    assert tiny.clip.logit_scale.shape == (1,)
+    assert tiny.clip.logit_scale.exp().item() == pytest.approx(20.0)
+    assert sum(p.numel() for p in tiny.clip.parameters()) < 5_000_000
+    assert tiny.tokenizer(["x"]).shape == (1, tiny.model_cfg["text_cfg"]["context_length"])
+
+
+def test_registering_configs_is_idempotent_and_only_adds_gcl_architectures():
+    register_gcl_configs()
+    before = open_clip.list_models()
+    register_gcl_configs()
+    assert open_clip.list_models() == before
+    assert {"gcl-tiny", "gcl-small", "ViT-B-32"} <= set(before)
+
+
+def test_field_encoder_batches_fields_per_modality_and_normalizes(tiny):
+    tokens, images = _inputs(tiny)
+    encoder = FieldEncoder(tiny.clip, {"query": "text", "title": "text", "image": "image"}).eval()
+    with torch.no_grad():
+        out, log_scale = encoder({"query": tokens, "title": tokens.flip(0), "image": images})
+        alone = torch.nn.functional.normalize(tiny.clip.encode_text(tokens.flip(0)), dim=-1)
+    assert set(out) == {"query", "title", "image"}
+    for emb in out.values():
+        assert emb.shape == (3, tiny.model_cfg["embed_dim"])
+        torch.testing.assert_close(emb.norm(dim=-1), torch.ones(3))
+    torch.testing.assert_close(out["title"], alone, atol=1e-5, rtol=1e-5)
+    assert log_scale is tiny.clip.logit_scale
+    with pytest.raises(KeyError, match="no modality"):
+        encoder({"colour": tokens})
+
+
+def test_saved_model_loads_with_open_clip_and_gives_same_embeddings(tiny, tmp_path):
+    tokens, images = _inputs(tiny)
+    tiny.clip.eval()
+    with torch.no_grad():
+        want_text, want_image = tiny.clip.encode_text(tokens), tiny.clip.encode_image(images)
+    out = save_model(tiny.clip, tiny.model_cfg, tmp_path / "export")
+
+    # 1) open_clip's own loader, local-dir layout (no gcl code involved).
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{out}")
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_text(tokens), want_text)
+        torch.testing.assert_close(model.encode_image(images), want_image)
+    assert preprocess.transforms[0].size == tiny.model_cfg["vision_cfg"]["image_size"]
+    # 2) open_clip by architecture name with the weights file as `pretrained`.
+    model2, _, _ = open_clip.create_model_and_transforms("gcl-tiny", pretrained=str(out / WEIGHTS_FILE))
+    model2.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model2.encode_image(images), want_image)
+    # 3) gcl's loader keeps the (1,) logit scale and the learned temperature.
+    again = load_model(out)
+    assert again.clip.logit_scale.shape == (1,)
+    torch.testing.assert_close(again.clip.logit_scale, tiny.clip.logit_scale.detach())
+    again.clip.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again.clip.encode_text(again.tokenizer(["red round shoe"])), want_text[:1])
+
+
+def test_bad_model_source_is_reported(tmp_path):
+    with pytest.raises(ValueError, match="model.arch='ViT-Q-99' is not an open_clip architecture"):
+        create_model(ModelConfig(arch="ViT-Q-99"))
+    with pytest.raises(FileNotFoundError, match="has no open_clip_config.json"):
+        create_model(ModelConfig(pretrained=str(tmp_path)))
+    with pytest.raises(RuntimeError, match="not a known tag or valid file path"):
+        create_model(ModelConfig(arch="gcl-tiny", pretrained="no_such_tag"))

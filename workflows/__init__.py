@@ -1,0 +1,1 @@
+"""gcl's jobs (one thin module each) and the `gcl` command line."""
