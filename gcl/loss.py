@@ -158,6 +158,14 @@ def weighted_contrastive(
     return (weights * ce).mean()
 
 
+def _and_valid(present, embeddings, valid):
+    """Presence masks with padding rows marked present (their weight is 0 anyway), so fusion
+    never fails on them."""
+    if present is None:
+        return None
+    return {name: present.get(name, valid) | ~valid for name in embeddings}
+
+
 class GCLLoss(torch.nn.Module):
     """The GCL objective over fused and per-field embeddings.
 
@@ -205,6 +213,7 @@ class GCLLoss(torch.nn.Module):
         document_ids: torch.Tensor | None = None,
         left_present: Mapping[str, torch.Tensor] | None = None,
         right_present: Mapping[str, torch.Tensor] | None = None,
+        valid: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Compute the loss for this rank's rows.
 
@@ -212,6 +221,7 @@ class GCLLoss(torch.nn.Module):
         score or rank position (`cfg.weight_key`). logit_scale: learnable log-scale, shape ()
         or (1,), clamped as in CLIP. query_ids / document_ids: (B,) int64, for masking.
         *_present: field name -> (B,) bool, False where the row has no value for that field.
+        valid: (B,) bool, False for padding rows: they get weight 0 and are nobody's negative.
         Returns the scalar loss and its terms (detached) for logging.
         """
         cfg = self.cfg
@@ -219,7 +229,11 @@ class GCLLoss(torch.nn.Module):
         scale = logit_scale.clamp(0, MAX_LOGIT_SCALE).exp().reshape(())
         weights = score_to_weight(scores, cfg).to(left[next(iter(left))].dtype)
         targets = torch.arange(batch, device=scores.device) + self.rank * batch
-        mask = self._negatives_mask(batch, targets, query_ids, document_ids)
+        mask = self._negatives_mask(batch, targets, query_ids, document_ids, valid)
+        if valid is not None:
+            weights = weights * valid.to(weights.dtype)
+            left_present = _and_valid(left_present, left, valid)
+            right_present = _and_valid(right_present, right, valid)
 
         fused_left = fuse_fields(left, self.left_fields, left_present)
         fused_right = fuse_fields(right, self.right_fields, right_present)
@@ -247,9 +261,13 @@ class GCLLoss(torch.nn.Module):
         targets: torch.Tensor,
         query_ids: torch.Tensor | None,
         document_ids: torch.Tensor | None,
+        valid: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
-        """(B, N) True where column j shares the row's query or document (j is not the row's own pair)."""
+        """(B, N) True where column j shares the row's query or document, or is padding
+        (never the row's own pair)."""
         shared = None
+        if valid is not None:
+            shared = ~self._gather_no_grad(valid).unsqueeze(0).expand(batch, -1)
         for ids, wanted in ((query_ids, self.cfg.mask_same_query), (document_ids, self.cfg.mask_same_document)):
             if not wanted:
                 continue

@@ -112,6 +112,25 @@ def create_model(cfg: ModelConfig, init_temperature: float | None = None) -> Loa
     return LoadedModel(clip, dict(model_cfg), tokenizer, preprocess_train, preprocess_val)
 
 
+def create_preprocessing(cfg: ModelConfig) -> tuple[Callable, Callable, Callable]:
+    """(tokenizer, train image transform, eval image transform) for `cfg`, without building the
+    model or fetching weights: what data-loading workers need."""
+    import open_clip
+    from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
+
+    register_gcl_configs()
+    name, pretrained, model_cfg = _open_clip_source(cfg)
+    preprocess = merge_preprocess_dict(PreprocessCfg(), {})
+    if name.startswith("local-dir:"):
+        saved = json.loads((Path(cfg.pretrained) / CONFIG_FILE).read_text()).get("preprocess_cfg", {})
+        preprocess = merge_preprocess_dict(preprocess, saved)
+    elif pretrained:
+        preprocess = merge_preprocess_dict(preprocess, open_clip.get_pretrained_cfg(cfg.arch, pretrained) or {})
+    preprocess["size"] = model_cfg["vision_cfg"]["image_size"]
+    pp = PreprocessCfg(**preprocess)
+    return open_clip.get_tokenizer(name), image_transform_v2(pp, is_train=True), image_transform_v2(pp, is_train=False)
+
+
 class FieldEncoder(torch.nn.Module):
     """Encodes named fields with the model's text or image tower.
 

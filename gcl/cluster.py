@@ -1,0 +1,36 @@
+"""Connecting to Ray: a cluster at RAY_ADDRESS, or a local one bound to 127.0.0.1."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Connect to the cluster at `address` / RAY_ADDRESS, or start a local one on loopback.
+
+    The local cluster and its dashboard listen on 127.0.0.1 only, so nothing is exposed
+    beyond this machine by default.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    # Worker processes inherit this: keep each from oversubscribing the cores.
+    runtime_env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
+    if address:
+        log.info("connecting to Ray at %s", address)
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        return
+    ray.init(
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        dashboard_host="127.0.0.1",
+        _node_ip_address="127.0.0.1",
+        runtime_env=runtime_env,
+        configure_logging=True,
+        logging_level=logging.WARNING,
+    )

@@ -1,0 +1,260 @@
+"""The Ray Data pipeline: read -> drop rejected rows -> shuffle -> decode, transform and
+tokenize in a CPU actor pool -> fixed-shape numpy batches for the trainers.
+
+Train workers read their shard with `train_batches`, which pads the last batch with
+invalid rows and keeps all ranks stepping together, so every valid row is used exactly
+once per epoch and no row is dropped to make shards equal.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from collections.abc import Iterator, Mapping
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from gcl.config import FieldsConfig, Section
+from gcl.data.readers import DataError, image_bytes, resolve_files
+from gcl.data.schema import DataConfig
+
+PRESENT = "__present"  # suffix of the per-field presence columns
+META_COLUMNS = ("score", "query_key", "document_key", "pair_key", "valid")
+
+
+class PipelineConfig(Section):
+    """How the data pipeline runs."""
+
+    preprocess_actors: int = Field(1, ge=1)
+    """Actors decoding images and tokenizing text (each loads the transforms once)."""
+    cpus_per_actor: float = Field(0.5, gt=0)
+    """CPUs reserved per preprocessing actor (fractional on small machines)."""
+    preprocess_batch_size: int = Field(256, ge=1)
+    """Rows per preprocessing call."""
+    shuffle: Literal["global", "blocks", "none"] = "global"
+    """`global`: a full shuffle every epoch; `blocks`: shuffle block order plus a local buffer
+    (cheaper on very large data); `none`: file order."""
+    local_shuffle_buffer: int = Field(0, ge=0)
+    """Rows in each worker's local shuffle buffer (0: off)."""
+    augment_images: bool = False
+    """Use open_clip's training augmentation (random resized crop) instead of the eval transform."""
+
+
+def stable_keys(values: np.ndarray) -> np.ndarray:
+    """int64 keys for ids: integers as they are, anything else by a stable 63-bit hash."""
+    values = np.asarray(values)
+    if values.dtype.kind in "iu":
+        return values.astype(np.int64)
+    out = np.empty(len(values), dtype=np.int64)
+    for i, v in enumerate(values):
+        digest = hashlib.blake2b(str(v).encode(), digest_size=8).digest()
+        out[i] = int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
+    return out
+
+
+class PairPreprocessor:
+    """Ray Data callable class: raw pair rows -> model-ready numpy arrays.
+
+    Output per field: `<field>` ((B, L) int64 tokens or (B, 3, H, W) float32 pixels) and
+    `<field>__present` (B,) bool; plus `score` (B,) float32 and int64 `query_key`,
+    `document_key`, `pair_key`.
+    """
+
+    def __init__(self, model_cfg: dict, fields: dict, weight_key: str, data_cfg: dict,
+                 base_dir: str | None, augment: bool):  # fmt: skip
+        from gcl.model import ModelConfig, create_preprocessing
+
+        self.tokenizer, train_tf, eval_tf = create_preprocessing(ModelConfig(**model_cfg))
+        self.image_transform = train_tf if augment else eval_tf
+        self.fields = FieldsConfig(**fields).modalities()
+        self.weight_key = weight_key
+        self.data = DataConfig(**data_cfg)
+        self.base_dir = base_dir
+
+    def _image(self, value, pair_id) -> torch.Tensor | None:
+        from PIL import Image
+
+        try:
+            raw = image_bytes(value, self.base_dir)
+            if raw is None:
+                return None
+            with Image.open(io.BytesIO(raw)) as img:
+                return self.image_transform(img.convert("RGB"))
+        except Exception as err:
+            raise DataError(f"pair {pair_id!r}: image cannot be read or decoded ({type(err).__name__}: {err})") from err
+
+    def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        pair_ids = batch[self.data.pair_id_column]
+        out: dict[str, np.ndarray] = {}
+        for name, modality in self.fields.items():
+            values = batch[name]
+            if modality == "text":
+                present = np.array([v is not None and str(v).strip() != "" for v in values])
+                texts = [str(v) if ok else "" for v, ok in zip(values, present, strict=True)]
+                out[name] = self.tokenizer(texts).numpy().astype(np.int64)
+            else:
+                images = [self._image(v, pid) for v, pid in zip(values, pair_ids, strict=True)]
+                present = np.array([img is not None for img in images])
+                shape = next((img.shape for img in images if img is not None), None)
+                if shape is None:
+                    size = self.image_transform.transforms[0].size
+                    shape = (3, *((size, size) if isinstance(size, int) else size))
+                out[name] = np.stack([img.numpy() if img is not None else np.zeros(shape, np.float32) for img in images])
+            out[name + PRESENT] = present
+        out["score"] = np.asarray(batch[self.weight_key], dtype=np.float32)
+        out["query_key"] = stable_keys(batch[self.data.query_id_column])
+        out["document_key"] = stable_keys(batch[self.data.document_id_column])
+        out["pair_key"] = stable_keys(pair_ids)
+        return out
+
+
+def read_pairs(spec: str, columns: list[str]):
+    """A Ray Dataset of the pairs at `spec` (parquet, CSV or JSONL), only `columns`."""
+    import ray.data
+
+    files = resolve_files(spec)
+    kinds = {os.path.splitext(f)[1] for f in files}
+    if kinds == {".parquet"}:
+        return ray.data.read_parquet(files, columns=columns)
+    if kinds == {".csv"}:
+        return ray.data.read_csv(files).select_columns(columns)
+    if kinds <= {".jsonl", ".json"}:
+        return ray.data.read_json(files, lines=True).select_columns(columns)
+    raise DataError(f"{spec}: mixes file types {sorted(kinds)}; use one format per dataset")
+
+
+def build_dataset(
+    spec: str,
+    data: DataConfig,
+    fields: FieldsConfig,
+    weight_key: str,
+    model_cfg: dict,
+    pipeline: PipelineConfig,
+    *,
+    skip_pair_ids: set | None = None,
+    seed: int = 0,
+    shuffle: bool = True,
+):
+    """The preprocessed Ray Dataset for training or evaluation (lazy; runs when consumed)."""
+    import pandas as pd
+
+    columns = list(dict.fromkeys([*fields.modalities(), weight_key, data.query_id_column,
+                                  data.document_id_column, data.pair_id_column]))  # fmt: skip
+    ds = read_pairs(spec, columns)
+    if skip_pair_ids:
+        skip = sorted(skip_pair_ids, key=str)
+        pair_col = data.pair_id_column
+
+        def drop_rejected(df: pd.DataFrame) -> pd.DataFrame:
+            return df[~df[pair_col].isin(skip)]
+
+        ds = ds.map_batches(drop_rejected, batch_format="pandas")
+    if shuffle and pipeline.shuffle == "global":
+        ds = ds.random_shuffle(seed=seed)
+    elif shuffle and pipeline.shuffle == "blocks":
+        ds = ds.randomize_block_order(seed=seed)
+    first = resolve_files(spec)[0]
+    base_dir = data.image_root or (None if "://" in first else os.path.dirname(os.path.abspath(first)))
+    import ray.data
+
+    ds = ds.map_batches(
+        PairPreprocessor,
+        fn_constructor_kwargs=dict(model_cfg=model_cfg, fields=fields.model_dump(), weight_key=weight_key,
+                                   data_cfg=data.model_dump(), base_dir=base_dir, augment=pipeline.augment_images),
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pipeline.preprocess_actors),
+        num_cpus=pipeline.cpus_per_actor,
+        batch_size=pipeline.preprocess_batch_size,
+        batch_format="numpy",
+    )  # fmt: skip
+    # Ray Data coalesces small outputs into large blocks; bounded blocks let the split
+    # hand every worker a share even of a small dataset.
+    return ds.repartition(target_num_rows_per_block=pipeline.preprocess_batch_size)
+
+
+def unsplit_data_config():
+    """Ray Train DataConfig that splits the train dataset without dropping rows.
+
+    Ray Train's default makes shards equal by dropping the remainder; `train_batches`
+    pads instead, so every valid row is seen once per epoch.
+    """
+    from ray.train import DataConfig as RayDataConfig
+
+    class ExactSplit(RayDataConfig):
+        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+            output = [{} for _ in range(world_size)]
+            for name, ds in datasets.items():
+                ds = ds.copy(ds)
+                if name == "train":
+                    for i, split in enumerate(ds.streaming_split(world_size, equal=False)):
+                        output[i][name] = split
+                else:
+                    for i in range(world_size):
+                        output[i][name] = ds.iterator()
+            return output
+
+    return ExactSplit()
+
+
+def _pad(batch: dict[str, torch.Tensor], size: int) -> dict[str, torch.Tensor]:
+    """Pad a batch to `size` rows; padded rows have valid=False."""
+    n = len(batch["score"])
+    out = {}
+    for key, value in batch.items():
+        pad = torch.zeros((size - n, *value.shape[1:]), dtype=value.dtype)
+        out[key] = torch.cat([value, pad]) if n < size else value
+    valid = torch.zeros(size, dtype=torch.bool)
+    valid[:n] = True
+    out["valid"] = valid
+    return out
+
+
+def train_batches(
+    shard,
+    batch_size: int,
+    template: dict[str, tuple[tuple[int, ...], torch.dtype]],
+    *,
+    local_shuffle_buffer: int = 0,
+    seed: int | None = None,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Batches of exactly `batch_size` rows from a worker's shard, ranks in lockstep.
+
+    Each step all ranks agree (an all-reduce) whether any rank still has data; a rank
+    that has run out contributes an all-invalid batch built from `template`
+    (column -> (row shape, dtype)). The last partial batch is padded with invalid rows.
+    """
+    import torch.distributed as dist
+
+    iterator = iter(
+        shard.iter_torch_batches(
+            batch_size=batch_size, drop_last=False,
+            local_shuffle_buffer_size=local_shuffle_buffer or None,
+            local_shuffle_seed=seed if local_shuffle_buffer else None,
+        )
+    )  # fmt: skip
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    while True:
+        batch = next(iterator, None)
+        more = torch.tensor([0 if batch is None else 1])
+        if distributed:
+            dist.all_reduce(more, op=dist.ReduceOp.MAX)
+        if not more.item():
+            return
+        if batch is None:
+            batch = {k: torch.zeros((0, *shape), dtype=dtype) for k, (shape, dtype) in template.items()}
+        yield _pad(dict(batch), batch_size)
+
+
+def batch_template(fields: FieldsConfig, context_length: int, image_size: int) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """Column -> (row shape, dtype) of the pipeline's output, for padding."""
+    template: dict[str, tuple[tuple[int, ...], Any]] = {}
+    for name, modality in fields.modalities().items():
+        shape = (context_length,) if modality == "text" else (3, image_size, image_size)
+        template[name] = (shape, torch.int64 if modality == "text" else torch.float32)
+        template[name + PRESENT] = ((), torch.bool)
+    template.update(score=((), torch.float32), query_key=((), torch.int64), document_key=((), torch.int64),
+                    pair_key=((), torch.int64))  # fmt: skip
+    return template

@@ -1,0 +1,116 @@
+"""Read scored pairs: parquet (file, directory or glob; local or a URI pyarrow reads) and
+CSV/JSONL with image paths. Images come as encoded bytes, `{bytes, path}` structs or paths."""
+
+from __future__ import annotations
+
+import glob
+import io
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+TABLE_SUFFIXES = (".parquet", ".csv", ".jsonl", ".json")
+
+
+class DataError(ValueError):
+    """Data that cannot be used; the message names the file, row and column."""
+
+
+def _filesystem(spec: str):
+    """(pyarrow filesystem, path) for a local path or a URI such as s3://bucket/key."""
+    from pyarrow import fs
+
+    if "://" in spec and not spec.startswith("file://"):
+        return fs.FileSystem.from_uri(spec)
+    return fs.LocalFileSystem(), os.path.abspath(spec.removeprefix("file://"))
+
+
+def resolve_files(spec: str) -> list[str]:
+    """Expand a file, directory or glob into the data files it names, sorted."""
+    if any(ch in spec for ch in "*?[") and "://" not in spec:
+        files = sorted(f for f in glob.glob(spec, recursive=True) if f.endswith(TABLE_SUFFIXES))
+    else:
+        from pyarrow import fs
+
+        filesystem, path = _filesystem(spec)
+        info = filesystem.get_file_info(path)
+        if info.type == fs.FileType.NotFound:
+            raise DataError(f"data not found: {spec}")
+        if info.type == fs.FileType.Directory:
+            entries = filesystem.get_file_info(fs.FileSelector(path, recursive=True))
+            files = sorted(e.path for e in entries if e.is_file and e.path.endswith(TABLE_SUFFIXES))
+            if "://" in spec:
+                scheme = spec.split("://", 1)[0]
+                files = [f"{scheme}://{f}" for f in files]
+        else:
+            files = [spec]
+    if not files:
+        raise DataError(f"no data files ({', '.join(TABLE_SUFFIXES)}) at {spec}")
+    return files
+
+
+def read_table(file: str, columns: list[str] | None = None) -> pa.Table:
+    """Read one data file into an Arrow table (all columns, or those named)."""
+    filesystem, path = _filesystem(file)
+    if file.endswith(".parquet"):
+        return pq.read_table(path, columns=columns, filesystem=filesystem)
+    with filesystem.open_input_stream(path) as stream:
+        raw = stream.read()
+    if file.endswith(".csv"):
+        from pyarrow import csv
+
+        table = csv.read_csv(io.BytesIO(raw))
+    else:
+        from pyarrow import json
+
+        table = json.read_json(io.BytesIO(raw))
+    return table.select(columns) if columns else table
+
+
+def iter_batches(file: str, columns: list[str], batch_rows: int = 65536) -> Iterator[tuple[int, pa.RecordBatch]]:
+    """(first row number, batch) over a file, memory-bounded for parquet."""
+    if file.endswith(".parquet"):
+        filesystem, path = _filesystem(file)
+        offset = 0
+        for batch in pq.ParquetFile(path, filesystem=filesystem).iter_batches(batch_rows, columns=columns):
+            yield offset, batch
+            offset += batch.num_rows
+        return
+    offset = 0
+    for batch in read_table(file, columns).to_batches(batch_rows):
+        yield offset, batch
+        offset += batch.num_rows
+
+
+def file_columns(file: str) -> pa.Schema:
+    """The schema of a data file, without reading its rows (for parquet)."""
+    if file.endswith(".parquet"):
+        filesystem, path = _filesystem(file)
+        return pq.read_schema(path, filesystem=filesystem)
+    return read_table(file).schema
+
+
+def image_bytes(value, base_dir: str | None) -> bytes | None:
+    """Encoded image bytes from a `{bytes, path}` struct, raw bytes or a path/URI; None if absent.
+
+    Raises FileNotFoundError (or OSError) when a referenced file cannot be read.
+    """
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            return value["bytes"]
+        value = value.get("path")
+        if not value:
+            return None
+    if isinstance(value, bytes | bytearray):
+        return bytes(value)
+    path = str(value)
+    if "://" not in path and not os.path.isabs(path) and base_dir:
+        path = str(Path(base_dir) / path)
+    filesystem, resolved = _filesystem(path)
+    with filesystem.open_input_stream(resolved) as stream:
+        return stream.read()

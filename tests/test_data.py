@@ -1,0 +1,166 @@
+"""Scored-pair data: synthetic benchmark, split builder, readers and validation errors."""
+
+import io
+import json
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from gcl.config import FieldsConfig
+from gcl.data.readers import DataError
+from gcl.data.schema import MARQO_GS_COLUMNS, DataConfig
+from gcl.data.splits import SplitConfig, build_splits
+from gcl.data.synth import SynthConfig, generate_pairs, synthesize
+from gcl.data.validate import validate_pairs
+
+SMALL = SynthConfig(products=120, queries=60, docs_per_query=8, seed=3)
+
+
+@pytest.fixture(scope="module")
+def small_pairs():
+    return generate_pairs(SMALL)
+
+
+def test_synth_writes_marqo_schema_splits_deterministically(tmp_path):
+    first = synthesize(tmp_path / "a", SMALL)
+    second = synthesize(tmp_path / "b", SMALL)
+    assert {k: v["sha256"] for k, v in first["splits"].items()} == {k: v["sha256"] for k, v in second["splits"].items()}
+    assert set(first["splits"]) == {"train", "in_domain", "novel_query", "novel_document", "zero_shot"}
+    df = pd.read_parquet(tmp_path / "a" / "train.parquet")
+    assert set(MARQO_GS_COLUMNS) <= set(df.columns)
+    assert json.loads((tmp_path / "a" / "manifest.json").read_text())["splits"]["train"]["rows"] == len(df)
+    img = Image.open(io.BytesIO(df["image"][0]["bytes"]))
+    assert img.size == (64, 64)
+    other = synthesize(tmp_path / "c", SynthConfig(**{**SMALL.__dict__, "seed": 4}))
+    assert other["splits"]["train"]["sha256"] != first["splits"]["train"]["sha256"]
+
+
+def test_synth_positions_follow_attribute_overlap(small_pairs):
+    df = small_pairs
+    for _, group in df.groupby("query_id"):
+        assert list(group["position"]) == list(range(1, len(group) + 1))
+        np.testing.assert_allclose(group["score_reciprocal"], 1.0 / group["position"])
+        assert group["score_linear"].is_monotonic_decreasing
+    # Higher grades sit higher in the lists on average (noise makes it imperfect).
+    corr = df.groupby("query_id").apply(lambda g: g["grade"].corr(-g["position"]), include_groups=False).mean()
+    assert corr > 0.5
+    # Result lists mix full and partial matches: binary relevance cannot tell them apart.
+    assert df["grade"].nunique() >= 3
+
+
+def test_split_builder_has_no_leakage(small_pairs):
+    splits = build_splits(small_pairs, "query_id", "product_id", SplitConfig(seed=1))
+    train_q, train_d = set(splits["train"].query_id), set(splits["train"].product_id)
+    for name, novel_q, novel_d in [("novel_query", True, False), ("novel_document", False, True), ("zero_shot", True, True)]:
+        q, d = set(splits[name].query_id), set(splits[name].product_id)
+        assert (q.isdisjoint(train_q)) == novel_q and (not novel_q or q.isdisjoint(train_q)), name
+        assert d.isdisjoint(train_d) == novel_d, name
+    assert set(splits["in_domain"].query_id) <= train_q and set(splits["in_domain"].product_id) <= train_d
+    # Every pair lands in exactly one of train / novel_query / novel_document / zero_shot.
+    parts = ["train", "novel_query", "novel_document", "zero_shot"]
+    assert sum(len(splits[p]) for p in parts) == len(small_pairs)
+    again = build_splits(small_pairs, "query_id", "product_id", SplitConfig(seed=1))
+    assert all(again[k].equals(splits[k]) for k in splits)
+    with pytest.raises(ValueError, match="column 'qid' not in the data"):
+        build_splits(small_pairs, "qid", "product_id", SplitConfig())
+
+
+# ------------------------------------------------------------------------------------------
+# Validation: each problem names file, row and column.
+
+FIELDS = FieldsConfig()
+
+
+def _write(df, tmp_path, name="pairs.parquet"):
+    path = tmp_path / name
+    df.to_parquet(path, index=False)
+    return str(path)
+
+
+def _check(path, data=None, weight_key="score_linear", **kw):
+    return validate_pairs(path, data or DataConfig(), FIELDS, weight_key, **kw)
+
+
+def test_valid_data_passes_with_score_range(small_pairs, tmp_path):
+    report = _check(_write(small_pairs, tmp_path))
+    assert report.rows == len(small_pairs) and not report.bad
+    assert (report.score_min, report.score_max) == (small_pairs.score_linear.min(), small_pairs.score_linear.max())
+
+
+@pytest.mark.parametrize(
+    "mutate, row, column, message",
+    [
+        (lambda d: d.__setitem__("score_linear", d.score_linear.where(d.index != 3, np.nan)), 3, "score_linear", "score is missing (null or NaN)"),
+        (lambda d: d.__setitem__("score_linear", d.score_linear.where(d.index != 4, np.inf)), 4, "score_linear", "score is inf"),
+        (lambda d: d.__setitem__("score_linear", d.score_linear.where(d.index != 5, -0.5)), 5, "score_linear", "below 0"),
+        (lambda d: d.__setitem__("title", d.title.where(d.index != 6, "   ")), 6, "title", "empty text"),
+        (lambda d: d.__setitem__("query", d["query"].where(d.index != 2, "")), 2, "query", "empty text"),
+        (lambda d: d.__setitem__("pair_id", d.pair_id.where(d.index != 7, 1)), 7, "pair_id", "duplicate pair id 1 (first at"),
+        (lambda d: d.at.__setitem__((8, "image"), {"bytes": b"not an image", "path": None}), 8, "image", "image cannot be decoded"),
+        (lambda d: d.at.__setitem__((9, "image"), {"bytes": None, "path": "missing/nowhere.png"}), 9, "image", "image file cannot be read"),
+    ],
+)
+def test_bad_rows_are_reported_with_file_row_and_column(small_pairs, tmp_path, mutate, row, column, message):
+    df = small_pairs.copy()
+    mutate(df)
+    path = _write(df, tmp_path)
+    with pytest.raises(DataError) as err:
+        _check(path)
+    text = str(err.value)
+    assert re.search(rf"{re.escape(path)} row {row} column '{column}': .*{re.escape(message)}", text), text
+    assert "data.on_bad_rows=skip" in text
+    # With skip, the row is dropped and counted, not silently lost.
+    report = _check(path, DataConfig(on_bad_rows="skip"))
+    assert report.rows_valid == len(df) - 1 and (path, row) in report.bad_row_keys
+    assert sum(report.reasons().values()) == 1 and report.summary().startswith(f"{len(df)} rows, 1 bad")
+
+
+def test_missing_and_mistyped_columns_and_empty_data(small_pairs, tmp_path):
+    with pytest.raises(DataError, match=r"missing column\(s\) \['title'\]"):
+        _check(_write(small_pairs.drop(columns=["title"]), tmp_path, "a.parquet"))
+    bad_type = small_pairs.assign(score_linear=small_pairs.score_linear.astype(str))
+    with pytest.raises(DataError, match=r"column 'score_linear' has type (large_)?string, expected a numeric type"):
+        _check(_write(bad_type, tmp_path, "b.parquet"))
+    with pytest.raises(DataError, match=r"column 'query' has type int64, expected string"):
+        _check(_write(small_pairs.assign(query=1), tmp_path, "c.parquet"))
+    with pytest.raises(DataError, match="the dataset is empty"):
+        _check(_write(small_pairs.iloc[:0], tmp_path, "d.parquet"))
+    with pytest.raises(DataError, match="data not found"):
+        _check(str(tmp_path / "nope.parquet"))
+
+
+def test_reciprocal_weights_need_positions_from_one(small_pairs, tmp_path):
+    df = small_pairs.copy()
+    df.loc[0, "position"] = 0
+    with pytest.raises(DataError, match=r"row 0 column 'position': score 0 is below 1"):
+        _check(_write(df, tmp_path), weight_key="position", min_score=1)
+
+
+def test_null_field_is_missing_value_but_a_side_with_nothing_is_bad(small_pairs, tmp_path):
+    df = small_pairs.copy()
+    df["title"] = df["title"].astype(object)
+    df.loc[1, "title"] = None  # image still there: fine
+    df.loc[2, "title"] = None
+    df.at[2, "image"] = None  # nothing left on the right side
+    report = _check(_write(df, tmp_path), DataConfig(on_bad_rows="skip"))
+    assert [(b.row, b.column) for b in report.bad] == [(2, "image/title")]
+
+
+def test_csv_and_jsonl_with_image_paths(tmp_path, small_pairs):
+    rows = small_pairs.head(5).copy()
+    (tmp_path / "img").mkdir()
+    for i, image in enumerate(rows["image"]):
+        (tmp_path / "img" / f"{i}.png").write_bytes(image["bytes"])
+    rows["image"] = [f"img/{i}.png" for i in range(len(rows))]
+    rows.to_csv(tmp_path / "pairs.csv", index=False)
+    rows.to_json(tmp_path / "pairs.jsonl", orient="records", lines=True)
+    for name in ("pairs.csv", "pairs.jsonl"):
+        report = _check(str(tmp_path / name))
+        assert report.rows == 5 and not report.bad
+    rows.loc[rows.index[0], "image"] = "img/absent.png"
+    rows.to_csv(tmp_path / "broken.csv", index=False)
+    with pytest.raises(DataError, match=r"broken.csv row 0 column 'image': image file cannot be read"):
+        _check(str(tmp_path / "broken.csv"))
