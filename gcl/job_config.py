@@ -1,27 +1,101 @@
 """The whole job's configuration: one section per component, loaded from YAML.
 
-Later components add their sections here; every key is documented where it is defined.
+Every key is documented where it is defined; `gcl config --keys` lists them all.
 """
 
 from __future__ import annotations
 
+import os
+from typing import Literal
+
 from pydantic import Field, model_validator
 
 from gcl.config import FieldsConfig, Section
+from gcl.data.pipeline import PipelineConfig
+from gcl.data.schema import DataConfig
 from gcl.loss import LossConfig
 from gcl.model import ModelConfig
+from gcl.retrieval import EvalConfig
+
+
+class TrainConfig(Section):
+    """Optimization."""
+
+    epochs: int = Field(2, ge=1)
+    """Passes over the training pairs."""
+    batch_size: int = Field(32, ge=2)
+    """Pairs per worker per step; in-batch negatives come from all workers' batches together."""
+    grad_accum: int = Field(1, ge=1)
+    """Micro-batches per optimizer step. Negatives stay within each micro-batch (across workers):
+    accumulation grows the effective batch for the gradient, not the pool of negatives."""
+    lr: float = Field(5e-4, gt=0)
+    """Peak learning rate (AdamW)."""
+    weight_decay: float = Field(0.1, ge=0)
+    """AdamW weight decay (not applied to biases, norms, embeddings' scale or the logit scale)."""
+    warmup_steps: int = Field(10, ge=0)
+    """Linear warm-up steps before cosine decay to zero."""
+    grad_clip: float = Field(1.0, ge=0)
+    """Gradient norm clipping (0: off)."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """`auto`: bf16 on GPUs that support it, else fp32."""
+
+
+class ScalingConfig(Section):
+    """How many Ray Train workers and what each gets."""
+
+    num_workers: int = Field(2, ge=1)
+    """Data-parallel training workers."""
+    use_gpu: bool = False
+    """One GPU per worker."""
+    cpus_per_worker: float = Field(0.25, gt=0)
+    """CPUs reserved per worker (fractional on small machines: leave room for Ray Data)."""
+    torch_threads: int = Field(1, ge=1)
+    """torch intra-op threads per worker, so workers do not oversubscribe the cores."""
+
+
+class DeepSpeedConfig(Section):
+    """DeepSpeed engine settings."""
+
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    """ZeRO stage: 0 plain data parallel, 1 optimizer state, 2 + gradients, 3 + parameters sharded."""
+    config: str | None = None
+    """A DeepSpeed JSON config to start from (e.g. workflows/configs/deepspeed/zero3.json); gcl sets
+    batch sizes, clipping, precision and the ZeRO stage from this file's other sections."""
+
+
+class MlflowConfig(Section):
+    """Experiment tracking and the model registry."""
+
+    tracking_uri: str | None = None
+    """MLflow tracking URI; null: MLFLOW_TRACKING_URI, else sqlite:///mlruns.db in the working directory."""
+    experiment: str = "gcl"
+    """MLflow experiment name."""
+    registered_model: str | None = None
+    """Register the exported model under this name (null: do not register)."""
+
+    def resolved_uri(self) -> str:
+        return self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{os.path.abspath('mlruns.db')}"
 
 
 class JobConfig(Section):
-    """A gcl job: the model to fine-tune, the fields of each side and the GCL loss."""
+    """A gcl job: model, data, loss, training, evaluation, tracking."""
 
     name: str = "gcl"
     """Run name: MLflow run name and the folder for checkpoints (same name = resume)."""
     seed: int = 0
     """Seed for model init, data order and sampling."""
+    storage: str = "gcl_runs"
+    """Where checkpoints and Ray results go: a local directory, a shared mount or s3:// / gs://."""
     model: ModelConfig = Field(default_factory=ModelConfig)
     fields: FieldsConfig = Field(default_factory=FieldsConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
 
     @model_validator(mode="after")
     def _check_field_pair_terms(self) -> JobConfig:

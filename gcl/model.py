@@ -93,6 +93,12 @@ def _open_clip_source(cfg: ModelConfig) -> tuple[str, str | None, dict[str, Any]
     return cfg.arch, pretrained, model_cfg
 
 
+def model_config(cfg: ModelConfig) -> dict[str, Any]:
+    """open_clip's architecture config for `cfg` (no weights are loaded)."""
+    register_gcl_configs()
+    return dict(_open_clip_source(cfg)[2])
+
+
 def create_model(cfg: ModelConfig, init_temperature: float | None = None) -> LoadedModel:
     """Create the open_clip model, tokenizer and image transforms described by `cfg`.
 
@@ -147,20 +153,25 @@ class FieldEncoder(torch.nn.Module):
         """fields: name -> (B, L) token ids for text, (B, 3, H, W) pixels for images.
 
         Returns name -> (B, D) L2-normalized embeddings, and the (1,) log logit scale.
-        Fields of one modality go through their tower in a single call.
+        Fields of one modality go through their tower in a single call, and through the
+        CLIP module's own forward, so that ZeRO-3 gathers every parameter it owns.
         """
-        out: dict[str, torch.Tensor] = {}
-        for modality, encode in (("text", self.clip.encode_text), ("image", self.clip.encode_image)):
-            names = [n for n in fields if self.modalities.get(n) == modality]
-            if not names:
-                continue
-            sizes = [fields[n].shape[0] for n in names]
-            embedded = F.normalize(encode(torch.cat([fields[n] for n in names])), dim=-1)
-            out.update(zip(names, embedded.split(sizes), strict=True))
         unknown = set(fields) - set(self.modalities)
         if unknown:
             raise KeyError(f"fields {sorted(unknown)} have no modality; known fields: {sorted(self.modalities)}")
-        return out, self.clip.logit_scale
+        groups = {m: [n for n in fields if self.modalities[n] == m] for m in ("text", "image")}
+        stacked = {m: torch.cat([fields[n] for n in names]) if names else None for m, names in groups.items()}
+        result = self.clip(image=stacked["image"], text=stacked["text"])
+        if isinstance(result, dict):
+            image_emb, text_emb, scale = result["image_features"], result["text_features"], result["logit_scale"]
+        else:
+            image_emb, text_emb, scale = result[:3]
+        out: dict[str, torch.Tensor] = {}
+        for modality, embedded in (("text", text_emb), ("image", image_emb)):
+            if embedded is not None:
+                sizes = [fields[n].shape[0] for n in groups[modality]]
+                out.update(zip(groups[modality], embedded.split(sizes), strict=True))
+        return out, torch.log(scale).reshape(1)
 
 
 def save_model(clip: torch.nn.Module, model_cfg: Mapping[str, Any], out_dir: str | Path,

@@ -1,0 +1,155 @@
+"""Full-corpus retrieval evaluation: encode queries and documents, exact top-k, metrics.
+
+An evaluation split is a set of scored pairs (the ground truth); its distinct documents
+form the corpus and its distinct queries the query set. Embeddings are fused across
+fields exactly as in training.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Callable, Mapping
+
+import numpy as np
+import pandas as pd
+import torch
+from pydantic import Field
+
+from gcl.config import FieldsConfig, Section
+from gcl.data.readers import image_bytes, read_table, resolve_files
+from gcl.data.schema import DataConfig
+from gcl.loss import fuse_fields
+from gcl.metrics import evaluate
+
+
+class EvalConfig(Section):
+    """Retrieval evaluation after each epoch and in `gcl evaluate`."""
+
+    k: int = Field(1000, ge=1)
+    """Documents retrieved per query."""
+    measures: list[str] = Field(
+        default_factory=lambda: ["ndcg@10", "map@1000", "mrr@1000", "recall@10", "p@10", "err", "rbp@0.8"]
+    )
+    """Metrics to report (see gcl.metrics)."""
+    grade_column: str = "score_linear"
+    """Column holding each judged pair's relevance grade (gain for NDCG, ERR and RBP)."""
+    relevance_level: float = Field(1e-6, gt=0)
+    """Grade at or above which a judged document counts as relevant for MAP, MRR, Recall and P
+    (default: any positive grade)."""
+    batch_size: int = Field(256, ge=1)
+    """Rows encoded per forward pass."""
+    chunk_size: int = Field(65536, ge=1)
+    """Documents scored at once in top-k search; bounds memory at queries x chunk_size."""
+
+
+def exact_top_k(queries: torch.Tensor, docs: torch.Tensor, k: int, chunk_size: int = 65536):
+    """Exact top-k by inner product, scanning the corpus in chunks.
+
+    queries: (Q, D), docs: (N, D). Returns (scores (Q, k'), indices (Q, k')) with k' = min(k, N),
+    best first. Peak memory is about Q x (chunk_size + k) scores.
+    """
+    k = min(k, docs.shape[0])
+    best_scores = torch.full((queries.shape[0], 0), float("-inf"), dtype=queries.dtype)
+    best_index = torch.zeros((queries.shape[0], 0), dtype=torch.long)
+    for start in range(0, docs.shape[0], chunk_size):
+        scores = queries @ docs[start : start + chunk_size].T
+        top = torch.topk(scores, min(k, scores.shape[1]), dim=1)
+        merged_scores = torch.cat([best_scores, top.values], dim=1)
+        merged_index = torch.cat([best_index, top.indices + start], dim=1)
+        keep = torch.topk(merged_scores, min(k, merged_scores.shape[1]), dim=1)
+        best_scores, best_index = keep.values, torch.gather(merged_index, 1, keep.indices)
+    return best_scores, best_index
+
+
+def load_split(spec: str, data: DataConfig, fields: FieldsConfig, grade_column: str):
+    """(queries, documents, qrels) of an evaluation split.
+
+    queries / documents: DataFrames of distinct ids with their side's field columns;
+    qrels: {query id: {document id: grade}} as strings.
+    """
+    qcol, dcol = data.query_id_column, data.document_id_column
+    columns = list(dict.fromkeys([qcol, dcol, grade_column, *fields.left, *fields.right]))
+    frames = [read_table(f, columns).to_pandas() for f in resolve_files(spec)]
+    pairs = pd.concat(frames, ignore_index=True)
+    queries = pairs.drop_duplicates(qcol)[[qcol, *fields.left]].reset_index(drop=True)
+    documents = pairs.drop_duplicates(dcol)[[dcol, *fields.right]].reset_index(drop=True)
+    qrels: dict[str, dict[str, float]] = {}
+    for q, d, g in zip(pairs[qcol].astype(str), pairs[dcol].astype(str), pairs[grade_column].astype(float), strict=True):
+        qrels.setdefault(q, {})[d] = g
+    return queries, documents, qrels
+
+
+class RowEncoder:
+    """Encodes DataFrame rows of one side into fused embeddings, as in training."""
+
+    def __init__(self, encoder: torch.nn.Module, tokenizer: Callable, image_transform: Callable,
+                 fields: FieldsConfig, base_dir: str | None = None):  # fmt: skip
+        self.encoder = encoder
+        self.tokenizer = tokenizer
+        self.image_transform = image_transform
+        self.fields = fields
+        self.base_dir = base_dir
+
+    def _field_tensor(self, modality: str, values) -> tuple[torch.Tensor, torch.Tensor]:
+        from PIL import Image
+
+        if modality == "text":
+            present = torch.tensor([v is not None and str(v).strip() != "" for v in values])
+            return self.tokenizer([str(v) if ok else "" for v, ok in zip(values, present.tolist(), strict=True)]), present
+        images = []
+        for v in values:
+            raw = image_bytes(v, self.base_dir)
+            images.append(None if raw is None else self.image_transform(Image.open(io.BytesIO(raw)).convert("RGB")))
+        shape = next((im.shape for im in images if im is not None), None)
+        present = torch.tensor([im is not None for im in images])
+        if shape is None:
+            return torch.zeros(len(values), 1), present
+        return torch.stack([im if im is not None else torch.zeros(shape) for im in images]), present
+
+    @torch.no_grad()
+    def encode(self, rows: pd.DataFrame, side: str, batch_size: int = 256) -> torch.Tensor:
+        """rows: a DataFrame with the side's field columns. Returns (N, D) fused, L2-normalized."""
+        specs = getattr(self.fields, side)
+        weights = self.fields.weights(side)
+        out = []
+        for start in range(0, len(rows), batch_size):
+            chunk = rows.iloc[start : start + batch_size]
+            inputs, present = {}, {}
+            for name, spec in specs.items():
+                inputs[name], present[name] = self._field_tensor(spec.modality, chunk[name].tolist())
+            usable = {n: t for n, t in inputs.items() if present[n].any()}
+            embeddings, _ = self.encoder(usable)
+            dim = next(iter(embeddings.values())).shape[1]
+            for name in inputs:
+                embeddings.setdefault(name, torch.zeros(len(chunk), dim))
+            out.append(fuse_fields(embeddings, weights, present).float())
+        return torch.cat(out)
+
+
+def evaluate_split(row_encoder: RowEncoder, spec: str, data: DataConfig, cfg: EvalConfig) -> dict[str, float]:
+    """Retrieve the split's corpus for each of its queries and score the ranking."""
+    fields = row_encoder.fields
+    queries, documents, qrels = load_split(spec, data, fields, cfg.grade_column)
+    first = resolve_files(spec)[0]
+    row_encoder.base_dir = data.image_root or (None if "://" in first else os.path.dirname(os.path.abspath(first)))
+    q_emb = row_encoder.encode(queries, "left", cfg.batch_size)
+    d_emb = row_encoder.encode(documents, "right", cfg.batch_size)
+    scores, index = exact_top_k(q_emb, d_emb, cfg.k, cfg.chunk_size)
+    doc_ids = documents[data.document_id_column].astype(str).to_numpy()
+    run = {
+        str(qid): dict(zip(doc_ids[idx].tolist(), sc.tolist(), strict=True))
+        for qid, idx, sc in zip(queries[data.query_id_column], index.numpy(), scores.numpy(), strict=True)
+    }
+    return evaluate(qrels, run, cfg.measures, relevance_level=cfg.relevance_level)
+
+
+def evaluate_splits(row_encoder: RowEncoder, splits: Mapping[str, str], data: DataConfig,
+                    cfg: EvalConfig) -> dict[str, dict[str, float]]:  # fmt: skip
+    """{split: {measure: value}} for every evaluation split."""
+    return {name: evaluate_split(row_encoder, spec, data, cfg) for name, spec in splits.items()}
+
+
+def mean_over_splits(results: Mapping[str, Mapping[str, float]], measure: str) -> float:
+    """A measure averaged over splits (the default tuning objective uses ndcg@10)."""
+    return float(np.mean([r[measure] for r in results.values()]))

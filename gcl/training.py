@@ -1,0 +1,241 @@
+"""What runs inside each Ray Train worker: a DeepSpeed engine fine-tuning an open_clip
+model with the GCL loss on the worker's data shard, checkpointing every epoch.
+
+Rank 0 evaluates retrieval after each epoch and logs metrics to MLflow; every rank
+writes its ZeRO shard into the epoch's checkpoint, which Ray Train merges.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from typing import Any
+
+import torch
+
+from gcl.job_config import JobConfig
+from gcl.loss import GCLLoss
+from gcl.model import FieldEncoder, create_model, create_preprocessing
+
+log = logging.getLogger(__name__)
+CHECKPOINT_TAG = "checkpoint"
+STATE_FILE = "gcl_state.json"
+
+
+def use_bf16(job: JobConfig) -> bool:
+    """bf16 on a CUDA device that supports it when precision is auto; fp32 on CPU."""
+    if job.train.precision == "bf16":
+        return True
+    return job.train.precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def deepspeed_config(job: JobConfig) -> dict[str, Any]:
+    """The DeepSpeed config: the optional base JSON, with gcl's batch, clipping, precision and ZeRO stage."""
+    config: dict[str, Any] = {}
+    if job.deepspeed.config:
+        with open(job.deepspeed.config) as f:
+            config = json.load(f)
+    config.setdefault("zero_optimization", {})["stage"] = job.deepspeed.zero_stage
+    config.update(
+        train_micro_batch_size_per_gpu=job.train.batch_size,
+        gradient_accumulation_steps=job.train.grad_accum,
+        gradient_clipping=job.train.grad_clip,
+        bf16={"enabled": use_bf16(job)},
+        zero_allow_untested_optimizer=True,
+    )
+    config.setdefault("steps_per_print", 10**9)
+    return config
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: no weight decay on biases, norms, 1-d gains and the logit scale (as CLIP)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "logit_scale" in name or "ln" in name or "bias" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up for `warmup` steps, then cosine decay to zero at `total`."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def setup_engine(job: JobConfig, total_steps: int):
+    """Model, AdamW, schedule and the DeepSpeed engine around a FieldEncoder."""
+    import deepspeed
+
+    torch.manual_seed(job.seed)
+    loaded = create_model(job.model, init_temperature=job.loss.init_temperature)
+    encoder = FieldEncoder(loaded.clip, job.fields.modalities())
+    optimizer = torch.optim.AdamW(param_groups(encoder, job.train.weight_decay), lr=job.train.lr)
+    scheduler = warmup_cosine(optimizer, job.train.warmup_steps, total_steps)
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=encoder, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(job),
+        dist_init_required=False,
+    )  # fmt: skip
+    return engine, scheduler, loaded
+
+
+def split_sides(job: JobConfig, batch: dict[str, torch.Tensor], embeddings: dict[str, torch.Tensor]):
+    """(left embeddings, right embeddings, left presence, right presence) from a pipeline batch."""
+    from gcl.data.pipeline import PRESENT
+
+    left = {n: embeddings[n] for n in job.fields.left}
+    right = {n: embeddings[n] for n in job.fields.right}
+    left_present = {n: batch[n + PRESENT] for n in job.fields.left}
+    right_present = {n: batch[n + PRESENT] for n in job.fields.right}
+    return left, right, left_present, right_present
+
+
+def mlflow_metric_name(name: str) -> str:
+    """MLflow forbids '@' in metric names: 'in_domain/ndcg@10' -> 'in_domain/ndcg_at_10'."""
+    return name.replace("@", "_at_")
+
+
+class MetricsLogger:
+    """Buffers metrics on rank 0 and writes them to the MLflow run in batches."""
+
+    def __init__(self, tracking_uri: str | None, run_id: str | None, enabled: bool):
+        self.client = None
+        self.run_id = run_id
+        self.pending: list = []
+        if enabled and tracking_uri and run_id:
+            from mlflow import MlflowClient
+
+            self.client = MlflowClient(tracking_uri)
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if self.client is None:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.pending.extend(Metric(mlflow_metric_name(k), float(v), now, step) for k, v in metrics.items())
+        if len(self.pending) >= 200:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.client is not None and self.pending:
+            self.client.log_batch(self.run_id, metrics=self.pending)
+            self.pending = []
+
+
+def evaluate_model(job: JobConfig, module: torch.nn.Module) -> dict[str, dict[str, float]]:
+    """Retrieval metrics per evaluation split for the (full, unsharded) FieldEncoder `module`."""
+    from gcl.retrieval import RowEncoder, evaluate_splits
+
+    tokenizer, _, eval_transform = create_preprocessing(job.model)
+    was_training = module.training
+    module.eval()
+    try:
+        encoder = RowEncoder(module, tokenizer, eval_transform, job.fields)
+        return evaluate_splits(encoder, job.data.eval, job.data, job.eval)
+    finally:
+        module.train(was_training)
+
+
+def _evaluate_on_rank_zero(job: JobConfig, engine, rank: int) -> dict[str, dict[str, float]] | None:
+    """Evaluate on rank 0; under ZeRO-3 every rank first joins in gathering the parameters."""
+    if not job.data.eval:
+        return None
+    if job.deepspeed.zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+            return evaluate_model(job, engine.module) if rank == 0 else None
+    return evaluate_model(job, engine.module) if rank == 0 else None
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """The Ray Train per-worker loop. config: job (a JobConfig dict), steps_per_epoch,
+    tracking_uri and run_id (MLflow)."""
+    import ray.train
+
+    from gcl.data.pipeline import batch_template, train_batches
+
+    job = JobConfig.model_validate(config["job"])
+    torch.set_num_threads(job.scaling.torch_threads)
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    steps_per_epoch = config["steps_per_epoch"]
+    engine, scheduler, loaded = setup_engine(job, job.train.epochs * steps_per_epoch // job.train.grad_accum)
+    loss_fn = GCLLoss(job.loss, job.fields.weights("left"), job.fields.weights("right"), rank=rank, world_size=world)
+    metrics_log = MetricsLogger(config.get("tracking_uri"), config.get("run_id"), enabled=rank == 0)
+
+    start_epoch, step = 0, 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as directory:
+            engine.load_checkpoint(directory, tag=CHECKPOINT_TAG)
+            with open(os.path.join(directory, STATE_FILE)) as f:
+                state = json.load(f)
+        start_epoch, step = state["epoch"], state["step"]
+        if rank == 0:
+            log.info("resumed from epoch %d, step %d", start_epoch, step)
+
+    text_cfg, vision_cfg = loaded.model_cfg["text_cfg"], loaded.model_cfg["vision_cfg"]
+    template = batch_template(job.fields, text_cfg.get("context_length", 77), vision_cfg["image_size"])
+    shard = ray.train.get_dataset_shard("train")
+    device = engine.device
+    for epoch in range(start_epoch, job.train.epochs):
+        epoch_loss, epoch_steps, start = 0.0, 0, time.perf_counter()
+        for batch in train_batches(shard, job.train.batch_size, template, local_shuffle_buffer=job.pipeline.local_shuffle_buffer,
+                                   seed=job.seed * 1000 + epoch):  # fmt: skip
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            tick = time.perf_counter()
+            inputs = {name: batch[name] for name in job.fields.modalities()}
+            embeddings, log_scale = engine(inputs)
+            left, right, left_present, right_present = split_sides(job, batch, embeddings)
+            loss, terms = loss_fn(left, right, batch["score"], log_scale, batch["query_key"], batch["document_key"],
+                                  left_present, right_present, valid=batch["valid"])  # fmt: skip
+            engine.backward(loss)
+            engine.step()
+            step += 1
+            epoch_loss += loss.item()
+            epoch_steps += 1
+            pairs_per_s = world * job.train.batch_size / max(time.perf_counter() - tick, 1e-9)
+            metrics_log.log({"loss": loss.item(), "lr": scheduler.get_last_lr()[0], "pairs_per_s": pairs_per_s,
+                             "logit_scale": log_scale.exp().item(), **{f"loss_{k}": v.item() for k, v in terms.items()}},
+                            step)  # fmt: skip
+        results = _evaluate_on_rank_zero(job, engine, rank)
+        metrics = {"epoch": epoch + 1, "step": step, "train_loss": epoch_loss / max(epoch_steps, 1),
+                   "epoch_seconds": time.perf_counter() - start}  # fmt: skip
+        for split, values in (results or {}).items():
+            metrics.update({f"{split}/{name}": value for name, value in values.items()})
+        metrics_log.log({k: v for k, v in metrics.items() if k not in ("epoch", "step")}, step)
+        metrics_log.flush()
+        with tempfile.TemporaryDirectory() as directory:
+            engine.save_checkpoint(directory, tag=CHECKPOINT_TAG)
+            with open(os.path.join(directory, STATE_FILE), "w") as f:
+                json.dump({"epoch": epoch + 1, "step": step}, f)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+
+def consolidate_checkpoint(checkpoint_dir: str, job: JobConfig, out_dir: str) -> str:
+    """Gather a DeepSpeed checkpoint's ZeRO shards into fp32 weights and write an open_clip
+    model directory (see gcl.model.save_model). Returns `out_dir`."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from gcl.model import model_config, save_model
+
+    state = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=CHECKPOINT_TAG)
+    clip_state = {k.removeprefix("clip."): v for k, v in state.items()}
+    loaded = create_model(job.model)
+    loaded.clip.load_state_dict(clip_state)
+    save_model(loaded.clip, model_config(job.model), out_dir)
+    with open(os.path.join(out_dir, "gcl_fields.json"), "w") as f:
+        json.dump(job.fields.model_dump(), f, indent=2)
+    return out_dir
