@@ -165,7 +165,8 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_splits(splits: dict[str, pd.DataFrame], out: str | Path, extra: dict | None = None) -> dict:
+def write_splits(splits: dict[str, pd.DataFrame], out: str | Path, extra: dict | None = None,
+                 query_col: str = "query_id", doc_col: str = "product_id") -> dict:
     """Write each split as `<out>/<split>.parquet` and a manifest with row counts and hashes."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -174,8 +175,8 @@ def write_splits(splits: dict[str, pd.DataFrame], out: str | Path, extra: dict |
         path = out / f"{name}.parquet"
         df.to_parquet(path, index=False)
         manifest["splits"][name] = {
-            "file": path.name, "rows": len(df), "queries": int(df["query_id"].nunique()),
-            "documents": int(df["product_id"].nunique()), "sha256": file_sha256(path),
+            "file": path.name, "rows": len(df), "queries": int(df[query_col].nunique()),
+            "documents": int(df[doc_col].nunique()), "sha256": file_sha256(path),
         }  # fmt: skip
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest
