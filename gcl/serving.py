@@ -13,6 +13,7 @@ import base64
 import binascii
 import json
 import os
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -41,7 +42,7 @@ class GCLEmbeddingModel(mlflow.pyfunc.PythonModel):
         from gcl.retrieval import RowEncoder
 
         model_dir = context.artifacts["model"]
-        self.fields = FieldsConfig(**json.loads(open(os.path.join(model_dir, "gcl_fields.json")).read()))
+        self.fields = FieldsConfig(**json.loads(Path(model_dir, "gcl_fields.json").read_text()))
         cfg = ModelConfig(pretrained=model_dir)
         loaded = create_model(cfg)
         tokenizer, _, transform = create_preprocessing(cfg)

@@ -5,7 +5,15 @@ import pytest
 import torch
 from PIL import Image
 
-from gcl.model import WEIGHTS_FILE, FieldEncoder, ModelConfig, create_model, load_model, register_gcl_configs, save_model
+from gcl.model import (
+    WEIGHTS_FILE,
+    FieldEncoder,
+    ModelConfig,
+    create_model,
+    load_model,
+    register_gcl_configs,
+    save_model,
+)
 
 
 @pytest.fixture(scope="module")

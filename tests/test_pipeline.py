@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from gcl.config import FieldsConfig
-from gcl.data.pipeline import PRESENT, PipelineConfig, batch_template, build_dataset, train_batches, unsplit_data_config
+from gcl.data.pipeline import (
+    PRESENT,
+    PipelineConfig,
+    batch_template,
+    build_dataset,
+    train_batches,
+    unsplit_data_config,
+)
 from gcl.data.schema import DataConfig
 from gcl.data.synth import SynthConfig, generate_pairs
 

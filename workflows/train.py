@@ -40,10 +40,19 @@ def check_tracking(uri: str) -> None:
     """Fail fast, before any training, if the MLflow tracking store cannot be reached."""
     from mlflow import MlflowClient
 
+    # One quick try: the client's default retries back off for minutes on a wrong URI.
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10")
     try:
         MlflowClient(uri).search_experiments(max_results=1)
     except Exception as err:
         raise SystemExit(f"MLflow tracking store {uri!r} is not reachable: {type(err).__name__}: {err}") from None
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def validate_data(job: JobConfig):
@@ -53,8 +62,8 @@ def validate_data(job: JobConfig):
     min_score = 1.0 if job.loss.weight_fn == "reciprocal" else 0.0
     report = validate_pairs(job.data.train, job.data, job.fields, job.loss.weight_key, min_score=min_score)
     log.info("training data %s: %s", job.data.train, report.summary())
-    for split, spec in job.data.eval.items():
-        strict = job.data.model_copy(update={"on_bad_rows": "error"})
+    strict = job.data.model_copy(update={"on_bad_rows": "error"})  # evaluation data is never trimmed
+    for spec in job.data.eval.values():
         validate_pairs(spec, strict, job.fields, job.eval.grade_column)
     return report
 

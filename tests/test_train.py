@@ -1,0 +1,97 @@
+"""`gcl train` end to end on a real local Ray cluster: 2 DeepSpeed workers, MLflow on SQLite."""
+
+import time
+
+import pytest
+from mlflow import MlflowClient
+
+from gcl.config import parse_config
+from gcl.data.synth import SynthConfig, synthesize
+from gcl.job_config import JobConfig
+from workflows.cli import CONFIGS
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data")
+    synthesize(out, SynthConfig(products=160, queries=60, docs_per_query=6, seed=2))
+    return out
+
+
+def _job(data_dir, tmp_path, *overrides):
+    return parse_config(JobConfig, CONFIGS / "tiny-cpu.yaml", [
+        f"data.train={data_dir}/train.parquet",
+        f"data.eval={{in_domain: {data_dir}/in_domain.parquet, zero_shot: {data_dir}/zero_shot.parquet}}",
+        f"storage={tmp_path}/runs", f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+        "train.batch_size=16", "train.epochs=2", "train.warmup_steps=2", *overrides,
+    ])  # fmt: skip
+
+
+def _losses(uri, run_id):
+    return [(m.step, m.value) for m in sorted(MlflowClient(uri).get_metric_history(run_id, "loss"), key=lambda m: m.step)]
+
+
+def test_zero2_trains_tracks_exports_and_evaluates_consistently(ray_local, data_dir, tmp_path):
+    from workflows.evaluate import run_evaluate
+    from workflows.train import run_train
+
+    job = _job(data_dir, tmp_path, "deepspeed.zero_stage=2", "name=z2", "train.epochs=3")
+    result = run_train(job)
+    uri = job.mlflow.resolved_uri()
+    client = MlflowClient(uri)
+    run = client.get_run(result.run_id)
+    assert run.data.params["deepspeed.zero_stage"] == "2" and run.data.params["loss.weight_fn"] == "linear"
+    assert run.info.status == "FINISHED"
+    artifacts = {a.path for a in client.list_artifacts(result.run_id)}
+    assert {"model", "config.yaml", "deepspeed.json"} <= artifacts
+    assert "in_domain/ndcg_at_10" in run.data.metrics and "pairs_per_s" in run.data.metrics
+
+    losses = [v for _, v in _losses(uri, result.run_id)]
+    steps_per_epoch = len(losses) // 3
+    first, last = losses[:steps_per_epoch], losses[-steps_per_epoch:]
+    assert sum(last) / len(last) < sum(first) / len(first)  # the loss goes down
+    assert [s for s, _ in _losses(uri, result.run_id)] == list(range(1, len(losses) + 1))
+
+    # The logged model, evaluated by `gcl evaluate`, scores what training's evaluation reported.
+    again = run_evaluate(job, f"runs:/{result.run_id}/model")
+    for split, values in again.items():
+        for measure, value in values.items():
+            assert value == pytest.approx(result.metrics[f"{split}/{measure}"], abs=1e-6), (split, measure)
+
+
+def test_zero3_trains_and_loss_goes_down(ray_local, data_dir, tmp_path):
+    from workflows.train import run_train
+
+    job = _job(data_dir, tmp_path, "deepspeed.zero_stage=3", "deepspeed.config=workflows/configs/deepspeed/zero3.json",
+               "name=z3", "train.epochs=3", "data.eval={}")  # fmt: skip
+    result = run_train(job)
+    losses = [v for _, v in _losses(job.mlflow.resolved_uri(), result.run_id)]
+    third = len(losses) // 3
+    assert sum(losses[-third:]) / third < sum(losses[:third]) / third
+    from gcl.model import load_model
+
+    assert load_model(result.model_dir).clip.logit_scale.shape == (1,)
+
+
+def test_rerun_with_same_name_resumes_from_the_latest_checkpoint(ray_local, data_dir, tmp_path):
+    from workflows.train import run_train
+
+    first = run_train(_job(data_dir, tmp_path, "name=resume", "train.epochs=1", "data.eval={}"))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    steps_epoch_one = max(s for s, _ in _losses(uri, first.run_id))
+    second = run_train(_job(data_dir, tmp_path, "name=resume", "train.epochs=2", "data.eval={}"))
+    resumed_steps = [s for s, _ in _losses(uri, second.run_id)]
+    assert resumed_steps[0] == steps_epoch_one + 1  # continued from the saved step, not from zero
+    assert second.metrics["step"] == resumed_steps[-1] and second.metrics["epoch"] == 2
+
+
+def test_unreachable_tracking_store_fails_fast_naming_the_uri(data_dir, tmp_path):
+    from workflows.train import run_train
+
+    job = _job(data_dir, tmp_path, "mlflow.tracking_uri=http://127.0.0.1:9", "name=nope")
+    start = time.perf_counter()
+    with pytest.raises(SystemExit, match=r"MLflow tracking store 'http://127.0.0.1:9' is not reachable"):
+        run_train(job)
+    assert time.perf_counter() - start < 60
