@@ -64,8 +64,9 @@ def test_registered_champion_serves_embeddings_equal_to_gcl_encoder(demo):
     result, workdir = demo
     uri = f"sqlite:///{workdir}/mlruns.db"
     port = _free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
-    mlflow_bin = os.path.join(os.path.dirname(sys.executable), "mlflow")
+    venv_bin = os.path.dirname(sys.executable)  # mlflow runs `uvicorn` from PATH
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": venv_bin + os.pathsep + os.environ.get("PATH", "")}
+    mlflow_bin = os.path.join(venv_bin, "mlflow")
     server = subprocess.Popen([mlflow_bin, "models", "serve", "-m", "models:/gcl-demo@champion", "--env-manager",
                                "local", "--host", "127.0.0.1", "--port", str(port)], env=env, cwd=workdir,
                               stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)  # fmt: skip

@@ -113,7 +113,7 @@ def run_demo(quick: bool = False, workdir: str = "gcl_runs/demo") -> dict:
     print(f"registered {REGISTERED_MODEL} version {version} as @{alias} (mean NDCG@10 over splits {objective:.4f})")
     print("\nNext:")
     print(f"  MLflow UI:   .venv/bin/mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
-    print(f"  serve:       MLFLOW_TRACKING_URI={uri} .venv/bin/mlflow models serve "
+    print(f"  serve:       PATH=$PWD/.venv/bin:$PATH MLFLOW_TRACKING_URI={uri} mlflow models serve "
           f"-m models:/{REGISTERED_MODEL}@{alias} --env-manager local --host 127.0.0.1 --port 5001")
     print("  query:       curl -s 127.0.0.1:5001/invocations -H 'Content-Type: application/json' "
           "-d '{\"dataframe_records\": [{\"query\": \"red striped circle\"}]}'")
