@@ -191,7 +191,7 @@ def train_worker(config: dict[str, Any]) -> None:
     shard = ray.train.get_dataset_shard("train")
     device = engine.device
     for epoch in range(start_epoch, job.train.epochs):
-        epoch_loss, epoch_steps, start = 0.0, 0, time.perf_counter()
+        epoch_loss, epoch_steps, epoch_pairs, start = 0.0, 0, 0, time.perf_counter()
         for batch in train_batches(shard, job.train.batch_size, template, local_shuffle_buffer=job.pipeline.local_shuffle_buffer,
                                    seed=job.seed * 1000 + epoch):  # fmt: skip
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
@@ -206,13 +206,16 @@ def train_worker(config: dict[str, Any]) -> None:
             step += 1
             epoch_loss += loss.item()
             epoch_steps += 1
+            epoch_pairs += int(batch["valid"].sum())
             pairs_per_s = world * job.train.batch_size / max(time.perf_counter() - tick, 1e-9)
             metrics_log.log({"loss": loss.item(), "lr": scheduler.get_last_lr()[0], "pairs_per_s": pairs_per_s,
                              "logit_scale": log_scale.exp().item(), **{f"loss_{k}": v.item() for k, v in terms.items()}},
                             step)  # fmt: skip
+        train_seconds = time.perf_counter() - start  # data waits included, evaluation not
         results = _evaluate_on_rank_zero(job, engine, rank)
         metrics = {"epoch": epoch + 1, "step": step, "train_loss": epoch_loss / max(epoch_steps, 1),
-                   "epoch_seconds": time.perf_counter() - start}  # fmt: skip
+                   "epoch_seconds": time.perf_counter() - start,
+                   "epoch_pairs_per_s": world * epoch_pairs / max(train_seconds, 1e-9)}  # fmt: skip
         for split, values in (results or {}).items():
             metrics.update({f"{split}/{name}": value for name, value in values.items()})
         metrics_log.log({k: v for k, v in metrics.items() if k not in ("epoch", "step")}, step)

@@ -1,0 +1,178 @@
+"""`gcl bench`: performance ratios measured side by side in one run on this machine.
+
+  data      Ray Data pipeline pairs/s (1 and 2 preprocessing actors) / training consumption pairs/s
+  pipeline  whole pipeline (Ray Data -> Ray Train -> DeepSpeed, 2 workers) pairs/s / a bare
+            single-process torch loop on the same model, global batch and cores
+  memory    per-worker peak memory, ZeRO-3 / ZeRO-0, 2 workers, a ViT-B-32-sized model
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import tempfile
+import time
+
+import torch
+
+from gcl.config import FieldsConfig, parse_config
+from gcl.job_config import JobConfig
+
+BATCH = 32  # per worker
+
+
+def _batch_from_pipeline(job: JobConfig, rows: int):
+    """One preprocessed batch of `rows` pairs, as the trainers receive it."""
+    from gcl.data.pipeline import PipelineConfig, build_dataset
+
+    ds = build_dataset(job.data.train, job.data, job.fields, job.loss.weight_key, job.model.model_dump(),
+                       PipelineConfig(cpus_per_actor=1), shuffle=False)  # fmt: skip
+    batch = next(iter(ds.iter_torch_batches(batch_size=rows)))
+    batch["valid"] = torch.ones(rows, dtype=torch.bool)
+    return batch
+
+
+def bare_loop_pairs_per_s(job: JobConfig, batch: dict, threads: int, steps: int = 20) -> float:
+    """Single-process torch training (no Ray, no DeepSpeed) on in-memory batches."""
+    from gcl.loss import GCLLoss
+    from gcl.model import FieldEncoder, create_model
+    from gcl.training import param_groups, split_sides
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    encoder = FieldEncoder(create_model(job.model).clip, job.fields.modalities())
+    optimizer = torch.optim.AdamW(param_groups(encoder, 0.1), lr=1e-4)
+    loss_fn = GCLLoss(job.loss, job.fields.weights("left"), job.fields.weights("right"))
+
+    def step():
+        embeddings, log_scale = encoder({n: batch[n] for n in job.fields.modalities()})
+        left, right, lp, rp = split_sides(job, batch, embeddings)
+        loss, _ = loss_fn(left, right, batch["score"], log_scale, batch["query_key"], batch["document_key"], lp, rp,
+                          valid=batch["valid"])  # fmt: skip
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(encoder.parameters(), 1.0)
+        optimizer.step()
+
+    for _ in range(3):
+        step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return steps * len(batch["score"]) / (time.perf_counter() - start)
+
+
+def data_pipeline_pairs_per_s(job: JobConfig, actors: int) -> float:
+    """Pairs/s through read -> shuffle -> decode/tokenize with `actors` 1-CPU actors, for one
+    whole pass (actor start-up and the shuffle stage included, as each epoch pays them)."""
+    from gcl.data.pipeline import PipelineConfig, build_dataset
+
+    pipeline = PipelineConfig(preprocess_actors=actors, cpus_per_actor=1)
+    ds = build_dataset(job.data.train, job.data, job.fields, job.loss.weight_key, job.model.model_dump(), pipeline)
+    start = time.perf_counter()
+    rows = sum(len(b["score"]) for b in ds.iter_batches(batch_size=256, batch_format="numpy"))
+    return rows / (time.perf_counter() - start)
+
+
+def preprocessor_pairs_per_s(job: JobConfig, rows: int = 512) -> float:
+    """Pairs/s of the decode/transform/tokenize step alone, in this process (one core)."""
+    import pandas as pd
+
+    from gcl.data.pipeline import PairPreprocessor
+
+    frame = pd.read_parquet(job.data.train).head(rows)
+    pre = PairPreprocessor(job.model.model_dump(), job.fields.model_dump(), job.loss.weight_key,
+                           job.data.model_dump(), None, augment=False)  # fmt: skip
+    batch = {c: frame[c].to_numpy() for c in frame.columns}
+    start = time.perf_counter()
+    pre(batch)
+    return len(frame) / (time.perf_counter() - start)
+
+
+def _memory_worker(config: dict) -> None:
+    """Two optimizer steps of a ViT-B-32-sized model under DeepSpeed; reports peak RSS."""
+    import ray.train
+
+    from gcl.training import setup_engine
+
+    job = JobConfig.model_validate(config["job"])
+    torch.set_num_threads(1)
+    engine, _, loaded = setup_engine(job, total_steps=10)
+    size = loaded.model_cfg["vision_cfg"]["image_size"]
+    length = loaded.model_cfg["text_cfg"]["context_length"]
+    inputs = {"query": torch.randint(1, 49000, (4, length)), "image": torch.randn(4, 3, size, size)}
+    for _ in range(2):
+        embeddings, log_scale = engine(inputs)
+        loss = -(embeddings["query"] * embeddings["image"]).sum() * log_scale.exp().squeeze()
+        engine.backward(loss)
+        engine.step()
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rank = ray.train.get_context().get_world_rank()
+    with open(os.path.join(config["out"], f"rank{rank}.json"), "w") as f:
+        json.dump({"peak_rss_mib": peak_mib}, f)
+
+
+def zero_peak_memory_mib(stage: int, storage: str) -> float:
+    """Max over the 2 workers of peak RSS (MiB) for ZeRO `stage` on ViT-B-32 (random init)."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    job = parse_config(JobConfig, None, [
+        "model.arch=ViT-B-32", f"deepspeed.zero_stage={stage}", "train.batch_size=4",
+        "fields.left={query: {modality: text}}", "fields.right={image: {modality: image}}",
+    ])  # fmt: skip
+    out = tempfile.mkdtemp(prefix=f"zero{stage}-", dir=storage)
+    trainer = TorchTrainer(_memory_worker, train_loop_config={"job": job.model_dump(mode="json"), "out": out},
+                           scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
+                           run_config=RunConfig(name=f"bench-zero{stage}-{time.time_ns()}", storage_path=storage))  # fmt: skip
+    trainer.fit()
+    return max(json.load(open(os.path.join(out, f"rank{r}.json")))["peak_rss_mib"] for r in range(2))
+
+
+def run_bench(only: list[str] | None = None, workdir: str | None = None) -> dict:
+    """Run the benchmarks, print a table and JSON, return the figures."""
+    from gcl.cluster import init_ray
+    from gcl.data.synth import SynthConfig, synthesize
+    from workflows.train import run_train
+
+    only = only or ["data", "pipeline", "memory"]
+    workdir = os.path.abspath(workdir or tempfile.mkdtemp(prefix="gcl-bench-"))
+    os.makedirs(f"{workdir}/runs", exist_ok=True)
+    synthesize(f"{workdir}/data", SynthConfig(products=800, queries=300, docs_per_query=12))
+    job = parse_config(JobConfig, os.path.join(os.path.dirname(__file__), "configs", "tiny-cpu.yaml"), [
+        f"data.train={workdir}/data/train.parquet", "data.eval={}", f"storage={workdir}/runs",
+        f"mlflow.tracking_uri=sqlite:///{workdir}/mlflow.db", f"train.batch_size={BATCH}", "train.epochs=2",
+        "loss.score_range=[0, 1]",
+    ])  # fmt: skip
+    assert isinstance(job.fields, FieldsConfig)
+    init_ray()
+    figures: dict = {"machine": f"{os.cpu_count()} CPU cores, CUDA={torch.cuda.is_available()}"}
+    world = job.scaling.num_workers
+    if "data" in only or "pipeline" in only:
+        batch = _batch_from_pipeline(job, BATCH * world)
+    if "data" in only:
+        per_worker = {k: v[:BATCH] for k, v in batch.items()}
+        consume_one = bare_loop_pairs_per_s(job, per_worker, threads=1)
+        figures["train_consumption_pairs_per_s"] = world * consume_one  # 2 workers, 1 core each
+        figures["preprocessor_alone_pairs_per_s"] = preprocessor_pairs_per_s(job)
+        for actors in (1, 2):
+            figures[f"data_pairs_per_s_{actors}cpu"] = data_pipeline_pairs_per_s(job, actors)
+        figures["data_over_consumption"] = figures["data_pairs_per_s_2cpu"] / figures["train_consumption_pairs_per_s"]
+    if "pipeline" in only:
+        result = run_train(job.model_copy(update={"name": f"bench-{time.time_ns()}"}))
+        figures["pipeline_pairs_per_s"] = float(result.metrics["epoch_pairs_per_s"])  # epoch 2: warm
+        figures["bare_loop_pairs_per_s"] = bare_loop_pairs_per_s(job, batch, threads=world)
+        figures["pipeline_over_bare"] = figures["pipeline_pairs_per_s"] / figures["bare_loop_pairs_per_s"]
+    if "memory" in only:
+        zero0 = zero_peak_memory_mib(0, f"{workdir}/runs")
+        zero3 = zero_peak_memory_mib(3, f"{workdir}/runs")
+        figures.update(peak_rss_mib_zero0=zero0, peak_rss_mib_zero3=zero3, zero3_over_zero0=zero3 / zero0)
+
+    goals = {"data_over_consumption": ">= 2", "pipeline_over_bare": ">= 0.9", "zero3_over_zero0": "<= 0.6"}
+    print(f"\n{'figure':34s}{'value':>12s}  goal")
+    for key, value in figures.items():
+        shown = f"{value:12.3f}" if isinstance(value, float) else f"{value!s:>12s}"
+        print(f"{key:34s}{shown}  {goals.get(key, '')}")
+    print(json.dumps(figures, indent=2))
+    return figures
