@@ -8,7 +8,6 @@ fields exactly as in training.
 from __future__ import annotations
 
 import io
-import os
 from collections.abc import Callable, Mapping
 
 import numpy as np
@@ -17,7 +16,7 @@ import torch
 from pydantic import Field
 
 from gcl.config import FieldsConfig, Section
-from gcl.data.readers import image_bytes, read_table, resolve_files
+from gcl.data.readers import image_base_dir, image_bytes, read_table, resolve_files
 from gcl.data.schema import DataConfig
 from gcl.loss import fuse_fields
 from gcl.metrics import evaluate
@@ -132,7 +131,7 @@ def evaluate_split(row_encoder: RowEncoder, spec: str, data: DataConfig, cfg: Ev
     fields = row_encoder.fields
     queries, documents, qrels = load_split(spec, data, fields, cfg.grade_column)
     first = resolve_files(spec)[0]
-    row_encoder.base_dir = data.image_root or (None if "://" in first else os.path.dirname(os.path.abspath(first)))
+    row_encoder.base_dir = image_base_dir(first, data.image_root)
     q_emb = row_encoder.encode(queries, "left", cfg.batch_size)
     d_emb = row_encoder.encode(documents, "right", cfg.batch_size)
     scores, index = exact_top_k(q_emb, d_emb, cfg.k, cfg.chunk_size)

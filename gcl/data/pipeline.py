@@ -19,7 +19,7 @@ import torch
 from pydantic import Field
 
 from gcl.config import FieldsConfig, Section
-from gcl.data.readers import DataError, image_bytes, resolve_files
+from gcl.data.readers import DataError, image_base_dir, image_bytes, resolve_files
 from gcl.data.schema import DataConfig
 
 PRESENT = "__present"  # suffix of the per-field presence columns
@@ -158,7 +158,7 @@ def build_dataset(
     elif shuffle and pipeline.shuffle == "blocks":
         ds = ds.randomize_block_order(seed=seed)
     first = resolve_files(spec)[0]
-    base_dir = data.image_root or (None if "://" in first else os.path.dirname(os.path.abspath(first)))
+    base_dir = image_base_dir(first, data.image_root)
     import ray.data
 
     ds = ds.map_batches(

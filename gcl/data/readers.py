@@ -93,6 +93,14 @@ def file_columns(file: str) -> pa.Schema:
     return read_table(file).schema
 
 
+def image_base_dir(file: str, image_root: str | None) -> str | None:
+    """Where relative image paths in `file` point: `image_root`, else the file's own directory
+    (for local files)."""
+    if image_root:
+        return image_root
+    return None if "://" in file else os.path.dirname(os.path.abspath(file))
+
+
 def image_bytes(value, base_dir: str | None) -> bytes | None:
     """Encoded image bytes from a `{bytes, path}` struct, raw bytes or a path/URI; None if absent.
 

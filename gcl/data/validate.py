@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import logging
 import math
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -19,7 +18,7 @@ import pyarrow as pa
 from PIL import Image
 
 from gcl.config import FieldsConfig
-from gcl.data.readers import DataError, file_columns, image_bytes, iter_batches, resolve_files
+from gcl.data.readers import DataError, file_columns, image_base_dir, image_bytes, iter_batches, resolve_files
 from gcl.data.schema import DataConfig
 
 log = logging.getLogger(__name__)
@@ -134,7 +133,7 @@ def validate_pairs(
     seen_pairs: dict[object, tuple[str, int]] = {}
     for file in files:
         _check_schema(file, file_columns(file), expected)
-        base_dir = data.image_root or (None if "://" in file else os.path.dirname(os.path.abspath(file)))
+        base_dir = image_base_dir(file, data.image_root)
         for offset, batch in iter_batches(file, list(expected)):
             _validate_batch(file, offset, batch, data, fields, weight_key, min_score, base_dir, seen_pairs, report)
             report.rows += batch.num_rows
