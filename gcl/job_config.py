@@ -74,7 +74,11 @@ class MlflowConfig(Section):
     """Register the exported model under this name (null: do not register)."""
 
     def resolved_uri(self) -> str:
-        return self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{os.path.abspath('mlruns.db')}"
+        return (
+            self.tracking_uri
+            or os.environ.get("MLFLOW_TRACKING_URI")
+            or f"sqlite:///{os.path.abspath('mlruns.db')}"
+        )
 
 
 class JobConfig(Section):
@@ -101,7 +105,11 @@ class JobConfig(Section):
     def _check_field_pair_terms(self) -> JobConfig:
         for i, term in enumerate(self.loss.field_pair_terms):
             if term.left not in self.fields.left:
-                raise ValueError(f"loss.field_pair_terms.{i}.left={term.left!r} is not a left field: {sorted(self.fields.left)}")
+                raise ValueError(
+                    f"loss.field_pair_terms.{i}.left={term.left!r} is not a left field: {sorted(self.fields.left)}"
+                )
             if term.right not in self.fields.right:
-                raise ValueError(f"loss.field_pair_terms.{i}.right={term.right!r} is not a right field: {sorted(self.fields.right)}")
+                raise ValueError(
+                    f"loss.field_pair_terms.{i}.right={term.right!r} is not a right field: {sorted(self.fields.right)}"
+                )
         return self

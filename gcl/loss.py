@@ -73,7 +73,9 @@ class LossConfig(Section):
         if self.left_to_right + self.right_to_left + sum(t.weight for t in self.field_pair_terms) <= 0:
             raise ValueError("loss: all term weights are 0 (left_to_right, right_to_left, field_pair_terms)")
         if self.score_range is not None and not self.score_range[0] < self.score_range[1]:
-            raise ValueError(f"loss.score_range must be [lowest, highest] with lowest < highest, got {self.score_range}")
+            raise ValueError(
+                f"loss.score_range must be [lowest, highest] with lowest < highest, got {self.score_range}"
+            )
         return self
 
 
@@ -90,7 +92,9 @@ def score_to_weight(scores: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
             raise ValueError(f"loss.weight_fn=reciprocal needs rank positions >= 1 in {cfg.weight_key!r}")
         return 1.0 / scores
     if cfg.score_range is None:
-        raise ValueError(f"loss.weight_fn={cfg.weight_fn} needs loss.score_range (set it, or let training derive it)")
+        raise ValueError(
+            f"loss.weight_fn={cfg.weight_fn} needs loss.score_range (set it, or let training derive it)"
+        )
     low, high = cfg.score_range
     unit = ((scores - low) / (high - low)).clamp(0.0, 1.0)
     if cfg.weight_fn == "linear":
@@ -242,15 +246,21 @@ class GCLLoss(torch.nn.Module):
         terms: dict[str, torch.Tensor] = {}
         total = fused_left.new_zeros(())
         if cfg.left_to_right > 0:
-            terms["left_to_right"] = weighted_contrastive(fused_left, all_right, targets, weights, scale, mask)
+            terms["left_to_right"] = weighted_contrastive(
+                fused_left, all_right, targets, weights, scale, mask
+            )
             total = total + cfg.left_to_right * terms["left_to_right"]
         if cfg.right_to_left > 0:
-            terms["right_to_left"] = weighted_contrastive(fused_right, all_left, targets, weights, scale, mask)
+            terms["right_to_left"] = weighted_contrastive(
+                fused_right, all_left, targets, weights, scale, mask
+            )
             total = total + cfg.right_to_left * terms["right_to_left"]
         for term in cfg.field_pair_terms:
             if term.weight <= 0:
                 continue
-            value = self._field_pair(term, left, right, targets, weights, scale, mask, left_present, right_present)
+            value = self._field_pair(
+                term, left, right, targets, weights, scale, mask, left_present, right_present
+            )
             terms[f"{term.left}_{term.right}"] = value
             total = total + term.weight * value
         return total, {name: value.detach() for name, value in terms.items()}
@@ -268,7 +278,10 @@ class GCLLoss(torch.nn.Module):
         shared = None
         if valid is not None:
             shared = ~self._gather_no_grad(valid).unsqueeze(0).expand(batch, -1)
-        for ids, wanted in ((query_ids, self.cfg.mask_same_query), (document_ids, self.cfg.mask_same_document)):
+        for ids, wanted in (
+            (query_ids, self.cfg.mask_same_query),
+            (document_ids, self.cfg.mask_same_document),
+        ):
             if not wanted:
                 continue
             if ids is None:

@@ -130,10 +130,16 @@ def create_preprocessing(cfg: ModelConfig) -> tuple[Callable, Callable, Callable
         saved = json.loads((Path(cfg.pretrained) / CONFIG_FILE).read_text()).get("preprocess_cfg", {})
         preprocess = merge_preprocess_dict(preprocess, saved)
     elif pretrained:
-        preprocess = merge_preprocess_dict(preprocess, open_clip.get_pretrained_cfg(cfg.arch, pretrained) or {})
+        preprocess = merge_preprocess_dict(
+            preprocess, open_clip.get_pretrained_cfg(cfg.arch, pretrained) or {}
+        )
     preprocess["size"] = model_cfg["vision_cfg"]["image_size"]
     pp = PreprocessCfg(**preprocess)
-    return open_clip.get_tokenizer(name), image_transform_v2(pp, is_train=True), image_transform_v2(pp, is_train=False)
+    return (
+        open_clip.get_tokenizer(name),
+        image_transform_v2(pp, is_train=True),
+        image_transform_v2(pp, is_train=False),
+    )
 
 
 class FieldEncoder(torch.nn.Module):
@@ -157,12 +163,18 @@ class FieldEncoder(torch.nn.Module):
         """
         unknown = set(fields) - set(self.modalities)
         if unknown:
-            raise KeyError(f"fields {sorted(unknown)} have no modality; known fields: {sorted(self.modalities)}")
+            raise KeyError(
+                f"fields {sorted(unknown)} have no modality; known fields: {sorted(self.modalities)}"
+            )
         groups = {m: [n for n in fields if self.modalities[n] == m] for m in ("text", "image")}
         stacked = {m: torch.cat([fields[n] for n in names]) if names else None for m, names in groups.items()}
         result = self.clip(image=stacked["image"], text=stacked["text"])
         if isinstance(result, dict):
-            image_emb, text_emb, scale = result["image_features"], result["text_features"], result["logit_scale"]
+            image_emb, text_emb, scale = (
+                result["image_features"],
+                result["text_features"],
+                result["logit_scale"],
+            )
         else:
             image_emb, text_emb, scale = result[:3]
         out: dict[str, torch.Tensor] = {}
@@ -173,8 +185,12 @@ class FieldEncoder(torch.nn.Module):
         return out, torch.log(scale).reshape(1)
 
 
-def save_model(clip: torch.nn.Module, model_cfg: Mapping[str, Any], out_dir: str | Path,
-               state_dict: Mapping[str, torch.Tensor] | None = None) -> Path:
+def save_model(
+    clip: torch.nn.Module,
+    model_cfg: Mapping[str, Any],
+    out_dir: str | Path,
+    state_dict: Mapping[str, torch.Tensor] | None = None,
+) -> Path:
     """Write an open_clip checkpoint directory: `open_clip_config.json` and the weights.
 
     state_dict: weights to write instead of `clip.state_dict()` (e.g. gathered ZeRO-3 shards).

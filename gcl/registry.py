@@ -27,7 +27,9 @@ def log_embedding_model(run_id: str, model_dir: str, tracking_uri: str, input_ex
     return info.model_uri
 
 
-def register(model_uri: str, name: str, objective: float, tracking_uri: str, tags: dict | None = None) -> tuple[str, str]:
+def register(
+    model_uri: str, name: str, objective: float, tracking_uri: str, tags: dict | None = None
+) -> tuple[str, str]:
     """Register `model_uri` as a new version of `name`; alias it `champion` if its objective beats
     the current champion's (higher is better), else `challenger`. Returns (version, alias)."""
     import mlflow
@@ -45,5 +47,12 @@ def register(model_uri: str, name: str, objective: float, tracking_uri: str, tag
         current, best = None, float("-inf")
     alias = "champion" if objective > best else "challenger"
     client.set_registered_model_alias(name, alias, version)
-    log.info("registered %s version %s as %s (objective %.4f vs champion %.4f)", name, version, alias, objective, best)
+    log.info(
+        "registered %s version %s as %s (objective %.4f vs champion %.4f)",
+        name,
+        version,
+        alias,
+        objective,
+        best,
+    )
     return version, alias

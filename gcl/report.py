@@ -11,7 +11,9 @@ def metrics_table(results: Results, measures: list[str] | None = None) -> str:
     """A plain-text table: one row per split, one column per measure."""
     measures = measures or list(next(iter(results.values())))
     head = f"{'split':15s}" + "".join(f"{m:>11s}" for m in measures)
-    rows = [f"{split:15s}" + "".join(f"{values[m]:11.4f}" for m in measures) for split, values in results.items()]
+    rows = [
+        f"{split:15s}" + "".join(f"{values[m]:11.4f}" for m in measures) for split, values in results.items()
+    ]
     return "\n".join([head, "-" * len(head), *rows])
 
 
@@ -20,7 +22,9 @@ def relative_change(new: float, base: float) -> float | None:
     return None if base == 0 else 100.0 * (new - base) / base
 
 
-def comparison_table(baseline: Results, method: Results, measures: list[str], names=("baseline", "GCL")) -> str:
+def comparison_table(
+    baseline: Results, method: Results, measures: list[str], names=("baseline", "GCL")
+) -> str:
     """Per split and measure: baseline, method and the method's relative change (the paper's format)."""
     lines = []
     for split in method:

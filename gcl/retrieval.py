@@ -74,7 +74,9 @@ def load_split(spec: str, data: DataConfig, fields: FieldsConfig, grade_column: 
     queries = pairs.drop_duplicates(qcol)[[qcol, *fields.left]].reset_index(drop=True)
     documents = pairs.drop_duplicates(dcol)[[dcol, *fields.right]].reset_index(drop=True)
     qrels: dict[str, dict[str, float]] = {}
-    for q, d, g in zip(pairs[qcol].astype(str), pairs[dcol].astype(str), pairs[grade_column].astype(float), strict=True):
+    for q, d, g in zip(
+        pairs[qcol].astype(str), pairs[dcol].astype(str), pairs[grade_column].astype(float), strict=True
+    ):
         qrels.setdefault(q, {})[d] = g
     return queries, documents, qrels
 
@@ -95,11 +97,15 @@ class RowEncoder:
 
         if modality == "text":
             present = torch.tensor([v is not None and str(v).strip() != "" for v in values])
-            return self.tokenizer([str(v) if ok else "" for v, ok in zip(values, present.tolist(), strict=True)]), present
+            return self.tokenizer(
+                [str(v) if ok else "" for v, ok in zip(values, present.tolist(), strict=True)]
+            ), present
         images = []
         for v in values:
             raw = image_bytes(v, self.base_dir)
-            images.append(None if raw is None else self.image_transform(Image.open(io.BytesIO(raw)).convert("RGB")))
+            images.append(
+                None if raw is None else self.image_transform(Image.open(io.BytesIO(raw)).convert("RGB"))
+            )
         shape = next((im.shape for im in images if im is not None), None)
         present = torch.tensor([im is not None for im in images])
         if shape is None:

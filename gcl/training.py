@@ -57,11 +57,15 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or "logit_scale" in name or "ln" in name or "bias" in name else decay).append(p)
+        (no_decay if p.ndim < 2 or "logit_scale" in name or "ln" in name or "bias" in name else decay).append(
+            p
+        )
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+def warmup_cosine(
+    optimizer: torch.optim.Optimizer, warmup: int, total: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up for `warmup` steps, then cosine decay to zero at `total`."""
 
     def factor(step: int) -> float:
@@ -172,7 +176,9 @@ def train_worker(config: dict[str, Any]) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     steps_per_epoch = config["steps_per_epoch"]
     engine, scheduler, loaded = setup_engine(job, job.train.epochs * steps_per_epoch // job.train.grad_accum)
-    loss_fn = GCLLoss(job.loss, job.fields.weights("left"), job.fields.weights("right"), rank=rank, world_size=world)
+    loss_fn = GCLLoss(
+        job.loss, job.fields.weights("left"), job.fields.weights("right"), rank=rank, world_size=world
+    )
     metrics_log = MetricsLogger(config.get("tracking_uri"), config.get("run_id"), enabled=rank == 0)
 
     start_epoch, step = 0, 0

@@ -27,7 +27,9 @@ def small_pairs():
 def test_synth_writes_marqo_schema_splits_deterministically(tmp_path):
     first = synthesize(tmp_path / "a", SMALL)
     second = synthesize(tmp_path / "b", SMALL)
-    assert {k: v["sha256"] for k, v in first["splits"].items()} == {k: v["sha256"] for k, v in second["splits"].items()}
+    assert {k: v["sha256"] for k, v in first["splits"].items()} == {
+        k: v["sha256"] for k, v in second["splits"].items()
+    }
     assert set(first["splits"]) == {"train", "in_domain", "novel_query", "novel_document", "zero_shot"}
     df = pd.read_parquet(tmp_path / "a" / "train.parquet")
     assert set(MARQO_GS_COLUMNS) <= set(df.columns)
@@ -45,7 +47,9 @@ def test_synth_positions_follow_attribute_overlap(small_pairs):
         np.testing.assert_allclose(group["score_reciprocal"], 1.0 / group["position"])
         assert group["score_linear"].is_monotonic_decreasing
     # Higher grades sit higher in the lists on average (noise makes it imperfect).
-    corr = df.groupby("query_id").apply(lambda g: g["grade"].corr(-g["position"]), include_groups=False).mean()
+    corr = (
+        df.groupby("query_id").apply(lambda g: g["grade"].corr(-g["position"]), include_groups=False).mean()
+    )
     assert corr > 0.5
     # Result lists mix full and partial matches: binary relevance cannot tell them apart.
     assert df["grade"].nunique() >= 3
@@ -54,7 +58,11 @@ def test_synth_positions_follow_attribute_overlap(small_pairs):
 def test_split_builder_has_no_leakage(small_pairs):
     splits = build_splits(small_pairs, "query_id", "product_id", SplitConfig(seed=1))
     train_q, train_d = set(splits["train"].query_id), set(splits["train"].product_id)
-    for name, novel_q, novel_d in [("novel_query", True, False), ("novel_document", False, True), ("zero_shot", True, True)]:
+    for name, novel_q, novel_d in [
+        ("novel_query", True, False),
+        ("novel_document", False, True),
+        ("zero_shot", True, True),
+    ]:
         q, d = set(splits[name].query_id), set(splits[name].product_id)
         assert (q.isdisjoint(train_q)) == novel_q and (not novel_q or q.isdisjoint(train_q)), name
         assert d.isdisjoint(train_d) == novel_d, name
@@ -87,20 +95,53 @@ def _check(path, data=None, weight_key="score_linear", **kw):
 def test_valid_data_passes_with_score_range(small_pairs, tmp_path):
     report = _check(_write(small_pairs, tmp_path))
     assert report.rows == len(small_pairs) and not report.bad
-    assert (report.score_min, report.score_max) == (small_pairs.score_linear.min(), small_pairs.score_linear.max())
+    assert (report.score_min, report.score_max) == (
+        small_pairs.score_linear.min(),
+        small_pairs.score_linear.max(),
+    )
 
 
 @pytest.mark.parametrize(
     "mutate, row, column, message",
     [
-        (lambda d: d.__setitem__("score_linear", d.score_linear.where(d.index != 3, np.nan)), 3, "score_linear", "score is missing (null or NaN)"),
-        (lambda d: d.__setitem__("score_linear", d.score_linear.where(d.index != 4, np.inf)), 4, "score_linear", "score is inf"),
-        (lambda d: d.__setitem__("score_linear", d.score_linear.where(d.index != 5, -0.5)), 5, "score_linear", "below 0"),
+        (
+            lambda d: d.__setitem__("score_linear", d.score_linear.where(d.index != 3, np.nan)),
+            3,
+            "score_linear",
+            "score is missing (null or NaN)",
+        ),
+        (
+            lambda d: d.__setitem__("score_linear", d.score_linear.where(d.index != 4, np.inf)),
+            4,
+            "score_linear",
+            "score is inf",
+        ),
+        (
+            lambda d: d.__setitem__("score_linear", d.score_linear.where(d.index != 5, -0.5)),
+            5,
+            "score_linear",
+            "below 0",
+        ),
         (lambda d: d.__setitem__("title", d.title.where(d.index != 6, "   ")), 6, "title", "empty text"),
         (lambda d: d.__setitem__("query", d["query"].where(d.index != 2, "")), 2, "query", "empty text"),
-        (lambda d: d.__setitem__("pair_id", d.pair_id.where(d.index != 7, 1)), 7, "pair_id", "duplicate pair id 1 (first at"),
-        (lambda d: d.at.__setitem__((8, "image"), {"bytes": b"not an image", "path": None}), 8, "image", "image cannot be decoded"),
-        (lambda d: d.at.__setitem__((9, "image"), {"bytes": None, "path": "missing/nowhere.png"}), 9, "image", "image file cannot be read"),
+        (
+            lambda d: d.__setitem__("pair_id", d.pair_id.where(d.index != 7, 1)),
+            7,
+            "pair_id",
+            "duplicate pair id 1 (first at",
+        ),
+        (
+            lambda d: d.at.__setitem__((8, "image"), {"bytes": b"not an image", "path": None}),
+            8,
+            "image",
+            "image cannot be decoded",
+        ),
+        (
+            lambda d: d.at.__setitem__((9, "image"), {"bytes": None, "path": "missing/nowhere.png"}),
+            9,
+            "image",
+            "image file cannot be read",
+        ),
     ],
 )
 def test_bad_rows_are_reported_with_file_row_and_column(small_pairs, tmp_path, mutate, row, column, message):
@@ -122,7 +163,9 @@ def test_missing_and_mistyped_columns_and_empty_data(small_pairs, tmp_path):
     with pytest.raises(DataError, match=r"missing column\(s\) \['title'\]"):
         _check(_write(small_pairs.drop(columns=["title"]), tmp_path, "a.parquet"))
     bad_type = small_pairs.assign(score_linear=small_pairs.score_linear.astype(str))
-    with pytest.raises(DataError, match=r"column 'score_linear' has type (large_)?string, expected a numeric type"):
+    with pytest.raises(
+        DataError, match=r"column 'score_linear' has type (large_)?string, expected a numeric type"
+    ):
         _check(_write(bad_type, tmp_path, "b.parquet"))
     with pytest.raises(DataError, match=r"column 'query' has type int64, expected string"):
         _check(_write(small_pairs.assign(query=1), tmp_path, "c.parquet"))

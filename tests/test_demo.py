@@ -65,7 +65,11 @@ def test_registered_champion_serves_embeddings_equal_to_gcl_encoder(demo):
     uri = f"sqlite:///{workdir}/mlruns.db"
     port = _free_port()
     venv_bin = os.path.dirname(sys.executable)  # mlflow runs `uvicorn` from PATH
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": venv_bin + os.pathsep + os.environ.get("PATH", "")}
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": uri,
+        "PATH": venv_bin + os.pathsep + os.environ.get("PATH", ""),
+    }
     mlflow_bin = os.path.join(venv_bin, "mlflow")
     server = subprocess.Popen([mlflow_bin, "models", "serve", "-m", "models:/gcl-demo@champion", "--env-manager",
                                "local", "--host", "127.0.0.1", "--port", str(port)], env=env, cwd=workdir,
@@ -81,7 +85,14 @@ def test_registered_champion_serves_embeddings_equal_to_gcl_encoder(demo):
         pairs = pd.read_parquet(workdir / "gcl_runs" / "data" / "zero_shot.parquet").head(3)
         images = [base64.b64encode(image_bytes(v, None)).decode() for v in pairs["image"]]
         text = _post(port, {"dataframe_records": [{"query": q} for q in pairs["query"]]})
-        docs = _post(port, {"dataframe_records": [{"title": t, "image": i} for t, i in zip(pairs["title"], images, strict=True)]})
+        docs = _post(
+            port,
+            {
+                "dataframe_records": [
+                    {"title": t, "image": i} for t, i in zip(pairs["title"], images, strict=True)
+                ]
+            },
+        )
         image_only = _post(port, {"dataframe_records": [{"image": images[0]}]})
     finally:
         server.terminate()
@@ -90,7 +101,9 @@ def test_registered_champion_serves_embeddings_equal_to_gcl_encoder(demo):
     mlflow.set_tracking_uri(uri)
     local = mlflow.pyfunc.load_model("models:/gcl-demo@champion")
     want_text = local.predict(pd.DataFrame({"query": pairs["query"]}))
-    want_docs = local.predict(pd.DataFrame({"title": pairs["title"], "image": list(pairs["image"].map(lambda v: v["bytes"]))}))
+    want_docs = local.predict(
+        pd.DataFrame({"title": pairs["title"], "image": list(pairs["image"].map(lambda v: v["bytes"]))})
+    )
     assert text.shape == (3, 64) and docs.shape == (3, 64)
     np.testing.assert_allclose(np.linalg.norm(text, axis=1), 1.0, atol=1e-5)
     np.testing.assert_allclose(text, want_text, atol=1e-5)
@@ -106,7 +119,9 @@ def test_registered_champion_serves_embeddings_equal_to_gcl_encoder(demo):
     fields = FieldsConfig(**json.loads(Path(model_dir, "gcl_fields.json").read_text()))
     cfg = ModelConfig(pretrained=model_dir)
     tokenizer, _, transform = create_preprocessing(cfg)
-    ours = RowEncoder(FieldEncoder(create_model(cfg).clip, fields.modalities()).eval(), tokenizer, transform, fields)
+    ours = RowEncoder(
+        FieldEncoder(create_model(cfg).clip, fields.modalities()).eval(), tokenizer, transform, fields
+    )
     np.testing.assert_allclose(docs, ours.encode(pairs[["title", "image"]], "right").numpy(), atol=1e-5)
     np.testing.assert_allclose(text, ours.encode(pairs[["query"]], "left").numpy(), atol=1e-5)
     assert not np.allclose(image_only[0], docs[0], atol=1e-3)  # the title changes the fused embedding

@@ -62,12 +62,18 @@ def _reference_direction(rows, cols, weights, scale, q_ids, d_ids, mask_q, mask_
 def test_weighted_masked_loss_matches_per_row_reference(weight_fn):
     n = 12
     left, right = _normed(n, 6, seed=2), _normed(n, 6, seed=3)
-    scores = torch.linspace(0.0, 1.0, n, dtype=torch.float64)[torch.randperm(n, generator=torch.Generator().manual_seed(0))]
+    scores = torch.linspace(0.0, 1.0, n, dtype=torch.float64)[
+        torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    ]
     q_ids = torch.tensor([0, 0, 0, 1, 1, 2, 3, 3, 4, 5, 5, 5])
     d_ids = torch.tensor([10, 11, 12, 10, 13, 14, 15, 16, 11, 17, 18, 19])
-    cfg = LossConfig(weight_fn=weight_fn, score_range=(0.0, 1.0), weight_min=0.2, left_to_right=0.7, right_to_left=0.3)
+    cfg = LossConfig(
+        weight_fn=weight_fn, score_range=(0.0, 1.0), weight_min=0.2, left_to_right=0.7, right_to_left=0.3
+    )
     log_scale = torch.tensor([math.log(10.0)], dtype=torch.float64)
-    loss, terms = GCLLoss(cfg, {"q": 1.0}, {"d": 1.0})({"q": left}, {"d": right}, scores, log_scale, q_ids, d_ids)
+    loss, terms = GCLLoss(cfg, {"q": 1.0}, {"d": 1.0})(
+        {"q": left}, {"d": right}, scores, log_scale, q_ids, d_ids
+    )
 
     w = score_to_weight(scores, cfg).tolist()
     lr = _reference_direction(left, right, w, 10.0, q_ids.tolist(), d_ids.tolist(), True, True)
@@ -96,7 +102,9 @@ def test_score_to_weight_functions():
     lin = score_to_weight(s, LossConfig(weight_fn="linear", score_range=(0, 1), weight_min=0.1))
     torch.testing.assert_close(lin, torch.tensor([0.1, 0.55, 1.0, 1.0]))
     pos = torch.tensor([1.0, 2.0, 4.0])
-    torch.testing.assert_close(score_to_weight(pos, LossConfig(weight_fn="reciprocal")), torch.tensor([1.0, 0.5, 0.25]))
+    torch.testing.assert_close(
+        score_to_weight(pos, LossConfig(weight_fn="reciprocal")), torch.tensor([1.0, 0.5, 0.25])
+    )
     torch.testing.assert_close(score_to_weight(s, LossConfig(weight_fn="uniform")), torch.ones(4))
     power = score_to_weight(s, LossConfig(weight_fn="power", score_range=(0, 2), power_exponent=2))
     torch.testing.assert_close(power, torch.tensor([0.0, 0.0625, 0.25, 1.0]))
@@ -123,14 +131,23 @@ def test_field_pair_term_matches_reference_and_skips_missing():
     n = 6
     q, img, title = _normed(n, 4, seed=8), _normed(n, 4, seed=9), _normed(n, 4, seed=10)
     has_title = torch.tensor([True, True, False, True, True, True])
-    cfg = _plain_cfg(left_to_right=0.0, right_to_left=0.0, field_pair_terms=[FieldPairTerm(left="q", right="title", weight=1.0)])
+    cfg = _plain_cfg(
+        left_to_right=0.0,
+        right_to_left=0.0,
+        field_pair_terms=[FieldPairTerm(left="q", right="title", weight=1.0)],
+    )
     loss, terms = GCLLoss(cfg, {"q": 1.0}, {"image": 0.5, "title": 0.5})(
-        {"q": q}, {"image": img, "title": title}, torch.ones(n, dtype=torch.float64), torch.tensor([0.0], dtype=torch.float64),
+        {"q": q},
+        {"image": img, "title": title},
+        torch.ones(n, dtype=torch.float64),
+        torch.tensor([0.0], dtype=torch.float64),
         right_present={"image": torch.ones(n, dtype=torch.bool), "title": has_title},
     )
     keep = has_title.nonzero().flatten().tolist()
     # Row 2 has no title: it contributes 0 and is no negative for others; mean is over all n rows.
-    to_right = sum(-F.log_softmax(torch.stack([q[i] @ title[j] for j in keep]), 0)[keep.index(i)] for i in keep) / n
+    to_right = (
+        sum(-F.log_softmax(torch.stack([q[i] @ title[j] for j in keep]), 0)[keep.index(i)] for i in keep) / n
+    )
     to_left = sum(-F.log_softmax(torch.stack([title[i] @ q[j] for j in range(n)]), 0)[i] for i in keep) / n
     assert loss.item() == pytest.approx(float((to_right + to_left) / 2), abs=1e-9)
     assert set(terms) == {"q_title"}
@@ -140,7 +157,9 @@ def test_logit_scale_is_clamped_like_clip():
     left, right = _normed(4, 3, seed=11), _normed(4, 3, seed=12)
     cfg = _plain_cfg()
     loss_fn = GCLLoss(cfg, {"q": 1.0}, {"d": 1.0})
-    at_max, _ = loss_fn({"q": left}, {"d": right}, torch.ones(4), torch.tensor([math.log(100.0)], dtype=torch.float64))
+    at_max, _ = loss_fn(
+        {"q": left}, {"d": right}, torch.ones(4), torch.tensor([math.log(100.0)], dtype=torch.float64)
+    )
     beyond, _ = loss_fn({"q": left}, {"d": right}, torch.ones(4), torch.tensor([10.0], dtype=torch.float64))
     assert beyond.item() == pytest.approx(at_max.item())
 
@@ -203,7 +222,9 @@ def test_two_gloo_processes_equal_single_process_loss_and_grads():
     left.requires_grad_()
     right.requires_grad_()
     log_scale = torch.tensor([1.5], dtype=torch.float64, requires_grad=True)
-    full, _ = GCLLoss(LossConfig(**_CFG), {"q": 1.0}, {"d": 1.0})({"q": left}, {"d": right}, scores, log_scale, q_ids, d_ids)
+    full, _ = GCLLoss(LossConfig(**_CFG), {"q": 1.0}, {"d": 1.0})(
+        {"q": left}, {"d": right}, scores, log_scale, q_ids, d_ids
+    )
     full.backward()
 
     assert sum(p["loss"] for p in parts).item() / world == pytest.approx(full.item(), abs=1e-10)

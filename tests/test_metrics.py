@@ -88,8 +88,12 @@ def test_err_and_rbp_match_per_query_reference():
         assert per_query[qid]["err"] == pytest.approx(_err_reference(grades, max_grade), abs=1e-12)
         assert per_query[qid]["err@5"] == pytest.approx(_err_reference(grades[:5], max_grade), abs=1e-12)
         for p in (0.7, 0.8, 0.9):
-            assert per_query[qid][f"rbp@{p}"] == pytest.approx(_rbp_reference(grades, p, max_grade), abs=1e-12)
-        assert per_query[qid]["rbp@0.8@10"] == pytest.approx(_rbp_reference(grades[:10], 0.8, max_grade), abs=1e-12)
+            assert per_query[qid][f"rbp@{p}"] == pytest.approx(
+                _rbp_reference(grades, p, max_grade), abs=1e-12
+            )
+        assert per_query[qid]["rbp@0.8@10"] == pytest.approx(
+            _rbp_reference(grades[:10], 0.8, max_grade), abs=1e-12
+        )
 
 
 def test_perfect_ranking_scores_one_and_chunking_does_not_change_results():

@@ -53,8 +53,14 @@ def test_every_valid_row_once_per_epoch_across_two_shards(ray_local, tmp_path):
     pairs.to_parquet(tmp_path / "pairs.parquet")
     skip = {int(pairs.pair_id.iloc[3]), int(pairs.pair_id.iloc[10])}  # as validation would report them
     ds = build_dataset(
-        str(tmp_path / "pairs.parquet"), DataConfig(), FieldsConfig(), "score_linear", {"arch": "gcl-tiny"},
-        PipelineConfig(preprocess_actors=1, cpus_per_actor=0.25, preprocess_batch_size=32), skip_pair_ids=skip, seed=7,
+        str(tmp_path / "pairs.parquet"),
+        DataConfig(),
+        FieldsConfig(),
+        "score_linear",
+        {"arch": "gcl-tiny"},
+        PipelineConfig(preprocess_actors=1, cpus_per_actor=0.25, preprocess_batch_size=32),
+        skip_pair_ids=skip,
+        seed=7,
     )
     trainer = TorchTrainer(
         _consume,
@@ -91,5 +97,7 @@ def test_preprocessor_outputs_fixed_shapes_and_presence(tmp_path):
     assert out["query"].shape == (6, 32) and out["image"].shape == (6, 3, 32, 32)
     assert out["title" + PRESENT].tolist() == [True, False, True, True, True, True]
     np.testing.assert_array_equal(out["pair_key"], pairs.pair_id.to_numpy())
-    assert out["document_key"].dtype == np.int64 and len(set(out["document_key"])) == pairs.product_id.nunique()
+    assert (
+        out["document_key"].dtype == np.int64 and len(set(out["document_key"])) == pairs.product_id.nunique()
+    )
     assert isinstance(pd.DataFrame({"k": out["score"]}), pd.DataFrame)

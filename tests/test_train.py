@@ -30,7 +30,10 @@ def _job(data_dir, tmp_path, *overrides):
 
 
 def _losses(uri, run_id):
-    return [(m.step, m.value) for m in sorted(MlflowClient(uri).get_metric_history(run_id, "loss"), key=lambda m: m.step)]
+    return [
+        (m.step, m.value)
+        for m in sorted(MlflowClient(uri).get_metric_history(run_id, "loss"), key=lambda m: m.step)
+    ]
 
 
 def test_zero2_trains_tracks_exports_and_evaluates_consistently(ray_local, data_dir, tmp_path):

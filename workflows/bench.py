@@ -1,9 +1,9 @@
 """`gcl bench`: performance ratios measured side by side in one run on this machine.
 
-  data      Ray Data pipeline pairs/s (1 and 2 preprocessing actors) / training consumption pairs/s
-  pipeline  whole pipeline (Ray Data -> Ray Train -> DeepSpeed, 2 workers) pairs/s / a bare
-            single-process torch loop on the same model, global batch and cores
-  memory    per-worker peak memory, ZeRO-3 / ZeRO-0, 2 workers, a ViT-B-32-sized model
+data      Ray Data pipeline pairs/s (1 and 2 preprocessing actors) / training consumption pairs/s
+pipeline  whole pipeline (Ray Data -> Ray Train -> DeepSpeed, 2 workers) pairs/s / a bare
+          single-process torch loop on the same model, global batch and cores
+memory    per-worker peak memory, ZeRO-3 / ZeRO-0, 2 workers, a ViT-B-32-sized model
 """
 
 from __future__ import annotations
@@ -69,7 +69,9 @@ def data_pipeline_pairs_per_s(job: JobConfig, actors: int) -> float:
     from gcl.data.pipeline import PipelineConfig, build_dataset
 
     pipeline = PipelineConfig(preprocess_actors=actors, cpus_per_actor=1)
-    ds = build_dataset(job.data.train, job.data, job.fields, job.loss.weight_key, job.model.model_dump(), pipeline)
+    ds = build_dataset(
+        job.data.train, job.data, job.fields, job.loss.weight_key, job.model.model_dump(), pipeline
+    )
     start = time.perf_counter()
     rows = sum(len(b["score"]) for b in ds.iter_batches(batch_size=256, batch_format="numpy"))
     return rows / (time.perf_counter() - start)
@@ -158,7 +160,9 @@ def run_bench(only: list[str] | None = None, workdir: str | None = None) -> dict
         figures["preprocessor_alone_pairs_per_s"] = preprocessor_pairs_per_s(job)
         for actors in (1, 2):
             figures[f"data_pairs_per_s_{actors}cpu"] = data_pipeline_pairs_per_s(job, actors)
-        figures["data_over_consumption"] = figures["data_pairs_per_s_2cpu"] / figures["train_consumption_pairs_per_s"]
+        figures["data_over_consumption"] = (
+            figures["data_pairs_per_s_2cpu"] / figures["train_consumption_pairs_per_s"]
+        )
     if "pipeline" in only:
         result = run_train(job.model_copy(update={"name": f"bench-{time.time_ns()}"}))
         figures["pipeline_pairs_per_s"] = float(result.metrics["epoch_pairs_per_s"])  # epoch 2: warm

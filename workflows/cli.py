@@ -13,7 +13,11 @@ CONFIGS = Path(__file__).parent / "configs"
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", "-c", help="YAML config (e.g. workflows/configs/tiny-cpu.yaml); default: built-in defaults")
+    parser.add_argument(
+        "--config",
+        "-c",
+        help="YAML config (e.g. workflows/configs/tiny-cpu.yaml); default: built-in defaults",
+    )
     parser.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set train.epochs=3 --set loss.weight_fn=reciprocal")  # fmt: skip
 
@@ -42,10 +46,14 @@ def cmd_data_synth(args) -> int:
     from gcl.data.splits import SplitConfig
     from gcl.data.synth import SynthConfig, synthesize
 
-    cfg = SynthConfig(products=args.products, queries=args.queries, docs_per_query=args.docs_per_query, seed=args.seed)
+    cfg = SynthConfig(
+        products=args.products, queries=args.queries, docs_per_query=args.docs_per_query, seed=args.seed
+    )
     manifest = synthesize(args.out, cfg, SplitConfig(seed=args.seed))
     for name, info in manifest["splits"].items():
-        print(f"{name:15s} {info['rows']:7d} pairs  {info['queries']:6d} queries  {info['documents']:6d} documents  -> {Path(args.out) / info['file']}")
+        print(
+            f"{name:15s} {info['rows']:7d} pairs  {info['queries']:6d} queries  {info['documents']:6d} documents  -> {Path(args.out) / info['file']}"
+        )
     return 0
 
 
@@ -78,7 +86,11 @@ def cmd_train(args) -> int:
     from workflows.train import run_train
 
     result = run_train(_job(args))
-    print(json.dumps({"run_id": result.run_id, "model_dir": result.model_dir, "metrics": result.metrics}, indent=2))
+    print(
+        json.dumps(
+            {"run_id": result.run_id, "model_dir": result.model_dir, "metrics": result.metrics}, indent=2
+        )
+    )
     return 0
 
 
@@ -127,7 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--docs-per-query", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_data_synth)
-    p = data.add_parser("split", help="split your pairs into train / in_domain / novel_query / novel_document / zero_shot")
+    p = data.add_parser(
+        "split", help="split your pairs into train / in_domain / novel_query / novel_document / zero_shot"
+    )
     p.add_argument("--input", required=True, help="parquet file, directory or glob (or .csv / .jsonl)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--query-column", default="query_id")
@@ -145,12 +159,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", help="retrieval metrics per split for a model directory or MLflow model URI")
+    p = sub.add_parser(
+        "evaluate", help="retrieval metrics per split for a model directory or MLflow model URI"
+    )
     _add_config_args(p)
-    p.add_argument("--model", required=True, help="exported model dir, runs:/<id>/model or models:/<name>@<alias>")
+    p.add_argument(
+        "--model", required=True, help="exported model dir, runs:/<id>/model or models:/<name>@<alias>"
+    )
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("demo", help="the main job: synthetic data, binary baseline vs GCL, table, plot, registry")
+    p = sub.add_parser(
+        "demo", help="the main job: synthetic data, binary baseline vs GCL, table, plot, registry"
+    )
     p.add_argument("--quick", action="store_true", help="a smaller, faster variant")
     p.add_argument("--workdir", default="gcl_runs/demo", help="where data, runs and the plot go")
     p.set_defaults(func=cmd_demo)
@@ -163,7 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
     from gcl.config import ConfigError
     from gcl.data.readers import DataError
 

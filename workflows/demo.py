@@ -71,7 +71,11 @@ def run_demo(quick: bool = False, workdir: str = "gcl_runs/demo") -> dict:
     phases = tqdm(total=5, desc="gcl demo", unit="phase")
 
     phases.set_postfix_str("generating the synthetic benchmark")
-    synth = SynthConfig(products=400, queries=150, docs_per_query=10) if quick else SynthConfig(products=1500, queries=500)
+    synth = (
+        SynthConfig(products=400, queries=150, docs_per_query=10)
+        if quick
+        else SynthConfig(products=1500, queries=500)
+    )
     manifest = synthesize(f"{workdir}/data", synth)
     log.info("data: %s", json.dumps({k: v["rows"] for k, v in manifest["splits"].items()}))
     phases.update()
@@ -110,12 +114,18 @@ def run_demo(quick: bool = False, workdir: str = "gcl_runs/demo") -> dict:
     print("\nGCL vs the CLIP-style binary baseline (same model, data and budget):")
     print(table)
     print(f"\nplot: {plot}")
-    print(f"registered {REGISTERED_MODEL} version {version} as @{alias} (mean NDCG@10 over splits {objective:.4f})")
+    print(
+        f"registered {REGISTERED_MODEL} version {version} as @{alias} (mean NDCG@10 over splits {objective:.4f})"
+    )
     print("\nNext:")
     print(f"  MLflow UI:   .venv/bin/mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
-    print(f"  serve:       PATH=$PWD/.venv/bin:$PATH MLFLOW_TRACKING_URI={uri} mlflow models serve "
-          f"-m models:/{REGISTERED_MODEL}@{alias} --env-manager local --host 127.0.0.1 --port 5001")
-    print("  query:       curl -s 127.0.0.1:5001/invocations -H 'Content-Type: application/json' "
-          "-d '{\"dataframe_records\": [{\"query\": \"red striped circle\"}]}'")
+    print(
+        f"  serve:       PATH=$PWD/.venv/bin:$PATH MLFLOW_TRACKING_URI={uri} mlflow models serve "
+        f"-m models:/{REGISTERED_MODEL}@{alias} --env-manager local --host 127.0.0.1 --port 5001"
+    )
+    print(
+        "  query:       curl -s 127.0.0.1:5001/invocations -H 'Content-Type: application/json' "
+        '-d \'{"dataframe_records": [{"query": "red striped circle"}]}\''
+    )
     return {"baseline": base_results, "gcl": gcl_results, "plot": plot, "version": version, "alias": alias,
             "runs": {"baseline": baseline.run_id, "gcl": gcl.run_id}}  # fmt: skip

@@ -34,7 +34,11 @@ def run_evaluate(job: JobConfig, model: str) -> dict[str, dict[str, float]]:
 
     model_dir = resolve_model_dir(model, job.mlflow.resolved_uri())
     fields_file = os.path.join(model_dir, "gcl_fields.json")
-    fields = FieldsConfig(**json.loads(Path(fields_file).read_text())) if os.path.exists(fields_file) else job.fields
+    fields = (
+        FieldsConfig(**json.loads(Path(fields_file).read_text()))
+        if os.path.exists(fields_file)
+        else job.fields
+    )
     cfg = ModelConfig(pretrained=model_dir)
     loaded = create_model(cfg)
     tokenizer, _, transform = create_preprocessing(cfg)

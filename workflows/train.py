@@ -46,7 +46,9 @@ def check_tracking(uri: str) -> None:
     try:
         MlflowClient(uri).search_experiments(max_results=1)
     except Exception as err:
-        raise SystemExit(f"MLflow tracking store {uri!r} is not reachable: {type(err).__name__}: {err}") from None
+        raise SystemExit(
+            f"MLflow tracking store {uri!r} is not reachable: {type(err).__name__}: {err}"
+        ) from None
     finally:
         for key, value in saved.items():
             if value is None:
@@ -126,7 +128,9 @@ def run_train(job: JobConfig) -> TrainResult:
     check_tracking(uri)
     report = validate_data(job)
     if job.loss.score_range is None and job.loss.weight_fn in ("linear", "power", "exponential"):
-        job = job.model_copy(update={"loss": job.loss.model_copy(update={"score_range": (report.score_min, report.score_max)})})
+        job = job.model_copy(
+            update={"loss": job.loss.model_copy(update={"score_range": (report.score_min, report.score_max)})}
+        )
     init_ray()
     run_id = start_run(job, uri)
     client = mlflow.MlflowClient(uri)

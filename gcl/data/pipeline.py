@@ -85,7 +85,9 @@ class PairPreprocessor:
             with Image.open(io.BytesIO(raw)) as img:
                 return self.image_transform(img.convert("RGB"))
         except Exception as err:
-            raise DataError(f"pair {pair_id!r}: image cannot be read or decoded ({type(err).__name__}: {err})") from err
+            raise DataError(
+                f"pair {pair_id!r}: image cannot be read or decoded ({type(err).__name__}: {err})"
+            ) from err
 
     def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         pair_ids = batch[self.data.pair_id_column]
@@ -103,7 +105,9 @@ class PairPreprocessor:
                 if shape is None:
                     size = self.image_transform.transforms[0].size
                     shape = (3, *((size, size) if isinstance(size, int) else size))
-                out[name] = np.stack([img.numpy() if img is not None else np.zeros(shape, np.float32) for img in images])
+                out[name] = np.stack(
+                    [img.numpy() if img is not None else np.zeros(shape, np.float32) for img in images]
+                )
             out[name + PRESENT] = present
         out["score"] = np.asarray(batch[self.weight_key], dtype=np.float32)
         out["query_key"] = stable_keys(batch[self.data.query_id_column])
@@ -248,7 +252,9 @@ def train_batches(
         yield _pad(dict(batch), batch_size)
 
 
-def batch_template(fields: FieldsConfig, context_length: int, image_size: int) -> dict[str, tuple[tuple[int, ...], Any]]:
+def batch_template(
+    fields: FieldsConfig, context_length: int, image_size: int
+) -> dict[str, tuple[tuple[int, ...], Any]]:
     """Column -> (row shape, dtype) of the pipeline's output, for padding."""
     template: dict[str, tuple[tuple[int, ...], Any]] = {}
     for name, modality in fields.modalities().items():

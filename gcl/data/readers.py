@@ -70,7 +70,9 @@ def read_table(file: str, columns: list[str] | None = None) -> pa.Table:
     return table.select(columns) if columns else table
 
 
-def iter_batches(file: str, columns: list[str], batch_rows: int = 65536) -> Iterator[tuple[int, pa.RecordBatch]]:
+def iter_batches(
+    file: str, columns: list[str], batch_rows: int = 65536
+) -> Iterator[tuple[int, pa.RecordBatch]]:
     """(first row number, batch) over a file, memory-bounded for parquet."""
     if file.endswith(".parquet"):
         filesystem, path = _filesystem(file)

@@ -28,9 +28,7 @@ class DataConfig(Section):
     train: str = "gcl_runs/data/train.parquet"
     """Training pairs: a parquet file, directory or glob (local, or a URI pyarrow reads such as
     s3://...), or a .csv / .jsonl file with image paths."""
-    eval: dict[str, str] = Field(
-        default_factory=lambda: {s: f"gcl_runs/data/{s}.parquet" for s in SPLITS}
-    )
+    eval: dict[str, str] = Field(default_factory=lambda: {s: f"gcl_runs/data/{s}.parquet" for s in SPLITS})
     """Evaluation splits: split name -> pairs (the ground truth; its documents form the corpus)."""
     image_root: str | None = None
     """Base directory for relative image paths (default: the directory of the data file)."""

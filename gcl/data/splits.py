@@ -36,7 +36,9 @@ def _sample(values: np.ndarray, fraction: float, rng: np.random.Generator) -> se
     return set(rng.choice(values, size=min(count, len(values)), replace=False).tolist())
 
 
-def build_splits(pairs: pd.DataFrame, query_col: str, doc_col: str, cfg: SplitConfig) -> dict[str, pd.DataFrame]:
+def build_splits(
+    pairs: pd.DataFrame, query_col: str, doc_col: str, cfg: SplitConfig
+) -> dict[str, pd.DataFrame]:
     """Split scored pairs into train, in_domain, novel_query, novel_document and zero_shot."""
     for column in (query_col, doc_col):
         if column not in pairs.columns:
@@ -45,7 +47,9 @@ def build_splits(pairs: pd.DataFrame, query_col: str, doc_col: str, cfg: SplitCo
     queries = np.sort(pairs[query_col].unique())
     docs = np.sort(pairs[doc_col].unique())
     if len(queries) < 2 or len(docs) < 2:
-        raise ValueError(f"split: need at least 2 distinct queries and documents, got {len(queries)} and {len(docs)}")
+        raise ValueError(
+            f"split: need at least 2 distinct queries and documents, got {len(queries)} and {len(docs)}"
+        )
     novel_q = _sample(queries, cfg.novel_query_fraction, rng)
     novel_d = _sample(docs, cfg.novel_document_fraction, rng)
     q_novel = pairs[query_col].isin(novel_q)

@@ -119,8 +119,12 @@ def generate_pairs(cfg: SynthConfig) -> pd.DataFrame:
             "background": str(rng.choice(list(BACKGROUNDS))),
         }  # fmt: skip
         products.append(
-            {"product_id": f"p{i:06d}", "attrs": attrs, "title": _title(attrs, rng, cfg.title_noise),
-             "image": _draw_product(attrs, rng)}  # fmt: skip
+            {
+                "product_id": f"p{i:06d}",
+                "attrs": attrs,
+                "title": _title(attrs, rng, cfg.title_noise),
+                "image": _draw_product(attrs, rng),
+            }  # fmt: skip
         )
     table = {a: np.array([p["attrs"][a] for p in products]) for a in QUERY_ATTRIBUTES}
 
@@ -141,18 +145,28 @@ def generate_pairs(cfg: SynthConfig) -> pd.DataFrame:
         if len(candidates) == 0:
             continue
         # Result lists mix full and partial matches, as a shopping engine's would.
-        pick = candidates[np.argsort(-(matched[candidates] + rng.random(len(candidates))))][: cfg.docs_per_query]
+        pick = candidates[np.argsort(-(matched[candidates] + rng.random(len(candidates))))][
+            : cfg.docs_per_query
+        ]
         relevance = matched[pick] + rng.normal(0, cfg.rank_noise, len(pick))
         ranked = pick[np.argsort(-relevance, kind="stable")]
         n = len(ranked)
         for position, index in enumerate(ranked, start=1):
             product = products[index]
             rows.append(
-                {"query": text, "title": product["title"], "image": {"bytes": product["image"], "path": None},
-                 "product_id": product["product_id"], "query_id": qid, "pair_id": len(rows),
-                 "position": position, "score_linear": (n - position + 1) / n,
-                 "score_reciprocal": 1.0 / position, "no_score": 1.0,
-                 "grade": int(round(3 * matched[index]))}  # fmt: skip
+                {
+                    "query": text,
+                    "title": product["title"],
+                    "image": {"bytes": product["image"], "path": None},
+                    "product_id": product["product_id"],
+                    "query_id": qid,
+                    "pair_id": len(rows),
+                    "position": position,
+                    "score_linear": (n - position + 1) / n,
+                    "score_reciprocal": 1.0 / position,
+                    "no_score": 1.0,
+                    "grade": int(round(3 * matched[index])),
+                }  # fmt: skip
             )
     return pd.DataFrame(rows)
 
@@ -165,8 +179,13 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_splits(splits: dict[str, pd.DataFrame], out: str | Path, extra: dict | None = None,
-                 query_col: str = "query_id", doc_col: str = "product_id") -> dict:
+def write_splits(
+    splits: dict[str, pd.DataFrame],
+    out: str | Path,
+    extra: dict | None = None,
+    query_col: str = "query_id",
+    doc_col: str = "product_id",
+) -> dict:
     """Write each split as `<out>/<split>.parquet` and a manifest with row counts and hashes."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -188,4 +207,6 @@ def synthesize(out: str | Path, cfg: SynthConfig | None = None, split: SplitConf
     split = split or SplitConfig(seed=cfg.seed)
     pairs = generate_pairs(cfg)
     splits = build_splits(pairs, "query_id", "product_id", split)
-    return write_splits(splits, out, {"generator": "gcl.data.synth", "config": asdict(cfg), "split": split.model_dump()})
+    return write_splits(
+        splits, out, {"generator": "gcl.data.synth", "config": asdict(cfg), "split": split.model_dump()}
+    )

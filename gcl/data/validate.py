@@ -135,7 +135,9 @@ def validate_pairs(
         _check_schema(file, file_columns(file), expected)
         base_dir = image_base_dir(file, data.image_root)
         for offset, batch in iter_batches(file, list(expected)):
-            _validate_batch(file, offset, batch, data, fields, weight_key, min_score, base_dir, seen_pairs, report)
+            _validate_batch(
+                file, offset, batch, data, fields, weight_key, min_score, base_dir, seen_pairs, report
+            )
             report.rows += batch.num_rows
     if report.rows == 0:
         raise DataError(f"{spec}: the dataset is empty (0 rows in {len(files)} file(s))")
@@ -164,11 +166,17 @@ def _validate_batch(file, offset, batch, data, fields, weight_key, min_score, ba
 
     for i, score in enumerate(cols[weight_key]):
         if score is None:
-            reject(i, weight_key, f"score is missing (null or NaN) (accepted: a finite number >= {min_score})")
+            reject(
+                i, weight_key, f"score is missing (null or NaN) (accepted: a finite number >= {min_score})"
+            )
         elif not math.isfinite(score):
             reject(i, weight_key, f"score is {score} (accepted: a finite number >= {min_score})")
         elif score < min_score:
-            reject(i, weight_key, f"score {score} is below {min_score} (accepted: a finite number >= {min_score})")
+            reject(
+                i,
+                weight_key,
+                f"score {score} is below {min_score} (accepted: a finite number >= {min_score})",
+            )
         else:
             report.score_min = min(report.score_min, float(score))
             report.score_max = max(report.score_max, float(score))
@@ -181,7 +189,9 @@ def _validate_batch(file, offset, batch, data, fields, weight_key, min_score, ba
             reject(i, data.pair_id_column, "pair id is missing")
         elif pid in seen_pairs:
             first_file, first_row = seen_pairs[pid]
-            reject(i, data.pair_id_column, f"duplicate pair id {pid!r} (first at {first_file} row {first_row})")
+            reject(
+                i, data.pair_id_column, f"duplicate pair id {pid!r} (first at {first_file} row {first_row})"
+            )
         else:
             seen_pairs[pid] = (file, offset + i)
 
