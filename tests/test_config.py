@@ -1,0 +1,56 @@
+"""Every shipped config parses; overrides and the CLI report bad keys clearly."""
+
+import json
+
+import pytest
+
+from gcl.config import ConfigError, apply_overrides, parse_config
+from gcl.job_config import JobConfig
+from workflows.cli import CONFIGS, main
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_parses(path):
+    job = parse_config(JobConfig, path)
+    assert job.name == path.stem
+
+
+@pytest.mark.parametrize("path", sorted((CONFIGS / "deepspeed").glob("*.json")), ids=lambda p: p.name)
+def test_every_deepspeed_config_feeds_the_engine_config(path):
+    from gcl.training import deepspeed_config
+
+    stage = int(path.stem[-1])
+    job = parse_config(JobConfig, None, [f"deepspeed.config={path}", f"deepspeed.zero_stage={stage}"])
+    config = deepspeed_config(job)
+    assert json.loads(path.read_text())["zero_optimization"]["stage"] == stage
+    assert config["zero_optimization"]["stage"] == stage and config["train_micro_batch_size_per_gpu"] == 32
+
+
+def test_overrides_nest_parse_yaml_and_reject_bad_forms():
+    data = apply_overrides(
+        {}, ["train.epochs=3", "fields.right={image: {modality: image}}", "loss.score_range=[0, 1]"]
+    )
+    assert data == {
+        "train": {"epochs": 3},
+        "fields": {"right": {"image": {"modality": "image"}}},
+        "loss": {"score_range": [0, 1]},
+    }
+    with pytest.raises(ConfigError, match="not of the form section.key=value"):
+        apply_overrides({}, ["train.epochs"])
+    with pytest.raises(ConfigError, match="train is a value, not a section"):
+        apply_overrides({"train": 1}, ["train.epochs=2"])
+    with pytest.raises(ConfigError, match=r"deepspeed.zero_stage: Input should be 0, 1, 2 or 3 \(got 4\)"):
+        parse_config(JobConfig, None, ["deepspeed.zero_stage=4"])
+    with pytest.raises(ConfigError, match="loss.field_pair_terms.0.right='colour' is not a right field"):
+        parse_config(JobConfig, None, ["loss.field_pair_terms=[{left: query, right: colour}]"])
+
+
+def test_cli_prints_resolved_config_and_exits_2_on_bad_keys(capsys):
+    assert main(["config", "-c", str(CONFIGS / "tiny-cpu.yaml"), "--set", "train.epochs=7"]) == 0
+    assert "epochs: 7" in capsys.readouterr().out
+    assert main(["config", "--set", "train.epoch=3"]) == 2
+    assert "did you mean 'epochs'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    usage = capsys.readouterr().out
+    assert all(cmd in usage for cmd in ("config", "data", "train", "evaluate", "demo", "bench"))
