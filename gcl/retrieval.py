@@ -61,15 +61,15 @@ def exact_top_k(queries: torch.Tensor, docs: torch.Tensor, k: int, chunk_size: i
     return best_scores, best_index
 
 
-def load_split(spec: str, data: DataConfig, fields: FieldsConfig, grade_column: str):
-    """(queries, documents, qrels) of an evaluation split.
+def load_split(files: list[str], data: DataConfig, fields: FieldsConfig, grade_column: str):
+    """(queries, documents, qrels) of an evaluation split stored in `files`.
 
     queries / documents: DataFrames of distinct ids with their side's field columns;
     qrels: {query id: {document id: grade}} as strings.
     """
     qcol, dcol = data.query_id_column, data.document_id_column
     columns = list(dict.fromkeys([qcol, dcol, grade_column, *fields.left, *fields.right]))
-    frames = [read_table(f, columns).to_pandas() for f in resolve_files(spec)]
+    frames = [read_table(f, columns).to_pandas() for f in files]
     pairs = pd.concat(frames, ignore_index=True)
     queries = pairs.drop_duplicates(qcol)[[qcol, *fields.left]].reset_index(drop=True)
     documents = pairs.drop_duplicates(dcol)[[dcol, *fields.right]].reset_index(drop=True)
@@ -135,9 +135,9 @@ class RowEncoder:
 def evaluate_split(row_encoder: RowEncoder, spec: str, data: DataConfig, cfg: EvalConfig) -> dict[str, float]:
     """Retrieve the split's corpus for each of its queries and score the ranking."""
     fields = row_encoder.fields
-    queries, documents, qrels = load_split(spec, data, fields, cfg.grade_column)
-    first = resolve_files(spec)[0]
-    row_encoder.base_dir = image_base_dir(first, data.image_root)
+    files = resolve_files(spec)
+    queries, documents, qrels = load_split(files, data, fields, cfg.grade_column)
+    row_encoder.base_dir = image_base_dir(files[0], data.image_root)
     q_emb = row_encoder.encode(queries, "left", cfg.batch_size)
     d_emb = row_encoder.encode(documents, "right", cfg.batch_size)
     scores, index = exact_top_k(q_emb, d_emb, cfg.k, cfg.chunk_size)

@@ -116,11 +116,10 @@ class PairPreprocessor:
         return out
 
 
-def read_pairs(spec: str, columns: list[str]):
-    """A Ray Dataset of the pairs at `spec` (parquet, CSV or JSONL), only `columns`."""
+def read_pairs(spec: str, files: list[str], columns: list[str]):
+    """A Ray Dataset of the pairs in `files` (resolved from `spec`; parquet, CSV or JSONL), only `columns`."""
     import ray.data
 
-    files = resolve_files(spec)
     kinds = {os.path.splitext(f)[1] for f in files}
     if kinds == {".parquet"}:
         return ray.data.read_parquet(files, columns=columns)
@@ -148,7 +147,8 @@ def build_dataset(
 
     columns = list(dict.fromkeys([*fields.modalities(), weight_key, data.query_id_column,
                                   data.document_id_column, data.pair_id_column]))  # fmt: skip
-    ds = read_pairs(spec, columns)
+    files = resolve_files(spec)
+    ds = read_pairs(spec, files, columns)
     if skip_pair_ids:
         skip = sorted(skip_pair_ids, key=str)
         pair_col = data.pair_id_column
@@ -161,8 +161,7 @@ def build_dataset(
         ds = ds.random_shuffle(seed=seed)
     elif shuffle and pipeline.shuffle == "blocks":
         ds = ds.randomize_block_order(seed=seed)
-    first = resolve_files(spec)[0]
-    base_dir = image_base_dir(first, data.image_root)
+    base_dir = image_base_dir(files[0], data.image_root)
     import ray.data
 
     ds = ds.map_batches(
