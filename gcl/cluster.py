@@ -25,9 +25,11 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         log.info("connecting to Ray at %s", address)
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
         return
+    # The dashboard serves Ray's state API, which Ray Train's placement-group cleaner needs to free
+    # the workers of a trial that Tune stopped early; it listens on loopback only.
     ray.init(
         num_cpus=num_cpus,
-        include_dashboard=False,
+        include_dashboard=True,
         dashboard_host="127.0.0.1",
         _node_ip_address="127.0.0.1",
         runtime_env=runtime_env,

@@ -7,6 +7,7 @@ would be accepted, before any expensive work starts.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import typing
 from pathlib import Path
@@ -158,8 +159,14 @@ def parse_config(
     Raises ConfigError with every problem listed by dotted key.
     """
     data = load_yaml(path) if path else {}
-    data = apply_overrides(data, list(overrides or []))
     source = str(path) if path else "defaults"
+    return validate_config(model, data, overrides, source)
+
+
+def validate_config(model: type[BaseModel], data: dict[str, Any], overrides: list[str] | None = None,
+                    source: str = "config") -> Any:  # fmt: skip
+    """Apply `overrides` to a copy of `data` and validate it into `model` (ConfigError on problems)."""
+    data = apply_overrides(copy.deepcopy(data), list(overrides or []))
     if overrides:
         source += " with --set " + " ".join(overrides)
     try:

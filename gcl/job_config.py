@@ -38,6 +38,8 @@ class TrainConfig(Section):
     """Gradient norm clipping (0: off)."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """`auto`: bf16 on GPUs that support it, else fp32."""
+    max_failures: int = Field(2, ge=0)
+    """Times Ray Train restarts the workers from the latest checkpoint after a worker dies."""
 
 
 class ScalingConfig(Section):
@@ -51,6 +53,9 @@ class ScalingConfig(Section):
     """CPUs reserved per worker (fractional on small machines: leave room for Ray Data)."""
     torch_threads: int = Field(1, ge=1)
     """torch intra-op threads per worker, so workers do not oversubscribe the cores."""
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """How Ray places the workers on nodes: PACK fills nodes first; SPREAD / STRICT_SPREAD put
+    workers on different nodes (STRICT: one per node, or wait until that is possible)."""
 
 
 class DeepSpeedConfig(Section):
@@ -100,6 +105,15 @@ class JobConfig(Section):
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+
+    @model_validator(mode="after")
+    def _check_objective_splits(self) -> JobConfig:
+        unknown = [s for s in self.eval.objective_splits if s not in self.data.eval]
+        if unknown:
+            raise ValueError(
+                f"eval.objective_splits: {unknown} are not evaluation splits: {sorted(self.data.eval)}"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_field_pair_terms(self) -> JobConfig:

@@ -9,6 +9,8 @@ import os
 log = logging.getLogger(__name__)
 SERVING_CODE = os.path.join(os.path.dirname(__file__), "serving.py")
 OBJECTIVE_TAG = "gcl.objective"
+OBJECTIVE_KEY_TAG = "gcl.objective_key"  # what the objective measures, on which evaluation data
+MODEL_URI_TAG = "gcl.model_uri"  # run tag: the pyfunc embedding model logged for the run
 
 
 def log_embedding_model(run_id: str, model_dir: str, tracking_uri: str, input_example=None) -> str:
@@ -27,32 +29,101 @@ def log_embedding_model(run_id: str, model_dir: str, tracking_uri: str, input_ex
     return info.model_uri
 
 
-def register(
-    model_uri: str, name: str, objective: float, tracking_uri: str, tags: dict | None = None
-) -> tuple[str, str]:
+def register(model_uri: str, name: str, objective: float, tracking_uri: str, tags: dict | None = None,
+             objective_key: str = "") -> tuple[str, str]:  # fmt: skip
     """Register `model_uri` as a new version of `name`; alias it `champion` if its objective beats
-    the current champion's (higher is better), else `challenger`. Returns (version, alias)."""
+    the current champion's (higher is better) on the same `objective_key` (measure, splits and
+    evaluation data), else `challenger`. Returns (version, alias)."""
     import mlflow
     from mlflow import MlflowClient
 
     mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri)
     version = mlflow.register_model(model_uri, name).version
-    for key, value in {**(tags or {}), OBJECTIVE_TAG: objective}.items():
-        client.set_model_version_tag(name, version, key, str(value))
+    for key, value in {**(tags or {}), OBJECTIVE_TAG: objective, OBJECTIVE_KEY_TAG: objective_key}.items():
+        client.set_model_version_tag(name, version, key, str(value)[:5000])
     try:
         current = client.get_model_version_by_alias(name, "champion")
-        best = float(current.tags.get(OBJECTIVE_TAG, "-inf"))
     except mlflow.exceptions.MlflowException:
-        current, best = None, float("-inf")
-    alias = "champion" if objective > best else "challenger"
+        current = None
+    best = float(current.tags.get(OBJECTIVE_TAG, "-inf")) if current else float("-inf")
+    comparable = current is None or current.tags.get(OBJECTIVE_KEY_TAG, "") == objective_key
+    if not comparable:
+        log.warning("%s@champion (version %s) was scored on %r, this version on %r: not comparable, "
+                    "registering as challenger", name, current.version, current.tags.get(OBJECTIVE_KEY_TAG),
+                    objective_key)  # fmt: skip
+    alias = "champion" if comparable and objective > best else "challenger"
     client.set_registered_model_alias(name, alias, version)
-    log.info(
-        "registered %s version %s as %s (objective %.4f vs champion %.4f)",
-        name,
-        version,
-        alias,
-        objective,
-        best,
-    )
+    log.info("registered %s version %s as %s (objective %.4f vs champion %.4f)", name, version, alias,
+             objective, best)  # fmt: skip
     return version, alias
+
+
+def code_version() -> str:
+    """gcl's version, plus the git commit when running from a checkout."""
+    import subprocess
+
+    import gcl
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=os.path.dirname(__file__),
+                                capture_output=True, text=True, timeout=10, check=True).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return f"{gcl.__version__}+{commit}" if commit else gcl.__version__
+
+
+def register_run(run_id: str, name: str, tracking_uri: str) -> tuple[str, str]:
+    """Register the embedding model of a finished gcl run (train or a sweep's best trial) under
+    `name`, gated on the run's final `objective`. Tags: dataset manifest, loss config, per-split
+    metrics, base model, code version. Returns (version, alias)."""
+    import json
+
+    import mlflow
+    import yaml
+    from mlflow import MlflowClient
+
+    from gcl.job_config import JobConfig
+
+    client = MlflowClient(tracking_uri)
+    for existing in client.search_model_versions(f"name = '{name}'"):
+        if existing.tags.get("run_id") == run_id:  # registered already (a re-run of a finished sweep)
+            # search results carry no aliases: read the version itself
+            aliases = client.get_model_version(name, existing.version).aliases or ["none"]
+            log.info("run %s is %s version %s already (@%s)", run_id, name, existing.version, aliases[0])
+            return existing.version, aliases[0]
+    run = client.get_run(run_id)
+    model_uri = run.data.tags.get(MODEL_URI_TAG)
+    if model_uri is None:
+        raise SystemExit(f"run {run_id} has no exported embedding model (tag {MODEL_URI_TAG}); "
+                         "register runs made by `gcl train` or `gcl tune`")  # fmt: skip
+    if "objective" not in run.data.metrics:
+        raise SystemExit(f"run {run_id} has no 'objective' metric: it was trained without evaluation "
+                         "splits (data.eval), so it cannot be compared with the champion")  # fmt: skip
+    mlflow.set_tracking_uri(tracking_uri)
+    artifacts = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="config.yaml")
+    with open(artifacts) as f:
+        job = JobConfig.model_validate(yaml.safe_load(f))
+    try:
+        manifest_file = mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path="dataset_manifest.json"
+        )
+        with open(manifest_file) as f:
+            manifest = json.load(f)
+    except mlflow.exceptions.MlflowException:
+        manifest = {}
+    # Content hashes only: the full file list stays in the run's dataset_manifest.json artifact.
+    summary = {"train": (manifest.get("train") or {}).get("sha256"),
+               **{s: m["sha256"] for s, m in manifest.get("eval", {}).items()}}  # fmt: skip
+    eval_hash = json.dumps({s: h for s, h in summary.items() if s != "train"}, sort_keys=True)
+    split_metrics = {k: v for k, v in run.data.metrics.items() if "/" in k}
+    tags = {
+        "dataset_manifest": json.dumps(summary),
+        "loss": job.loss.model_dump_json(),
+        "metrics": json.dumps(split_metrics, sort_keys=True),
+        "base_model": json.dumps({"arch": job.model.arch, "pretrained": job.model.pretrained}),
+        "code_version": code_version(),
+        "run_id": run_id,
+    }
+    objective_key = f"{job.eval.objective_name()} | eval data {eval_hash}"
+    return register(model_uri, name, run.data.metrics["objective"], tracking_uri, tags, objective_key)

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from gcl.config import FieldsConfig, Section
 from gcl.data.readers import image_base_dir, image_bytes, read_table, resolve_files
@@ -40,6 +40,22 @@ class EvalConfig(Section):
     """Rows encoded per forward pass."""
     chunk_size: int = Field(65536, ge=1)
     """Documents scored at once in top-k search; bounds memory at queries x chunk_size."""
+    objective: str = "ndcg@10"
+    """The measure that ranks runs, sweep trials and registered versions (one of `measures`)."""
+    objective_splits: list[str] = Field(default_factory=list)
+    """Splits the objective averages over (empty: every evaluation split), so that a setting that
+    wins in-domain but collapses on novel queries does not win."""
+
+    @model_validator(mode="after")
+    def _objective_is_measured(self) -> EvalConfig:
+        if self.objective not in self.measures:
+            raise ValueError(f"eval.objective={self.objective!r} is not in eval.measures: {self.measures}")
+        return self
+
+    def objective_name(self) -> str:
+        """e.g. 'mean ndcg@10 over in_domain, zero_shot' (or 'over all splits')."""
+        splits = ", ".join(self.objective_splits) if self.objective_splits else "all splits"
+        return f"mean {self.objective} over {splits}"
 
 
 def exact_top_k(queries: torch.Tensor, docs: torch.Tensor, k: int, chunk_size: int = 65536):
@@ -158,3 +174,12 @@ def evaluate_splits(row_encoder: RowEncoder, splits: Mapping[str, str], data: Da
 def mean_over_splits(results: Mapping[str, Mapping[str, float]], measure: str) -> float:
     """A measure averaged over splits (the default tuning objective uses ndcg@10)."""
     return float(np.mean([r[measure] for r in results.values()]))
+
+
+def objective_value(results: Mapping[str, Mapping[str, float]], cfg: EvalConfig) -> float:
+    """The configured objective: `cfg.objective` averaged over `cfg.objective_splits` (or all)."""
+    splits = cfg.objective_splits or list(results)
+    missing = [s for s in splits if s not in results]
+    if missing:
+        raise ValueError(f"eval.objective_splits: {missing} not evaluated; evaluated splits: {list(results)}")
+    return mean_over_splits({s: results[s] for s in splits}, cfg.objective)

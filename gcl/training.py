@@ -20,6 +20,7 @@ import torch
 from gcl.job_config import JobConfig
 from gcl.loss import GCLLoss
 from gcl.model import FieldEncoder, create_model, create_preprocessing
+from gcl.retrieval import objective_value
 
 log = logging.getLogger(__name__)
 CHECKPOINT_TAG = "checkpoint"
@@ -131,6 +132,10 @@ class MetricsLogger:
         if len(self.pending) >= 200:
             self.flush()
 
+    def set_tag(self, key: str, value: str) -> None:
+        if self.client is not None:
+            self.client.set_tag(self.run_id, key, value)
+
     def flush(self) -> None:
         if self.client is not None and self.pending:
             self.client.log_batch(self.run_id, metrics=self.pending)
@@ -163,6 +168,21 @@ def _evaluate_on_rank_zero(job: JobConfig, engine, rank: int) -> dict[str, dict[
     return evaluate_model(job, engine.module) if rank == 0 else None
 
 
+def _worker_placement(device: str) -> list[dict]:
+    """Where every rank runs (node, host, device), gathered from all workers: shows on the MLflow
+    run whether the workers spread over the nodes as the scaling config asked."""
+    import socket
+
+    import ray
+
+    context = ray.train.get_context()
+    mine = {"rank": context.get_world_rank(), "node_id": ray.get_runtime_context().get_node_id(),
+            "host": socket.gethostname(), "device": device}  # fmt: skip
+    everyone: list = [None] * context.get_world_size()
+    torch.distributed.all_gather_object(everyone, mine)
+    return everyone
+
+
 def train_worker(config: dict[str, Any]) -> None:
     """The Ray Train per-worker loop. config: job (a JobConfig dict), steps_per_epoch,
     tracking_uri and run_id (MLflow)."""
@@ -180,6 +200,7 @@ def train_worker(config: dict[str, Any]) -> None:
         job.loss, job.fields.weights("left"), job.fields.weights("right"), rank=rank, world_size=world
     )
     metrics_log = MetricsLogger(config.get("tracking_uri"), config.get("run_id"), enabled=rank == 0)
+    metrics_log.set_tag("gcl.workers", json.dumps(_worker_placement(device=str(engine.device))))
 
     start_epoch, step = 0, 0
     checkpoint = ray.train.get_checkpoint()
@@ -224,6 +245,8 @@ def train_worker(config: dict[str, Any]) -> None:
                    "epoch_pairs_per_s": world * epoch_pairs / max(train_seconds, 1e-9)}  # fmt: skip
         for split, values in (results or {}).items():
             metrics.update({f"{split}/{name}": value for name, value in values.items()})
+        if results:
+            metrics["objective"] = objective_value(results, job.eval)
         metrics_log.log({k: v for k, v in metrics.items() if k not in ("epoch", "step")}, step)
         metrics_log.flush()
         with tempfile.TemporaryDirectory() as directory:

@@ -8,11 +8,22 @@ from gcl.config import ConfigError, apply_overrides, parse_config
 from gcl.job_config import JobConfig
 from workflows.cli import CONFIGS, main
 
+JOB_CONFIGS = sorted(p for p in CONFIGS.glob("*.yaml") if not p.name.startswith("sweep-"))
+SWEEP_CONFIGS = sorted(CONFIGS.glob("sweep-*.yaml"))
 
-@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+
+@pytest.mark.parametrize("path", JOB_CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_config_parses(path):
     job = parse_config(JobConfig, path)
     assert job.name == path.stem
+
+
+@pytest.mark.parametrize("path", SWEEP_CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_sweep_parses_with_its_base_job(path):
+    from gcl.sweep import load_sweep
+
+    sweep, job = load_sweep(path)
+    assert sweep.space and job.name == sweep.name and job.data.eval
 
 
 @pytest.mark.parametrize("path", sorted((CONFIGS / "deepspeed").glob("*.json")), ids=lambda p: p.name)

@@ -61,9 +61,8 @@ def run_demo(quick: bool = False, workdir: str = "gcl_runs/demo") -> dict:
     from mlflow import MlflowClient
 
     from gcl.data.synth import SynthConfig, synthesize
-    from gcl.registry import log_embedding_model, register
+    from gcl.registry import register_run
     from gcl.report import comparison_plot, comparison_table
-    from gcl.retrieval import mean_over_splits
     from workflows.train import run_train
 
     workdir = os.path.abspath(workdir)
@@ -103,11 +102,8 @@ def run_demo(quick: bool = False, workdir: str = "gcl_runs/demo") -> dict:
     phases.update()
 
     phases.set_postfix_str("registering the GCL model")
-    objective = mean_over_splits(gcl_results, "ndcg@10")
-    model_uri = log_embedding_model(gcl.run_id, gcl.model_dir, uri)
-    version, alias = register(model_uri, REGISTERED_MODEL, objective, uri,
-                              tags={"loss": gcl_job.loss.model_dump_json(), "base_model": gcl_job.model.arch,
-                                    "dataset_manifest": json.dumps(manifest["splits"])})  # fmt: skip
+    objective = gcl.metrics["objective"]
+    version, alias = register_run(gcl.run_id, REGISTERED_MODEL, uri)
     phases.update()
     phases.close()
 

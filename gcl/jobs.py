@@ -1,0 +1,133 @@
+"""Launching one training job on Ray Train: check everything before training (paths, tracking
+store, data), fit the TorchTrainer, and export the consolidated model to MLflow.
+
+`gcl train`, `gcl tune` (one job per trial) and `gcl demo` are built from these steps.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+
+import yaml
+
+from gcl.job_config import JobConfig
+from gcl.tracking import check_tracking
+
+log = logging.getLogger(__name__)
+
+
+def validate_data(job: JobConfig):
+    """Validate the training and evaluation data; returns the training report."""
+    from gcl.data.validate import validate_pairs
+
+    min_score = 1.0 if job.loss.weight_fn == "reciprocal" else 0.0
+    report = validate_pairs(job.data.train, job.data, job.fields, job.loss.weight_key, min_score=min_score)
+    log.info("training data %s: %s", job.data.train, report.summary())
+    strict = job.data.model_copy(update={"on_bad_rows": "error"})  # evaluation data is never trimmed
+    for spec in job.data.eval.values():
+        validate_pairs(spec, strict, job.fields, job.eval.grade_column)
+    return report
+
+
+def _absolute(path: str | None) -> str | None:
+    """Local paths made absolute (Ray workers run in another directory); URIs unchanged."""
+    if path is None or "://" in path or os.path.isabs(path):
+        return path
+    return os.path.abspath(path)
+
+
+def with_absolute_paths(job: JobConfig) -> JobConfig:
+    """The job with every local data, model and storage path absolute."""
+    data = job.data.model_copy(update={
+        "train": _absolute(job.data.train), "image_root": _absolute(job.data.image_root),
+        "eval": {k: _absolute(v) for k, v in job.data.eval.items()},
+    })  # fmt: skip
+    pretrained = job.model.pretrained
+    if pretrained and os.path.exists(pretrained):
+        pretrained = _absolute(pretrained)
+    return job.model_copy(update={
+        "data": data, "storage": _absolute(job.storage),
+        "model": job.model.model_copy(update={"pretrained": pretrained}),
+        "deepspeed": job.deepspeed.model_copy(update={"config": _absolute(job.deepspeed.config)}),
+    })  # fmt: skip
+
+
+def with_score_range(job: JobConfig, report) -> JobConfig:
+    """Score-based weight functions need the score range: take it from the data when unset."""
+    if job.loss.score_range is None and job.loss.weight_fn in ("linear", "power", "exponential"):
+        score_range = (report.score_min, report.score_max)
+        return job.model_copy(update={"loss": job.loss.model_copy(update={"score_range": score_range})})
+    return job
+
+
+def prepare(job: JobConfig):
+    """Everything checked before any training: absolute paths, a reachable tracking store,
+    valid data. Returns (job, validation report of the training data)."""
+    job = with_absolute_paths(job)
+    check_tracking(job.mlflow.resolved_uri())
+    report = validate_data(job)
+    return with_score_range(job, report), report
+
+
+def fit(job: JobConfig, report, run_id: str, callbacks=()):
+    """Run the Ray Train job for `job` (checkpoints under storage/name) and return its Result."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from gcl.data.pipeline import build_dataset, unsplit_data_config
+    from gcl.training import train_worker
+
+    world = job.scaling.num_workers
+    steps_per_epoch = max(1, math.ceil(report.rows_valid / (world * job.train.batch_size)))
+    dataset = build_dataset(job.data.train, job.data, job.fields, job.loss.weight_key, job.model.model_dump(),
+                            job.pipeline, skip_pair_ids=report.bad_pair_ids, seed=job.seed)  # fmt: skip
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"job": job.model_dump(mode="json"), "steps_per_epoch": steps_per_epoch,
+                           "tracking_uri": job.mlflow.resolved_uri(), "run_id": run_id},
+        scaling_config=ScalingConfig(num_workers=world, use_gpu=job.scaling.use_gpu,
+                                     resources_per_worker={"CPU": job.scaling.cpus_per_worker},
+                                     placement_strategy=job.scaling.placement_strategy),
+        datasets={"train": dataset},
+        dataset_config=unsplit_data_config(),
+        run_config=RunConfig(name=job.name, storage_path=job.storage, callbacks=list(callbacks),
+                             failure_config=FailureConfig(max_failures=job.train.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+    )  # fmt: skip
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    return result
+
+
+def export_model(job: JobConfig, checkpoint, run_id: str, manifest: dict | None = None) -> str:
+    """Consolidate `checkpoint`'s ZeRO shards into an open_clip model directory, log it with the
+    resolved config, DeepSpeed config and data manifest, and log the pyfunc embedding model
+    (its URI goes in the run's `gcl.model_uri` tag). Returns the model directory."""
+    from mlflow import MlflowClient
+
+    from gcl.registry import MODEL_URI_TAG, log_embedding_model
+    from gcl.training import consolidate_checkpoint, deepspeed_config
+
+    uri = job.mlflow.resolved_uri()
+    client = MlflowClient(uri)
+    local_root = job.storage if "://" not in job.storage else os.path.abspath("gcl_runs")
+    model_dir = os.path.join(local_root, job.name, "model")
+    with checkpoint.as_directory() as checkpoint_dir:
+        consolidate_checkpoint(checkpoint_dir, job, model_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        files = {"config.yaml": yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False),
+                 "deepspeed.json": json.dumps(deepspeed_config(job), indent=2)}  # fmt: skip
+        if manifest is not None:
+            files["dataset_manifest.json"] = json.dumps(manifest, indent=2)
+        for name, text in files.items():
+            with open(os.path.join(tmp, name), "w") as f:
+                f.write(text)
+            client.log_artifact(run_id, os.path.join(tmp, name))
+    client.log_artifacts(run_id, model_dir, "model")
+    client.set_tag(run_id, MODEL_URI_TAG, log_embedding_model(run_id, model_dir, uri))
+    return model_dir

@@ -1,0 +1,71 @@
+"""MLflow tracking shared by training and sweeps: fail fast on an unreachable store, runs
+resumed by name, configs flattened into params."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+
+def flatten(prefix: str, value, out: dict) -> dict:
+    """Nested config -> {'section.key': value} for MLflow params."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+    else:
+        out[prefix] = json.dumps(value) if isinstance(value, list | tuple) else value
+    return out
+
+
+def check_tracking(uri: str) -> None:
+    """Fail fast, before any training, if the MLflow tracking store cannot be reached."""
+    from mlflow import MlflowClient
+
+    # One quick try: the client's default retries back off for minutes on a wrong URI.
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10")
+    try:
+        MlflowClient(uri).search_experiments(max_results=1)
+    except Exception as err:
+        raise SystemExit(
+            f"MLflow tracking store {uri!r} is not reachable: {type(err).__name__}: {err}"
+        ) from None
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def log_params(client, run_id: str, params: dict) -> None:
+    """Log `params` ({key: value}) to a run, in batches MLflow accepts."""
+    from mlflow.entities import Param
+
+    flat = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    for i in range(0, len(flat), 100):  # MLflow takes at most 100 params per batch
+        client.log_batch(run_id, params=flat[i : i + 100])
+
+
+def start_run(uri: str, experiment: str, name: str, params: dict, tags: dict | None = None,
+              reopen_finished: bool = False) -> str:  # fmt: skip
+    """The MLflow run called `name`: an unfinished (running, failed or killed) run of that name
+    (or with `reopen_finished`, the latest one whatever its status) is resumed and marked running
+    again, else a new one is created with `params` and `tags`."""
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment)
+    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    runs = client.search_runs([experiment_id], filter_string=f"tags.`gcl.run_name` = '{name}'",
+                              order_by=["start_time DESC"], max_results=1)  # fmt: skip
+    if runs and (reopen_finished or runs[0].info.status != "FINISHED"):
+        log.info("resuming MLflow run %s (%s)", runs[0].info.run_id, name)
+        client.update_run(runs[0].info.run_id, status="RUNNING")
+        return runs[0].info.run_id
+    run = client.create_run(experiment_id, run_name=name, tags={"gcl.run_name": name, **(tags or {})})
+    log_params(client, run.info.run_id, params)
+    return run.info.run_id

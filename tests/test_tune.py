@@ -1,0 +1,162 @@
+"""`gcl tune`: sweep configs are checked before any trial; a real sweep on local Ray with MLflow
+parent/child runs, a failing trial that fails alone, resume, and champion/challenger gating."""
+
+import json
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from gcl.config import ConfigError
+from gcl.data.synth import SynthConfig, synthesize
+from gcl.sweep import Domain, load_sweep, trial_concurrency, trial_overrides, trial_resources
+from workflows.cli import CONFIGS
+
+
+def _sweep_file(tmp_path, **fields) -> str:
+    sweep = {
+        "name": "s",
+        "base": str(CONFIGS / "tiny-cpu.yaml"),
+        "space": {"loss.left_to_right": {"uniform": [0, 1]}},
+    }
+    sweep.update(fields)
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("domain", "message"),
+    [
+        ({}, "exactly one"),
+        ({"uniform": [0, 1], "choice": [1]}, "exactly one"),
+        ({"uniform": [1, 0]}, "low must be below high"),
+        ({"loguniform": [0, 1]}, "low must be > 0"),
+        ({"grid": []}, "at least one value"),
+    ],
+)
+def test_bad_search_domains_are_rejected(domain, message):
+    with pytest.raises(ValueError, match=message):
+        Domain.model_validate(domain)
+
+
+def test_sweep_keys_are_checked_against_the_base_job_before_any_trial(tmp_path):
+    path = _sweep_file(tmp_path, space={"loss.left_to_rigth": {"uniform": [0, 1]}})
+    with pytest.raises(ConfigError, match=r"space.loss.left_to_rigth.*did you mean 'loss.left_to_right'"):
+        load_sweep(path)
+    path = _sweep_file(tmp_path, space={"loss.weight_fn": {"grid": ["linear", "power"]}})
+    with pytest.raises(ConfigError, match="need search: random"):
+        load_sweep(path)
+    with pytest.raises(ConfigError, match="data.eval is empty"):
+        load_sweep(_sweep_file(tmp_path), ['set=["data.eval={}"]'])
+    with pytest.raises(ConfigError, match="space is empty"):
+        load_sweep(_sweep_file(tmp_path, space={}))
+
+
+def test_sampled_values_become_validated_overrides(tmp_path):
+    from workflows.tune import trial_job
+
+    sweep, job = load_sweep(_sweep_file(tmp_path))
+    params = {
+        "loss.left_to_right": 0.25,
+        "loss.weight_fn": "power",
+        "train.lr": 1e-3,
+        "loss.mask_same_query": False,
+    }
+    assert trial_overrides(params)[1] == 'loss.weight_fn="power"'
+    trial = trial_job(job.model_dump(mode="json"), params, "s-0")
+    assert (trial.loss.left_to_right, trial.loss.weight_fn, trial.train.lr, trial.loss.mask_same_query) == (
+        0.25, "power", 1e-3, False)  # fmt: skip
+    with pytest.raises(ConfigError, match=r"trial s-1.*loss.left_to_right"):
+        trial_job(job.model_dump(mode="json"), {"loss.left_to_right": -1.0}, "s-1")
+
+
+def test_trial_concurrency_follows_the_cluster_and_the_job_scaling(tmp_path):
+    _, job = load_sweep(_sweep_file(tmp_path))
+    per_trial = trial_resources(job)["CPU"]  # workers + preprocessing actors + Ray Data's tasks
+    assert per_trial == pytest.approx(
+        job.scaling.num_workers * job.scaling.cpus_per_worker + job.pipeline.cpus_per_actor + 1.0
+    )
+    assert trial_concurrency({"CPU": 2.0}, job, None) == 1
+    assert trial_concurrency({"CPU": 4 * per_trial + 0.5}, job, None) == 4
+    assert trial_concurrency({"CPU": 1.0}, job, None) == 1  # never 0: the trial waits for resources
+    assert trial_concurrency({"CPU": 64.0}, job, 3) == 3
+    _, gpu_job = load_sweep(_sweep_file(tmp_path), ['set=["scaling.use_gpu=true", "scaling.num_workers=4"]'])
+    assert trial_concurrency({"CPU": 64.0, "GPU": 8.0}, gpu_job, None) == 2
+
+
+@pytest.mark.integration
+def test_sweep_runs_fails_one_trial_alone_registers_the_best_and_resumes(ray_local, tmp_path):
+    from workflows.tune import run_tune
+
+    data = tmp_path / "data"
+    synthesize(data, SynthConfig(products=160, queries=60, docs_per_query=6, seed=2))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    path = _sweep_file(
+        tmp_path, name="sw", search="random", num_samples=1, registered_model="sw-model",
+        set=["train.epochs=2", "train.batch_size=16", "train.warmup_steps=2", f"data.train={data}/train.parquet",
+             f"data.eval={{in_domain: {data}/in_domain.parquet, zero_shot: {data}/zero_shot.parquet}}",
+             f"storage={tmp_path}/runs", f"mlflow.tracking_uri={uri}"],
+        space={"loss.left_to_right": {"grid": [1.0, 0.5, -1.0]}},  # -1: an invalid weight
+    )  # fmt: skip
+    result = run_tune(path)
+
+    by_value = {row["params"]["loss.left_to_right"]: row for row in result.trials}
+    assert set(by_value) == {1.0, 0.5, -1.0}
+    assert by_value[-1.0]["status"] == "ERROR" and "left_to_right" in by_value[-1.0]["error"]
+    assert {by_value[v]["status"] for v in (1.0, 0.5)} == {"OK"}
+    assert result.best["objective"] == max(by_value[v]["objective"] for v in (1.0, 0.5))
+
+    client = MlflowClient(uri)
+    parent = client.get_run(result.parent_run_id)
+    assert (
+        parent.info.status == "FINISHED" and parent.data.metrics["best_objective"] == result.best["objective"]
+    )
+    experiment = parent.info.experiment_id
+    children = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'")
+    assert len(children) == 3
+    failed = [c for c in children if c.info.status == "FAILED"]
+    assert len(failed) == 1 and "loss.left_to_right" in failed[0].data.tags["gcl.error"]
+    for child in children:
+        if child.info.status != "FAILED":  # the sampled value is a param; per-split metrics per epoch
+            assert child.data.params["loss.left_to_right"] in ("1.0", "0.5")
+            assert (
+                "in_domain/ndcg_at_10" in child.data.metrics and "zero_shot/ndcg_at_10" in child.data.metrics
+            )
+            history = client.get_metric_history(child.info.run_id, "objective")
+            assert [m.step for m in history] == sorted(m.step for m in history) and history
+
+    # The best trial's model is registered as champion, with its provenance as tags.
+    version, alias = result.registered
+    assert alias == "champion"
+    registered = client.get_model_version_by_alias("sw-model", "champion")
+    assert registered.version == version and registered.tags["run_id"] == result.best["run_id"]
+    assert json.loads(registered.tags["loss"])["left_to_right"] == result.best["params"]["loss.left_to_right"]
+    manifest = json.loads(registered.tags["dataset_manifest"])
+    assert set(manifest) == {"train", "in_domain", "zero_shot"} and all(
+        len(h) == 64 for h in manifest.values()
+    )
+    assert float(registered.tags["gcl.objective"]) == pytest.approx(result.best["objective"])
+
+    # Re-running the finished sweep resumes it: no trial runs again, nothing is registered twice.
+    again = run_tune(path)
+    assert again.parent_run_id == result.parent_run_id and again.registered == (version, "champion")
+    assert len(client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'")) == 3
+    assert len(client.search_model_versions("name = 'sw-model'")) == 1
+
+    # Gating: a lower objective, or one scored on other data, never takes the champion alias.
+    from gcl.registry import OBJECTIVE_KEY_TAG, register
+
+    model_uri = client.get_run(result.best["run_id"]).data.tags["gcl.model_uri"]
+    key = registered.tags[OBJECTIVE_KEY_TAG]
+    assert (
+        register(model_uri, "sw-model", result.best["objective"] - 0.1, uri, objective_key=key)[1]
+        == "challenger"
+    )
+    assert register(model_uri, "sw-model", 2.0, uri, objective_key=key + " other data")[1] == "challenger"
+    assert client.get_model_version_by_alias("sw-model", "champion").version == version
+    better = register(model_uri, "sw-model", result.best["objective"] + 0.1, uri, objective_key=key)
+    assert (
+        better[1] == "champion"
+        and client.get_model_version_by_alias("sw-model", "champion").version == better[0]
+    )
