@@ -1,11 +1,16 @@
-# gcl on the official Ray image (Python 3.11), installed with the tested pins; runs as the
-# image's non-root user `ray`. Referenced by the KubeRay manifests in cluster/.
-FROM rayproject/ray:2.60.0-py311-cpu
+# gcl on the official Ray image (Ray 2.60.0, Python 3.11), installed with the tested pins; runs
+# as the image's non-root user `ray`. The KubeRay manifests and launcher config in cluster/
+# reference it. CPU by default; for GPU nodes build on a CUDA variant:
+#   docker build -t gcl:0.1.0 .
+#   docker build --build-arg RAY_IMAGE=rayproject/ray:2.60.0-py311-cu128 -t gcl:0.1.0-gpu .
+ARG RAY_IMAGE=rayproject/ray:2.60.0-py311-cpu
+FROM ${RAY_IMAGE}
 WORKDIR /home/ray/gcl
 COPY --chown=ray:users pyproject.toml constraints.txt README.md ./
 COPY --chown=ray:users gcl ./gcl
 COPY --chown=ray:users workflows ./workflows
-RUN pip install --no-cache-dir -c constraints.txt . && gcl --help > /dev/null
 USER ray
-ENV MLFLOW_TRACKING_URI=""
+RUN pip install --no-cache-dir -c constraints.txt . && gcl --help > /dev/null
+# Tracking URI and credentials come from the cluster's environment (secrets), never the image.
+ENV TOKENIZERS_PARALLELISM=false
 CMD ["gcl", "--help"]

@@ -75,7 +75,7 @@ def cmd_data_split(args) -> int:
 
 
 def cmd_data_validate(args) -> int:
-    from workflows.train import validate_data
+    from gcl.jobs import validate_data
 
     report = validate_data(_job(args))
     print(report.summary())
@@ -92,6 +92,32 @@ def cmd_train(args) -> int:
         )
     )
     return 0
+
+
+def cmd_tune(args) -> int:
+    from workflows.tune import run_tune
+
+    run_tune(args.config, args.overrides)
+    return 0
+
+
+def cmd_register(args) -> int:
+    from gcl.job_config import MlflowConfig
+    from gcl.registry import register_run
+
+    uri = args.tracking_uri or MlflowConfig().resolved_uri()
+    version, alias = register_run(args.run, args.name, uri)
+    print(f"registered {args.name} version {version} as @{alias}")
+    return 0
+
+
+def cmd_submit(args) -> int:
+    from workflows.submit import check_command, runtime_env, submit
+
+    command = args.gcl_command[1:] if args.gcl_command[:1] == ["--"] else args.gcl_command
+    env_spec = runtime_env(args.runtime_env, args.working_dir, args.env)
+    check_command(command, env_spec.get("working_dir"))
+    return submit(args.address, command, env_spec, wait=not args.no_wait, submission_id=args.submission_id)
 
 
 def cmd_evaluate(args) -> int:
@@ -158,6 +184,43 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="fine-tune with Ray Train + DeepSpeed; resumes a run of the same name")
     _add_config_args(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "tune", help="sweep loss weights with Ray Tune (Optuna + ASHA); registers the best model"
+    )
+    p.add_argument(
+        "--config", "-c", required=True, help="sweep YAML (e.g. workflows/configs/sweep-tiny.yaml)"
+    )
+    p.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a sweep key, e.g. --set num_samples=4 --set 'set=[train.epochs=1]'")  # fmt: skip
+    p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("register", help="register a run's model; @champion only if it beats the current one")
+    p.add_argument("--run", required=True, help="MLflow run id of a `gcl train` run or a sweep's best trial")
+    p.add_argument("--name", required=True, help="registered model name")
+    p.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI, else sqlite:///mlruns.db here")
+    p.set_defaults(func=cmd_register)
+
+    p = sub.add_parser("submit", help="run a gcl command on a Ray cluster as a Ray Job, streaming its logs",
+                       description="e.g. gcl submit --address http://head:8265 --runtime-env cluster/runtime_env.yaml "
+                       "-- train -c workflows/configs/tiny-cpu.yaml --set train.epochs=3")  # fmt: skip
+    p.add_argument(
+        "--address", help="Ray dashboard address (default: RAY_ADDRESS, else http://127.0.0.1:8265)"
+    )
+    p.add_argument("--runtime-env", help="runtime environment YAML (e.g. cluster/runtime_env.yaml)")
+    p.add_argument(
+        "--working-dir", help="directory uploaded as the job's working directory (overrides the file's)"
+    )
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                   help="environment variable for the job (MLFLOW_TRACKING_URI is forwarded from here when set)")  # fmt: skip
+    p.add_argument(
+        "--no-wait", action="store_true", help="return once submitted instead of streaming the logs"
+    )
+    p.add_argument("--submission-id", help="job id to use (default: generated)")
+    p.add_argument(
+        "gcl_command", nargs=argparse.REMAINDER, help="-- then the gcl command, e.g. -- train -c ..."
+    )
+    p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser(
         "evaluate", help="retrieval metrics per split for a model directory or MLflow model URI"
