@@ -20,7 +20,12 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS")
     # Worker processes inherit this: keep each from oversubscribing the cores.
-    runtime_env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
+    env_vars = {"TOKENIZERS_PARALLELISM": "false"}
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:
+        # A submitted Ray Job: its runtime env already applies here, and Ray refuses a ray.init
+        # runtime env that sets the same variables again.
+        env_vars = {k: v for k, v in env_vars.items() if k not in os.environ}
+    runtime_env = {"env_vars": env_vars} if env_vars else None
     if address:
         log.info("connecting to Ray at %s", address)
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)

@@ -101,9 +101,9 @@ def submit(address: str | None, command: list[str], env_spec: dict, wait: bool =
     SUCCEEDED (1 otherwise). Without `wait`, return 0 once submitted."""
     import asyncio
 
+    _auth_mode_for_token()  # before Ray is imported: it reads the auth mode once
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    _auth_mode_for_token()
     address = address or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
     try:
         client = JobSubmissionClient(address)
