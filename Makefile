@@ -37,4 +37,4 @@ bench: $(STAMP)
 	$(BIN)/gcl bench
 
 clean:
-	rm -rf $(VENV) .pytest_cache gcl_runs mlruns.db mlartifacts
+	rm -rf $(VENV) .pytest_cache gcl_runs mlruns.db mlruns.db.lock mlartifacts

@@ -20,6 +20,39 @@ from gcl.tracking import check_tracking
 log = logging.getLogger(__name__)
 
 
+def job_resources(job: JobConfig) -> dict[str, float]:
+    """What one training holds at once: its workers, preprocessing actors, and one CPU for Ray
+    Data's read and shuffle tasks."""
+    cpus = (
+        job.scaling.num_workers * job.scaling.cpus_per_worker
+        + job.pipeline.preprocess_actors * job.pipeline.cpus_per_actor
+        + 1.0
+    )
+    return {"CPU": cpus, "GPU": float(job.scaling.num_workers if job.scaling.use_gpu else 0)}
+
+
+def check_resources(job: JobConfig, cluster: dict[str, float], can_grow: bool) -> None:
+    """Fail before training when the job can never fit the cluster (a local one cannot grow);
+    on a remote cluster, which may autoscale, only warn."""
+    from gcl.config import ConfigError
+
+    need = job_resources(job)
+    short = {name: (amount, cluster.get(name, 0.0)) for name, amount in need.items()
+             if amount > cluster.get(name, 0.0) + 1e-9}  # fmt: skip
+    if not short:
+        return
+    detail = ", ".join(
+        f"{amount:g} {name} needed, {have:g} available" for name, (amount, have) in short.items()
+    )
+    message = (f"the job does not fit the Ray cluster: {detail} (scaling.num_workers={job.scaling.num_workers} x "
+               f"scaling.cpus_per_worker={job.scaling.cpus_per_worker}, use_gpu={job.scaling.use_gpu}, plus "
+               f"pipeline.preprocess_actors={job.pipeline.preprocess_actors} x pipeline.cpus_per_actor="
+               f"{job.pipeline.cpus_per_actor} and 1 CPU for Ray Data); lower them or use a bigger cluster")  # fmt: skip
+    if not can_grow:
+        raise ConfigError(message)
+    log.warning("%s; waiting for the cluster to scale up", message)
+
+
 def validate_data(job: JobConfig):
     """Validate the training and evaluation data; returns the training report."""
     from gcl.data.validate import validate_pairs

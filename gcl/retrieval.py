@@ -38,8 +38,10 @@ class EvalConfig(Section):
     (default: any positive grade)."""
     batch_size: int = Field(256, ge=1)
     """Rows encoded per forward pass."""
-    chunk_size: int = Field(65536, ge=1)
-    """Documents scored at once in top-k search; bounds memory at queries x chunk_size."""
+    chunk_size: int = Field(16384, ge=1)
+    """Documents scored at once in top-k search."""
+    query_block: int = Field(1024, ge=1)
+    """Queries scored at once; search memory is bounded by query_block x chunk_size scores."""
     objective: str = "ndcg@10"
     """The measure that ranks runs, sweep trials and registered versions (one of `measures`)."""
     objective_splits: list[str] = Field(default_factory=list)
@@ -58,23 +60,39 @@ class EvalConfig(Section):
         return f"mean {self.objective} over {splits}"
 
 
-def exact_top_k(queries: torch.Tensor, docs: torch.Tensor, k: int, chunk_size: int = 65536):
-    """Exact top-k by inner product, scanning the corpus in chunks.
+def exact_top_k(queries: torch.Tensor, docs: torch.Tensor, k: int, chunk_size: int = 16384,
+                query_block: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Exact top-k by inner product (cosine for normalized embeddings), in bounded memory.
 
     queries: (Q, D), docs: (N, D). Returns (scores (Q, k'), indices (Q, k')) with k' = min(k, N),
-    best first. Peak memory is about Q x (chunk_size + k) scores.
+    best first. Queries go in blocks and the corpus in chunks: besides the inputs and outputs,
+    memory is one (query_block x chunk_size) score buffer, reused, plus the running top-k.
     """
-    k = min(k, docs.shape[0])
-    best_scores = torch.full((queries.shape[0], 0), float("-inf"), dtype=queries.dtype)
-    best_index = torch.zeros((queries.shape[0], 0), dtype=torch.long)
-    for start in range(0, docs.shape[0], chunk_size):
-        scores = queries @ docs[start : start + chunk_size].T
-        top = torch.topk(scores, min(k, scores.shape[1]), dim=1)
-        merged_scores = torch.cat([best_scores, top.values], dim=1)
-        merged_index = torch.cat([best_index, top.indices + start], dim=1)
-        keep = torch.topk(merged_scores, min(k, merged_scores.shape[1]), dim=1)
-        best_scores, best_index = keep.values, torch.gather(merged_index, 1, keep.indices)
-    return best_scores, best_index
+    n_queries, n_docs = queries.shape[0], docs.shape[0]
+    k = min(k, n_docs)
+    out_scores = torch.empty((n_queries, k), dtype=queries.dtype)
+    out_index = torch.empty((n_queries, k), dtype=torch.long)
+    # One flat buffer viewed per chunk: a fresh Q x chunk tensor per chunk costs page faults.
+    buffer = torch.empty(min(query_block, n_queries) * min(chunk_size, n_docs), dtype=queries.dtype)
+    for q_start in range(0, n_queries, query_block):
+        block = queries[q_start : q_start + query_block]
+        best_scores = best_index = None
+        for start in range(0, n_docs, chunk_size):
+            chunk = docs[start : start + chunk_size]
+            scores = buffer[: block.shape[0] * chunk.shape[0]].view(block.shape[0], chunk.shape[0])
+            torch.mm(block, chunk.T, out=scores)
+            top = torch.topk(scores, min(k, chunk.shape[0]), dim=1, sorted=False)
+            if best_scores is None:
+                best_scores, best_index = top.values, top.indices + start
+                continue
+            merged_scores = torch.cat([best_scores, top.values], dim=1)
+            merged_index = torch.cat([best_index, top.indices + start], dim=1)
+            keep = torch.topk(merged_scores, min(k, merged_scores.shape[1]), dim=1, sorted=False)
+            best_scores, best_index = keep.values, torch.gather(merged_index, 1, keep.indices)
+        order = torch.sort(best_scores, dim=1, descending=True)
+        out_scores[q_start : q_start + block.shape[0]] = order.values
+        out_index[q_start : q_start + block.shape[0]] = torch.gather(best_index, 1, order.indices)
+    return out_scores, out_index
 
 
 def load_split(files: list[str], data: DataConfig, fields: FieldsConfig, grade_column: str):
@@ -156,7 +174,7 @@ def evaluate_split(row_encoder: RowEncoder, spec: str, data: DataConfig, cfg: Ev
     row_encoder.base_dir = image_base_dir(files[0], data.image_root)
     q_emb = row_encoder.encode(queries, "left", cfg.batch_size)
     d_emb = row_encoder.encode(documents, "right", cfg.batch_size)
-    scores, index = exact_top_k(q_emb, d_emb, cfg.k, cfg.chunk_size)
+    scores, index = exact_top_k(q_emb, d_emb, cfg.k, cfg.chunk_size, cfg.query_block)
     doc_ids = documents[data.document_id_column].astype(str).to_numpy()
     run = {
         str(qid): dict(zip(doc_ids[idx].tolist(), sc.tolist(), strict=True))

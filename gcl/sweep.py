@@ -157,21 +157,12 @@ def trial_overrides(params: dict[str, Any]) -> list[str]:
     return [f"{key}={json.dumps(value)}" for key, value in params.items()]
 
 
-def trial_resources(job) -> dict[str, float]:
-    """What one trial holds at once: its training workers, preprocessing actors, and one CPU for
-    Ray Data's read and shuffle tasks."""
-    cpus = (
-        job.scaling.num_workers * job.scaling.cpus_per_worker
-        + job.pipeline.preprocess_actors * job.pipeline.cpus_per_actor
-        + 1.0
-    )
-    return {"CPU": cpus, "GPU": float(job.scaling.num_workers if job.scaling.use_gpu else 0)}
-
-
 def trial_concurrency(cluster: dict[str, float], job, requested: int | None) -> int:
     """Trials that fit the cluster at once (at least 1), or `requested` when given."""
     if requested:
         return requested
-    need = trial_resources(job)
+    from gcl.jobs import job_resources
+
+    need = job_resources(job)
     fits = [math.floor(cluster.get(name, 0.0) / amount) for name, amount in need.items() if amount > 0]
     return max(1, min(fits))

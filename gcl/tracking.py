@@ -3,6 +3,7 @@ resumed by name, configs flattened into params."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -28,7 +29,8 @@ def check_tracking(uri: str) -> None:
     saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
     os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10")
     try:
-        MlflowClient(uri).search_experiments(max_results=1)
+        with _sqlite_init_lock(uri):
+            MlflowClient(uri).search_experiments(max_results=1)
     except Exception as err:
         raise SystemExit(
             f"MLflow tracking store {uri!r} is not reachable: {type(err).__name__}: {err}"
@@ -39,6 +41,25 @@ def check_tracking(uri: str) -> None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+@contextlib.contextmanager
+def _sqlite_init_lock(uri: str):
+    """MLflow creates and migrates a new SQLite store on first use; two processes doing that at once
+    collide ('duplicate column name'). Serialize the first touch with a lock file beside the store."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    path = uri.removeprefix("sqlite:///")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def log_params(client, run_id: str, params: dict) -> None:

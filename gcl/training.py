@@ -117,10 +117,19 @@ class MetricsLogger:
         self.client = None
         self.run_id = run_id
         self.pending: list = []
+        self.logged_through: dict[str, int] = {}  # metric -> last step already in MLflow
         if enabled and tracking_uri and run_id:
             from mlflow import MlflowClient
 
             self.client = MlflowClient(tracking_uri)
+
+    def skip_logged_steps(self) -> None:
+        """After a restore, steps past the checkpoint are trained again; those logged before the
+        failure are not logged twice (the MLflow history keeps one point per step)."""
+        if self.client is not None:
+            for key in self.client.get_run(self.run_id).data.metrics:
+                history = self.client.get_metric_history(self.run_id, key)
+                self.logged_through[key] = max((m.step for m in history), default=0)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         if self.client is None:
@@ -128,7 +137,9 @@ class MetricsLogger:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.pending.extend(Metric(mlflow_metric_name(k), float(v), now, step) for k, v in metrics.items())
+        names = {mlflow_metric_name(k): v for k, v in metrics.items()}
+        self.pending.extend(Metric(name, float(v), now, step) for name, v in names.items()
+                            if step > self.logged_through.get(name, -1))  # fmt: skip
         if len(self.pending) >= 200:
             self.flush()
 
@@ -210,6 +221,7 @@ def train_worker(config: dict[str, Any]) -> None:
             with open(os.path.join(directory, STATE_FILE)) as f:
                 state = json.load(f)
         start_epoch, step = state["epoch"], state["step"]
+        metrics_log.skip_logged_steps()
         if rank == 0:
             log.info("resumed from epoch %d, step %d", start_epoch, step)
 

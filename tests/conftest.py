@@ -29,3 +29,31 @@ def ray_local(tmp_path_factory):
     init_ray(num_cpus=2)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory):
+    """A small synthetic benchmark (train + evaluation splits), generated once per session."""
+    from gcl.data.synth import SynthConfig, synthesize
+
+    out = tmp_path_factory.mktemp("data")
+    synthesize(out, SynthConfig(products=160, queries=60, docs_per_query=6, seed=2))
+    return out
+
+
+@pytest.fixture
+def tiny_job(synth_dir, tmp_path):
+    """Makes the tiny CPU job on `synth_dir`, storing runs and MLflow under tmp_path, plus overrides."""
+    from gcl.config import parse_config
+    from gcl.job_config import JobConfig
+    from workflows.cli import CONFIGS
+
+    def make(*overrides):
+        return parse_config(JobConfig, CONFIGS / "tiny-cpu.yaml", [
+            f"data.train={synth_dir}/train.parquet",
+            f"data.eval={{in_domain: {synth_dir}/in_domain.parquet, zero_shot: {synth_dir}/zero_shot.parquet}}",
+            f"storage={tmp_path}/runs", f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+            "train.batch_size=16", "train.epochs=2", "train.warmup_steps=2", *overrides,
+        ])  # fmt: skip
+
+    return make

@@ -65,3 +65,17 @@ def test_cli_prints_resolved_config_and_exits_2_on_bad_keys(capsys):
         main(["--help"])
     usage = capsys.readouterr().out
     assert all(cmd in usage for cmd in ("config", "data", "train", "evaluate", "demo", "bench"))
+
+
+def test_a_job_larger_than_a_local_cluster_fails_before_training_naming_the_keys(caplog):
+    from gcl.jobs import check_resources
+
+    job = parse_config(JobConfig, CONFIGS / "tiny-cpu.yaml", ["scaling.num_workers=8"])
+    with pytest.raises(ConfigError, match=r"3.5 CPU needed, 2 available.*scaling.num_workers=8"):
+        check_resources(job, {"CPU": 2.0}, can_grow=False)
+    check_resources(job, {"CPU": 2.0}, can_grow=True)  # a remote cluster may autoscale: a warning
+    assert "waiting for the cluster to scale up" in caplog.text
+    gpu = parse_config(JobConfig, CONFIGS / "vitb32-gs10m.yaml")
+    with pytest.raises(ConfigError, match="4 GPU needed, 0 available"):
+        check_resources(gpu, {"CPU": 64.0}, can_grow=False)
+    check_resources(parse_config(JobConfig, CONFIGS / "tiny-cpu.yaml"), {"CPU": 2.0}, can_grow=False)

@@ -5,28 +5,7 @@ import time
 import pytest
 from mlflow import MlflowClient
 
-from gcl.config import parse_config
-from gcl.data.synth import SynthConfig, synthesize
-from gcl.job_config import JobConfig
-from workflows.cli import CONFIGS
-
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("data")
-    synthesize(out, SynthConfig(products=160, queries=60, docs_per_query=6, seed=2))
-    return out
-
-
-def _job(data_dir, tmp_path, *overrides):
-    return parse_config(JobConfig, CONFIGS / "tiny-cpu.yaml", [
-        f"data.train={data_dir}/train.parquet",
-        f"data.eval={{in_domain: {data_dir}/in_domain.parquet, zero_shot: {data_dir}/zero_shot.parquet}}",
-        f"storage={tmp_path}/runs", f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
-        "train.batch_size=16", "train.epochs=2", "train.warmup_steps=2", *overrides,
-    ])  # fmt: skip
 
 
 def _losses(uri, run_id):
@@ -36,11 +15,11 @@ def _losses(uri, run_id):
     ]
 
 
-def test_zero2_trains_tracks_exports_and_evaluates_consistently(ray_local, data_dir, tmp_path):
+def test_zero2_trains_tracks_exports_and_evaluates_consistently(ray_local, tiny_job, tmp_path):
     from workflows.evaluate import run_evaluate
     from workflows.train import run_train
 
-    job = _job(data_dir, tmp_path, "deepspeed.zero_stage=2", "name=z2", "train.epochs=3")
+    job = tiny_job("deepspeed.zero_stage=2", "name=z2", "train.epochs=3")
     result = run_train(job)
     uri = job.mlflow.resolved_uri()
     client = MlflowClient(uri)
@@ -64,10 +43,10 @@ def test_zero2_trains_tracks_exports_and_evaluates_consistently(ray_local, data_
             assert value == pytest.approx(result.metrics[f"{split}/{measure}"], abs=1e-6), (split, measure)
 
 
-def test_zero3_trains_and_loss_goes_down(ray_local, data_dir, tmp_path):
+def test_zero3_trains_and_loss_goes_down(ray_local, tiny_job, tmp_path):
     from workflows.train import run_train
 
-    job = _job(data_dir, tmp_path, "deepspeed.zero_stage=3", "deepspeed.config=workflows/configs/deepspeed/zero3.json",
+    job = tiny_job("deepspeed.zero_stage=3", "deepspeed.config=workflows/configs/deepspeed/zero3.json",
                "name=z3", "train.epochs=3", "data.eval={}")  # fmt: skip
     result = run_train(job)
     losses = [v for _, v in _losses(job.mlflow.resolved_uri(), result.run_id)]
@@ -78,22 +57,22 @@ def test_zero3_trains_and_loss_goes_down(ray_local, data_dir, tmp_path):
     assert load_model(result.model_dir).clip.logit_scale.shape == (1,)
 
 
-def test_rerun_with_same_name_resumes_from_the_latest_checkpoint(ray_local, data_dir, tmp_path):
+def test_rerun_with_same_name_resumes_from_the_latest_checkpoint(ray_local, tiny_job, tmp_path):
     from workflows.train import run_train
 
-    first = run_train(_job(data_dir, tmp_path, "name=resume", "train.epochs=1", "data.eval={}"))
+    first = run_train(tiny_job("name=resume", "train.epochs=1", "data.eval={}"))
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     steps_epoch_one = max(s for s, _ in _losses(uri, first.run_id))
-    second = run_train(_job(data_dir, tmp_path, "name=resume", "train.epochs=2", "data.eval={}"))
+    second = run_train(tiny_job("name=resume", "train.epochs=2", "data.eval={}"))
     resumed_steps = [s for s, _ in _losses(uri, second.run_id)]
     assert resumed_steps[0] == steps_epoch_one + 1  # continued from the saved step, not from zero
     assert second.metrics["step"] == resumed_steps[-1] and second.metrics["epoch"] == 2
 
 
-def test_unreachable_tracking_store_fails_fast_naming_the_uri(data_dir, tmp_path):
+def test_unreachable_tracking_store_fails_fast_naming_the_uri(tiny_job, tmp_path):
     from workflows.train import run_train
 
-    job = _job(data_dir, tmp_path, "mlflow.tracking_uri=http://127.0.0.1:9", "name=nope")
+    job = tiny_job("mlflow.tracking_uri=http://127.0.0.1:9", "name=nope")
     start = time.perf_counter()
     with pytest.raises(SystemExit, match=r"MLflow tracking store 'http://127.0.0.1:9' is not reachable"):
         run_train(job)

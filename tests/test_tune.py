@@ -9,7 +9,8 @@ from mlflow import MlflowClient
 
 from gcl.config import ConfigError
 from gcl.data.synth import SynthConfig, synthesize
-from gcl.sweep import Domain, load_sweep, trial_concurrency, trial_overrides, trial_resources
+from gcl.jobs import job_resources
+from gcl.sweep import Domain, load_sweep, trial_concurrency, trial_overrides
 from workflows.cli import CONFIGS
 
 
@@ -73,7 +74,7 @@ def test_sampled_values_become_validated_overrides(tmp_path):
 
 def test_trial_concurrency_follows_the_cluster_and_the_job_scaling(tmp_path):
     _, job = load_sweep(_sweep_file(tmp_path))
-    per_trial = trial_resources(job)["CPU"]  # workers + preprocessing actors + Ray Data's tasks
+    per_trial = job_resources(job)["CPU"]  # workers + preprocessing actors + Ray Data's tasks
     assert per_trial == pytest.approx(
         job.scaling.num_workers * job.scaling.cpus_per_worker + job.pipeline.cpus_per_actor + 1.0
     )

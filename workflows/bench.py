@@ -4,6 +4,8 @@ data      Ray Data pipeline pairs/s (1 and 2 preprocessing actors) / training co
 pipeline  whole pipeline (Ray Data -> Ray Train -> DeepSpeed, 2 workers) pairs/s / a bare
           single-process torch loop on the same model, global batch and cores
 memory    per-worker peak memory, ZeRO-3 / ZeRO-0, 2 workers, a ViT-B-32-sized model
+retrieval exact top-k search queries/s / FAISS IndexFlatIP on the same embeddings (100k documents),
+          and the search's extra peak memory at 1M vs 100k documents (bounded by the chunk size)
 """
 
 from __future__ import annotations
@@ -132,13 +134,85 @@ def zero_peak_memory_mib(stage: int, storage: str) -> float:
     return max(json.load(open(os.path.join(out, f"rank{r}.json")))["peak_rss_mib"] for r in range(2))
 
 
+def _unit_rows(rows: int, dim: int, seed: int) -> torch.Tensor:
+    """Random L2-normalized embeddings, generated in place (no full-size temporaries)."""
+    out = torch.empty(rows, dim)
+    generator = torch.Generator().manual_seed(seed)
+    for start in range(0, rows, 65536):
+        block = out[start : start + 65536]
+        block.normal_(generator=generator)
+        block.div_(block.norm(dim=1, keepdim=True))
+    return out
+
+
+def retrieval_queries_per_s(n_docs: int = 100_000, n_queries: int = 1000, dim: int = 512, k: int = 1000,
+                            repeats: int = 3) -> dict:  # fmt: skip
+    """gcl's exact_top_k and FAISS's exact IndexFlatIP on the same embeddings, same threads, best of
+    `repeats`, interleaved so that both see the same machine load."""
+    import faiss
+
+    from gcl.retrieval import exact_top_k
+
+    threads = os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    faiss.omp_set_num_threads(threads)
+    docs, queries = _unit_rows(n_docs, dim, 0), _unit_rows(n_queries, dim, 1)
+    index = faiss.IndexFlatIP(dim)
+    index.add(docs.numpy())
+    gcl_s, faiss_s = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        exact_top_k(queries, docs, k)
+        gcl_s.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        index.search(queries.numpy(), k)
+        faiss_s.append(time.perf_counter() - start)
+    gcl_qps, faiss_qps = n_queries / min(gcl_s), n_queries / min(faiss_s)
+    return {"retrieval_gcl_queries_per_s": gcl_qps, "retrieval_faiss_queries_per_s": faiss_qps,
+            "retrieval_gcl_over_faiss": gcl_qps / faiss_qps}  # fmt: skip
+
+
+def search_memory_child(n_docs: int, n_queries: int, dim: int, k: int) -> None:
+    """Run in a fresh process: print the search's peak memory beyond its inputs, in MiB."""
+    from gcl.retrieval import EvalConfig, exact_top_k
+
+    docs, queries = _unit_rows(n_docs, dim, 0), _unit_rows(n_queries, dim, 1)
+    with open("/proc/self/statm") as f:
+        before = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    cfg = EvalConfig()
+    exact_top_k(queries, docs, k, cfg.chunk_size, cfg.query_block)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"extra_mib": peak - before}))
+
+
+def search_peak_memory(n_queries: int = 1000, dim: int = 512, k: int = 1000) -> dict:
+    """The search's extra peak memory (beyond corpus and queries) at 100k and at 1M documents:
+    bounded by the chunk size, it must not grow with the corpus."""
+    import subprocess
+    import sys
+
+    extra = {}
+    for n_docs in (100_000, 1_000_000):
+        code = f"from workflows.bench import search_memory_child; search_memory_child({n_docs}, {n_queries}, {dim}, {k})"
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        extra[n_docs] = json.loads(out.strip().splitlines()[-1])["extra_mib"]
+    return {"search_extra_peak_mib_100k": extra[100_000], "search_extra_peak_mib_1m": extra[1_000_000],
+            "search_extra_peak_1m_over_100k": extra[1_000_000] / extra[100_000]}  # fmt: skip
+
+
 def run_bench(only: list[str] | None = None, workdir: str | None = None) -> dict:
     """Run the benchmarks, print a table and JSON, return the figures."""
     from gcl.cluster import init_ray
     from gcl.data.synth import SynthConfig, synthesize
     from workflows.train import run_train
 
-    only = only or ["data", "pipeline", "memory"]
+    only = only or ["data", "pipeline", "memory", "retrieval"]
+    figures: dict = {"machine": f"{os.cpu_count()} CPU cores, CUDA={torch.cuda.is_available()}"}
+    if "retrieval" in only:  # first, before Ray's processes share the cores
+        figures.update(retrieval_queries_per_s())
+        figures.update(search_peak_memory())
+    if not set(only) - {"retrieval"}:
+        return _report(figures)
     workdir = os.path.abspath(workdir or tempfile.mkdtemp(prefix="gcl-bench-"))
     os.makedirs(f"{workdir}/runs", exist_ok=True)
     synthesize(f"{workdir}/data", SynthConfig(products=800, queries=300, docs_per_query=12))
@@ -149,7 +223,6 @@ def run_bench(only: list[str] | None = None, workdir: str | None = None) -> dict
     ])  # fmt: skip
     assert isinstance(job.fields, FieldsConfig)
     init_ray()
-    figures: dict = {"machine": f"{os.cpu_count()} CPU cores, CUDA={torch.cuda.is_available()}"}
     world = job.scaling.num_workers
     if "data" in only or "pipeline" in only:
         batch = _batch_from_pipeline(job, BATCH * world)
@@ -173,7 +246,12 @@ def run_bench(only: list[str] | None = None, workdir: str | None = None) -> dict
         zero3 = zero_peak_memory_mib(3, f"{workdir}/runs")
         figures.update(peak_rss_mib_zero0=zero0, peak_rss_mib_zero3=zero3, zero3_over_zero0=zero3 / zero0)
 
-    goals = {"data_over_consumption": ">= 2", "pipeline_over_bare": ">= 0.9", "zero3_over_zero0": "<= 0.6"}
+    return _report(figures)
+
+
+def _report(figures: dict) -> dict:
+    goals = {"data_over_consumption": ">= 2", "pipeline_over_bare": ">= 0.9", "zero3_over_zero0": "<= 0.6",
+             "retrieval_gcl_over_faiss": ">= 1.0", "search_extra_peak_1m_over_100k": "~1 (bounded)"}  # fmt: skip
     print(f"\n{'figure':34s}{'value':>12s}  goal")
     for key, value in figures.items():
         shown = f"{value:12.3f}" if isinstance(value, float) else f"{value!s:>12s}"

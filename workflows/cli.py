@@ -237,8 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a smaller, faster variant")
     p.add_argument("--workdir", default="gcl_runs/demo", help="where data, runs and the plot go")
     p.set_defaults(func=cmd_demo)
-    p = sub.add_parser("bench", help="performance ratios measured side by side (data, pipeline, memory)")
-    p.add_argument("--only", help="comma-separated subset of: data,pipeline,memory")
+    p = sub.add_parser(
+        "bench", help="performance ratios measured side by side (data, pipeline, memory, retrieval)"
+    )
+    p.add_argument("--only", help="comma-separated subset of: data,pipeline,memory,retrieval")
     p.add_argument("--workdir", help="scratch directory (default: a new temporary one)")
     p.set_defaults(func=cmd_bench)
     return parser

@@ -3,6 +3,7 @@ evaluate every epoch, track everything in MLflow and export (and optionally regi
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from gcl.job_config import JobConfig
@@ -20,17 +21,19 @@ class TrainResult:
 def run_train(job: JobConfig) -> TrainResult:
     """Train `job` end to end and return the exported model and final metrics; registers the
     model when `mlflow.registered_model` is set."""
+    import ray
     from mlflow import MlflowClient
 
     from gcl.cluster import init_ray
     from gcl.data.manifest import dataset_manifest
-    from gcl.jobs import export_model, fit, prepare
+    from gcl.jobs import check_resources, export_model, fit, prepare
     from gcl.registry import register_run
     from gcl.tracking import flatten, start_run
 
     job, report = prepare(job)
     uri = job.mlflow.resolved_uri()
     init_ray()
+    check_resources(job, ray.cluster_resources(), can_grow=bool(os.environ.get("RAY_ADDRESS")))
     run_id = start_run(uri, job.mlflow.experiment, job.name, flatten("", job.model_dump(mode="json"), {}))
     client = MlflowClient(uri)
     client.log_metric(run_id, "data_rows_skipped", len(report.bad_row_keys))

@@ -170,15 +170,16 @@ def run_tune(path: str, overrides: list[str] | None = None) -> TuneResult:
 
     from gcl.cluster import init_ray
     from gcl.data.manifest import dataset_manifest
-    from gcl.jobs import export_model, prepare, with_score_range
+    from gcl.jobs import check_resources, export_model, job_resources, prepare, with_score_range
     from gcl.registry import MODEL_URI_TAG, register_run
-    from gcl.sweep import load_sweep, trial_concurrency, trial_resources
+    from gcl.sweep import load_sweep, trial_concurrency
     from gcl.tracking import flatten, start_run
 
     sweep, job = load_sweep(path, overrides)
     job, report = prepare(job)  # tracking store and data checked once, before any trial
     uri = job.mlflow.resolved_uri()
     init_ray()
+    check_resources(job, ray.cluster_resources(), can_grow=bool(os.environ.get("RAY_ADDRESS")))
     manifest = dataset_manifest(job.data)
     resuming = tune.Tuner.can_restore(os.path.join(job.storage, sweep.name))
     # A resumed sweep keeps its parent run, finished or not: the trials it already ran hang under it.
@@ -186,7 +187,7 @@ def run_tune(path: str, overrides: list[str] | None = None) -> TuneResult:
                               {"gcl.sweep": sweep.name}, reopen_finished=resuming)  # fmt: skip
     concurrency = trial_concurrency(ray.cluster_resources(), job, sweep.max_concurrent_trials)
     log.info("sweep %s: %d samples, %d trials at once (each holds about %s)", sweep.name, sweep.num_samples,
-             concurrency, trial_resources(job))  # fmt: skip
+             concurrency, job_resources(job))  # fmt: skip
     shared = {"name": sweep.name, "base": job.model_dump(mode="json"), "report": report, "tracking_uri": uri,
               "experiment": job.mlflow.experiment, "parent_run_id": parent_run_id}  # fmt: skip
     # Tune needs a non-empty resource request per trial; the driver's memory makes it one

@@ -1,0 +1,104 @@
+"""Faults and safe defaults on real local Ray clusters: a training worker killed mid-epoch, two
+`gcl train` processes sharing one SQLite store, credentials kept out of MLflow."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import psutil
+import pytest
+from mlflow import MlflowClient
+
+pytestmark = pytest.mark.integration
+
+
+def _run_named(client: MlflowClient, name: str):
+    experiment = client.get_experiment_by_name("gcl")
+    if experiment is None:
+        return None
+    runs = client.search_runs([experiment.experiment_id], f"tags.`gcl.run_name` = '{name}'")
+    return runs[0] if runs else None
+
+
+def _train_workers() -> list[psutil.Process]:
+    return [
+        p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])
+    ]
+
+
+def test_worker_killed_mid_epoch_restores_from_the_checkpoint_and_logs_every_step_once(
+    ray_local, tiny_job, tmp_path
+):
+    from workflows.train import run_train
+
+    job = tiny_job("name=killed", "train.epochs=3", "data.eval={}", "train.max_failures=2")
+    client = MlflowClient(job.mlflow.resolved_uri())
+    killed = {}
+
+    def kill_a_worker_in_epoch_two():
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            run = _run_named(client, "killed")
+            epochs = client.get_metric_history(run.info.run_id, "train_loss") if run else []
+            if epochs:  # epoch 1 is checkpointed: wait for a few steps of epoch 2, then kill
+                losses = client.get_metric_history(run.info.run_id, "loss")
+                workers = _train_workers()
+                if workers and max(m.step for m in losses) >= epochs[0].step + 2:
+                    killed["pid"], killed["after_step"] = workers[0].pid, epochs[0].step
+                    os.kill(workers[0].pid, signal.SIGKILL)
+                    return
+            time.sleep(0.5)
+
+    killer = threading.Thread(target=kill_a_worker_in_epoch_two, daemon=True)
+    killer.start()
+    result = run_train(job)
+    killer.join(timeout=5)
+    assert "pid" in killed, "the test never saw epoch 2 start"
+    assert (
+        not psutil.pid_exists(killed["pid"]) or psutil.Process(killed["pid"]).status() == psutil.STATUS_ZOMBIE
+    )
+
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED" and result.metrics["epoch"] == 3
+    steps = [m.step for m in client.get_metric_history(result.run_id, "loss")]
+    assert sorted(steps) == list(range(1, result.metrics["step"] + 1))  # no step missing, none twice
+    epoch_ends = sorted(m.step for m in client.get_metric_history(result.run_id, "train_loss"))
+    assert len(epoch_ends) == 3 and epoch_ends[0] == killed["after_step"]
+
+
+def test_two_gcl_train_processes_share_one_sqlite_store_and_keep_credentials_out(tiny_job, tmp_path):
+    """Two `gcl train` commands at once (each with its own local Ray) write to one SQLite store and
+    both complete; credentials set in their environment appear in no param, tag or artifact."""
+    import yaml
+
+    secret = "gcl-test-secret-3f9c1d"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(MLFLOW_TRACKING_TOKEN=secret, AWS_SECRET_ACCESS_KEY=secret)
+    gcl = os.path.join(os.path.dirname(sys.executable), "gcl")
+    commands = []
+    for name in ("first", "second"):
+        config = tmp_path / f"{name}.yaml"
+        config.write_text(
+            yaml.safe_dump(tiny_job(f"name={name}", "train.epochs=1", "data.eval={}").model_dump(mode="json"))
+        )
+        commands.append(subprocess.Popen([gcl, "train", "-c", str(config)], env=env, stdout=subprocess.PIPE,
+                                         stderr=subprocess.STDOUT, text=True))  # fmt: skip
+    outputs = [process.communicate(timeout=900)[0] for process in commands]
+    for process, output in zip(commands, outputs, strict=True):
+        assert process.returncode == 0, output[-5000:]
+        assert "database is locked" not in output
+
+    client = MlflowClient(tiny_job().mlflow.resolved_uri())
+    for name in ("first", "second"):
+        run = _run_named(client, name)
+        assert run.info.status == "FINISHED" and client.get_metric_history(run.info.run_id, "loss")
+        assert secret not in json.dumps([run.data.params, run.data.tags])
+        out = tmp_path / "artifacts" / name
+        client.download_artifacts(run.info.run_id, "", str(out))
+        for path in out.rglob("*"):
+            if path.is_file():
+                assert secret.encode() not in path.read_bytes(), path
