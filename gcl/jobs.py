@@ -6,6 +6,7 @@ store, data), fit the TorchTrainer, and export the consolidated model to MLflow.
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import math
@@ -118,6 +119,9 @@ def fit(job: JobConfig, report, run_id: str, callbacks=()):
     steps_per_epoch = max(1, math.ceil(report.rows_valid / (world * job.train.batch_size)))
     dataset = build_dataset(job.data.train, job.data, job.fields, job.loss.weight_key, job.model.model_dump(),
                             job.pipeline, skip_pair_ids=report.bad_pair_ids, seed=job.seed)  # fmt: skip
+    if glob.glob(os.path.join(job.storage, job.name, "checkpoint_*")):  # local storage only
+        log.info("run %s has checkpoints under %s: Ray Train resumes from the latest", job.name,
+                 os.path.join(job.storage, job.name))  # fmt: skip
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"job": job.model_dump(mode="json"), "steps_per_epoch": steps_per_epoch,

@@ -102,3 +102,41 @@ def test_two_gcl_train_processes_share_one_sqlite_store_and_keep_credentials_out
         for path in out.rglob("*"):
             if path.is_file():
                 assert secret.encode() not in path.read_bytes(), path
+
+
+def test_sigterm_to_gcl_train_keeps_its_checkpoints_and_the_same_command_resumes(tiny_job, tmp_path):
+    """The driver is stopped (SIGTERM) after epoch 1's checkpoint: Ray's processes go with it, and
+    running the same command again resumes the same MLflow run from that checkpoint."""
+    import yaml
+
+    config = tmp_path / "job.yaml"
+    config.write_text(
+        yaml.safe_dump(tiny_job("name=stopped", "train.epochs=3", "data.eval={}").model_dump(mode="json"))
+    )
+    command = [os.path.join(os.path.dirname(sys.executable), "gcl"), "train", "-c", str(config)]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoints = tmp_path / "runs" / "stopped"
+    deadline = time.time() + 600
+    while not list(checkpoints.glob("checkpoint_*")) and time.time() < deadline and first.poll() is None:
+        time.sleep(1)
+    assert list(checkpoints.glob("checkpoint_*")), "no checkpoint was written"
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(120) != 0
+    time.sleep(5)
+    assert not [
+        p for p in psutil.process_iter(["cmdline"]) if str(config) in " ".join(p.info["cmdline"] or [])
+    ]
+
+    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    client = MlflowClient(tiny_job().mlflow.resolved_uri())
+    runs = client.search_runs(
+        [client.get_experiment_by_name("gcl").experiment_id], "tags.`gcl.run_name` = 'stopped'"
+    )
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # the same run, resumed
+    steps = sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "loss"))
+    assert steps == list(range(1, len(steps) + 1))
+    epoch_ends = sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "train_loss"))
+    assert len(epoch_ends) == 3 and epoch_ends[-1] == steps[-1]
+    assert "has checkpoints under" in second.stderr and "Ray Train resumes from the latest" in second.stderr
