@@ -32,11 +32,14 @@ def job_resources(job: JobConfig) -> dict[str, float]:
     return {"CPU": cpus, "GPU": float(job.scaling.num_workers if job.scaling.use_gpu else 0)}
 
 
-def check_resources(job: JobConfig, cluster: dict[str, float], can_grow: bool) -> None:
+def check_resources(job: JobConfig, cluster: dict[str, float], can_grow: bool | None = None) -> None:
     """Fail before training when the job can never fit the cluster (a local one cannot grow);
-    on a remote cluster, which may autoscale, only warn."""
+    on a remote cluster, which may autoscale, only warn. can_grow: default, whether gcl connected
+    to a cluster at RAY_ADDRESS rather than starting a local one (see gcl.cluster.init_ray)."""
     from gcl.config import ConfigError
 
+    if can_grow is None:
+        can_grow = bool(os.environ.get("RAY_ADDRESS"))
     need = job_resources(job)
     short = {name: (amount, cluster.get(name, 0.0)) for name, amount in need.items()
              if amount > cluster.get(name, 0.0) + 1e-9}  # fmt: skip

@@ -71,6 +71,15 @@ def log_params(client, run_id: str, params: dict) -> None:
         client.log_batch(run_id, params=flat[i : i + 100])
 
 
+def runs_named(client, experiment: str, name: str) -> list:
+    """The MLflow runs gcl made under `name` (tag gcl.run_name) in `experiment`, newest first."""
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    return client.search_runs([found.experiment_id], filter_string=f"tags.`gcl.run_name` = '{name}'",
+                              order_by=["start_time DESC"])  # fmt: skip
+
+
 def start_run(uri: str, experiment: str, name: str, params: dict, tags: dict | None = None,
               reopen_finished: bool = False) -> str:  # fmt: skip
     """The MLflow run called `name`: an unfinished (running, failed or killed) run of that name
@@ -81,8 +90,7 @@ def start_run(uri: str, experiment: str, name: str, params: dict, tags: dict | N
     client = mlflow.MlflowClient(uri)
     found = client.get_experiment_by_name(experiment)
     experiment_id = found.experiment_id if found else client.create_experiment(experiment)
-    runs = client.search_runs([experiment_id], filter_string=f"tags.`gcl.run_name` = '{name}'",
-                              order_by=["start_time DESC"], max_results=1)  # fmt: skip
+    runs = runs_named(client, experiment, name)
     if runs and (reopen_finished or runs[0].info.status != "FINISHED"):
         log.info("resuming MLflow run %s (%s)", runs[0].info.run_id, name)
         client.update_run(runs[0].info.run_id, status="RUNNING")

@@ -21,6 +21,7 @@ import yaml
 from mlflow import MlflowClient
 
 from gcl.data.synth import SynthConfig, synthesize
+from gcl.tracking import runs_named
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
@@ -227,9 +228,7 @@ def test_gcl_submit_runs_a_training_job_on_a_ray_head_with_token_auth(ray_head, 
     assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-5000:]
     assert "SUCCEEDED" in done.stdout and "epoch" in done.stdout  # the job's logs streamed here
     client = MlflowClient(uri)
-    runs = client.search_runs(
-        [client.get_experiment_by_name("gcl").experiment_id], "tags.`gcl.run_name` = 'submitted'"
-    )
+    runs = runs_named(client, "gcl", "submitted")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED" and "gcl.model_uri" in runs[0].data.tags
     assert "in_domain/ndcg_at_10" in runs[0].data.metrics
 

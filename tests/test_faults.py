@@ -13,14 +13,13 @@ import psutil
 import pytest
 from mlflow import MlflowClient
 
+from gcl.tracking import runs_named
+
 pytestmark = pytest.mark.integration
 
 
 def _run_named(client: MlflowClient, name: str):
-    experiment = client.get_experiment_by_name("gcl")
-    if experiment is None:
-        return None
-    runs = client.search_runs([experiment.experiment_id], f"tags.`gcl.run_name` = '{name}'")
+    runs = runs_named(client, "gcl", name)
     return runs[0] if runs else None
 
 
@@ -131,9 +130,7 @@ def test_sigterm_to_gcl_train_keeps_its_checkpoints_and_the_same_command_resumes
     second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     client = MlflowClient(tiny_job().mlflow.resolved_uri())
-    runs = client.search_runs(
-        [client.get_experiment_by_name("gcl").experiment_id], "tags.`gcl.run_name` = 'stopped'"
-    )
+    runs = runs_named(client, "gcl", "stopped")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # the same run, resumed
     steps = sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "loss"))
     assert steps == list(range(1, len(steps) + 1))

@@ -3,7 +3,6 @@ evaluate every epoch, track everything in MLflow and export (and optionally regi
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 from gcl.job_config import JobConfig
@@ -33,7 +32,7 @@ def run_train(job: JobConfig) -> TrainResult:
     job, report = prepare(job)
     uri = job.mlflow.resolved_uri()
     init_ray()
-    check_resources(job, ray.cluster_resources(), can_grow=bool(os.environ.get("RAY_ADDRESS")))
+    check_resources(job, ray.cluster_resources())
     run_id = start_run(uri, job.mlflow.experiment, job.name, flatten("", job.model_dump(mode="json"), {}))
     client = MlflowClient(uri)
     client.log_metric(run_id, "data_rows_skipped", len(report.bad_row_keys))

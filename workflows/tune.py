@@ -40,6 +40,11 @@ def trial_job(base: dict, params: dict[str, Any], name: str) -> JobConfig:
     )
 
 
+def trial_run_name(sweep_name: str, trial_id: str) -> str:
+    """The MLflow run name (and job name) of a sweep's trial."""
+    return f"{sweep_name}-{trial_id}"
+
+
 def trial_driver(params: dict[str, Any], sweep: dict) -> None:
     """One Tune trial: an MLflow child run, then a TorchTrainer fit reporting to Tune.
 
@@ -54,7 +59,7 @@ def trial_driver(params: dict[str, Any], sweep: dict) -> None:
     from gcl.tracking import flatten, log_params, start_run
 
     trial_id = ray.tune.get_context().get_trial_id()
-    name = f"{sweep['name']}-{trial_id}"
+    name = trial_run_name(sweep["name"], trial_id)
     uri = sweep["tracking_uri"]
     tags = {
         "mlflow.parentRunId": sweep["parent_run_id"],
@@ -173,14 +178,13 @@ def run_tune(path: str, overrides: list[str] | None = None) -> TuneResult:
     from gcl.jobs import check_resources, export_model, job_resources, prepare, with_score_range
     from gcl.registry import MODEL_URI_TAG, register_run
     from gcl.sweep import load_sweep, trial_concurrency
-    from gcl.tracking import flatten, start_run
+    from gcl.tracking import flatten, runs_named, start_run
 
     sweep, job = load_sweep(path, overrides)
     job, report = prepare(job)  # tracking store and data checked once, before any trial
     uri = job.mlflow.resolved_uri()
     init_ray()
-    check_resources(job, ray.cluster_resources(), can_grow=bool(os.environ.get("RAY_ADDRESS")))
-    manifest = dataset_manifest(job.data)
+    check_resources(job, ray.cluster_resources())
     resuming = tune.Tuner.can_restore(os.path.join(job.storage, sweep.name))
     # A resumed sweep keeps its parent run, finished or not: the trials it already ran hang under it.
     parent_run_id = start_run(uri, job.mlflow.experiment, sweep.name, flatten("sweep", sweep.model_dump(mode="json"), {}),
@@ -212,12 +216,11 @@ def run_tune(path: str, overrides: list[str] | None = None) -> TuneResult:
         raise SystemExit(f"sweep {sweep.name}: no trial finished an epoch; errors are in the table above")
 
     best = finished[0]
-    best_name = f"{sweep.name}-{best['trial']}"
+    best_name = trial_run_name(sweep.name, best["trial"])
     best_job = with_score_range(trial_job(shared["base"], best["params"], best_name), report)
-    best_run_id = client.search_runs([client.get_experiment_by_name(job.mlflow.experiment).experiment_id],
-                                     f"tags.`gcl.run_name` = '{best_name}'")[0].info.run_id  # fmt: skip
+    best_run_id = runs_named(client, job.mlflow.experiment, best_name)[0].info.run_id
     if MODEL_URI_TAG not in client.get_run(best_run_id).data.tags:  # not yet exported by an earlier pass
-        export_model(best_job, Checkpoint(best["checkpoint_path"]), best_run_id, manifest)
+        export_model(best_job, Checkpoint(best["checkpoint_path"]), best_run_id, dataset_manifest(job.data))
     client.log_metric(parent_run_id, "best_objective", best["objective"])
     client.set_tag(parent_run_id, "gcl.best_trial", best["trial"])
     client.set_tag(parent_run_id, "gcl.best_run_id", best_run_id)
