@@ -110,21 +110,42 @@ def prepare(job: JobConfig):
     return with_score_range(job, report), report
 
 
+def committed_checkpoint(run_dir: str) -> dict | None:
+    """The latest checkpoint Ray Train committed under a local `run_dir` (its directory name and
+    reported metrics), from Ray Train's checkpoint snapshot; None when there is none."""
+    try:
+        with open(os.path.join(run_dir, "checkpoint_manager_snapshot.json")) as f:
+            return json.load(f).get("latest_checkpoint_result")
+    except (OSError, ValueError):
+        return None
+
+
+def _log_resume(run_dir: str) -> None:
+    """Say whether this run resumes, and from where (local storage only)."""
+    latest = committed_checkpoint(run_dir)
+    if latest:
+        metrics = latest.get("metrics", {})
+        log.info("run %s resumes from its checkpoint at epoch %s, step %s (%s)", os.path.basename(run_dir),
+                 metrics.get("epoch"), metrics.get("step"), os.path.join(run_dir, latest.get("checkpoint_dir_name", "")))  # fmt: skip
+    elif glob.glob(os.path.join(run_dir, "checkpoint_*")):
+        log.warning("%s holds checkpoint directories that Ray Train never committed (the run stopped while "
+                    "saving one): training starts from the beginning", run_dir)  # fmt: skip
+
+
 def fit(job: JobConfig, report, run_id: str, callbacks=()):
     """Run the Ray Train job for `job` (checkpoints under storage/name) and return its Result."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from gcl.data.pipeline import build_dataset, unsplit_data_config
+    from gcl.data.pipeline import epoch_datasets, unsplit_data_config
     from gcl.training import train_worker
 
     world = job.scaling.num_workers
     steps_per_epoch = max(1, math.ceil(report.rows_valid / (world * job.train.batch_size)))
-    dataset = build_dataset(job.data.train, job.data, job.fields, job.loss.weight_key, job.model.model_dump(),
-                            job.pipeline, skip_pair_ids=report.bad_pair_ids, seed=job.seed)  # fmt: skip
-    if glob.glob(os.path.join(job.storage, job.name, "checkpoint_*")):  # local storage only
-        log.info("run %s has checkpoints under %s: Ray Train resumes from the latest", job.name,
-                 os.path.join(job.storage, job.name))  # fmt: skip
+    datasets = epoch_datasets(job.data.train, job.data, job.fields, job.loss.weight_key, job.model.model_dump(),
+                              job.pipeline, epochs=job.train.epochs, skip_pair_ids=report.bad_pair_ids,
+                              seed=job.seed)  # fmt: skip
+    _log_resume(os.path.join(job.storage, job.name))
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"job": job.model_dump(mode="json"), "steps_per_epoch": steps_per_epoch,
@@ -132,7 +153,7 @@ def fit(job: JobConfig, report, run_id: str, callbacks=()):
         scaling_config=ScalingConfig(num_workers=world, use_gpu=job.scaling.use_gpu,
                                      resources_per_worker={"CPU": job.scaling.cpus_per_worker},
                                      placement_strategy=job.scaling.placement_strategy),
-        datasets={"train": dataset},
+        datasets=datasets,
         dataset_config=unsplit_data_config(),
         run_config=RunConfig(name=job.name, storage_path=job.storage, callbacks=list(callbacks),
                              failure_config=FailureConfig(max_failures=job.train.max_failures),

@@ -76,23 +76,59 @@ def exact_top_k(queries: torch.Tensor, docs: torch.Tensor, k: int, chunk_size: i
     buffer = torch.empty(min(query_block, n_queries) * min(chunk_size, n_docs), dtype=queries.dtype)
     for q_start in range(0, n_queries, query_block):
         block = queries[q_start : q_start + query_block]
-        best_scores = best_index = None
+        best_scores = torch.empty((block.shape[0], 0), dtype=queries.dtype)
+        best_index = torch.empty((block.shape[0], 0), dtype=torch.long)
+        pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # candidates not merged yet
+        threshold = torch.full((block.shape[0], 1), float("-inf"), dtype=queries.dtype)  # k-th best so far
         for start in range(0, n_docs, chunk_size):
             chunk = docs[start : start + chunk_size]
             scores = buffer[: block.shape[0] * chunk.shape[0]].view(block.shape[0], chunk.shape[0])
             torch.mm(block, chunk.T, out=scores)
-            top = torch.topk(scores, min(k, chunk.shape[0]), dim=1, sorted=False)
-            if best_scores is None:
-                best_scores, best_index = top.values, top.indices + start
-                continue
-            merged_scores = torch.cat([best_scores, top.values], dim=1)
-            merged_index = torch.cat([best_index, top.indices + start], dim=1)
-            keep = torch.topk(merged_scores, min(k, merged_scores.shape[1]), dim=1, sorted=False)
-            best_scores, best_index = keep.values, torch.gather(merged_index, 1, keep.indices)
+            if best_scores.shape[1] < k:  # the running top-k is not full yet: keep the chunk's best
+                top = torch.topk(scores, min(k, chunk.shape[0]), dim=1, sorted=False)
+                pending.append((top.values, top.indices + start))
+            else:
+                # The k-th best so far only rises, so a stale threshold still keeps every document
+                # that can make the top k; merging only every ~k candidates saves top-k passes.
+                hits = _above_threshold(scores, threshold, start)
+                if hits is not None:
+                    pending.append(hits)
+            if best_scores.shape[1] < k or sum(c.shape[1] for c, _ in pending) >= k:
+                best_scores, best_index = _merge_top_k(best_scores, best_index, pending, k)
+                threshold, pending = best_scores.amin(dim=1, keepdim=True), []
+        best_scores, best_index = _merge_top_k(best_scores, best_index, pending, k)
         order = torch.sort(best_scores, dim=1, descending=True)
         out_scores[q_start : q_start + block.shape[0]] = order.values
         out_index[q_start : q_start + block.shape[0]] = torch.gather(best_index, 1, order.indices)
     return out_scores, out_index
+
+
+def _merge_top_k(scores: torch.Tensor, index: torch.Tensor, candidates: list, k: int):
+    """The k best of the running (scores, index) and the candidate (scores, index) pairs, per row."""
+    if not candidates:
+        return scores, index
+    merged_scores = torch.cat([scores, *(c for c, _ in candidates)], dim=1)
+    merged_index = torch.cat([index, *(i for _, i in candidates)], dim=1)
+    keep = torch.topk(merged_scores, min(k, merged_scores.shape[1]), dim=1, sorted=False)
+    return keep.values, torch.gather(merged_index, 1, keep.indices)
+
+
+def _above_threshold(scores: torch.Tensor, threshold: torch.Tensor, offset: int):
+    """The scores of each row above its running k-th best (threshold (B, 1)), packed left into a
+    (B, W) tensor padded with -inf (W: the most any row has), with their document indices; None
+    when no row has any. Once the running top-k is full, few scores pass: this replaces a top-k
+    over every score with one comparison each, as FAISS's heap does."""
+    rows, cols = (scores > threshold).nonzero(as_tuple=True)  # row-major: each row's hits are contiguous
+    if len(rows) == 0:
+        return None
+    counts = torch.bincount(rows, minlength=scores.shape[0])
+    width = int(counts.max())
+    slot = torch.arange(len(rows)) - (torch.cumsum(counts, 0) - counts)[rows]
+    packed = torch.full((scores.shape[0], width), float("-inf"), dtype=scores.dtype)
+    packed_index = torch.zeros((scores.shape[0], width), dtype=torch.long)
+    packed[rows, slot] = scores[rows, cols]
+    packed_index[rows, slot] = cols + offset
+    return packed, packed_index
 
 
 def load_split(files: list[str], data: DataConfig, fields: FieldsConfig, grade_column: str):

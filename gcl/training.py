@@ -124,8 +124,9 @@ class MetricsLogger:
             self.client = MlflowClient(tracking_uri)
 
     def skip_logged_steps(self) -> None:
-        """After a restore, steps past the checkpoint are trained again; those logged before the
-        failure are not logged twice (the MLflow history keeps one point per step)."""
+        """Steps logged by an earlier attempt of this run are not logged again: after a restore, the
+        steps past the checkpoint are trained again, and a run whose checkpoint was never committed
+        starts over. Training is deterministic, so the values logged first are the same."""
         if self.client is not None:
             for key in self.client.get_run(self.run_id).data.metrics:
                 history = self.client.get_metric_history(self.run_id, key)
@@ -199,7 +200,7 @@ def train_worker(config: dict[str, Any]) -> None:
     tracking_uri and run_id (MLflow)."""
     import ray.train
 
-    from gcl.data.pipeline import batch_template, train_batches
+    from gcl.data.pipeline import batch_template, epoch_dataset_name, train_batches
 
     job = JobConfig.model_validate(config["job"])
     torch.set_num_threads(job.scaling.torch_threads)
@@ -211,6 +212,7 @@ def train_worker(config: dict[str, Any]) -> None:
         job.loss, job.fields.weights("left"), job.fields.weights("right"), rank=rank, world_size=world
     )
     metrics_log = MetricsLogger(config.get("tracking_uri"), config.get("run_id"), enabled=rank == 0)
+    metrics_log.skip_logged_steps()  # one history point per step however often the run restarts
     metrics_log.set_tag("gcl.workers", json.dumps(_worker_placement(device=str(engine.device))))
 
     start_epoch, step = 0, 0
@@ -221,15 +223,14 @@ def train_worker(config: dict[str, Any]) -> None:
             with open(os.path.join(directory, STATE_FILE)) as f:
                 state = json.load(f)
         start_epoch, step = state["epoch"], state["step"]
-        metrics_log.skip_logged_steps()
         if rank == 0:
             log.info("resumed from epoch %d, step %d", start_epoch, step)
 
     text_cfg, vision_cfg = loaded.model_cfg["text_cfg"], loaded.model_cfg["vision_cfg"]
     template = batch_template(job.fields, text_cfg.get("context_length", 77), vision_cfg["image_size"])
-    shard = ray.train.get_dataset_shard("train")
     device = engine.device
     for epoch in range(start_epoch, job.train.epochs):
+        shard = ray.train.get_dataset_shard(epoch_dataset_name(epoch))
         epoch_loss, epoch_steps, epoch_pairs, start = 0.0, 0, 0, time.perf_counter()
         for batch in train_batches(shard, job.train.batch_size, template, local_shuffle_buffer=job.pipeline.local_shuffle_buffer,
                                    seed=job.seed * 1000 + epoch):  # fmt: skip

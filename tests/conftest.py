@@ -41,19 +41,21 @@ def synth_dir(tmp_path_factory):
     return out
 
 
-@pytest.fixture
-def tiny_job(synth_dir, tmp_path):
-    """Makes the tiny CPU job on `synth_dir`, storing runs and MLflow under tmp_path, plus overrides."""
+def tiny_job_config(synth_dir, root, *overrides):
+    """The tiny CPU job on `synth_dir`, storing runs and MLflow under `root`, plus overrides."""
     from gcl.config import parse_config
     from gcl.job_config import JobConfig
     from workflows.cli import CONFIGS
 
-    def make(*overrides):
-        return parse_config(JobConfig, CONFIGS / "tiny-cpu.yaml", [
-            f"data.train={synth_dir}/train.parquet",
-            f"data.eval={{in_domain: {synth_dir}/in_domain.parquet, zero_shot: {synth_dir}/zero_shot.parquet}}",
-            f"storage={tmp_path}/runs", f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
-            "train.batch_size=16", "train.epochs=2", "train.warmup_steps=2", *overrides,
-        ])  # fmt: skip
+    return parse_config(JobConfig, CONFIGS / "tiny-cpu.yaml", [
+        f"data.train={synth_dir}/train.parquet",
+        f"data.eval={{in_domain: {synth_dir}/in_domain.parquet, zero_shot: {synth_dir}/zero_shot.parquet}}",
+        f"storage={root}/runs", f"mlflow.tracking_uri=sqlite:///{root}/mlflow.db",
+        "train.batch_size=16", "train.epochs=2", "train.warmup_steps=2", *overrides,
+    ])  # fmt: skip
 
-    return make
+
+@pytest.fixture
+def tiny_job(synth_dir, tmp_path):
+    """Makes the tiny CPU job (tiny_job_config) under tmp_path."""
+    return lambda *overrides: tiny_job_config(synth_dir, tmp_path, *overrides)

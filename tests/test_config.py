@@ -79,3 +79,23 @@ def test_a_job_larger_than_a_local_cluster_fails_before_training_naming_the_keys
     with pytest.raises(ConfigError, match="4 GPU needed, 0 available"):
         check_resources(gpu, {"CPU": 64.0}, can_grow=False)
     check_resources(parse_config(JobConfig, CONFIGS / "tiny-cpu.yaml"), {"CPU": 2.0}, can_grow=False)
+
+
+def test_resume_is_reported_only_from_a_committed_checkpoint(tmp_path, caplog):
+    """A checkpoint directory Ray Train never committed (the driver stopped while saving) is not
+    taken for a resume point: the run says it starts over."""
+    import json
+    import logging
+
+    from gcl.jobs import _log_resume, committed_checkpoint
+
+    caplog.set_level(logging.INFO)
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoint_2026-01-01_00-00-00.000000").mkdir(parents=True)
+    assert committed_checkpoint(str(run_dir)) is None
+    _log_resume(str(run_dir))
+    assert "never committed" in caplog.text and "starts from the beginning" in caplog.text
+    (run_dir / "checkpoint_manager_snapshot.json").write_text(json.dumps({"latest_checkpoint_result": {
+        "checkpoint_dir_name": "checkpoint_2026-01-01_00-00-00.000000", "metrics": {"epoch": 1, "step": 15}}}))  # fmt: skip
+    _log_resume(str(run_dir))
+    assert "run resumes from its checkpoint at epoch 1, step 15" in caplog.text

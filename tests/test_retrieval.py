@@ -34,3 +34,20 @@ def test_exact_top_k_equals_faiss_index_flat_ip(n_docs, k, chunk_size, query_blo
     np.testing.assert_allclose(scores.numpy(), brute.values.numpy(), atol=1e-5)
     # Reported scores are the scores of the reported documents.
     np.testing.assert_allclose(scores.numpy(), torch.gather(queries @ docs.T, 1, index).numpy(), atol=1e-6)
+
+
+def test_exact_top_k_when_later_chunks_have_no_candidates():
+    """Once the top k is full, chunks whose every score is below each query's k-th best are
+    skipped; the result still equals a brute-force top-k."""
+    generator = torch.Generator().manual_seed(3)
+    direction = torch.nn.functional.normalize(torch.randn(1, 32, generator=generator), dim=1)
+    queries = torch.nn.functional.normalize(
+        direction + 0.05 * torch.randn(40, 32, generator=generator), dim=1
+    )
+    near = torch.nn.functional.normalize(direction + 0.3 * torch.randn(300, 32, generator=generator), dim=1)
+    far = torch.nn.functional.normalize(-direction + 0.3 * torch.randn(900, 32, generator=generator), dim=1)
+    docs = torch.cat([near, far])
+    scores, index = exact_top_k(queries, docs, 50, chunk_size=100, query_block=16)
+    brute = torch.topk(queries @ docs.T, 50, dim=1)
+    np.testing.assert_allclose(scores.numpy(), brute.values.numpy(), atol=1e-6)
+    assert (index < 300).all()

@@ -130,25 +130,14 @@ def read_pairs(spec: str, files: list[str], columns: list[str]):
     raise DataError(f"{spec}: mixes file types {sorted(kinds)}; use one format per dataset")
 
 
-def build_dataset(
-    spec: str,
-    data: DataConfig,
-    fields: FieldsConfig,
-    weight_key: str,
-    model_cfg: dict,
-    pipeline: PipelineConfig,
-    *,
-    skip_pair_ids: set | None = None,
-    seed: int = 0,
-    shuffle: bool = True,
-):
-    """The preprocessed Ray Dataset for training or evaluation (lazy; runs when consumed)."""
+def read_training_pairs(spec: str, data: DataConfig, fields: FieldsConfig, weight_key: str,
+                        skip_pair_ids: set | None = None):  # fmt: skip
+    """The raw pairs of `spec` (only the columns training needs), rows rejected by validation dropped."""
     import pandas as pd
 
     columns = list(dict.fromkeys([*fields.modalities(), weight_key, data.query_id_column,
                                   data.document_id_column, data.pair_id_column]))  # fmt: skip
-    files = resolve_files(spec)
-    ds = read_pairs(spec, files, columns)
+    ds = read_pairs(spec, resolve_files(spec), columns)
     if skip_pair_ids:
         skip = sorted(skip_pair_ids, key=str)
         pair_col = data.pair_id_column
@@ -157,17 +146,24 @@ def build_dataset(
             return df[~df[pair_col].isin(skip)]
 
         ds = ds.map_batches(drop_rejected, batch_format="pandas")
-    if shuffle and pipeline.shuffle == "global":
-        ds = ds.random_shuffle(seed=seed)
-    elif shuffle and pipeline.shuffle == "blocks":
-        ds = ds.randomize_block_order(seed=seed)
-    base_dir = image_base_dir(files[0], data.image_root)
+    return ds
+
+
+def preprocess(raw, spec: str, data: DataConfig, fields: FieldsConfig, weight_key: str, model_cfg: dict,
+               pipeline: PipelineConfig, *, seed: int = 0, shuffle: bool = True):  # fmt: skip
+    """Shuffle `raw` pairs with `seed` (as pipeline.shuffle says), then decode, transform and
+    tokenize them in the actor pool. Lazy: runs each time it is consumed, in the same order."""
     import ray.data
 
-    ds = ds.map_batches(
+    if shuffle and pipeline.shuffle == "global":
+        raw = raw.random_shuffle(seed=seed)
+    elif shuffle and pipeline.shuffle == "blocks":
+        raw = raw.randomize_block_order(seed=seed)
+    ds = raw.map_batches(
         PairPreprocessor,
         fn_constructor_kwargs=dict(model_cfg=model_cfg, fields=fields.model_dump(), weight_key=weight_key,
-                                   data_cfg=data.model_dump(), base_dir=base_dir, augment=pipeline.augment_images),
+                                   data_cfg=data.model_dump(), base_dir=image_base_dir(resolve_files(spec)[0], data.image_root),
+                                   augment=pipeline.augment_images),
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pipeline.preprocess_actors),
         num_cpus=pipeline.cpus_per_actor,
         batch_size=pipeline.preprocess_batch_size,
@@ -175,11 +171,48 @@ def build_dataset(
     )  # fmt: skip
     # Ray Data coalesces small outputs into large blocks; bounded blocks let the split
     # hand every worker a share even of a small dataset.
-    return ds.repartition(target_num_rows_per_block=pipeline.preprocess_batch_size)
+    ds = ds.repartition(target_num_rows_per_block=pipeline.preprocess_batch_size)
+    # Blocks leave in a fixed order, so the split hands each worker the same rows every time
+    # (it gives the next block to the worker with the fewest rows so far).
+    ds.context.execution_options.preserve_order = True
+    return ds
+
+
+def build_dataset(spec: str, data: DataConfig, fields: FieldsConfig, weight_key: str, model_cfg: dict,
+                  pipeline: PipelineConfig, *, skip_pair_ids: set | None = None, seed: int = 0,
+                  shuffle: bool = True):  # fmt: skip
+    """The preprocessed Ray Dataset of `spec`'s pairs, shuffled with `seed` (lazy)."""
+    raw = read_training_pairs(spec, data, fields, weight_key, skip_pair_ids)
+    return preprocess(raw, spec, data, fields, weight_key, model_cfg, pipeline, seed=seed, shuffle=shuffle)
+
+
+def epoch_dataset_name(epoch: int) -> str:
+    """The Ray Train dataset that epoch `epoch` (from 0) reads."""
+    return f"train_epoch_{epoch}"
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The shuffle seed of epoch `epoch`: a function of the job's seed and the epoch only."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{epoch}".encode(), digest_size=4).digest(), "little")
+
+
+def epoch_datasets(spec: str, data: DataConfig, fields: FieldsConfig, weight_key: str, model_cfg: dict,
+                   pipeline: PipelineConfig, *, epochs: int, skip_pair_ids: set | None = None,
+                   seed: int = 0) -> dict:  # fmt: skip
+    """One lazy dataset per epoch, each shuffled with `epoch_seed(seed, epoch)`.
+
+    Epoch e's order, and so each worker's batches, depend only on the seed and e: a run resumed
+    at epoch e trains on the same batches as an uninterrupted one, and every epoch has its own
+    shuffle. (Ray Data reseeds a single dataset per execution, counting from 0 in every new
+    worker group, which a resumed run would restart.)
+    """
+    raw = read_training_pairs(spec, data, fields, weight_key, skip_pair_ids)
+    return {epoch_dataset_name(e): preprocess(raw, spec, data, fields, weight_key, model_cfg, pipeline,
+                                              seed=epoch_seed(seed, e)) for e in range(epochs)}  # fmt: skip
 
 
 def unsplit_data_config():
-    """Ray Train DataConfig that splits the train dataset without dropping rows.
+    """Ray Train DataConfig that splits the training datasets (`train*`) without dropping rows.
 
     Ray Train's default makes shards equal by dropping the remainder; `train_batches`
     pads instead, so every valid row is seen once per epoch.
@@ -191,7 +224,7 @@ def unsplit_data_config():
             output = [{} for _ in range(world_size)]
             for name, ds in datasets.items():
                 ds = ds.copy(ds)
-                if name == "train":
+                if name.startswith("train"):
                     for i, split in enumerate(ds.streaming_split(world_size, equal=False)):
                         output[i][name] = split
                 else:
