@@ -167,3 +167,55 @@ def test_sigterm_to_gcl_train_keeps_its_checkpoints_and_the_same_command_resumes
         f"run stopped resumes from its checkpoint at epoch {latest['epoch']}, step {latest['step']}"
         in second.stderr
     )
+
+
+def test_sweep_stopped_mid_trial_resumes_without_running_finished_trials_again(synth_dir, tmp_path):
+    """`gcl tune` gets SIGTERM while its second trial trains; the same command finishes the sweep
+    under the same parent run, and the first trial is not run again."""
+    import yaml
+
+    from workflows.cli import CONFIGS
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump({
+        "name": "halted", "base": str(CONFIGS / "tiny-cpu.yaml"), "search": "random", "num_samples": 1,
+        "set": ["train.epochs=2", "train.batch_size=16", "train.warmup_steps=2", f"data.train={synth_dir}/train.parquet",
+                f"data.eval={{in_domain: {synth_dir}/in_domain.parquet}}", f"storage={tmp_path}/runs",
+                f"mlflow.tracking_uri={uri}"],
+        "space": {"loss.left_to_right": {"grid": [1.0, 0.5]}},
+    }))  # fmt: skip
+    command = [os.path.join(os.path.dirname(sys.executable), "gcl"), "tune", "-c", str(sweep)]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    client = MlflowClient(uri)
+
+    def trial_epochs() -> dict[str, int]:
+        """Child run id -> epochs it has logged."""
+        parents = runs_named(client, "gcl", "halted")
+        if not parents:
+            return {}
+        experiment = parents[0].info.experiment_id
+        children = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")
+        return {c.info.run_id: len(client.get_metric_history(c.info.run_id, "train_loss")) for c in children}
+
+    first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while time.time() < deadline and first.poll() is None:
+        epochs = trial_epochs()
+        if len(epochs) == 2 and sorted(epochs.values()) == [0, 2]:  # one trial done, the other started
+            break
+        time.sleep(1)
+    assert len(epochs) == 2 and sorted(epochs.values()) == [0, 2], (
+        f"the sweep never reached its second trial: {epochs}"
+    )
+    done = next(run_id for run_id, n in epochs.items() if n == 2)
+    done_steps = len(client.get_metric_history(done, "loss"))
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(120) != 0
+
+    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert len(runs_named(client, "gcl", "halted")) == 1  # the same parent run
+    epochs = trial_epochs()
+    assert len(epochs) == 2 and sorted(epochs.values()) == [2, 2]  # both trials complete, no third run
+    assert len(client.get_metric_history(done, "loss")) == done_steps  # the finished trial did not run again

@@ -101,3 +101,19 @@ def test_preprocessor_outputs_fixed_shapes_and_presence(tmp_path):
         out["document_key"].dtype == np.int64 and len(set(out["document_key"])) == pairs.product_id.nunique()
     )
     assert isinstance(pd.DataFrame({"k": out["score"]}), pd.DataFrame)
+
+
+def test_augmented_crops_repeat_for_the_same_epoch_seed():
+    """Random crops are drawn per pair from the epoch's seed: runs agree, epochs differ."""
+    from gcl.data.pipeline import PairPreprocessor
+
+    pairs = generate_pairs(SynthConfig(products=20, queries=5, docs_per_query=4, seed=1)).head(8)
+    batch = {c: pairs[c].to_numpy() for c in pairs.columns}
+
+    def crops(seed):
+        pre = PairPreprocessor({"arch": "gcl-tiny"}, FieldsConfig().model_dump(), "score_linear",
+                               DataConfig().model_dump(), None, augment=True, seed=seed)  # fmt: skip
+        return pre(batch)["image"]
+
+    np.testing.assert_array_equal(crops(11), crops(11))
+    assert not np.array_equal(crops(11), crops(12))

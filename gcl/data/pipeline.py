@@ -65,7 +65,7 @@ class PairPreprocessor:
     """
 
     def __init__(self, model_cfg: dict, fields: dict, weight_key: str, data_cfg: dict,
-                 base_dir: str | None, augment: bool):  # fmt: skip
+                 base_dir: str | None, augment: bool, seed: int = 0):  # fmt: skip
         from gcl.model import ModelConfig, create_preprocessing
 
         self.tokenizer, train_tf, eval_tf = create_preprocessing(ModelConfig(**model_cfg))
@@ -74,14 +74,17 @@ class PairPreprocessor:
         self.weight_key = weight_key
         self.data = DataConfig(**data_cfg)
         self.base_dir = base_dir
+        self.augment, self.seed = augment, seed
 
-    def _image(self, value, pair_id) -> torch.Tensor | None:
+    def _image(self, value, pair_id, pair_key: int) -> torch.Tensor | None:
         from PIL import Image
 
         try:
             raw = image_bytes(value, self.base_dir)
             if raw is None:
                 return None
+            if self.augment:  # the same random crop for this pair and epoch seed in every run
+                torch.manual_seed(hash((self.seed, int(pair_key))) & 0x7FFF_FFFF_FFFF_FFFF)
             with Image.open(io.BytesIO(raw)) as img:
                 return self.image_transform(img.convert("RGB"))
         except Exception as err:
@@ -91,6 +94,7 @@ class PairPreprocessor:
 
     def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         pair_ids = batch[self.data.pair_id_column]
+        pair_keys = stable_keys(pair_ids)
         out: dict[str, np.ndarray] = {}
         for name, modality in self.fields.items():
             values = batch[name]
@@ -99,7 +103,7 @@ class PairPreprocessor:
                 texts = [str(v) if ok else "" for v, ok in zip(values, present, strict=True)]
                 out[name] = self.tokenizer(texts).numpy().astype(np.int64)
             else:
-                images = [self._image(v, pid) for v, pid in zip(values, pair_ids, strict=True)]
+                images = [self._image(v, pid, key) for v, pid, key in zip(values, pair_ids, pair_keys, strict=True)]
                 present = np.array([img is not None for img in images])
                 shape = next((img.shape for img in images if img is not None), None)
                 if shape is None:
@@ -112,7 +116,7 @@ class PairPreprocessor:
         out["score"] = np.asarray(batch[self.weight_key], dtype=np.float32)
         out["query_key"] = stable_keys(batch[self.data.query_id_column])
         out["document_key"] = stable_keys(batch[self.data.document_id_column])
-        out["pair_key"] = stable_keys(pair_ids)
+        out["pair_key"] = pair_keys
         return out
 
 
@@ -163,7 +167,7 @@ def preprocess(raw, spec: str, data: DataConfig, fields: FieldsConfig, weight_ke
         PairPreprocessor,
         fn_constructor_kwargs=dict(model_cfg=model_cfg, fields=fields.model_dump(), weight_key=weight_key,
                                    data_cfg=data.model_dump(), base_dir=image_base_dir(resolve_files(spec)[0], data.image_root),
-                                   augment=pipeline.augment_images),
+                                   augment=pipeline.augment_images, seed=seed),
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pipeline.preprocess_actors),
         num_cpus=pipeline.cpus_per_actor,
         batch_size=pipeline.preprocess_batch_size,
