@@ -8,6 +8,7 @@ fields exactly as in training.
 from __future__ import annotations
 
 import io
+import logging
 from collections.abc import Callable, Mapping
 
 import numpy as np
@@ -16,10 +17,12 @@ import torch
 from pydantic import Field, model_validator
 
 from gcl.config import FieldsConfig, Section
-from gcl.data.readers import image_base_dir, image_bytes, read_table, resolve_files
+from gcl.data.readers import DataError, image_base_dir, image_bytes, read_table, resolve_files
 from gcl.data.schema import DataConfig
 from gcl.loss import fuse_fields
 from gcl.metrics import evaluate
+
+log = logging.getLogger(__name__)
 
 
 class EvalConfig(Section):
@@ -216,7 +219,28 @@ def evaluate_split(row_encoder: RowEncoder, spec: str, data: DataConfig, cfg: Ev
         str(qid): dict(zip(doc_ids[idx].tolist(), sc.tolist(), strict=True))
         for qid, idx, sc in zip(queries[data.query_id_column], index.numpy(), scores.numpy(), strict=True)
     }
-    return evaluate(qrels, run, cfg.measures, relevance_level=cfg.relevance_level)
+    return evaluate(judged_queries(qrels, spec, cfg), run, cfg.measures, relevance_level=cfg.relevance_level)
+
+
+def judged_queries(
+    qrels: dict[str, dict[str, float]], spec: str, cfg: EvalConfig
+) -> dict[str, dict[str, float]]:
+    """The qrels of the queries with at least one relevant document (grade >= relevance_level).
+
+    A query without one has no right answer: NDCG, MAP and MRR are undefined for it, and counting
+    it as 0 would lower every model's score alike. It is left out of the means, with a warning
+    giving the count; a split where no query has one is an error.
+    """
+    judged = {q: docs for q, docs in qrels.items() if max(docs.values()) >= cfg.relevance_level}
+    if not judged:
+        raise DataError(f"{spec}: no query has a document with {cfg.grade_column} >= {cfg.relevance_level} "
+                        f"(eval.relevance_level): nothing to evaluate; check eval.grade_column")  # fmt: skip
+    if len(judged) < len(qrels):
+        example = next(q for q in qrels if q not in judged)
+        log.warning("%s: %d of %d queries have no document with %s >= %g and are left out of the means "
+                    "(e.g. query %s)", spec, len(qrels) - len(judged), len(qrels), cfg.grade_column,
+                    cfg.relevance_level, example)  # fmt: skip
+    return judged
 
 
 def evaluate_splits(row_encoder: RowEncoder, splits: Mapping[str, str], data: DataConfig,

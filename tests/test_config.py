@@ -99,3 +99,19 @@ def test_resume_is_reported_only_from_a_committed_checkpoint(tmp_path, caplog):
         "checkpoint_dir_name": "checkpoint_2026-01-01_00-00-00.000000", "metrics": {"epoch": 1, "step": 15}}}))  # fmt: skip
     _log_resume(str(run_dir))
     assert "run resumes from its checkpoint at epoch 1, step 15" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.epoch=3", r"train.epoch: unknown key; .*\(did you mean 'epochs'\?\)"),
+        ("fields.right.image.weight=-1", r"fields.right.image.weight: Input should be greater than or equal to 0 \(got -1\)"),
+        ("loss.left_to_right=-0.5", r"loss.left_to_right: Input should be greater than or equal to 0"),
+        ("loss.weight_fn=softmax", r"loss.weight_fn: Input should be 'uniform', 'linear', 'reciprocal', 'power' or 'exponential' \(got 'softmax'\)"),
+        ("deepspeed.zero_stage=4", r"deepspeed.zero_stage: Input should be 0, 1, 2 or 3 \(got 4\)"),
+        ("scaling.num_workers=0", r"scaling.num_workers: Input should be greater than or equal to 1"),
+    ],
+)  # fmt: skip
+def test_each_invalid_config_value_in_the_readme_table_names_its_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_config(JobConfig, CONFIGS / "tiny-cpu.yaml", [override])

@@ -112,3 +112,16 @@ def test_bad_measure_names_and_empty_qrels_are_rejected():
         evaluate({"q": {"d": 1}}, {}, ["rbp@1.5"])
     with pytest.raises(ValueError, match="qrels is empty"):
         evaluate({}, {}, ["ndcg@10"])
+
+
+def test_queries_without_a_relevant_document_are_left_out_with_a_count(caplog):
+    from gcl.data.readers import DataError
+    from gcl.retrieval import EvalConfig, judged_queries
+
+    cfg = EvalConfig(relevance_level=0.5)
+    qrels = {"q1": {"d1": 1.0, "d2": 0.0}, "q2": {"d3": 0.2}, "q3": {"d1": 0.5}}
+    assert judged_queries(qrels, "split.parquet", cfg) == {"q1": qrels["q1"], "q3": qrels["q3"]}
+    assert "split.parquet: 1 of 3 queries have no document with score_linear >= 0.5" in caplog.text
+    assert "query q2" in caplog.text
+    with pytest.raises(DataError, match=r"split.parquet: no query has a document with score_linear >= 0.5"):
+        judged_queries({"q2": {"d3": 0.2}}, "split.parquet", cfg)

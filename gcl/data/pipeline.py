@@ -103,7 +103,9 @@ class PairPreprocessor:
                 texts = [str(v) if ok else "" for v, ok in zip(values, present, strict=True)]
                 out[name] = self.tokenizer(texts).numpy().astype(np.int64)
             else:
-                images = [self._image(v, pid, key) for v, pid, key in zip(values, pair_ids, pair_keys, strict=True)]
+                images = [
+                    self._image(v, pid, key) for v, pid, key in zip(values, pair_ids, pair_keys, strict=True)
+                ]
                 present = np.array([img is not None for img in images])
                 shape = next((img.shape for img in images if img is not None), None)
                 if shape is None:
