@@ -27,6 +27,18 @@ CHECKPOINT_TAG = "checkpoint"
 STATE_FILE = "gcl_state.json"
 
 
+# Communication buckets sized for CLIP-scale models (0.1-1B parameters), in elements. DeepSpeed's
+# defaults (5e8 for the reduce and all-gather buckets, 1e9 live parameters under ZeRO-3) exceed a
+# ViT-B-32's whole gradient, so its buffers alone outweighed what ZeRO-3 saves.
+ZERO_BUCKETS = {
+    "reduce_bucket_size": 5_000_000,
+    "allgather_bucket_size": 5_000_000,
+    "stage3_prefetch_bucket_size": 5_000_000,
+    "stage3_max_live_parameters": 10_000_000,
+    "stage3_max_reuse_distance": 10_000_000,
+}
+
+
 def use_bf16(job: JobConfig) -> bool:
     """bf16 on a CUDA device that supports it when precision is auto; fp32 on CPU."""
     if job.train.precision == "bf16":
@@ -40,7 +52,10 @@ def deepspeed_config(job: JobConfig) -> dict[str, Any]:
     if job.deepspeed.config:
         with open(job.deepspeed.config) as f:
             config = json.load(f)
-    config.setdefault("zero_optimization", {})["stage"] = job.deepspeed.zero_stage
+    zero = config.setdefault("zero_optimization", {})
+    zero["stage"] = job.deepspeed.zero_stage
+    for key, value in ZERO_BUCKETS.items():  # the base config's own values win
+        zero.setdefault(key, value)
     config.update(
         train_micro_batch_size_per_gpu=job.train.batch_size,
         gradient_accumulation_steps=job.train.grad_accum,
@@ -64,6 +79,13 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def adamw(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """torch's AdamW with its fused kernel: one pass per parameter tensor, no temporaries the size
+    of the parameters. Under ZeRO the optimizer steps one flat partition, where the default
+    implementation's temporaries would add a partition-sized peak."""
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, fused=True)
+
+
 def warmup_cosine(
     optimizer: torch.optim.Optimizer, warmup: int, total: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
@@ -85,7 +107,7 @@ def setup_engine(job: JobConfig, total_steps: int):
     torch.manual_seed(job.seed)
     loaded = create_model(job.model, init_temperature=job.loss.init_temperature)
     encoder = FieldEncoder(loaded.clip, job.fields.modalities())
-    optimizer = torch.optim.AdamW(param_groups(encoder, job.train.weight_decay), lr=job.train.lr)
+    optimizer = adamw(encoder, job.train.lr, job.train.weight_decay)
     scheduler = warmup_cosine(optimizer, job.train.warmup_steps, total_steps)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=encoder, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(job),

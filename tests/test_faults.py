@@ -180,6 +180,7 @@ def test_sweep_stopped_mid_trial_resumes_without_running_finished_trials_again(s
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text(yaml.safe_dump({
         "name": "halted", "base": str(CONFIGS / "tiny-cpu.yaml"), "search": "random", "num_samples": 1,
+        "asha": {"enabled": False},  # both trials run every epoch
         "set": ["train.epochs=2", "train.batch_size=16", "train.warmup_steps=2", f"data.train={synth_dir}/train.parquet",
                 f"data.eval={{in_domain: {synth_dir}/in_domain.parquet}}", f"storage={tmp_path}/runs",
                 f"mlflow.tracking_uri={uri}"],
@@ -219,3 +220,6 @@ def test_sweep_stopped_mid_trial_resumes_without_running_finished_trials_again(s
     epochs = trial_epochs()
     assert len(epochs) == 2 and sorted(epochs.values()) == [2, 2]  # both trials complete, no third run
     assert len(client.get_metric_history(done, "loss")) == done_steps  # the finished trial did not run again
+    for run_id in epochs:  # the interrupted trial resumed: each step once
+        steps = [m.step for m in client.get_metric_history(run_id, "loss")]
+        assert sorted(steps) == list(range(1, len(steps) + 1))

@@ -66,7 +66,9 @@ def trial_driver(params: dict[str, Any], sweep: dict) -> None:
         "gcl.sweep": sweep["name"],
         "gcl.trial_id": trial_id,
     }
-    run_id = start_run(uri, sweep["experiment"], name, params, tags)
+    # A trial id is unique within its sweep: a trial Tune starts again after the sweep was stopped
+    # (even one that had finished, if Tune had not yet saved that) continues its own run.
+    run_id = start_run(uri, sweep["experiment"], name, params, tags, reopen_finished=True)
     client = MlflowClient(uri)
     try:
         job = with_score_range(trial_job(sweep["base"], params, name), sweep["report"])
