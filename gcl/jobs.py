@@ -22,11 +22,11 @@ log = logging.getLogger(__name__)
 
 
 def job_resources(job: JobConfig) -> dict[str, float]:
-    """What one training holds at once: its workers, preprocessing actors, and one CPU for Ray
+    """What one training holds at once: its workers, preprocessing tasks, and one CPU for Ray
     Data's read and shuffle tasks."""
     cpus = (
         job.scaling.num_workers * job.scaling.cpus_per_worker
-        + job.pipeline.preprocess_actors * job.pipeline.cpus_per_actor
+        + job.pipeline.preprocess_tasks * job.pipeline.cpus_per_task
         + 1.0
     )
     return {"CPU": cpus, "GPU": float(job.scaling.num_workers if job.scaling.use_gpu else 0)}
@@ -50,8 +50,8 @@ def check_resources(job: JobConfig, cluster: dict[str, float], can_grow: bool | 
     )
     message = (f"the job does not fit the Ray cluster: {detail} (scaling.num_workers={job.scaling.num_workers} x "
                f"scaling.cpus_per_worker={job.scaling.cpus_per_worker}, use_gpu={job.scaling.use_gpu}, plus "
-               f"pipeline.preprocess_actors={job.pipeline.preprocess_actors} x pipeline.cpus_per_actor="
-               f"{job.pipeline.cpus_per_actor} and 1 CPU for Ray Data); lower them or use a bigger cluster")  # fmt: skip
+               f"pipeline.preprocess_tasks={job.pipeline.preprocess_tasks} x pipeline.cpus_per_task="
+               f"{job.pipeline.cpus_per_task} and 1 CPU for Ray Data); lower them or use a bigger cluster")  # fmt: skip
     if not can_grow:
         raise ConfigError(message)
     log.warning("%s; waiting for the cluster to scale up", message)

@@ -58,7 +58,7 @@ def test_every_valid_row_once_per_epoch_across_two_shards(ray_local, tmp_path):
         FieldsConfig(),
         "score_linear",
         {"arch": "gcl-tiny"},
-        PipelineConfig(preprocess_actors=1, cpus_per_actor=0.25, preprocess_batch_size=32),
+        PipelineConfig(preprocess_tasks=1, cpus_per_task=0.25, preprocess_batch_size=32),
         skip_pair_ids=skip,
         seed=7,
     )
@@ -110,10 +110,11 @@ def test_augmented_crops_repeat_for_the_same_epoch_seed():
     pairs = generate_pairs(SynthConfig(products=20, queries=5, docs_per_query=4, seed=1)).head(8)
     batch = {c: pairs[c].to_numpy() for c in pairs.columns}
 
+    pre = PairPreprocessor({"arch": "gcl-tiny"}, FieldsConfig().model_dump(), "score_linear",
+                           DataConfig().model_dump(), None, augment=True)  # fmt: skip
+
     def crops(seed):
-        pre = PairPreprocessor({"arch": "gcl-tiny"}, FieldsConfig().model_dump(), "score_linear",
-                               DataConfig().model_dump(), None, augment=True, seed=seed)  # fmt: skip
-        return pre(batch)["image"]
+        return pre(batch, seed=seed)["image"]
 
     np.testing.assert_array_equal(crops(11), crops(11))
     assert not np.array_equal(crops(11), crops(12))

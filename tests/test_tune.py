@@ -74,9 +74,9 @@ def test_sampled_values_become_validated_overrides(tmp_path):
 
 def test_trial_concurrency_follows_the_cluster_and_the_job_scaling(tmp_path):
     _, job = load_sweep(_sweep_file(tmp_path))
-    per_trial = job_resources(job)["CPU"]  # workers + preprocessing actors + Ray Data's tasks
+    per_trial = job_resources(job)["CPU"]  # workers + preprocessing tasks + Ray Data's read
     assert per_trial == pytest.approx(
-        job.scaling.num_workers * job.scaling.cpus_per_worker + job.pipeline.cpus_per_actor + 1.0
+        job.scaling.num_workers * job.scaling.cpus_per_worker + job.pipeline.cpus_per_task + 1.0
     )
     assert trial_concurrency({"CPU": 2.0}, job, None) == 1
     assert trial_concurrency({"CPU": 4 * per_trial + 0.5}, job, None) == 4

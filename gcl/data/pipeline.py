@@ -1,5 +1,5 @@
 """The Ray Data pipeline: read -> drop rejected rows -> shuffle -> decode, transform and
-tokenize in a CPU actor pool -> fixed-shape numpy batches for the trainers.
+tokenize in Ray Data tasks -> fixed-shape numpy batches for the trainers.
 
 Train workers read their shard with `train_batches`, which pads the last batch with
 invalid rows and keeps all ranks stepping together, so every valid row is used exactly
@@ -8,8 +8,10 @@ once per epoch and no row is dropped to make shards equal.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
+import json
 import os
 from collections.abc import Iterator, Mapping
 from typing import Any, Literal
@@ -29,10 +31,11 @@ META_COLUMNS = ("score", "query_key", "document_key", "pair_key", "valid")
 class PipelineConfig(Section):
     """How the data pipeline runs."""
 
-    preprocess_actors: int = Field(1, ge=1)
-    """Actors decoding images and tokenizing text (each loads the transforms once)."""
-    cpus_per_actor: float = Field(0.5, gt=0)
-    """CPUs reserved per preprocessing actor (fractional on small machines)."""
+    preprocess_tasks: int = Field(1, ge=1)
+    """Preprocessing tasks at once (decoding images, tokenizing text); each worker process that
+    runs them loads the tokenizer and transforms once and keeps them across epochs."""
+    cpus_per_task: float = Field(0.5, gt=0)
+    """CPUs reserved per preprocessing task (fractional on small machines)."""
     preprocess_batch_size: int = Field(256, ge=1)
     """Rows per preprocessing call."""
     shuffle: Literal["global", "blocks", "none"] = "global"
@@ -65,7 +68,7 @@ class PairPreprocessor:
     """
 
     def __init__(self, model_cfg: dict, fields: dict, weight_key: str, data_cfg: dict,
-                 base_dir: str | None, augment: bool, seed: int = 0):  # fmt: skip
+                 base_dir: str | None, augment: bool):  # fmt: skip
         from gcl.model import ModelConfig, create_preprocessing
 
         self.tokenizer, train_tf, eval_tf = create_preprocessing(ModelConfig(**model_cfg))
@@ -74,9 +77,9 @@ class PairPreprocessor:
         self.weight_key = weight_key
         self.data = DataConfig(**data_cfg)
         self.base_dir = base_dir
-        self.augment, self.seed = augment, seed
+        self.augment = augment
 
-    def _image(self, value, pair_id, pair_key: int) -> torch.Tensor | None:
+    def _image(self, value, pair_id, pair_key: int, seed: int) -> torch.Tensor | None:
         from PIL import Image
 
         try:
@@ -84,7 +87,7 @@ class PairPreprocessor:
             if raw is None:
                 return None
             if self.augment:  # the same random crop for this pair and epoch seed in every run
-                torch.manual_seed(hash((self.seed, int(pair_key))) & 0x7FFF_FFFF_FFFF_FFFF)
+                torch.manual_seed(hash((seed, int(pair_key))) & 0x7FFF_FFFF_FFFF_FFFF)
             with Image.open(io.BytesIO(raw)) as img:
                 return self.image_transform(img.convert("RGB"))
         except Exception as err:
@@ -92,7 +95,8 @@ class PairPreprocessor:
                 f"pair {pair_id!r}: image cannot be read or decoded ({type(err).__name__}: {err})"
             ) from err
 
-    def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def __call__(self, batch: Mapping[str, np.ndarray], seed: int = 0) -> dict[str, np.ndarray]:
+        """seed: the epoch's seed, which draws the random crops when augmenting."""
         pair_ids = batch[self.data.pair_id_column]
         pair_keys = stable_keys(pair_ids)
         out: dict[str, np.ndarray] = {}
@@ -104,7 +108,8 @@ class PairPreprocessor:
                 out[name] = self.tokenizer(texts).numpy().astype(np.int64)
             else:
                 images = [
-                    self._image(v, pid, key) for v, pid, key in zip(values, pair_ids, pair_keys, strict=True)
+                    self._image(v, pid, key, seed)
+                    for v, pid, key in zip(values, pair_ids, pair_keys, strict=True)
                 ]
                 present = np.array([img is not None for img in images])
                 shape = next((img.shape for img in images if img is not None), None)
@@ -120,6 +125,18 @@ class PairPreprocessor:
         out["document_key"] = stable_keys(batch[self.data.document_id_column])
         out["pair_key"] = pair_keys
         return out
+
+
+@functools.lru_cache(maxsize=4)
+def _preprocessor(settings: str) -> PairPreprocessor:
+    return PairPreprocessor(**json.loads(settings))
+
+
+def preprocess_batch(batch: Mapping[str, np.ndarray], settings: str, seed: int) -> dict[str, np.ndarray]:
+    """Ray Data task: PairPreprocessor(**settings) on `batch`. Tasks run in Ray's pooled worker
+    processes, which outlive an epoch: each builds the tokenizer and transforms once and keeps
+    them (an actor pool would start new processes, and load them again, every epoch)."""
+    return _preprocessor(settings)(batch, seed=seed)
 
 
 def read_pairs(spec: str, files: list[str], columns: list[str]):
@@ -158,26 +175,25 @@ def read_training_pairs(spec: str, data: DataConfig, fields: FieldsConfig, weigh
 def preprocess(raw, spec: str, data: DataConfig, fields: FieldsConfig, weight_key: str, model_cfg: dict,
                pipeline: PipelineConfig, *, seed: int = 0, shuffle: bool = True):  # fmt: skip
     """Shuffle `raw` pairs with `seed` (as pipeline.shuffle says), then decode, transform and
-    tokenize them in the actor pool. Lazy: runs each time it is consumed, in the same order."""
-    import ray.data
-
+    tokenize them in Ray Data tasks. Lazy: runs each time it is consumed, in the same order."""
     if shuffle and pipeline.shuffle == "global":
         raw = raw.random_shuffle(seed=seed)
     elif shuffle and pipeline.shuffle == "blocks":
         raw = raw.randomize_block_order(seed=seed)
+    # Blocks of one preprocessing batch: the preprocessing streams (the first batches reach the
+    # trainers while later ones are decoded) and the split can hand every worker a share even of a
+    # small dataset. A whole file or shuffle partition is one block otherwise.
+    raw = raw.repartition(target_num_rows_per_block=pipeline.preprocess_batch_size)
+    settings = dict(model_cfg=model_cfg, fields=fields.model_dump(), weight_key=weight_key, data_cfg=data.model_dump(),
+                    base_dir=image_base_dir(resolve_files(spec)[0], data.image_root), augment=pipeline.augment_images)  # fmt: skip
     ds = raw.map_batches(
-        PairPreprocessor,
-        fn_constructor_kwargs=dict(model_cfg=model_cfg, fields=fields.model_dump(), weight_key=weight_key,
-                                   data_cfg=data.model_dump(), base_dir=image_base_dir(resolve_files(spec)[0], data.image_root),
-                                   augment=pipeline.augment_images, seed=seed),
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pipeline.preprocess_actors),
-        num_cpus=pipeline.cpus_per_actor,
+        preprocess_batch,
+        fn_kwargs={"settings": json.dumps(settings, sort_keys=True), "seed": seed},
+        concurrency=pipeline.preprocess_tasks,
+        num_cpus=pipeline.cpus_per_task,
         batch_size=pipeline.preprocess_batch_size,
         batch_format="numpy",
-    )  # fmt: skip
-    # Ray Data coalesces small outputs into large blocks; bounded blocks let the split
-    # hand every worker a share even of a small dataset.
-    ds = ds.repartition(target_num_rows_per_block=pipeline.preprocess_batch_size)
+    )
     # Blocks leave in a fixed order, so the split hands each worker the same rows every time
     # (it gives the next block to the worker with the fewest rows so far).
     ds.context.execution_options.preserve_order = True
