@@ -251,11 +251,18 @@ def train_worker(config: dict[str, Any]) -> None:
     text_cfg, vision_cfg = loaded.model_cfg["text_cfg"], loaded.model_cfg["vision_cfg"]
     template = batch_template(job.fields, text_cfg.get("context_length", 77), vision_cfg["image_size"])
     device = engine.device
+    shards: dict[int, Any] = {}
     for epoch in range(start_epoch, job.train.epochs):
-        shard = ray.train.get_dataset_shard(epoch_dataset_name(epoch))
+        for e in (epoch, epoch + 1):  # the next epoch's split starts up while this one trains
+            if e < job.train.epochs and e not in shards:
+                shards[e] = ray.train.get_dataset_shard(epoch_dataset_name(e))
+        shard = shards.pop(epoch)
         epoch_loss, epoch_steps, epoch_pairs, start = 0.0, 0, 0, time.perf_counter()
+        first_batch_at, first_batch_pairs = None, 0
         for batch in train_batches(shard, job.train.batch_size, template, local_shuffle_buffer=job.pipeline.local_shuffle_buffer,
                                    seed=job.seed * 1000 + epoch):  # fmt: skip
+            if first_batch_at is None:
+                first_batch_at, first_batch_pairs = time.perf_counter(), int(batch["valid"].sum())
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             tick = time.perf_counter()
             inputs = {name: batch[name] for name in job.fields.modalities()}
@@ -273,11 +280,16 @@ def train_worker(config: dict[str, Any]) -> None:
             metrics_log.log({"loss": loss.item(), "lr": scheduler.get_last_lr()[0], "pairs_per_s": pairs_per_s,
                              "logit_scale": log_scale.exp().item(), **{f"loss_{k}": v.item() for k, v in terms.items()}},
                             step)  # fmt: skip
-        train_seconds = time.perf_counter() - start  # data waits included, evaluation not
+        end = time.perf_counter()
+        first_batch_at = first_batch_at or end
         results = _evaluate_on_rank_zero(job, engine, rank)
         metrics = {"epoch": epoch + 1, "step": step, "train_loss": epoch_loss / max(epoch_steps, 1),
                    "epoch_seconds": time.perf_counter() - start,
-                   "epoch_pairs_per_s": world * epoch_pairs / max(train_seconds, 1e-9)}  # fmt: skip
+                   # Data waits included, evaluation not; "steady": after the first batch arrived,
+                   # without the epoch's start-up (the pipeline's read, shuffle and first batch).
+                   "epoch_pairs_per_s": world * epoch_pairs / max(end - start, 1e-9),
+                   "epoch_first_batch_seconds": first_batch_at - start,
+                   "epoch_steady_pairs_per_s": world * (epoch_pairs - first_batch_pairs) / max(end - first_batch_at, 1e-9)}  # fmt: skip
         for split, values in (results or {}).items():
             metrics.update({f"{split}/{name}": value for name, value in values.items()})
         if results:
@@ -298,7 +310,12 @@ def consolidate_checkpoint(checkpoint_dir: str, job: JobConfig, out_dir: str) ->
 
     from gcl.model import model_config, save_model
 
-    state = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=CHECKPOINT_TAG)
+    if job.deepspeed.zero_stage == 0:  # nothing partitioned: the engine saved the whole module
+        path = os.path.join(checkpoint_dir, CHECKPOINT_TAG, "mp_rank_00_model_states.pt")
+        module = torch.load(path, map_location="cpu", weights_only=True)["module"]
+        state = {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
+    else:
+        state = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=CHECKPOINT_TAG)
     clip_state = {k.removeprefix("clip."): v for k, v in state.items()}
     loaded = create_model(job.model)
     loaded.clip.load_state_dict(clip_state)

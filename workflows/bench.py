@@ -2,7 +2,8 @@
 
 data      Ray Data pipeline pairs/s (1 and 2 preprocessing tasks at once) / training consumption pairs/s
 pipeline  whole pipeline (Ray Data -> Ray Train -> DeepSpeed, 2 workers) pairs/s / a bare
-          single-process torch loop on the same model, global batch and cores
+          single-process torch loop on the same model, global batch and cores: over a whole warm
+          epoch, and in its steady state (after its first batch, without the epoch's start-up)
 memory    per-worker peak memory, ZeRO-3 / ZeRO-0, 2 workers, a ViT-B-32-sized model: peak RSS,
           and the peak beyond what the worker held before building the model (its libraries)
 retrieval exact top-k search queries/s / FAISS IndexFlatIP on the same embeddings (100k documents),
@@ -250,8 +251,13 @@ def run_bench(only: list[str] | None = None, workdir: str | None = None) -> dict
     if "pipeline" in only:
         result = run_train(job.model_copy(update={"name": f"bench-{time.time_ns()}"}))
         figures["pipeline_pairs_per_s"] = float(result.metrics["epoch_pairs_per_s"])  # epoch 2: warm
+        figures["pipeline_steady_pairs_per_s"] = float(result.metrics["epoch_steady_pairs_per_s"])
+        figures["pipeline_epoch_first_batch_s"] = float(result.metrics["epoch_first_batch_seconds"])
         figures["bare_loop_pairs_per_s"] = bare_loop_pairs_per_s(job, batch, threads=world)
         figures["pipeline_over_bare"] = figures["pipeline_pairs_per_s"] / figures["bare_loop_pairs_per_s"]
+        figures["pipeline_steady_over_bare"] = (
+            figures["pipeline_steady_pairs_per_s"] / figures["bare_loop_pairs_per_s"]
+        )
     if "memory" in only:
         zero0, zero0_model = zero_peak_memory_mib(0, f"{workdir}/runs")
         zero3, zero3_model = zero_peak_memory_mib(3, f"{workdir}/runs")
@@ -263,7 +269,7 @@ def run_bench(only: list[str] | None = None, workdir: str | None = None) -> dict
 
 
 def _report(figures: dict) -> dict:
-    goals = {"data_over_consumption": ">= 2", "pipeline_over_bare": ">= 0.9", "zero3_over_zero0": "<= 0.6", "zero3_over_zero0_training": "<= 0.6",
+    goals = {"data_over_consumption": ">= 2", "pipeline_over_bare": ">= 0.9", "pipeline_steady_over_bare": ">= 0.9", "zero3_over_zero0": "<= 0.6", "zero3_over_zero0_training": "<= 0.6",
              "retrieval_gcl_over_faiss": ">= 1.0", "search_extra_peak_1m_over_100k": "~1 (bounded)"}  # fmt: skip
     print(f"\n{'figure':34s}{'value':>12s}  goal")
     for key, value in figures.items():
