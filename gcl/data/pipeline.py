@@ -35,7 +35,8 @@ class PipelineConfig(Section):
     """Preprocessing tasks at once (decoding images, tokenizing text); each worker process that
     runs them loads the tokenizer and transforms once and keeps them across epochs."""
     cpus_per_task: float = Field(0.5, gt=0)
-    """CPUs reserved per preprocessing task (fractional on small machines)."""
+    """CPUs reserved per read, shuffle and preprocessing task (fractional on small machines, so
+    that a task does not wait for a whole free core)."""
     preprocess_batch_size: int = Field(256, ge=1)
     """Rows per preprocessing call."""
     shuffle: Literal["global", "blocks", "none"] = "global"
@@ -139,28 +140,30 @@ def preprocess_batch(batch: Mapping[str, np.ndarray], settings: str, seed: int) 
     return _preprocessor(settings)(batch, seed=seed)
 
 
-def read_pairs(spec: str, files: list[str], columns: list[str]):
-    """A Ray Dataset of the pairs in `files` (resolved from `spec`; parquet, CSV or JSONL), only `columns`."""
+def read_pairs(spec: str, files: list[str], columns: list[str], num_cpus: float = 1.0):
+    """A Ray Dataset of the pairs in `files` (resolved from `spec`; parquet, CSV or JSONL), only
+    `columns`; each read task reserves `num_cpus`."""
     import ray.data
 
     kinds = {os.path.splitext(f)[1] for f in files}
     if kinds == {".parquet"}:
-        return ray.data.read_parquet(files, columns=columns)
+        return ray.data.read_parquet(files, columns=columns, num_cpus=num_cpus)
     if kinds == {".csv"}:
-        return ray.data.read_csv(files).select_columns(columns)
+        return ray.data.read_csv(files, num_cpus=num_cpus).select_columns(columns)
     if kinds <= {".jsonl", ".json"}:
-        return ray.data.read_json(files, lines=True).select_columns(columns)
+        return ray.data.read_json(files, lines=True, num_cpus=num_cpus).select_columns(columns)
     raise DataError(f"{spec}: mixes file types {sorted(kinds)}; use one format per dataset")
 
 
 def read_training_pairs(spec: str, data: DataConfig, fields: FieldsConfig, weight_key: str,
-                        skip_pair_ids: set | None = None):  # fmt: skip
-    """The raw pairs of `spec` (only the columns training needs), rows rejected by validation dropped."""
+                        skip_pair_ids: set | None = None, num_cpus: float = 1.0):  # fmt: skip
+    """The raw pairs of `spec` (only the columns training needs), rows rejected by validation
+    dropped; read tasks reserve `num_cpus`."""
     import pandas as pd
 
     columns = list(dict.fromkeys([*fields.modalities(), weight_key, data.query_id_column,
                                   data.document_id_column, data.pair_id_column]))  # fmt: skip
-    ds = read_pairs(spec, resolve_files(spec), columns)
+    ds = read_pairs(spec, resolve_files(spec), columns, num_cpus)
     if skip_pair_ids:
         skip = sorted(skip_pair_ids, key=str)
         pair_col = data.pair_id_column
@@ -177,7 +180,7 @@ def preprocess(raw, spec: str, data: DataConfig, fields: FieldsConfig, weight_ke
     """Shuffle `raw` pairs with `seed` (as pipeline.shuffle says), then decode, transform and
     tokenize them in Ray Data tasks. Lazy: runs each time it is consumed, in the same order."""
     if shuffle and pipeline.shuffle == "global":
-        raw = raw.random_shuffle(seed=seed)
+        raw = raw.random_shuffle(seed=seed, num_cpus=pipeline.cpus_per_task)
     elif shuffle and pipeline.shuffle == "blocks":
         raw = raw.randomize_block_order(seed=seed)
     # Blocks of one preprocessing batch: the preprocessing streams (the first batches reach the
@@ -204,7 +207,7 @@ def build_dataset(spec: str, data: DataConfig, fields: FieldsConfig, weight_key:
                   pipeline: PipelineConfig, *, skip_pair_ids: set | None = None, seed: int = 0,
                   shuffle: bool = True):  # fmt: skip
     """The preprocessed Ray Dataset of `spec`'s pairs, shuffled with `seed` (lazy)."""
-    raw = read_training_pairs(spec, data, fields, weight_key, skip_pair_ids)
+    raw = read_training_pairs(spec, data, fields, weight_key, skip_pair_ids, pipeline.cpus_per_task)
     return preprocess(raw, spec, data, fields, weight_key, model_cfg, pipeline, seed=seed, shuffle=shuffle)
 
 
@@ -228,7 +231,7 @@ def epoch_datasets(spec: str, data: DataConfig, fields: FieldsConfig, weight_key
     shuffle. (Ray Data reseeds a single dataset per execution, counting from 0 in every new
     worker group, which a resumed run would restart.)
     """
-    raw = read_training_pairs(spec, data, fields, weight_key, skip_pair_ids)
+    raw = read_training_pairs(spec, data, fields, weight_key, skip_pair_ids, pipeline.cpus_per_task)
     return {epoch_dataset_name(e): preprocess(raw, spec, data, fields, weight_key, model_cfg, pipeline,
                                               seed=epoch_seed(seed, e)) for e in range(epochs)}  # fmt: skip
 
