@@ -100,6 +100,23 @@ def warmup_cosine(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def deepspeed_checkpoint_globals() -> list:
+    """The classes DeepSpeed stores in its checkpoints beside tensors and plain containers: small
+    data records, allowed when loading them with weights_only."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def load_weights_only(path: str, map_location=None):
+    """torch.load with weights_only=True for DeepSpeed's checkpoint files: tensors, containers and
+    DeepSpeed's data records only, so a tampered checkpoint cannot run code when a run resumes."""
+    with torch.serialization.safe_globals(deepspeed_checkpoint_globals()):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
 def setup_engine(job: JobConfig, total_steps: int):
     """Model, AdamW, schedule and the DeepSpeed engine around a FieldEncoder."""
     import deepspeed
@@ -113,6 +130,11 @@ def setup_engine(job: JobConfig, total_steps: int):
         model=encoder, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(job),
         dist_init_required=False,
     )  # fmt: skip
+    # DeepSpeed's own loader unpickles anything (weights_only=False).
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    if isinstance(engine.checkpoint_engine, TorchCheckpointEngine):
+        engine.checkpoint_engine.load = load_weights_only
     return engine, scheduler, loaded
 
 

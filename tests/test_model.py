@@ -1,5 +1,7 @@
 """open_clip model wrapper: tiny configs, field encoding, save/load in open_clip's format."""
 
+import pickle
+
 import open_clip
 import pytest
 import torch
@@ -96,3 +98,19 @@ def test_bad_model_source_is_reported(tmp_path):
         create_model(ModelConfig(pretrained=str(tmp_path)))
     with pytest.raises(RuntimeError, match="not a known tag or valid file path"):
         create_model(ModelConfig(arch="gcl-tiny", pretrained="no_such_tag"))
+
+
+class _Payload:
+    """Stands for any class a tampered checkpoint could make torch.load import and call."""
+
+
+def test_deepspeed_checkpoints_load_with_weights_only(tmp_path):
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+
+    from gcl.training import load_weights_only
+
+    torch.save({"optimizer": {"loss_scaler": LossScaler(1.0)}, "weights": torch.ones(2)}, tmp_path / "ok.pt")
+    assert load_weights_only(str(tmp_path / "ok.pt"))["weights"].tolist() == [1.0, 1.0]
+    torch.save({"optimizer": _Payload()}, tmp_path / "bad.pt")
+    with pytest.raises(pickle.UnpicklingError, match="Unsupported global"):
+        load_weights_only(str(tmp_path / "bad.pt"))
