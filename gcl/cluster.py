@@ -1,4 +1,4 @@
-"""Connecting to Ray: a cluster at RAY_ADDRESS, or a local one bound to 127.0.0.1."""
+"""Connecting to Ray: a cluster at RAY_ADDRESS, or a local one whose dashboard is on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ log = logging.getLogger(__name__)
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Connect to the cluster at `address` / RAY_ADDRESS, or start a local one on loopback.
+    """Connect to the cluster at `address` / RAY_ADDRESS, or start a local one.
 
-    The local cluster and its dashboard listen on 127.0.0.1 only, so nothing is exposed
-    beyond this machine by default.
+    The local cluster's dashboard and job API listen on 127.0.0.1 only. Its gRPC servers (GCS,
+    raylet, workers) listen on every interface: Ray replaces a loopback node address with the
+    machine's (`services.resolve_ip_for_localhost`), so there is no loopback-only local cluster;
+    they refuse clients without the cluster's token (token auth is on for local clusters).
     """
     import ray
 
@@ -36,7 +38,6 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         num_cpus=num_cpus,
         include_dashboard=True,
         dashboard_host="127.0.0.1",
-        _node_ip_address="127.0.0.1",
         runtime_env=runtime_env,
         configure_logging=True,
         logging_level=logging.WARNING,
