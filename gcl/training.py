@@ -334,7 +334,7 @@ def consolidate_checkpoint(checkpoint_dir: str, job: JobConfig, out_dir: str) ->
 
     if job.deepspeed.zero_stage == 0:  # nothing partitioned: the engine saved the whole module
         path = os.path.join(checkpoint_dir, CHECKPOINT_TAG, "mp_rank_00_model_states.pt")
-        module = torch.load(path, map_location="cpu", weights_only=True)["module"]
+        module = load_weights_only(path, map_location="cpu")["module"]
         state = {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
     else:
         state = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=CHECKPOINT_TAG)

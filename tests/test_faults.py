@@ -20,6 +20,12 @@ from gcl.tracking import runs_named
 
 pytestmark = pytest.mark.integration
 FAULT_JOB = ("train.epochs=3", "data.eval={}")  # what the interrupted runs and their reference share
+GCL = os.path.join(os.path.dirname(sys.executable), "gcl")
+
+
+def _own_local_ray_env() -> dict[str, str]:
+    """This environment without RAY_ADDRESS: a `gcl` subprocess starts its own local Ray."""
+    return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
 
 
 @pytest.fixture(scope="module")
@@ -100,16 +106,15 @@ def test_two_gcl_train_processes_share_one_sqlite_store_and_keep_credentials_out
     import yaml
 
     secret = "gcl-test-secret-3f9c1d"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = _own_local_ray_env()
     env.update(MLFLOW_TRACKING_TOKEN=secret, AWS_SECRET_ACCESS_KEY=secret)
-    gcl = os.path.join(os.path.dirname(sys.executable), "gcl")
     commands = []
     for name in ("first", "second"):
         config = tmp_path / f"{name}.yaml"
         config.write_text(
             yaml.safe_dump(tiny_job(f"name={name}", "train.epochs=1", "data.eval={}").model_dump(mode="json"))
         )
-        commands.append(subprocess.Popen([gcl, "train", "-c", str(config)], env=env, stdout=subprocess.PIPE,
+        commands.append(subprocess.Popen([GCL, "train", "-c", str(config)], env=env, stdout=subprocess.PIPE,
                                          stderr=subprocess.STDOUT, text=True))  # fmt: skip
     outputs = [process.communicate(timeout=900)[0] for process in commands]
     for process, output in zip(commands, outputs, strict=True):
@@ -138,8 +143,8 @@ def test_sigterm_to_gcl_train_keeps_its_checkpoints_and_the_same_command_resumes
 
     config = tmp_path / "job.yaml"
     config.write_text(yaml.safe_dump(tiny_job("name=stopped", *FAULT_JOB).model_dump(mode="json")))
-    command = [os.path.join(os.path.dirname(sys.executable), "gcl"), "train", "-c", str(config)]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    command = [GCL, "train", "-c", str(config)]
+    env = _own_local_ray_env()
     first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     run_dir = str(tmp_path / "runs" / "stopped")
     deadline = time.time() + 600
@@ -186,8 +191,8 @@ def test_sweep_stopped_mid_trial_resumes_without_running_finished_trials_again(s
                 f"mlflow.tracking_uri={uri}"],
         "space": {"loss.left_to_right": {"grid": [1.0, 0.5]}},
     }))  # fmt: skip
-    command = [os.path.join(os.path.dirname(sys.executable), "gcl"), "tune", "-c", str(sweep)]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    command = [GCL, "tune", "-c", str(sweep)]
+    env = _own_local_ray_env()
     client = MlflowClient(uri)
 
     def trial_epochs() -> dict[str, int]:

@@ -99,6 +99,12 @@ def preprocessor_pairs_per_s(job: JobConfig, rows: int = 512) -> float:
     return len(frame) / (time.perf_counter() - start)
 
 
+def _rss_mib() -> float:
+    """This process's resident memory now, in MiB."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
 def _memory_worker(config: dict) -> None:
     """Two optimizer steps of a ViT-B-32-sized model under DeepSpeed; reports peak RSS."""
     import ray.train
@@ -107,8 +113,7 @@ def _memory_worker(config: dict) -> None:
 
     job = JobConfig.model_validate(config["job"])
     torch.set_num_threads(1)
-    with open("/proc/self/statm") as f:  # the process before the model: Python, torch, Ray, DeepSpeed
-        baseline_mib = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    baseline_mib = _rss_mib()  # the process before the model: Python, torch, Ray, DeepSpeed
     engine, _, loaded = setup_engine(job, total_steps=10)
     size = loaded.model_cfg["vision_cfg"]["image_size"]
     length = loaded.model_cfg["text_cfg"]["context_length"]
@@ -189,8 +194,7 @@ def search_memory_child(n_docs: int, n_queries: int, dim: int, k: int) -> None:
     from gcl.retrieval import EvalConfig, exact_top_k
 
     docs, queries = _unit_rows(n_docs, dim, 0), _unit_rows(n_queries, dim, 1)
-    with open("/proc/self/statm") as f:
-        before = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    before = _rss_mib()
     cfg = EvalConfig()
     exact_top_k(queries, docs, k, cfg.chunk_size, cfg.query_block)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -155,15 +155,19 @@ def read_pairs(spec: str, files: list[str], columns: list[str], num_cpus: float 
     raise DataError(f"{spec}: mixes file types {sorted(kinds)}; use one format per dataset")
 
 
-def read_training_pairs(spec: str, data: DataConfig, fields: FieldsConfig, weight_key: str,
-                        skip_pair_ids: set | None = None, num_cpus: float = 1.0):  # fmt: skip
-    """The raw pairs of `spec` (only the columns training needs), rows rejected by validation
-    dropped; read tasks reserve `num_cpus`."""
+def read_training_pairs(spec: str, files: list[str], data: DataConfig, fields: FieldsConfig, weight_key: str,
+                        model_cfg: dict, pipeline: PipelineConfig, skip_pair_ids: set | None = None):  # fmt: skip
+    """(raw pairs, preprocessing settings) of `spec`, whose `files` are listed once by the caller.
+
+    The raw pairs hold only the columns training needs, rows rejected by validation dropped;
+    read tasks reserve `pipeline.cpus_per_task`. The settings (JSON) are what `preprocess_batch`
+    builds its PairPreprocessor from.
+    """
     import pandas as pd
 
     columns = list(dict.fromkeys([*fields.modalities(), weight_key, data.query_id_column,
                                   data.document_id_column, data.pair_id_column]))  # fmt: skip
-    ds = read_pairs(spec, resolve_files(spec), columns, num_cpus)
+    ds = read_pairs(spec, files, columns, pipeline.cpus_per_task)
     if skip_pair_ids:
         skip = sorted(skip_pair_ids, key=str)
         pair_col = data.pair_id_column
@@ -172,11 +176,12 @@ def read_training_pairs(spec: str, data: DataConfig, fields: FieldsConfig, weigh
             return df[~df[pair_col].isin(skip)]
 
         ds = ds.map_batches(drop_rejected, batch_format="pandas")
-    return ds
+    settings = dict(model_cfg=model_cfg, fields=fields.model_dump(), weight_key=weight_key, data_cfg=data.model_dump(),
+                    base_dir=image_base_dir(files[0], data.image_root), augment=pipeline.augment_images)  # fmt: skip
+    return ds, json.dumps(settings, sort_keys=True)
 
 
-def preprocess(raw, spec: str, data: DataConfig, fields: FieldsConfig, weight_key: str, model_cfg: dict,
-               pipeline: PipelineConfig, *, seed: int = 0, shuffle: bool = True):  # fmt: skip
+def preprocess(raw, settings: str, pipeline: PipelineConfig, *, seed: int = 0, shuffle: bool = True):
     """Shuffle `raw` pairs with `seed` (as pipeline.shuffle says), then decode, transform and
     tokenize them in Ray Data tasks. Lazy: runs each time it is consumed, in the same order."""
     if shuffle and pipeline.shuffle == "global":
@@ -187,11 +192,9 @@ def preprocess(raw, spec: str, data: DataConfig, fields: FieldsConfig, weight_ke
     # trainers while later ones are decoded) and the split can hand every worker a share even of a
     # small dataset. A whole file or shuffle partition is one block otherwise.
     raw = raw.repartition(target_num_rows_per_block=pipeline.preprocess_batch_size)
-    settings = dict(model_cfg=model_cfg, fields=fields.model_dump(), weight_key=weight_key, data_cfg=data.model_dump(),
-                    base_dir=image_base_dir(resolve_files(spec)[0], data.image_root), augment=pipeline.augment_images)  # fmt: skip
     ds = raw.map_batches(
         preprocess_batch,
-        fn_kwargs={"settings": json.dumps(settings, sort_keys=True), "seed": seed},
+        fn_kwargs={"settings": settings, "seed": seed},
         concurrency=pipeline.preprocess_tasks,
         num_cpus=pipeline.cpus_per_task,
         batch_size=pipeline.preprocess_batch_size,
@@ -207,8 +210,9 @@ def build_dataset(spec: str, data: DataConfig, fields: FieldsConfig, weight_key:
                   pipeline: PipelineConfig, *, skip_pair_ids: set | None = None, seed: int = 0,
                   shuffle: bool = True):  # fmt: skip
     """The preprocessed Ray Dataset of `spec`'s pairs, shuffled with `seed` (lazy)."""
-    raw = read_training_pairs(spec, data, fields, weight_key, skip_pair_ids, pipeline.cpus_per_task)
-    return preprocess(raw, spec, data, fields, weight_key, model_cfg, pipeline, seed=seed, shuffle=shuffle)
+    raw, settings = read_training_pairs(spec, resolve_files(spec), data, fields, weight_key, model_cfg, pipeline,
+                                        skip_pair_ids)  # fmt: skip
+    return preprocess(raw, settings, pipeline, seed=seed, shuffle=shuffle)
 
 
 def epoch_dataset_name(epoch: int) -> str:
@@ -231,9 +235,12 @@ def epoch_datasets(spec: str, data: DataConfig, fields: FieldsConfig, weight_key
     shuffle. (Ray Data reseeds a single dataset per execution, counting from 0 in every new
     worker group, which a resumed run would restart.)
     """
-    raw = read_training_pairs(spec, data, fields, weight_key, skip_pair_ids, pipeline.cpus_per_task)
-    return {epoch_dataset_name(e): preprocess(raw, spec, data, fields, weight_key, model_cfg, pipeline,
-                                              seed=epoch_seed(seed, e)) for e in range(epochs)}  # fmt: skip
+    raw, settings = read_training_pairs(spec, resolve_files(spec), data, fields, weight_key, model_cfg, pipeline,
+                                        skip_pair_ids)  # fmt: skip
+    return {
+        epoch_dataset_name(e): preprocess(raw, settings, pipeline, seed=epoch_seed(seed, e))
+        for e in range(epochs)
+    }
 
 
 def unsplit_data_config():
