@@ -244,7 +244,8 @@ def train_worker(config: dict[str, Any]) -> None:
     tracking_uri and run_id (MLflow)."""
     import ray.train
 
-    from gcl.data.pipeline import batch_template, epoch_dataset_name, train_batches
+    from gcl.data.batches import ShardReader, batch_template, train_batches
+    from gcl.data.pipeline import epoch_dataset_name
 
     job = JobConfig.model_validate(config["job"])
     torch.set_num_threads(job.scaling.torch_threads)
@@ -273,18 +274,23 @@ def train_worker(config: dict[str, Any]) -> None:
     text_cfg, vision_cfg = loaded.model_cfg["text_cfg"], loaded.model_cfg["vision_cfg"]
     template = batch_template(job.fields, text_cfg.get("context_length", 77), vision_cfg["image_size"])
     device = engine.device
-    shards: dict[int, Any] = {}
+    readers: dict[int, ShardReader] = {}
+
+    def start_reading(epoch: int) -> None:
+        if epoch < job.train.epochs and epoch not in readers:
+            readers[epoch] = ShardReader(ray.train.get_dataset_shard(epoch_dataset_name(epoch)), job.train.batch_size,
+                                         local_shuffle_buffer=job.pipeline.local_shuffle_buffer,
+                                         seed=job.seed * 1000 + epoch)  # fmt: skip
+
     for epoch in range(start_epoch, job.train.epochs):
-        for e in (epoch, epoch + 1):  # the next epoch's split starts up while this one trains
-            if e < job.train.epochs and e not in shards:
-                shards[e] = ray.train.get_dataset_shard(epoch_dataset_name(e))
-        shard = shards.pop(epoch)
+        start_reading(epoch)
         epoch_loss, epoch_steps, epoch_pairs, start = 0.0, 0, 0, time.perf_counter()
         first_batch_at, first_batch_pairs = None, 0
-        for batch in train_batches(shard, job.train.batch_size, template, local_shuffle_buffer=job.pipeline.local_shuffle_buffer,
-                                   seed=job.seed * 1000 + epoch):  # fmt: skip
+        for batch in train_batches(readers.pop(epoch), job.train.batch_size, template):
             if first_batch_at is None:
                 first_batch_at, first_batch_pairs = time.perf_counter(), int(batch["valid"].sum())
+                if job.pipeline.prefetch_next_epoch:  # its start-up overlaps this epoch's training
+                    start_reading(epoch + 1)
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             tick = time.perf_counter()
             inputs = {name: batch[name] for name in job.fields.modalities()}

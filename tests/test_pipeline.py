@@ -8,14 +8,8 @@ import pytest
 import torch
 
 from gcl.config import FieldsConfig
-from gcl.data.pipeline import (
-    PRESENT,
-    PipelineConfig,
-    batch_template,
-    build_dataset,
-    train_batches,
-    unsplit_data_config,
-)
+from gcl.data.batches import ShardReader, batch_template, train_batches
+from gcl.data.pipeline import PRESENT, PipelineConfig, epoch_dataset_name, epoch_datasets, unsplit_data_config
 from gcl.data.schema import DataConfig
 from gcl.data.synth import SynthConfig, generate_pairs
 
@@ -29,12 +23,18 @@ def _consume(config):
 
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
-    shard = ray.train.get_dataset_shard("train")
     template = batch_template(FieldsConfig(), context_length=32, image_size=32)
-    seen = []
+
+    def reader(epoch):
+        shard = ray.train.get_dataset_shard(epoch_dataset_name(epoch))
+        return ShardReader(shard, BATCH, local_shuffle_buffer=64, seed=epoch)
+
+    seen, readers = [], {0: reader(0)}
     for epoch in range(2):
         keys, steps = [], 0
-        for batch in train_batches(shard, BATCH, template, local_shuffle_buffer=64, seed=epoch):
+        for batch in train_batches(readers.pop(epoch), BATCH, template):
+            if epoch == 0 and not readers:  # as in training: the next epoch starts reading now
+                readers[1] = reader(1)
             assert len(batch["score"]) == BATCH and batch["image"].shape == (BATCH, 3, 32, 32)
             assert batch["query"].dtype == torch.int64 and batch["image" + PRESENT].dtype == torch.bool
             keys.extend(batch["pair_key"][batch["valid"]].tolist())
@@ -46,19 +46,22 @@ def _consume(config):
 
 
 def test_every_valid_row_once_per_epoch_across_two_shards(ray_local, tmp_path):
+    """Per-epoch datasets read as training reads them, the next epoch's reading started while
+    this one is consumed: every valid row once per epoch, ranks in lockstep, a new order."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     pairs = generate_pairs(SynthConfig(products=60, queries=30, docs_per_query=7, seed=5))
     pairs.to_parquet(tmp_path / "pairs.parquet")
     skip = {int(pairs.pair_id.iloc[3]), int(pairs.pair_id.iloc[10])}  # as validation would report them
-    ds = build_dataset(
+    datasets = epoch_datasets(
         str(tmp_path / "pairs.parquet"),
         DataConfig(),
         FieldsConfig(),
         "score_linear",
         {"arch": "gcl-tiny"},
         PipelineConfig(preprocess_tasks=1, cpus_per_task=0.25, preprocess_batch_size=32),
+        epochs=2,
         skip_pair_ids=skip,
         seed=7,
     )
@@ -66,7 +69,7 @@ def test_every_valid_row_once_per_epoch_across_two_shards(ray_local, tmp_path):
         _consume,
         train_loop_config={"out": str(tmp_path)},
         scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.25}),
-        datasets={"train": ds},
+        datasets=datasets,
         dataset_config=unsplit_data_config(),
         run_config=RunConfig(name="pipeline-test", storage_path=str(tmp_path / "runs")),
     )
@@ -118,3 +121,33 @@ def test_augmented_crops_repeat_for_the_same_epoch_seed():
 
     np.testing.assert_array_equal(crops(11), crops(11))
     assert not np.array_equal(crops(11), crops(12))
+
+
+def test_a_shard_readers_error_reaches_the_training_thread(ray_local):
+    """The first batch is fetched in the reader's thread; its error is raised where the
+    trainer iterates, not lost in the thread."""
+    import ray.data
+
+    from gcl.data.readers import DataError
+
+    def broken(batch):
+        raise DataError("pair 7: image cannot be read or decoded")
+
+    shard = ray.data.range(8).map_batches(broken).iterator()
+    with pytest.raises(Exception, match="pair 7: image cannot be read"):
+        list(ShardReader(shard, 4))
+
+
+def test_the_dataset_module_does_not_import_torch():
+    """Ray Data's split coordinators (one process per epoch) import gcl.data.pipeline to unpickle
+    the datasets; torch there would cost each of them ~2 s of CPU and ~500 MiB."""
+    import subprocess
+    import sys
+
+    code = "import sys, gcl.data.pipeline; print('torch' in sys.modules)"
+    assert (
+        subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        == "False"
+    )

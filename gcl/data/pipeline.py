@@ -1,28 +1,31 @@
 """The Ray Data pipeline: read -> drop rejected rows -> shuffle -> decode, transform and
 tokenize in Ray Data tasks -> fixed-shape numpy batches for the trainers.
 
-Train workers read their shard with `train_batches`, which pads the last batch with
-invalid rows and keeps all ranks stepping together, so every valid row is used exactly
-once per epoch and no row is dropped to make shards equal.
+Train workers read their shards with gcl.data.batches. This module does not import torch at
+module level: Ray Data's split coordinators import it to unpickle the datasets.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import io
 import json
+import math
 import os
-from collections.abc import Iterator, Mapping
-from typing import Any, Literal
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-import torch
 from pydantic import Field
 
 from gcl.config import FieldsConfig, Section
 from gcl.data.readers import DataError, image_base_dir, image_bytes, resolve_files
 from gcl.data.schema import DataConfig
+
+if TYPE_CHECKING:
+    import torch
 
 PRESENT = "__present"  # suffix of the per-field presence columns
 META_COLUMNS = ("score", "query_key", "document_key", "pair_key", "valid")
@@ -46,6 +49,10 @@ class PipelineConfig(Section):
     """Rows in each worker's local shuffle buffer (0: off)."""
     augment_images: bool = False
     """Use open_clip's training augmentation (random resized crop) instead of the eval transform."""
+    prefetch_next_epoch: bool = True
+    """Start the next epoch's pipeline (its read, global shuffle and first batches) as soon as this
+    epoch's first batch has arrived, so that its start-up overlaps training instead of stalling
+    the trainers between epochs. Costs a second epoch's shuffle in the object store for a while."""
 
 
 def stable_keys(values: np.ndarray) -> np.ndarray:
@@ -81,6 +88,7 @@ class PairPreprocessor:
         self.augment = augment
 
     def _image(self, value, pair_id, pair_key: int, seed: int) -> torch.Tensor | None:
+        import torch
         from PIL import Image
 
         try:
@@ -140,6 +148,27 @@ def preprocess_batch(batch: Mapping[str, np.ndarray], settings: str, seed: int) 
     return _preprocessor(settings)(batch, seed=seed)
 
 
+FOOTER_ACTORS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
+
+
+@contextlib.contextmanager
+def footer_readers_for(files: list[str]):
+    """Ray Data's parquet reader starts a pool of footer-reading actors (32 unless
+    RAY_DATA_PARQUET_FOOTER_NUM_ACTORS says otherwise) every time a dataset executes: once per
+    epoch. Each is a new worker process; on a small machine starting 32 costs seconds of CPU at
+    every epoch's start. Start one per batch of 10 files (Ray's batch of footer reads), at most
+    32. The reader takes the setting when the dataset is defined, here on the driver; a value
+    the user set is kept."""
+    if FOOTER_ACTORS_ENV in os.environ:
+        yield
+        return
+    os.environ[FOOTER_ACTORS_ENV] = str(min(32, math.ceil(len(files) / 10)))
+    try:
+        yield
+    finally:
+        del os.environ[FOOTER_ACTORS_ENV]
+
+
 def read_pairs(spec: str, files: list[str], columns: list[str], num_cpus: float = 1.0):
     """A Ray Dataset of the pairs in `files` (resolved from `spec`; parquet, CSV or JSONL), only
     `columns`; each read task reserves `num_cpus`."""
@@ -147,7 +176,8 @@ def read_pairs(spec: str, files: list[str], columns: list[str], num_cpus: float 
 
     kinds = {os.path.splitext(f)[1] for f in files}
     if kinds == {".parquet"}:
-        return ray.data.read_parquet(files, columns=columns, num_cpus=num_cpus)
+        with footer_readers_for(files):
+            return ray.data.read_parquet(files, columns=columns, num_cpus=num_cpus)
     if kinds == {".csv"}:
         return ray.data.read_csv(files, num_cpus=num_cpus).select_columns(columns)
     if kinds <= {".jsonl", ".json"}:
@@ -265,66 +295,3 @@ def unsplit_data_config():
             return output
 
     return ExactSplit()
-
-
-def _pad(batch: dict[str, torch.Tensor], size: int) -> dict[str, torch.Tensor]:
-    """Pad a batch to `size` rows; padded rows have valid=False."""
-    n = len(batch["score"])
-    out = {}
-    for key, value in batch.items():
-        pad = torch.zeros((size - n, *value.shape[1:]), dtype=value.dtype)
-        out[key] = torch.cat([value, pad]) if n < size else value
-    valid = torch.zeros(size, dtype=torch.bool)
-    valid[:n] = True
-    out["valid"] = valid
-    return out
-
-
-def train_batches(
-    shard,
-    batch_size: int,
-    template: dict[str, tuple[tuple[int, ...], torch.dtype]],
-    *,
-    local_shuffle_buffer: int = 0,
-    seed: int | None = None,
-) -> Iterator[dict[str, torch.Tensor]]:
-    """Batches of exactly `batch_size` rows from a worker's shard, ranks in lockstep.
-
-    Each step all ranks agree (an all-reduce) whether any rank still has data; a rank
-    that has run out contributes an all-invalid batch built from `template`
-    (column -> (row shape, dtype)). The last partial batch is padded with invalid rows.
-    """
-    import torch.distributed as dist
-
-    iterator = iter(
-        shard.iter_torch_batches(
-            batch_size=batch_size, drop_last=False,
-            local_shuffle_buffer_size=local_shuffle_buffer or None,
-            local_shuffle_seed=seed if local_shuffle_buffer else None,
-        )
-    )  # fmt: skip
-    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    while True:
-        batch = next(iterator, None)
-        more = torch.tensor([0 if batch is None else 1])
-        if distributed:
-            dist.all_reduce(more, op=dist.ReduceOp.MAX)
-        if not more.item():
-            return
-        if batch is None:
-            batch = {k: torch.zeros((0, *shape), dtype=dtype) for k, (shape, dtype) in template.items()}
-        yield _pad(dict(batch), batch_size)
-
-
-def batch_template(
-    fields: FieldsConfig, context_length: int, image_size: int
-) -> dict[str, tuple[tuple[int, ...], Any]]:
-    """Column -> (row shape, dtype) of the pipeline's output, for padding."""
-    template: dict[str, tuple[tuple[int, ...], Any]] = {}
-    for name, modality in fields.modalities().items():
-        shape = (context_length,) if modality == "text" else (3, image_size, image_size)
-        template[name] = (shape, torch.int64 if modality == "text" else torch.float32)
-        template[name + PRESENT] = ((), torch.bool)
-    template.update(score=((), torch.float32), query_key=((), torch.int64), document_key=((), torch.int64),
-                    pair_key=((), torch.int64))  # fmt: skip
-    return template
