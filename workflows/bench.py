@@ -6,6 +6,8 @@ pipeline  whole pipeline (Ray Data -> Ray Train -> DeepSpeed, 2 workers) pairs/s
           epoch, and in its steady state (after its first batch, without the epoch's start-up)
 memory    per-worker peak memory, ZeRO-3 / ZeRO-0, 2 workers, a ViT-B-32-sized model: peak RSS,
           and the peak beyond what the worker held before building the model (its libraries)
+steps     the same training steps in plain processes (no Ray, no Ray Data), 2 side by side on 1
+          core each: without communication, torch DDP, DeepSpeed ZeRO-0 and ZeRO-2 / the bare loop
 retrieval exact top-k search queries/s / FAISS IndexFlatIP on the same embeddings (100k documents),
           and the search's extra peak memory at 1M vs 100k documents (bounded by the chunk size)
 """
@@ -37,34 +39,109 @@ def _batch_from_pipeline(job: JobConfig, rows: int):
     return batch
 
 
-def bare_loop_pairs_per_s(job: JobConfig, batch: dict, threads: int, steps: int = 20) -> float:
-    """Single-process torch training (no Ray, no DeepSpeed) on in-memory batches."""
+def _training_step(job: JobConfig, batch: dict, mode: str, rank: int = 0, world: int = 1):
+    """One GCL training step on `batch` as a callable. mode: `plain` (torch AdamW, no
+    communication; the loss sees only this process's batch), `ddp` (torch DDP over gloo, the
+    loss gathers every rank's embeddings) or `zero0`/`zero2` (gcl's DeepSpeed engine)."""
     from gcl.loss import GCLLoss
     from gcl.model import FieldEncoder, create_model
-    from gcl.training import adamw, split_sides
+    from gcl.training import adamw, setup_engine, split_sides
 
-    torch.set_num_threads(threads)
     torch.manual_seed(0)
-    encoder = FieldEncoder(create_model(job.model).clip, job.fields.modalities())
-    optimizer = adamw(encoder, lr=1e-4, weight_decay=0.1)
-    loss_fn = GCLLoss(job.loss, job.fields.weights("left"), job.fields.weights("right"))
+    if mode.startswith("zero"):
+        job = job.model_copy(update={"deepspeed": job.deepspeed.model_copy(update={"zero_stage": int(mode[4:])}),
+                                     "train": job.train.model_copy(update={"batch_size": len(batch["score"])})})  # fmt: skip
+        model, _, _ = setup_engine(job, total_steps=1000)
+        backward, optimizer_step = model.backward, model.step
+    else:
+        model = FieldEncoder(create_model(job.model).clip, job.fields.modalities())
+        if mode == "ddp":
+            model = torch.nn.parallel.DistributedDataParallel(model)
+        optimizer = adamw(model, lr=1e-4, weight_decay=0.1)
+
+        def backward(loss):
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+
+        optimizer_step = optimizer.step
+    gathers = mode != "plain"
+    loss_fn = GCLLoss(job.loss, job.fields.weights("left"), job.fields.weights("right"),
+                      rank=rank if gathers else 0, world_size=world if gathers else 1)  # fmt: skip
 
     def step():
-        embeddings, log_scale = encoder({n: batch[n] for n in job.fields.modalities()})
+        embeddings, log_scale = model({n: batch[n] for n in job.fields.modalities()})
         left, right, lp, rp = split_sides(job, batch, embeddings)
         loss, _ = loss_fn(left, right, batch["score"], log_scale, batch["query_key"], batch["document_key"], lp, rp,
                           valid=batch["valid"])  # fmt: skip
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(encoder.parameters(), 1.0)
-        optimizer.step()
+        backward(loss)
+        optimizer_step()
 
+    return step
+
+
+def _pairs_per_s(step, pairs_per_step: int, steps: int = 20, barrier=lambda: None) -> float:
     for _ in range(3):
         step()
+    barrier()
     start = time.perf_counter()
     for _ in range(steps):
         step()
-    return steps * len(batch["score"]) / (time.perf_counter() - start)
+    barrier()
+    return steps * pairs_per_step / (time.perf_counter() - start)
+
+
+def bare_loop_pairs_per_s(job: JobConfig, batch: dict, threads: int, steps: int = 20) -> float:
+    """Single-process torch training (no Ray, no DeepSpeed) on in-memory batches."""
+    torch.set_num_threads(threads)
+    return _pairs_per_s(_training_step(job, batch, "plain"), len(batch["score"]), steps)
+
+
+def _data_parallel_process(
+    rank: int, world: int, mode: str, job_json: str, batch: dict, port: int, results
+) -> None:
+    """One of `world` 1-thread processes (no Ray, no Ray Data) timing `mode` steps on its slice
+    of `batch`; rank 0 puts the pairs/s of all ranks together on `results`."""
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK="0")  # fmt: skip
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    rows = len(batch["score"]) // world
+    local = {k: v[rank * rows : (rank + 1) * rows] for k, v in batch.items()}
+    step = _training_step(JobConfig.model_validate_json(job_json), local, mode, rank, world)
+    rate = _pairs_per_s(step, rows * world, barrier=dist.barrier)
+    if rank == 0:
+        results.put(rate)
+    dist.destroy_process_group()
+
+
+def data_parallel_pairs_per_s(job: JobConfig, batch: dict, world: int) -> dict:
+    """Pairs/s of `world` plain processes (1 thread each) training side by side on the batch's
+    slices: without communication, with torch DDP, and with DeepSpeed ZeRO-0 and ZeRO-2. Where
+    the pipeline's ratio to the bare loop goes before Ray and Ray Data."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    context = mp.get_context("spawn")
+    figures = {}
+    for mode in ("plain", "ddp", "zero0", "zero2"):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        results = context.Queue()
+        processes = [context.Process(target=_data_parallel_process,
+                                     args=(rank, world, mode, job.model_dump_json(), batch, port, results))
+                     for rank in range(world)]  # fmt: skip
+        for process in processes:
+            process.start()
+        rate = results.get(timeout=600)
+        for process in processes:
+            process.join()
+        figures[f"steps_{world}proc_{mode}_pairs_per_s"] = rate
+    return figures
 
 
 def data_pipeline_pairs_per_s(job: JobConfig, tasks: int, epochs: int = 3) -> float:
@@ -222,7 +299,7 @@ def run_bench(only: list[str] | None = None, workdir: str | None = None) -> dict
     from gcl.data.synth import SynthConfig, synthesize
     from workflows.train import run_train
 
-    only = only or ["data", "pipeline", "memory", "retrieval"]
+    only = only or ["data", "steps", "pipeline", "memory", "retrieval"]
     figures: dict = {"machine": f"{os.cpu_count()} CPU cores, CUDA={torch.cuda.is_available()}"}
     if "retrieval" in only:  # first, before Ray's processes share the cores
         figures.update(retrieval_queries_per_s())
@@ -240,7 +317,7 @@ def run_bench(only: list[str] | None = None, workdir: str | None = None) -> dict
     assert isinstance(job.fields, FieldsConfig)
     init_ray()
     world = job.scaling.num_workers
-    if "data" in only or "pipeline" in only:
+    if {"data", "pipeline", "steps"} & set(only):
         batch = _batch_from_pipeline(job, BATCH * world)
     if "data" in only:
         per_worker = {k: v[:BATCH] for k, v in batch.items()}
@@ -252,12 +329,19 @@ def run_bench(only: list[str] | None = None, workdir: str | None = None) -> dict
         figures["data_over_consumption"] = (
             figures["data_pairs_per_s_2cpu"] / figures["train_consumption_pairs_per_s"]
         )
+    if {"steps", "pipeline"} & set(only):  # the one bare loop every ratio below divides by
+        figures["bare_loop_pairs_per_s"] = bare_loop_pairs_per_s(job, batch, threads=world)
+    if "steps" in only:
+        figures.update(data_parallel_pairs_per_s(job, batch, world))
+        for key in [k for k in figures if k.startswith("steps_")]:
+            figures[key.replace("_pairs_per_s", "_over_bare")] = (
+                figures[key] / figures["bare_loop_pairs_per_s"]
+            )
     if "pipeline" in only:
         result = run_train(job.model_copy(update={"name": f"bench-{time.time_ns()}"}))
         figures["pipeline_pairs_per_s"] = float(result.metrics["epoch_pairs_per_s"])  # epoch 2: warm
         figures["pipeline_steady_pairs_per_s"] = float(result.metrics["epoch_steady_pairs_per_s"])
         figures["pipeline_epoch_first_batch_s"] = float(result.metrics["epoch_first_batch_seconds"])
-        figures["bare_loop_pairs_per_s"] = bare_loop_pairs_per_s(job, batch, threads=world)
         figures["pipeline_over_bare"] = figures["pipeline_pairs_per_s"] / figures["bare_loop_pairs_per_s"]
         figures["pipeline_steady_over_bare"] = (
             figures["pipeline_steady_pairs_per_s"] / figures["bare_loop_pairs_per_s"]

@@ -240,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "bench", help="performance ratios measured side by side (data, pipeline, memory, retrieval)"
     )
-    p.add_argument("--only", help="comma-separated subset of: data,pipeline,memory,retrieval")
+    p.add_argument("--only", help="comma-separated subset of: data,steps,pipeline,memory,retrieval")
     p.add_argument("--workdir", help="scratch directory (default: a new temporary one)")
     p.set_defaults(func=cmd_bench)
     return parser
