@@ -97,6 +97,54 @@ def bare_loop_pairs_per_s(job: JobConfig, batch: dict, threads: int, steps: int 
     return _pairs_per_s(_training_step(job, batch, "plain"), len(batch["score"]), steps)
 
 
+# Dense bf16 tensor-core peaks (TFLOP/s) from NVIDIA's data sheets, most specific name first.
+GPU_PEAK_TFLOPS = {
+    "H100 PCIe": 756.0,
+    "H100": 989.4,
+    "H200": 989.4,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "L4": 121.0,
+}
+
+
+def gpu_peak_flops_per_s(name: str) -> float | None:
+    """The data-sheet dense bf16 peak of a GPU by its CUDA name, None for one not listed."""
+    return next((tflops * 1e12 for key, tflops in GPU_PEAK_TFLOPS.items() if key in name), None)
+
+
+def peak_flops_per_s(device: torch.device) -> tuple[float, str]:
+    """(peak FLOP/s, where it comes from) that MFU divides by: the data sheet's dense bf16 peak
+    for a known GPU, otherwise a measured square matrix product on `device` with this process's
+    threads (fp32 on CPU), which is what the machine can do at best on this work."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        if (peak := gpu_peak_flops_per_s(name)) is not None:
+            return peak, f"{name}, dense bf16 data-sheet peak"
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a = torch.randn(2048, 2048, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        a @ a
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * 2048**3 / best, f"measured 2048x2048 {dtype} matrix product, {torch.get_num_threads()} threads"
+
+
+def train_flops_per_pair(job: JobConfig, batch: dict) -> float:
+    """FLOPs of one training step (forward and backward) per pair, counted by torch's
+    FlopCounterMode on the bench batch: matrix products, convolutions and attention, as MFU
+    counts them (elementwise work and the optimizer are left out)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    step = _training_step(job, batch, "plain")
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops() / len(batch["score"])
+
+
 def _data_parallel_process(
     rank: int, world: int, mode: str, job_json: str, batch: dict, port: int, results
 ) -> None:
@@ -331,6 +379,12 @@ def run_bench(only: list[str] | None = None, workdir: str | None = None) -> dict
         )
     if {"steps", "pipeline"} & set(only):  # the one bare loop every ratio below divides by
         figures["bare_loop_pairs_per_s"] = bare_loop_pairs_per_s(job, batch, threads=world)
+        peak, figures["peak_flops_source"] = peak_flops_per_s(torch.device("cpu"))
+        figures["peak_tflops_per_s"] = peak / 1e12
+        figures["train_gflops_per_pair"] = train_flops_per_pair(job, batch) / 1e9
+        figures["bare_loop_mfu"] = (
+            figures["bare_loop_pairs_per_s"] * figures["train_gflops_per_pair"] * 1e9 / peak
+        )
     if "steps" in only:
         figures.update(data_parallel_pairs_per_s(job, batch, world))
         for key in [k for k in figures if k.startswith("steps_")]:
@@ -345,6 +399,9 @@ def run_bench(only: list[str] | None = None, workdir: str | None = None) -> dict
         figures["pipeline_over_bare"] = figures["pipeline_pairs_per_s"] / figures["bare_loop_pairs_per_s"]
         figures["pipeline_steady_over_bare"] = (
             figures["pipeline_steady_pairs_per_s"] / figures["bare_loop_pairs_per_s"]
+        )
+        figures["pipeline_mfu"] = (
+            figures["pipeline_pairs_per_s"] * figures["train_gflops_per_pair"] * 1e9 / peak
         )
     if "memory" in only:
         zero0, zero0_model = zero_peak_memory_mib(0, f"{workdir}/runs")

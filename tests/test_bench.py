@@ -1,0 +1,46 @@
+"""gcl bench's FLOP count and peaks for MFU (the timed figures are benchmarks, not tests)."""
+
+import pytest
+import torch
+
+from gcl.config import FieldsConfig
+from gcl.data.pipeline import PairPreprocessor
+from gcl.data.schema import DataConfig
+from gcl.data.synth import SynthConfig, generate_pairs
+from gcl.job_config import JobConfig
+from workflows.bench import gpu_peak_flops_per_s, peak_flops_per_s, train_flops_per_pair
+
+
+def _batch(rows: int) -> dict:
+    pairs = generate_pairs(SynthConfig(products=20, queries=8, docs_per_query=4, seed=3)).head(rows)
+    pre = PairPreprocessor({"arch": "gcl-tiny"}, FieldsConfig().model_dump(), "score_linear",
+                           DataConfig().model_dump(), None, augment=False)  # fmt: skip
+    batch = {k: torch.from_numpy(v) for k, v in pre({c: pairs[c].to_numpy() for c in pairs.columns}).items()}
+    batch["valid"] = torch.ones(rows, dtype=torch.bool)
+    return batch
+
+
+def test_a_training_step_counts_forward_and_backward_flops():
+    """Backward costs about twice the forward in matrix products: a step is ~3x the forward."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from gcl.model import FieldEncoder, create_model
+
+    job = JobConfig.model_validate({"model": {"arch": "gcl-tiny"}, "loss": {"score_range": [0, 1]}})
+    batch = _batch(16)
+    encoder = FieldEncoder(create_model(job.model).clip, job.fields.modalities())
+    with torch.no_grad(), FlopCounterMode(display=False) as forward:
+        encoder({n: batch[n] for n in job.fields.modalities()})
+    per_pair = train_flops_per_pair(job, batch)
+    assert per_pair == pytest.approx(3 * forward.get_total_flops() / 16, rel=0.05)
+
+
+@pytest.mark.parametrize(("name", "tflops"), [("NVIDIA H100 PCIe", 756.0), ("NVIDIA H100 80GB HBM3", 989.4),
+                                              ("NVIDIA A100-SXM4-80GB", 312.0), ("Tesla T4", None)])  # fmt: skip
+def test_gpu_peaks_match_the_most_specific_name(name, tflops):
+    assert gpu_peak_flops_per_s(name) == (None if tflops is None else tflops * 1e12)
+
+
+def test_the_cpu_peak_is_measured():
+    peak, source = peak_flops_per_s(torch.device("cpu"))
+    assert peak > 1e9 and source.startswith("measured")
