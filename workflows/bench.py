@@ -3,7 +3,8 @@
 data      Ray Data pipeline pairs/s (1 and 2 preprocessing tasks at once) / training consumption pairs/s
 pipeline  whole pipeline (Ray Data -> Ray Train -> DeepSpeed, 2 workers) pairs/s / a bare
           single-process torch loop on the same model, global batch and cores: over a whole warm
-          epoch, and in its steady state (after its first batch, without the epoch's start-up)
+          epoch, and in its steady state (after its first batch, without the epoch's start-up);
+          MFU of both (FLOPs per pair from torch's FlopCounterMode / the device's peak)
 memory    per-worker peak memory, ZeRO-3 / ZeRO-0, 2 workers, a ViT-B-32-sized model: peak RSS,
           and the peak beyond what the worker held before building the model (its libraries)
 steps     the same training steps in plain processes (no Ray, no Ray Data), 2 side by side on 1
