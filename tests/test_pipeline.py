@@ -145,9 +145,5 @@ def test_the_dataset_module_does_not_import_torch():
     import sys
 
     code = "import sys, gcl.data.pipeline; print('torch' in sys.modules)"
-    assert (
-        subprocess.run(
-            [sys.executable, "-c", code], capture_output=True, text=True, check=True
-        ).stdout.strip()
-        == "False"
-    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"

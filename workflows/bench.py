@@ -387,11 +387,10 @@ def run_bench(only: list[str] | None = None, workdir: str | None = None) -> dict
             figures["bare_loop_pairs_per_s"] * figures["train_gflops_per_pair"] * 1e9 / peak
         )
     if "steps" in only:
-        figures.update(data_parallel_pairs_per_s(job, batch, world))
-        for key in [k for k in figures if k.startswith("steps_")]:
-            figures[key.replace("_pairs_per_s", "_over_bare")] = (
-                figures[key] / figures["bare_loop_pairs_per_s"]
-            )
+        steps = data_parallel_pairs_per_s(job, batch, world)
+        figures.update(steps)
+        bare = figures["bare_loop_pairs_per_s"]
+        figures.update({k.replace("_pairs_per_s", "_over_bare"): v / bare for k, v in steps.items()})
     if "pipeline" in only:
         result = run_train(job.model_copy(update={"name": f"bench-{time.time_ns()}"}))
         figures["pipeline_pairs_per_s"] = float(result.metrics["epoch_pairs_per_s"])  # epoch 2: warm
