@@ -168,6 +168,8 @@ class FieldEncoder(torch.nn.Module):
             )
         groups = {m: [n for n in fields if self.modalities[n] == m] for m in ("text", "image")}
         stacked = {m: torch.cat([fields[n] for n in names]) if names else None for m, names in groups.items()}
+        if stacked["image"] is not None:  # pixels arrive in fp32; a bf16 engine's tower takes bf16
+            stacked["image"] = stacked["image"].to(self.compute_dtype())
         result = self.clip(image=stacked["image"], text=stacked["text"])
         if isinstance(result, dict):
             image_emb, text_emb, scale = (
@@ -181,8 +183,13 @@ class FieldEncoder(torch.nn.Module):
         for modality, embedded in (("text", text_emb), ("image", image_emb)):
             if embedded is not None:
                 sizes = [fields[n].shape[0] for n in groups[modality]]
-                out.update(zip(groups[modality], embedded.split(sizes), strict=True))
-        return out, torch.log(scale).reshape(1)
+                out.update(zip(groups[modality], embedded.float().split(sizes), strict=True))
+        # The loss, its gather across workers and retrieval run in fp32 whatever the towers' dtype.
+        return out, torch.log(scale.float()).reshape(1)
+
+    def compute_dtype(self) -> torch.dtype:
+        """The towers' floating dtype: bf16 once DeepSpeed's bf16 mode has cast the module."""
+        return next(p.dtype for p in self.clip.parameters() if p.is_floating_point())
 
 
 def save_model(

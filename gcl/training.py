@@ -338,7 +338,9 @@ def consolidate_checkpoint(checkpoint_dir: str, job: JobConfig, out_dir: str) ->
 
     from gcl.model import model_config, save_model
 
-    if job.deepspeed.zero_stage == 0:  # nothing partitioned: the engine saved the whole module
+    # ZeRO-0 saved the whole module; in bf16 these are the bf16 weights the engine computed with
+    # (its fp32 master copy sits in the bf16 optimizer's own files, which zero_to_fp32 cannot read).
+    if job.deepspeed.zero_stage == 0:
         path = os.path.join(checkpoint_dir, CHECKPOINT_TAG, "mp_rank_00_model_states.pt")
         module = load_weights_only(path, map_location="cpu")["module"]
         state = {k: v.float() if v.is_floating_point() else v for k, v in module.items()}

@@ -63,6 +63,22 @@ def test_field_encoder_batches_fields_per_modality_and_normalizes(tiny):
         encoder({"colour": tokens})
 
 
+def test_field_encoder_feeds_fp32_pixels_to_bf16_towers_and_returns_fp32(tiny):
+    """DeepSpeed's bf16 mode casts the module, not the batch: the encoder casts the pixels."""
+    import copy
+
+    tokens, images = _inputs(tiny)
+    fields = {"query": tokens, "image": images}
+    modalities = {"query": "text", "image": "image"}
+    with torch.no_grad():
+        fp32, _ = FieldEncoder(tiny.clip, modalities).eval()(fields)
+        bf16, log_scale = FieldEncoder(copy.deepcopy(tiny.clip).bfloat16(), modalities).eval()(fields)
+    assert {e.dtype for e in bf16.values()} == {torch.float32} and log_scale.dtype == torch.float32
+    for name in fields:
+        cosine = (bf16[name] * fp32[name]).sum(dim=-1)
+        assert cosine.min() > 0.99, (name, cosine)
+
+
 def test_saved_model_loads_with_open_clip_and_gives_same_embeddings(tiny, tmp_path):
     tokens, images = _inputs(tiny)
     tiny.clip.eval()
