@@ -44,3 +44,13 @@ def test_gpu_peaks_match_the_most_specific_name(name, tflops):
 def test_the_cpu_peak_is_measured():
     peak, source = peak_flops_per_s(torch.device("cpu"))
     assert peak > 1e9 and source.startswith("measured")
+
+
+@pytest.mark.gpu
+def test_the_bare_loop_trains_on_the_gpu_under_bf16_autocast():
+    """Needs CUDA (skipped on the CPU machines the suite runs on): the bench's GPU path."""
+    from workflows.bench import bare_loop_pairs_per_s, bench_device
+
+    job = JobConfig.model_validate({"model": {"arch": "gcl-tiny"}, "loss": {"score_range": [0, 1]}})
+    assert bench_device().type == "cuda"
+    assert bare_loop_pairs_per_s(job, _batch(16), threads=1, steps=2, device=bench_device()) > 0

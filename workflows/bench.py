@@ -11,6 +11,10 @@ steps     the same training steps in plain processes (no Ray, no Ray Data), 2 si
           core each: without communication, torch DDP, DeepSpeed ZeRO-0 and ZeRO-2 / the bare loop
 retrieval exact top-k search queries/s / FAISS IndexFlatIP on the same embeddings (100k documents),
           and the search's extra peak memory at 1M vs 100k documents (bounded by the chunk size)
+
+On a CUDA machine the training figures run on the GPUs in bf16 (the bare loop under autocast,
+gcl's engines in DeepSpeed's bf16 mode), one worker per GPU up to 2; memory is then the
+per-worker peak of allocated GPU memory. Sections that need 2 GPUs are left out on one GPU.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from gcl.config import FieldsConfig, parse_config
 from gcl.job_config import JobConfig
 
 BATCH = 32  # per worker
+CPU = torch.device("cpu")
 
 
 def _batch_from_pipeline(job: JobConfig, rows: int):
@@ -40,10 +45,12 @@ def _batch_from_pipeline(job: JobConfig, rows: int):
     return batch
 
 
-def _training_step(job: JobConfig, batch: dict, mode: str, rank: int = 0, world: int = 1):
+def _training_step(job: JobConfig, batch: dict, mode: str, rank: int = 0, world: int = 1,
+                   device: torch.device = CPU):  # fmt: skip
     """One GCL training step on `batch` as a callable. mode: `plain` (torch AdamW, no
-    communication; the loss sees only this process's batch), `ddp` (torch DDP over gloo, the
-    loss gathers every rank's embeddings) or `zero0`/`zero2` (gcl's DeepSpeed engine)."""
+    communication; the loss sees only this process's batch), `ddp` (torch DDP, the loss gathers
+    every rank's embeddings) or `zero0`/`zero2` (gcl's DeepSpeed engine, on DeepSpeed's device).
+    On CUDA the torch modes run under bf16 autocast, as gcl's engines run in bf16 there."""
     from gcl.loss import GCLLoss
     from gcl.model import FieldEncoder, create_model
     from gcl.training import adamw, setup_engine, split_sides
@@ -54,10 +61,13 @@ def _training_step(job: JobConfig, batch: dict, mode: str, rank: int = 0, world:
                                      "train": job.train.model_copy(update={"batch_size": len(batch["score"])})})  # fmt: skip
         model, _, _ = setup_engine(job, total_steps=1000)
         backward, optimizer_step = model.backward, model.step
+        device = model.device
     else:
-        model = FieldEncoder(create_model(job.model).clip, job.fields.modalities())
+        model = FieldEncoder(create_model(job.model).clip, job.fields.modalities()).to(device)
         if mode == "ddp":
-            model = torch.nn.parallel.DistributedDataParallel(model)
+            model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[device] if device.type == "cuda" else None
+            )
         optimizer = adamw(model, lr=1e-4, weight_decay=0.1)
 
         def backward(loss):
@@ -70,32 +80,51 @@ def _training_step(job: JobConfig, batch: dict, mode: str, rank: int = 0, world:
     loss_fn = GCLLoss(job.loss, job.fields.weights("left"), job.fields.weights("right"),
                       rank=rank if gathers else 0, world_size=world if gathers else 1)  # fmt: skip
 
+    batch = {k: v.to(device) for k, v in batch.items()}
+    autocast = torch.autocast(
+        "cuda", torch.bfloat16, enabled=device.type == "cuda" and not mode.startswith("zero")
+    )
+
     def step():
-        embeddings, log_scale = model({n: batch[n] for n in job.fields.modalities()})
-        left, right, lp, rp = split_sides(job, batch, embeddings)
-        loss, _ = loss_fn(left, right, batch["score"], log_scale, batch["query_key"], batch["document_key"], lp, rp,
-                          valid=batch["valid"])  # fmt: skip
+        with autocast:
+            embeddings, log_scale = model({n: batch[n] for n in job.fields.modalities()})
+            left, right, lp, rp = split_sides(job, batch, embeddings)
+            loss, _ = loss_fn(left, right, batch["score"], log_scale, batch["query_key"], batch["document_key"],
+                              lp, rp, valid=batch["valid"])  # fmt: skip
         backward(loss)
         optimizer_step()
 
     return step
 
 
+def _wait_for_device(barrier=lambda: None) -> None:
+    """Let queued GPU work finish (CUDA runs asynchronously), then wait for the other ranks."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    barrier()
+
+
 def _pairs_per_s(step, pairs_per_step: int, steps: int = 20, barrier=lambda: None) -> float:
     for _ in range(3):
         step()
-    barrier()
+    _wait_for_device(barrier)
     start = time.perf_counter()
     for _ in range(steps):
         step()
-    barrier()
+    _wait_for_device(barrier)
     return steps * pairs_per_step / (time.perf_counter() - start)
 
 
-def bare_loop_pairs_per_s(job: JobConfig, batch: dict, threads: int, steps: int = 20) -> float:
+def bench_device() -> torch.device:
+    """Where the training figures run: the first GPU if there is one, else the CPU."""
+    return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def bare_loop_pairs_per_s(job: JobConfig, batch: dict, threads: int, steps: int = 20,
+                          device: torch.device = CPU) -> float:  # fmt: skip
     """Single-process torch training (no Ray, no DeepSpeed) on in-memory batches."""
     torch.set_num_threads(threads)
-    return _pairs_per_s(_training_step(job, batch, "plain"), len(batch["score"]), steps)
+    return _pairs_per_s(_training_step(job, batch, "plain", device=device), len(batch["score"]), steps)
 
 
 # Dense bf16 tensor-core peaks (TFLOP/s) from NVIDIA's data sheets, most specific name first.
@@ -150,16 +179,21 @@ def _data_parallel_process(
     rank: int, world: int, mode: str, job_json: str, batch: dict, port: int, results
 ) -> None:
     """One of `world` 1-thread processes (no Ray, no Ray Data) timing `mode` steps on its slice
-    of `batch`; rank 0 puts the pairs/s of all ranks together on `results`."""
+    of `batch`, on GPU `rank` over NCCL where CUDA exists, else on the CPU over gloo; rank 0 puts
+    the pairs/s of all ranks together on `results`."""
     import torch.distributed as dist
 
+    cuda = torch.cuda.is_available()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK="0")  # fmt: skip
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+                      LOCAL_RANK=str(rank) if cuda else "0")  # fmt: skip
+    if cuda:
+        torch.cuda.set_device(rank)
+    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
     rows = len(batch["score"]) // world
     local = {k: v[rank * rows : (rank + 1) * rows] for k, v in batch.items()}
-    step = _training_step(JobConfig.model_validate_json(job_json), local, mode, rank, world)
+    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    step = _training_step(JobConfig.model_validate_json(job_json), local, mode, rank, world, device)
     rate = _pairs_per_s(step, rows * world, barrier=dist.barrier)
     if rank == 0:
         results.put(rate)
@@ -232,42 +266,54 @@ def _rss_mib() -> float:
 
 
 def _memory_worker(config: dict) -> None:
-    """Two optimizer steps of a ViT-B-32-sized model under DeepSpeed; reports peak RSS."""
+    """Two optimizer steps of a ViT-B-32-sized model under DeepSpeed; reports the peak memory:
+    allocated GPU memory on a GPU, else the process's RSS."""
     import ray.train
 
     from gcl.training import setup_engine
 
     job = JobConfig.model_validate(config["job"])
     torch.set_num_threads(1)
-    baseline_mib = _rss_mib()  # the process before the model: Python, torch, Ray, DeepSpeed
+    cuda = job.scaling.use_gpu
+    # What the process holds before the model: Python, torch, Ray, DeepSpeed (on a GPU, nothing).
+    baseline_mib = torch.cuda.memory_allocated() / 2**20 if cuda else _rss_mib()
     engine, _, loaded = setup_engine(job, total_steps=10)
     size = loaded.model_cfg["vision_cfg"]["image_size"]
     length = loaded.model_cfg["text_cfg"]["context_length"]
     inputs = {"query": torch.randint(1, 49000, (4, length)), "image": torch.randn(4, 3, size, size)}
+    inputs = {k: v.to(engine.device) for k, v in inputs.items()}
     for _ in range(2):
         embeddings, log_scale = engine(inputs)
         loss = -(embeddings["query"] * embeddings["image"]).sum() * log_scale.exp().squeeze()
         engine.backward(loss)
         engine.step()
-    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if cuda:
+        peak_mib = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     rank = ray.train.get_context().get_world_rank()
     with open(os.path.join(config["out"], f"rank{rank}.json"), "w") as f:
         json.dump({"peak_rss_mib": peak_mib, "baseline_mib": baseline_mib}, f)
 
 
-def zero_peak_memory_mib(stage: int, storage: str) -> tuple[float, float]:
-    """Max over the 2 workers of peak RSS (MiB) for ZeRO `stage` on ViT-B-32 (random init), and
-    of that peak beyond the worker's memory before the model was built."""
+def zero_peak_memory_mib(
+    stage: int, storage: str, precision: str = "auto", use_gpu: bool = False
+) -> tuple[float, float]:
+    """Max over the 2 workers of peak memory (MiB; RSS, or allocated GPU memory with `use_gpu`) for
+    ZeRO `stage` on ViT-B-32 (random init), and of that peak beyond the worker's memory before
+    the model was built."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     job = parse_config(JobConfig, None, [
         "model.arch=ViT-B-32", f"deepspeed.zero_stage={stage}", "train.batch_size=4",
         "fields.left={query: {modality: text}}", "fields.right={image: {modality: image}}",
+        f"train.precision={precision}", f"scaling.use_gpu={str(use_gpu).lower()}",
     ])  # fmt: skip
     out = tempfile.mkdtemp(prefix=f"zero{stage}-", dir=storage)
     trainer = TorchTrainer(_memory_worker, train_loop_config={"job": job.model_dump(mode="json"), "out": out},
-                           scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
+                           scaling_config=ScalingConfig(num_workers=2, use_gpu=use_gpu,
+                                                        resources_per_worker={"CPU": 0.5}),
                            run_config=RunConfig(name=f"bench-zero{stage}-{time.time_ns()}", storage_path=storage))  # fmt: skip
     trainer.fit()
     ranks = []
@@ -275,6 +321,16 @@ def zero_peak_memory_mib(stage: int, storage: str) -> tuple[float, float]:
         with open(os.path.join(out, f"rank{rank}.json")) as f:
             ranks.append(json.load(f))
     return max(r["peak_rss_mib"] for r in ranks), max(r["peak_rss_mib"] - r["baseline_mib"] for r in ranks)
+
+
+def zero_memory_figures(storage: str, precision: str, use_gpu: bool, label: str) -> dict:
+    """ZeRO-3 against ZeRO-0: each one's peak, and the peak beyond the libraries, with ratios."""
+    zero0, zero0_model = zero_peak_memory_mib(0, storage, precision, use_gpu)
+    zero3, zero3_model = zero_peak_memory_mib(3, storage, precision, use_gpu)
+    suffix = label.removeprefix("rss_mib").removeprefix("gpu_mib")
+    return {f"peak_{label}_zero0": zero0, f"peak_{label}_zero3": zero3, f"zero3_over_zero0{suffix}": zero3 / zero0,
+            f"training_{label}_zero0": zero0_model, f"training_{label}_zero3": zero3_model,
+            f"zero3_over_zero0_training{suffix}": zero3_model / zero0_model}  # fmt: skip
 
 
 def _unit_rows(rows: int, dim: int, seed: int) -> torch.Tensor:
@@ -349,7 +405,13 @@ def run_bench(only: list[str] | None = None, workdir: str | None = None) -> dict
     from workflows.train import run_train
 
     only = only or ["data", "steps", "pipeline", "memory", "retrieval"]
-    figures: dict = {"machine": f"{os.cpu_count()} CPU cores, CUDA={torch.cuda.is_available()}"}
+    device, gpus = bench_device(), torch.cuda.device_count()
+    figures: dict = {
+        "machine": f"{os.cpu_count()} CPU cores, CUDA={torch.cuda.is_available()}",
+        "device": str(device),
+    }
+    if gpus:
+        figures["gpu"] = f"{gpus} x {torch.cuda.get_device_name(0)}"
     if "retrieval" in only:  # first, before Ray's processes share the cores
         figures.update(retrieval_queries_per_s())
         figures.update(search_peak_memory())
@@ -362,16 +424,17 @@ def run_bench(only: list[str] | None = None, workdir: str | None = None) -> dict
         f"data.train={workdir}/data/train.parquet", "data.eval={}", f"storage={workdir}/runs",
         f"mlflow.tracking_uri=sqlite:///{workdir}/mlflow.db", f"train.batch_size={BATCH}", "train.epochs=2",
         "loss.score_range=[0, 1]",
+        *(["scaling.use_gpu=true", f"scaling.num_workers={min(2, gpus)}"] if gpus else []),
     ])  # fmt: skip
     assert isinstance(job.fields, FieldsConfig)
     init_ray()
-    world = job.scaling.num_workers
+    world = job.scaling.num_workers  # 2, or one per GPU up to 2
     if {"data", "pipeline", "steps"} & set(only):
         batch = _batch_from_pipeline(job, BATCH * world)
     if "data" in only:
         per_worker = {k: v[:BATCH] for k, v in batch.items()}
-        consume_one = bare_loop_pairs_per_s(job, per_worker, threads=1)
-        figures["train_consumption_pairs_per_s"] = world * consume_one  # 2 workers, 1 core each
+        consume_one = bare_loop_pairs_per_s(job, per_worker, threads=1, device=device)
+        figures["train_consumption_pairs_per_s"] = world * consume_one  # each worker: 1 core or 1 GPU
         figures["preprocessor_alone_pairs_per_s"] = preprocessor_pairs_per_s(job)
         for tasks in (1, 2):
             figures[f"data_pairs_per_s_{tasks}cpu"] = data_pipeline_pairs_per_s(job, tasks)
@@ -379,14 +442,16 @@ def run_bench(only: list[str] | None = None, workdir: str | None = None) -> dict
             figures["data_pairs_per_s_2cpu"] / figures["train_consumption_pairs_per_s"]
         )
     if {"steps", "pipeline"} & set(only):  # the one bare loop every ratio below divides by
-        figures["bare_loop_pairs_per_s"] = bare_loop_pairs_per_s(job, batch, threads=world)
-        peak, figures["peak_flops_source"] = peak_flops_per_s(torch.device("cpu"))
+        figures["bare_loop_pairs_per_s"] = bare_loop_pairs_per_s(job, batch, threads=world, device=device)
+        peak, figures["peak_flops_source"] = peak_flops_per_s(device)
         figures["peak_tflops_per_s"] = peak / 1e12
         figures["train_gflops_per_pair"] = train_flops_per_pair(job, batch) / 1e9
         figures["bare_loop_mfu"] = (
             figures["bare_loop_pairs_per_s"] * figures["train_gflops_per_pair"] * 1e9 / peak
         )
-    if "steps" in only:
+    if "steps" in only and world < 2:
+        figures["steps"] = "left out: needs 2 GPUs (NCCL takes one rank per GPU)"
+    elif "steps" in only:
         steps = data_parallel_pairs_per_s(job, batch, world)
         figures.update(steps)
         bare = figures["bare_loop_pairs_per_s"]
@@ -403,18 +468,19 @@ def run_bench(only: list[str] | None = None, workdir: str | None = None) -> dict
         figures["pipeline_mfu"] = (
             figures["pipeline_pairs_per_s"] * figures["train_gflops_per_pair"] * 1e9 / peak
         )
-    if "memory" in only:
-        zero0, zero0_model = zero_peak_memory_mib(0, f"{workdir}/runs")
-        zero3, zero3_model = zero_peak_memory_mib(3, f"{workdir}/runs")
-        figures.update(peak_rss_mib_zero0=zero0, peak_rss_mib_zero3=zero3, zero3_over_zero0=zero3 / zero0,
-                       training_mib_zero0=zero0_model, training_mib_zero3=zero3_model,
-                       zero3_over_zero0_training=zero3_model / zero0_model)  # fmt: skip
+    if "memory" in only and gpus == 1:
+        figures["memory"] = "left out: needs 2 GPUs"
+    elif "memory" in only and gpus:
+        figures.update(zero_memory_figures(f"{workdir}/runs", "auto", use_gpu=True, label="gpu_mib"))
+    elif "memory" in only:  # fp32 as gcl trains on CPU, and bf16 as the GPU config trains
+        figures.update(zero_memory_figures(f"{workdir}/runs", "fp32", use_gpu=False, label="rss_mib"))
+        figures.update(zero_memory_figures(f"{workdir}/runs", "bf16", use_gpu=False, label="rss_mib_bf16"))
 
     return _report(figures)
 
 
 def _report(figures: dict) -> dict:
-    goals = {"data_over_consumption": ">= 2", "pipeline_over_bare": ">= 0.9", "pipeline_steady_over_bare": ">= 0.9", "zero3_over_zero0": "<= 0.6", "zero3_over_zero0_training": "<= 0.6",
+    goals = {"data_over_consumption": ">= 2", "pipeline_over_bare": ">= 0.9", "pipeline_steady_over_bare": ">= 0.9", "zero3_over_zero0": "<= 0.6", "zero3_over_zero0_training": "<= 0.6", "zero3_over_zero0_bf16": "<= 0.6", "zero3_over_zero0_training_bf16": "<= 0.6",
              "retrieval_gcl_over_faiss": ">= 1.0", "search_extra_peak_1m_over_100k": "~1 (bounded)"}  # fmt: skip
     print(f"\n{'figure':34s}{'value':>12s}  goal")
     for key, value in figures.items():
