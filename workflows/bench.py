@@ -293,7 +293,7 @@ def _memory_worker(config: dict) -> None:
         peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     rank = ray.train.get_context().get_world_rank()
     with open(os.path.join(config["out"], f"rank{rank}.json"), "w") as f:
-        json.dump({"peak_rss_mib": peak_mib, "baseline_mib": baseline_mib}, f)
+        json.dump({"peak_mib": peak_mib, "baseline_mib": baseline_mib}, f)
 
 
 def zero_peak_memory_mib(
@@ -320,14 +320,15 @@ def zero_peak_memory_mib(
     for rank in range(2):
         with open(os.path.join(out, f"rank{rank}.json")) as f:
             ranks.append(json.load(f))
-    return max(r["peak_rss_mib"] for r in ranks), max(r["peak_rss_mib"] - r["baseline_mib"] for r in ranks)
+    return max(r["peak_mib"] for r in ranks), max(r["peak_mib"] - r["baseline_mib"] for r in ranks)
 
 
-def zero_memory_figures(storage: str, precision: str, use_gpu: bool, label: str) -> dict:
-    """ZeRO-3 against ZeRO-0: each one's peak, and the peak beyond the libraries, with ratios."""
+def zero_memory_figures(storage: str, precision: str, use_gpu: bool, suffix: str = "") -> dict:
+    """ZeRO-3 against ZeRO-0: each one's peak, and the peak beyond the libraries, with ratios;
+    `suffix` tells one precision's figures from another's."""
     zero0, zero0_model = zero_peak_memory_mib(0, storage, precision, use_gpu)
     zero3, zero3_model = zero_peak_memory_mib(3, storage, precision, use_gpu)
-    suffix = label.removeprefix("rss_mib").removeprefix("gpu_mib")
+    label = ("gpu_mib" if use_gpu else "rss_mib") + suffix
     return {f"peak_{label}_zero0": zero0, f"peak_{label}_zero3": zero3, f"zero3_over_zero0{suffix}": zero3 / zero0,
             f"training_{label}_zero0": zero0_model, f"training_{label}_zero3": zero3_model,
             f"zero3_over_zero0_training{suffix}": zero3_model / zero0_model}  # fmt: skip
@@ -471,10 +472,10 @@ def run_bench(only: list[str] | None = None, workdir: str | None = None) -> dict
     if "memory" in only and gpus == 1:
         figures["memory"] = "left out: needs 2 GPUs"
     elif "memory" in only and gpus:
-        figures.update(zero_memory_figures(f"{workdir}/runs", "auto", use_gpu=True, label="gpu_mib"))
+        figures.update(zero_memory_figures(f"{workdir}/runs", "auto", use_gpu=True))
     elif "memory" in only:  # fp32 as gcl trains on CPU, and bf16 as the GPU config trains
-        figures.update(zero_memory_figures(f"{workdir}/runs", "fp32", use_gpu=False, label="rss_mib"))
-        figures.update(zero_memory_figures(f"{workdir}/runs", "bf16", use_gpu=False, label="rss_mib_bf16"))
+        figures.update(zero_memory_figures(f"{workdir}/runs", "fp32", use_gpu=False))
+        figures.update(zero_memory_figures(f"{workdir}/runs", "bf16", use_gpu=False, suffix="_bf16"))
 
     return _report(figures)
 
