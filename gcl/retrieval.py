@@ -7,6 +7,7 @@ fields exactly as in training.
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 from collections.abc import Callable, Mapping
@@ -41,7 +42,7 @@ class EvalConfig(Section):
     (default: any positive grade)."""
     batch_size: int = Field(256, ge=1)
     """Rows encoded per forward pass."""
-    chunk_size: int = Field(16384, ge=1)
+    chunk_size: int = Field(2048, ge=1)
     """Documents scored at once in top-k search."""
     query_block: int = Field(1024, ge=1)
     """Queries scored at once; search memory is bounded by query_block x chunk_size scores."""
@@ -63,75 +64,115 @@ class EvalConfig(Section):
         return f"mean {self.objective} over {splits}"
 
 
-def exact_top_k(queries: torch.Tensor, docs: torch.Tensor, k: int, chunk_size: int = 16384,
+def exact_top_k(queries: torch.Tensor, docs: torch.Tensor, k: int, chunk_size: int = 2048,
                 query_block: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Exact top-k by inner product (cosine for normalized embeddings), in bounded memory.
 
     queries: (Q, D), docs: (N, D). Returns (scores (Q, k'), indices (Q, k')) with k' = min(k, N),
     best first. Queries go in blocks and the corpus in chunks: besides the inputs and outputs,
-    memory is one (query_block x chunk_size) score buffer, reused, plus the running top-k.
+    memory is one (query_block x chunk_size) score buffer, reused, plus a 2k-slot reservoir per
+    query. Each chunk's scores come from one matrix product; a compiled kernel then reads them
+    once, keeping only the scores above the query's k-th best so far (FAISS's exact index does
+    the same for large k). A NaN score never ranks; a query with fewer than k finite scores is
+    an error.
     """
     n_queries, n_docs = queries.shape[0], docs.shape[0]
     k = min(k, n_docs)
-    out_scores = torch.empty((n_queries, k), dtype=queries.dtype)
+    queries, docs = queries.float(), docs.float()
+    offer, keep_best = _reservoir_kernels()
+    out_scores = torch.empty((n_queries, k), dtype=torch.float32)
     out_index = torch.empty((n_queries, k), dtype=torch.long)
     # One flat buffer viewed per chunk: a fresh Q x chunk tensor per chunk costs page faults.
-    buffer = torch.empty(min(query_block, n_queries) * min(chunk_size, n_docs), dtype=queries.dtype)
+    buffer = torch.empty(min(query_block, n_queries) * min(chunk_size, n_docs), dtype=torch.float32)
     for q_start in range(0, n_queries, query_block):
         block = queries[q_start : q_start + query_block]
-        best_scores = torch.empty((block.shape[0], 0), dtype=queries.dtype)
-        best_index = torch.empty((block.shape[0], 0), dtype=torch.long)
-        pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # candidates not merged yet
-        threshold = torch.full((block.shape[0], 1), float("-inf"), dtype=queries.dtype)  # k-th best so far
+        kept_scores = np.empty((block.shape[0], 2 * k), dtype=np.float32)
+        kept_index = np.empty((block.shape[0], 2 * k), dtype=np.int64)
+        kept = np.zeros(block.shape[0], dtype=np.int64)
+        threshold = np.full(block.shape[0], -np.inf, dtype=np.float32)
         for start in range(0, n_docs, chunk_size):
             chunk = docs[start : start + chunk_size]
             scores = buffer[: block.shape[0] * chunk.shape[0]].view(block.shape[0], chunk.shape[0])
             torch.mm(block, chunk.T, out=scores)
-            if best_scores.shape[1] < k:  # the running top-k is not full yet: keep the chunk's best
-                top = torch.topk(scores, min(k, chunk.shape[0]), dim=1, sorted=False)
-                pending.append((top.values, top.indices + start))
-            else:
-                # The k-th best so far only rises, so a stale threshold still keeps every document
-                # that can make the top k; merging only every ~k candidates saves top-k passes.
-                hits = _above_threshold(scores, threshold, start)
-                if hits is not None:
-                    pending.append(hits)
-            if best_scores.shape[1] < k or sum(c.shape[1] for c, _ in pending) >= k:
-                best_scores, best_index = _merge_top_k(best_scores, best_index, pending, k)
-                threshold, pending = best_scores.amin(dim=1, keepdim=True), []
-        best_scores, best_index = _merge_top_k(best_scores, best_index, pending, k)
-        order = torch.sort(best_scores, dim=1, descending=True)
+            offer(scores.numpy(), start, kept_scores, kept_index, kept, threshold, k)
+        if (kept < k).any():  # every finite score enters until a reservoir holds k
+            raise ValueError(f"exact_top_k: query {q_start + int(np.argmax(kept < k))} has NaN or -inf scores: "
+                             "its embedding or the documents' are not finite (a diverged model?)")  # fmt: skip
+        keep_best(kept_scores, kept_index, kept, k)
+        order = torch.sort(torch.from_numpy(kept_scores[:, :k]), dim=1, descending=True)
         out_scores[q_start : q_start + block.shape[0]] = order.values
-        out_index[q_start : q_start + block.shape[0]] = torch.gather(best_index, 1, order.indices)
+        out_index[q_start : q_start + block.shape[0]] = torch.gather(
+            torch.from_numpy(kept_index[:, :k]), 1, order.indices
+        )
     return out_scores, out_index
 
 
-def _merge_top_k(scores: torch.Tensor, index: torch.Tensor, candidates: list, k: int):
-    """The k best of the running (scores, index) and the candidate (scores, index) pairs, per row."""
-    if not candidates:
-        return scores, index
-    merged_scores = torch.cat([scores, *(c for c, _ in candidates)], dim=1)
-    merged_index = torch.cat([index, *(i for _, i in candidates)], dim=1)
-    keep = torch.topk(merged_scores, min(k, merged_scores.shape[1]), dim=1, sorted=False)
-    return keep.values, torch.gather(merged_index, 1, keep.indices)
+@functools.cache
+def _reservoir_kernels():
+    """(offer, keep_best), compiled with numba on first use (a few seconds; cached on disk for
+    later processes) so that importing gcl does not import numba. Both run rows in parallel on
+    torch's thread count, so that a Ray worker's thread budget holds for them too.
 
+    Each query row r has a reservoir: kept_scores[r, :kept[r]] (document indices in kept_index)
+    holds every document scored so far that can still be in its top k, threshold[r] is a lower
+    bound on its k-th best. offer(scores (B, C), offset, kept_scores (B, 2k), kept_index (B, 2k),
+    kept (B,), threshold (B,), k) adds the chunk's scores above the threshold; when a reservoir
+    fills, a quickselect keeps its k best and their minimum becomes the threshold. After the
+    last chunk, keep_best(kept_scores, kept_index, kept, k) moves each row's k best to the front.
+    """
+    import numba
 
-def _above_threshold(scores: torch.Tensor, threshold: torch.Tensor, offset: int):
-    """The scores of each row above its running k-th best (threshold (B, 1)), packed left into a
-    (B, W) tensor padded with -inf (W: the most any row has), with their document indices; None
-    when no row has any. Once the running top-k is full, few scores pass: this replaces a top-k
-    over every score with one comparison each, as FAISS's heap does."""
-    rows, cols = (scores > threshold).nonzero(as_tuple=True)  # row-major: each row's hits are contiguous
-    if len(rows) == 0:
-        return None
-    counts = torch.bincount(rows, minlength=scores.shape[0])
-    width = int(counts.max())
-    slot = torch.arange(len(rows)) - (torch.cumsum(counts, 0) - counts)[rows]
-    packed = torch.full((scores.shape[0], width), float("-inf"), dtype=scores.dtype)
-    packed_index = torch.zeros((scores.shape[0], width), dtype=torch.long)
-    packed[rows, slot] = scores[rows, cols]
-    packed_index[rows, slot] = cols + offset
-    return packed, packed_index
+    @numba.njit(cache=True, nogil=True)
+    def select_k_best(values, index, n, k):
+        # Quickselect (Hoare partition): values[:k] (index alongside) become the k largest of
+        # values[:n], in no order; returns the k-th largest.
+        target, lo, hi = k - 1, 0, n - 1
+        while lo < hi:
+            pivot, i, j = values[target], lo, hi
+            while i <= j:
+                while values[i] > pivot:
+                    i += 1
+                while pivot > values[j]:
+                    j -= 1
+                if i <= j:
+                    values[i], values[j] = values[j], values[i]
+                    index[i], index[j] = index[j], index[i]
+                    i += 1
+                    j -= 1
+            if j < target:
+                lo = i
+            if target < i:
+                hi = j
+        return values[target]
+
+    @numba.njit(parallel=True, cache=True, nogil=True)
+    def offer(scores, offset, kept_scores, kept_index, kept, threshold, k):
+        for r in numba.prange(scores.shape[0]):
+            row, values, index = scores[r], kept_scores[r], kept_index[r]
+            n, bound = kept[r], threshold[r]
+            for j in range(row.shape[0]):
+                if row[j] > bound:  # rare once the reservoir has filled: a well-predicted branch
+                    values[n], index[n] = row[j], offset + j
+                    n += 1
+                    if n == values.shape[0]:
+                        bound = select_k_best(values, index, n, k)
+                        n = k
+            kept[r], threshold[r] = n, bound
+
+    @numba.njit(parallel=True, cache=True, nogil=True)
+    def keep_best(kept_scores, kept_index, kept, k):
+        for r in numba.prange(kept_scores.shape[0]):
+            if kept[r] > k:
+                select_k_best(kept_scores[r], kept_index[r], kept[r], k)
+
+    def on_torch_threads(kernel):
+        def run(*args):
+            numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+            kernel(*args)
+
+        return run
+
+    return on_torch_threads(offer), on_torch_threads(keep_best)
 
 
 def load_split(files: list[str], data: DataConfig, fields: FieldsConfig, grade_column: str):

@@ -36,9 +36,11 @@ def test_exact_top_k_equals_faiss_index_flat_ip(n_docs, k, chunk_size, query_blo
     np.testing.assert_allclose(scores.numpy(), torch.gather(queries @ docs.T, 1, index).numpy(), atol=1e-6)
 
 
-def test_exact_top_k_when_later_chunks_have_no_candidates():
-    """Once the top k is full, chunks whose every score is below each query's k-th best are
-    skipped; the result still equals a brute-force top-k."""
+@pytest.mark.parametrize("near_first", [True, False])
+def test_exact_top_k_when_the_best_documents_come_first_or_last(near_first):
+    """Near documents first: once each query's heap is full, no later score enters it. Near
+    documents last: the heap fills with far ones and nearly every later score replaces its
+    k-th best. Both give the brute-force top k."""
     generator = torch.Generator().manual_seed(3)
     direction = torch.nn.functional.normalize(torch.randn(1, 32, generator=generator), dim=1)
     queries = torch.nn.functional.normalize(
@@ -46,8 +48,18 @@ def test_exact_top_k_when_later_chunks_have_no_candidates():
     )
     near = torch.nn.functional.normalize(direction + 0.3 * torch.randn(300, 32, generator=generator), dim=1)
     far = torch.nn.functional.normalize(-direction + 0.3 * torch.randn(900, 32, generator=generator), dim=1)
-    docs = torch.cat([near, far])
+    docs = torch.cat([near, far] if near_first else [far, near])
     scores, index = exact_top_k(queries, docs, 50, chunk_size=100, query_block=16)
     brute = torch.topk(queries @ docs.T, 50, dim=1)
     np.testing.assert_allclose(scores.numpy(), brute.values.numpy(), atol=1e-6)
-    assert (index < 300).all()
+    np.testing.assert_array_equal(index.numpy(), brute.indices.numpy())
+    assert ((index < 300) if near_first else (index >= 900)).all()
+
+
+def test_exact_top_k_names_a_query_whose_scores_are_not_finite():
+    generator = torch.Generator().manual_seed(5)
+    docs = torch.nn.functional.normalize(torch.randn(300, 16, generator=generator), dim=1)
+    queries = torch.nn.functional.normalize(torch.randn(20, 16, generator=generator), dim=1)
+    queries[7] = float("nan")
+    with pytest.raises(ValueError, match="query 7 has NaN"):
+        exact_top_k(queries, docs, 10, chunk_size=64, query_block=8)
