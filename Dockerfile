@@ -11,6 +11,9 @@ COPY --chown=ray:users gcl ./gcl
 COPY --chown=ray:users workflows ./workflows
 USER ray
 RUN pip install --no-cache-dir -c constraints.txt . && gcl --help > /dev/null
+# Compile exact top-k search's numba kernels into numba's on-disk cache now, not on every node's
+# first evaluation (a node with another CPU recompiles, about 2 s).
+RUN python -c "import torch; from gcl.retrieval import exact_top_k; exact_top_k(torch.randn(4, 8), torch.randn(16, 8), 2)"
 # Tracking URI and credentials come from the cluster's environment (secrets), never the image.
 ENV TOKENIZERS_PARALLELISM=false
 CMD ["gcl", "--help"]
