@@ -7,7 +7,6 @@ fields exactly as in training.
 
 from __future__ import annotations
 
-import functools
 import io
 import logging
 from collections.abc import Callable, Mapping
@@ -107,63 +106,13 @@ def exact_top_k(queries: torch.Tensor, docs: torch.Tensor, k: int, chunk_size: i
     return out_scores, out_index
 
 
-@functools.cache
 def _reservoir_kernels():
-    """(offer, keep_best), compiled with numba on first use (a few seconds; cached on disk for
-    later processes) so that importing gcl does not import numba. Both run rows in parallel on
-    torch's thread count, so that a Ray worker's thread budget holds for them too.
-
-    Each query row r has a reservoir: kept_scores[r, :kept[r]] (document indices in kept_index)
-    holds every document scored so far that can still be in its top k, threshold[r] is a lower
-    bound on its k-th best. offer(scores (B, C), offset, kept_scores (B, 2k), kept_index (B, 2k),
-    kept (B,), threshold (B,), k) adds the chunk's scores above the threshold; when a reservoir
-    fills, a quickselect keeps its k best and their minimum becomes the threshold. After the
-    last chunk, keep_best(kept_scores, kept_index, kept, k) moves each row's k best to the front.
-    """
+    """(offer, keep_best) of gcl.reservoir, run on torch's thread count so that a Ray worker's
+    thread budget holds for them too. Imported on first use so that importing gcl does not
+    import numba."""
     import numba
 
-    @numba.njit(cache=True, nogil=True)
-    def select_k_best(values, index, n, k):
-        # Quickselect (Hoare partition): values[:k] (index alongside) become the k largest of
-        # values[:n], in no order; returns the k-th largest.
-        target, lo, hi = k - 1, 0, n - 1
-        while lo < hi:
-            pivot, i, j = values[target], lo, hi
-            while i <= j:
-                while values[i] > pivot:
-                    i += 1
-                while pivot > values[j]:
-                    j -= 1
-                if i <= j:
-                    values[i], values[j] = values[j], values[i]
-                    index[i], index[j] = index[j], index[i]
-                    i += 1
-                    j -= 1
-            if j < target:
-                lo = i
-            if target < i:
-                hi = j
-        return values[target]
-
-    @numba.njit(parallel=True, cache=True, nogil=True)
-    def offer(scores, offset, kept_scores, kept_index, kept, threshold, k):
-        for r in numba.prange(scores.shape[0]):
-            row, values, index = scores[r], kept_scores[r], kept_index[r]
-            n, bound = kept[r], threshold[r]
-            for j in range(row.shape[0]):
-                if row[j] > bound:  # rare once the reservoir has filled: a well-predicted branch
-                    values[n], index[n] = row[j], offset + j
-                    n += 1
-                    if n == values.shape[0]:
-                        bound = select_k_best(values, index, n, k)
-                        n = k
-            kept[r], threshold[r] = n, bound
-
-    @numba.njit(parallel=True, cache=True, nogil=True)
-    def keep_best(kept_scores, kept_index, kept, k):
-        for r in numba.prange(kept_scores.shape[0]):
-            if kept[r] > k:
-                select_k_best(kept_scores[r], kept_index[r], kept[r], k)
+    from gcl import reservoir
 
     def on_torch_threads(kernel):
         def run(*args):
@@ -172,7 +121,7 @@ def _reservoir_kernels():
 
         return run
 
-    return on_torch_threads(offer), on_torch_threads(keep_best)
+    return on_torch_threads(reservoir.offer), on_torch_threads(reservoir.keep_best)
 
 
 def load_split(files: list[str], data: DataConfig, fields: FieldsConfig, grade_column: str):
