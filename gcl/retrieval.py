@@ -78,7 +78,12 @@ def exact_top_k(queries: torch.Tensor, docs: torch.Tensor, k: int, chunk_size: i
     n_queries, n_docs = queries.shape[0], docs.shape[0]
     k = min(k, n_docs)
     queries, docs = queries.float(), docs.float()
-    offer, keep_best = _reservoir_kernels()
+    import numba  # imported here, with the kernels, so that importing gcl does not import numba
+
+    from gcl.reservoir import keep_best, offer
+
+    # The kernels run on torch's thread count, so that a Ray worker's thread budget holds for them.
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
     out_scores = torch.empty((n_queries, k), dtype=torch.float32)
     out_index = torch.empty((n_queries, k), dtype=torch.long)
     # One flat buffer viewed per chunk: a fresh Q x chunk tensor per chunk costs page faults.
@@ -104,24 +109,6 @@ def exact_top_k(queries: torch.Tensor, docs: torch.Tensor, k: int, chunk_size: i
             torch.from_numpy(kept_index[:, :k]), 1, order.indices
         )
     return out_scores, out_index
-
-
-def _reservoir_kernels():
-    """(offer, keep_best) of gcl.reservoir, run on torch's thread count so that a Ray worker's
-    thread budget holds for them too. Imported on first use so that importing gcl does not
-    import numba."""
-    import numba
-
-    from gcl import reservoir
-
-    def on_torch_threads(kernel):
-        def run(*args):
-            numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
-            kernel(*args)
-
-        return run
-
-    return on_torch_threads(reservoir.offer), on_torch_threads(reservoir.keep_best)
 
 
 def load_split(files: list[str], data: DataConfig, fields: FieldsConfig, grade_column: str):

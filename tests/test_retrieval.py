@@ -38,9 +38,9 @@ def test_exact_top_k_equals_faiss_index_flat_ip(n_docs, k, chunk_size, query_blo
 
 @pytest.mark.parametrize("near_first", [True, False])
 def test_exact_top_k_when_the_best_documents_come_first_or_last(near_first):
-    """Near documents first: once each query's heap is full, no later score enters it. Near
-    documents last: the heap fills with far ones and nearly every later score replaces its
-    k-th best. Both give the brute-force top k."""
+    """Near documents first: once each query's reservoir has its k best, no later score passes
+    its bound. Near documents last: the reservoir fills with far ones and nearly every later
+    score passes, so it is compacted again and again. Both give the brute-force top k."""
     generator = torch.Generator().manual_seed(3)
     direction = torch.nn.functional.normalize(torch.randn(1, 32, generator=generator), dim=1)
     queries = torch.nn.functional.normalize(
