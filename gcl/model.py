@@ -168,8 +168,14 @@ class FieldEncoder(torch.nn.Module):
             )
         groups = {m: [n for n in fields if self.modalities[n] == m] for m in ("text", "image")}
         stacked = {m: torch.cat([fields[n] for n in names]) if names else None for m, names in groups.items()}
-        if stacked["image"] is not None:  # pixels arrive in fp32; a bf16 engine's tower takes bf16
-            stacked["image"] = stacked["image"].to(self.compute_dtype())
+        # Inputs go where the towers are (a no-op for training batches, already on the worker's
+        # device; evaluation and serving build theirs on the CPU). Pixels arrive in fp32; a bf16
+        # engine's tower takes bf16.
+        param = self._first_float_parameter()
+        if stacked["text"] is not None:
+            stacked["text"] = stacked["text"].to(param.device, non_blocking=True)
+        if stacked["image"] is not None:
+            stacked["image"] = stacked["image"].to(param.device, param.dtype, non_blocking=True)
         result = self.clip(image=stacked["image"], text=stacked["text"])
         if isinstance(result, dict):
             image_emb, text_emb, scale = (
@@ -187,9 +193,10 @@ class FieldEncoder(torch.nn.Module):
         # The loss, its gather across workers and retrieval run in fp32 whatever the towers' dtype.
         return out, torch.log(scale.float()).reshape(1)
 
-    def compute_dtype(self) -> torch.dtype:
-        """The towers' floating dtype: bf16 once DeepSpeed's bf16 mode has cast the module."""
-        return next(p.dtype for p in self.clip.parameters() if p.is_floating_point())
+    def _first_float_parameter(self) -> torch.nn.Parameter:
+        """Its dtype is the towers' (bf16 once DeepSpeed's bf16 mode has cast the module), its
+        device theirs."""
+        return next(p for p in self.clip.parameters() if p.is_floating_point())
 
 
 def save_model(

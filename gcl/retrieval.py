@@ -175,6 +175,7 @@ class RowEncoder:
                 inputs[name], present[name] = self._field_tensor(spec.modality, chunk[name].tolist())
             usable = {n: t for n, t in inputs.items() if present[n].any()}
             embeddings, _ = self.encoder(usable)
+            embeddings = {n: e.cpu() for n, e in embeddings.items()}  # the search runs on the CPU
             dim = next(iter(embeddings.values())).shape[1]
             for name in inputs:
                 embeddings.setdefault(name, torch.zeros(len(chunk), dim))

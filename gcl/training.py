@@ -280,18 +280,17 @@ def train_worker(config: dict[str, Any]) -> None:
         if epoch < job.train.epochs and epoch not in readers:
             readers[epoch] = ShardReader(ray.train.get_dataset_shard(epoch_dataset_name(epoch)), job.train.batch_size,
                                          local_shuffle_buffer=job.pipeline.local_shuffle_buffer,
-                                         seed=job.seed * 1000 + epoch)  # fmt: skip
+                                         seed=job.seed * 1000 + epoch, pin_memory=device.type == "cuda")  # fmt: skip
 
     for epoch in range(start_epoch, job.train.epochs):
         start_reading(epoch)
         epoch_loss, epoch_steps, epoch_pairs, start = 0.0, 0, 0, time.perf_counter()
         first_batch_at, first_batch_pairs = None, 0
-        for batch in train_batches(readers.pop(epoch), job.train.batch_size, template):
+        for batch in train_batches(readers.pop(epoch), job.train.batch_size, template, device):
             if first_batch_at is None:
                 first_batch_at, first_batch_pairs = time.perf_counter(), int(batch["valid"].sum())
                 if job.pipeline.prefetch_next_epoch:  # its start-up overlaps this epoch's training
                     start_reading(epoch + 1)
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             tick = time.perf_counter()
             inputs = {name: batch[name] for name in job.fields.modalities()}
             embeddings, log_scale = engine(inputs)

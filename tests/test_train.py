@@ -62,6 +62,30 @@ def test_zero3_in_bf16_trains_and_loss_goes_down(ray_local, tiny_job, tmp_path):
     assert {p.dtype for p in exported.parameters()} == {torch.float32}
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("stage", [2, 3])
+def test_one_gpu_worker_trains_in_bf16_and_evaluates_consistently(ray_local, tiny_job, stage):
+    """Needs CUDA (skipped on the CPU machines the suite runs on): a GPU worker over NCCL with its
+    batches moved to the GPU by Ray Data, the towers in bf16, the per-epoch evaluation encoding on
+    the GPU (under ZeRO-3 inside the parameter gather); `gcl evaluate` of the logged fp32 model
+    then scores about what training's bf16 evaluation reported."""
+    import json
+
+    from workflows.evaluate import run_evaluate
+    from workflows.train import run_train
+
+    job = tiny_job(f"deepspeed.zero_stage={stage}", f"name=gpu-z{stage}", "scaling.use_gpu=true",
+                   "scaling.num_workers=1", "train.epochs=2")  # fmt: skip
+    result = run_train(job)
+    run = MlflowClient(job.mlflow.resolved_uri()).get_run(result.run_id)
+    assert [w["device"] for w in json.loads(run.data.tags["gcl.workers"])] == ["cuda:0"]
+    losses = [v for _, v in _losses(job.mlflow.resolved_uri(), result.run_id)]
+    assert all(v == v for v in losses) and losses[-1] < losses[0]
+    again = run_evaluate(job, f"runs:/{result.run_id}/model")
+    for split, values in again.items():
+        assert values["ndcg@10"] == pytest.approx(result.metrics[f"{split}/ndcg@10"], abs=0.05), split
+
+
 def test_rerun_with_same_name_resumes_from_the_latest_checkpoint(ray_local, tiny_job, tmp_path):
     """Under ZeRO-0 (plain data parallel), whose checkpoints hold the whole module."""
     from gcl.model import load_model

@@ -26,9 +26,9 @@ def _pad(batch: dict[str, torch.Tensor], size: int) -> dict[str, torch.Tensor]:
     n = len(batch["score"])
     out = {}
     for key, value in batch.items():
-        pad = torch.zeros((size - n, *value.shape[1:]), dtype=value.dtype)
+        pad = torch.zeros((size - n, *value.shape[1:]), dtype=value.dtype, device=value.device)
         out[key] = torch.cat([value, pad]) if n < size else value
-    valid = torch.zeros(size, dtype=torch.bool)
+    valid = torch.zeros(size, dtype=torch.bool, device=batch["score"].device)
     valid[:n] = True
     out["valid"] = valid
     return out
@@ -43,10 +43,13 @@ class ShardReader:
     it asks (the split assigns blocks in a fixed order), so prefetching keeps runs deterministic.
     """
 
-    def __init__(self, shard, batch_size: int, *, local_shuffle_buffer: int = 0, seed: int | None = None):
+    def __init__(self, shard, batch_size: int, *, local_shuffle_buffer: int = 0, seed: int | None = None,
+                 pin_memory: bool = False):  # fmt: skip
+        # On a GPU worker Ray Data moves each batch to the worker's GPU ("auto" device), from
+        # pinned memory when asked, in its prefetch threads.
         self._batches = iter(
             shard.iter_torch_batches(
-                batch_size=batch_size, drop_last=False,
+                batch_size=batch_size, drop_last=False, pin_memory=pin_memory,
                 local_shuffle_buffer_size=local_shuffle_buffer or None,
                 local_shuffle_seed=seed if local_shuffle_buffer else None,
             )
@@ -75,9 +78,11 @@ def train_batches(
     batches: Iterable[dict[str, torch.Tensor]],
     batch_size: int,
     template: dict[str, tuple[tuple[int, ...], torch.dtype]],
+    device: torch.device | str = "cpu",
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Batches of exactly `batch_size` rows from a worker's shard (`batches`: a ShardReader of
-    it, batch_size rows each), ranks in lockstep.
+    it, batch_size rows each), ranks in lockstep, on `device` (the worker's: NCCL reduces only
+    CUDA tensors, and padding must sit where the batch does).
 
     Each step all ranks agree (an all-reduce) whether any rank still has data; a rank
     that has run out contributes an all-invalid batch built from `template`
@@ -89,14 +94,14 @@ def train_batches(
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     while True:
         batch = next(iterator, None)
-        more = torch.tensor([0 if batch is None else 1])
+        more = torch.tensor([0 if batch is None else 1], device=device)
         if distributed:
             dist.all_reduce(more, op=dist.ReduceOp.MAX)
         if not more.item():
             return
         if batch is None:
             batch = {k: torch.zeros((0, *shape), dtype=dtype) for k, (shape, dtype) in template.items()}
-        yield _pad(dict(batch), batch_size)
+        yield _pad({k: v.to(device, non_blocking=True) for k, v in batch.items()}, batch_size)
 
 
 def batch_template(
