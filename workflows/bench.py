@@ -486,7 +486,10 @@ def _report(figures: dict) -> dict:
              "retrieval_gcl_over_faiss": ">= 1.0", "search_extra_peak_1m_over_100k": "~1 (bounded)"}  # fmt: skip
     print(f"\n{'figure':34s}{'value':>12s}  goal")
     for key, value in figures.items():
-        shown = f"{value:12.3f}" if isinstance(value, float) else f"{value!s:>12s}"
+        if isinstance(value, float):  # small figures (a tiny model's MFU on a GPU) in exponent form
+            shown = f"{value:12.3f}" if value == 0 or abs(value) >= 0.01 else f"{value:12.2e}"
+        else:
+            shown = f"{value!s:>12s}"
         print(f"{key:34s}{shown}  {goals.get(key, '')}")
     print(json.dumps(figures, indent=2))
     return figures
