@@ -54,3 +54,21 @@ def test_the_bare_loop_trains_on_the_gpu_under_bf16_autocast():
     job = JobConfig.model_validate({"model": {"arch": "gcl-tiny"}, "loss": {"score_range": [0, 1]}})
     assert bench_device().type == "cuda"
     assert bare_loop_pairs_per_s(job, _batch(16), threads=1, steps=2, device=bench_device()) > 0
+
+
+def test_bench_job_takes_overrides_after_its_own_settings_and_names_a_bad_key(tmp_path):
+    """`gcl bench --set`: what a user times on their own hardware (a bigger model, batch or more
+    preprocessing tasks); a misspelled key stops the bench before any section runs."""
+    from gcl.config import ConfigError
+    from workflows.bench import BATCH, bench_job
+
+    default = bench_job(str(tmp_path), gpus=0)
+    assert default.train.batch_size == BATCH and default.scaling.num_workers == 2
+    assert not default.scaling.use_gpu
+    on_one_gpu = bench_job(
+        str(tmp_path), gpus=1, overrides=["train.batch_size=128", "pipeline.preprocess_tasks=8"]
+    )
+    assert on_one_gpu.scaling.use_gpu and on_one_gpu.scaling.num_workers == 1
+    assert on_one_gpu.train.batch_size == 128 and on_one_gpu.pipeline.preprocess_tasks == 8
+    with pytest.raises(ConfigError, match=r"train.batch_sise: unknown key.*did you mean 'batch_size'"):
+        bench_job(str(tmp_path), gpus=0, overrides=["train.batch_sise=64"])

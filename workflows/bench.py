@@ -402,8 +402,26 @@ def search_peak_memory(n_queries: int = 1000, dim: int = 512, k: int = 1000) -> 
             "search_extra_peak_1m_over_100k": extra[1_000_000] / extra[100_000]}  # fmt: skip
 
 
-def run_bench(only: list[str] | None = None, workdir: str | None = None) -> dict:
-    """Run the benchmarks, print a table and JSON, return the figures."""
+def bench_job(workdir: str, gpus: int, overrides: list[str] | None = None) -> JobConfig:
+    """The job the data, steps and pipeline sections time: the tiny CPU config on the bench's
+    generated data, one worker per GPU up to 2 (else 2 CPU workers), then `overrides` (KEY=VALUE,
+    as `gcl train --set` takes them, e.g. model.arch=ViT-B-32 or train.batch_size=128)."""
+    job = parse_config(JobConfig, os.path.join(os.path.dirname(__file__), "configs", "tiny-cpu.yaml"), [
+        f"data.train={workdir}/data/train.parquet", "data.eval={}", f"storage={workdir}/runs",
+        f"mlflow.tracking_uri=sqlite:///{workdir}/mlflow.db", f"train.batch_size={BATCH}", "train.epochs=2",
+        "loss.score_range=[0, 1]",
+        *(["scaling.use_gpu=true", f"scaling.num_workers={min(2, gpus)}"] if gpus else []),
+        *(overrides or []),
+    ])  # fmt: skip
+    assert isinstance(job.fields, FieldsConfig)
+    return job
+
+
+def run_bench(
+    only: list[str] | None = None, workdir: str | None = None, overrides: list[str] | None = None
+) -> dict:
+    """Run the benchmarks, print a table and JSON, return the figures. `overrides` apply to the
+    data, steps and pipeline sections' job (see bench_job); the memory section keeps its own."""
     from gcl.cluster import init_ray
     from gcl.data.synth import SynthConfig, synthesize
     from workflows.train import run_train
@@ -416,27 +434,24 @@ def run_bench(only: list[str] | None = None, workdir: str | None = None) -> dict
     }
     if gpus:
         figures["gpu"] = f"{gpus} x {torch.cuda.get_device_name(0)}"
+    training = set(only) - {"retrieval"}
+    if training:  # a bad --set fails here, before any section runs
+        workdir = os.path.abspath(workdir or tempfile.mkdtemp(prefix="gcl-bench-"))
+        job = bench_job(workdir, gpus, overrides)
     if "retrieval" in only:  # first, before Ray's processes share the cores
         figures.update(retrieval_queries_per_s())
         figures.update(search_peak_memory())
-    if not set(only) - {"retrieval"}:
+    if not training:
         return _report(figures)
-    workdir = os.path.abspath(workdir or tempfile.mkdtemp(prefix="gcl-bench-"))
     os.makedirs(f"{workdir}/runs", exist_ok=True)
     synthesize(f"{workdir}/data", SynthConfig(products=800, queries=300, docs_per_query=12))
-    job = parse_config(JobConfig, os.path.join(os.path.dirname(__file__), "configs", "tiny-cpu.yaml"), [
-        f"data.train={workdir}/data/train.parquet", "data.eval={}", f"storage={workdir}/runs",
-        f"mlflow.tracking_uri=sqlite:///{workdir}/mlflow.db", f"train.batch_size={BATCH}", "train.epochs=2",
-        "loss.score_range=[0, 1]",
-        *(["scaling.use_gpu=true", f"scaling.num_workers={min(2, gpus)}"] if gpus else []),
-    ])  # fmt: skip
-    assert isinstance(job.fields, FieldsConfig)
     init_ray()
     world = job.scaling.num_workers  # 2, or one per GPU up to 2
+    per_worker_batch = job.train.batch_size
     if {"data", "pipeline", "steps"} & set(only):
-        batch = _batch_from_pipeline(job, BATCH * world)
+        batch = _batch_from_pipeline(job, per_worker_batch * world)
     if "data" in only:
-        per_worker = {k: v[:BATCH] for k, v in batch.items()}
+        per_worker = {k: v[:per_worker_batch] for k, v in batch.items()}
         consume_one = bare_loop_pairs_per_s(job, per_worker, threads=1, device=device)
         figures["train_consumption_pairs_per_s"] = world * consume_one  # each worker: 1 core or 1 GPU
         figures["preprocessor_alone_pairs_per_s"] = preprocessor_pairs_per_s(job)

@@ -137,7 +137,7 @@ def cmd_demo(args) -> int:
 def cmd_bench(args) -> int:
     from workflows.bench import run_bench
 
-    run_bench(args.only.split(",") if args.only else None, args.workdir)
+    run_bench(args.only.split(",") if args.only else None, args.workdir, args.overrides)
     return 0
 
 
@@ -242,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--only", help="comma-separated subset of: data,steps,pipeline,memory,retrieval")
     p.add_argument("--workdir", help="scratch directory (default: a new temporary one)")
+    p.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override the timed job's config (data, steps, pipeline), e.g. --set model.arch=ViT-B-32 "
+                   "--set train.batch_size=128 --set pipeline.preprocess_tasks=8")  # fmt: skip
     p.set_defaults(func=cmd_bench)
     return parser
 
