@@ -79,6 +79,23 @@ def test_field_encoder_feeds_fp32_pixels_to_bf16_towers_and_returns_fp32(tiny):
         assert cosine.min() > 0.99, (name, cosine)
 
 
+def test_field_encoder_moves_cpu_inputs_to_the_towers_device(tiny):
+    """Evaluation and serving build token ids and pixels on the CPU; on a GPU worker the towers
+    sit on the GPU. The 'meta' device stands in for the GPU these CPU machines lack (torch
+    refuses to mix it with CPU tensors as it refuses to mix CUDA and CPU)."""
+    import copy
+
+    tokens, images = _inputs(tiny)
+    encoder = FieldEncoder(copy.deepcopy(tiny.clip).to("meta"), {"query": "text", "image": "image"}).eval()
+    with torch.no_grad():
+        out, log_scale = encoder({"query": tokens, "image": images})
+    assert {name: (e.device.type, tuple(e.shape)) for name, e in out.items()} == {
+        "query": ("meta", (3, tiny.model_cfg["embed_dim"])),
+        "image": ("meta", (3, tiny.model_cfg["embed_dim"])),
+    }
+    assert log_scale.device.type == "meta"
+
+
 def test_saved_model_loads_with_open_clip_and_gives_same_embeddings(tiny, tmp_path):
     tokens, images = _inputs(tiny)
     tiny.clip.eval()

@@ -147,3 +147,20 @@ def test_the_dataset_module_does_not_import_torch():
     code = "import sys, gcl.data.pipeline; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+def test_the_last_batch_is_padded_on_the_device_it_arrived_on():
+    """On a GPU worker Ray Data hands over batches already on the GPU: padding made on the CPU
+    would fail torch.cat. 'meta' stands in for the GPU these CPU machines lack."""
+    from gcl.data.batches import _pad
+
+    batch = {
+        "score": torch.ones(3, device="meta"),
+        "title": torch.ones(3, 5, dtype=torch.int64, device="meta"),
+    }
+    padded = _pad(batch, 4)
+    assert {k: (v.device.type, tuple(v.shape)) for k, v in padded.items()} == {
+        "score": ("meta", (4,)),
+        "title": ("meta", (4, 5)),
+        "valid": ("meta", (4,)),
+    }
