@@ -142,14 +142,21 @@ def _trial_rows(grid, sweep) -> list[dict]:
 
 
 def _close_child_runs(client, experiment: str, parent_run_id: str, rows: list[dict], epochs: int) -> None:
-    """Tune stops a trial (ASHA's cut, or its last epoch) by killing its driver mid-fit, so its
-    MLflow run is still running: mark it finished, and tag the ones cut before their last epoch."""
+    """Tune stops a trial (ASHA's cut, or its last epoch) by removing its placement group: the
+    driver is killed mid-fit, leaving its MLflow run running, or its fit first fails on the dead
+    Train controller (ActorDiedError), marking the run failed. Tune's verdict decides: a trial it
+    did not record as errored was stopped, not failed. Mark such runs finished, and tag the ones
+    cut before their last epoch."""
     epochs_run = {row["trial"]: row["epochs"] or 0 for row in rows}
+    stopped = {row["trial"] for row in rows if row["status"] == "OK"}
     experiment_id = client.get_experiment_by_name(experiment).experiment_id
     for run in client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent_run_id}'"):
-        if run.info.status == "RUNNING":
-            if epochs_run.get(run.data.tags.get("gcl.trial_id"), 0) < epochs:
+        trial = run.data.tags.get("gcl.trial_id")
+        if run.info.status == "RUNNING" or (run.info.status == "FAILED" and trial in stopped):
+            if epochs_run.get(trial, 0) < epochs:
                 client.set_tag(run.info.run_id, "gcl.stopped_early", "true")
+            if "gcl.error" in run.data.tags:
+                client.delete_tag(run.info.run_id, "gcl.error")
             client.set_terminated(run.info.run_id)
 
 
