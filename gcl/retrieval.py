@@ -142,6 +142,32 @@ class RowEncoder:
         self.fields = fields
         self.base_dir = base_dir
 
+    @classmethod
+    def from_model_dir(cls, model_dir: str, fields: FieldsConfig | None = None,
+                       device: torch.device | str | None = None) -> RowEncoder:  # fmt: skip
+        """The encoder of an exported gcl model (`gcl evaluate`, the served MLflow model): its
+        weights, preprocessing and field config (`gcl_fields.json`, or `fields` for a plain
+        open_clip directory without one). device: by default the first GPU where CUDA is
+        available (hide the GPUs with CUDA_VISIBLE_DEVICES= to stay on the CPU), else the CPU;
+        a large corpus encodes many times faster on a GPU. Embeddings come back on the CPU."""
+        import json
+        import os
+
+        from gcl.model import FieldEncoder, ModelConfig, create_model, create_preprocessing
+
+        fields_file = os.path.join(model_dir, "gcl_fields.json")
+        if os.path.exists(fields_file):
+            with open(fields_file) as f:
+                fields = FieldsConfig(**json.load(f))
+        elif fields is None:
+            raise FileNotFoundError(f"{fields_file} is missing: not a model exported by gcl")
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        cfg = ModelConfig(pretrained=model_dir)
+        tokenizer, _, transform = create_preprocessing(cfg)
+        encoder = FieldEncoder(create_model(cfg).clip, fields.modalities()).to(device).eval()
+        return cls(encoder, tokenizer, transform, fields)
+
     def _field_tensor(self, modality: str, values) -> tuple[torch.Tensor, torch.Tensor]:
         from PIL import Image
 

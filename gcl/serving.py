@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import os
-from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -37,17 +35,11 @@ class GCLEmbeddingModel(mlflow.pyfunc.PythonModel):
     """Embeds queries and documents with a gcl-trained open_clip model."""
 
     def load_context(self, context) -> None:
-        from gcl.config import FieldsConfig
-        from gcl.model import FieldEncoder, ModelConfig, create_model, create_preprocessing
         from gcl.retrieval import RowEncoder
 
-        model_dir = context.artifacts["model"]
-        self.fields = FieldsConfig(**json.loads(Path(model_dir, "gcl_fields.json").read_text()))
-        cfg = ModelConfig(pretrained=model_dir)
-        loaded = create_model(cfg)
-        tokenizer, _, transform = create_preprocessing(cfg)
-        encoder = FieldEncoder(loaded.clip, self.fields.modalities()).eval()
-        self.row_encoder = RowEncoder(encoder, tokenizer, transform, self.fields)
+        # On the first GPU where CUDA is available (CUDA_VISIBLE_DEVICES= keeps it on the CPU).
+        self.row_encoder = RowEncoder.from_model_dir(context.artifacts["model"])
+        self.fields = self.row_encoder.fields
 
     def _side(self, row: pd.Series) -> str:
         has = {

@@ -147,3 +147,51 @@ def test_deepspeed_checkpoints_load_with_weights_only(tmp_path):
     torch.save({"optimizer": _Payload()}, tmp_path / "bad.pt")
     with pytest.raises(pickle.UnpicklingError, match="Unsupported global"):
         load_weights_only(str(tmp_path / "bad.pt"))
+
+
+def test_an_exported_model_loads_with_its_fields_on_the_chosen_device(tiny, tmp_path, monkeypatch):
+    """`gcl evaluate` and the served MLflow model load through RowEncoder.from_model_dir."""
+    import json
+
+    import pandas as pd
+
+    from gcl.config import FieldsConfig, FieldSpec
+    from gcl.retrieval import RowEncoder
+
+    fields = FieldsConfig(right={"title": FieldSpec(modality="text", weight=0.3),
+                                 "image": FieldSpec(modality="image", weight=0.7)})  # fmt: skip
+    out = save_model(tiny.clip, tiny.model_cfg, tmp_path / "export")
+    plain = RowEncoder.from_model_dir(str(out), fields=FieldsConfig())  # open_clip dir: the job's fields
+    assert plain.fields == FieldsConfig()
+    with pytest.raises(FileNotFoundError, match="gcl_fields.json is missing"):
+        RowEncoder.from_model_dir(str(out))
+    (out / "gcl_fields.json").write_text(json.dumps(fields.model_dump()))
+
+    loaded = RowEncoder.from_model_dir(str(out), fields=FieldsConfig())  # the exported fields win
+    assert loaded.fields == fields and not loaded.encoder.training
+    assert {p.device.type for p in loaded.encoder.parameters()} == {"cpu"}  # no CUDA on this machine
+    images = [Image.new("RGB", (40, 40), c) for c in ("red", "blue")]
+    rows = pd.DataFrame(
+        {"title": ["red round shoe", "blue striped bag"], "image": [_png(im) for im in images]}
+    )
+    direct = RowEncoder(FieldEncoder(tiny.clip, fields.modalities()).eval(), tiny.tokenizer, tiny.preprocess_val,
+                        fields)  # fmt: skip
+    torch.testing.assert_close(loaded.encode(rows, "right"), direct.encode(rows, "right"))
+
+    # A GPU host: 'meta' stands in for the GPU these machines lack.
+    on_meta = RowEncoder.from_model_dir(str(out), device="meta")
+    assert {p.device.type for p in on_meta.encoder.parameters()} == {"meta"}
+    # By default the encoder goes to CUDA when torch sees it (mocked here: this torch has no GPU to use).
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    moved = []
+    monkeypatch.setattr(FieldEncoder, "to", lambda self, device: moved.append(device) or self)
+    RowEncoder.from_model_dir(str(out))
+    assert moved == ["cuda"]
+
+
+def _png(image) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()

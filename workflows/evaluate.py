@@ -3,9 +3,7 @@ registered model (`models:/name@alias`)."""
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 
 from gcl.job_config import JobConfig
 
@@ -27,22 +25,12 @@ def resolve_model_dir(model: str, tracking_uri: str) -> str:
 
 def run_evaluate(job: JobConfig, model: str) -> dict[str, dict[str, float]]:
     """Evaluate `model` on the job's evaluation splits, print a table, return the metrics."""
-    from gcl.config import FieldsConfig
-    from gcl.model import FieldEncoder, ModelConfig, create_model, create_preprocessing
     from gcl.report import metrics_table
     from gcl.retrieval import RowEncoder, evaluate_splits
 
     model_dir = resolve_model_dir(model, job.mlflow.resolved_uri())
-    fields_file = os.path.join(model_dir, "gcl_fields.json")
-    fields = (
-        FieldsConfig(**json.loads(Path(fields_file).read_text()))
-        if os.path.exists(fields_file)
-        else job.fields
-    )
-    cfg = ModelConfig(pretrained=model_dir)
-    loaded = create_model(cfg)
-    tokenizer, _, transform = create_preprocessing(cfg)
-    encoder = RowEncoder(FieldEncoder(loaded.clip, fields.modalities()).eval(), tokenizer, transform, fields)
+    # A plain open_clip directory has no gcl_fields.json: the job's fields say how to feed it.
+    encoder = RowEncoder.from_model_dir(model_dir, fields=job.fields)
     results = evaluate_splits(encoder, job.data.eval, job.data, job.eval)
     print(metrics_table(results))
     return results
