@@ -26,6 +26,7 @@ from gcl.config import Section
 GCL_MODEL_CONFIGS = Path(__file__).parent / "model_configs"
 CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_pytorch_model.bin"
+FIELDS_FILE = "gcl_fields.json"  # gcl's field config beside the open_clip files, for gcl's readers
 
 
 class ModelConfig(Section):

@@ -153,9 +153,9 @@ class RowEncoder:
         import json
         import os
 
-        from gcl.model import FieldEncoder, ModelConfig, create_model, create_preprocessing
+        from gcl.model import FIELDS_FILE, FieldEncoder, ModelConfig, create_model, create_preprocessing
 
-        fields_file = os.path.join(model_dir, "gcl_fields.json")
+        fields_file = os.path.join(model_dir, FIELDS_FILE)
         if os.path.exists(fields_file):
             with open(fields_file) as f:
                 fields = FieldsConfig(**json.load(f))

@@ -19,7 +19,7 @@ import torch
 
 from gcl.job_config import JobConfig
 from gcl.loss import GCLLoss
-from gcl.model import FieldEncoder, create_model, create_preprocessing
+from gcl.model import FIELDS_FILE, FieldEncoder, create_model, create_preprocessing
 from gcl.retrieval import objective_value
 
 log = logging.getLogger(__name__)
@@ -349,6 +349,6 @@ def consolidate_checkpoint(checkpoint_dir: str, job: JobConfig, out_dir: str) ->
     loaded = create_model(job.model)
     loaded.clip.load_state_dict(clip_state)
     save_model(loaded.clip, model_config(job.model), out_dir)
-    with open(os.path.join(out_dir, "gcl_fields.json"), "w") as f:
+    with open(os.path.join(out_dir, FIELDS_FILE), "w") as f:
         json.dump(job.fields.model_dump(), f, indent=2)
     return out_dir
