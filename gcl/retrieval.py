@@ -44,7 +44,8 @@ class EvalConfig(Section):
     chunk_size: int = Field(2048, ge=1)
     """Documents scored at once in top-k search."""
     query_block: int = Field(1024, ge=1)
-    """Queries scored at once; search memory is bounded by query_block x chunk_size scores."""
+    """Most queries a search thread scores at once; search memory is bounded by query_block x
+    (chunk_size scores + a 2k-slot reservoir) per thread."""
     objective: str = "ndcg@10"
     """The measure that ranks runs, sweep trials and registered versions (one of `measures`)."""
     objective_splits: list[str] = Field(default_factory=list)
@@ -68,47 +69,37 @@ def exact_top_k(queries: torch.Tensor, docs: torch.Tensor, k: int, chunk_size: i
     """Exact top-k by inner product (cosine for normalized embeddings), in bounded memory.
 
     queries: (Q, D), docs: (N, D). Returns (scores (Q, k'), indices (Q, k')) with k' = min(k, N),
-    best first. Queries go in blocks and the corpus in chunks: besides the inputs and outputs,
-    memory is one (query_block x chunk_size) score buffer, reused, plus a 2k-slot reservoir per
-    query. Each chunk's scores come from one matrix product; a compiled kernel then reads them
-    once, keeping only the scores above the query's k-th best so far (FAISS's exact index does
-    the same for large k). A NaN score never ranks; a query with fewer than k finite scores is
-    an error.
+    best first. Each thread takes a block of up to `query_block` queries and scores it against
+    the corpus in chunks of `chunk_size` documents: besides the inputs and outputs, memory is one
+    (block x chunk_size) score buffer and a 2k-slot reservoir per query of the block, per thread.
+    A compiled kernel (gcl.reservoir) reads each chunk's scores once, keeping only the scores
+    above the query's k-th best so far, as FAISS's exact index does for large k. A NaN score
+    never ranks; a query with fewer than k finite scores is an error.
     """
+    import numba  # imported here, with the kernel, so that importing gcl does not import numba
+    import scipy.linalg.cython_blas  # noqa: F401  loads the BLAS numba's np.dot calls, for threadpool_limits
+    from threadpoolctl import threadpool_limits
+
+    from gcl.reservoir import search
+
     n_queries, n_docs = queries.shape[0], docs.shape[0]
     k = min(k, n_docs)
-    queries, docs = queries.float(), docs.float()
-    import numba  # imported here, with the kernels, so that importing gcl does not import numba
-
-    from gcl.reservoir import keep_best, offer
-
-    # The kernels run on torch's thread count, so that a Ray worker's thread budget holds for them.
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
-    out_scores = torch.empty((n_queries, k), dtype=torch.float32)
-    out_index = torch.empty((n_queries, k), dtype=torch.long)
-    # One flat buffer viewed per chunk: a fresh Q x chunk tensor per chunk costs page faults.
-    buffer = torch.empty(min(query_block, n_queries) * min(chunk_size, n_docs), dtype=torch.float32)
-    for q_start in range(0, n_queries, query_block):
-        block = queries[q_start : q_start + query_block]
-        kept_scores = np.empty((block.shape[0], 2 * k), dtype=np.float32)
-        kept_index = np.empty((block.shape[0], 2 * k), dtype=np.int64)
-        kept = np.zeros(block.shape[0], dtype=np.int64)
-        threshold = np.full(block.shape[0], -np.inf, dtype=np.float32)
-        for start in range(0, n_docs, chunk_size):
-            chunk = docs[start : start + chunk_size]
-            scores = buffer[: block.shape[0] * chunk.shape[0]].view(block.shape[0], chunk.shape[0])
-            torch.mm(block, chunk.T, out=scores)
-            offer(scores.numpy(), start, kept_scores, kept_index, kept, threshold, k)
-        if (kept < k).any():  # every finite score enters until a reservoir holds k
-            raise ValueError(f"exact_top_k: query {q_start + int(np.argmax(kept < k))} has NaN or -inf scores: "
-                             "its embedding or the documents' are not finite (a diverged model?)")  # fmt: skip
-        keep_best(kept_scores, kept_index, kept, k)
-        order = torch.sort(torch.from_numpy(kept_scores[:, :k]), dim=1, descending=True)
-        out_scores[q_start : q_start + block.shape[0]] = order.values
-        out_index[q_start : q_start + block.shape[0]] = torch.gather(
-            torch.from_numpy(kept_index[:, :k]), 1, order.indices
-        )
-    return out_scores, out_index
+    # The kernel runs on torch's thread count, so that a Ray worker's thread budget holds for it.
+    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    numba.set_num_threads(threads)
+    # Blocks small enough that every thread has one, but no larger than query_block.
+    block = max(1, min(query_block, -(-n_queries // threads)))
+    query_array = np.ascontiguousarray(queries.detach().cpu().float().numpy())
+    doc_array = np.ascontiguousarray(docs.detach().cpu().float().numpy())
+    out_scores = np.empty((n_queries, k), dtype=np.float32)
+    out_index = np.empty((n_queries, k), dtype=np.int64)
+    found = np.empty(n_queries, dtype=np.int64)
+    with threadpool_limits(1, user_api="blas"):  # each kernel thread runs its own product
+        search(query_array, doc_array, k, chunk_size, block, out_scores, out_index, found)
+    if (found < k).any():  # every finite score enters until a reservoir holds k
+        raise ValueError(f"exact_top_k: query {int(np.argmax(found < k))} has NaN or -inf scores: "
+                         "its embedding or the documents' are not finite (a diverged model?)")  # fmt: skip
+    return torch.from_numpy(out_scores), torch.from_numpy(out_index)
 
 
 def load_split(files: list[str], data: DataConfig, fields: FieldsConfig, grade_column: str):

@@ -1,5 +1,7 @@
 """Exact top-k search equals FAISS's exact inner-product index and a brute-force top-k."""
 
+import os
+
 import faiss
 import numpy as np
 import pytest
@@ -63,3 +65,24 @@ def test_exact_top_k_names_a_query_whose_scores_are_not_finite():
     queries[7] = float("nan")
     with pytest.raises(ValueError, match="query 7 has NaN"):
         exact_top_k(queries, docs, 10, chunk_size=64, query_block=8)
+
+
+def test_the_search_runs_one_blas_thread_per_kernel_thread_from_a_fresh_process():
+    """The kernel's threads each call BLAS (numba's np.dot -> SciPy's OpenBLAS), which must stay
+    single-threaded inside them, or the two thread pools compete for the cores. SciPy loads its
+    BLAS lazily, so the limit has to hold on a process's first search too; OpenBLAS says when it
+    finds itself multi-threaded inside an OpenMP loop."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch; from gcl.retrieval import exact_top_k; torch.set_num_threads(2); "
+        "q = torch.nn.functional.normalize(torch.randn(256, 512), dim=1); "
+        "d = torch.nn.functional.normalize(torch.randn(8192, 512), dim=1); "
+        "s, i = exact_top_k(q, d, 20, chunk_size=2048, query_block=128); "
+        "assert torch.allclose(s, torch.topk(q @ d.T, 20, dim=1).values, atol=1e-5)"
+    )
+    env = {**os.environ, "NUMBA_THREADING_LAYER": "omp", "NUMBA_NUM_THREADS": "2"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "OpenBLAS Warning" not in done.stderr, done.stderr
