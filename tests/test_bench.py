@@ -1,4 +1,5 @@
-"""gcl bench's FLOP count and peaks for MFU (the timed figures are benchmarks, not tests)."""
+"""gcl bench's FLOP count, peaks for MFU and peak-memory readings (the timed figures are
+benchmarks, not tests)."""
 
 import pytest
 import torch
@@ -8,7 +9,13 @@ from gcl.data.pipeline import PairPreprocessor
 from gcl.data.schema import DataConfig
 from gcl.data.synth import SynthConfig, generate_pairs
 from gcl.job_config import JobConfig
-from workflows.bench import gpu_peak_flops_per_s, peak_flops_per_s, train_flops_per_pair
+from workflows.bench import (
+    _peak_rss_mib,
+    _reset_peak_rss,
+    gpu_peak_flops_per_s,
+    peak_flops_per_s,
+    train_flops_per_pair,
+)
 
 
 def _batch(rows: int) -> dict:
@@ -72,3 +79,21 @@ def test_bench_job_takes_overrides_after_its_own_settings_and_names_a_bad_key(tm
     assert on_one_gpu.train.batch_size == 128 and on_one_gpu.pipeline.preprocess_tasks == 8
     with pytest.raises(ConfigError, match=r"train.batch_sise: unknown key.*did you mean 'batch_size'"):
         bench_job(str(tmp_path), gpus=0, overrides=["train.batch_sise=64"])
+
+
+def test_peak_memory_is_the_process_own_not_its_parents_and_restarts_on_reset():
+    """The search-memory bench runs in child processes and the ZeRO memory bench in Ray workers:
+    a child of a large parent must not report the parent's size (getrusage's ru_maxrss does, on
+    Linux), and a reused process must not report what it held before."""
+    import subprocess
+    import sys
+
+    held = torch.ones(400 * 2**20 // 4)  # 400 MiB in this process
+    code = "from workflows.bench import _peak_rss_mib; print(_peak_rss_mib())"
+    child_peak = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                      check=True).stdout.split()[-1])  # fmt: skip
+    assert _peak_rss_mib() > child_peak + 300
+    del held
+    before_reset = _peak_rss_mib()
+    _reset_peak_rss()
+    assert _peak_rss_mib() < before_reset - 300

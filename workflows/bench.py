@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import tempfile
 import time
 
@@ -266,6 +265,21 @@ def _rss_mib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def _reset_peak_rss() -> None:
+    """Restart this process's peak resident memory from its resident memory now, so that what a
+    reused process (a Ray worker) held before does not count."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _peak_rss_mib() -> float:
+    """This process's peak resident memory, in MiB. Not getrusage's ru_maxrss: Linux carries that
+    over from the parent through fork and exec, so a small child of a large parent reports the
+    parent's size."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+
+
 def _memory_worker(config: dict) -> None:
     """Two optimizer steps of a ViT-B-32-sized model under DeepSpeed; reports the peak memory:
     allocated GPU memory on a GPU, else the process's RSS."""
@@ -277,6 +291,8 @@ def _memory_worker(config: dict) -> None:
     torch.set_num_threads(1)
     cuda = job.scaling.use_gpu
     # What the process holds before the model: Python, torch, Ray, DeepSpeed (on a GPU, nothing).
+    if not cuda:
+        _reset_peak_rss()
     baseline_mib = torch.cuda.memory_allocated() / 2**20 if cuda else _rss_mib()
     engine, _, loaded = setup_engine(job, total_steps=10)
     size = loaded.model_cfg["vision_cfg"]["image_size"]
@@ -288,10 +304,7 @@ def _memory_worker(config: dict) -> None:
         loss = -(embeddings["query"] * embeddings["image"]).sum() * log_scale.exp().squeeze()
         engine.backward(loss)
         engine.step()
-    if cuda:
-        peak_mib = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mib = torch.cuda.max_memory_allocated() / 2**20 if cuda else _peak_rss_mib()
     rank = ray.train.get_context().get_world_rank()
     with open(os.path.join(config["out"], f"rank{rank}.json"), "w") as f:
         json.dump({"peak_mib": peak_mib, "baseline_mib": baseline_mib}, f)
@@ -383,7 +396,7 @@ def search_memory_child(n_docs: int, n_queries: int, dim: int, k: int) -> None:
     before = _rss_mib()
     cfg = EvalConfig()
     exact_top_k(queries, docs, k, cfg.chunk_size, cfg.query_block)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _peak_rss_mib()
     print(json.dumps({"extra_mib": peak - before}))
 
 
