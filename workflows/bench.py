@@ -291,9 +291,11 @@ def _memory_worker(config: dict) -> None:
     torch.set_num_threads(1)
     cuda = job.scaling.use_gpu
     # What the process holds before the model: Python, torch, Ray, DeepSpeed (on a GPU, nothing).
-    if not cuda:
-        _reset_peak_rss()
-    baseline_mib = torch.cuda.memory_allocated() / 2**20 if cuda else _rss_mib()
+    if cuda:
+        baseline_mib = torch.cuda.memory_allocated() / 2**20
+    else:
+        _reset_peak_rss()  # the peak counts from here, whatever a reused worker held before
+        baseline_mib = _rss_mib()
     engine, _, loaded = setup_engine(job, total_steps=10)
     size = loaded.model_cfg["vision_cfg"]["image_size"]
     length = loaded.model_cfg["text_cfg"]["context_length"]
