@@ -13,7 +13,7 @@ from gcl.config import FieldsConfig
 from gcl.data.readers import DataError
 from gcl.data.schema import MARQO_GS_COLUMNS, DataConfig
 from gcl.data.splits import SplitConfig, build_splits
-from gcl.data.synth import SynthConfig, generate_pairs, synthesize
+from gcl.data.synth import DISTINCT_QUERIES, SynthConfig, generate_pairs, synthesize
 from gcl.data.validate import validate_pairs
 
 SMALL = SynthConfig(products=120, queries=60, docs_per_query=8, seed=3)
@@ -53,6 +53,18 @@ def test_synth_positions_follow_attribute_overlap(small_pairs):
     assert corr > 0.5
     # Result lists mix full and partial matches: binary relevance cannot tell them apart.
     assert df["grade"].nunique() >= 3
+
+
+def test_synth_refuses_more_queries_than_its_vocabulary_has_before_drawing_any():
+    # One past the number of distinct query texts used to loop forever looking for a new one.
+    most = generate_pairs(SynthConfig(products=40, queries=DISTINCT_QUERIES, docs_per_query=2))
+    # Every drawn query gets an id; one that matches none of the 40 products has no pairs.
+    assert most["query_id"].max() == DISTINCT_QUERIES - 1
+    assert most["query"].nunique() == most["query_id"].nunique() > DISTINCT_QUERIES * 0.9
+    with pytest.raises(ValueError, match=f"queries={DISTINCT_QUERIES + 1}.*1 to {DISTINCT_QUERIES} distinct"):
+        SynthConfig(queries=DISTINCT_QUERIES + 1)
+    with pytest.raises(ValueError, match="docs_per_query=0"):
+        SynthConfig(docs_per_query=0)
 
 
 def test_split_builder_has_no_leakage(small_pairs):

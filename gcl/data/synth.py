@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
+from gcl.config import ConfigError
 from gcl.data.splits import SplitConfig, build_splits
 
 COLOURS = {
@@ -37,6 +38,8 @@ BACKGROUNDS = {"grey": (150, 150, 150), "beige": (225, 205, 170), "teal": (60, 1
 BRANDS = ("acme", "zenith", "nova", "orbit", "pico")
 QUERY_ATTRIBUTES = ("size", "colour", "pattern", "shape")
 IMAGE_SIZE = 64
+# A query names each attribute or leaves it out, and names at least one: 4 * 9 * 5 * 6 - 1.
+DISTINCT_QUERIES = (len(SIZES) + 1) * (len(COLOURS) + 1) * (len(PATTERNS) + 1) * (len(SHAPES) + 1) - 1
 
 
 @dataclass
@@ -49,6 +52,17 @@ class SynthConfig:
     title_noise: float = 0.2
     rank_noise: float = 0.15
     seed: int = 0
+
+    def __post_init__(self):
+        # Queries are drawn until this many distinct texts exist: more than there are would never end.
+        if not 1 <= self.queries <= DISTINCT_QUERIES:
+            raise ConfigError(
+                f"synthetic benchmark: queries={self.queries}; the attribute vocabulary makes "
+                f"1 to {DISTINCT_QUERIES} distinct queries (for more pairs, raise products or docs_per_query)"
+            )
+        for name in ("products", "docs_per_query"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"synthetic benchmark: {name}={getattr(self, name)}; it must be at least 1")
 
 
 def _draw_product(attrs: dict, rng: np.random.Generator) -> bytes:
