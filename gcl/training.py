@@ -239,12 +239,20 @@ def _worker_placement(device: str) -> list[dict]:
     return everyone
 
 
+def _slowest_rank(seconds: float, device: torch.device) -> float:
+    """The largest of every rank's `seconds`: ranks step together, so one rank's wait holds up all."""
+    value = torch.tensor([seconds], dtype=torch.float64, device=device)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return value.item()
+
+
 def train_worker(config: dict[str, Any]) -> None:
     """The Ray Train per-worker loop. config: job (a JobConfig dict), steps_per_epoch,
     tracking_uri and run_id (MLflow)."""
     import ray.train
 
-    from gcl.data.batches import ShardReader, batch_template, train_batches
+    from gcl.data.batches import ShardReader, WaitClock, batch_template, train_batches
     from gcl.data.pipeline import epoch_dataset_name
 
     job = JobConfig.model_validate(config["job"])
@@ -286,7 +294,8 @@ def train_worker(config: dict[str, Any]) -> None:
         start_reading(epoch)
         epoch_loss, epoch_steps, epoch_pairs, start = 0.0, 0, 0, time.perf_counter()
         first_batch_at, first_batch_pairs = None, 0
-        for batch in train_batches(readers.pop(epoch), job.train.batch_size, template, device):
+        data_wait = WaitClock(readers.pop(epoch))
+        for batch in train_batches(data_wait, job.train.batch_size, template, device):
             if first_batch_at is None:
                 first_batch_at, first_batch_pairs = time.perf_counter(), int(batch["valid"].sum())
                 if job.pipeline.prefetch_next_epoch:  # its start-up overlaps this epoch's training
@@ -309,6 +318,7 @@ def train_worker(config: dict[str, Any]) -> None:
                             step)  # fmt: skip
         end = time.perf_counter()
         first_batch_at = first_batch_at or end
+        data_wait_seconds = _slowest_rank(data_wait.seconds, device)  # before rank 0 evaluates alone
         results = _evaluate_on_rank_zero(job, engine, rank)
         metrics = {"epoch": epoch + 1, "step": step, "train_loss": epoch_loss / max(epoch_steps, 1),
                    "epoch_seconds": time.perf_counter() - start,
@@ -316,6 +326,10 @@ def train_worker(config: dict[str, Any]) -> None:
                    # without the epoch's start-up (the pipeline's read, shuffle and first batch).
                    "epoch_pairs_per_s": world * epoch_pairs / max(end - start, 1e-9),
                    "epoch_first_batch_seconds": first_batch_at - start,
+                   # Seconds training waited for batches (the first included), on the rank that
+                   # waited longest.
+                   "epoch_data_wait_seconds": data_wait_seconds,
+                   "epoch_data_wait_fraction": data_wait_seconds / max(end - start, 1e-9),
                    "epoch_steady_pairs_per_s": world * (epoch_pairs - first_batch_pairs) / max(end - first_batch_at, 1e-9)}  # fmt: skip
         for split, values in (results or {}).items():
             metrics.update({f"{split}/{name}": value for name, value in values.items()})

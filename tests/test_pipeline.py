@@ -1,6 +1,7 @@
 """The Ray Data pipeline on a real local Ray cluster, consumed by a 2-worker TorchTrainer."""
 
 import json
+import time
 
 import numpy as np
 import pandas as pd
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from gcl.config import FieldsConfig
-from gcl.data.batches import ShardReader, batch_template, train_batches
+from gcl.data.batches import ShardReader, WaitClock, batch_template, train_batches
 from gcl.data.pipeline import PRESENT, PipelineConfig, epoch_dataset_name, epoch_datasets, unsplit_data_config
 from gcl.data.schema import DataConfig
 from gcl.data.synth import SynthConfig, generate_pairs
@@ -136,6 +137,18 @@ def test_a_shard_readers_error_reaches_the_training_thread(ray_local):
     shard = ray.data.range(8).map_batches(broken).iterator()
     with pytest.raises(Exception, match="pair 7: image cannot be read"):
         list(ShardReader(shard, 4))
+
+
+def test_the_wait_clock_counts_waiting_for_batches_not_the_work_between_them():
+    def slow_batches():
+        for i in range(3):
+            time.sleep(0.05)  # the pipeline producing a batch
+            yield i
+
+    clock = WaitClock(slow_batches())
+    for _ in clock:
+        time.sleep(0.2)  # a training step
+    assert 0.15 <= clock.seconds < 0.6
 
 
 def test_the_dataset_module_does_not_import_torch():

@@ -30,6 +30,8 @@ def test_zero2_trains_tracks_exports_and_evaluates_consistently(ray_local, tiny_
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
     assert {"model", "config.yaml", "deepspeed.json"} <= artifacts
     assert "in_domain/ndcg_at_10" in run.data.metrics and "pairs_per_s" in run.data.metrics
+    assert 0 < result.metrics["epoch_data_wait_seconds"] < result.metrics["epoch_seconds"]
+    assert 0 < result.metrics["epoch_data_wait_fraction"] < 1
 
     losses = [v for _, v in _losses(uri, result.run_id)]
     steps_per_epoch = len(losses) // 3

@@ -12,6 +12,7 @@ of torch, whose import costs ~2 s of CPU and ~500 MiB per process here.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -72,6 +73,25 @@ class ShardReader:
         if self._first is not None:
             yield self._first
             yield from self._batches
+
+
+class WaitClock:
+    """Iterates `batches`, adding up the seconds spent waiting for each (`seconds`): the time a
+    trainer is starved of data, which work done between batches does not count towards."""
+
+    def __init__(self, batches: Iterable):
+        self._batches = iter(batches)
+        self.seconds = 0.0
+
+    def __iter__(self) -> WaitClock:
+        return self
+
+    def __next__(self):
+        start = time.perf_counter()
+        try:
+            return next(self._batches)
+        finally:
+            self.seconds += time.perf_counter() - start
 
 
 def train_batches(

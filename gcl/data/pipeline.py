@@ -214,6 +214,8 @@ def read_training_pairs(spec: str, files: list[str], data: DataConfig, fields: F
 def preprocess(raw, settings: str, pipeline: PipelineConfig, *, seed: int = 0, shuffle: bool = True):
     """Shuffle `raw` pairs with `seed` (as pipeline.shuffle says), then decode, transform and
     tokenize them in Ray Data tasks. Lazy: runs each time it is consumed, in the same order."""
+    from ray.data import TaskPoolStrategy
+
     if shuffle and pipeline.shuffle == "global":
         raw = raw.random_shuffle(seed=seed, num_cpus=pipeline.cpus_per_task)
     elif shuffle and pipeline.shuffle == "blocks":
@@ -225,7 +227,7 @@ def preprocess(raw, settings: str, pipeline: PipelineConfig, *, seed: int = 0, s
     ds = raw.map_batches(
         preprocess_batch,
         fn_kwargs={"settings": settings, "seed": seed},
-        concurrency=pipeline.preprocess_tasks,
+        compute=TaskPoolStrategy(size=pipeline.preprocess_tasks),
         num_cpus=pipeline.cpus_per_task,
         batch_size=pipeline.preprocess_batch_size,
         batch_format="numpy",
