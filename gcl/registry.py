@@ -14,7 +14,12 @@ MODEL_URI_TAG = "gcl.model_uri"  # run tag: the pyfunc embedding model logged fo
 
 
 def log_embedding_model(run_id: str, model_dir: str, tracking_uri: str, input_example=None) -> str:
-    """Log `model_dir` (an exported gcl model) as a pyfunc defined from code; returns its model URI."""
+    """Log `model_dir` (an exported gcl model) as a pyfunc defined from code; returns its model URI.
+
+    Logged without a signature (MLflow says it cannot infer one): under a signature, MLflow drops
+    input columns the signature does not name with only a warning, so a misspelt field would be
+    embedded as a row without it. The model's predict names unknown columns as an error instead.
+    """
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri)

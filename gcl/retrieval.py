@@ -17,7 +17,7 @@ import torch
 from pydantic import Field, model_validator
 
 from gcl.config import FieldsConfig, Section
-from gcl.data.readers import DataError, image_base_dir, image_bytes, read_table, resolve_files
+from gcl.data.readers import DataError, field_text, image_base_dir, image_bytes, read_table, resolve_files
 from gcl.data.schema import DataConfig
 from gcl.loss import fuse_fields
 from gcl.metrics import evaluate
@@ -163,10 +163,8 @@ class RowEncoder:
         from PIL import Image
 
         if modality == "text":
-            present = torch.tensor([v is not None and str(v).strip() != "" for v in values])
-            return self.tokenizer(
-                [str(v) if ok else "" for v, ok in zip(values, present.tolist(), strict=True)]
-            ), present
+            texts = [field_text(v) for v in values]
+            return self.tokenizer([t or "" for t in texts]), torch.tensor([t is not None for t in texts])
         images = []
         for v in values:
             raw = image_bytes(v, self.base_dir)

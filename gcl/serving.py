@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import os
 
 import mlflow
@@ -35,11 +36,15 @@ class GCLEmbeddingModel(mlflow.pyfunc.PythonModel):
     """Embeds queries and documents with a gcl-trained open_clip model."""
 
     def load_context(self, context) -> None:
+        from gcl.model import CONFIG_FILE
         from gcl.retrieval import RowEncoder
 
+        model_dir = context.artifacts["model"]
         # On the first GPU where CUDA is available (CUDA_VISIBLE_DEVICES= keeps it on the CPU).
-        self.row_encoder = RowEncoder.from_model_dir(context.artifacts["model"])
+        self.row_encoder = RowEncoder.from_model_dir(model_dir)
         self.fields = self.row_encoder.fields
+        with open(os.path.join(model_dir, CONFIG_FILE)) as f:
+            self.dim = json.load(f)["model_cfg"]["embed_dim"]
 
     def _side(self, row: pd.Series) -> str:
         has = {
@@ -65,15 +70,11 @@ class GCLEmbeddingModel(mlflow.pyfunc.PythonModel):
                 frame[name] = frame[name].map(decode_image_value)
         frame = frame.astype(object).where(frame.notna(), None)
         sides = np.array([self._side(row) for _, row in frame.iterrows()])
-        out = None
+        out = np.zeros((len(frame), self.dim), dtype=np.float32)  # (0, dim) for no rows
         for side in ("left", "right"):
             rows = np.flatnonzero(sides == side)
-            if len(rows) == 0:
-                continue
-            emb = self.row_encoder.encode(frame.iloc[rows], side).numpy()
-            if out is None:
-                out = np.zeros((len(frame), emb.shape[1]), dtype=np.float32)
-            out[rows] = emb
+            if len(rows):
+                out[rows] = self.row_encoder.encode(frame.iloc[rows], side).numpy()
         return out
 
 

@@ -195,3 +195,60 @@ def _png(image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def test_the_logged_pyfunc_embeds_as_gcl_does_and_names_bad_input(tiny, tmp_path):
+    """The MLflow model (from code, a real SQLite store): queries and fused documents equal
+    RowEncoder's; no rows give (0, dim); a misspelt column or a row with both sides is an error."""
+    import json
+
+    import mlflow
+    import numpy as np
+    import pandas as pd
+
+    from gcl.config import FieldsConfig, FieldSpec
+    from gcl.registry import log_embedding_model
+    from gcl.retrieval import RowEncoder
+
+    fields = FieldsConfig(right={"title": FieldSpec(modality="text", weight=0.3),
+                                 "image": FieldSpec(modality="image", weight=0.7)})  # fmt: skip
+    out = save_model(tiny.clip, tiny.model_cfg, tmp_path / "export")
+    (out / "gcl_fields.json").write_text(json.dumps(fields.model_dump()))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run() as run:
+        pass
+    model = mlflow.pyfunc.load_model(log_embedding_model(run.info.run_id, str(out), uri))
+
+    direct = RowEncoder.from_model_dir(str(out))
+    docs = pd.DataFrame({"title": ["red round shoe", None], "image": [_png(Image.new("RGB", (40, 40), c))
+                                                                      for c in ("red", "blue")]})  # fmt: skip
+    queries = pd.DataFrame({"query": ["red shoe", "blue bag"]})
+    np.testing.assert_allclose(model.predict(docs), direct.encode(docs, "right").numpy(), atol=1e-6)
+    np.testing.assert_allclose(model.predict(queries), direct.encode(queries, "left").numpy(), atol=1e-6)
+    assert model.predict(pd.DataFrame({"query": []})).shape == (0, tiny.model_cfg["embed_dim"])
+    with pytest.raises(ValueError, match=r"unknown input columns \['qury'\]; this model takes"):
+        model.predict(pd.DataFrame({"qury": ["red shoe"]}))
+    with pytest.raises(ValueError, match="fields of exactly one side"):
+        model.predict(pd.DataFrame({"query": ["red shoe"], "title": ["red round shoe"]}))
+
+
+def test_a_null_text_field_is_left_out_not_read_as_the_text_nan(tiny):
+    """pandas 3 reads a text column's nulls as NaN: evaluation and serving leave the field out of
+    the fusion, as training (which gets None from Ray Data) does."""
+    import pandas as pd
+    import pyarrow as pa
+
+    from gcl.config import FieldsConfig, FieldSpec
+    from gcl.retrieval import RowEncoder
+
+    fields = FieldsConfig(right={"title": FieldSpec(modality="text", weight=0.3),
+                                 "image": FieldSpec(modality="image", weight=0.7)})  # fmt: skip
+    encoder = RowEncoder(FieldEncoder(tiny.clip, fields.modalities()).eval(), tiny.tokenizer, tiny.preprocess_val,
+                         fields)  # fmt: skip
+    image = _png(Image.new("RGB", (40, 40), "red"))
+    from_parquet = pa.table({"title": pa.array([None], pa.string()), "image": [image]}).to_pandas()
+    missing = pd.DataFrame({"title": pd.Series([None], dtype=object), "image": [image]})
+    as_text = pd.DataFrame({"title": ["nan"], "image": [image]})
+    torch.testing.assert_close(encoder.encode(from_parquet, "right"), encoder.encode(missing, "right"))
+    assert not torch.allclose(encoder.encode(from_parquet, "right"), encoder.encode(as_text, "right"))

@@ -21,7 +21,7 @@ import numpy as np
 from pydantic import Field
 
 from gcl.config import FieldsConfig, Section
-from gcl.data.readers import DataError, image_base_dir, image_bytes, resolve_files
+from gcl.data.readers import DataError, field_text, image_base_dir, image_bytes, resolve_files
 from gcl.data.schema import DataConfig
 
 if TYPE_CHECKING:
@@ -112,9 +112,9 @@ class PairPreprocessor:
         for name, modality in self.fields.items():
             values = batch[name]
             if modality == "text":
-                present = np.array([v is not None and str(v).strip() != "" for v in values])
-                texts = [str(v) if ok else "" for v, ok in zip(values, present, strict=True)]
-                out[name] = self.tokenizer(texts).numpy().astype(np.int64)
+                texts = [field_text(v) for v in values]
+                present = np.array([t is not None for t in texts])
+                out[name] = self.tokenizer([t or "" for t in texts]).numpy().astype(np.int64)
             else:
                 images = [
                     self._image(v, pid, key, seed)

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import glob
 import io
+import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -103,12 +105,26 @@ def image_base_dir(file: str, image_root: str | None) -> str | None:
     return None if "://" in file else os.path.dirname(os.path.abspath(file))
 
 
+def is_missing(value) -> bool:
+    """None, or the NaN / NA that pandas puts where a column has no value (pandas 3 stores a text
+    column's nulls as NaN, which str() would turn into the text "nan")."""
+    return value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value))
+
+
+def field_text(value) -> str | None:
+    """A text field's value, or None when it is missing or blank."""
+    if is_missing(value):
+        return None
+    text = str(value)
+    return text if text.strip() else None
+
+
 def image_bytes(value, base_dir: str | None) -> bytes | None:
     """Encoded image bytes from a `{bytes, path}` struct, raw bytes or a path/URI; None if absent.
 
     Raises FileNotFoundError (or OSError) when a referenced file cannot be read.
     """
-    if value is None:
+    if is_missing(value):
         return None
     if isinstance(value, dict):
         if value.get("bytes"):
