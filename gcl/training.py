@@ -25,6 +25,7 @@ from gcl.retrieval import objective_value
 log = logging.getLogger(__name__)
 CHECKPOINT_TAG = "checkpoint"
 STATE_FILE = "gcl_state.json"
+JOB_FILE = "gcl_job.json"  # the training job in each checkpoint: what `gcl evaluate` rebuilds the model from
 
 
 # Communication buckets sized for CLIP-scale models (0.1-1B parameters), in elements. DeepSpeed's
@@ -341,6 +342,8 @@ def train_worker(config: dict[str, Any]) -> None:
             engine.save_checkpoint(directory, tag=CHECKPOINT_TAG)
             with open(os.path.join(directory, STATE_FILE), "w") as f:
                 json.dump({"epoch": epoch + 1, "step": step}, f)
+            with open(os.path.join(directory, JOB_FILE), "w") as f:
+                json.dump(job.model_dump(mode="json"), f)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 

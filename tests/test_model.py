@@ -252,3 +252,13 @@ def test_a_null_text_field_is_left_out_not_read_as_the_text_nan(tiny):
     as_text = pd.DataFrame({"title": ["nan"], "image": [image]})
     torch.testing.assert_close(encoder.encode(from_parquet, "right"), encoder.encode(missing, "right"))
     assert not torch.allclose(encoder.encode(from_parquet, "right"), encoder.encode(as_text, "right"))
+
+
+def test_evaluate_names_a_directory_that_holds_no_model_or_checkpoint(tmp_path):
+    from gcl.job_config import JobConfig
+    from workflows.evaluate import resolve_model_dir
+
+    with pytest.raises(
+        SystemExit, match="not a model directory .*, a training checkpoint .* committed checkpoint"
+    ):
+        resolve_model_dir(str(tmp_path), JobConfig(), str(tmp_path / "scratch"))

@@ -1,5 +1,8 @@
 """`gcl train` end to end on a real local Ray cluster: 2 DeepSpeed workers, MLflow on SQLite."""
 
+import glob
+import json
+import os
 import time
 
 import pytest
@@ -39,11 +42,21 @@ def test_zero2_trains_tracks_exports_and_evaluates_consistently(ray_local, tiny_
     assert sum(last) / len(last) < sum(first) / len(first)  # the loss goes down
     assert [s for s, _ in _losses(uri, result.run_id)] == list(range(1, len(losses) + 1))
 
-    # The logged model, evaluated by `gcl evaluate`, scores what training's evaluation reported.
-    again = run_evaluate(job, f"runs:/{result.run_id}/model")
-    for split, values in again.items():
-        for measure, value in values.items():
-            assert value == pytest.approx(result.metrics[f"{split}/{measure}"], abs=1e-6), (split, measure)
+    # The logged model, evaluated by `gcl evaluate`, scores what training's evaluation reported;
+    # so does the run's directory (its latest checkpoint, exported on the fly).
+    run_dir = os.path.join(job.storage, job.name)
+    for model in (f"runs:/{result.run_id}/model", run_dir):
+        again = run_evaluate(job, model)
+        for split, values in again.items():
+            for measure, value in values.items():
+                assert value == pytest.approx(result.metrics[f"{split}/{measure}"], abs=1e-6), (model, split)
+    # An earlier checkpoint (two are kept: epochs 2 and 3) scores what its epoch reported.
+    history = sorted(client.get_metric_history(result.run_id, "in_domain/ndcg_at_10"), key=lambda m: m.step)
+    earlier = min(glob.glob(os.path.join(run_dir, "checkpoint_*")))  # named by the time they were saved
+    with open(os.path.join(earlier, "gcl_state.json")) as f:
+        assert json.load(f)["epoch"] == 2
+    again = run_evaluate(job, earlier)
+    assert again["in_domain"]["ndcg@10"] == pytest.approx(history[1].value, abs=1e-6)
 
 
 def test_zero3_in_bf16_trains_and_loss_goes_down(ray_local, tiny_job, tmp_path):
@@ -63,6 +76,17 @@ def test_zero3_in_bf16_trains_and_loss_goes_down(ray_local, tiny_job, tmp_path):
     assert exported.logit_scale.shape == (1,)
     assert {p.dtype for p in exported.parameters()} == {torch.float32}
 
+    # `gcl evaluate` on a checkpoint gathers the same weights, with the ZeRO stage the checkpoint
+    # was trained with, whatever the evaluating config says.
+    from workflows.evaluate import export_checkpoint, training_checkpoint
+
+    checkpoint = training_checkpoint(os.path.join(job.storage, job.name))
+    gathered = load_model(
+        export_checkpoint(checkpoint, tiny_job("deepspeed.zero_stage=0"), str(tmp_path))
+    ).clip
+    for (name, want), got in zip(exported.state_dict().items(), gathered.state_dict().values(), strict=True):
+        torch.testing.assert_close(got, want, msg=name)
+
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("stage", [2, 3])
@@ -71,7 +95,6 @@ def test_one_gpu_worker_trains_in_bf16_and_evaluates_consistently(ray_local, tin
     batches moved to the GPU by Ray Data, the towers in bf16, the per-epoch evaluation encoding on
     the GPU (under ZeRO-3 inside the parameter gather); `gcl evaluate` of the logged fp32 model
     then scores about what training's bf16 evaluation reported."""
-    import json
 
     from workflows.evaluate import run_evaluate
     from workflows.train import run_train

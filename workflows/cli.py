@@ -227,7 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(p)
     p.add_argument(
-        "--model", required=True, help="exported model dir, runs:/<id>/model or models:/<name>@<alias>"
+        "--model",
+        required=True,
+        help="exported model dir, a training checkpoint dir, a run's dir (its latest "
+        "checkpoint), runs:/<id>/model or models:/<name>@<alias>",
     )
     p.set_defaults(func=cmd_evaluate)
 
