@@ -5,10 +5,13 @@ a run's directory: its latest checkpoint), a run's model or a registered model
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 
 from gcl.job_config import JobConfig
+
+log = logging.getLogger(__name__)
 
 
 def training_checkpoint(path: str) -> str | None:
@@ -27,8 +30,11 @@ def export_checkpoint(checkpoint_dir: str, job: JobConfig, out_dir: str) -> str:
     """Gather `checkpoint_dir`'s ZeRO shards into a model directory under `out_dir`, as training
     exports its final model: with the model, fields and ZeRO stage of the job that trained it
     (saved in the checkpoint), or of `job` for checkpoints from before gcl saved it."""
-    from gcl.training import JOB_FILE, consolidate_checkpoint
+    from gcl.training import JOB_FILE, STATE_FILE, consolidate_checkpoint
 
+    with open(os.path.join(checkpoint_dir, STATE_FILE)) as f:
+        state = json.load(f)
+    log.info("evaluating %s: epoch %s, step %s", checkpoint_dir, state["epoch"], state["step"])
     saved = os.path.join(checkpoint_dir, JOB_FILE)
     if os.path.isfile(saved):
         with open(saved) as f:
