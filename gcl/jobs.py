@@ -111,17 +111,21 @@ def prepare(job: JobConfig):
 
 
 def committed_checkpoint(run_dir: str) -> dict | None:
-    """The latest checkpoint Ray Train committed under a local `run_dir` (its directory name and
-    reported metrics), from Ray Train's checkpoint snapshot; None when there is none."""
+    """The latest checkpoint Ray Train committed under `run_dir` (a local path or a storage URI such
+    as s3://bucket/runs/name): its directory name and reported metrics, from Ray Train's
+    checkpoint snapshot; None when there is none."""
+    from gcl.data.readers import storage_filesystem
+
+    filesystem, path = storage_filesystem(run_dir)
     try:
-        with open(os.path.join(run_dir, "checkpoint_manager_snapshot.json")) as f:
-            return json.load(f).get("latest_checkpoint_result")
+        with filesystem.open_input_stream(f"{path}/checkpoint_manager_snapshot.json") as f:
+            return json.loads(f.read()).get("latest_checkpoint_result")
     except (OSError, ValueError):
         return None
 
 
 def _log_resume(run_dir: str) -> None:
-    """Say whether this run resumes, and from where (local storage only)."""
+    """Say whether this run resumes, and from where (uncommitted checkpoints: local storage only)."""
     latest = committed_checkpoint(run_dir)
     if latest:
         metrics = latest.get("metrics", {})

@@ -229,8 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model",
         required=True,
-        help="exported model dir, a training checkpoint dir, a run's dir (its latest "
-        "checkpoint), runs:/<id>/model or models:/<name>@<alias>",
+        help="exported model dir, a training checkpoint or a run's dir (its latest checkpoint; "
+        "a path or a storage URI such as s3://...), runs:/<id>/model or models:/<name>@<alias>",
     )
     p.set_defaults(func=cmd_evaluate)
 

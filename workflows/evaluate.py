@@ -1,6 +1,6 @@
-"""`gcl evaluate`: retrieval metrics per split for an exported model, a training checkpoint (or
-a run's directory: its latest checkpoint), a run's model or a registered model
-(`models:/name@alias`)."""
+"""`gcl evaluate`: retrieval metrics per split for an exported model, a training checkpoint or a
+run's directory (its latest checkpoint; local or on storage such as s3://), a run's model or a
+registered model (`models:/name@alias`)."""
 
 from __future__ import annotations
 
@@ -14,27 +14,47 @@ from gcl.job_config import JobConfig
 log = logging.getLogger(__name__)
 
 
-def training_checkpoint(path: str) -> str | None:
-    """`path` if it is a gcl training checkpoint, the latest committed checkpoint if it is a run's
-    directory (storage/name), else None."""
+def training_checkpoint(model: str) -> str | None:
+    """The checkpoint `model` (a local path or a storage URI) names: itself if it is a gcl training
+    checkpoint, the latest committed one if it is a run's directory (storage/name), else None."""
+    from pyarrow import fs
+
+    from gcl.data.readers import storage_filesystem
     from gcl.jobs import committed_checkpoint
     from gcl.training import STATE_FILE
 
-    if os.path.isfile(os.path.join(path, STATE_FILE)):
-        return path
-    latest = committed_checkpoint(path)
-    return os.path.join(path, latest["checkpoint_dir_name"]) if latest else None
+    filesystem, path = storage_filesystem(model)
+    if filesystem.get_file_info(f"{path}/{STATE_FILE}").type == fs.FileType.File:
+        return model
+    latest = committed_checkpoint(model)
+    return f"{model.rstrip('/')}/{latest['checkpoint_dir_name']}" if latest else None
 
 
-def export_checkpoint(checkpoint_dir: str, job: JobConfig, out_dir: str) -> str:
+def local_directory(location: str, scratch: str) -> str:
+    """`location` itself if it is a local path; for a storage URI (s3://, gs://, file://), a copy
+    of what it holds under `scratch`."""
+    if "://" not in location:
+        return location
+    from pyarrow import fs
+
+    from gcl.data.readers import storage_filesystem
+
+    filesystem, path = storage_filesystem(location)
+    local = os.path.join(scratch, "checkpoint")
+    fs.copy_files(path, local, source_filesystem=filesystem, destination_filesystem=fs.LocalFileSystem())
+    return local
+
+
+def export_checkpoint(checkpoint_dir: str, job: JobConfig, out_dir: str, source: str | None = None) -> str:
     """Gather `checkpoint_dir`'s ZeRO shards into a model directory under `out_dir`, as training
     exports its final model: with the model, fields and ZeRO stage of the job that trained it
-    (saved in the checkpoint), or of `job` for checkpoints from before gcl saved it."""
+    (saved in the checkpoint), or of `job` for checkpoints from before gcl saved it. `source`:
+    where the checkpoint came from, for the log (by default `checkpoint_dir`)."""
     from gcl.training import JOB_FILE, STATE_FILE, consolidate_checkpoint
 
     with open(os.path.join(checkpoint_dir, STATE_FILE)) as f:
         state = json.load(f)
-    log.info("evaluating %s: epoch %s, step %s", checkpoint_dir, state["epoch"], state["step"])
+    log.info("evaluating %s: epoch %s, step %s", source or checkpoint_dir, state["epoch"], state["step"])
     saved = os.path.join(checkpoint_dir, JOB_FILE)
     if os.path.isfile(saved):
         with open(saved) as f:
@@ -43,21 +63,11 @@ def export_checkpoint(checkpoint_dir: str, job: JobConfig, out_dir: str) -> str:
 
 
 def resolve_model_dir(model: str, job: JobConfig, scratch: str) -> str:
-    """A local model directory for a model directory, a checkpoint or run directory (exported
-    into `scratch`), or an MLflow URI (runs:/..., models:/...)."""
-    if os.path.isdir(model):
-        from gcl.model import CONFIG_FILE
-        from gcl.training import STATE_FILE
+    """A local model directory for a model directory, a checkpoint or a run's directory (local or
+    a storage URI; exported into `scratch`), or an MLflow URI (runs:/..., models:/...)."""
+    from gcl.model import CONFIG_FILE
+    from gcl.training import STATE_FILE
 
-        checkpoint = training_checkpoint(model)
-        if checkpoint:
-            return export_checkpoint(checkpoint, job, scratch)
-        if not os.path.isfile(os.path.join(model, CONFIG_FILE)):
-            raise SystemExit(
-                f"--model {model!r}: not a model directory (no {CONFIG_FILE}), a training checkpoint (no "
-                f"{STATE_FILE}) or a run's directory with a committed checkpoint"
-            )
-        return model
     if model.startswith(("runs:/", "models:/")):
         import mlflow
 
@@ -66,9 +76,14 @@ def resolve_model_dir(model: str, job: JobConfig, scratch: str) -> str:
         # A pyfunc model keeps the open_clip weights under artifacts/model.
         nested = os.path.join(local, "artifacts", "model")
         return nested if os.path.isdir(nested) else local
+    checkpoint = training_checkpoint(model)
+    if checkpoint:
+        return export_checkpoint(local_directory(checkpoint, scratch), job, scratch, source=checkpoint)
+    if os.path.isfile(os.path.join(model, CONFIG_FILE)):
+        return model
     raise SystemExit(
-        f"--model {model!r} is neither a directory (a model, a checkpoint or a run's) nor an MLflow "
-        "runs:/ or models:/ URI"
+        f"--model {model!r}: not a model directory (no {CONFIG_FILE}), a training checkpoint (no {STATE_FILE}), "
+        "a run's directory with a committed checkpoint, or an MLflow runs:/ or models:/ URI"
     )
 
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import hashlib
 
-from gcl.data.readers import _filesystem, resolve_files
+from gcl.data.readers import resolve_files, storage_filesystem
 from gcl.data.schema import DataConfig
 
 
 def file_sha256(file: str, chunk_bytes: int = 1 << 22) -> str:
     """sha256 of a local or remote (pyarrow URI) file's bytes, read in chunks."""
-    filesystem, path = _filesystem(file)
+    filesystem, path = storage_filesystem(file)
     digest = hashlib.sha256()
     with filesystem.open_input_stream(path) as stream:
         while chunk := stream.read(chunk_bytes):

@@ -21,7 +21,7 @@ class DataError(ValueError):
     """Data that cannot be used; the message names the file, row and column."""
 
 
-def _filesystem(spec: str):
+def storage_filesystem(spec: str):
     """(pyarrow filesystem, path) for a local path or a URI such as s3://bucket/key."""
     from pyarrow import fs
 
@@ -37,7 +37,7 @@ def resolve_files(spec: str) -> list[str]:
     else:
         from pyarrow import fs
 
-        filesystem, path = _filesystem(spec)
+        filesystem, path = storage_filesystem(spec)
         info = filesystem.get_file_info(path)
         if info.type == fs.FileType.NotFound:
             raise DataError(f"data not found: {spec}")
@@ -56,7 +56,7 @@ def resolve_files(spec: str) -> list[str]:
 
 def read_table(file: str, columns: list[str] | None = None) -> pa.Table:
     """Read one data file into an Arrow table (all columns, or those named)."""
-    filesystem, path = _filesystem(file)
+    filesystem, path = storage_filesystem(file)
     if file.endswith(".parquet"):
         return pq.read_table(path, columns=columns, filesystem=filesystem)
     with filesystem.open_input_stream(path) as stream:
@@ -77,7 +77,7 @@ def iter_batches(
 ) -> Iterator[tuple[int, pa.RecordBatch]]:
     """(first row number, batch) over a file, memory-bounded for parquet."""
     if file.endswith(".parquet"):
-        filesystem, path = _filesystem(file)
+        filesystem, path = storage_filesystem(file)
         offset = 0
         for batch in pq.ParquetFile(path, filesystem=filesystem).iter_batches(batch_rows, columns=columns):
             yield offset, batch
@@ -92,7 +92,7 @@ def iter_batches(
 def file_columns(file: str) -> pa.Schema:
     """The schema of a data file, without reading its rows (for parquet)."""
     if file.endswith(".parquet"):
-        filesystem, path = _filesystem(file)
+        filesystem, path = storage_filesystem(file)
         return pq.read_schema(path, filesystem=filesystem)
     return read_table(file).schema
 
@@ -137,6 +137,6 @@ def image_bytes(value, base_dir: str | None) -> bytes | None:
     path = str(value)
     if "://" not in path and not os.path.isabs(path) and base_dir:
         path = str(Path(base_dir) / path)
-    filesystem, resolved = _filesystem(path)
+    filesystem, resolved = storage_filesystem(path)
     with filesystem.open_input_stream(resolved) as stream:
         return stream.read()
