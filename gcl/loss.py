@@ -134,11 +134,35 @@ def fuse_fields(
 Gather = Callable[[torch.Tensor], torch.Tensor]
 
 
-def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
-    """Concatenate `tensor` from every rank along dim 0; gradients flow back to each rank."""
-    import torch.distributed.nn.functional as dist_fn
+class _AllGather(torch.autograd.Function):
+    """all_gather along dim 0 whose backward gives each rank the sum, over every rank's loss, of
+    the gradient for its own rows (torch.distributed.nn's all_gather does the same, but torch
+    2.14 deprecates it for a private API). Backward all-reduces the whole gradient and keeps this
+    rank's slice: gloo has no reduce-scatter, and embeddings are small beside the model's gradients."""
 
-    return torch.cat(dist_fn.all_gather(tensor), dim=0)
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, tensor.contiguous())
+        ctx.rows = tensor.shape[0]
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        start = dist.get_rank() * ctx.rows
+        return grad[start : start + ctx.rows]
+
+
+def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate `tensor` from every rank along dim 0 (the same number of rows on each);
+    gradients flow back to each rank."""
+    return _AllGather.apply(tensor)
 
 
 def weighted_contrastive(
