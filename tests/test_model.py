@@ -262,3 +262,33 @@ def test_evaluate_names_a_directory_that_holds_no_model_or_checkpoint(tmp_path):
         SystemExit, match="not a model directory .*, a training checkpoint .* committed checkpoint"
     ):
         resolve_model_dir(str(tmp_path), JobConfig(), str(tmp_path / "scratch"))
+
+
+def test_gcl_evaluate_on_an_exported_model_prints_and_writes_the_metrics(tiny, tmp_path, capsys):
+    """The `gcl evaluate` command on a model directory: the table on stdout and the JSON file hold
+    what evaluate_splits computes from the same directory."""
+    import json
+
+    from gcl.config import FieldsConfig
+    from gcl.data.schema import DataConfig
+    from gcl.data.synth import SynthConfig, synthesize
+    from gcl.retrieval import EvalConfig, RowEncoder, evaluate_splits
+    from workflows.cli import main
+
+    synthesize(tmp_path / "data", SynthConfig(products=40, queries=20, docs_per_query=4, seed=5))
+    out = save_model(tiny.clip, tiny.model_cfg, tmp_path / "export")
+    (out / "gcl_fields.json").write_text(json.dumps(FieldsConfig().model_dump()))
+    splits = {"in_domain": str(tmp_path / "data" / "in_domain.parquet"),
+              "zero_shot": str(tmp_path / "data" / "zero_shot.parquet")}  # fmt: skip
+    written = tmp_path / "metrics.json"
+    code = main(
+        ["evaluate", "--set", f"data.eval={json.dumps(splits)}", "--model", str(out), "-o", str(written)]
+    )
+    assert code == 0
+    want = evaluate_splits(RowEncoder.from_model_dir(str(out)), splits, DataConfig(), EvalConfig())
+    saved = json.loads(written.read_text())
+    assert saved["model"] == str(out) and set(saved["metrics"]) == set(splits)
+    for split in splits:
+        assert saved["metrics"][split] == pytest.approx(want[split], abs=1e-9), split
+    table = capsys.readouterr().out
+    assert all(f"{want[s]['ndcg@10']:.4f}" in table for s in splits)

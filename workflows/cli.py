@@ -123,7 +123,9 @@ def cmd_submit(args) -> int:
 def cmd_evaluate(args) -> int:
     from workflows.evaluate import run_evaluate
 
-    run_evaluate(_job(args), args.model)
+    results = run_evaluate(_job(args), args.model)
+    if args.output:
+        Path(args.output).write_text(json.dumps({"model": args.model, "metrics": results}, indent=2) + "\n")
     return 0
 
 
@@ -232,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="exported model dir, a training checkpoint or a run's dir (its latest checkpoint; "
         "a path or a storage URI such as s3://...), runs:/<id>/model or models:/<name>@<alias>",
     )
+    p.add_argument("--output", "-o", metavar="FILE", help="also write the metrics per split to FILE as JSON")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser(
