@@ -124,6 +124,52 @@ def test_augmented_crops_repeat_for_the_same_epoch_seed():
     assert not np.array_equal(crops(11), crops(12))
 
 
+@pytest.mark.parametrize("augment", [False, True])
+def test_preprocessing_by_batch_equals_the_transform_and_tokenizer_row_by_row(augment):
+    """Batched ToTensor/Normalize and cached token rows give exactly what open_clip's transform
+    (image by image) and tokenizer give, missing images and titles included."""
+    from gcl.data.pipeline import PairPreprocessor
+
+    pairs = generate_pairs(SynthConfig(products=30, queries=6, docs_per_query=8, seed=2)).head(40)
+    pairs["title"] = pairs["title"].astype(object)
+    pairs["image"] = pairs["image"].astype(object)
+    pairs.loc[3, "title"], pairs.loc[5, "image"] = None, None
+    batch = {c: pairs[c].to_numpy() for c in pairs.columns}
+    pre = PairPreprocessor({"arch": "gcl-tiny"}, FieldsConfig().model_dump(), "score_linear",
+                           DataConfig().model_dump(), None, augment=augment)  # fmt: skip
+    assert pre.pixel_stages is not None and pre.tokens is not None  # the batched paths are taken
+    batched = [pre(batch, seed=7), pre(batch, seed=7)]  # the second from the token cache
+    pre.pixel_stages, pre.tokens = None, None
+    reference = pre(batch, seed=7)
+    assert not reference["image" + PRESENT][5] and not reference["title" + PRESENT][3]
+    for out in batched:
+        assert out.keys() == reference.keys()
+        for key, value in reference.items():
+            assert out[key].dtype == value.dtype and out[key].shape == value.shape, key
+            np.testing.assert_array_equal(out[key], value, err_msg=key)
+
+
+def test_the_token_cache_tokenizes_each_text_once_and_forgets_the_least_recently_used():
+    from gcl.data.pipeline import TokenCache
+    from gcl.model import ModelConfig, create_preprocessing
+
+    tokenizer = create_preprocessing(ModelConfig(arch="gcl-tiny"))[0]
+    asked: list[str] = []
+
+    def counting(texts):
+        asked.extend(texts)
+        return tokenizer(texts)
+
+    cache = TokenCache(counting, max_texts=4)
+    texts = ["red shoe", "blue hat", "red shoe", "a", ""]
+    np.testing.assert_array_equal(cache(texts), tokenizer(texts).numpy())
+    assert cache(texts).dtype == np.int64
+    assert asked == ["red shoe", "blue hat", "a", ""]  # once each, across both calls
+    cache(["blue hat", "green sock"])  # one text too many: "red shoe" was used least recently
+    assert list(cache._rows) == ["a", "", "blue hat", "green sock"]
+    assert asked[-1] == "green sock"
+
+
 def test_a_shard_readers_error_reaches_the_training_thread(ray_local):
     """The first batch is fetched in the reader's thread; its error is raised where the
     trainer iterates, not lost in the thread."""

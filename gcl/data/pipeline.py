@@ -14,6 +14,7 @@ import io
 import json
 import math
 import os
+from collections import OrderedDict
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Literal
 
@@ -67,6 +68,56 @@ def stable_keys(values: np.ndarray) -> np.ndarray:
     return out
 
 
+class TokenCache:
+    """Token rows by text, kept across batches and epochs by a preprocessing process: a query's
+    text comes back in every pair of that query (about 100 in Marqo-GS-10M), every text in every
+    epoch, and open_clip's tokenizer (ftfy, a regex and BPE per text) was about a third of the
+    preprocessing. Beyond `max_texts` the least recently used are forgotten."""
+
+    def __init__(self, tokenizer, max_texts: int = 100_000):
+        self.tokenizer = tokenizer
+        self.max_texts = max_texts
+        self._rows: OrderedDict[str, np.ndarray] = OrderedDict()  # int32: half the memory of int64
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        """(B, context_length) int64 token rows of `texts`, as the tokenizer gives them."""
+        missing = [t for t in dict.fromkeys(texts) if t not in self._rows]
+        if missing:
+            for text, row in zip(missing, self.tokenizer(missing).numpy().astype(np.int32), strict=True):
+                self._rows[text] = row
+        for text in texts:
+            self._rows.move_to_end(text)
+        rows = np.stack([self._rows[t] for t in texts]).astype(np.int64)
+        while len(self._rows) > self.max_texts:
+            self._rows.popitem(last=False)
+        return rows
+
+
+def split_pixel_stages(transform):
+    """(the PIL stages, Normalize) of an image transform that ends with ToTensor and Normalize, as
+    open_clip's do, so that those two run once per batch (to_normalized_pixels) rather than image
+    by image (a third of the image work on small images); None for any other transform."""
+    from open_clip.transform import MaybeConvertMode
+    from torchvision.transforms import Compose, Normalize, ToTensor
+
+    stages = list(getattr(transform, "transforms", []))
+    if len(stages) < 2 or not isinstance(stages[-2], ToTensor) or not isinstance(stages[-1], Normalize):
+        return None
+    # Images are converted to RGB on decoding, and resizing and cropping keep the mode: a second
+    # conversion would only copy each image.
+    pil = [s for s in stages[:-2] if not (isinstance(s, MaybeConvertMode) and s.mode == "RGB")]
+    return Compose(pil), stages[-1]
+
+
+def to_normalized_pixels(images: np.ndarray, normalize) -> np.ndarray:
+    """(B, H, W, 3) uint8 images -> (B, 3, H, W) float32, as ToTensor then `normalize` make them
+    image by image (the same element-wise operations)."""
+    import torch
+
+    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(torch.float32).div(255)
+    return normalize(pixels).numpy()
+
+
 class PairPreprocessor:
     """Ray Data callable class: raw pair rows -> model-ready numpy arrays.
 
@@ -79,15 +130,21 @@ class PairPreprocessor:
                  base_dir: str | None, augment: bool):  # fmt: skip
         from gcl.model import ModelConfig, create_preprocessing
 
-        self.tokenizer, train_tf, eval_tf = create_preprocessing(ModelConfig(**model_cfg))
+        tokenizer, train_tf, eval_tf = create_preprocessing(ModelConfig(**model_cfg))
+        # A tokenizer that reduces long texts at random (open_clip's reduction_fn) must run every time.
+        self.tokens = TokenCache(tokenizer) if getattr(tokenizer, "reduction_fn", None) is None else None
+        self.tokenizer = tokenizer
         self.image_transform = train_tf if augment else eval_tf
+        self.pixel_stages = split_pixel_stages(self.image_transform)
         self.fields = FieldsConfig(**fields).modalities()
         self.weight_key = weight_key
         self.data = DataConfig(**data_cfg)
         self.base_dir = base_dir
         self.augment = augment
 
-    def _image(self, value, pair_id, pair_key: int, seed: int) -> torch.Tensor | None:
+    def _image(self, value, pair_id, pair_key: int, seed: int) -> np.ndarray | torch.Tensor | None:
+        """The image of one pair: (H, W, 3) uint8 after the transform's PIL stages when it splits
+        (see split_pixel_stages), else the transform's (3, H, W) tensor; None when absent."""
         import torch
         from PIL import Image
 
@@ -98,7 +155,10 @@ class PairPreprocessor:
             if self.augment:  # the same random crop for this pair and epoch seed in every run
                 torch.manual_seed(hash((seed, int(pair_key))) & 0x7FFF_FFFF_FFFF_FFFF)
             with Image.open(io.BytesIO(raw)) as img:
-                return self.image_transform(img.convert("RGB"))
+                rgb = img.convert("RGB")
+            if self.pixel_stages is None:
+                return self.image_transform(rgb)
+            return np.asarray(self.pixel_stages[0](rgb))
         except Exception as err:
             raise DataError(
                 f"pair {pair_id!r}: image cannot be read or decoded ({type(err).__name__}: {err})"
@@ -114,25 +174,37 @@ class PairPreprocessor:
             if modality == "text":
                 texts = [field_text(v) for v in values]
                 present = np.array([t is not None for t in texts])
-                out[name] = self.tokenizer([t or "" for t in texts]).numpy().astype(np.int64)
+                padded = [t or "" for t in texts]
+                tokens = self.tokens(padded) if self.tokens else self.tokenizer(padded).numpy()
+                out[name] = tokens.astype(np.int64, copy=False)
             else:
                 images = [
                     self._image(v, pid, key, seed)
                     for v, pid, key in zip(values, pair_ids, pair_keys, strict=True)
                 ]
                 present = np.array([img is not None for img in images])
-                shape = next((img.shape for img in images if img is not None), None)
-                if shape is None:
-                    size = self.image_transform.transforms[0].size
-                    shape = (3, *((size, size) if isinstance(size, int) else size))
-                out[name] = np.stack(
-                    [img.numpy() if img is not None else np.zeros(shape, np.float32) for img in images]
-                )
+                out[name] = self._pixels(images, present)
             out[name + PRESENT] = present
         out["score"] = np.asarray(batch[self.weight_key], dtype=np.float32)
         out["query_key"] = stable_keys(batch[self.data.query_id_column])
         out["document_key"] = stable_keys(batch[self.data.document_id_column])
         out["pair_key"] = pair_keys
+        return out
+
+    def _pixels(self, images: list, present: np.ndarray) -> np.ndarray:
+        """(B, 3, H, W) float32 pixels of a batch's images (from _image), zeros where absent."""
+        import torch
+
+        given = [img for img in images if img is not None]
+        if given and self.pixel_stages is not None:
+            shown = to_normalized_pixels(np.stack(given), self.pixel_stages[1])
+        elif given:
+            shown = torch.stack(given).numpy()
+        else:
+            size = self.image_transform.transforms[0].size
+            shown = np.zeros((0, 3, *((size, size) if isinstance(size, int) else size)), np.float32)
+        out = np.zeros((len(images), *shown.shape[1:]), np.float32)
+        out[present] = shown
         return out
 
 
