@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -143,6 +143,14 @@ def create_preprocessing(cfg: ModelConfig) -> tuple[Callable, Callable, Callable
     )
 
 
+def normalize_pixels(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """(B, 3, H, W) uint8 -> float32, as torchvision's ToTensor then Normalize(mean, std) make
+    them image by image (the same element-wise operations, so the same values)."""
+    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=pixels.device).view(1, -1, 1, 1)
+    std_t = torch.as_tensor(std, dtype=torch.float32, device=pixels.device).view(1, -1, 1, 1)
+    return pixels.to(torch.float32).div(255).sub_(mean_t).div_(std_t)
+
+
 class FieldEncoder(torch.nn.Module):
     """Encodes named fields with the model's text or image tower.
 
@@ -154,9 +162,13 @@ class FieldEncoder(torch.nn.Module):
         super().__init__()
         self.clip = clip
         self.modalities = dict(modalities)
+        # What the model's image transforms normalize with: open_clip sets it on every model.
+        self.preprocess_cfg = dict(getattr(getattr(clip, "visual", None), "preprocess_cfg", None) or {})
 
     def forward(self, fields: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """fields: name -> (B, L) token ids for text, (B, 3, H, W) pixels for images.
+        """fields: name -> (B, L) token ids for text; for images (B, 3, H, W) pixels, either uint8
+        (resized and cropped, as the training pipeline sends them; normalized here, on the towers'
+        device) or float (the image transform's output, already normalized).
 
         Returns name -> (B, D) L2-normalized embeddings, and the (1,) log logit scale.
         Fields of one modality go through their tower in a single call, and through the
@@ -170,13 +182,16 @@ class FieldEncoder(torch.nn.Module):
         groups = {m: [n for n in fields if self.modalities[n] == m] for m in ("text", "image")}
         stacked = {m: torch.cat([fields[n] for n in names]) if names else None for m, names in groups.items()}
         # Inputs go where the towers are (a no-op for training batches, already on the worker's
-        # device; evaluation and serving build theirs on the CPU). Pixels arrive in fp32; a bf16
-        # engine's tower takes bf16.
+        # device; evaluation and serving build theirs on the CPU). Pixels are normalized in fp32;
+        # a bf16 engine's tower takes bf16.
         param = self._first_float_parameter()
         if stacked["text"] is not None:
             stacked["text"] = stacked["text"].to(param.device, non_blocking=True)
         if stacked["image"] is not None:
-            stacked["image"] = stacked["image"].to(param.device, param.dtype, non_blocking=True)
+            pixels = stacked["image"].to(param.device, non_blocking=True)
+            if pixels.dtype == torch.uint8:
+                pixels = normalize_pixels(pixels, self.preprocess_cfg["mean"], self.preprocess_cfg["std"])
+            stacked["image"] = pixels.to(param.dtype)
         result = self.clip(image=stacked["image"], text=stacked["text"])
         if isinstance(result, dict):
             image_emb, text_emb, scale = (

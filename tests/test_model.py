@@ -2,6 +2,7 @@
 
 import pickle
 
+import numpy as np
 import open_clip
 import pytest
 import torch
@@ -61,6 +62,24 @@ def test_field_encoder_batches_fields_per_modality_and_normalizes(tiny):
     torch.testing.assert_close(log_scale, tiny.clip.logit_scale)
     with pytest.raises(KeyError, match="no modality"):
         encoder({"colour": tokens})
+
+
+def test_field_encoder_normalizes_uint8_pixels_as_the_image_transform_does(tiny):
+    """Training sends resized, cropped uint8 pixels; the encoder normalizes them with the model's
+    mean and std to exactly the transform's pixels, so both give the same embeddings."""
+    from gcl.data.pipeline import pil_stages
+
+    photos = [Image.new("RGB", (40, 48), color) for color in ("red", "teal", "beige")]
+    raw = torch.stack(
+        [torch.from_numpy(np.array(pil_stages(tiny.preprocess_val)(p))).permute(2, 0, 1) for p in photos]
+    )
+    normalized = torch.stack([tiny.preprocess_val(p) for p in photos])
+    encoder = FieldEncoder(tiny.clip, {"image": "image"}).eval()
+    with torch.no_grad():
+        from_raw, _ = encoder({"image": raw})
+        from_normalized, _ = encoder({"image": normalized})
+    assert raw.dtype == torch.uint8
+    torch.testing.assert_close(from_raw["image"], from_normalized["image"], rtol=0, atol=0)
 
 
 def test_field_encoder_feeds_fp32_pixels_to_bf16_towers_and_returns_fp32(tiny):

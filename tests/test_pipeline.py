@@ -125,10 +125,18 @@ def test_augmented_crops_repeat_for_the_same_epoch_seed():
 
 
 @pytest.mark.parametrize("augment", [False, True])
-def test_preprocessing_by_batch_equals_the_transform_and_tokenizer_row_by_row(augment):
-    """Batched ToTensor/Normalize and cached token rows give exactly what open_clip's transform
-    (image by image) and tokenizer give, missing images and titles included."""
-    from gcl.data.pipeline import PairPreprocessor
+def test_preprocessed_pixels_once_normalized_and_cached_tokens_equal_open_clips_transform_and_tokenizer(
+    augment,
+):
+    """The trainers get uint8 pixels after the transform's resize and crop, which the model
+    normalizes; with the token rows from the cache, that is exactly what open_clip's whole
+    transform (image by image, the same random crops) and tokenizer give."""
+    import io
+
+    from PIL import Image
+
+    from gcl.data.pipeline import PairPreprocessor, stable_keys
+    from gcl.model import ModelConfig, create_preprocessing, normalize_pixels
 
     pairs = generate_pairs(SynthConfig(products=30, queries=6, docs_per_query=8, seed=2)).head(40)
     pairs["title"] = pairs["title"].astype(object)
@@ -137,16 +145,27 @@ def test_preprocessing_by_batch_equals_the_transform_and_tokenizer_row_by_row(au
     batch = {c: pairs[c].to_numpy() for c in pairs.columns}
     pre = PairPreprocessor({"arch": "gcl-tiny"}, FieldsConfig().model_dump(), "score_linear",
                            DataConfig().model_dump(), None, augment=augment)  # fmt: skip
-    assert pre.pixel_stages is not None and pre.tokens is not None  # the batched paths are taken
-    batched = [pre(batch, seed=7), pre(batch, seed=7)]  # the second from the token cache
-    pre.pixel_stages, pre.tokens = None, None
-    reference = pre(batch, seed=7)
-    assert not reference["image" + PRESENT][5] and not reference["title" + PRESENT][3]
-    for out in batched:
-        assert out.keys() == reference.keys()
-        for key, value in reference.items():
-            assert out[key].dtype == value.dtype and out[key].shape == value.shape, key
-            np.testing.assert_array_equal(out[key], value, err_msg=key)
+    outputs = [pre(batch, seed=7), pre(batch, seed=7)]  # the second from the token cache
+
+    tokenizer, train_tf, eval_tf = create_preprocessing(ModelConfig(arch="gcl-tiny"))
+    transform, normalize = (
+        (train_tf if augment else eval_tf),
+        (train_tf if augment else eval_tf).transforms[-1],
+    )
+    expected = []
+    for value, key in zip(batch["image"], stable_keys(batch["pair_id"]), strict=True):
+        if value is not None:
+            torch.manual_seed(hash((7, int(key))) & 0x7FFF_FFFF_FFFF_FFFF)  # as the pipeline seeds a crop
+            expected.append(transform(Image.open(io.BytesIO(value["bytes"])).convert("RGB")))
+    for out in outputs:
+        assert out["image"].dtype == np.uint8 and out["image"].shape == (40, 3, 32, 32)
+        assert out["image" + PRESENT].tolist() == [i != 5 for i in range(40)] and not out["image"][5].any()
+        pixels = normalize_pixels(torch.from_numpy(out["image"]), normalize.mean, normalize.std)
+        torch.testing.assert_close(pixels[out["image" + PRESENT]], torch.stack(expected), rtol=0, atol=0)
+        for field in ("query", "title"):
+            texts = [t if isinstance(t, str) else "" for t in batch[field]]
+            np.testing.assert_array_equal(out[field], tokenizer(texts).numpy())
+        assert not out["title" + PRESENT][3] and out["title"].dtype == np.int64
 
 
 def test_the_token_cache_tokenizes_each_text_once_and_forgets_the_least_recently_used():

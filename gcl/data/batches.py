@@ -131,7 +131,7 @@ def batch_template(
     template: dict[str, tuple[tuple[int, ...], Any]] = {}
     for name, modality in fields.modalities().items():
         shape = (context_length,) if modality == "text" else (3, image_size, image_size)
-        template[name] = (shape, torch.int64 if modality == "text" else torch.float32)
+        template[name] = (shape, torch.int64 if modality == "text" else torch.uint8)
         template[name + PRESENT] = ((), torch.bool)
     template.update(score=((), torch.float32), query_key=((), torch.int64), document_key=((), torch.int64),
                     pair_key=((), torch.int64))  # fmt: skip

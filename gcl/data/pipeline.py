@@ -16,7 +16,7 @@ import math
 import os
 from collections import OrderedDict
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import numpy as np
 from pydantic import Field
@@ -24,9 +24,6 @@ from pydantic import Field
 from gcl.config import FieldsConfig, Section
 from gcl.data.readers import DataError, field_text, image_base_dir, image_bytes, resolve_files
 from gcl.data.schema import DataConfig
-
-if TYPE_CHECKING:
-    import torch
 
 PRESENT = "__present"  # suffix of the per-field presence columns
 META_COLUMNS = ("score", "query_key", "document_key", "pair_key", "valid")
@@ -93,35 +90,28 @@ class TokenCache:
         return rows
 
 
-def split_pixel_stages(transform):
-    """(the PIL stages, Normalize) of an image transform that ends with ToTensor and Normalize, as
-    open_clip's do, so that those two run once per batch (to_normalized_pixels) rather than image
-    by image (a third of the image work on small images); None for any other transform."""
+def pil_stages(transform):
+    """The stages of an open_clip image transform before its ToTensor and Normalize: the
+    preprocessing sends the trainers uint8 pixels (a quarter of float32's bytes through Ray's
+    object store and to the GPU), which the model normalizes (gcl.model.normalize_pixels)."""
     from open_clip.transform import MaybeConvertMode
     from torchvision.transforms import Compose, Normalize, ToTensor
 
     stages = list(getattr(transform, "transforms", []))
     if len(stages) < 2 or not isinstance(stages[-2], ToTensor) or not isinstance(stages[-1], Normalize):
-        return None
+        raise ValueError(
+            f"image transform {transform!r} does not end with ToTensor and Normalize as open_clip's do"
+        )
     # Images are converted to RGB on decoding, and resizing and cropping keep the mode: a second
     # conversion would only copy each image.
-    pil = [s for s in stages[:-2] if not (isinstance(s, MaybeConvertMode) and s.mode == "RGB")]
-    return Compose(pil), stages[-1]
-
-
-def to_normalized_pixels(images: np.ndarray, normalize) -> np.ndarray:
-    """(B, H, W, 3) uint8 images -> (B, 3, H, W) float32, as ToTensor then `normalize` make them
-    image by image (the same element-wise operations)."""
-    import torch
-
-    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(torch.float32).div(255)
-    return normalize(pixels).numpy()
+    return Compose([s for s in stages[:-2] if not (isinstance(s, MaybeConvertMode) and s.mode == "RGB")])
 
 
 class PairPreprocessor:
     """Ray Data callable class: raw pair rows -> model-ready numpy arrays.
 
-    Output per field: `<field>` ((B, L) int64 tokens or (B, 3, H, W) float32 pixels) and
+    Output per field: `<field>` ((B, L) int64 tokens or (B, 3, H, W) uint8 pixels, resized and
+    cropped, not yet normalized) and
     `<field>__present` (B,) bool; plus `score` (B,) float32 and int64 `query_key`,
     `document_key`, `pair_key`.
     """
@@ -134,17 +124,15 @@ class PairPreprocessor:
         # A tokenizer that reduces long texts at random (open_clip's reduction_fn) must run every time.
         self.tokens = TokenCache(tokenizer) if getattr(tokenizer, "reduction_fn", None) is None else None
         self.tokenizer = tokenizer
-        self.image_transform = train_tf if augment else eval_tf
-        self.pixel_stages = split_pixel_stages(self.image_transform)
+        self.image_transform = pil_stages(train_tf if augment else eval_tf)
         self.fields = FieldsConfig(**fields).modalities()
         self.weight_key = weight_key
         self.data = DataConfig(**data_cfg)
         self.base_dir = base_dir
         self.augment = augment
 
-    def _image(self, value, pair_id, pair_key: int, seed: int) -> np.ndarray | torch.Tensor | None:
-        """The image of one pair: (H, W, 3) uint8 after the transform's PIL stages when it splits
-        (see split_pixel_stages), else the transform's (3, H, W) tensor; None when absent."""
+    def _image(self, value, pair_id, pair_key: int, seed: int) -> np.ndarray | None:
+        """One pair's image, resized and cropped: (H, W, 3) uint8; None when absent."""
         import torch
         from PIL import Image
 
@@ -155,10 +143,7 @@ class PairPreprocessor:
             if self.augment:  # the same random crop for this pair and epoch seed in every run
                 torch.manual_seed(hash((seed, int(pair_key))) & 0x7FFF_FFFF_FFFF_FFFF)
             with Image.open(io.BytesIO(raw)) as img:
-                rgb = img.convert("RGB")
-            if self.pixel_stages is None:
-                return self.image_transform(rgb)
-            return np.asarray(self.pixel_stages[0](rgb))
+                return np.asarray(self.image_transform(img.convert("RGB")))
         except Exception as err:
             raise DataError(
                 f"pair {pair_id!r}: image cannot be read or decoded ({type(err).__name__}: {err})"
@@ -192,19 +177,16 @@ class PairPreprocessor:
         return out
 
     def _pixels(self, images: list, present: np.ndarray) -> np.ndarray:
-        """(B, 3, H, W) float32 pixels of a batch's images (from _image), zeros where absent."""
-        import torch
-
+        """(B, 3, H, W) uint8 pixels of a batch's images (from _image), zeros where absent."""
         given = [img for img in images if img is not None]
-        if given and self.pixel_stages is not None:
-            shown = to_normalized_pixels(np.stack(given), self.pixel_stages[1])
-        elif given:
-            shown = torch.stack(given).numpy()
+        if given:
+            shape = given[0].shape
         else:
             size = self.image_transform.transforms[0].size
-            shown = np.zeros((0, 3, *((size, size) if isinstance(size, int) else size)), np.float32)
-        out = np.zeros((len(images), *shown.shape[1:]), np.float32)
-        out[present] = shown
+            shape = (*((size, size) if isinstance(size, int) else size), 3)
+        out = np.zeros((len(images), 3, *shape[:2]), np.uint8)
+        if given:
+            out[present] = np.stack(given).transpose(0, 3, 1, 2)
         return out
 
 
