@@ -145,7 +145,8 @@ def test_preprocessed_pixels_once_normalized_and_cached_tokens_equal_open_clips_
     batch = {c: pairs[c].to_numpy() for c in pairs.columns}
     pre = PairPreprocessor({"arch": "gcl-tiny"}, FieldsConfig().model_dump(), "score_linear",
                            DataConfig().model_dump(), None, augment=augment)  # fmt: skip
-    outputs = [pre(batch, seed=7), pre(batch, seed=7)]  # the second from the token cache
+    outputs = [pre(batch, seed=7), pre(batch, seed=7)]  # the second from the token caches
+    assert set(pre.tokens["query"]._rows) == set(batch["query"])  # one cache per text field
 
     tokenizer, train_tf, eval_tf = create_preprocessing(ModelConfig(arch="gcl-tiny"))
     transform, normalize = (

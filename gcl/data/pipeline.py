@@ -66,10 +66,12 @@ def stable_keys(values: np.ndarray) -> np.ndarray:
 
 
 class TokenCache:
-    """Token rows by text, kept across batches and epochs by a preprocessing process: a query's
-    text comes back in every pair of that query (about 100 in Marqo-GS-10M), every text in every
-    epoch, and open_clip's tokenizer (ftfy, a regex and BPE per text) was about a third of the
-    preprocessing. Beyond `max_texts` the least recently used are forgotten."""
+    """One text field's token rows by text, kept across batches and epochs by a preprocessing
+    process: a query's text comes back in every pair of that query (about 100 in Marqo-GS-10M),
+    every text in every epoch, and open_clip's tokenizer (ftfy, a regex and BPE per text) took
+    28% of the preprocessing's time (profiled on the synthetic data). Beyond `max_texts` the
+    least recently used are forgotten; one cache per field, so that titles, which seldom come
+    back within an epoch, do not push out the queries."""
 
     def __init__(self, tokenizer, max_texts: int = 100_000):
         self.tokenizer = tokenizer
@@ -121,11 +123,14 @@ class PairPreprocessor:
         from gcl.model import ModelConfig, create_preprocessing
 
         tokenizer, train_tf, eval_tf = create_preprocessing(ModelConfig(**model_cfg))
-        # A tokenizer that reduces long texts at random (open_clip's reduction_fn) must run every time.
-        self.tokens = TokenCache(tokenizer) if getattr(tokenizer, "reduction_fn", None) is None else None
         self.tokenizer = tokenizer
         self.image_transform = pil_stages(train_tf if augment else eval_tf)
         self.fields = FieldsConfig(**fields).modalities()
+        # A tokenizer that reduces long texts at random (open_clip's reduction_fn) must run every time.
+        deterministic = getattr(tokenizer, "reduction_fn", None) is None
+        self.tokens = {
+            n: TokenCache(tokenizer) for n, m in self.fields.items() if m == "text" and deterministic
+        }
         self.weight_key = weight_key
         self.data = DataConfig(**data_cfg)
         self.base_dir = base_dir
@@ -160,7 +165,7 @@ class PairPreprocessor:
                 texts = [field_text(v) for v in values]
                 present = np.array([t is not None for t in texts])
                 padded = [t or "" for t in texts]
-                tokens = self.tokens(padded) if self.tokens else self.tokenizer(padded).numpy()
+                tokens = self.tokens[name](padded) if self.tokens else self.tokenizer(padded).numpy()
                 out[name] = tokens.astype(np.int64, copy=False)
             else:
                 images = [
