@@ -143,9 +143,11 @@ def create_preprocessing(cfg: ModelConfig) -> tuple[Callable, Callable, Callable
     )
 
 
-def normalize_pixels(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+def normalize_pixels(
+    pixels: torch.Tensor, mean: Sequence[float] | torch.Tensor, std: Sequence[float] | torch.Tensor
+) -> torch.Tensor:
     """(B, 3, H, W) uint8 -> float32, as torchvision's ToTensor then Normalize(mean, std) make
-    them image by image (the same element-wise operations, so the same values)."""
+    them image by image (the same element-wise operations, so the same values). mean, std: (3,)."""
     mean_t = torch.as_tensor(mean, dtype=torch.float32, device=pixels.device).view(1, -1, 1, 1)
     std_t = torch.as_tensor(std, dtype=torch.float32, device=pixels.device).view(1, -1, 1, 1)
     return pixels.to(torch.float32).div(255).sub_(mean_t).div_(std_t)
@@ -163,7 +165,11 @@ class FieldEncoder(torch.nn.Module):
         self.clip = clip
         self.modalities = dict(modalities)
         # What the model's image transforms normalize with: open_clip sets it on every model.
-        self.preprocess_cfg = dict(getattr(getattr(clip, "visual", None), "preprocess_cfg", None) or {})
+        preprocess = getattr(getattr(clip, "visual", None), "preprocess_cfg", None) or {}
+        self.pixel_mean_std = (
+            (preprocess["mean"], preprocess["std"]) if {"mean", "std"} <= set(preprocess) else None
+        )
+        self._pixel_stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # made once per device
 
     def forward(self, fields: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """fields: name -> (B, L) token ids for text; for images (B, 3, H, W) pixels, either uint8
@@ -190,7 +196,7 @@ class FieldEncoder(torch.nn.Module):
         if stacked["image"] is not None:
             pixels = stacked["image"].to(param.device, non_blocking=True)
             if pixels.dtype == torch.uint8:
-                pixels = normalize_pixels(pixels, self.preprocess_cfg["mean"], self.preprocess_cfg["std"])
+                pixels = normalize_pixels(pixels, *self._mean_std_on(pixels.device))
             stacked["image"] = pixels.to(param.dtype)
         result = self.clip(image=stacked["image"], text=stacked["text"])
         if isinstance(result, dict):
@@ -208,6 +214,18 @@ class FieldEncoder(torch.nn.Module):
                 out.update(zip(groups[modality], embedded.float().split(sizes), strict=True))
         # The loss, its gather across workers and retrieval run in fp32 whatever the towers' dtype.
         return out, torch.log(scale.float()).reshape(1)
+
+    def _mean_std_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's pixel mean and std as fp32 tensors on `device`, built on the first batch
+        there rather than copied to it at every step."""
+        if self.pixel_mean_std is None:
+            raise ValueError("uint8 pixels need the model's preprocess_cfg mean and std, which this model "
+                             "lacks; pass pixels normalized by its image transform (float) instead")  # fmt: skip
+        if device not in self._pixel_stats:
+            self._pixel_stats[device] = tuple(
+                torch.tensor(v, dtype=torch.float32, device=device) for v in self.pixel_mean_std
+            )
+        return self._pixel_stats[device]
 
     def _first_float_parameter(self) -> torch.nn.Parameter:
         """Its dtype is the towers' (bf16 once DeepSpeed's bf16 mode has cast the module), its

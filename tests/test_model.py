@@ -67,6 +67,8 @@ def test_field_encoder_batches_fields_per_modality_and_normalizes(tiny):
 def test_field_encoder_normalizes_uint8_pixels_as_the_image_transform_does(tiny):
     """Training sends resized, cropped uint8 pixels; the encoder normalizes them with the model's
     mean and std to exactly the transform's pixels, so both give the same embeddings."""
+    import copy
+
     from gcl.data.pipeline import pil_stages
 
     photos = [Image.new("RGB", (40, 48), color) for color in ("red", "teal", "beige")]
@@ -80,6 +82,11 @@ def test_field_encoder_normalizes_uint8_pixels_as_the_image_transform_does(tiny)
         from_normalized, _ = encoder({"image": normalized})
     assert raw.dtype == torch.uint8
     torch.testing.assert_close(from_raw["image"], from_normalized["image"], rtol=0, atol=0)
+    assert set(encoder._pixel_stats) == {torch.device("cpu")}  # built once, kept for later steps
+    bare = copy.deepcopy(tiny.clip)
+    del bare.visual.preprocess_cfg
+    with torch.no_grad(), pytest.raises(ValueError, match="preprocess_cfg mean and std"):
+        FieldEncoder(bare, {"image": "image"})({"image": raw})
 
 
 def test_field_encoder_feeds_fp32_pixels_to_bf16_towers_and_returns_fp32(tiny):

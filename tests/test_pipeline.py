@@ -149,10 +149,8 @@ def test_preprocessed_pixels_once_normalized_and_cached_tokens_equal_open_clips_
     assert set(pre.tokens["query"]._rows) == set(batch["query"])  # one cache per text field
 
     tokenizer, train_tf, eval_tf = create_preprocessing(ModelConfig(arch="gcl-tiny"))
-    transform, normalize = (
-        (train_tf if augment else eval_tf),
-        (train_tf if augment else eval_tf).transforms[-1],
-    )
+    transform = train_tf if augment else eval_tf
+    normalize = transform.transforms[-1]
     expected = []
     for value, key in zip(batch["image"], stable_keys(batch["pair_id"]), strict=True):
         if value is not None:
