@@ -16,9 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-
-class ConfigError(ValueError):
-    """A config file or override that cannot be used; the message says where and why."""
+from gcl.errors import ConfigError
 
 
 class Section(BaseModel):

@@ -5,12 +5,11 @@ Every key is documented where it is defined; `gcl config --keys` lists them all.
 
 from __future__ import annotations
 
-import os
 from typing import Literal
 
 from pydantic import Field, model_validator
 
-from gcl.config import FieldsConfig, Section
+from gcl.config import ConfigError, FieldsConfig, Section
 from gcl.data.pipeline import PipelineConfig
 from gcl.data.schema import DataConfig
 from gcl.loss import LossConfig
@@ -72,18 +71,20 @@ class MlflowConfig(Section):
     """Experiment tracking and the model registry."""
 
     tracking_uri: str | None = None
-    """MLflow tracking URI; null: MLFLOW_TRACKING_URI, else sqlite:///mlruns.db in the working directory."""
+    """MLflow tracking URI; null: MLFLOW_TRACKING_URI, else sqlite:///mlruns.db in the working directory
+    of the command (resolved there once, and passed as it is to every trial, worker and job)."""
     experiment: str = "gcl"
     """MLflow experiment name."""
     registered_model: str | None = None
     """Register the exported model under this name (null: do not register)."""
 
     def resolved_uri(self) -> str:
-        return (
-            self.tracking_uri
-            or os.environ.get("MLFLOW_TRACKING_URI")
-            or f"sqlite:///{os.path.abspath('mlruns.db')}"
-        )
+        """The tracking URI, which gcl.jobs.resolve_job fills in where the command started: a
+        default computed anywhere else (a trial's or a worker's own directory) names another store."""
+        if self.tracking_uri is None:
+            raise ConfigError("mlflow.tracking_uri is not resolved; resolve the job where the command starts "
+                              "(gcl.jobs.resolve_job) and pass the resolved job on")  # fmt: skip
+        return self.tracking_uri
 
 
 class JobConfig(Section):

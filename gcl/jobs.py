@@ -15,8 +15,9 @@ import tempfile
 
 import yaml
 
+from gcl.errors import GclError
 from gcl.job_config import JobConfig
-from gcl.tracking import check_tracking
+from gcl.tracking import check_tracking, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +78,11 @@ def _absolute(path: str | None) -> str | None:
     return os.path.abspath(path)
 
 
-def with_absolute_paths(job: JobConfig) -> JobConfig:
-    """The job with every local data, model and storage path absolute."""
+def resolve_job(job: JobConfig) -> JobConfig:
+    """The job with every default that depends on the working directory or the environment
+    resolved, here, in the process the user started: local data, model, DeepSpeed-config and
+    storage paths made absolute, and the tracking URI filled in (see resolve_tracking_uri).
+    Trials, workers and jobs run in directories of their own and get the job as it is."""
     data = job.data.model_copy(update={
         "train": _absolute(job.data.train), "image_root": _absolute(job.data.image_root),
         "eval": {k: _absolute(v) for k, v in job.data.eval.items()},
@@ -88,6 +92,7 @@ def with_absolute_paths(job: JobConfig) -> JobConfig:
         pretrained = _absolute(pretrained)
     return job.model_copy(update={
         "data": data, "storage": _absolute(job.storage),
+        "mlflow": job.mlflow.model_copy(update={"tracking_uri": resolve_tracking_uri(job.mlflow.tracking_uri)}),
         "model": job.model.model_copy(update={"pretrained": pretrained}),
         "deepspeed": job.deepspeed.model_copy(update={"config": _absolute(job.deepspeed.config)}),
     })  # fmt: skip
@@ -102,9 +107,9 @@ def with_score_range(job: JobConfig, report) -> JobConfig:
 
 
 def prepare(job: JobConfig):
-    """Everything checked before any training: absolute paths, a reachable tracking store,
+    """Everything resolved and checked before any training: paths and the tracking URI (resolve_job), a reachable tracking store,
     valid data. Returns (job, validation report of the training data)."""
-    job = with_absolute_paths(job)
+    job = resolve_job(job)
     check_tracking(job.mlflow.resolved_uri())
     report = validate_data(job)
     return with_score_range(job, report), report
@@ -136,9 +141,28 @@ def _log_resume(run_dir: str) -> None:
                     "saving one): training starts from the beginning", run_dir)  # fmt: skip
 
 
+def fail_fast_callback():
+    """A Ray Train callback that ends training at once when a worker fails with an error gcl
+    explains (a GclError: bad config or data, a tracking store without the run), which restarting
+    the workers from the checkpoint would only meet again, train.max_failures times. Raised in
+    the Train controller, the error ends the run as a controller error, which is never retried."""
+    from ray.train import UserCallback
+
+    class FailFast(UserCallback):
+        def after_exception(self, run_context, worker_exceptions) -> None:
+            for error in worker_exceptions.values():
+                # Ray Train wraps the worker's exception with its traceback as _base_exc.
+                original = getattr(error, "_base_exc", error)
+                if isinstance(original, GclError):
+                    raise original
+
+    return FailFast()
+
+
 def fit(job: JobConfig, report, run_id: str, callbacks=()):
-    """Run the Ray Train job for `job` (checkpoints under storage/name) and return its Result."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    """Run the Ray Train job for `job` (checkpoints under storage/name) and return its Result.
+    A GclError in a worker is raised here as itself, after one attempt."""
+    from ray.train import CheckpointConfig, ControllerError, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from gcl.data.pipeline import epoch_datasets, unsplit_data_config
@@ -159,11 +183,16 @@ def fit(job: JobConfig, report, run_id: str, callbacks=()):
                                      placement_strategy=job.scaling.placement_strategy),
         datasets=datasets,
         dataset_config=unsplit_data_config(),
-        run_config=RunConfig(name=job.name, storage_path=job.storage, callbacks=list(callbacks),
+        run_config=RunConfig(name=job.name, storage_path=job.storage, callbacks=[fail_fast_callback(), *callbacks],
                              failure_config=FailureConfig(max_failures=job.train.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )  # fmt: skip
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except ControllerError as err:
+        if isinstance(err.controller_failure, GclError):
+            raise err.controller_failure from None
+        raise
     if result.error:
         raise result.error
     return result

@@ -8,6 +8,8 @@ import json
 import logging
 import os
 
+from gcl.errors import TrackingError
+
 log = logging.getLogger(__name__)
 
 
@@ -21,6 +23,21 @@ def flatten(prefix: str, value, out: dict) -> dict:
     return out
 
 
+SQLITE = "sqlite:///"
+
+
+def resolve_tracking_uri(uri: str | None) -> str:
+    """The tracking URI a command uses, resolved in the process the user started: `uri`, else
+    MLFLOW_TRACKING_URI, else SQLite in ./mlruns.db; a relative SQLite path made absolute, since
+    `sqlite:///mlruns.db` names a file in whatever directory a process runs in, and Ray's trials,
+    workers and jobs each run in their own."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or SQLITE + "mlruns.db"
+    if uri.startswith(SQLITE) and uri != SQLITE + ":memory:":
+        path = uri.removeprefix(SQLITE)
+        return SQLITE + os.path.abspath(path)  # an absolute path keeps its leading slash: sqlite:////...
+    return uri
+
+
 def check_tracking(uri: str) -> None:
     """Fail fast, before any training, if the MLflow tracking store cannot be reached."""
     from mlflow import MlflowClient
@@ -32,7 +49,7 @@ def check_tracking(uri: str) -> None:
         with _sqlite_init_lock(uri):
             MlflowClient(uri).search_experiments(max_results=1)
     except Exception as err:
-        raise SystemExit(
+        raise TrackingError(
             f"MLflow tracking store {uri!r} is not reachable: {type(err).__name__}: {err}"
         ) from None
     finally:

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from gcl.errors import TrackingError, explained_cause
 from gcl.job_config import JobConfig
 from gcl.loss import GCLLoss
 from gcl.model import FIELDS_FILE, FieldEncoder, create_model, create_preprocessing
@@ -160,6 +161,7 @@ class MetricsLogger:
 
     def __init__(self, tracking_uri: str | None, run_id: str | None, enabled: bool):
         self.client = None
+        self.tracking_uri = tracking_uri
         self.run_id = run_id
         self.pending: list = []
         self.logged_through: dict[str, int] = {}  # metric -> last step already in MLflow
@@ -173,9 +175,25 @@ class MetricsLogger:
         steps past the checkpoint are trained again, and a run whose checkpoint was never committed
         starts over. Training is deterministic, so the values logged first are the same."""
         if self.client is not None:
-            for key in self.client.get_run(self.run_id).data.metrics:
+            for key in self._run().data.metrics:
                 history = self.client.get_metric_history(self.run_id, key)
                 self.logged_through[key] = max((m.step for m in history), default=0)
+
+    def _run(self):
+        """The MLflow run, or a TrackingError when this worker's view of the store lacks it: a
+        restart cannot fix that (a SQLite file that is not the driver's, on a node of its own)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.get_run(self.run_id)
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            raise TrackingError(
+                f"MLflow run {self.run_id} is not in the tracking store {self.tracking_uri!r} as the training "
+                "workers see it, though the driver created it there; on a cluster of several nodes use a "
+                "tracking server that every node reaches (mlflow.tracking_uri: http://...), not a local file"
+            ) from None
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         if self.client is None:
@@ -250,7 +268,18 @@ def _slowest_rank(seconds: float, device: torch.device) -> float:
 
 def train_worker(config: dict[str, Any]) -> None:
     """The Ray Train per-worker loop. config: job (a JobConfig dict), steps_per_epoch,
-    tracking_uri and run_id (MLflow)."""
+    tracking_uri and run_id (MLflow). An error that gcl explains (a GclError, also one raised in
+    a Ray Data task) is raised as itself, so that the driver can fail the run at once."""
+    try:
+        _train_worker(config)
+    except Exception as err:
+        cause = explained_cause(err)
+        if cause is None or cause is err:
+            raise
+        raise cause from err
+
+
+def _train_worker(config: dict[str, Any]) -> None:
     import ray.train
 
     from gcl.data.batches import ShardReader, WaitClock, batch_template, train_batches

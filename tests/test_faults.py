@@ -230,3 +230,32 @@ def test_sweep_stopped_mid_trial_resumes_without_running_finished_trials_again(s
     for run_id in epochs:  # the interrupted trial resumed: each step once
         steps = [m.step for m in client.get_metric_history(run_id, "loss")]
         assert sorted(steps) == list(range(1, len(steps) + 1))
+
+
+def test_errors_no_restart_can_fix_fail_the_run_at_once_naming_their_cause(
+    ray_local, tiny_job, synth_dir, tmp_path
+):
+    """An undecodable image that only the pipeline meets (data.validate_images=false), and a
+    tracking store that lacks the run: each ends training on its first attempt with gcl's own
+    error. Had Ray Train restarted the workers (train.max_failures=2), fit would end in its
+    WorkerGroupError after the third attempt instead."""
+    import pandas as pd
+
+    from gcl.errors import DataError, TrackingError
+    from gcl.jobs import fit, prepare
+    from workflows.train import run_train
+
+    pairs = pd.read_parquet(synth_dir / "train.parquet")
+    pairs.at[5, "image"] = {"bytes": b"not an image", "path": None}
+    pairs.to_parquet(tmp_path / "broken.parquet")
+    broken = tiny_job("name=broken-image", "train.epochs=1", "data.eval={}", "train.max_failures=2",
+                      f"data.train={tmp_path}/broken.parquet", "data.validate_images=false")  # fmt: skip
+    with pytest.raises(DataError, match=rf"pair {int(pairs.at[5, 'pair_id'])}: image cannot be read or decoded"):
+        run_train(broken)
+    client = MlflowClient(broken.mlflow.resolved_uri())
+    run = _run_named(client, "broken-image")
+    assert run.info.status == "FAILED" and "image cannot be read" in run.data.tags["gcl.error"]
+
+    job, report = prepare(tiny_job("name=no-run", "train.epochs=1", "data.eval={}", "train.max_failures=2"))
+    with pytest.raises(TrackingError, match=r"MLflow run f{32} is not in the tracking store"):
+        fit(job, report, run_id="f" * 32)

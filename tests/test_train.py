@@ -9,6 +9,8 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
+from gcl.errors import TrackingError
+
 pytestmark = pytest.mark.integration
 
 
@@ -134,6 +136,6 @@ def test_unreachable_tracking_store_fails_fast_naming_the_uri(tiny_job, tmp_path
 
     job = tiny_job("mlflow.tracking_uri=http://127.0.0.1:9", "name=nope")
     start = time.perf_counter()
-    with pytest.raises(SystemExit, match=r"MLflow tracking store 'http://127.0.0.1:9' is not reachable"):
+    with pytest.raises(TrackingError, match=r"MLflow tracking store 'http://127.0.0.1:9' is not reachable"):
         run_train(job)
     assert time.perf_counter() - start < 60

@@ -102,10 +102,10 @@ def cmd_tune(args) -> int:
 
 
 def cmd_register(args) -> int:
-    from gcl.job_config import MlflowConfig
     from gcl.registry import register_run
+    from gcl.tracking import resolve_tracking_uri
 
-    uri = args.tracking_uri or MlflowConfig().resolved_uri()
+    uri = resolve_tracking_uri(args.tracking_uri)
     version, alias = register_run(args.run, args.name, uri)
     print(f"registered {args.name} version {version} as @{alias}")
     return 0
@@ -260,12 +260,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
-    from gcl.config import ConfigError
-    from gcl.data.readers import DataError
+    from gcl.errors import GclError
 
     try:
         return args.func(args)
-    except (ConfigError, DataError) as err:
+    except GclError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -61,6 +61,7 @@ def run_demo(quick: bool = False, workdir: str = "gcl_runs/demo") -> dict:
     from mlflow import MlflowClient
 
     from gcl.data.synth import SynthConfig, synthesize
+    from gcl.jobs import resolve_job
     from gcl.registry import register_run
     from gcl.report import comparison_plot, comparison_table
     from workflows.train import run_train
@@ -79,7 +80,7 @@ def run_demo(quick: bool = False, workdir: str = "gcl_runs/demo") -> dict:
     log.info("data: %s", json.dumps({k: v["rows"] for k, v in manifest["splits"].items()}))
     phases.update()
 
-    baseline_job, gcl_job = demo_jobs(workdir, quick, stamp)
+    baseline_job, gcl_job = (resolve_job(job) for job in demo_jobs(workdir, quick, stamp))
     phases.set_postfix_str("training the binary baseline")
     baseline = run_train(baseline_job)
     phases.update()

@@ -89,9 +89,11 @@ def resolve_model_dir(model: str, job: JobConfig, scratch: str) -> str:
 
 def run_evaluate(job: JobConfig, model: str) -> dict[str, dict[str, float]]:
     """Evaluate `model` on the job's evaluation splits, print a table, return the metrics."""
+    from gcl.jobs import resolve_job
     from gcl.report import metrics_table
     from gcl.retrieval import RowEncoder, evaluate_splits
 
+    job = resolve_job(job)
     with tempfile.TemporaryDirectory(prefix="gcl-evaluate-") as scratch:
         model_dir = resolve_model_dir(model, job, scratch)
         # A plain open_clip directory has no gcl_fields.json: the job's fields say how to feed it.

@@ -36,7 +36,12 @@ def run_train(job: JobConfig) -> TrainResult:
     run_id = start_run(uri, job.mlflow.experiment, job.name, flatten("", job.model_dump(mode="json"), {}))
     client = MlflowClient(uri)
     client.log_metric(run_id, "data_rows_skipped", len(report.bad_row_keys))
-    result = fit(job, report, run_id)
+    try:
+        result = fit(job, report, run_id)
+    except Exception as err:  # the run says why it failed; the same command resumes it
+        client.set_tag(run_id, "gcl.error", f"{type(err).__name__}: {err}"[:5000])
+        client.set_terminated(run_id, "FAILED")
+        raise
     model_dir = export_model(job, result.checkpoint, run_id, dataset_manifest(job.data))
     client.set_terminated(run_id)
     if job.mlflow.registered_model:

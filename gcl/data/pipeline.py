@@ -150,6 +150,7 @@ class PairPreprocessor:
             with Image.open(io.BytesIO(raw)) as img:
                 return np.asarray(self.image_transform(img.convert("RGB")))
         except Exception as err:
+            pair_id = pair_id.item() if isinstance(pair_id, np.generic) else pair_id  # 6, not np.int64(6)
             raise DataError(
                 f"pair {pair_id!r}: image cannot be read or decoded ({type(err).__name__}: {err})"
             ) from err
@@ -294,6 +295,9 @@ def preprocess(raw, settings: str, pipeline: PipelineConfig, *, seed: int = 0, s
     # Blocks leave in a fixed order, so the split hands each worker the same rows every time
     # (it gives the next block to the worker with the fewest rows so far).
     ds.context.execution_options.preserve_order = True
+    # A DataError (an image that does not decode) reaches the trainers as itself, not as Ray Data's
+    # UserCodeException, which keeps only its text: training then fails at once naming the pair.
+    ds.context.raise_original_map_exception = True
     return ds
 
 

@@ -14,11 +14,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from gcl.errors import DataError
+
 TABLE_SUFFIXES = (".parquet", ".csv", ".jsonl", ".json")
-
-
-class DataError(ValueError):
-    """Data that cannot be used; the message names the file, row and column."""
 
 
 def storage_filesystem(spec: str):
