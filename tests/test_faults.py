@@ -250,7 +250,9 @@ def test_errors_no_restart_can_fix_fail_the_run_at_once_naming_their_cause(
     pairs.to_parquet(tmp_path / "broken.parquet")
     broken = tiny_job("name=broken-image", "train.epochs=1", "data.eval={}", "train.max_failures=2",
                       f"data.train={tmp_path}/broken.parquet", "data.validate_images=false")  # fmt: skip
-    with pytest.raises(DataError, match=rf"pair {int(pairs.at[5, 'pair_id'])}: image cannot be read or decoded"):
+    with pytest.raises(
+        DataError, match=rf"pair {int(pairs.at[5, 'pair_id'])}: image cannot be read or decoded"
+    ):
         run_train(broken)
     client = MlflowClient(broken.mlflow.resolved_uri())
     run = _run_named(client, "broken-image")
