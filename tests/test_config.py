@@ -115,3 +115,34 @@ def test_resume_is_reported_only_from_a_committed_checkpoint(tmp_path, caplog):
 def test_each_invalid_config_value_in_the_readme_table_names_its_key(override, message):
     with pytest.raises(ConfigError, match=message):
         parse_config(JobConfig, CONFIGS / "tiny-cpu.yaml", [override])
+
+
+def test_defaults_that_depend_on_the_working_directory_are_resolved_once_where_the_command_starts(
+    tmp_path, monkeypatch
+):
+    """Trials and workers run in directories of their own: what they get must not depend on it."""
+    from gcl.jobs import resolve_job
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    job = parse_config(JobConfig, None, ["storage=runs", "data.train=data/train.parquet"])
+    with pytest.raises(ConfigError, match="mlflow.tracking_uri is not resolved"):
+        job.mlflow.resolved_uri()
+    resolved = resolve_job(job)
+    assert resolved.mlflow.resolved_uri() == f"sqlite:///{tmp_path}/mlruns.db"
+    assert resolved.storage == str(tmp_path / "runs") and resolved.data.train == str(
+        tmp_path / "data/train.parquet"
+    )
+    assert resolved.data.eval["in_domain"] == str(tmp_path / "gcl_runs/data/in_domain.parquet")
+    monkeypatch.chdir(tmp_path / "..")
+    assert resolve_job(resolved) == resolved  # resolving again, anywhere, changes nothing
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///elsewhere/store.db")
+    assert resolve_job(job).mlflow.tracking_uri == f"sqlite:///{tmp_path.parent}/elsewhere/store.db"
+    server = resolve_job(
+        job.model_copy(update={"mlflow": job.mlflow.model_copy(update={"tracking_uri": "http://h:5000"})})
+    )
+    assert server.mlflow.tracking_uri == "http://h:5000"
+    assert (
+        resolve_job(parse_config(JobConfig, None, ["storage=s3://bucket/runs"])).storage == "s3://bucket/runs"
+    )
