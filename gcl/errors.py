@@ -30,6 +30,14 @@ class ModelError(GclError):
     model, or a run that cannot be registered."""
 
 
+class TrainingError(GclError):
+    """Training that produced nothing usable (e.g. a sweep none of whose trials finished an epoch)."""
+
+
+class ClusterError(GclError):
+    """A Ray cluster or job server that cannot be reached or used."""
+
+
 def explained_cause(error: BaseException) -> GclError | None:
     """The innermost GclError that `error` is or comes from (through `raise ... from`, an exception
     raised while handling another, or the `cause` a Ray task error carries: Ray's RayTaskError(X)

@@ -1,25 +1,80 @@
-"""Launching one training job on Ray Train: check everything before training (paths, tracking
-store, data), fit the TorchTrainer, and export the consolidated model to MLflow.
+"""One training job on Ray Train, end to end: resolve and check everything before training (paths,
+tracking store, data), fit the TorchTrainer, export the consolidated model to MLflow and register it.
 
-`gcl train`, `gcl tune` (one job per trial) and `gcl demo` are built from these steps.
+`gcl train` and `gcl demo` run `run_train`; `gcl tune` runs `fit` once per trial.
 """
 
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import math
 import os
 import tempfile
+from dataclasses import dataclass, field
 
 import yaml
 
-from gcl.errors import GclError
+from gcl import storage
+from gcl.checkpoint import consolidate_checkpoint, log_resume
+from gcl.data.manifest import dataset_manifest
+from gcl.data.pipeline import PairSource, epoch_datasets, unsplit_data_config
+from gcl.data.validate import ValidationReport, validate_pairs
+from gcl.errors import ConfigError, GclError
 from gcl.job_config import JobConfig
-from gcl.tracking import check_tracking, resolve_tracking_uri
+from gcl.mlflow_names import (
+    CONFIG_ARTIFACT,
+    DEEPSPEED_ARTIFACT,
+    MANIFEST_ARTIFACT,
+    MODEL_ARTIFACT,
+    MODEL_URI_TAG,
+    ROWS_SKIPPED,
+)
+from gcl.tracking import check_tracking, flatten, mark_failed, mark_finished, resolve_tracking_uri, start_run
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class CheckedData:
+    """The job's data as validation found it: the training data's report (its files, listed once,
+    bad rows, score range) and every evaluation split's files."""
+
+    train: ValidationReport
+    eval_files: dict[str, list[str]] = field(default_factory=dict)
+
+    def manifest(self, job: JobConfig) -> dict:
+        """The dataset manifest (sha256 of every file) of these files."""
+        return dataset_manifest(job.data, self.train.files, self.eval_files)
+
+
+@dataclass
+class TrainResult:
+    """What a finished training run produced."""
+
+    run_id: str
+    model_dir: str
+    metrics: dict
+
+
+def resolve_job(job: JobConfig) -> JobConfig:
+    """The job with every default that depends on the working directory or the environment
+    resolved, here, in the process the user started: local data, model, DeepSpeed-config and
+    storage paths made absolute, and the tracking URI filled in (see resolve_tracking_uri).
+    Trials, workers and jobs run in directories of their own and get the job as it is."""
+    data = job.data.model_copy(update={
+        "train": storage.absolute(job.data.train), "image_root": storage.absolute(job.data.image_root),
+        "eval": {k: storage.absolute(v) for k, v in job.data.eval.items()},
+    })  # fmt: skip
+    pretrained = job.model.pretrained
+    if pretrained and os.path.exists(pretrained):
+        pretrained = storage.absolute(pretrained)
+    return job.model_copy(update={
+        "data": data, "storage": storage.absolute(job.storage),
+        "mlflow": job.mlflow.model_copy(update={"tracking_uri": resolve_tracking_uri(job.mlflow.tracking_uri)}),
+        "model": job.model.model_copy(update={"pretrained": pretrained}),
+        "deepspeed": job.deepspeed.model_copy(update={"config": storage.absolute(job.deepspeed.config)}),
+    })  # fmt: skip
 
 
 def job_resources(job: JobConfig) -> dict[str, float]:
@@ -37,8 +92,6 @@ def check_resources(job: JobConfig, cluster: dict[str, float], can_grow: bool | 
     """Fail before training when the job can never fit the cluster (a local one cannot grow);
     on a remote cluster, which may autoscale, only warn. can_grow: default, whether gcl connected
     to a cluster at RAY_ADDRESS rather than starting a local one (see gcl.cluster.init_ray)."""
-    from gcl.config import ConfigError
-
     if can_grow is None:
         can_grow = bool(os.environ.get("RAY_ADDRESS"))
     need = job_resources(job)
@@ -58,47 +111,18 @@ def check_resources(job: JobConfig, cluster: dict[str, float], can_grow: bool | 
     log.warning("%s; waiting for the cluster to scale up", message)
 
 
-def validate_data(job: JobConfig):
-    """Validate the training and evaluation data; returns the training report."""
-    from gcl.data.validate import validate_pairs
-
+def validate_data(job: JobConfig) -> CheckedData:
+    """Validate the training and evaluation data, listing each dataset's files once."""
     min_score = 1.0 if job.loss.weight_fn == "reciprocal" else 0.0
     report = validate_pairs(job.data.train, job.data, job.fields, job.loss.weight_key, min_score=min_score)
     log.info("training data %s: %s", job.data.train, report.summary())
     strict = job.data.model_copy(update={"on_bad_rows": "error"})  # evaluation data is never trimmed
-    for spec in job.data.eval.values():
-        validate_pairs(spec, strict, job.fields, job.eval.grade_column)
-    return report
+    eval_files = {name: validate_pairs(spec, strict, job.fields, job.eval.grade_column).files
+                  for name, spec in job.data.eval.items()}  # fmt: skip
+    return CheckedData(train=report, eval_files=eval_files)
 
 
-def _absolute(path: str | None) -> str | None:
-    """Local paths made absolute (Ray workers run in another directory); URIs unchanged."""
-    if path is None or "://" in path or os.path.isabs(path):
-        return path
-    return os.path.abspath(path)
-
-
-def resolve_job(job: JobConfig) -> JobConfig:
-    """The job with every default that depends on the working directory or the environment
-    resolved, here, in the process the user started: local data, model, DeepSpeed-config and
-    storage paths made absolute, and the tracking URI filled in (see resolve_tracking_uri).
-    Trials, workers and jobs run in directories of their own and get the job as it is."""
-    data = job.data.model_copy(update={
-        "train": _absolute(job.data.train), "image_root": _absolute(job.data.image_root),
-        "eval": {k: _absolute(v) for k, v in job.data.eval.items()},
-    })  # fmt: skip
-    pretrained = job.model.pretrained
-    if pretrained and os.path.exists(pretrained):
-        pretrained = _absolute(pretrained)
-    return job.model_copy(update={
-        "data": data, "storage": _absolute(job.storage),
-        "mlflow": job.mlflow.model_copy(update={"tracking_uri": resolve_tracking_uri(job.mlflow.tracking_uri)}),
-        "model": job.model.model_copy(update={"pretrained": pretrained}),
-        "deepspeed": job.deepspeed.model_copy(update={"config": _absolute(job.deepspeed.config)}),
-    })  # fmt: skip
-
-
-def with_score_range(job: JobConfig, report) -> JobConfig:
+def with_score_range(job: JobConfig, report: ValidationReport) -> JobConfig:
     """Score-based weight functions need the score range: take it from the data when unset."""
     if job.loss.score_range is None and job.loss.weight_fn in ("linear", "power", "exponential"):
         score_range = (report.score_min, report.score_max)
@@ -106,39 +130,14 @@ def with_score_range(job: JobConfig, report) -> JobConfig:
     return job
 
 
-def prepare(job: JobConfig):
-    """Everything resolved and checked before any training: paths and the tracking URI (resolve_job), a reachable tracking store,
-    valid data. Returns (job, validation report of the training data)."""
+def prepare(job: JobConfig) -> tuple[JobConfig, CheckedData]:
+    """Everything resolved and checked before any training: paths and the tracking URI
+    (resolve_job), a reachable tracking store, valid data. Returns the job, with the score range
+    from the data where its weights need one, and what validation found."""
     job = resolve_job(job)
     check_tracking(job.mlflow.resolved_uri())
-    report = validate_data(job)
-    return with_score_range(job, report), report
-
-
-def committed_checkpoint(run_dir: str) -> dict | None:
-    """The latest checkpoint Ray Train committed under `run_dir` (a local path or a storage URI such
-    as s3://bucket/runs/name): its directory name and reported metrics, from Ray Train's
-    checkpoint snapshot; None when there is none."""
-    from gcl.data.readers import storage_filesystem
-
-    filesystem, path = storage_filesystem(run_dir)
-    try:
-        with filesystem.open_input_stream(f"{path}/checkpoint_manager_snapshot.json") as f:
-            return json.loads(f.read()).get("latest_checkpoint_result")
-    except (OSError, ValueError):
-        return None
-
-
-def _log_resume(run_dir: str) -> None:
-    """Say whether this run resumes, and from where (uncommitted checkpoints: local storage only)."""
-    latest = committed_checkpoint(run_dir)
-    if latest:
-        metrics = latest.get("metrics", {})
-        log.info("run %s resumes from its checkpoint at epoch %s, step %s (%s)", os.path.basename(run_dir),
-                 metrics.get("epoch"), metrics.get("step"), os.path.join(run_dir, latest.get("checkpoint_dir_name", "")))  # fmt: skip
-    elif glob.glob(os.path.join(run_dir, "checkpoint_*")):
-        log.warning("%s holds checkpoint directories that Ray Train never committed (the run stopped while "
-                    "saving one): training starts from the beginning", run_dir)  # fmt: skip
+    data = validate_data(job)
+    return with_score_range(job, data.train), data
 
 
 def fail_fast_callback():
@@ -159,21 +158,19 @@ def fail_fast_callback():
     return FailFast()
 
 
-def fit(job: JobConfig, report, run_id: str, callbacks=()):
+def fit(job: JobConfig, data: CheckedData, run_id: str, callbacks=()):
     """Run the Ray Train job for `job` (checkpoints under storage/name) and return its Result.
     A GclError in a worker is raised here as itself, after one attempt."""
     from ray.train import CheckpointConfig, ControllerError, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from gcl.data.pipeline import epoch_datasets, unsplit_data_config
     from gcl.training import train_worker
 
     world = job.scaling.num_workers
-    steps_per_epoch = max(1, math.ceil(report.rows_valid / (world * job.train.batch_size)))
-    datasets = epoch_datasets(job.data.train, job.data, job.fields, job.loss.weight_key, job.model.model_dump(),
-                              job.pipeline, epochs=job.train.epochs, skip_pair_ids=report.bad_pair_ids,
-                              seed=job.seed)  # fmt: skip
-    _log_resume(os.path.join(job.storage, job.name))
+    steps_per_epoch = max(1, math.ceil(data.train.rows_valid / (world * job.train.batch_size)))
+    source = PairSource.of_job(job, data.train.files, data.train.bad_pair_ids)
+    datasets = epoch_datasets(source, epochs=job.train.epochs, seed=job.seed)
+    log_resume(os.path.join(job.storage, job.name))
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"job": job.model_dump(mode="json"), "steps_per_epoch": steps_per_epoch,
@@ -199,29 +196,61 @@ def fit(job: JobConfig, report, run_id: str, callbacks=()):
 
 
 def export_model(job: JobConfig, checkpoint, run_id: str, manifest: dict | None = None) -> str:
-    """Consolidate `checkpoint`'s ZeRO shards into an open_clip model directory, log it with the
-    resolved config, DeepSpeed config and data manifest, and log the pyfunc embedding model
-    (its URI goes in the run's `gcl.model_uri` tag). Returns the model directory."""
+    """Consolidate `checkpoint`'s ZeRO shards into an open_clip model directory at
+    <storage>/<name>/model, log it with the resolved config, DeepSpeed config and data manifest,
+    and log the pyfunc embedding model (its URI goes in the run's MODEL_URI_TAG tag). Returns the
+    model's location: a local directory, or a URI where the storage is remote."""
     from mlflow import MlflowClient
 
-    from gcl.registry import MODEL_URI_TAG, log_embedding_model
-    from gcl.training import consolidate_checkpoint, deepspeed_config
+    from gcl.engine import deepspeed_config
+    from gcl.registry import log_embedding_model
 
     uri = job.mlflow.resolved_uri()
     client = MlflowClient(uri)
-    local_root = job.storage if "://" not in job.storage else os.path.abspath("gcl_runs")
-    model_dir = os.path.join(local_root, job.name, "model")
-    with checkpoint.as_directory() as checkpoint_dir:
-        consolidate_checkpoint(checkpoint_dir, job, model_dir)
+    location = storage.join(job.storage, job.name, MODEL_ARTIFACT)
     with tempfile.TemporaryDirectory() as tmp:
-        files = {"config.yaml": yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False),
-                 "deepspeed.json": json.dumps(deepspeed_config(job), indent=2)}  # fmt: skip
+        model_dir = storage.local_path(location) or os.path.join(tmp, MODEL_ARTIFACT)
+        with checkpoint.as_directory() as checkpoint_dir:
+            consolidate_checkpoint(checkpoint_dir, model_dir, job.model, job.fields, job.deepspeed.zero_stage)
+        storage.upload_directory(model_dir, location)
+        files = {CONFIG_ARTIFACT: yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False),
+                 DEEPSPEED_ARTIFACT: json.dumps(deepspeed_config(job), indent=2)}  # fmt: skip
         if manifest is not None:
-            files["dataset_manifest.json"] = json.dumps(manifest, indent=2)
+            files[MANIFEST_ARTIFACT] = json.dumps(manifest, indent=2)
         for name, text in files.items():
-            with open(os.path.join(tmp, name), "w") as f:
+            path = os.path.join(tmp, name)
+            with open(path, "w") as f:
                 f.write(text)
-            client.log_artifact(run_id, os.path.join(tmp, name))
-    client.log_artifacts(run_id, model_dir, "model")
-    client.set_tag(run_id, MODEL_URI_TAG, log_embedding_model(run_id, model_dir, uri))
-    return model_dir
+            client.log_artifact(run_id, path)
+        client.log_artifacts(run_id, model_dir, MODEL_ARTIFACT)
+        client.set_tag(run_id, MODEL_URI_TAG, log_embedding_model(run_id, model_dir, uri))
+    return storage.local_path(location) or location
+
+
+def run_train(job: JobConfig) -> TrainResult:
+    """Train `job` end to end and return the exported model and final metrics; registers the
+    model when `mlflow.registered_model` is set. A run that fails is marked FAILED with its cause
+    (the same command resumes it)."""
+    import ray
+    from mlflow import MlflowClient
+
+    from gcl.cluster import init_ray
+    from gcl.registry import register_run
+
+    job, data = prepare(job)
+    uri = job.mlflow.resolved_uri()
+    init_ray()
+    check_resources(job, ray.cluster_resources())
+    run_id = start_run(uri, job.mlflow.experiment, job.name, flatten("", job.model_dump(mode="json"), {}))
+    client = MlflowClient(uri)
+    client.log_metric(run_id, ROWS_SKIPPED, len(data.train.bad_row_keys))
+    try:
+        result = fit(job, data, run_id)
+    except Exception as err:
+        mark_failed(client, run_id, err)
+        raise
+    model_dir = export_model(job, result.checkpoint, run_id, data.manifest(job))
+    mark_finished(client, run_id)
+    if job.mlflow.registered_model:
+        register_run(run_id, job.mlflow.registered_model, uri)
+    return TrainResult(run_id=run_id, model_dir=model_dir, metrics=dict(result.metrics))

@@ -3,14 +3,31 @@ and promote a version to `champion` only if it beats the current one."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import subprocess
+from pathlib import Path
+
+import yaml
+
+import gcl
+from gcl.errors import ModelError
+from gcl.job_config import JobConfig
+from gcl.mlflow_names import (
+    CHALLENGER,
+    CHAMPION,
+    CONFIG_ARTIFACT,
+    EMBEDDING_MODEL_ARTIFACT,
+    MANIFEST_ARTIFACT,
+    MODEL_URI_TAG,
+    OBJECTIVE,
+    OBJECTIVE_KEY_TAG,
+    OBJECTIVE_TAG,
+)
 
 log = logging.getLogger(__name__)
 SERVING_CODE = os.path.join(os.path.dirname(__file__), "serving.py")
-OBJECTIVE_TAG = "gcl.objective"
-OBJECTIVE_KEY_TAG = "gcl.objective_key"  # what the objective measures, on which evaluation data
-MODEL_URI_TAG = "gcl.model_uri"  # run tag: the pyfunc embedding model logged for the run
 
 
 def log_embedding_model(run_id: str, model_dir: str, tracking_uri: str, input_example=None) -> str:
@@ -25,7 +42,7 @@ def log_embedding_model(run_id: str, model_dir: str, tracking_uri: str, input_ex
     mlflow.set_tracking_uri(tracking_uri)
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
-            name="embedding_model",
+            name=EMBEDDING_MODEL_ARTIFACT,
             python_model=SERVING_CODE,
             artifacts={"model": model_dir},
             input_example=input_example,
@@ -48,7 +65,7 @@ def register(model_uri: str, name: str, objective: float, tracking_uri: str, tag
     for key, value in {**(tags or {}), OBJECTIVE_TAG: objective, OBJECTIVE_KEY_TAG: objective_key}.items():
         client.set_model_version_tag(name, version, key, str(value)[:5000])
     try:
-        current = client.get_model_version_by_alias(name, "champion")
+        current = client.get_model_version_by_alias(name, CHAMPION)
     except mlflow.exceptions.MlflowException:
         current = None
     best = float(current.tags.get(OBJECTIVE_TAG, "-inf")) if current else float("-inf")
@@ -57,7 +74,7 @@ def register(model_uri: str, name: str, objective: float, tracking_uri: str, tag
         log.warning("%s@champion (version %s) was scored on %r, this version on %r: not comparable, "
                     "registering as challenger", name, current.version, current.tags.get(OBJECTIVE_KEY_TAG),
                     objective_key)  # fmt: skip
-    alias = "champion" if comparable and objective > best else "challenger"
+    alias = CHAMPION if comparable and objective > best else CHALLENGER
     client.set_registered_model_alias(name, alias, version)
     log.info("registered %s version %s as %s (objective %.4f vs champion %.4f)", name, version, alias,
              objective, best)  # fmt: skip
@@ -66,10 +83,6 @@ def register(model_uri: str, name: str, objective: float, tracking_uri: str, tag
 
 def code_version() -> str:
     """gcl's version, plus the git commit when running from a checkout."""
-    import subprocess
-
-    import gcl
-
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=os.path.dirname(__file__),
                                 capture_output=True, text=True, timeout=10, check=True).stdout.strip()  # fmt: skip
@@ -78,57 +91,75 @@ def code_version() -> str:
     return f"{gcl.__version__}+{commit}" if commit else gcl.__version__
 
 
-def register_run(run_id: str, name: str, tracking_uri: str) -> tuple[str, str]:
-    """Register the embedding model of a finished gcl run (train or a sweep's best trial) under
-    `name`, gated on the run's final `objective`. Tags: dataset manifest, loss config, per-split
-    metrics, base model, code version. Returns (version, alias)."""
-    import json
-
+def _run_artifact(run_id: str, path: str) -> str | None:
+    """A local copy of one of the run's artifacts, None when the run has none at `path`."""
     import mlflow
-    import yaml
-    from mlflow import MlflowClient
 
-    from gcl.job_config import JobConfig
+    try:
+        return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path)
+    except mlflow.exceptions.MlflowException:
+        return None
 
-    client = MlflowClient(tracking_uri)
+
+def version_tags(run, job: JobConfig, manifest: dict) -> dict[str, str]:
+    """A registered version's lineage: the data's content hashes (the full file list stays in the
+    run's manifest artifact), loss config, per-split metrics, base model, code version, run id."""
+    hashes = {"train": (manifest.get("train") or {}).get("sha256"),
+              **{s: m["sha256"] for s, m in manifest.get("eval", {}).items()}}  # fmt: skip
+    return {
+        "dataset_manifest": json.dumps(hashes),
+        "loss": job.loss.model_dump_json(),
+        "metrics": json.dumps({k: v for k, v in run.data.metrics.items() if "/" in k}, sort_keys=True),
+        "base_model": json.dumps({"arch": job.model.arch, "pretrained": job.model.pretrained}),
+        "code_version": code_version(),
+        "run_id": run.info.run_id,
+    }
+
+
+def objective_key_for(job: JobConfig, tags: dict[str, str]) -> str:
+    """What the objective measures and on which evaluation data (their content hashes): only
+    versions with the same key are compared for the champion alias."""
+    hashes = json.loads(tags["dataset_manifest"])
+    eval_hash = json.dumps({s: h for s, h in hashes.items() if s != "train"}, sort_keys=True)
+    return f"{job.eval.objective_name()} | eval data {eval_hash}"
+
+
+def _registered_version(client, name: str, run_id: str) -> tuple[str, str] | None:
+    """(version, alias) if the run is registered under `name` already (a re-run of a finished sweep)."""
     for existing in client.search_model_versions(f"name = '{name}'"):
-        if existing.tags.get("run_id") == run_id:  # registered already (a re-run of a finished sweep)
+        if existing.tags.get("run_id") == run_id:
             # search results carry no aliases: read the version itself
             aliases = client.get_model_version(name, existing.version).aliases or ["none"]
-            log.info("run %s is %s version %s already (@%s)", run_id, name, existing.version, aliases[0])
             return existing.version, aliases[0]
+    return None
+
+
+def register_run(run_id: str, name: str, tracking_uri: str) -> tuple[str, str]:
+    """Register the embedding model of a finished gcl run (train or a sweep's best trial) under
+    `name`, gated on the run's final objective, with its lineage as tags (version_tags). Returns
+    (version, alias)."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    registered = _registered_version(client, name, run_id)
+    if registered:
+        log.info("run %s is %s version %s already (@%s)", run_id, name, *registered)
+        return registered
     run = client.get_run(run_id)
     model_uri = run.data.tags.get(MODEL_URI_TAG)
     if model_uri is None:
-        raise SystemExit(f"run {run_id} has no exported embedding model (tag {MODEL_URI_TAG}); "
+        raise ModelError(f"run {run_id} has no exported embedding model (tag {MODEL_URI_TAG}); "
                          "register runs made by `gcl train` or `gcl tune`")  # fmt: skip
-    if "objective" not in run.data.metrics:
-        raise SystemExit(f"run {run_id} has no 'objective' metric: it was trained without evaluation "
+    if OBJECTIVE not in run.data.metrics:
+        raise ModelError(f"run {run_id} has no {OBJECTIVE!r} metric: it was trained without evaluation "
                          "splits (data.eval), so it cannot be compared with the champion")  # fmt: skip
     mlflow.set_tracking_uri(tracking_uri)
-    artifacts = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="config.yaml")
-    with open(artifacts) as f:
+    with open(_run_artifact(run_id, CONFIG_ARTIFACT)) as f:
         job = JobConfig.model_validate(yaml.safe_load(f))
-    try:
-        manifest_file = mlflow.artifacts.download_artifacts(
-            run_id=run_id, artifact_path="dataset_manifest.json"
-        )
-        with open(manifest_file) as f:
-            manifest = json.load(f)
-    except mlflow.exceptions.MlflowException:
-        manifest = {}
-    # Content hashes only: the full file list stays in the run's dataset_manifest.json artifact.
-    summary = {"train": (manifest.get("train") or {}).get("sha256"),
-               **{s: m["sha256"] for s, m in manifest.get("eval", {}).items()}}  # fmt: skip
-    eval_hash = json.dumps({s: h for s, h in summary.items() if s != "train"}, sort_keys=True)
-    split_metrics = {k: v for k, v in run.data.metrics.items() if "/" in k}
-    tags = {
-        "dataset_manifest": json.dumps(summary),
-        "loss": job.loss.model_dump_json(),
-        "metrics": json.dumps(split_metrics, sort_keys=True),
-        "base_model": json.dumps({"arch": job.model.arch, "pretrained": job.model.pretrained}),
-        "code_version": code_version(),
-        "run_id": run_id,
-    }
-    objective_key = f"{job.eval.objective_name()} | eval data {eval_hash}"
-    return register(model_uri, name, run.data.metrics["objective"], tracking_uri, tags, objective_key)
+    manifest_file = _run_artifact(run_id, MANIFEST_ARTIFACT)
+    manifest = json.loads(Path(manifest_file).read_text()) if manifest_file else {}
+    tags = version_tags(run, job, manifest)
+    return register(
+        model_uri, name, run.data.metrics[OBJECTIVE], tracking_uri, tags, objective_key_for(job, tags)
+    )

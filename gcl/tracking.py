@@ -1,5 +1,6 @@
-"""MLflow tracking shared by training and sweeps: fail fast on an unreachable store, runs
-resumed by name, configs flattened into params."""
+"""MLflow tracking shared by training and sweeps: the tracking URI resolved where a command starts,
+fail fast on an unreachable store, runs resumed by name, configs flattened into params, and the
+metrics logger of training's rank 0."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import contextlib
 import json
 import logging
 import os
+import time
 
 from gcl.errors import TrackingError
+from gcl.mlflow_names import ERROR_TAG, RUN_NAME_TAG
 
 log = logging.getLogger(__name__)
 
@@ -89,11 +92,11 @@ def log_params(client, run_id: str, params: dict) -> None:
 
 
 def runs_named(client, experiment: str, name: str) -> list:
-    """The MLflow runs gcl made under `name` (tag gcl.run_name) in `experiment`, newest first."""
+    """The MLflow runs gcl made under `name` (RUN_NAME_TAG) in `experiment`, newest first."""
     found = client.get_experiment_by_name(experiment)
     if found is None:
         return []
-    return client.search_runs([found.experiment_id], filter_string=f"tags.`gcl.run_name` = '{name}'",
+    return client.search_runs([found.experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{name}'",
                               order_by=["start_time DESC"])  # fmt: skip
 
 
@@ -112,6 +115,85 @@ def start_run(uri: str, experiment: str, name: str, params: dict, tags: dict | N
         log.info("resuming MLflow run %s (%s)", runs[0].info.run_id, name)
         client.update_run(runs[0].info.run_id, status="RUNNING")
         return runs[0].info.run_id
-    run = client.create_run(experiment_id, run_name=name, tags={"gcl.run_name": name, **(tags or {})})
+    run = client.create_run(experiment_id, run_name=name, tags={RUN_NAME_TAG: name, **(tags or {})})
     log_params(client, run.info.run_id, params)
     return run.info.run_id
+
+
+def mark_failed(client, run_id: str, error: BaseException) -> None:
+    """End a run as FAILED, saying why (ERROR_TAG); the same command resumes it."""
+    client.set_tag(run_id, ERROR_TAG, f"{type(error).__name__}: {error}"[:5000])
+    client.set_terminated(run_id, "FAILED")
+
+
+def mark_finished(client, run_id: str) -> None:
+    """End a run as FINISHED, without the error an earlier, failed attempt of it left."""
+    if ERROR_TAG in client.get_run(run_id).data.tags:
+        client.delete_tag(run_id, ERROR_TAG)
+    client.set_terminated(run_id)
+
+
+def mlflow_metric_name(name: str) -> str:
+    """MLflow forbids '@' in metric names: 'in_domain/ndcg@10' -> 'in_domain/ndcg_at_10'."""
+    return name.replace("@", "_at_")
+
+
+class MetricsLogger:
+    """Buffers metrics on rank 0 and writes them to the MLflow run in batches."""
+
+    def __init__(self, tracking_uri: str | None, run_id: str | None, enabled: bool):
+        self.client = None
+        self.tracking_uri = tracking_uri
+        self.run_id = run_id
+        self.pending: list = []
+        self.logged_through: dict[str, int] = {}  # metric -> last step already in MLflow
+        if enabled and tracking_uri and run_id:
+            from mlflow import MlflowClient
+
+            self.client = MlflowClient(tracking_uri)
+
+    def skip_logged_steps(self) -> None:
+        """Steps logged by an earlier attempt of this run are not logged again: after a restore, the
+        steps past the checkpoint are trained again, and a run whose checkpoint was never committed
+        starts over. Training is deterministic, so the values logged first are the same."""
+        if self.client is not None:
+            for key in self._run().data.metrics:
+                history = self.client.get_metric_history(self.run_id, key)
+                self.logged_through[key] = max((m.step for m in history), default=0)
+
+    def _run(self):
+        """The MLflow run, or a TrackingError when this worker's view of the store lacks it: a
+        restart cannot fix that (a SQLite file that is not the driver's, on a node of its own)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.get_run(self.run_id)
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            raise TrackingError(
+                f"MLflow run {self.run_id} is not in the tracking store {self.tracking_uri!r} as the training "
+                "workers see it, though the driver created it there; on a cluster of several nodes use a "
+                "tracking server that every node reaches (mlflow.tracking_uri: http://...), not a local file"
+            ) from None
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if self.client is None:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        names = {mlflow_metric_name(k): v for k, v in metrics.items()}
+        self.pending.extend(Metric(name, float(v), now, step) for name, v in names.items()
+                            if step > self.logged_through.get(name, -1))  # fmt: skip
+        if len(self.pending) >= 200:
+            self.flush()
+
+    def set_tag(self, key: str, value: str) -> None:
+        if self.client is not None:
+            self.client.set_tag(self.run_id, key, value)
+
+    def flush(self) -> None:
+        if self.client is not None and self.pending:
+            self.client.log_batch(self.run_id, metrics=self.pending)
+            self.pending = []

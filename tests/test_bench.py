@@ -4,18 +4,13 @@ benchmarks, not tests)."""
 import pytest
 import torch
 
+from gcl.bench.flops import gpu_peak_flops_per_s, peak_flops_per_s, train_flops_per_pair
+from gcl.bench.memory import peak_rss_mib, reset_peak_rss
 from gcl.config import FieldsConfig
 from gcl.data.pipeline import PairPreprocessor
 from gcl.data.schema import DataConfig
 from gcl.data.synth import SynthConfig, generate_pairs
 from gcl.job_config import JobConfig
-from workflows.bench import (
-    _peak_rss_mib,
-    _reset_peak_rss,
-    gpu_peak_flops_per_s,
-    peak_flops_per_s,
-    train_flops_per_pair,
-)
 
 
 def _batch(rows: int) -> dict:
@@ -56,7 +51,7 @@ def test_the_cpu_peak_is_measured():
 @pytest.mark.gpu
 def test_the_bare_loop_trains_on_the_gpu_under_bf16_autocast():
     """Needs CUDA (skipped on the CPU machines the suite runs on): the bench's GPU path."""
-    from workflows.bench import bare_loop_pairs_per_s, bench_device
+    from gcl.bench.steps import bare_loop_pairs_per_s, bench_device
 
     job = JobConfig.model_validate({"model": {"arch": "gcl-tiny"}, "loss": {"score_range": [0, 1]}})
     assert bench_device().type == "cuda"
@@ -89,11 +84,11 @@ def test_peak_memory_is_the_process_own_not_its_parents_and_restarts_on_reset():
     import sys
 
     held = torch.ones(400 * 2**20 // 4)  # 400 MiB in this process
-    code = "from workflows.bench import _peak_rss_mib; print(_peak_rss_mib())"
+    code = "from gcl.bench.memory import peak_rss_mib; print(peak_rss_mib())"
     child_peak = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                       check=True).stdout.split()[-1])  # fmt: skip
-    assert _peak_rss_mib() > child_peak + 300
+    assert peak_rss_mib() > child_peak + 300
     del held
-    before_reset = _peak_rss_mib()
-    _reset_peak_rss()
-    assert _peak_rss_mib() < before_reset - 300
+    before_reset = peak_rss_mib()
+    reset_peak_rss()
+    assert peak_rss_mib() < before_reset - 300

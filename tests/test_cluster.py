@@ -119,7 +119,8 @@ def test_dockerfile_matches_the_pinned_ray_and_python_and_runs_as_non_root():
 
 def test_submit_builds_the_entrypoint_and_runtime_env(tmp_path, monkeypatch):
     from gcl.config import ConfigError
-    from workflows.submit import check_command, entrypoint, runtime_env
+    from workflows.cli import check_command
+    from workflows.submit import entrypoint, runtime_env
 
     assert entrypoint(["train", "-c", "a b.yaml"]) == "python -m workflows.cli train -c 'a b.yaml'"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
@@ -252,7 +253,7 @@ MULTI_NODE_SCRIPT = textwrap.dedent("""
     from ray.cluster_utils import Cluster
     from gcl.config import parse_config
     from gcl.job_config import JobConfig
-    from workflows.train import run_train
+    from gcl.jobs import run_train
 
     data, out = sys.argv[1], sys.argv[2]
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})

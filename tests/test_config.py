@@ -28,7 +28,7 @@ def test_every_shipped_sweep_parses_with_its_base_job(path):
 
 @pytest.mark.parametrize("path", sorted((CONFIGS / "deepspeed").glob("*.json")), ids=lambda p: p.name)
 def test_every_deepspeed_config_feeds_the_engine_config(path):
-    from gcl.training import deepspeed_config
+    from gcl.engine import deepspeed_config
 
     stage = int(path.stem[-1])
     job = parse_config(JobConfig, None, [f"deepspeed.config={path}", f"deepspeed.zero_stage={stage}"])
@@ -87,17 +87,17 @@ def test_resume_is_reported_only_from_a_committed_checkpoint(tmp_path, caplog):
     import json
     import logging
 
-    from gcl.jobs import _log_resume, committed_checkpoint
+    from gcl.checkpoint import committed_checkpoint, log_resume
 
     caplog.set_level(logging.INFO)
     run_dir = tmp_path / "run"
     (run_dir / "checkpoint_2026-01-01_00-00-00.000000").mkdir(parents=True)
     assert committed_checkpoint(str(run_dir)) is None
-    _log_resume(str(run_dir))
+    log_resume(str(run_dir))
     assert "never committed" in caplog.text and "starts from the beginning" in caplog.text
     (run_dir / "checkpoint_manager_snapshot.json").write_text(json.dumps({"latest_checkpoint_result": {
         "checkpoint_dir_name": "checkpoint_2026-01-01_00-00-00.000000", "metrics": {"epoch": 1, "step": 15}}}))  # fmt: skip
-    _log_resume(str(run_dir))
+    log_resume(str(run_dir))
     assert "run resumes from its checkpoint at epoch 1, step 15" in caplog.text
 
 

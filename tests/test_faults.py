@@ -15,7 +15,7 @@ import pytest
 from conftest import tiny_job_config
 from mlflow import MlflowClient
 
-from gcl.jobs import committed_checkpoint
+from gcl.checkpoint import committed_checkpoint
 from gcl.tracking import runs_named
 
 pytestmark = pytest.mark.integration
@@ -31,7 +31,7 @@ def _own_local_ray_env() -> dict[str, str]:
 @pytest.fixture(scope="module")
 def uninterrupted_losses(ray_local, synth_dir, tmp_path_factory) -> dict[int, float]:
     """Per-step training losses of the fault tests' job run once without interruption."""
-    from workflows.train import run_train
+    from gcl.jobs import run_train
 
     job = tiny_job_config(synth_dir, tmp_path_factory.mktemp("reference"), "name=reference", *FAULT_JOB)
     result = run_train(job)
@@ -64,7 +64,7 @@ def _train_workers() -> list[psutil.Process]:
 def test_worker_killed_mid_epoch_restores_and_trains_as_an_uninterrupted_run(
     ray_local, tiny_job, tmp_path, uninterrupted_losses
 ):
-    from workflows.train import run_train
+    from gcl.jobs import run_train
 
     job = tiny_job("name=killed", *FAULT_JOB, "train.max_failures=2")
     client = MlflowClient(job.mlflow.resolved_uri())
@@ -242,8 +242,7 @@ def test_errors_no_restart_can_fix_fail_the_run_at_once_naming_their_cause(
     import pandas as pd
 
     from gcl.errors import DataError, TrackingError
-    from gcl.jobs import fit, prepare
-    from workflows.train import run_train
+    from gcl.jobs import fit, prepare, run_train
 
     pairs = pd.read_parquet(synth_dir / "train.parquet")
     pairs.at[5, "image"] = {"bytes": b"not an image", "path": None}

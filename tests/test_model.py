@@ -166,7 +166,7 @@ class _Payload:
 def test_deepspeed_checkpoints_load_with_weights_only(tmp_path):
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
 
-    from gcl.training import load_weights_only
+    from gcl.checkpoint import load_weights_only
 
     torch.save({"optimizer": {"loss_scaler": LossScaler(1.0)}, "weights": torch.ones(2)}, tmp_path / "ok.pt")
     assert load_weights_only(str(tmp_path / "ok.pt"))["weights"].tolist() == [1.0, 1.0]
@@ -281,13 +281,13 @@ def test_a_null_text_field_is_left_out_not_read_as_the_text_nan(tiny):
 
 
 def test_evaluate_names_a_directory_that_holds_no_model_or_checkpoint(tmp_path):
-    from gcl.job_config import JobConfig
-    from workflows.evaluate import resolve_model_dir
+    from gcl.checkpoint import resolve_model_dir
+    from gcl.errors import ModelError
 
     with pytest.raises(
-        SystemExit, match="not a model directory .*, a training checkpoint .* committed checkpoint"
+        ModelError, match="not a model directory .*, a training checkpoint .* committed checkpoint"
     ):
-        resolve_model_dir(str(tmp_path), JobConfig(), str(tmp_path / "scratch"))
+        resolve_model_dir(str(tmp_path), str(tmp_path / "scratch"))
 
 
 def test_gcl_evaluate_on_an_exported_model_prints_and_writes_the_metrics(tiny, tmp_path, capsys):

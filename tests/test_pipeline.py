@@ -10,7 +10,14 @@ import torch
 
 from gcl.config import FieldsConfig
 from gcl.data.batches import ShardReader, WaitClock, batch_template, train_batches
-from gcl.data.pipeline import PRESENT, PipelineConfig, epoch_dataset_name, epoch_datasets, unsplit_data_config
+from gcl.data.pipeline import (
+    PRESENT,
+    PairSource,
+    PipelineConfig,
+    epoch_dataset_name,
+    epoch_datasets,
+    unsplit_data_config,
+)
 from gcl.data.schema import DataConfig
 from gcl.data.synth import SynthConfig, generate_pairs
 
@@ -55,17 +62,17 @@ def test_every_valid_row_once_per_epoch_across_two_shards(ray_local, tmp_path):
     pairs = generate_pairs(SynthConfig(products=60, queries=30, docs_per_query=7, seed=5))
     pairs.to_parquet(tmp_path / "pairs.parquet")
     skip = {int(pairs.pair_id.iloc[3]), int(pairs.pair_id.iloc[10])}  # as validation would report them
-    datasets = epoch_datasets(
-        str(tmp_path / "pairs.parquet"),
-        DataConfig(),
-        FieldsConfig(),
-        "score_linear",
-        {"arch": "gcl-tiny"},
-        PipelineConfig(preprocess_tasks=1, cpus_per_task=0.25, preprocess_batch_size=32),
-        epochs=2,
-        skip_pair_ids=skip,
-        seed=7,
+    source = PairSource(
+        spec=str(tmp_path / "pairs.parquet"),
+        files=(str(tmp_path / "pairs.parquet"),),
+        data=DataConfig(),
+        fields=FieldsConfig(),
+        weight_key="score_linear",
+        model_cfg={"arch": "gcl-tiny"},
+        pipeline=PipelineConfig(preprocess_tasks=1, cpus_per_task=0.25, preprocess_batch_size=32),
+        skip_pair_ids=frozenset(skip),
     )
+    datasets = epoch_datasets(source, epochs=2, seed=7)
     trainer = TorchTrainer(
         _consume,
         train_loop_config={"out": str(tmp_path)},

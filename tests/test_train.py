@@ -22,8 +22,8 @@ def _losses(uri, run_id):
 
 
 def test_zero2_trains_tracks_exports_and_evaluates_consistently(ray_local, tiny_job, tmp_path):
+    from gcl.jobs import run_train
     from workflows.evaluate import run_evaluate
-    from workflows.train import run_train
 
     job = tiny_job("deepspeed.zero_stage=2", "name=z2", "train.epochs=3")
     result = run_train(job)
@@ -65,7 +65,7 @@ def test_zero2_trains_tracks_exports_and_evaluates_consistently(ray_local, tiny_
 def test_zero3_in_bf16_trains_and_loss_goes_down(ray_local, tiny_job, tmp_path):
     """ZeRO-3 in bf16, as the GPU config trains (DeepSpeed's bf16 mode runs on CPU too): fp32
     pixels into bf16 towers, fp32 weights gathered from the shards at export."""
-    from workflows.train import run_train
+    from gcl.jobs import run_train
 
     job = tiny_job("deepspeed.zero_stage=3", "deepspeed.config=workflows/configs/deepspeed/zero3.json",
                "name=z3", "train.epochs=3", "data.eval={}", "train.precision=bf16")  # fmt: skip
@@ -81,11 +81,11 @@ def test_zero3_in_bf16_trains_and_loss_goes_down(ray_local, tiny_job, tmp_path):
 
     # `gcl evaluate` on a checkpoint gathers the same weights, with the ZeRO stage the checkpoint
     # was trained with, whatever the evaluating config says.
-    from workflows.evaluate import export_checkpoint, training_checkpoint
+    from gcl.checkpoint import export_checkpoint, training_checkpoint
 
     checkpoint = training_checkpoint(os.path.join(job.storage, job.name))
     gathered = load_model(
-        export_checkpoint(checkpoint, tiny_job("deepspeed.zero_stage=0"), str(tmp_path))
+        export_checkpoint(checkpoint, str(tmp_path), fallback_job=tiny_job("deepspeed.zero_stage=0"))
     ).clip
     for (name, want), got in zip(exported.state_dict().items(), gathered.state_dict().values(), strict=True):
         torch.testing.assert_close(got, want, msg=name)
@@ -99,8 +99,8 @@ def test_one_gpu_worker_trains_in_bf16_and_evaluates_consistently(ray_local, tin
     the GPU (under ZeRO-3 inside the parameter gather); `gcl evaluate` of the logged fp32 model
     then scores about what training's bf16 evaluation reported."""
 
+    from gcl.jobs import run_train
     from workflows.evaluate import run_evaluate
-    from workflows.train import run_train
 
     job = tiny_job(f"deepspeed.zero_stage={stage}", f"name=gpu-z{stage}", "scaling.use_gpu=true",
                    "scaling.num_workers=1", "train.epochs=2")  # fmt: skip
@@ -116,8 +116,8 @@ def test_one_gpu_worker_trains_in_bf16_and_evaluates_consistently(ray_local, tin
 
 def test_rerun_with_same_name_resumes_from_the_latest_checkpoint(ray_local, tiny_job, tmp_path):
     """Under ZeRO-0 (plain data parallel), whose checkpoints hold the whole module."""
+    from gcl.jobs import run_train
     from gcl.model import load_model
-    from workflows.train import run_train
 
     first = run_train(tiny_job("name=resume", "train.epochs=1", "data.eval={}", "deepspeed.zero_stage=0"))
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -132,7 +132,7 @@ def test_rerun_with_same_name_resumes_from_the_latest_checkpoint(ray_local, tiny
 
 
 def test_unreachable_tracking_store_fails_fast_naming_the_uri(tiny_job, tmp_path):
-    from workflows.train import run_train
+    from gcl.jobs import run_train
 
     job = tiny_job("mlflow.tracking_uri=http://127.0.0.1:9", "name=nope")
     start = time.perf_counter()

@@ -55,7 +55,7 @@ def test_sweep_keys_are_checked_against_the_base_job_before_any_trial(tmp_path):
 
 
 def test_sampled_values_become_validated_overrides(tmp_path):
-    from workflows.tune import trial_job
+    from gcl.tuning import trial_job
 
     sweep, job = load_sweep(_sweep_file(tmp_path))
     params = {
@@ -89,7 +89,7 @@ def test_trial_concurrency_follows_the_cluster_and_the_job_scaling(tmp_path):
 def test_trials_tune_stopped_are_finished_in_mlflow_and_only_errored_trials_stay_failed(tmp_path):
     """Tune stops a trial by removing its resources; its driver may see the Train controller die
     first and mark its run failed (a race seen in CI). Tune's verdict wins when the sweep ends."""
-    from workflows.tune import _close_child_runs
+    from gcl.tuning import close_child_runs
 
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     experiment = client.create_experiment("e")
@@ -118,7 +118,7 @@ def test_trials_tune_stopped_are_finished_in_mlflow_and_only_errored_trials_stay
         {"trial": "errored", "epochs": None, "status": "ERROR"},
         {"trial": "finished", "epochs": 3, "status": "OK"},
     ]
-    _close_child_runs(client, "e", parent, rows, epochs=3)
+    close_child_runs(client, "e", parent, rows, epochs=3)
 
     after = {trial: client.get_run(run_id) for trial, run_id in runs.items()}
     status = {trial: run.info.status for trial, run in after.items()}

@@ -1,15 +1,21 @@
 """The `gcl` command line. Each subcommand parses its arguments and calls one workflow;
-workflows are imported lazily so that `gcl --help` is instant."""
+workflows are imported lazily so that `gcl --help` is instant. Errors gcl explains (GclError)
+are printed as one message, with exit code 2."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
+import shlex
 import sys
 from pathlib import Path
 
-CONFIGS = Path(__file__).parent / "configs"
+from workflows import CONFIGS
+
+__all__ = ["CONFIGS", "build_parser", "check_command", "main"]
+log = logging.getLogger("gcl.cli")
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -51,9 +57,8 @@ def cmd_data_synth(args) -> int:
     )
     manifest = synthesize(args.out, cfg, SplitConfig(seed=args.seed))
     for name, info in manifest["splits"].items():
-        print(
-            f"{name:15s} {info['rows']:7d} pairs  {info['queries']:6d} queries  {info['documents']:6d} documents  -> {Path(args.out) / info['file']}"
-        )
+        print(f"{name:19s} {info['rows']:7d} pairs  {info['queries']:6d} queries  {info['documents']:6d} documents"
+              f"  -> {Path(args.out) / info['file']}")  # fmt: skip
     return 0
 
 
@@ -77,20 +82,14 @@ def cmd_data_split(args) -> int:
 def cmd_data_validate(args) -> int:
     from gcl.jobs import validate_data
 
-    report = validate_data(_job(args))
-    print(report.summary())
+    print(validate_data(_job(args)).train.summary())
     return 0
 
 
 def cmd_train(args) -> int:
-    from workflows.train import run_train
+    from workflows.train import train
 
-    result = run_train(_job(args))
-    print(
-        json.dumps(
-            {"run_id": result.run_id, "model_dir": result.model_dir, "metrics": result.metrics}, indent=2
-        )
-    )
+    train(_job(args))
     return 0
 
 
@@ -105,14 +104,41 @@ def cmd_register(args) -> int:
     from gcl.registry import register_run
     from gcl.tracking import resolve_tracking_uri
 
-    uri = resolve_tracking_uri(args.tracking_uri)
-    version, alias = register_run(args.run, args.name, uri)
+    version, alias = register_run(args.run, args.name, resolve_tracking_uri(args.tracking_uri))
     print(f"registered {args.name} version {version} as @{alias}")
     return 0
 
 
+def check_command(command: list[str], working_dir: str | None) -> None:
+    """Parse a command for `gcl submit` with gcl's own parser and validate its config here, before
+    submitting, so that a typo fails in a second instead of after the cluster scheduled the job."""
+    from gcl.config import parse_config
+    from gcl.errors import ConfigError
+    from gcl.job_config import JobConfig
+
+    if not command:
+        raise ConfigError("give the gcl command to run after --, e.g. gcl submit -- train -c <config>")
+    try:
+        args = build_parser().parse_args(command)
+    except SystemExit as err:  # argparse's way of saying no
+        raise ConfigError(f"not a gcl command: {shlex.join(command)}") from err
+    config = getattr(args, "config", None)
+    if not config:
+        return
+    local = Path(working_dir or ".") / config if not os.path.isabs(config) else Path(config)
+    if not local.exists():  # it may exist only in the image; the job reports it then
+        log.warning("config %s is not here; not checked before submitting", local)
+        return
+    if args.command == "tune":
+        from gcl.sweep import load_sweep
+
+        load_sweep(local, args.overrides)
+    else:
+        parse_config(JobConfig, local, args.overrides)
+
+
 def cmd_submit(args) -> int:
-    from workflows.submit import check_command, runtime_env, submit
+    from workflows.submit import runtime_env, submit
 
     command = args.gcl_command[1:] if args.gcl_command[:1] == ["--"] else args.gcl_command
     env_spec = runtime_env(args.runtime_env, args.working_dir, args.env)
@@ -143,20 +169,14 @@ def cmd_bench(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="gcl",
-        description="Generalized Contrastive Learning: fine-tune open_clip models for retrieval and ranking "
-        "from graded relevance, on Ray with DeepSpeed, tracked in MLflow.",
-    )
-    parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_config(sub) -> None:
     p = sub.add_parser("config", help="print the resolved config, or every key with its meaning (--keys)")
     _add_config_args(p)
     p.add_argument("--keys", action="store_true", help="list every config key with its type and meaning")
     p.set_defaults(func=cmd_config)
 
+
+def _add_data(sub) -> None:
     data = sub.add_parser("data", help="generate, split and validate scored-pair data").add_subparsers(
         dest="data_command", required=True, metavar="ACTION"
     )
@@ -183,10 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_data_validate)
 
+
+def _add_train_and_tune(sub) -> None:
     p = sub.add_parser("train", help="fine-tune with Ray Train + DeepSpeed; resumes a run of the same name")
     _add_config_args(p)
     p.set_defaults(func=cmd_train)
-
     p = sub.add_parser(
         "tune", help="sweep loss weights with Ray Tune (Optuna + ASHA); registers the best model"
     )
@@ -197,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a sweep key, e.g. --set num_samples=4 --set 'set=[train.epochs=1]'")  # fmt: skip
     p.set_defaults(func=cmd_tune)
 
+
+def _add_register_and_submit(sub) -> None:
     p = sub.add_parser("register", help="register a run's model; @champion only if it beats the current one")
     p.add_argument("--run", required=True, help="MLflow run id of a `gcl train` run or a sweep's best trial")
     p.add_argument("--name", required=True, help="registered model name")
@@ -224,6 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_submit)
 
+
+def _add_evaluate_demo_bench(sub) -> None:
     p = sub.add_parser(
         "evaluate", help="retrieval metrics per split for a model directory or MLflow model URI"
     )
@@ -252,6 +277,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override the timed job's config (data, steps, pipeline), e.g. --set model.arch=ViT-B-32 "
                    "--set train.batch_size=128 --set pipeline.preprocess_tasks=8")  # fmt: skip
     p.set_defaults(func=cmd_bench)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gcl",
+        description="Generalized Contrastive Learning: fine-tune open_clip models for retrieval and ranking "
+        "from graded relevance, on Ray with DeepSpeed, tracked in MLflow.",
+    )
+    parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (
+        _add_config,
+        _add_data,
+        _add_train_and_tune,
+        _add_register_and_submit,
+        _add_evaluate_demo_bench,
+    ):
+        add(sub)
     return parser
 
 

@@ -17,11 +17,14 @@ from pathlib import Path
 from tqdm import tqdm
 
 from gcl.config import parse_config
+from gcl.data.schema import SPLITS
+from gcl.data.synth import SynthConfig, synthesize
 from gcl.job_config import JobConfig
+from gcl.jobs import resolve_job, run_train
+from gcl.report import comparison_plot, comparison_table
+from workflows import CONFIGS
 
-CONFIGS = Path(__file__).parent / "configs"
 MEASURES = ["ndcg@10", "map@1000", "mrr@1000", "err", "rbp@0.8"]
-SPLITS = ("in_domain", "novel_query", "novel_document", "zero_shot")
 REGISTERED_MODEL = "gcl-demo"
 log = logging.getLogger("gcl.demo")
 
@@ -60,11 +63,7 @@ def run_demo(quick: bool = False, workdir: str = "gcl_runs/demo") -> dict:
     """Run the whole comparison; returns {'baseline': results, 'gcl': results, ...}."""
     from mlflow import MlflowClient
 
-    from gcl.data.synth import SynthConfig, synthesize
-    from gcl.jobs import resolve_job
     from gcl.registry import register_run
-    from gcl.report import comparison_plot, comparison_table
-    from workflows.train import run_train
 
     workdir = os.path.abspath(workdir)
     stamp = time.strftime("%Y%m%d-%H%M%S")

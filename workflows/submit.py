@@ -14,6 +14,10 @@ import shlex
 import sys
 from pathlib import Path
 
+import yaml
+
+from gcl.errors import ClusterError, ConfigError
+
 log = logging.getLogger("gcl.submit")
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 # Forwarded from this shell unless the runtime env sets them: where runs are tracked must be
@@ -29,10 +33,6 @@ def entrypoint(command: list[str]) -> str:
 def runtime_env(path: str | None, working_dir: str | None, env: list[str]) -> dict:
     """The job's runtime environment: `path` (YAML) if given, `working_dir` replacing its own,
     `env` (KEY=VALUE) and forwarded MLflow variables merged into env_vars."""
-    import yaml
-
-    from gcl.config import ConfigError
-
     spec: dict = {}
     if path:
         with open(path) as f:
@@ -55,34 +55,6 @@ def runtime_env(path: str | None, working_dir: str | None, env: list[str]) -> di
     if env_vars:
         spec["env_vars"] = {k: str(v) for k, v in env_vars.items()}
     return spec
-
-
-def check_command(command: list[str], working_dir: str | None) -> None:
-    """Parse the command with gcl's own CLI and validate its config here, before submitting,
-    so that a typo fails in a second instead of after the cluster has scheduled the job."""
-    from gcl.config import ConfigError, parse_config
-    from gcl.job_config import JobConfig
-    from workflows.cli import build_parser
-
-    if not command:
-        raise ConfigError("give the gcl command to run after --, e.g. gcl submit -- train -c <config>")
-    try:
-        args = build_parser().parse_args(command)
-    except SystemExit as err:
-        raise ConfigError(f"not a gcl command: {shlex.join(command)}") from err
-    config = getattr(args, "config", None)
-    if not config:
-        return
-    local = Path(working_dir or ".") / config if not os.path.isabs(config) else Path(config)
-    if not local.exists():  # it may exist only in the image; the job reports it then
-        log.warning("config %s is not here; not checked before submitting", local)
-        return
-    if args.command == "tune":
-        from gcl.sweep import load_sweep
-
-        load_sweep(local, args.overrides)
-    else:
-        parse_config(JobConfig, local, args.overrides)
 
 
 def _auth_mode_for_token() -> None:
@@ -108,7 +80,7 @@ def submit(address: str | None, command: list[str], env_spec: dict, wait: bool =
     try:
         client = JobSubmissionClient(address)
     except Exception as err:  # ConnectionError, auth errors: name the address
-        raise SystemExit(f"cannot reach the Ray job server at {address}: {err}") from None
+        raise ClusterError(f"cannot reach the Ray job server at {address}: {err}") from None
     job_id = client.submit_job(entrypoint=entrypoint(command), runtime_env=env_spec or None,
                                submission_id=submission_id, metadata={"gcl.command": shlex.join(command)})  # fmt: skip
     print(f"submitted {job_id} to {address}: {entrypoint(command)}", flush=True)

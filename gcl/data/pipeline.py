@@ -16,6 +16,7 @@ import math
 import os
 from collections import OrderedDict
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -26,7 +27,6 @@ from gcl.data.readers import DataError, field_text, image_base_dir, image_bytes,
 from gcl.data.schema import DataConfig
 
 PRESENT = "__present"  # suffix of the per-field presence columns
-META_COLUMNS = ("score", "query_key", "document_key", "pair_key", "valid")
 
 
 class PipelineConfig(Section):
@@ -245,9 +245,31 @@ def read_pairs(spec: str, files: list[str], columns: list[str], num_cpus: float 
     raise DataError(f"{spec}: mixes file types {sorted(kinds)}; use one format per dataset")
 
 
-def read_training_pairs(spec: str, files: list[str], data: DataConfig, fields: FieldsConfig, weight_key: str,
-                        model_cfg: dict, pipeline: PipelineConfig, skip_pair_ids: set | None = None):  # fmt: skip
-    """(raw pairs, preprocessing settings) of `spec`, whose `files` are listed once by the caller.
+@dataclass(frozen=True)
+class PairSource:
+    """The training pairs a job reads and how: `files` (listed once, by validation) of the
+    dataset `spec`, the columns `fields`, `weight_key` and the data config's ids name, the model's
+    preprocessing, and the pair ids validation rejected (dropped)."""
+
+    spec: str
+    files: tuple[str, ...]
+    data: DataConfig
+    fields: FieldsConfig
+    weight_key: str
+    model_cfg: dict
+    pipeline: PipelineConfig
+    skip_pair_ids: frozenset = frozenset()
+
+    @classmethod
+    def of_job(cls, job, files: list[str] | None = None, skip_pair_ids=()) -> PairSource:
+        """The training pairs of a JobConfig; files: resolved from job.data.train when not given."""
+        return cls(spec=job.data.train, files=tuple(files or resolve_files(job.data.train)), data=job.data,
+                   fields=job.fields, weight_key=job.loss.weight_key, model_cfg=job.model.model_dump(),
+                   pipeline=job.pipeline, skip_pair_ids=frozenset(skip_pair_ids))  # fmt: skip
+
+
+def read_training_pairs(source: PairSource):
+    """(raw pairs, preprocessing settings) of `source`.
 
     The raw pairs hold only the columns training needs, rows rejected by validation dropped;
     read tasks reserve `pipeline.cpus_per_task`. The settings (JSON) are what `preprocess_batch`
@@ -255,19 +277,21 @@ def read_training_pairs(spec: str, files: list[str], data: DataConfig, fields: F
     """
     import pandas as pd
 
-    columns = list(dict.fromkeys([*fields.modalities(), weight_key, data.query_id_column,
+    data, fields = source.data, source.fields
+    columns = list(dict.fromkeys([*fields.modalities(), source.weight_key, data.query_id_column,
                                   data.document_id_column, data.pair_id_column]))  # fmt: skip
-    ds = read_pairs(spec, files, columns, pipeline.cpus_per_task)
-    if skip_pair_ids:
-        skip = sorted(skip_pair_ids, key=str)
+    ds = read_pairs(source.spec, list(source.files), columns, source.pipeline.cpus_per_task)
+    if source.skip_pair_ids:
+        skip = sorted(source.skip_pair_ids, key=str)
         pair_col = data.pair_id_column
 
         def drop_rejected(df: pd.DataFrame) -> pd.DataFrame:
             return df[~df[pair_col].isin(skip)]
 
         ds = ds.map_batches(drop_rejected, batch_format="pandas")
-    settings = dict(model_cfg=model_cfg, fields=fields.model_dump(), weight_key=weight_key, data_cfg=data.model_dump(),
-                    base_dir=image_base_dir(files[0], data.image_root), augment=pipeline.augment_images)  # fmt: skip
+    settings = dict(model_cfg=source.model_cfg, fields=fields.model_dump(), weight_key=source.weight_key,
+                    data_cfg=data.model_dump(), base_dir=image_base_dir(source.files[0], data.image_root),
+                    augment=source.pipeline.augment_images)  # fmt: skip
     return ds, json.dumps(settings, sort_keys=True)
 
 
@@ -301,13 +325,10 @@ def preprocess(raw, settings: str, pipeline: PipelineConfig, *, seed: int = 0, s
     return ds
 
 
-def build_dataset(spec: str, data: DataConfig, fields: FieldsConfig, weight_key: str, model_cfg: dict,
-                  pipeline: PipelineConfig, *, skip_pair_ids: set | None = None, seed: int = 0,
-                  shuffle: bool = True):  # fmt: skip
-    """The preprocessed Ray Dataset of `spec`'s pairs, shuffled with `seed` (lazy)."""
-    raw, settings = read_training_pairs(spec, resolve_files(spec), data, fields, weight_key, model_cfg, pipeline,
-                                        skip_pair_ids)  # fmt: skip
-    return preprocess(raw, settings, pipeline, seed=seed, shuffle=shuffle)
+def build_dataset(source: PairSource, *, seed: int = 0, shuffle: bool = True):
+    """The preprocessed Ray Dataset of `source`'s pairs, shuffled with `seed` (lazy)."""
+    raw, settings = read_training_pairs(source)
+    return preprocess(raw, settings, source.pipeline, seed=seed, shuffle=shuffle)
 
 
 def epoch_dataset_name(epoch: int) -> str:
@@ -320,9 +341,7 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return int.from_bytes(hashlib.blake2b(f"{seed}:{epoch}".encode(), digest_size=4).digest(), "little")
 
 
-def epoch_datasets(spec: str, data: DataConfig, fields: FieldsConfig, weight_key: str, model_cfg: dict,
-                   pipeline: PipelineConfig, *, epochs: int, skip_pair_ids: set | None = None,
-                   seed: int = 0) -> dict:  # fmt: skip
+def epoch_datasets(source: PairSource, *, epochs: int, seed: int = 0) -> dict:
     """One lazy dataset per epoch, each shuffled with `epoch_seed(seed, epoch)`.
 
     Epoch e's order, and so each worker's batches, depend only on the seed and e: a run resumed
@@ -330,10 +349,9 @@ def epoch_datasets(spec: str, data: DataConfig, fields: FieldsConfig, weight_key
     shuffle. (Ray Data reseeds a single dataset per execution, counting from 0 in every new
     worker group, which a resumed run would restart.)
     """
-    raw, settings = read_training_pairs(spec, resolve_files(spec), data, fields, weight_key, model_cfg, pipeline,
-                                        skip_pair_ids)  # fmt: skip
+    raw, settings = read_training_pairs(source)
     return {
-        epoch_dataset_name(e): preprocess(raw, settings, pipeline, seed=epoch_seed(seed, e))
+        epoch_dataset_name(e): preprocess(raw, settings, source.pipeline, seed=epoch_seed(seed, e))
         for e in range(epochs)
     }
 

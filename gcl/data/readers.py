@@ -15,34 +15,26 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from gcl.errors import DataError
+from gcl.storage import filesystem, is_uri, local_path
 
 TABLE_SUFFIXES = (".parquet", ".csv", ".jsonl", ".json")
 
 
-def storage_filesystem(spec: str):
-    """(pyarrow filesystem, path) for a local path or a URI such as s3://bucket/key."""
-    from pyarrow import fs
-
-    if "://" in spec and not spec.startswith("file://"):
-        return fs.FileSystem.from_uri(spec)
-    return fs.LocalFileSystem(), os.path.abspath(spec.removeprefix("file://"))
-
-
 def resolve_files(spec: str) -> list[str]:
     """Expand a file, directory or glob into the data files it names, sorted."""
-    if any(ch in spec for ch in "*?[") and "://" not in spec:
+    if any(ch in spec for ch in "*?[") and not is_uri(spec):
         files = sorted(f for f in glob.glob(spec, recursive=True) if f.endswith(TABLE_SUFFIXES))
     else:
         from pyarrow import fs
 
-        filesystem, path = storage_filesystem(spec)
-        info = filesystem.get_file_info(path)
+        store, path = filesystem(spec)
+        info = store.get_file_info(path)
         if info.type == fs.FileType.NotFound:
             raise DataError(f"data not found: {spec}")
         if info.type == fs.FileType.Directory:
-            entries = filesystem.get_file_info(fs.FileSelector(path, recursive=True))
+            entries = store.get_file_info(fs.FileSelector(path, recursive=True))
             files = sorted(e.path for e in entries if e.is_file and e.path.endswith(TABLE_SUFFIXES))
-            if "://" in spec:
+            if local_path(spec) is None:  # a remote directory: its files as URIs too
                 scheme = spec.split("://", 1)[0]
                 files = [f"{scheme}://{f}" for f in files]
         else:
@@ -54,10 +46,10 @@ def resolve_files(spec: str) -> list[str]:
 
 def read_table(file: str, columns: list[str] | None = None) -> pa.Table:
     """Read one data file into an Arrow table (all columns, or those named)."""
-    filesystem, path = storage_filesystem(file)
+    store, path = filesystem(file)
     if file.endswith(".parquet"):
-        return pq.read_table(path, columns=columns, filesystem=filesystem)
-    with filesystem.open_input_stream(path) as stream:
+        return pq.read_table(path, columns=columns, filesystem=store)
+    with store.open_input_stream(path) as stream:
         raw = stream.read()
     if file.endswith(".csv"):
         from pyarrow import csv
@@ -75,9 +67,9 @@ def iter_batches(
 ) -> Iterator[tuple[int, pa.RecordBatch]]:
     """(first row number, batch) over a file, memory-bounded for parquet."""
     if file.endswith(".parquet"):
-        filesystem, path = storage_filesystem(file)
+        store, path = filesystem(file)
         offset = 0
-        for batch in pq.ParquetFile(path, filesystem=filesystem).iter_batches(batch_rows, columns=columns):
+        for batch in pq.ParquetFile(path, filesystem=store).iter_batches(batch_rows, columns=columns):
             yield offset, batch
             offset += batch.num_rows
         return
@@ -90,8 +82,8 @@ def iter_batches(
 def file_columns(file: str) -> pa.Schema:
     """The schema of a data file, without reading its rows (for parquet)."""
     if file.endswith(".parquet"):
-        filesystem, path = storage_filesystem(file)
-        return pq.read_schema(path, filesystem=filesystem)
+        store, path = filesystem(file)
+        return pq.read_schema(path, filesystem=store)
     return read_table(file).schema
 
 
@@ -100,7 +92,8 @@ def image_base_dir(file: str, image_root: str | None) -> str | None:
     (for local files)."""
     if image_root:
         return image_root
-    return None if "://" in file else os.path.dirname(os.path.abspath(file))
+    path = local_path(file)
+    return None if path is None else os.path.dirname(path)
 
 
 def is_missing(value) -> bool:
@@ -133,8 +126,8 @@ def image_bytes(value, base_dir: str | None) -> bytes | None:
     if isinstance(value, bytes | bytearray):
         return bytes(value)
     path = str(value)
-    if "://" not in path and not os.path.isabs(path) and base_dir:
+    if not is_uri(path) and not os.path.isabs(path) and base_dir:
         path = str(Path(base_dir) / path)
-    filesystem, resolved = storage_filesystem(path)
-    with filesystem.open_input_stream(resolved) as stream:
+    store, resolved = filesystem(path)
+    with store.open_input_stream(resolved) as stream:
         return stream.read()

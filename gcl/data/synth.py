@@ -13,7 +13,6 @@ them, which is what graded GCL weights are for.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 from dataclasses import asdict, dataclass
@@ -23,8 +22,9 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
-from gcl.config import ConfigError
 from gcl.data.splits import SplitConfig, build_splits
+from gcl.errors import ConfigError
+from gcl.storage import file_sha256
 
 COLOURS = {
     "red": (214, 39, 40), "green": (44, 160, 44), "blue": (31, 90, 220), "yellow": (240, 210, 30),
@@ -185,14 +185,6 @@ def generate_pairs(cfg: SynthConfig) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def write_splits(
     splits: dict[str, pd.DataFrame],
     out: str | Path,
@@ -209,7 +201,7 @@ def write_splits(
         df.to_parquet(path, index=False)
         manifest["splits"][name] = {
             "file": path.name, "rows": len(df), "queries": int(df[query_col].nunique()),
-            "documents": int(df[doc_col].nunique()), "sha256": file_sha256(path),
+            "documents": int(df[doc_col].nunique()), "sha256": file_sha256(str(path)),
         }  # fmt: skip
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest

@@ -85,6 +85,10 @@ def _is_image(t: pa.DataType) -> bool:
     return _is_text(t) or pa.types.is_binary(t) or pa.types.is_large_binary(t)
 
 
+def _is_number(t: pa.DataType) -> bool:
+    return pa.types.is_integer(t) or pa.types.is_floating(t)
+
+
 def _is_id(t: pa.DataType) -> bool:
     return pa.types.is_integer(t) or _is_text(t)
 
@@ -103,6 +107,32 @@ def _check_schema(file: str, schema: pa.Schema, expected: dict[str, tuple[str, o
             raise DataError(f"{file}: column {column!r} has type {actual}, expected {wanted}")
 
 
+@dataclass(frozen=True)
+class RowRules:
+    """What a valid row is: its columns (the sides' fields, the weight key, the ids) and the
+    lowest acceptable weight-key value (1 for rank positions)."""
+
+    data: DataConfig
+    fields: FieldsConfig
+    weight_key: str
+    min_score: float = 0.0
+
+    def expected_columns(self) -> dict[str, tuple[str, object]]:
+        """Column -> (what it must hold, in words; a check of its arrow type)."""
+        expected: dict[str, tuple[str, object]] = {
+            self.weight_key: ("a numeric type", _is_number),
+            self.data.query_id_column: ("integer or string ids", _is_id),
+            self.data.document_id_column: ("integer or string ids", _is_id),
+            self.data.pair_id_column: ("integer or string ids", _is_id),
+        }
+        for name, modality in self.fields.modalities().items():
+            if modality == "text":
+                expected[name] = ("string (text)", _is_text)
+            else:
+                expected[name] = ("encoded image bytes, a {bytes, path} struct or a path string", _is_image)
+        return expected
+
+
 def validate_pairs(
     spec: str,
     data: DataConfig,
@@ -110,34 +140,27 @@ def validate_pairs(
     weight_key: str,
     *,
     min_score: float = 0.0,
+    files: list[str] | None = None,
 ) -> ValidationReport:
-    """Check every row of the dataset at `spec`; raise DataError or return a report.
+    """Check every row of the dataset at `spec` (its `files`, listed here when not given); raise
+    DataError or return a report, which carries the files on to training and the manifest.
 
     min_score: the lowest acceptable weight-key value (1 for rank positions).
     """
-    files = resolve_files(spec)
-    modalities = fields.modalities()
-    expected: dict[str, tuple[str, object]] = {
-        weight_key: ("a numeric type", lambda t: pa.types.is_integer(t) or pa.types.is_floating(t)),
-        data.query_id_column: ("integer or string ids", _is_id),
-        data.document_id_column: ("integer or string ids", _is_id),
-        data.pair_id_column: ("integer or string ids", _is_id),
-    }
-    for name, modality in modalities.items():
-        if modality == "text":
-            expected[name] = ("string (text)", _is_text)
-        else:
-            expected[name] = ("encoded image bytes, a {bytes, path} struct or a path string", _is_image)
-
+    files = files or resolve_files(spec)
+    rules = RowRules(data, fields, weight_key, min_score)
+    expected = rules.expected_columns()
     report = ValidationReport(files=files)
     seen_pairs: dict[object, tuple[str, int]] = {}
     for file in files:
         _check_schema(file, file_columns(file), expected)
         base_dir = image_base_dir(file, data.image_root)
         for offset, batch in iter_batches(file, list(expected)):
-            _validate_batch(
-                file, offset, batch, data, fields, weight_key, min_score, base_dir, seen_pairs, report
-            )
+            rows = _BatchRows(file, offset, batch, report, data.pair_id_column)
+            _check_scores(rows, rules)
+            _check_ids(rows, rules, seen_pairs)
+            for side in ("left", "right"):
+                _check_side(rows, rules, side, base_dir)
             report.rows += batch.num_rows
     if report.rows == 0:
         raise DataError(f"{spec}: the dataset is empty (0 rows in {len(files)} file(s))")
@@ -155,67 +178,82 @@ def validate_pairs(
     return report
 
 
-def _validate_batch(file, offset, batch, data, fields, weight_key, min_score, base_dir, seen_pairs, report):
-    cols = {name: batch.column(name).to_pylist() for name in batch.schema.names}
-    pair_ids = cols[data.pair_id_column]
-    rejected: set[int] = set()
+class _BatchRows:
+    """One batch of a file as Python values, and the rows rejected so far (with their reasons,
+    recorded in the report)."""
 
-    def reject(i, column, reason):
-        report.bad.append(BadRow(file, offset + i, column, reason, pair_ids[i]))
-        rejected.add(i)
+    def __init__(
+        self, file: str, offset: int, batch: pa.RecordBatch, report: ValidationReport, pair_id_column: str
+    ):
+        self.file, self.offset, self.report = file, offset, report
+        self.count = batch.num_rows
+        self.columns = {name: batch.column(name).to_pylist() for name in batch.schema.names}
+        self.rejected: set[int] = set()
+        self._pair_ids = self.columns[pair_id_column]
 
-    for i, score in enumerate(cols[weight_key]):
+    def reject(self, i: int, column: str, reason: str) -> None:
+        self.report.bad.append(BadRow(self.file, self.offset + i, column, reason, self._pair_ids[i]))
+        self.rejected.add(i)
+
+
+def _check_scores(rows: _BatchRows, rules: RowRules) -> None:
+    """Weight-key values: finite and at least min_score; the range of the valid ones is recorded."""
+    accepted = f"accepted: a finite number >= {rules.min_score}"
+    report = rows.report
+    for i, score in enumerate(rows.columns[rules.weight_key]):
         if score is None:
-            reject(
-                i, weight_key, f"score is missing (null or NaN) (accepted: a finite number >= {min_score})"
-            )
+            rows.reject(i, rules.weight_key, f"score is missing (null or NaN) ({accepted})")
         elif not math.isfinite(score):
-            reject(i, weight_key, f"score is {score} (accepted: a finite number >= {min_score})")
-        elif score < min_score:
-            reject(
-                i,
-                weight_key,
-                f"score {score} is below {min_score} (accepted: a finite number >= {min_score})",
-            )
+            rows.reject(i, rules.weight_key, f"score is {score} ({accepted})")
+        elif score < rules.min_score:
+            rows.reject(i, rules.weight_key, f"score {score} is below {rules.min_score} ({accepted})")
         else:
             report.score_min = min(report.score_min, float(score))
             report.score_max = max(report.score_max, float(score))
+
+
+def _check_ids(rows: _BatchRows, rules: RowRules, seen_pairs: dict[object, tuple[str, int]]) -> None:
+    """Query and document ids present; pair ids present and unique across the dataset."""
+    data = rules.data
     for column in (data.query_id_column, data.document_id_column):
-        for i, value in enumerate(cols[column]):
+        for i, value in enumerate(rows.columns[column]):
             if value is None:
-                reject(i, column, "id is missing")
-    for i, pid in enumerate(pair_ids):
+                rows.reject(i, column, "id is missing")
+    for i, pid in enumerate(rows.columns[data.pair_id_column]):
         if pid is None:
-            reject(i, data.pair_id_column, "pair id is missing")
+            rows.reject(i, data.pair_id_column, "pair id is missing")
         elif pid in seen_pairs:
             first_file, first_row = seen_pairs[pid]
-            reject(
+            rows.reject(
                 i, data.pair_id_column, f"duplicate pair id {pid!r} (first at {first_file} row {first_row})"
             )
         else:
-            seen_pairs[pid] = (file, offset + i)
+            seen_pairs[pid] = (rows.file, rows.offset + i)
 
-    for side in ("left", "right"):
-        specs = getattr(fields, side)
-        present = [[False] * batch.num_rows for _ in specs]
-        for k, (name, spec) in enumerate(specs.items()):
-            for i, value in enumerate(cols[name]):
-                if value is None:
+
+def _check_side(rows: _BatchRows, rules: RowRules, side: str, base_dir: str | None) -> None:
+    """A side's fields: no empty text, images that decode (data.validate_images), and a value in
+    at least one field of positive weight (a null is a missing value, not an error)."""
+    specs = getattr(rules.fields, side)
+    present = [[False] * rows.count for _ in specs]
+    for k, (name, spec) in enumerate(specs.items()):
+        for i, value in enumerate(rows.columns[name]):
+            if value is None:
+                continue
+            if spec.modality == "text":
+                if not str(value).strip():
+                    rows.reject(i, name, "empty text (accepted: non-empty text, or null for a missing value)")
                     continue
-                if spec.modality == "text":
-                    if not str(value).strip():
-                        reject(i, name, "empty text (accepted: non-empty text, or null for a missing value)")
-                        continue
-                elif data.validate_images:
-                    problem = _image_problem(value, base_dir)
-                    if problem:
-                        reject(i, name, problem)
-                        continue
-                present[k][i] = True
-        usable = [n for n, s in specs.items() if s.weight > 0]
-        for i in range(batch.num_rows):
-            if i not in rejected and not any(present[k][i] for k, n in enumerate(specs) if n in usable):
-                reject(i, "/".join(usable), f"the {side} side has no value in any field")
+            elif rules.data.validate_images:
+                problem = _image_problem(value, base_dir)
+                if problem:
+                    rows.reject(i, name, problem)
+                    continue
+            present[k][i] = True
+    usable = [n for n, s in specs.items() if s.weight > 0]
+    for i in range(rows.count):
+        if i not in rows.rejected and not any(present[k][i] for k, n in enumerate(specs) if n in usable):
+            rows.reject(i, "/".join(usable), f"the {side} side has no value in any field")
 
 
 def _image_problem(value, base_dir) -> str | None:

@@ -1,0 +1,36 @@
+"""`gcl bench`'s printout: one line per figure with its goal, then the figures as JSON."""
+
+from __future__ import annotations
+
+import json
+
+GOALS = {
+    "data_over_consumption": ">= 2",
+    "pipeline_over_bare": ">= 0.9",
+    "pipeline_steady_over_bare": ">= 0.9",
+    "zero3_over_zero0": "<= 0.6",
+    "zero3_over_zero0_training": "<= 0.6",
+    "zero3_over_zero0_bf16": "<= 0.6",
+    "zero3_over_zero0_training_bf16": "<= 0.6",
+    "retrieval_gcl_over_faiss": ">= 1.0",
+    "search_extra_peak_1m_over_100k": "~1 (bounded)",
+}
+
+
+def figures_table(figures: dict) -> str:
+    """One line per figure: name, value, goal (where it has one)."""
+    lines = [f"{'figure':34s}{'value':>12s}  goal"]
+    for key, value in figures.items():
+        if isinstance(value, float):  # small figures (a tiny model's MFU on a GPU) in exponent form
+            shown = f"{value:12.3f}" if value == 0 or abs(value) >= 0.01 else f"{value:12.2e}"
+        else:
+            shown = f"{value!s:>12s}"
+        lines.append(f"{key:34s}{shown}  {GOALS.get(key, '')}")
+    return "\n".join(lines)
+
+
+def print_figures(figures: dict) -> dict:
+    """Print the table and the JSON; returns the figures."""
+    print("\n" + figures_table(figures))
+    print(json.dumps(figures, indent=2))
+    return figures

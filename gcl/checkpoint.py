@@ -1,0 +1,193 @@
+"""What a gcl checkpoint is, in one place: its layout, saving and restoring it in the training
+workers, finding a run's latest committed one, gathering its ZeRO shards into an open_clip model
+directory, and resolving any model reference (a model directory, a checkpoint, a run's directory,
+an MLflow URI) to a local model directory.
+
+A checkpoint directory, one per epoch, as Ray Train commits it under <storage>/<name>/:
+  checkpoint/        DeepSpeed's files: every rank's ZeRO shard (CHECKPOINT_TAG)
+  gcl_state.json     {"epoch", "step"} trained so far (STATE_FILE)
+  gcl_job.json       the job that trained it: the model, fields and ZeRO stage to rebuild (JOB_FILE)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+from gcl import storage
+from gcl.config import FieldsConfig
+from gcl.errors import ModelError
+from gcl.job_config import JobConfig
+from gcl.model import CONFIG_FILE, FIELDS_FILE, ModelConfig, create_model, model_config, save_model
+
+log = logging.getLogger(__name__)
+CHECKPOINT_TAG = "checkpoint"
+STATE_FILE = "gcl_state.json"
+JOB_FILE = "gcl_job.json"
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of the committed checkpoints
+
+
+@dataclass(frozen=True)
+class TrainState:
+    """How far training got: epochs completed and optimizer steps taken."""
+
+    epoch: int = 0
+    step: int = 0
+
+
+def deepspeed_checkpoint_globals() -> list:
+    """The classes DeepSpeed stores in its checkpoints beside tensors and plain containers: small
+    data records, allowed when loading them with weights_only."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def load_weights_only(path: str, map_location=None):
+    """torch.load with weights_only=True for DeepSpeed's checkpoint files: tensors, containers and
+    DeepSpeed's data records only, so a tampered checkpoint cannot run code when a run resumes."""
+    with torch.serialization.safe_globals(deepspeed_checkpoint_globals()):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def use_weights_only_loader(engine) -> None:
+    """Make the DeepSpeed engine load its checkpoints with load_weights_only: DeepSpeed's own loader
+    unpickles anything (weights_only=False)."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    if isinstance(engine.checkpoint_engine, TorchCheckpointEngine):
+        engine.checkpoint_engine.load = load_weights_only
+
+
+def save_checkpoint(engine, directory: str, state: TrainState, job_json: dict) -> None:
+    """Write this rank's ZeRO shard, the training state and the job into `directory` (every rank
+    writes its own shard; Ray Train merges the ranks' directories)."""
+    engine.save_checkpoint(directory, tag=CHECKPOINT_TAG)
+    with open(os.path.join(directory, STATE_FILE), "w") as f:
+        json.dump({"epoch": state.epoch, "step": state.step}, f)
+    with open(os.path.join(directory, JOB_FILE), "w") as f:
+        json.dump(job_json, f)
+
+
+def restore_checkpoint(engine, checkpoint) -> TrainState:
+    """Load model, optimizer and schedule from a Ray Train checkpoint into `engine`; the state
+    it was saved at. No checkpoint: a fresh start."""
+    if checkpoint is None:
+        return TrainState()
+    with checkpoint.as_directory() as directory:
+        engine.load_checkpoint(directory, tag=CHECKPOINT_TAG)
+        return read_state(directory)
+
+
+def read_state(directory: str) -> TrainState:
+    """The training state saved in a local checkpoint directory."""
+    with open(os.path.join(directory, STATE_FILE)) as f:
+        state = json.load(f)
+    return TrainState(epoch=state["epoch"], step=state["step"])
+
+
+def committed_checkpoint(run_dir: str) -> dict | None:
+    """The latest checkpoint Ray Train committed under `run_dir` (a local path or a storage URI such
+    as s3://bucket/runs/name): its directory name and reported metrics, from Ray Train's
+    checkpoint snapshot; None when there is none."""
+    text = storage.read_text(storage.join(run_dir, RAY_SNAPSHOT))
+    try:
+        return json.loads(text).get("latest_checkpoint_result") if text else None
+    except ValueError:
+        return None
+
+
+def log_resume(run_dir: str) -> None:
+    """Say whether this run resumes, and from where (uncommitted checkpoints: local storage only)."""
+    import glob
+
+    latest = committed_checkpoint(run_dir)
+    if latest:
+        metrics = latest.get("metrics", {})
+        log.info("run %s resumes from its checkpoint at epoch %s, step %s (%s)", os.path.basename(run_dir),
+                 metrics.get("epoch"), metrics.get("step"), os.path.join(run_dir, latest.get("checkpoint_dir_name", "")))  # fmt: skip
+    elif glob.glob(os.path.join(run_dir, "checkpoint_*")):
+        log.warning("%s holds checkpoint directories that Ray Train never committed (the run stopped while "
+                    "saving one): training starts from the beginning", run_dir)  # fmt: skip
+
+
+def consolidate_checkpoint(checkpoint_dir: str, out_dir: str, model: ModelConfig, fields: FieldsConfig,
+                           zero_stage: int) -> str:  # fmt: skip
+    """Gather a local checkpoint's ZeRO shards into fp32 weights and write an open_clip model
+    directory with gcl's field config (see gcl.model.save_model). Returns `out_dir`."""
+    # ZeRO-0 saved the whole module; in bf16 these are the bf16 weights the engine computed with
+    # (its fp32 master copy sits in the bf16 optimizer's own files, which zero_to_fp32 cannot read).
+    if zero_stage == 0:
+        path = os.path.join(checkpoint_dir, CHECKPOINT_TAG, "mp_rank_00_model_states.pt")
+        module = load_weights_only(path, map_location="cpu")["module"]
+        state = {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
+    else:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=CHECKPOINT_TAG)
+    loaded = create_model(model)
+    loaded.clip.load_state_dict({k.removeprefix("clip."): v for k, v in state.items()})
+    save_model(loaded.clip, model_config(model), out_dir)
+    with open(os.path.join(out_dir, FIELDS_FILE), "w") as f:
+        json.dump(fields.model_dump(), f, indent=2)
+    return out_dir
+
+
+def training_checkpoint(model: str) -> str | None:
+    """The checkpoint `model` (a local path or a storage URI) names: itself if it is a gcl training
+    checkpoint, the latest committed one if it is a run's directory (storage/name), else None."""
+    if storage.is_file(storage.join(model, STATE_FILE)):
+        return model
+    latest = committed_checkpoint(model)
+    return storage.join(model, latest["checkpoint_dir_name"]) if latest else None
+
+
+def export_checkpoint(
+    checkpoint_dir: str, out_dir: str, fallback_job: JobConfig | None = None, source: str | None = None
+) -> str:
+    """Gather a local checkpoint's ZeRO shards into `out_dir`/model, as training exports its final
+    model: with the model, fields and ZeRO stage of the job saved in the checkpoint, or of
+    `fallback_job` for checkpoints from before gcl saved it. `source`: where the checkpoint came
+    from, for the log (by default `checkpoint_dir`)."""
+    state = read_state(checkpoint_dir)
+    log.info("evaluating %s: epoch %s, step %s", source or checkpoint_dir, state.epoch, state.step)
+    job = fallback_job
+    saved = os.path.join(checkpoint_dir, JOB_FILE)
+    if os.path.isfile(saved):
+        with open(saved) as f:
+            job = JobConfig.model_validate(json.load(f))
+    if job is None:
+        raise ModelError(f"{source or checkpoint_dir}: no {JOB_FILE}; give the job config that trained it")
+    return consolidate_checkpoint(checkpoint_dir, os.path.join(out_dir, "model"), job.model, job.fields,
+                                  job.deepspeed.zero_stage)  # fmt: skip
+
+
+def resolve_model_dir(model: str, scratch: str, tracking_uri: str | None = None,
+                      fallback_job: JobConfig | None = None) -> str:  # fmt: skip
+    """A local model directory for any model reference: a model directory, a training checkpoint
+    or a run's directory (local or a storage URI; exported into `scratch`), or an MLflow URI
+    (runs:/..., models:/..., read from `tracking_uri`)."""
+    if model.startswith(("runs:/", "models:/")):
+        import mlflow
+
+        mlflow.set_tracking_uri(tracking_uri)
+        local = mlflow.artifacts.download_artifacts(artifact_uri=model)
+        # A pyfunc model keeps the open_clip weights under artifacts/model.
+        nested = os.path.join(local, "artifacts", "model")
+        return nested if os.path.isdir(nested) else local
+    checkpoint = training_checkpoint(model)
+    if checkpoint:
+        local = storage.download_directory(checkpoint, scratch)
+        return export_checkpoint(local, scratch, fallback_job, source=checkpoint)
+    if os.path.isfile(os.path.join(model, CONFIG_FILE)):
+        return model
+    raise ModelError(
+        f"--model {model!r}: not a model directory (no {CONFIG_FILE}), a training checkpoint (no {STATE_FILE}), "
+        "a run's directory with a committed checkpoint, or an MLflow runs:/ or models:/ URI"
+    )

@@ -1,0 +1,103 @@
+"""The DeepSpeed engine the training workers run: the DeepSpeed config from the job, AdamW with
+CLIP's weight-decay groups, warm-up and cosine decay, and the engine around a FieldEncoder."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import torch
+
+from gcl.checkpoint import use_weights_only_loader
+from gcl.job_config import JobConfig
+from gcl.model import FieldEncoder, create_model
+
+# Communication buckets sized for CLIP-scale models (0.1-1B parameters), in elements. DeepSpeed's
+# defaults (5e8 for the reduce and all-gather buckets, 1e9 live parameters under ZeRO-3) exceed a
+# ViT-B-32's whole gradient, so its buffers alone outweighed what ZeRO-3 saves.
+ZERO_BUCKETS = {
+    "reduce_bucket_size": 5_000_000,
+    "allgather_bucket_size": 5_000_000,
+    "stage3_prefetch_bucket_size": 5_000_000,
+    "stage3_max_live_parameters": 10_000_000,
+    "stage3_max_reuse_distance": 10_000_000,
+}
+
+
+def use_bf16(job: JobConfig) -> bool:
+    """bf16 on a CUDA device that supports it when precision is auto; fp32 on CPU."""
+    if job.train.precision == "bf16":
+        return True
+    return job.train.precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def deepspeed_config(job: JobConfig) -> dict[str, Any]:
+    """The DeepSpeed config: the optional base JSON, with gcl's batch, clipping, precision and ZeRO stage."""
+    config: dict[str, Any] = {}
+    if job.deepspeed.config:
+        with open(job.deepspeed.config) as f:
+            config = json.load(f)
+    zero = config.setdefault("zero_optimization", {})
+    zero["stage"] = job.deepspeed.zero_stage
+    for key, value in ZERO_BUCKETS.items():  # the base config's own values win
+        zero.setdefault(key, value)
+    config.update(
+        train_micro_batch_size_per_gpu=job.train.batch_size,
+        gradient_accumulation_steps=job.train.grad_accum,
+        gradient_clipping=job.train.grad_clip,
+        bf16={"enabled": use_bf16(job)},
+        zero_allow_untested_optimizer=True,
+    )
+    config.setdefault("steps_per_print", 10**9)
+    return config
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: no weight decay on biases, norms, 1-d gains and the logit scale (as CLIP)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "logit_scale" in name or "ln" in name or "bias" in name else decay).append(
+            p
+        )
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def adamw(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """torch's AdamW with its fused kernel: one pass per parameter tensor, no temporaries the size
+    of the parameters. Under ZeRO the optimizer steps one flat partition, where the default
+    implementation's temporaries would add a partition-sized peak."""
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, fused=True)
+
+
+def warmup_cosine(
+    optimizer: torch.optim.Optimizer, warmup: int, total: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up for `warmup` steps, then cosine decay to zero at `total`."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def setup_engine(job: JobConfig, total_steps: int):
+    """Model, AdamW, schedule and the DeepSpeed engine around a FieldEncoder."""
+    import deepspeed
+
+    torch.manual_seed(job.seed)
+    loaded = create_model(job.model, init_temperature=job.loss.init_temperature)
+    encoder = FieldEncoder(loaded.clip, job.fields.modalities())
+    optimizer = adamw(encoder, job.train.lr, job.train.weight_decay)
+    scheduler = warmup_cosine(optimizer, job.train.warmup_steps, total_steps)
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=encoder, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(job),
+        dist_init_required=False,
+    )  # fmt: skip
+    use_weights_only_loader(engine)
+    return engine, scheduler, loaded

@@ -1,0 +1,192 @@
+"""The Ray Tune side of a sweep: each trial is a driver function that builds and fits a
+TorchTrainer (the Ray Train V2 pattern), its per-epoch metrics reaching Tune through Ray Train's
+TuneReportCallback; Optuna's TPE proposes settings and ASHA stops unpromising trials. MLflow
+gets a child run per trial under the sweep's parent run. What a sweep is (its config, search
+space and checks) is gcl.sweep; `gcl tune` (workflows/tune.py) runs one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from gcl.config import validate_config
+from gcl.job_config import JobConfig
+from gcl.mlflow_names import (
+    ERROR_TAG,
+    OBJECTIVE,
+    PARENT_RUN_TAG,
+    STOPPED_EARLY_TAG,
+    SWEEP_TAG,
+    TRIAL_ID_TAG,
+)
+from gcl.sweep import SweepConfig, trial_overrides
+
+log = logging.getLogger(__name__)
+TRIAL_DRIVER_MEMORY = 256 * 2**20  # bytes: a trial driver holds configs and an MLflow client
+
+
+@dataclass
+class SweepContext:
+    """What every trial driver of a sweep gets (pickled once by Tune)."""
+
+    name: str
+    base: dict  # the prepared base job (resolved paths and tracking URI), as a dict
+    data: Any  # gcl.jobs.CheckedData: the training data as validation found it
+    tracking_uri: str
+    experiment: str
+    parent_run_id: str
+
+
+@dataclass
+class TuneResult:
+    """What a finished sweep produced."""
+
+    parent_run_id: str
+    trials: list[dict] = field(default_factory=list)
+    best: dict | None = None
+    registered: tuple[str, str] | None = None
+
+
+def trial_job(base: dict, params: dict[str, Any], name: str) -> JobConfig:
+    """The job a trial trains: the sweep's base job with the sampled values applied."""
+    return validate_config(
+        JobConfig, base, [*trial_overrides(params), f"name={name}"], source=f"trial {name}"
+    )
+
+
+def trial_run_name(sweep_name: str, trial_id: str) -> str:
+    """The MLflow run name (and job name) of a sweep's trial."""
+    return f"{sweep_name}-{trial_id}"
+
+
+def trial_driver(params: dict[str, Any], sweep: SweepContext) -> None:
+    """One Tune trial: an MLflow child run, then a TorchTrainer fit reporting to Tune.
+
+    params: the sampled {dotted key: value}.
+    """
+    import ray.tune
+    from mlflow import MlflowClient
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from gcl.jobs import fit, with_score_range
+    from gcl.tracking import flatten, log_params, mark_failed, mark_finished, start_run
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    name = trial_run_name(sweep.name, trial_id)
+    tags = {PARENT_RUN_TAG: sweep.parent_run_id, SWEEP_TAG: sweep.name, TRIAL_ID_TAG: trial_id}
+    # A trial id is unique within its sweep: a trial Tune starts again after the sweep was stopped
+    # (even one that had finished, if Tune had not yet saved that) continues its own run.
+    run_id = start_run(sweep.tracking_uri, sweep.experiment, name, params, tags, reopen_finished=True)
+    client = MlflowClient(sweep.tracking_uri)
+    try:
+        job = with_score_range(trial_job(sweep.base, params, name), sweep.data.train)
+        log_params(client, run_id, {k: v for k, v in flatten("", job.model_dump(mode="json"), {}).items()
+                                    if k not in params})  # fmt: skip
+        fit(job, sweep.data, run_id, callbacks=[TuneReportCallback()])
+    except BaseException as err:
+        mark_failed(client, run_id, err)
+        raise
+    mark_finished(client, run_id)
+
+
+def build_tuner(sweep: SweepConfig, job: JobConfig, trainable, concurrency: int):
+    """A new Tuner, or the interrupted sweep of the same name restored (finished trials kept)."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    path = os.path.join(job.storage, sweep.name)
+    if tune.Tuner.can_restore(path):
+        log.info("resuming the sweep at %s", path)
+        return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=False)
+    if sweep.search == "optuna":
+        from ray.tune.search import ConcurrencyLimiter
+        from ray.tune.search.optuna import OptunaSearch
+
+        search = ConcurrencyLimiter(OptunaSearch(seed=sweep.seed), max_concurrent=concurrency)
+    else:
+        from ray.tune.search import BasicVariantGenerator
+
+        search = BasicVariantGenerator(random_state=sweep.seed, max_concurrent=concurrency)
+    scheduler = None
+    if sweep.asha.enabled:
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=job.train.epochs,
+                                  grace_period=sweep.asha.grace_period, reduction_factor=sweep.asha.reduction_factor)  # fmt: skip
+    return tune.Tuner(
+        trainable,
+        param_space={key: domain.to_tune() for key, domain in sweep.space.items()},
+        tune_config=tune.TuneConfig(metric=OBJECTIVE, mode="max", search_alg=search, scheduler=scheduler,
+                                    num_samples=sweep.num_samples),
+        run_config=tune.RunConfig(name=sweep.name, storage_path=job.storage,
+                                  failure_config=tune.FailureConfig(max_failures=0)),
+    )  # fmt: skip
+
+
+def trainable(context: SweepContext, trial_cpus: float):
+    """The trial driver as Tune runs it: with the sweep's context and its resources. Tune needs
+    a non-empty resource request per trial; the driver's memory makes it one when trial_cpus is 0."""
+    from ray import tune
+
+    return tune.with_resources(tune.with_parameters(trial_driver, sweep=context),
+                               {"CPU": trial_cpus, "memory": TRIAL_DRIVER_MEMORY})  # fmt: skip
+
+
+def _error_text(error: BaseException) -> str:
+    """A trial's error as one line: the exception the driver raised, not Ray's task wrapper."""
+    cause = getattr(error, "cause", None) or error  # RayTaskError wraps the driver's exception
+    return f"{type(cause).__name__}: " + " ".join(str(cause).split())
+
+
+def trial_rows(grid, sweep: SweepConfig) -> list[dict]:
+    """One row per trial, best first: id, sampled params, last objective, status, error."""
+    from ray.tune import ExperimentAnalysis
+
+    # A restored trial that failed before reporting has no config in its Result; the trial has it.
+    configs = {t.trial_id: t.config for t in ExperimentAnalysis(grid.experiment_path).trials}
+    rows = []
+    for result in grid:
+        metrics = result.metrics or {}
+        trial_id = metrics["trial_id"]
+        config = result.config or configs.get(trial_id, {})
+        rows.append({
+            "trial": trial_id, "params": {k: config.get(k) for k in sweep.space},
+            "objective": metrics.get(OBJECTIVE), "epochs": metrics.get("epoch"),
+            "status": "ERROR" if result.error else "OK",
+            "error": _error_text(result.error) if result.error else None,
+            "checkpoint_path": metrics.get("checkpoint_path"),
+        })  # fmt: skip
+    return sorted(rows, key=lambda r: (r["objective"] is None, -(r["objective"] or 0.0)))
+
+
+def close_child_runs(client, experiment: str, parent_run_id: str, rows: list[dict], epochs: int) -> None:
+    """Tune stops a trial (ASHA's cut, or its last epoch) by removing its placement group: the
+    driver is killed mid-fit, leaving its MLflow run running, or its fit first fails on the dead
+    Train controller (ActorDiedError), marking the run failed. Tune's verdict decides: a trial it
+    did not record as errored was stopped, not failed. Mark such runs finished, and tag the ones
+    cut before their last epoch."""
+    epochs_run = {row["trial"]: row["epochs"] or 0 for row in rows}
+    stopped = {row["trial"] for row in rows if row["status"] == "OK"}
+    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    for run in client.search_runs([experiment_id], f"tags.`{PARENT_RUN_TAG}` = '{parent_run_id}'"):
+        trial = run.data.tags.get(TRIAL_ID_TAG)
+        if run.info.status == "RUNNING" or (run.info.status == "FAILED" and trial in stopped):
+            if epochs_run.get(trial, 0) < epochs:
+                client.set_tag(run.info.run_id, STOPPED_EARLY_TAG, "true")
+            if ERROR_TAG in run.data.tags:
+                client.delete_tag(run.info.run_id, ERROR_TAG)
+            client.set_terminated(run.info.run_id)
+
+
+def trial_table(rows: list[dict]) -> str:
+    """The trials as a Markdown table, best first."""
+    keys = list(rows[0]["params"]) if rows else []
+    header = ["trial", *keys, "epochs", "objective", "status"]
+    lines = [" | ".join(header), " | ".join("---" for _ in header)]
+    for r in rows:
+        values = [f"{v:.4g}" if isinstance(v, float) else str(v) for v in r["params"].values()]
+        objective = "-" if r["objective"] is None else f"{r['objective']:.4f}"
+        status = r["status"] if not r["error"] else f"{r['status']}: {r['error'][:160]}"
+        lines.append(" | ".join([r["trial"], *values, str(r["epochs"] or "-"), objective, status]))
+    return "\n".join(lines)
