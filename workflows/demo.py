@@ -21,6 +21,7 @@ from gcl.data.schema import SPLITS
 from gcl.data.synth import SynthConfig, synthesize
 from gcl.job_config import JobConfig
 from gcl.jobs import resolve_job, run_train
+from gcl.mlflow_names import OBJECTIVE
 from gcl.report import comparison_plot, comparison_table
 from workflows import CONFIGS
 
@@ -59,6 +60,29 @@ def demo_jobs(workdir: str, quick: bool, stamp: str) -> tuple[JobConfig, JobConf
     return baseline, gcl
 
 
+def _plot_and_log(baseline, gcl, base_results, gcl_results, client, path: str) -> str:
+    """The comparison plot (per-split NDCG@10, loss curves), logged to both runs."""
+    losses = {name: [m.value for m in sorted(client.get_metric_history(r.run_id, "loss"), key=lambda m: m.step)]
+              for name, r in (("binary baseline", baseline), ("GCL", gcl))}  # fmt: skip
+    plot = comparison_plot(base_results, gcl_results, "ndcg@10", losses, path, names=("binary", "GCL"))
+    for run in (baseline, gcl):
+        client.log_artifact(run.run_id, plot)
+    return plot
+
+
+def _print_next_steps(uri: str, alias: str) -> None:
+    print("\nNext:")
+    print(f"  MLflow UI:   .venv/bin/mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
+    print(
+        f"  serve:       PATH=$PWD/.venv/bin:$PATH MLFLOW_TRACKING_URI={uri} mlflow models serve "
+        f"-m models:/{REGISTERED_MODEL}@{alias} --env-manager local --host 127.0.0.1 --port 5001"
+    )
+    print(
+        "  query:       curl -s 127.0.0.1:5001/invocations -H 'Content-Type: application/json' "
+        '-d \'{"dataframe_records": [{"query": "red striped circle"}]}\''
+    )
+
+
 def run_demo(quick: bool = False, workdir: str = "gcl_runs/demo") -> dict:
     """Run the whole comparison; returns {'baseline': results, 'gcl': results, ...}."""
     from mlflow import MlflowClient
@@ -92,17 +116,11 @@ def run_demo(quick: bool = False, workdir: str = "gcl_runs/demo") -> dict:
     table = comparison_table(base_results, gcl_results, MEASURES, names=("binary", "GCL"))
     uri = gcl_job.mlflow.resolved_uri()
     client = MlflowClient(uri)
-    losses = {name: [m.value for m in sorted(client.get_metric_history(r.run_id, "loss"), key=lambda m: m.step)]
-              for name, r in (("binary baseline", baseline), ("GCL", gcl))}  # fmt: skip
-    plot = comparison_plot(base_results, gcl_results, "ndcg@10", losses, f"{workdir}/demo-{stamp}.png",
-                           names=("binary", "GCL"))  # fmt: skip
+    plot = _plot_and_log(baseline, gcl, base_results, gcl_results, client, f"{workdir}/demo-{stamp}.png")
     (Path(workdir) / f"results-{stamp}.txt").write_text(table + "\n")
-    for run in (baseline, gcl):
-        client.log_artifact(run.run_id, plot)
     phases.update()
 
     phases.set_postfix_str("registering the GCL model")
-    objective = gcl.metrics["objective"]
     version, alias = register_run(gcl.run_id, REGISTERED_MODEL, uri)
     phases.update()
     phases.close()
@@ -110,18 +128,8 @@ def run_demo(quick: bool = False, workdir: str = "gcl_runs/demo") -> dict:
     print("\nGCL vs the CLIP-style binary baseline (same model, data and budget):")
     print(table)
     print(f"\nplot: {plot}")
-    print(
-        f"registered {REGISTERED_MODEL} version {version} as @{alias} (mean NDCG@10 over splits {objective:.4f})"
-    )
-    print("\nNext:")
-    print(f"  MLflow UI:   .venv/bin/mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
-    print(
-        f"  serve:       PATH=$PWD/.venv/bin:$PATH MLFLOW_TRACKING_URI={uri} mlflow models serve "
-        f"-m models:/{REGISTERED_MODEL}@{alias} --env-manager local --host 127.0.0.1 --port 5001"
-    )
-    print(
-        "  query:       curl -s 127.0.0.1:5001/invocations -H 'Content-Type: application/json' "
-        '-d \'{"dataframe_records": [{"query": "red striped circle"}]}\''
-    )
+    print(f"registered {REGISTERED_MODEL} version {version} as @{alias} "
+          f"({gcl_job.eval.objective_name()} {gcl.metrics[OBJECTIVE]:.4f})")  # fmt: skip
+    _print_next_steps(uri, alias)
     return {"baseline": base_results, "gcl": gcl_results, "plot": plot, "version": version, "alias": alias,
             "runs": {"baseline": baseline.run_id, "gcl": gcl.run_id}}  # fmt: skip

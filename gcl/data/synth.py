@@ -122,9 +122,8 @@ def _title(attrs: dict, rng: np.random.Generator, noise: float) -> str:
     return " ".join(words)
 
 
-def generate_pairs(cfg: SynthConfig) -> pd.DataFrame:
-    """All scored pairs of the benchmark, in Marqo-GS-10M's columns (plus `grade`)."""
-    rng = np.random.default_rng(cfg.seed)
+def _products(cfg: SynthConfig, rng: np.random.Generator) -> list[dict]:
+    """Products with drawn attributes, a noisy title and an image drawn from the attributes."""
     products = []
     for i in range(cfg.products):
         attrs = {
@@ -132,16 +131,13 @@ def generate_pairs(cfg: SynthConfig) -> pd.DataFrame:
             "pattern": str(rng.choice(PATTERNS)), "size": str(rng.choice(list(SIZES))),
             "background": str(rng.choice(list(BACKGROUNDS))),
         }  # fmt: skip
-        products.append(
-            {
-                "product_id": f"p{i:06d}",
-                "attrs": attrs,
-                "title": _title(attrs, rng, cfg.title_noise),
-                "image": _draw_product(attrs, rng),
-            }  # fmt: skip
-        )
-    table = {a: np.array([p["attrs"][a] for p in products]) for a in QUERY_ATTRIBUTES}
+        products.append({"product_id": f"p{i:06d}", "attrs": attrs, "title": _title(attrs, rng, cfg.title_noise),
+                         "image": _draw_product(attrs, rng)})  # fmt: skip
+    return products
 
+
+def _queries(cfg: SynthConfig, rng: np.random.Generator) -> dict[str, dict]:
+    """Distinct query texts -> the attribute values they name (1 to 4 attributes)."""
     queries: dict[str, dict] = {}
     while len(queries) < cfg.queries:
         n_attrs = int(rng.choice([1, 2, 2, 3, 3, 4]))
@@ -149,8 +145,16 @@ def generate_pairs(cfg: SynthConfig) -> pd.DataFrame:
         chosen = [a for a in QUERY_ATTRIBUTES if a in drawn]
         values = {a: str(rng.choice(list(COLOURS) if a == "colour" else SHAPES if a == "shape" else
                                     PATTERNS if a == "pattern" else list(SIZES))) for a in chosen}  # fmt: skip
-        text = " ".join(values[a] for a in chosen)
-        queries.setdefault(text, values)
+        queries.setdefault(" ".join(values[a] for a in chosen), values)
+    return queries
+
+
+def generate_pairs(cfg: SynthConfig) -> pd.DataFrame:
+    """All scored pairs of the benchmark, in Marqo-GS-10M's columns (plus `grade`)."""
+    rng = np.random.default_rng(cfg.seed)
+    products = _products(cfg, rng)
+    table = {a: np.array([p["attrs"][a] for p in products]) for a in QUERY_ATTRIBUTES}
+    queries = _queries(cfg, rng)
 
     rows = []
     for qid, (text, values) in enumerate(queries.items()):
