@@ -25,11 +25,12 @@ ZERO_BUCKETS = {
 }
 
 
-def use_bf16(job: JobConfig) -> bool:
-    """bf16 on a CUDA device that supports it when precision is auto; fp32 on CPU."""
-    if job.train.precision == "bf16":
+def use_bf16(precision: str) -> bool:
+    """Whether to train in bf16 for train.precision: always for `bf16`; for `auto`, on a CUDA
+    device that supports it (fp32 on CPU)."""
+    if precision == "bf16":
         return True
-    return job.train.precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
 def deepspeed_config(job: JobConfig) -> dict[str, Any]:
@@ -46,7 +47,7 @@ def deepspeed_config(job: JobConfig) -> dict[str, Any]:
         train_micro_batch_size_per_gpu=job.train.batch_size,
         gradient_accumulation_steps=job.train.grad_accum,
         gradient_clipping=job.train.grad_clip,
-        bf16={"enabled": use_bf16(job)},
+        bf16={"enabled": use_bf16(job.train.precision)},
         zero_allow_untested_optimizer=True,
     )
     config.setdefault("steps_per_print", 10**9)

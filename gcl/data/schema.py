@@ -18,7 +18,6 @@ MARQO_GS_COLUMNS = (
     "query", "title", "image", "product_id", "query_id", "pair_id",
     "position", "score_linear", "score_reciprocal", "no_score",
 )  # fmt: skip
-SCORE_COLUMNS = ("position", "score_linear", "score_reciprocal", "no_score")
 SPLITS = ("in_domain", "novel_query", "novel_document", "zero_shot")
 
 
