@@ -109,11 +109,19 @@ class JobConfig(Section):
 
     @model_validator(mode="after")
     def _check_objective_splits(self) -> JobConfig:
-        unknown = [s for s in self.eval.objective_splits if s not in self.data.eval]
-        if unknown:
-            raise ValueError(
-                f"eval.objective_splits: {unknown} are not evaluation splits: {sorted(self.data.eval)}"
-            )
+        for key, splits in (("eval", self.data.eval), ("validation", self.data.validation)):
+            unknown = [s for s in self.eval.objective_splits if splits and s not in splits]
+            if unknown:
+                raise ValueError(
+                    f"eval.objective_splits: {unknown} are not data.{key} splits: {sorted(splits)}"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _no_validation_without_evaluation(self) -> JobConfig:
+        # data.eval={} turns evaluation off (validation included): nothing is scored or selected.
+        if not self.data.eval and self.data.validation:
+            self.data = self.data.model_copy(update={"validation": {}})
         return self
 
     @model_validator(mode="after")

@@ -38,14 +38,15 @@ log = logging.getLogger(__name__)
 @dataclass
 class CheckedData:
     """The job's data as validation found it: the training data's report (its files, listed once,
-    bad rows, score range) and every evaluation split's files."""
+    bad rows, score range) and every evaluation and validation split's files."""
 
     train: ValidationReport
     eval_files: dict[str, list[str]] = field(default_factory=dict)
+    validation_files: dict[str, list[str]] = field(default_factory=dict)
 
     def manifest(self, job: JobConfig) -> dict:
         """The dataset manifest (sha256 of every file) of these files."""
-        return dataset_manifest(job.data, self.train.files, self.eval_files)
+        return dataset_manifest(job.data, self.train.files, self.eval_files, self.validation_files)
 
 
 @dataclass
@@ -112,14 +113,19 @@ def check_resources(job: JobConfig, cluster: dict[str, float], can_grow: bool | 
 
 
 def validate_data(job: JobConfig) -> CheckedData:
-    """Validate the training and evaluation data, listing each dataset's files once."""
+    """Validate the training, evaluation and validation data, listing each dataset's files once."""
     min_score = 1.0 if job.loss.weight_fn == "reciprocal" else 0.0
     report = validate_pairs(job.data.train, job.data, job.fields, job.loss.weight_key, min_score=min_score)
     log.info("training data %s: %s", job.data.train, report.summary())
     strict = job.data.model_copy(update={"on_bad_rows": "error"})  # evaluation data is never trimmed
-    eval_files = {name: validate_pairs(spec, strict, job.fields, job.eval.grade_column).files
-                  for name, spec in job.data.eval.items()}  # fmt: skip
-    return CheckedData(train=report, eval_files=eval_files)
+
+    def files(splits: dict[str, str]) -> dict[str, list[str]]:
+        return {name: validate_pairs(spec, strict, job.fields, job.eval.grade_column).files
+                for name, spec in splits.items()}  # fmt: skip
+
+    return CheckedData(
+        train=report, eval_files=files(job.data.eval), validation_files=files(job.data.validation)
+    )
 
 
 def with_score_range(job: JobConfig, report: ValidationReport) -> JobConfig:

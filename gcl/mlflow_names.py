@@ -2,7 +2,10 @@
 and what `gcl register`, `gcl evaluate` and the tests read back."""
 
 # Run metrics (per-split metrics are "<split>/<measure>", '@' written as '_at_').
-OBJECTIVE = "objective"  # eval.objective over eval.objective_splits, each epoch; what ranks runs
+OBJECTIVE = "objective"  # eval.objective over eval.objective_splits of the validation splits (else of
+# the evaluation splits), each epoch: what ranks epochs, trials and registered versions
+TEST_OBJECTIVE = "test_objective"  # the same measure on the evaluation (test) splits, reported beside it
+VALIDATION_PREFIX = "validation/"  # validation splits' metrics: validation/<split>/<measure>
 BEST_OBJECTIVE = "best_objective"  # a sweep's parent run: its best trial's objective
 ROWS_SKIPPED = "data_rows_skipped"  # training rows dropped by data.on_bad_rows=skip
 

@@ -24,6 +24,7 @@ from gcl.mlflow_names import (
     OBJECTIVE,
     OBJECTIVE_KEY_TAG,
     OBJECTIVE_TAG,
+    VALIDATION_PREFIX,
 )
 
 log = logging.getLogger(__name__)
@@ -105,7 +106,8 @@ def version_tags(run, job: JobConfig, manifest: dict) -> dict[str, str]:
     """A registered version's lineage: the data's content hashes (the full file list stays in the
     run's manifest artifact), loss config, per-split metrics, base model, code version, run id."""
     hashes = {"train": (manifest.get("train") or {}).get("sha256"),
-              **{s: m["sha256"] for s, m in manifest.get("eval", {}).items()}}  # fmt: skip
+              **{s: m["sha256"] for s, m in manifest.get("eval", {}).items()},
+              **{VALIDATION_PREFIX + s: m["sha256"] for s, m in manifest.get("validation", {}).items()}}  # fmt: skip
     return {
         "dataset_manifest": json.dumps(hashes),
         "loss": job.loss.model_dump_json(),
@@ -117,11 +119,15 @@ def version_tags(run, job: JobConfig, manifest: dict) -> dict[str, str]:
 
 
 def objective_key_for(job: JobConfig, tags: dict[str, str]) -> str:
-    """What the objective measures and on which evaluation data (their content hashes): only
-    versions with the same key are compared for the champion alias."""
+    """What the objective measures and on which data (the validation splits where the job has them,
+    else the evaluation splits; their content hashes): only versions with the same key are
+    compared for the champion alias."""
     hashes = json.loads(tags["dataset_manifest"])
-    eval_hash = json.dumps({s: h for s, h in hashes.items() if s != "train"}, sort_keys=True)
-    return f"{job.eval.objective_name()} | eval data {eval_hash}"
+    if job.data.validation:
+        scored, kind = {s: h for s, h in hashes.items() if s.startswith(VALIDATION_PREFIX)}, "validation data"
+    else:
+        scored, kind = {s: h for s, h in hashes.items() if s != "train"}, "eval data"
+    return f"{job.eval.objective_name()} | {kind} {json.dumps(scored, sort_keys=True)}"
 
 
 def _registered_version(client, name: str, run_id: str) -> tuple[str, str] | None:

@@ -24,6 +24,8 @@ from pydantic import Field, model_validator
 
 from gcl.config import ConfigError, Section, parse_config
 
+JOB_PREFIX = "job."  # `gcl tune --set job.train.epochs=1`: an override of the sweep's base job
+
 
 class Domain(Section):
     """One searched key: exactly one of the distributions below."""
@@ -120,14 +122,17 @@ class SweepConfig(Section):
 
 def load_sweep(path: str | Path, overrides: list[str] | None = None):
     """(SweepConfig, base JobConfig) from a sweep YAML; checks every searched key exists in the base
-    job config before any trial starts."""
+    job config before any trial starts. overrides: `key=value` for the sweep, `job.key=value` for
+    its base job (applied after the sweep's own `set`, e.g. job.train.epochs=1)."""
     from gcl.job_config import JobConfig
 
-    sweep = parse_config(SweepConfig, path, overrides)
+    overrides = list(overrides or [])
+    job_overrides = [o.removeprefix(JOB_PREFIX) for o in overrides if o.startswith(JOB_PREFIX)]
+    sweep = parse_config(SweepConfig, path, [o for o in overrides if not o.startswith(JOB_PREFIX)])
     base_path = Path(path).parent / sweep.base
     if not Path(sweep.base).is_absolute() and not base_path.exists() and Path(sweep.base).exists():
         base_path = Path(sweep.base)
-    job = parse_config(JobConfig, base_path, [*sweep.set, f"name={sweep.name}"])
+    job = parse_config(JobConfig, base_path, [*sweep.set, *job_overrides, f"name={sweep.name}"])
     if not sweep.space:
         raise ConfigError(f"{path}: space is empty; give at least one key to search")
     known = flat_keys(job.model_dump(mode="json"))

@@ -100,6 +100,24 @@ def runs_named(client, experiment: str, name: str) -> list:
                               order_by=["start_time DESC"])  # fmt: skip
 
 
+def find_run(uri: str, run: str, experiment: str) -> str:
+    """The id of the run `run` names: a run gcl made under that name in `experiment` (the newest),
+    else a run with that id."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(uri)
+    named = runs_named(client, experiment, run)
+    if named:
+        return named[0].info.run_id
+    try:
+        return client.get_run(run).info.run_id
+    except MlflowException:
+        raise TrackingError(
+            f"no run named {run!r} in experiment {experiment!r} of {uri}, and no run with that id"
+        ) from None
+
+
 def start_run(uri: str, experiment: str, name: str, params: dict, tags: dict | None = None,
               reopen_finished: bool = False) -> str:  # fmt: skip
     """The MLflow run called `name`: an unfinished (running, failed or killed) run of that name

@@ -25,12 +25,13 @@ from gcl.engine import setup_engine
 from gcl.errors import explained_cause
 from gcl.job_config import JobConfig
 from gcl.loss import GCLLoss
-from gcl.mlflow_names import OBJECTIVE, WORKERS_TAG
+from gcl.mlflow_names import OBJECTIVE, TEST_OBJECTIVE, VALIDATION_PREFIX, WORKERS_TAG
 from gcl.model import create_preprocessing
 from gcl.retrieval import objective_value
 from gcl.tracking import MetricsLogger
 
 log = logging.getLogger(__name__)
+Results = dict[str, dict[str, float]]  # split -> measure -> value
 
 
 def split_sides(fields: FieldsConfig, batch: dict[str, torch.Tensor], embeddings: dict[str, torch.Tensor]):
@@ -177,14 +178,17 @@ def epoch_metrics(stats: EpochStats, world: int, data_wait_seconds: float) -> di
             "epoch_steady_pairs_per_s": world * steady_pairs / max(stats.end - stats.first_batch_at, 1e-9)}  # fmt: skip
 
 
-def evaluation_metrics(results: dict[str, dict[str, float]] | None, job: JobConfig) -> dict[str, float]:
-    """{'<split>/<measure>': value, ..., 'objective': value}; empty without evaluation splits."""
-    if not results:
+def evaluation_metrics(test: Results, validation: Results, job: JobConfig) -> dict[str, float]:
+    """The test splits' metrics ('<split>/<measure>'), the validation splits' ('validation/<split>/
+    <measure>'), the objective (on validation where given, else on the test splits) and the test
+    objective beside it; empty without evaluation splits."""
+    if not test:
         return {}
-    metrics = {
-        f"{split}/{name}": value for split, values in results.items() for name, value in values.items()
-    }
-    metrics[OBJECTIVE] = objective_value(results, job.eval)
+    metrics = {f"{split}/{name}": value for split, values in test.items() for name, value in values.items()}
+    metrics.update({f"{VALIDATION_PREFIX}{split}/{name}": value for split, values in validation.items()
+                    for name, value in values.items()})  # fmt: skip
+    metrics[OBJECTIVE] = objective_value(validation or test, job.eval)
+    metrics[TEST_OBJECTIVE] = objective_value(test, job.eval)
     return metrics
 
 
@@ -223,14 +227,18 @@ def _train_worker(config: dict[str, Any]) -> None:
         data_wait = _slowest_rank(
             stats.data_wait.seconds, worker.engine.device
         )  # before rank 0 evaluates alone
-        results = _evaluate_on_rank_zero(job, worker.engine, worker.rank)
-        metrics = {**epoch_metrics(stats, worker.world, data_wait), **evaluation_metrics(results, job)}
+        test, validation = _evaluate_on_rank_zero(job, worker.engine, worker.rank)
+        metrics = {
+            **epoch_metrics(stats, worker.world, data_wait),
+            **evaluation_metrics(test, validation, job),
+        }
         state = TrainState(epoch=epoch + 1, step=step)
         save_and_report(worker, state, metrics)
 
 
-def evaluate_model(job: JobConfig, module: torch.nn.Module) -> dict[str, dict[str, float]]:
-    """Retrieval metrics per evaluation split for the (full, unsharded) FieldEncoder `module`."""
+def evaluate_model(job: JobConfig, module: torch.nn.Module) -> tuple[Results, Results]:
+    """Retrieval metrics per evaluation (test) split and per validation split for the (full,
+    unsharded) FieldEncoder `module`."""
     from gcl.retrieval import RowEncoder, evaluate_splits
 
     tokenizer, _, eval_transform = create_preprocessing(job.model)
@@ -238,21 +246,23 @@ def evaluate_model(job: JobConfig, module: torch.nn.Module) -> dict[str, dict[st
     module.eval()
     try:
         encoder = RowEncoder(module, tokenizer, eval_transform, job.fields)
-        return evaluate_splits(encoder, job.data.eval, job.data, job.eval)
+        test = evaluate_splits(encoder, job.data.eval, job.data, job.eval)
+        return test, evaluate_splits(encoder, job.data.validation, job.data, job.eval)
     finally:
         module.train(was_training)
 
 
-def _evaluate_on_rank_zero(job: JobConfig, engine, rank: int) -> dict[str, dict[str, float]] | None:
-    """Evaluate on rank 0; under ZeRO-3 every rank first joins in gathering the parameters."""
+def _evaluate_on_rank_zero(job: JobConfig, engine, rank: int) -> tuple[Results, Results]:
+    """(test, validation) metrics, evaluated on rank 0 (empty elsewhere and without evaluation
+    splits); under ZeRO-3 every rank first joins in gathering the parameters."""
     if not job.data.eval:
-        return None
+        return {}, {}
     if job.deepspeed.zero_stage == 3:
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
-            return evaluate_model(job, engine.module) if rank == 0 else None
-    return evaluate_model(job, engine.module) if rank == 0 else None
+            return evaluate_model(job, engine.module) if rank == 0 else ({}, {})
+    return evaluate_model(job, engine.module) if rank == 0 else ({}, {})
 
 
 def _worker_placement(device: str) -> list[dict]:

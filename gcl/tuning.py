@@ -20,6 +20,7 @@ from gcl.mlflow_names import (
     PARENT_RUN_TAG,
     STOPPED_EARLY_TAG,
     SWEEP_TAG,
+    TEST_OBJECTIVE,
     TRIAL_ID_TAG,
 )
 from gcl.sweep import SweepConfig, trial_overrides
@@ -152,7 +153,8 @@ def trial_rows(grid, sweep: SweepConfig) -> list[dict]:
         config = result.config or configs.get(trial_id, {})
         rows.append({
             "trial": trial_id, "params": {k: config.get(k) for k in sweep.space},
-            "objective": metrics.get(OBJECTIVE), "epochs": metrics.get("epoch"),
+            "objective": metrics.get(OBJECTIVE), "test_objective": metrics.get(TEST_OBJECTIVE),
+            "epochs": metrics.get("epoch"),
             "status": "ERROR" if result.error else "OK",
             "error": _error_text(result.error) if result.error else None,
             "checkpoint_path": metrics.get("checkpoint_path"),
@@ -180,13 +182,14 @@ def close_child_runs(client, experiment: str, parent_run_id: str, rows: list[dic
 
 
 def trial_table(rows: list[dict]) -> str:
-    """The trials as a Markdown table, best first."""
+    """The trials as a Markdown table, best first: the objective that ranks them and, beside it,
+    the same measure on the test splits (`test`)."""
     keys = list(rows[0]["params"]) if rows else []
-    header = ["trial", *keys, "epochs", "objective", "status"]
+    header = ["trial", *keys, "epochs", "objective", "test", "status"]
     lines = [" | ".join(header), " | ".join("---" for _ in header)]
     for r in rows:
         values = [f"{v:.4g}" if isinstance(v, float) else str(v) for v in r["params"].values()]
-        objective = "-" if r["objective"] is None else f"{r['objective']:.4f}"
+        scores = ["-" if r.get(k) is None else f"{r[k]:.4f}" for k in ("objective", "test_objective")]
         status = r["status"] if not r["error"] else f"{r['status']}: {r['error'][:160]}"
-        lines.append(" | ".join([r["trial"], *values, str(r["epochs"] or "-"), objective, status]))
+        lines.append(" | ".join([r["trial"], *values, str(r["epochs"] or "-"), *scores, status]))
     return "\n".join(lines)

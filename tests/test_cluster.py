@@ -199,13 +199,13 @@ def _gcl(*args, env, timeout=600) -> subprocess.CompletedProcess:
 def test_gcl_submit_runs_a_training_job_on_a_ray_head_with_token_auth(ray_head, tmp_path):
     address, head_env, token = ray_head
     data = tmp_path / "data"
-    synthesize(data, SynthConfig(products=120, queries=40, docs_per_query=6, seed=3))
+    synthesize(data, SynthConfig(products=120, queries=40, docs_per_query=6, seed=4))
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     # The client has the token but not RAY_AUTH_MODE: gcl submit turns token auth on for it.
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
     env.update(RAY_AUTH_TOKEN=token, MLFLOW_TRACKING_URI=uri)
     overrides = ["--set", f"data.train={data}/train.parquet", "--set", f"data.eval={{in_domain: {data}/in_domain.parquet}}",
-                 "--set", f"storage={tmp_path}/runs", "--set", "train.epochs=1", "--set", "train.batch_size=16"]  # fmt: skip
+                 "--set", f"data.validation={{in_domain: {data}/val_in_domain.parquet}}", "--set", f"storage={tmp_path}/runs", "--set", "train.epochs=1", "--set", "train.batch_size=16"]  # fmt: skip
     common = [
         "submit",
         "--address",

@@ -11,8 +11,8 @@ from PIL import Image
 
 from gcl.config import FieldsConfig
 from gcl.data.readers import DataError
-from gcl.data.schema import MARQO_GS_COLUMNS, DataConfig
-from gcl.data.splits import SplitConfig, build_splits
+from gcl.data.schema import MARQO_GS_COLUMNS, SPLITS, DataConfig
+from gcl.data.splits import VALIDATION_SPLITS, SplitConfig, build_splits, unused_pairs
 from gcl.data.synth import DISTINCT_QUERIES, SynthConfig, generate_pairs, synthesize
 from gcl.data.validate import validate_pairs
 
@@ -30,7 +30,7 @@ def test_synth_writes_marqo_schema_splits_deterministically(tmp_path):
     assert {k: v["sha256"] for k, v in first["splits"].items()} == {
         k: v["sha256"] for k, v in second["splits"].items()
     }
-    assert set(first["splits"]) == {"train", "in_domain", "novel_query", "novel_document", "zero_shot"}
+    assert set(first["splits"]) == {"train", *SPLITS, *VALIDATION_SPLITS}
     df = pd.read_parquet(tmp_path / "a" / "train.parquet")
     assert set(MARQO_GS_COLUMNS) <= set(df.columns)
     assert json.loads((tmp_path / "a" / "manifest.json").read_text())["splits"]["train"]["rows"] == len(df)
@@ -70,20 +70,41 @@ def test_synth_refuses_more_queries_than_its_vocabulary_has_before_drawing_any()
 def test_split_builder_has_no_leakage(small_pairs):
     splits = build_splits(small_pairs, "query_id", "product_id", SplitConfig(seed=1))
     train_q, train_d = set(splits["train"].query_id), set(splits["train"].product_id)
-    for name, novel_q, novel_d in [
-        ("novel_query", True, False),
-        ("novel_document", False, True),
-        ("zero_shot", True, True),
-    ]:
-        q, d = set(splits[name].query_id), set(splits[name].product_id)
-        assert (q.isdisjoint(train_q)) == novel_q and (not novel_q or q.isdisjoint(train_q)), name
-        assert d.isdisjoint(train_d) == novel_d, name
-    assert set(splits["in_domain"].query_id) <= train_q and set(splits["in_domain"].product_id) <= train_d
-    # Every pair lands in exactly one of train / novel_query / novel_document / zero_shot.
-    parts = ["train", "novel_query", "novel_document", "zero_shot"]
-    assert sum(len(splits[p]) for p in parts) == len(small_pairs)
+    queries = {name: set(df.query_id) for name, df in splits.items()}
+    docs = {name: set(df.product_id) for name, df in splits.items()}
+    for prefix in ("", "val_"):
+        for name, novel_q, novel_d in [("novel_query", True, False), ("novel_document", False, True),
+                                       ("zero_shot", True, True)]:  # fmt: skip
+            split = prefix + name
+            assert (
+                queries[split].isdisjoint(train_q) == novel_q and docs[split].isdisjoint(train_d) == novel_d
+            ), split
+        assert queries[prefix + "in_domain"] <= train_q and docs[prefix + "in_domain"] <= train_d
+    # Held out for validation means held out of the test splits too, and the reverse: sweeps select
+    # on the val_* splits and report the others. (Queries and documents seen in training are on the
+    # seen side of both, as in training itself; the in-domain ones are different queries.)
+    val_q = queries["val_novel_query"] | queries["val_zero_shot"]
+    val_d = docs["val_novel_document"] | docs["val_zero_shot"]
+    test_q = queries["novel_query"] | queries["zero_shot"]
+    test_d = docs["novel_document"] | docs["zero_shot"]
+    assert all(queries[s].isdisjoint(val_q) and docs[s].isdisjoint(val_d) for s in SPLITS)
+    assert all(queries["val_" + s].isdisjoint(test_q) and docs["val_" + s].isdisjoint(test_d) for s in SPLITS)
+    assert queries["val_in_domain"].isdisjoint(queries["in_domain"])
+    # Every pair lands in exactly one of train, the cold-start splits and their val_ twins, or is
+    # counted as unused (a novel query with a validation-novel document, or the reverse).
+    parts = ["train", "novel_query", "novel_document", "zero_shot", "val_novel_query", "val_novel_document",
+             "val_zero_shot"]  # fmt: skip
+    pair_ids = [pid for p in parts for pid in splits[p].pair_id]
+    assert len(pair_ids) == len(set(pair_ids)) == len(small_pairs) - unused_pairs(small_pairs, splits)
+    assert 0 < unused_pairs(small_pairs, splits) < len(small_pairs) * 0.1
     again = build_splits(small_pairs, "query_id", "product_id", SplitConfig(seed=1))
     assert all(again[k].equals(splits[k]) for k in splits)
+    without = build_splits(small_pairs, "query_id", "product_id",
+                           SplitConfig(seed=1, validation_query_fraction=0, validation_document_fraction=0))  # fmt: skip
+    assert set(without) == {"train", *SPLITS}
+    assert sum(len(without[p]) for p in ["train", "novel_query", "novel_document", "zero_shot"]) == len(
+        small_pairs
+    )
     with pytest.raises(ValueError, match="column 'qid' not in the data"):
         build_splits(small_pairs, "qid", "product_id", SplitConfig())
 

@@ -190,6 +190,7 @@ def test_sweep_stopped_mid_trial_resumes_without_running_finished_trials_again(s
         # from a checkpoint is the gcl train fault tests' part).
         "set": ["train.epochs=1", "train.batch_size=16", "train.warmup_steps=2", f"data.train={synth_dir}/train.parquet",
                 f"data.eval={{in_domain: {synth_dir}/in_domain.parquet}}", f"storage={tmp_path}/runs",
+                f"data.validation={{in_domain: {synth_dir}/val_in_domain.parquet}}",
                 f"mlflow.tracking_uri={uri}"],
         "space": {"loss.left_to_right": {"grid": [1.0, 0.5]}},
     }))  # fmt: skip

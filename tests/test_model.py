@@ -301,7 +301,7 @@ def test_gcl_evaluate_on_an_exported_model_prints_and_writes_the_metrics(tiny, t
     from gcl.retrieval import EvalConfig, RowEncoder, evaluate_splits
     from workflows.cli import main
 
-    synthesize(tmp_path / "data", SynthConfig(products=40, queries=20, docs_per_query=4, seed=5))
+    synthesize(tmp_path / "data", SynthConfig(products=40, queries=20, docs_per_query=4, seed=6))
     out = save_model(tiny.clip, tiny.model_cfg, tmp_path / "export")
     (out / "gcl_fields.json").write_text(json.dumps(FieldsConfig().model_dump()))
     splits = {"in_domain": str(tmp_path / "data" / "in_domain.parquet"),

@@ -146,6 +146,7 @@ def test_sweep_runs_fails_one_trial_alone_registers_the_best_and_resumes(ray_loc
         tmp_path, name="sw", search="random", num_samples=1, registered_model="sw-model",
         set=["train.epochs=2", "train.batch_size=16", "train.warmup_steps=2", f"data.train={data}/train.parquet",
              f"data.eval={{in_domain: {data}/in_domain.parquet, zero_shot: {data}/zero_shot.parquet}}",
+             f"data.validation={{in_domain: {data}/val_in_domain.parquet, zero_shot: {data}/val_zero_shot.parquet}}",
              "storage=runs"],
         space={"loss.left_to_right": {"grid": [1.0, 0.5, -1.0]}},  # -1: an invalid weight
     )  # fmt: skip
@@ -175,6 +176,17 @@ def test_sweep_runs_fails_one_trial_alone_registers_the_best_and_resumes(ray_loc
             )
             history = client.get_metric_history(child.info.run_id, "objective")
             assert [m.step for m in history] == sorted(m.step for m in history) and history
+            # Selected on validation, the test splits reported beside it.
+            metrics = child.data.metrics
+            on = {kind: [metrics[f"{prefix}{s}/ndcg_at_10"] for s in ("in_domain", "zero_shot")]
+                  for kind, prefix in (("validation", "validation/"), ("test", ""))}  # fmt: skip
+            assert metrics["objective"] == pytest.approx(sum(on["validation"]) / 2)
+            assert metrics["test_objective"] == pytest.approx(sum(on["test"]) / 2)
+            assert metrics["objective"] != metrics["test_objective"]
+    row = next(r for r in result.trials if r["trial"] == result.best["trial"])
+    assert row["test_objective"] == pytest.approx(
+        client.get_run(result.best["run_id"]).data.metrics["test_objective"]
+    )
 
     # The best trial's model is registered as champion, with its provenance as tags.
     version, alias = result.registered
@@ -183,10 +195,12 @@ def test_sweep_runs_fails_one_trial_alone_registers_the_best_and_resumes(ray_loc
     assert registered.version == version and registered.tags["run_id"] == result.best["run_id"]
     assert json.loads(registered.tags["loss"])["left_to_right"] == result.best["params"]["loss.left_to_right"]
     manifest = json.loads(registered.tags["dataset_manifest"])
-    assert set(manifest) == {"train", "in_domain", "zero_shot"} and all(
+    splits = {"in_domain", "zero_shot"}
+    assert set(manifest) == {"train", *splits, *(f"validation/{s}" for s in splits)} and all(
         len(h) == 64 for h in manifest.values()
     )
     assert float(registered.tags["gcl.objective"]) == pytest.approx(result.best["objective"])
+    assert "| validation data {" in registered.tags["gcl.objective_key"]  # the champion gate: on validation
 
     # Re-running the finished sweep resumes it: no trial runs again, nothing is registered twice.
     again = run_tune(path)

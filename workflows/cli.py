@@ -65,16 +65,20 @@ def cmd_data_synth(args) -> int:
 def cmd_data_split(args) -> int:
     import pandas as pd
 
+    from gcl.config import validate_config
     from gcl.data.readers import read_table, resolve_files
-    from gcl.data.splits import SplitConfig, build_splits
+    from gcl.data.splits import SplitConfig, build_splits, unused_pairs
     from gcl.data.synth import write_splits
 
-    cfg = SplitConfig(novel_query_fraction=args.novel_query_fraction, novel_document_fraction=args.novel_document_fraction,
-                      in_domain_fraction=args.in_domain_fraction, seed=args.seed)  # fmt: skip
+    fractions = ("novel_query", "novel_document", "in_domain", "validation_query", "validation_document")
+    values = {f"{name}_fraction": getattr(args, f"{name}_fraction") for name in fractions}
+    cfg = validate_config(SplitConfig, {**values, "seed": args.seed}, source="gcl data split")
     pairs = pd.concat([read_table(f).to_pandas() for f in resolve_files(args.input)], ignore_index=True)
     splits = build_splits(pairs, args.query_column, args.document_column, cfg)
-    manifest = write_splits(splits, args.out, {"source": args.input, "split": cfg.model_dump()},
-                            query_col=args.query_column, doc_col=args.document_column)  # fmt: skip
+    extra = {"source": args.input, "split": cfg.model_dump(), "unused_pairs": unused_pairs(pairs, splits)}
+    manifest = write_splits(
+        splits, args.out, extra, query_col=args.query_column, doc_col=args.document_column
+    )
     print(json.dumps(manifest["splits"], indent=2))
     return 0
 
@@ -102,9 +106,10 @@ def cmd_tune(args) -> int:
 
 def cmd_register(args) -> int:
     from gcl.registry import register_run
-    from gcl.tracking import resolve_tracking_uri
+    from gcl.tracking import find_run, resolve_tracking_uri
 
-    version, alias = register_run(args.run, args.name, resolve_tracking_uri(args.tracking_uri))
+    uri = resolve_tracking_uri(args.tracking_uri)
+    version, alias = register_run(find_run(uri, args.run, args.experiment), args.name, uri)
     print(f"registered {args.name} version {version} as @{alias}")
     return 0
 
@@ -180,7 +185,9 @@ def _add_data(sub) -> None:
     data = sub.add_parser("data", help="generate, split and validate scored-pair data").add_subparsers(
         dest="data_command", required=True, metavar="ACTION"
     )
-    p = data.add_parser("synth", help="write the synthetic shopping benchmark (train + 4 evaluation splits)")
+    p = data.add_parser(
+        "synth", help="write the synthetic shopping benchmark (train, 4 test and 4 validation splits)"
+    )
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--products", type=int, default=2000)
     p.add_argument("--queries", type=int, default=700)
@@ -188,7 +195,9 @@ def _add_data(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_data_synth)
     p = data.add_parser(
-        "split", help="split your pairs into train / in_domain / novel_query / novel_document / zero_shot"
+        "split",
+        help="split your pairs into train, the test splits (in_domain, novel_query, novel_document, "
+        "zero_shot) and validation splits of their own (val_*)",
     )
     p.add_argument("--input", required=True, help="parquet file, directory or glob (or .csv / .jsonl)")
     p.add_argument("--out", required=True, help="output directory")
@@ -197,6 +206,10 @@ def _add_data(sub) -> None:
     p.add_argument("--novel-query-fraction", type=float, default=0.2)
     p.add_argument("--novel-document-fraction", type=float, default=0.2)
     p.add_argument("--in-domain-fraction", type=float, default=0.2)
+    p.add_argument("--validation-query-fraction", type=float, default=0.1,
+                   help="queries held out for the val_* splits, apart from the test splits' (0: none)")  # fmt: skip
+    p.add_argument("--validation-document-fraction", type=float, default=0.1,
+                   help="documents held out for the val_* splits likewise (0: none)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_data_split)
     p = data.add_parser("validate", help="check a config's training and evaluation data, naming bad rows")
@@ -215,13 +228,18 @@ def _add_train_and_tune(sub) -> None:
         "--config", "-c", required=True, help="sweep YAML (e.g. workflows/configs/sweep-tiny.yaml)"
     )
     p.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a sweep key, e.g. --set num_samples=4 --set 'set=[train.epochs=1]'")  # fmt: skip
+                   help="override a sweep key, or with job. a key of its base job, e.g. --set num_samples=4 "
+                   "--set job.train.epochs=1")  # fmt: skip
     p.set_defaults(func=cmd_tune)
 
 
 def _add_register_and_submit(sub) -> None:
     p = sub.add_parser("register", help="register a run's model; @champion only if it beats the current one")
-    p.add_argument("--run", required=True, help="MLflow run id of a `gcl train` run or a sweep's best trial")
+    p.add_argument("--run", required=True,
+                   help="a `gcl train` run or a sweep's trial: its name (the job's `name`; the newest run of it) or MLflow run id")  # fmt: skip
+    p.add_argument(
+        "--experiment", default="gcl", help="the MLflow experiment of a run given by name (mlflow.experiment)"
+    )
     p.add_argument("--name", required=True, help="registered model name")
     p.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI, else sqlite:///mlruns.db here")
     p.set_defaults(func=cmd_register)

@@ -46,6 +46,7 @@ def demo_jobs(workdir: str, quick: bool, stamp: str) -> tuple[JobConfig, JobConf
     common = [
         f"data.train={data}/train.parquet",
         "data.eval={" + ", ".join(f"{s}: {data}/{s}.parquet" for s in SPLITS) + "}",
+        "data.validation={" + ", ".join(f"{s}: {data}/val_{s}.parquet" for s in SPLITS) + "}",
         f"storage={workdir}/runs",
         "eval.measures=[" + ", ".join(MEASURES) + "]",
         f"train.epochs={2 if quick else 4}",

@@ -48,6 +48,10 @@ def run_tune(path: str, overrides: list[str] | None = None) -> TuneResult:
     from ray import tune
 
     sweep, job = load_sweep(path, overrides)
+    if not job.data.validation:
+        log.warning("sweep %s has no validation splits (data.validation): it selects its trials and the "
+                    "champion on the evaluation splits it reports, whose figures are then optimistic; "
+                    "`gcl data split` and `gcl data synth` write val_* splits for it", sweep.name)  # fmt: skip
     job, data = prepare(job)  # paths and tracking URI resolved here, store and data checked, once
     uri = job.mlflow.resolved_uri()
     init_ray()
@@ -71,7 +75,11 @@ def run_tune(path: str, overrides: list[str] | None = None) -> TuneResult:
         with open(os.path.join(tmp, TRIALS_ARTIFACT), "w") as f:
             json.dump(rows, f, indent=2, default=str)
         client.log_artifact(parent_run_id, os.path.join(tmp, TRIALS_ARTIFACT))
-    print(f"\nsweep {sweep.name} ({job.eval.objective_name()}):")
+    selected_on = (
+        "validation splits" if job.data.validation else "the evaluation splits, no validation splits given"
+    )
+    print(f"\nsweep {sweep.name}: {job.eval.objective_name()}, selected on {selected_on}; "
+          "test: the same on the evaluation splits")  # fmt: skip
     print(trial_table(rows))
     finished = [r for r in rows if r["objective"] is not None and r["checkpoint_path"]]
     if not finished:
@@ -95,5 +103,8 @@ def run_tune(path: str, overrides: list[str] | None = None) -> TuneResult:
         result.registered = register_run(best_run_id, name, uri)
         print(f"registered {name} version {result.registered[0]} as @{result.registered[1]}")
     client.set_terminated(parent_run_id)
-    print(f"best trial {best['trial']}: objective {best['objective']:.4f}, MLflow run {best_run_id}")
+    scores = f"objective {best['objective']:.4f}"
+    if job.data.validation:
+        scores += f" (validation), test {best['test_objective']:.4f}"
+    print(f"best trial {best['trial']}: {scores}, MLflow run {best_run_id}")
     return result

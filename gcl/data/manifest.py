@@ -20,10 +20,14 @@ def spec_manifest(spec: str, files: list[str] | None = None) -> dict:
 
 
 def dataset_manifest(data: DataConfig, train_files: list[str] | None = None,
-                     eval_files: Mapping[str, list[str]] | None = None) -> dict:  # fmt: skip
-    """Manifest of the training data and every evaluation split, from their files as validation
-    listed them (listed here where not given)."""
-    eval_files = eval_files or {}
+                     eval_files: Mapping[str, list[str]] | None = None,
+                     validation_files: Mapping[str, list[str]] | None = None) -> dict:  # fmt: skip
+    """Manifest of the training data, every evaluation split and every validation split, from their
+    files as validation listed them (listed here where not given)."""
     manifest = {"train": spec_manifest(data.train, train_files) if data.train else None}
-    manifest["eval"] = {name: spec_manifest(spec, eval_files.get(name)) for name, spec in data.eval.items()}
+    for key, splits, files in (
+        ("eval", data.eval, eval_files),
+        ("validation", data.validation, validation_files),
+    ):
+        manifest[key] = {name: spec_manifest(spec, (files or {}).get(name)) for name, spec in splits.items()}
     return manifest

@@ -28,7 +28,14 @@ class DataConfig(Section):
     """Training pairs: a parquet file, directory or glob (local, or a URI pyarrow reads such as
     s3://...), or a .csv / .jsonl file with image paths."""
     eval: dict[str, str] = Field(default_factory=lambda: {s: f"gcl_runs/data/{s}.parquet" for s in SPLITS})
-    """Evaluation splits: split name -> pairs (the ground truth; its documents form the corpus)."""
+    """Evaluation (test) splits: split name -> pairs (the ground truth; its documents form the corpus).
+    Their figures are what runs report."""
+    validation: dict[str, str] = Field(default_factory=dict)
+    """Validation splits, shaped as `eval` (`gcl data split` and `gcl data synth` write val_<split>,
+    of queries and documents of their own): when given, the objective that ranks epochs, sweep
+    trials and registered versions is computed on them and the evaluation splits are reported
+    beside it; when empty, it is computed on the evaluation splits themselves (and a sweep warns
+    that it selects on what it reports). Left out when data.eval is empty (no evaluation)."""
     image_root: str | None = None
     """Base directory for relative image paths (default: the directory of the data file)."""
     query_id_column: str = "query_id"

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
-from gcl.data.splits import SplitConfig, build_splits
+from gcl.data.splits import SplitConfig, build_splits, unused_pairs
 from gcl.errors import ConfigError
 from gcl.storage import file_sha256
 
@@ -212,11 +212,12 @@ def write_splits(
 
 
 def synthesize(out: str | Path, cfg: SynthConfig | None = None, split: SplitConfig | None = None) -> dict:
-    """Generate the benchmark and write train + the four evaluation splits to `out`."""
+    """Generate the benchmark and write train, the four evaluation splits and (unless the split
+    config's validation fractions are 0) the four val_* splits to `out`."""
     cfg = cfg or SynthConfig()
     split = split or SplitConfig(seed=cfg.seed)
     pairs = generate_pairs(cfg)
     splits = build_splits(pairs, "query_id", "product_id", split)
-    return write_splits(
-        splits, out, {"generator": "gcl.data.synth", "config": asdict(cfg), "split": split.model_dump()}
-    )
+    extra = {"generator": "gcl.data.synth", "config": asdict(cfg), "split": split.model_dump(),
+             "unused_pairs": unused_pairs(pairs, splits)}  # fmt: skip
+    return write_splits(splits, out, extra)
