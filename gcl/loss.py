@@ -254,6 +254,8 @@ class GCLLoss(torch.nn.Module):
         """
         cfg = self.cfg
         batch = scores.shape[0]
+        if valid is not None:  # padding rows carry score 0, which no weight function needs to accept
+            scores = torch.where(valid, scores, torch.ones_like(scores))
         scale = logit_scale.clamp(0, MAX_LOGIT_SCALE).exp().reshape(())
         weights = score_to_weight(scores, cfg).to(left[next(iter(left))].dtype)
         targets = torch.arange(batch, device=scores.device) + self.rank * batch

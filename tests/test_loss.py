@@ -87,6 +87,22 @@ def test_weighted_masked_loss_matches_per_row_reference(weight_fn):
     assert unmasked.item() > loss.item()
 
 
+def test_padding_rows_count_for_nothing_whatever_their_score():
+    """The last batch of an epoch is padded with invalid rows of score 0: with rank-position
+    weights (1/position, positions from 1) the loss is that of the valid rows alone (averaged over
+    the whole batch), and a padded row is nobody's negative. `gcl train --set
+    loss.weight_fn=reciprocal` failed on them."""
+    n, pad = 6, 3
+    left, right = _normed(n + pad, 4, seed=6), _normed(n + pad, 4, seed=7)
+    positions = torch.tensor([1.0, 2, 3, 1, 2, 4, 0, 0, 0], dtype=torch.float64)
+    valid = torch.arange(n + pad) < n
+    log_scale = torch.tensor([math.log(10.0)], dtype=torch.float64)
+    loss_fn = GCLLoss(_plain_cfg(weight_fn="reciprocal"), {"q": 1.0}, {"d": 1.0})
+    padded, _ = loss_fn({"q": left}, {"d": right}, positions, log_scale, valid=valid)
+    alone, _ = loss_fn({"q": left[:n]}, {"d": right[:n]}, positions[:n], log_scale)
+    assert padded.item() == pytest.approx(alone.item() * n / (n + pad), abs=1e-9)
+
+
 def test_higher_weight_pairs_incur_greater_penalty():
     left, right = _normed(8, 4, seed=4), _normed(8, 4, seed=5)
     log_scale = torch.tensor([2.0], dtype=torch.float64)
