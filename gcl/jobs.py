@@ -66,6 +66,7 @@ def resolve_job(job: JobConfig) -> JobConfig:
     data = job.data.model_copy(update={
         "train": storage.absolute(job.data.train), "image_root": storage.absolute(job.data.image_root),
         "eval": {k: storage.absolute(v) for k, v in job.data.eval.items()},
+        "validation": {k: storage.absolute(v) for k, v in job.data.validation.items()},
     })  # fmt: skip
     pretrained = job.model.pretrained
     if pretrained and os.path.exists(pretrained):

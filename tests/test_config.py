@@ -125,7 +125,8 @@ def test_defaults_that_depend_on_the_working_directory_are_resolved_once_where_t
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    job = parse_config(JobConfig, None, ["storage=runs", "data.train=data/train.parquet"])
+    job = parse_config(JobConfig, None, ["storage=runs", "data.train=data/train.parquet",
+                                         "data.validation={in_domain: data/val_in_domain.parquet}"])  # fmt: skip
     with pytest.raises(ConfigError, match="mlflow.tracking_uri is not resolved"):
         job.mlflow.resolved_uri()
     resolved = resolve_job(job)
@@ -134,6 +135,7 @@ def test_defaults_that_depend_on_the_working_directory_are_resolved_once_where_t
         tmp_path / "data/train.parquet"
     )
     assert resolved.data.eval["in_domain"] == str(tmp_path / "gcl_runs/data/in_domain.parquet")
+    assert resolved.data.validation["in_domain"] == str(tmp_path / "data/val_in_domain.parquet")
     monkeypatch.chdir(tmp_path / "..")
     assert resolve_job(resolved) == resolved  # resolving again, anywhere, changes nothing
 

@@ -1,0 +1,154 @@
+"""The README's commands, run as a newcomer types them: the command blocks of its usage and sweep
+sections, in order, in a fresh copy of the repository, with no MLFLOW_TRACKING_URI and no
+tracking URI in any config. The only change to a command is a smaller budget (fewer epochs,
+trials and generated pairs). Each command's result is checked, and a command the README gains
+that this test does not know fails it, so that the documented path is always the tested one."""
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parent.parent
+SECTIONS = ("## Using gcl", "## Sweeps and the model registry")
+# The budget, shrunk: a smaller benchmark, one epoch, two trials.
+SMALLER = {
+    "gcl data synth": ["--products", "600", "--queries", "200"],
+    "gcl train": ["--set", "train.epochs=1"],
+    "gcl tune": ["--set", "num_samples=2", "--set", "job.train.epochs=1"],
+}
+
+
+def readme_commands() -> list[str]:
+    """The shell commands of the README's usage and sweep sections, continuation lines joined."""
+    text = (ROOT / "README.md").read_text()
+    commands = []
+    for heading in SECTIONS:
+        start = text.index(heading + "\n")
+        end = text.find("\n## ", start + len(heading))
+        section = text[start : end if end > 0 else None]
+        for block in re.findall(r"```bash\n(.*?)```", section, re.S):
+            joined = re.sub(r"\\\n\s*", "", block)
+            commands += [line.strip() for line in joined.splitlines() if line.strip()]
+    return commands
+
+
+def gcl_command(command: str) -> str | None:
+    """'gcl train' for '.venv/bin/gcl train -c ...' (None for commands that are not gcl's)."""
+    words = shlex.split(command, comments=True)
+    if not words or not words[0].endswith("/gcl"):
+        return None
+    if words[1].startswith("-"):
+        return f"gcl {words[1]}"
+    return " ".join(["gcl", *[w for w in words[1:3] if not w.startswith("-")]])
+
+
+def shrunk(command: str) -> str:
+    """The command with a smaller budget (SMALLER), placed before its comment."""
+    name = gcl_command(command) or ""
+    for prefix, extra in SMALLER.items():
+        if name.startswith(prefix):
+            code, hash_, comment = command.partition(" #")
+            return f"{code.rstrip()} {shlex.join(extra)}" + (f" #{comment}" if hash_ else "")
+    return command
+
+
+@pytest.fixture(scope="module")
+def fresh_clone(tmp_path_factory) -> Path:
+    """The repository's tracked files in a new directory, with the installed .venv beside them, as
+    after `git clone` and `make`: no runs, no mlruns.db."""
+    clone = tmp_path_factory.mktemp("clone")
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    for name in filter(None, files.decode().split("\0")):
+        if (ROOT / name).is_file():
+            (clone / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, clone / name)
+    (clone / ".venv").symlink_to(Path(sys.prefix))
+    return clone
+
+
+def newcomer_env() -> dict[str, str]:
+    """This environment without what a newcomer would not have set: no tracking URI, no Ray
+    cluster to join (each command starts its own local one)."""
+    drop = ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "PYTHONPATH")
+    return {k: v for k, v in os.environ.items() if k not in drop}
+
+
+def check_result(name: str, command: str, output: str, clone: Path, client: MlflowClient) -> None:
+    """What each command must have produced, beyond exiting 0."""
+    finished = lambda run: run.info.status == "FINISHED" and run.data.metrics  # noqa: E731
+    if name == "gcl --help":
+        assert "train" in output and "tune" in output
+    elif name == "gcl data synth":
+        for split in ("train", "in_domain", "zero_shot", "val_in_domain", "val_zero_shot"):
+            assert (clone / "gcl_runs/data" / f"{split}.parquet").is_file(), split
+    elif name == "gcl data validate":
+        assert "rows, all valid" in output
+    elif name == "gcl train":
+        runs = client.search_runs([client.get_experiment_by_name("gcl").experiment_id],
+                                  "tags.`gcl.run_name` = 'tiny-cpu'")  # fmt: skip
+        assert len(runs) == 1 and finished(runs[0]) and "test_objective" in runs[0].data.metrics
+        assert (clone / "gcl_runs/tiny-cpu/model/open_clip_pytorch_model.bin").is_file()
+    elif name == "gcl evaluate":
+        assert "ndcg@10" in output and "in_domain" in output
+        if "-o metrics.json" in command:
+            assert set(json.loads((clone / "metrics.json").read_text())["metrics"]) >= {
+                "in_domain",
+                "zero_shot",
+            }
+    elif name == "gcl register":
+        assert re.search(r"registered my-model version 1 as @champion", output), output
+    elif name == "gcl data split":
+        assert (clone / "my-splits/val_novel_query.parquet").is_file() and (
+            clone / "my-splits/train.parquet"
+        ).is_file()
+    elif name == "gcl config":
+        assert "loss.weight_fn" in output and "data.validation" in output
+    elif name == "gcl tune":
+        sweep = "gcl-sweep-tiny-binary" if "binary" in command else "gcl-sweep-tiny"
+        champion = client.get_model_version_by_alias(sweep, "champion")
+        run = client.get_run(champion.tags["run_id"])
+        assert finished(run) and "test_objective" in run.data.metrics
+        assert "selected on validation" in output
+    elif command.startswith("curl"):
+        embedding = json.loads(output)["predictions"][0]
+        assert len(embedding) > 0 and abs(sum(v * v for v in embedding) - 1.0) < 1e-4
+    else:
+        raise AssertionError(f"the README has a command this test does not check: {command}")
+
+
+def test_readme_commands_run_as_written_in_a_fresh_clone(fresh_clone):
+    commands = readme_commands()
+    assert len(commands) >= 10 and any(c.startswith(".venv/bin/gcl tune") for c in commands)
+    client = MlflowClient(f"sqlite:///{fresh_clone}/mlruns.db")
+    servers = []
+    try:
+        for command in commands:
+            if command.endswith("&"):  # a server: started here, stopped at the end
+                servers.append(subprocess.Popen(["bash", "-c", command.removesuffix("&")], cwd=fresh_clone,
+                                                env=newcomer_env(), stdout=subprocess.DEVNULL,
+                                                stderr=subprocess.DEVNULL, start_new_session=True))  # fmt: skip
+                continue
+            start = time.perf_counter()
+            done = subprocess.run(["bash", "-c", shrunk(command)], cwd=fresh_clone, env=newcomer_env(),
+                                  capture_output=True, text=True, timeout=900)  # fmt: skip
+            output = done.stdout + done.stderr
+            assert done.returncode == 0, f"{command}\n{output[-5000:]}"
+            check_result(gcl_command(command) or "", command, done.stdout if command.startswith("curl") else output,
+                         fresh_clone, client)  # fmt: skip
+            print(f"{time.perf_counter() - start:6.1f} s  {command}")
+    finally:
+        for server in servers:
+            os.killpg(server.pid, 15)
+            server.wait(timeout=60)
+    # One store, the one in the directory the commands ran in: no trial or worker made its own.
+    assert [p.relative_to(fresh_clone) for p in fresh_clone.rglob("mlruns.db")] == [Path("mlruns.db")]
