@@ -17,9 +17,11 @@ import yaml
 
 from gcl import storage
 from gcl.checkpoint import consolidate_checkpoint, log_resume
+from gcl.cluster import init_ray
 from gcl.data.manifest import dataset_manifest
 from gcl.data.pipeline import PairSource, epoch_datasets, unsplit_data_config
 from gcl.data.validate import ValidationReport, validate_pairs
+from gcl.engine import deepspeed_config
 from gcl.errors import ConfigError, GclError
 from gcl.job_config import JobConfig
 from gcl.mlflow_names import (
@@ -30,7 +32,9 @@ from gcl.mlflow_names import (
     MODEL_URI_TAG,
     ROWS_SKIPPED,
 )
+from gcl.registry import log_embedding_model, register_run
 from gcl.tracking import check_tracking, flatten, mark_failed, mark_finished, resolve_tracking_uri, start_run
+from gcl.training import train_worker
 
 log = logging.getLogger(__name__)
 
@@ -171,8 +175,6 @@ def fit(job: JobConfig, data: CheckedData, run_id: str, callbacks=()):
     from ray.train import CheckpointConfig, ControllerError, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from gcl.training import train_worker
-
     world = job.scaling.num_workers
     steps_per_epoch = max(1, math.ceil(data.train.rows_valid / (world * job.train.batch_size)))
     source = PairSource.of_job(job, data.train.files, data.train.bad_pair_ids)
@@ -209,9 +211,6 @@ def export_model(job: JobConfig, checkpoint, run_id: str, manifest: dict | None 
     model's location: a local directory, or a URI where the storage is remote."""
     from mlflow import MlflowClient
 
-    from gcl.engine import deepspeed_config
-    from gcl.registry import log_embedding_model
-
     uri = job.mlflow.resolved_uri()
     client = MlflowClient(uri)
     location = storage.join(job.storage, job.name, MODEL_ARTIFACT)
@@ -240,9 +239,6 @@ def run_train(job: JobConfig) -> TrainResult:
     (the same command resumes it)."""
     import ray
     from mlflow import MlflowClient
-
-    from gcl.cluster import init_ray
-    from gcl.registry import register_run
 
     job, data = prepare(job)
     uri = job.mlflow.resolved_uri()

@@ -23,6 +23,8 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from gcl.config import ConfigError, Section, parse_config
+from gcl.job_config import JobConfig
+from gcl.jobs import job_resources
 
 JOB_PREFIX = "job."  # `gcl tune --set job.train.epochs=1`: an override of the sweep's base job
 
@@ -124,7 +126,6 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None):
     """(SweepConfig, base JobConfig) from a sweep YAML; checks every searched key exists in the base
     job config before any trial starts. overrides: `key=value` for the sweep, `job.key=value` for
     its base job (applied after the sweep's own `set`, e.g. job.train.epochs=1)."""
-    from gcl.job_config import JobConfig
 
     overrides = list(overrides or [])
     job_overrides = [o.removeprefix(JOB_PREFIX) for o in overrides if o.startswith(JOB_PREFIX)]
@@ -166,7 +167,6 @@ def trial_concurrency(cluster: dict[str, float], job, requested: int | None) -> 
     """Trials that fit the cluster at once (at least 1), or `requested` when given."""
     if requested:
         return requested
-    from gcl.jobs import job_resources
 
     need = job_resources(job)
     fits = [math.floor(cluster.get(name, 0.0) / amount) for name, amount in need.items() if amount > 0]

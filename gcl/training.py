@@ -27,7 +27,7 @@ from gcl.job_config import JobConfig
 from gcl.loss import GCLLoss
 from gcl.mlflow_names import OBJECTIVE, TEST_OBJECTIVE, VALIDATION_PREFIX, WORKERS_TAG
 from gcl.model import create_preprocessing
-from gcl.retrieval import objective_value
+from gcl.retrieval import RowEncoder, evaluate_splits, objective_value
 from gcl.tracking import MetricsLogger
 
 log = logging.getLogger(__name__)
@@ -239,7 +239,6 @@ def _train_worker(config: dict[str, Any]) -> None:
 def evaluate_model(job: JobConfig, module: torch.nn.Module) -> tuple[Results, Results]:
     """Retrieval metrics per evaluation (test) split and per validation split for the (full,
     unsharded) FieldEncoder `module`."""
-    from gcl.retrieval import RowEncoder, evaluate_splits
 
     tokenizer, _, eval_transform = create_preprocessing(job.model)
     was_training = module.training

@@ -14,6 +14,7 @@ from typing import Any
 
 from gcl.config import validate_config
 from gcl.job_config import JobConfig
+from gcl.jobs import fit, with_score_range
 from gcl.mlflow_names import (
     ERROR_TAG,
     OBJECTIVE,
@@ -24,6 +25,7 @@ from gcl.mlflow_names import (
     TRIAL_ID_TAG,
 )
 from gcl.sweep import SweepConfig, trial_overrides
+from gcl.tracking import flatten, log_params, mark_failed, mark_finished, start_run
 
 log = logging.getLogger(__name__)
 TRIAL_DRIVER_MEMORY = 256 * 2**20  # bytes: a trial driver holds configs and an MLflow client
@@ -71,9 +73,6 @@ def trial_driver(params: dict[str, Any], sweep: SweepContext) -> None:
     import ray.tune
     from mlflow import MlflowClient
     from ray.tune.integration.ray_train import TuneReportCallback
-
-    from gcl.jobs import fit, with_score_range
-    from gcl.tracking import flatten, log_params, mark_failed, mark_finished, start_run
 
     trial_id = ray.tune.get_context().get_trial_id()
     name = trial_run_name(sweep.name, trial_id)

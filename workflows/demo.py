@@ -22,6 +22,7 @@ from gcl.data.synth import SynthConfig, synthesize
 from gcl.job_config import JobConfig
 from gcl.jobs import resolve_job, run_train
 from gcl.mlflow_names import OBJECTIVE
+from gcl.registry import register_run
 from gcl.report import comparison_plot, comparison_table
 from workflows import CONFIGS
 
@@ -88,8 +89,6 @@ def run_demo(quick: bool = False, workdir: str = "gcl_runs/demo") -> dict:
     """Run the whole comparison; returns {'baseline': results, 'gcl': results, ...}."""
     from mlflow import MlflowClient
 
-    from gcl.registry import register_run
-
     workdir = os.path.abspath(workdir)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     phases = tqdm(total=5, desc="gcl demo", unit="phase")
@@ -130,7 +129,7 @@ def run_demo(quick: bool = False, workdir: str = "gcl_runs/demo") -> dict:
     print(table)
     print(f"\nplot: {plot}")
     print(f"registered {REGISTERED_MODEL} version {version} as @{alias} "
-          f"({gcl_job.eval.objective_name()} {gcl.metrics[OBJECTIVE]:.4f})")  # fmt: skip
+          f"({gcl_job.eval.objective_name()} on the validation splits {gcl.metrics[OBJECTIVE]:.4f})")  # fmt: skip
     _print_next_steps(uri, alias)
     return {"baseline": base_results, "gcl": gcl_results, "plot": plot, "version": version, "alias": alias,
             "runs": {"baseline": baseline.run_id, "gcl": gcl.run_id}}  # fmt: skip

@@ -12,6 +12,7 @@ from gcl.bench.memory import zero_memory_figures
 from gcl.bench.retrieval import retrieval_queries_per_s, search_peak_memory
 from gcl.bench.steps import bare_loop_pairs_per_s, data_parallel_pairs_per_s
 from gcl.job_config import JobConfig
+from gcl.jobs import run_train
 
 
 def data_figures(job: JobConfig, batch: dict, device: torch.device) -> dict:
@@ -56,7 +57,6 @@ def steps_figures(job: JobConfig, batch: dict, bare_pairs_per_s: float) -> dict:
 
 def pipeline_figures(job: JobConfig, bare: dict) -> dict:
     """`gcl train` on the bench job: its warm epoch (the last of 2) against the bare loop, and its MFU."""
-    from gcl.jobs import run_train
 
     metrics = run_train(job.model_copy(update={"name": f"bench-{time.time_ns()}"})).metrics
     figures = {"pipeline_pairs_per_s": float(metrics["epoch_pairs_per_s"]),
