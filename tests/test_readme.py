@@ -20,11 +20,11 @@ from mlflow import MlflowClient
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parent.parent
 SECTIONS = ("## Using gcl", "## Sweeps and the model registry")
-# The budget, shrunk: a smaller benchmark, one epoch, two trials.
+# The budget, shrunk: a smaller benchmark, one epoch, one trial per sweep.
 SMALLER = {
-    "gcl data synth": ["--products", "600", "--queries", "200"],
+    "gcl data synth": ["--products", "400", "--queries", "150"],
     "gcl train": ["--set", "train.epochs=1"],
-    "gcl tune": ["--set", "num_samples=2", "--set", "job.train.epochs=1"],
+    "gcl tune": ["--set", "num_samples=1", "--set", "job.train.epochs=1"],
 }
 
 

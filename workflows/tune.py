@@ -41,6 +41,35 @@ from gcl.tuning import (
 log = logging.getLogger("gcl.tune")
 
 
+def _report_trials(client, sweep, job, parent_run_id: str, rows: list[dict]) -> None:
+    """Log the trials to the parent run (TRIALS_ARTIFACT) and print their table."""
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(os.path.join(tmp, TRIALS_ARTIFACT), "w") as f:
+            json.dump(rows, f, indent=2, default=str)
+        client.log_artifact(parent_run_id, os.path.join(tmp, TRIALS_ARTIFACT))
+    selected_on = (
+        "validation splits" if job.data.validation else "the evaluation splits, no validation splits given"
+    )
+    print(f"\nsweep {sweep.name}: {job.eval.objective_name()}, selected on {selected_on}; "
+          "test: the same on the evaluation splits")  # fmt: skip
+    print(trial_table(rows))
+
+
+def _export_best(client, context: SweepContext, job, data, best: dict) -> str:
+    """The best trial's MLflow run id, its model exported (once: a re-run finds it exported)."""
+    from ray.train import Checkpoint
+
+    best_name = trial_run_name(context.name, best["trial"])
+    best_run_id = runs_named(client, job.mlflow.experiment, best_name)[0].info.run_id
+    if MODEL_URI_TAG not in client.get_run(best_run_id).data.tags:
+        best_job = with_score_range(trial_job(context.base, best["params"], best_name), data.train)
+        export_model(best_job, Checkpoint(best["checkpoint_path"]), best_run_id, data.manifest(job))
+    client.log_metric(context.parent_run_id, BEST_OBJECTIVE, best["objective"])
+    client.set_tag(context.parent_run_id, BEST_TRIAL_TAG, best["trial"])
+    client.set_tag(context.parent_run_id, BEST_RUN_TAG, best_run_id)
+    return best_run_id
+
+
 def run_tune(path: str, overrides: list[str] | None = None) -> TuneResult:
     """Run (or resume) the sweep in `path`; returns its trials, the best one and its registration."""
     import ray
@@ -70,41 +99,21 @@ def run_tune(path: str, overrides: list[str] | None = None) -> TuneResult:
     client = MlflowClient(uri)
     rows = trial_rows(grid, sweep)
     close_child_runs(client, job.mlflow.experiment, parent_run_id, rows, job.train.epochs)
-    result = TuneResult(parent_run_id=parent_run_id, trials=rows)
-    with tempfile.TemporaryDirectory() as tmp:
-        with open(os.path.join(tmp, TRIALS_ARTIFACT), "w") as f:
-            json.dump(rows, f, indent=2, default=str)
-        client.log_artifact(parent_run_id, os.path.join(tmp, TRIALS_ARTIFACT))
-    selected_on = (
-        "validation splits" if job.data.validation else "the evaluation splits, no validation splits given"
-    )
-    print(f"\nsweep {sweep.name}: {job.eval.objective_name()}, selected on {selected_on}; "
-          "test: the same on the evaluation splits")  # fmt: skip
-    print(trial_table(rows))
+    _report_trials(client, sweep, job, parent_run_id, rows)
     finished = [r for r in rows if r["objective"] is not None and r["checkpoint_path"]]
     if not finished:
         client.set_terminated(parent_run_id, "FAILED")
         raise TrainingError(f"sweep {sweep.name}: no trial finished an epoch; errors are in the table above")
-
     best = finished[0]
-    best_name = trial_run_name(sweep.name, best["trial"])
-    best_run_id = runs_named(client, job.mlflow.experiment, best_name)[0].info.run_id
-    if MODEL_URI_TAG not in client.get_run(best_run_id).data.tags:  # not yet exported by an earlier pass
-        from ray.train import Checkpoint
-
-        best_job = with_score_range(trial_job(context.base, best["params"], best_name), data.train)
-        export_model(best_job, Checkpoint(best["checkpoint_path"]), best_run_id, data.manifest(job))
-    client.log_metric(parent_run_id, BEST_OBJECTIVE, best["objective"])
-    client.set_tag(parent_run_id, BEST_TRIAL_TAG, best["trial"])
-    client.set_tag(parent_run_id, BEST_RUN_TAG, best_run_id)
-    result.best = {**best, "run_id": best_run_id}
+    result = TuneResult(parent_run_id=parent_run_id, trials=rows)
+    result.best = {**best, "run_id": _export_best(client, context, job, data, best)}
     name = sweep.registered_model or job.mlflow.registered_model
     if name:
-        result.registered = register_run(best_run_id, name, uri)
+        result.registered = register_run(result.best["run_id"], name, uri)
         print(f"registered {name} version {result.registered[0]} as @{result.registered[1]}")
     client.set_terminated(parent_run_id)
     scores = f"objective {best['objective']:.4f}"
     if job.data.validation:
         scores += f" (validation), test {best['test_objective']:.4f}"
-    print(f"best trial {best['trial']}: {scores}, MLflow run {best_run_id}")
+    print(f"best trial {best['trial']}: {scores}, MLflow run {result.best['run_id']}")
     return result
