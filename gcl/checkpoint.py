@@ -176,8 +176,8 @@ def resolve_model_dir(model: str, scratch: str, tracking_uri: str | None = None,
     if model.startswith(("runs:/", "models:/")):
         import mlflow
 
-        mlflow.set_tracking_uri(tracking_uri)
-        local = mlflow.artifacts.download_artifacts(artifact_uri=model)
+        local = mlflow.artifacts.download_artifacts(artifact_uri=model, tracking_uri=tracking_uri,
+                                                    registry_uri=tracking_uri)  # fmt: skip
         # A pyfunc model keeps the open_clip weights under artifacts/model.
         nested = os.path.join(local, "artifacts", "model")
         return nested if os.path.isdir(nested) else local

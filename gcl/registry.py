@@ -26,6 +26,7 @@ from gcl.mlflow_names import (
     OBJECTIVE_TAG,
     VALIDATION_PREFIX,
 )
+from gcl.tracking import fluent_tracking_uri
 
 log = logging.getLogger(__name__)
 SERVING_CODE = os.path.join(os.path.dirname(__file__), "serving.py")
@@ -40,8 +41,7 @@ def log_embedding_model(run_id: str, model_dir: str, tracking_uri: str, input_ex
     """
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri)
-    with mlflow.start_run(run_id=run_id):
+    with fluent_tracking_uri(tracking_uri), mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name=EMBEDDING_MODEL_ARTIFACT,
             python_model=SERVING_CODE,
@@ -60,9 +60,9 @@ def register(model_uri: str, name: str, objective: float, tracking_uri: str, tag
     import mlflow
     from mlflow import MlflowClient
 
-    mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri)
-    version = mlflow.register_model(model_uri, name).version
+    with fluent_tracking_uri(tracking_uri):
+        version = mlflow.register_model(model_uri, name).version
     for key, value in {**(tags or {}), OBJECTIVE_TAG: objective, OBJECTIVE_KEY_TAG: objective_key}.items():
         client.set_model_version_tag(name, version, key, str(value)[:5000])
     try:
@@ -92,12 +92,14 @@ def code_version() -> str:
     return f"{gcl.__version__}+{commit}" if commit else gcl.__version__
 
 
-def _run_artifact(run_id: str, path: str) -> str | None:
+def _run_artifact(run_id: str, path: str, tracking_uri: str) -> str | None:
     """A local copy of one of the run's artifacts, None when the run has none at `path`."""
     import mlflow
 
     try:
-        return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path)
+        return mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path=path, tracking_uri=tracking_uri
+        )
     except mlflow.exceptions.MlflowException:
         return None
 
@@ -144,7 +146,6 @@ def register_run(run_id: str, name: str, tracking_uri: str) -> tuple[str, str]:
     """Register the embedding model of a finished gcl run (train or a sweep's best trial) under
     `name`, gated on the run's final objective, with its lineage as tags (version_tags). Returns
     (version, alias)."""
-    import mlflow
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri)
@@ -160,10 +161,9 @@ def register_run(run_id: str, name: str, tracking_uri: str) -> tuple[str, str]:
     if OBJECTIVE not in run.data.metrics:
         raise ModelError(f"run {run_id} has no {OBJECTIVE!r} metric: it was trained without evaluation "
                          "splits (data.eval), so it cannot be compared with the champion")  # fmt: skip
-    mlflow.set_tracking_uri(tracking_uri)
-    with open(_run_artifact(run_id, CONFIG_ARTIFACT)) as f:
+    with open(_run_artifact(run_id, CONFIG_ARTIFACT, tracking_uri)) as f:
         job = JobConfig.model_validate(yaml.safe_load(f))
-    manifest_file = _run_artifact(run_id, MANIFEST_ARTIFACT)
+    manifest_file = _run_artifact(run_id, MANIFEST_ARTIFACT, tracking_uri)
     manifest = json.loads(Path(manifest_file).read_text()) if manifest_file else {}
     tags = version_tags(run, job, manifest)
     return register(

@@ -41,6 +41,22 @@ def resolve_tracking_uri(uri: str | None) -> str:
     return uri
 
 
+@contextlib.contextmanager
+def fluent_tracking_uri(uri: str):
+    """MLflow's fluent API (start_run, log_model, register_model) reads one process-wide tracking
+    URI, which mlflow.set_tracking_uri also exports as MLFLOW_TRACKING_URI: set it for the block
+    only, so that a later job in this process (a notebook, a test session) still resolves its own
+    default store instead of inheriting this one."""
+    import mlflow
+
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)  # None unsets it again
+
+
 def check_tracking(uri: str) -> None:
     """Fail fast, before any training, if the MLflow tracking store cannot be reached."""
     from mlflow import MlflowClient

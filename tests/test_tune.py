@@ -2,6 +2,7 @@
 parent/child runs, a failing trial that fails alone, resume, and champion/challenger gating."""
 
 import json
+import os
 
 import pytest
 import yaml
@@ -151,6 +152,9 @@ def test_sweep_runs_fails_one_trial_alone_registers_the_best_and_resumes(ray_loc
         space={"loss.left_to_right": {"grid": [1.0, 0.5, -1.0]}},  # -1: an invalid weight
     )  # fmt: skip
     result = run_tune(path)
+    # MLflow's set_tracking_uri exports MLFLOW_TRACKING_URI: a later job in this process must not
+    # inherit the sweep's store as its default (the demo's runs went to this test's store).
+    assert "MLFLOW_TRACKING_URI" not in os.environ
 
     by_value = {row["params"]["loss.left_to_right"]: row for row in result.trials}
     assert set(by_value) == {1.0, 0.5, -1.0}
