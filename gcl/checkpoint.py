@@ -23,6 +23,7 @@ from gcl.config import FieldsConfig
 from gcl.errors import ModelError
 from gcl.job_config import JobConfig
 from gcl.model import CONFIG_FILE, FIELDS_FILE, ModelConfig, create_model, model_config, save_model
+from gcl.tracking import fluent_tracking_uri
 
 log = logging.getLogger(__name__)
 CHECKPOINT_TAG = "checkpoint"
@@ -176,8 +177,9 @@ def resolve_model_dir(model: str, scratch: str, tracking_uri: str | None = None,
     if model.startswith(("runs:/", "models:/")):
         import mlflow
 
-        local = mlflow.artifacts.download_artifacts(artifact_uri=model, tracking_uri=tracking_uri,
-                                                    registry_uri=tracking_uri)  # fmt: skip
+        # A models:/ URI is resolved through the process-wide tracking URI, whatever is passed.
+        with fluent_tracking_uri(tracking_uri):
+            local = mlflow.artifacts.download_artifacts(artifact_uri=model)
         # A pyfunc model keeps the open_clip weights under artifacts/model.
         nested = os.path.join(local, "artifacts", "model")
         return nested if os.path.isdir(nested) else local
