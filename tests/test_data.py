@@ -6,6 +6,8 @@ import re
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -240,3 +242,36 @@ def test_csv_and_jsonl_with_image_paths(tmp_path, small_pairs):
     rows.to_csv(tmp_path / "broken.csv", index=False)
     with pytest.raises(DataError, match=r"broken.csv row 0 column 'image': image file cannot be read"):
         _check(str(tmp_path / "broken.csv"))
+
+
+def test_validation_as_a_ray_data_job_finds_what_the_local_checks_find(ray_local, small_pairs, tmp_path):
+    # The same rows checked as Ray Data tasks (one per row group unit) and in this process: the
+    # same rejected rows, reasons, score range and error, duplicates found across files by Ray
+    # Data's groupby. Several files, so that units and duplicates cross file boundaries.
+    df = small_pairs.copy()
+    df["title"] = df["title"].astype(object)
+    df.loc[3, "score_linear"] = np.nan
+    df.loc[50, "title"] = " "
+    df.loc[[70, 300], "pair_id"] = df.loc[10, "pair_id"]  # the first at row 10 of the first file
+    df.at[200, "image"] = {"bytes": b"not an image", "path": None}
+    df.loc[250, "title"] = None
+    df.at[250, "image"] = None
+    (tmp_path / "pairs").mkdir()
+    for k, start in enumerate(range(0, len(df), -(-len(df) // 3))):
+        part = df.iloc[start : start + -(-len(df) // 3)]
+        pq.write_table(pa.Table.from_pandas(part, preserve_index=False), tmp_path / "pairs" / f"{k}.parquet",
+                       row_group_size=64)  # fmt: skip
+    spec = str(tmp_path / "pairs")
+    skip = DataConfig(on_bad_rows="skip")
+    local = validate_pairs(spec, skip, FIELDS, "score_linear")
+    on_ray = validate_pairs(spec, skip, FIELDS, "score_linear", local_rows=0)
+    assert [str(b) for b in on_ray.bad] == [str(b) for b in local.bad]
+    assert len(local.bad_row_keys) == local.bad_rows == on_ray.bad_rows == 6
+    assert on_ray.reasons() == local.reasons() and on_ray.reasons()["pair_id: duplicate pair id"] == 2
+    assert (on_ray.rows, on_ray.score_min, on_ray.score_max) == (local.rows, local.score_min, local.score_max)
+    assert on_ray.bad_pair_ids == local.bad_pair_ids
+    first_file = on_ray.files[0]
+    assert f"duplicate pair id {int(df.pair_id[10])} (first at {first_file} row 10)" in " ".join(map(str, on_ray.bad))
+    with pytest.raises(DataError) as err:
+        validate_pairs(spec, DataConfig(), FIELDS, "score_linear", local_rows=0)
+    assert "6 bad" in str(err.value) and "image cannot be decoded" in str(err.value)

@@ -4,50 +4,57 @@ Structural problems (a missing or mistyped column, an empty dataset) always stop
 error. Row problems (bad scores, empty text, unreadable images, duplicate or missing ids)
 stop with an error naming file, row and column, or with `on_bad_rows: skip` are dropped
 and reported by reason. Nothing is dropped silently.
+
+A dataset is checked in units of row groups (a whole file for CSV/JSONL). Large datasets are a
+Ray Data job over the cluster's CPUs: one task per unit runs gcl.data.row_checks, and duplicate
+pair ids are found by Ray Data's distributed groupby on the id, so the driver holds only the
+counts by reason and the rows it lists (all rejected rows with `on_bad_rows: skip`, which the
+pipeline drops by pair id), never the dataset or its ids. Small datasets run the same functions in
+this process, where a Ray job's start-up would cost more than the checks.
 """
 
 from __future__ import annotations
 
-import io
 import logging
-import math
-from collections import Counter
+import pickle
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
+import numpy as np
 import pyarrow as pa
-from PIL import Image
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from gcl.config import FieldsConfig
-from gcl.data.readers import DataError, file_columns, image_base_dir, image_bytes, iter_batches, resolve_files
+from gcl.data.readers import DataError, image_base_dir, read_table, resolve_files
+from gcl.data.row_checks import BadRow, CheckResult, RowRules, check_batch
 from gcl.data.schema import DataConfig
+from gcl.storage import filesystem
 
 log = logging.getLogger(__name__)
 MAX_LISTED = 20
+UNIT_ROWS = 4096
+"""Rows per check task at least: consecutive row groups of a file are merged up to it."""
+BATCH_ROWS = 4096
+"""Rows a check task holds at once (with their images)."""
+LOCAL_ROWS = 50_000
+"""Datasets of at most this many rows are checked in this process rather than as a Ray job."""
 
-
-@dataclass
-class BadRow:
-    """One rejected row: where it is and why."""
-
-    file: str
-    row: int
-    column: str
-    reason: str
-    pair_id: object = None
-
-    def __str__(self) -> str:
-        return f"{self.file} row {self.row} column {self.column!r}: {self.reason}"
+__all__ = ["BadRow", "RowRules", "ValidationReport", "validate_pairs"]
 
 
 @dataclass
 class ValidationReport:
-    """What validation found across all files of a dataset."""
+    """What validation found across all files of a dataset: every rejected row when they are
+    skipped (training drops them), the first MAX_LISTED otherwise (the error lists them)."""
 
     files: list[str]
     rows: int = 0
     bad: list[BadRow] = field(default_factory=list)
-    score_min: float = math.inf
-    score_max: float = -math.inf
+    bad_rows: int = 0
+    reason_counts: Counter = field(default_factory=Counter)
+    score_min: float = float("inf")
+    score_max: float = float("-inf")
 
     @property
     def bad_pair_ids(self) -> set:
@@ -59,38 +66,28 @@ class ValidationReport:
 
     def reasons(self) -> Counter:
         """Count of rejected rows per reason (first problem of each row)."""
-        first: dict[tuple[str, int], str] = {}
-        for b in self.bad:
-            first.setdefault((b.file, b.row), f"{b.column}: {b.reason.split(' (')[0]}")
-        return Counter(first.values())
+        return self.reason_counts
 
     @property
     def rows_valid(self) -> int:
-        return self.rows - len(self.bad_row_keys)
+        return self.rows - self.bad_rows
 
     def summary(self) -> str:
-        if not self.bad:
+        if not self.bad_rows:
             return f"{self.rows} rows, all valid"
         reasons = ", ".join(f"{n} x {r}" for r, n in self.reasons().most_common())
-        return f"{self.rows} rows, {len(self.bad_row_keys)} bad ({reasons})"
+        return f"{self.rows} rows, {self.bad_rows} bad ({reasons})"
 
 
-def _is_text(t: pa.DataType) -> bool:
-    return pa.types.is_string(t) or pa.types.is_large_string(t)
+@dataclass(frozen=True)
+class Unit:
+    """One check task's rows: row groups of a parquet file (None: the whole file) starting at row
+    `first_row` of it."""
 
-
-def _is_image(t: pa.DataType) -> bool:
-    if pa.types.is_struct(t):
-        return t.get_field_index("bytes") >= 0 or t.get_field_index("path") >= 0
-    return _is_text(t) or pa.types.is_binary(t) or pa.types.is_large_binary(t)
-
-
-def _is_number(t: pa.DataType) -> bool:
-    return pa.types.is_integer(t) or pa.types.is_floating(t)
-
-
-def _is_id(t: pa.DataType) -> bool:
-    return pa.types.is_integer(t) or _is_text(t)
+    file: str
+    first_row: int
+    rows: int
+    row_groups: tuple[int, ...] | None = None
 
 
 def _check_schema(file: str, schema: pa.Schema, expected: dict[str, tuple[str, object]]) -> None:
@@ -107,30 +104,152 @@ def _check_schema(file: str, schema: pa.Schema, expected: dict[str, tuple[str, o
             raise DataError(f"{file}: column {column!r} has type {actual}, expected {wanted}")
 
 
-@dataclass(frozen=True)
-class RowRules:
-    """What a valid row is: its columns (the sides' fields, the weight key, the ids) and the
-    lowest acceptable weight-key value (1 for rank positions)."""
+def plan_units(file: str, expected: dict[str, tuple[str, object]]) -> tuple[pa.Schema, list[Unit]]:
+    """Check `file`'s columns (from a parquet footer; CSV/JSONL files, which hold image paths rather
+    than images, are read) and cut it into units of at least UNIT_ROWS rows."""
+    if not file.endswith(".parquet"):
+        schema, rows = (table := read_table(file)).schema, table.num_rows
+        _check_schema(file, schema, expected)
+        return schema, [Unit(file, 0, rows)]
+    store, path = filesystem(file)
+    meta = pq.ParquetFile(path, filesystem=store).metadata
+    schema = meta.schema.to_arrow_schema()
+    _check_schema(file, schema, expected)
+    units, groups, first, rows = [], [], 0, 0
+    for g in range(meta.num_row_groups):
+        groups.append(g)
+        rows += meta.row_group(g).num_rows
+        if rows >= UNIT_ROWS or g == meta.num_row_groups - 1:
+            units.append(Unit(file, first, rows, tuple(groups)))
+            groups, first, rows = [], first + rows, 0
+    return schema, units
 
-    data: DataConfig
-    fields: FieldsConfig
-    weight_key: str
-    min_score: float = 0.0
 
-    def expected_columns(self) -> dict[str, tuple[str, object]]:
-        """Column -> (what it must hold, in words; a check of its arrow type)."""
-        expected: dict[str, tuple[str, object]] = {
-            self.weight_key: ("a numeric type", _is_number),
-            self.data.query_id_column: ("integer or string ids", _is_id),
-            self.data.document_id_column: ("integer or string ids", _is_id),
-            self.data.pair_id_column: ("integer or string ids", _is_id),
-        }
-        for name, modality in self.fields.modalities().items():
-            if modality == "text":
-                expected[name] = ("string (text)", _is_text)
-            else:
-                expected[name] = ("encoded image bytes, a {bytes, path} struct or a path string", _is_image)
-        return expected
+def _batches(unit: Unit, columns: list[str]):
+    """(first row number in the file, batch) over `unit`'s rows, BATCH_ROWS at a time."""
+    if unit.row_groups is None:
+        batches = read_table(unit.file, columns).to_batches(BATCH_ROWS)
+    else:
+        store, path = filesystem(unit.file)
+        batches = pq.ParquetFile(path, filesystem=store).iter_batches(
+            BATCH_ROWS, row_groups=list(unit.row_groups), columns=columns
+        )
+    offset = unit.first_row
+    for batch in batches:
+        yield offset, batch
+        offset += batch.num_rows
+
+
+def check_unit(unit: Unit, rules: RowRules, listed: int | None) -> CheckResult:
+    """Every row check on one unit."""
+    result = CheckResult(listed=listed)
+    base_dir = image_base_dir(unit.file, rules.data.image_root)
+    for offset, batch in _batches(unit, list(rules.expected_columns())):
+        check_batch(unit.file, offset, batch, rules, base_dir, result)
+    return result
+
+
+def unit_pair_ids(index: int, unit: Unit, column: str, id_type: pa.DataType) -> pa.Table:
+    """(pair_id, unit, row) of `unit`'s rows that have a pair id."""
+    parts = []
+    for offset, batch in _batches(unit, [column]):
+        ids = pc.cast(batch.column(0), id_type)
+        rows = np.arange(offset, offset + batch.num_rows, dtype=np.int64)
+        parts.append(pa.table({"pair_id": ids, "unit": pa.array(np.full(len(rows), index, np.int32)),
+                               "row": rows}).filter(pc.is_valid(ids)))  # fmt: skip
+    return pa.concat_tables(parts) if parts else pa.table({"pair_id": pa.array([], id_type)})
+
+
+def _duplicate_rows(locations: pa.Table, units: list[Unit], column: str) -> list[BadRow]:
+    """BadRows for every occurrence after the first (in file and row order) of the pair ids in
+    `locations` (pair_id, unit, row)."""
+    seen: dict[object, list[tuple[int, int]]] = defaultdict(list)
+    for pid, unit, row in zip(*(locations.column(c).to_pylist() for c in ("pair_id", "unit", "row")), strict=True):
+        seen[pid].append((unit, row))
+    bad = []
+    for pid, places in seen.items():
+        (first_unit, first_row), *later = sorted(places)
+        first_file = units[first_unit].file
+        reason = f"duplicate pair id {pid!r} (first at {first_file} row {first_row})"
+        bad.extend(BadRow(units[u].file, row, column, reason, pid, "duplicate pair id") for u, row in later)
+    return bad
+
+
+def _id_type(schemas: list[pa.Schema], column: str) -> pa.DataType:
+    """One type for the pair ids of all files: int64 when every file has integers, else strings."""
+    types = [s.field(column).type for s in schemas]
+    return pa.int64() if all(pa.types.is_integer(t) or pa.types.is_null(t) for t in types) else pa.string()
+
+
+class _Local:
+    """Runs the checks in this process."""
+
+    def __init__(self, units: list[Unit], rules: RowRules, id_type: pa.DataType):
+        self.units, self.rules, self.id_type = units, rules, id_type
+
+    def check(self, listed: int | None) -> list[CheckResult]:
+        return [check_unit(u, self.rules, listed) for u in self.units]
+
+    def pair_ids(self) -> pa.Table:
+        column = self.rules.data.pair_id_column
+        return pa.concat_tables([unit_pair_ids(i, u, column, self.id_type) for i, u in enumerate(self.units)])
+
+    def repeated(self, listed: int | None) -> tuple[int, pa.Table]:
+        """(rows whose pair id came earlier, locations of the repeated ids listed)."""
+        ids = self.pair_ids()
+        counts = ids.group_by("pair_id").aggregate([("row", "count")])
+        repeated = counts.filter(pc.greater(counts["row_count"], 1))
+        extra = pc.sum(repeated["row_count"]).as_py() - repeated.num_rows if repeated.num_rows else 0
+        listed_ids = repeated["pair_id"][: listed if listed is not None else repeated.num_rows]
+        return extra, ids.filter(pc.is_in(ids["pair_id"], listed_ids))
+
+
+def _check_task(batch: dict, units: list[Unit], rules: RowRules, listed: int | None) -> dict:
+    return {"result": np.array([pickle.dumps(check_unit(units[int(i)], rules, listed)) for i in batch["unit"]],
+                               dtype=object)}  # fmt: skip
+
+
+def _ids_task(batch: dict, units: list[Unit], column: str, id_type: pa.DataType) -> pa.Table:
+    return pa.concat_tables([unit_pair_ids(int(i), units[int(i)], column, id_type) for i in batch["unit"]])
+
+
+class _OnRay(_Local):
+    """Runs the checks as Ray Data tasks, one unit per task, over the cluster's CPUs."""
+
+    def _units(self):
+        import ray.data
+
+        from gcl.cluster import init_ray
+
+        init_ray()
+        units = ray.data.from_items([{"unit": i} for i in range(len(self.units))],
+                                    override_num_blocks=len(self.units))  # fmt: skip
+        # A DataError raised in a task (an unreadable file) reaches the caller as itself.
+        units.context.raise_original_map_exception = True
+        return units
+
+    def check(self, listed: int | None) -> list[CheckResult]:
+        results = self._units().map_batches(_check_task, fn_kwargs={"units": self.units, "rules": self.rules,
+                                            "listed": listed}, batch_size=1, num_cpus=1)  # fmt: skip
+        return [pickle.loads(row["result"]) for row in results.iter_rows()]
+
+    def pair_ids(self):
+        return self._units().map_batches(_ids_task, fn_kwargs={"units": self.units, "column": self.rules.data.pair_id_column,
+                                         "id_type": self.id_type}, batch_size=1, num_cpus=1, batch_format="pyarrow")  # fmt: skip
+
+    def repeated(self, listed: int | None) -> tuple[int, pa.Table]:
+        counts = self.pair_ids().groupby("pair_id").count()
+        repeated = counts.map_batches(lambda t: t.filter(pc.greater(t["count()"], 1)),
+                                      batch_format="pyarrow").materialize()
+        if not repeated.count():
+            return 0, pa.table({"pair_id": pa.array([], self.id_type), "unit": [], "row": []})
+        extra = repeated.sum("count()") - repeated.count()
+        rows = repeated.take(listed) if listed is not None else repeated.take_all()
+        listed_ids = pa.array([r["pair_id"] for r in rows], self.id_type)
+        located = self.pair_ids().map_batches(lambda t: t.filter(pc.is_in(t["pair_id"], listed_ids)),
+                                              batch_format="pyarrow")  # fmt: skip
+        return extra, pa.Table.from_pylist(located.take_all(), schema=pa.schema(
+            [("pair_id", self.id_type), ("unit", pa.int32()), ("row", pa.int64())]))  # fmt: skip
 
 
 def validate_pairs(
@@ -141,132 +260,54 @@ def validate_pairs(
     *,
     min_score: float = 0.0,
     files: list[str] | None = None,
+    local_rows: int = LOCAL_ROWS,
 ) -> ValidationReport:
     """Check every row of the dataset at `spec` (its `files`, listed here when not given); raise
     DataError or return a report, which carries the files on to training and the manifest.
 
     min_score: the lowest acceptable weight-key value (1 for rank positions).
+    local_rows: datasets of more rows are checked as a Ray Data job.
     """
     files = files or resolve_files(spec)
     rules = RowRules(data, fields, weight_key, min_score)
     expected = rules.expected_columns()
-    report = ValidationReport(files=files)
-    seen_pairs: dict[object, tuple[str, int]] = {}
+    schemas, units = [], []
     for file in files:
-        _check_schema(file, file_columns(file), expected)
-        base_dir = image_base_dir(file, data.image_root)
-        for offset, batch in iter_batches(file, list(expected)):
-            rows = _BatchRows(file, offset, batch, report, data.pair_id_column)
-            _check_scores(rows, rules)
-            _check_ids(rows, rules, seen_pairs)
-            for side in ("left", "right"):
-                _check_side(rows, rules, side, base_dir)
-            report.rows += batch.num_rows
-    if report.rows == 0:
+        schema, file_units = plan_units(file, expected)
+        schemas.append(schema)
+        units.extend(file_units)
+    total = sum(u.rows for u in units)
+    if total == 0:
         raise DataError(f"{spec}: the dataset is empty (0 rows in {len(files)} file(s))")
-    if report.bad and data.on_bad_rows == "error":
-        listed = "\n  ".join(str(b) for b in report.bad[:MAX_LISTED])
-        more = f"\n  ... and {len(report.bad) - MAX_LISTED} more" if len(report.bad) > MAX_LISTED else ""
+    runner = (_Local if total <= local_rows else _OnRay)(units, rules, _id_type(schemas, data.pair_id_column))
+    listed = None if data.on_bad_rows == "skip" else MAX_LISTED
+    report = _report(files, units, runner, listed)
+    if report.bad_rows and data.on_bad_rows == "error":
+        more = report.bad_rows - min(len(report.bad), MAX_LISTED)
+        listed_rows = "\n  ".join(str(b) for b in report.bad[:MAX_LISTED])
+        more = f"\n  ... and {more} more" if more > 0 else ""
         raise DataError(
-            f"{spec}: {report.summary()}:\n  {listed}{more}\n"
+            f"{spec}: {report.summary()}:\n  {listed_rows}{more}\n"
             "Fix these rows, or set data.on_bad_rows=skip to drop them (they are counted and reported)."
         )
     if report.rows_valid == 0:
         raise DataError(f"{spec}: no valid rows left after skipping bad ones ({report.summary()})")
-    if report.bad:
+    if report.bad_rows:
         log.warning("%s: skipping bad rows: %s", spec, report.summary())
     return report
 
 
-class _BatchRows:
-    """One batch of a file as Python values, and the rows rejected so far (with their reasons,
-    recorded in the report)."""
-
-    def __init__(
-        self, file: str, offset: int, batch: pa.RecordBatch, report: ValidationReport, pair_id_column: str
-    ):
-        self.file, self.offset, self.report = file, offset, report
-        self.count = batch.num_rows
-        self.columns = {name: batch.column(name).to_pylist() for name in batch.schema.names}
-        self.rejected: set[int] = set()
-        self._pair_ids = self.columns[pair_id_column]
-
-    def reject(self, i: int, column: str, reason: str) -> None:
-        self.report.bad.append(BadRow(self.file, self.offset + i, column, reason, self._pair_ids[i]))
-        self.rejected.add(i)
-
-
-def _check_scores(rows: _BatchRows, rules: RowRules) -> None:
-    """Weight-key values: finite and at least min_score; the range of the valid ones is recorded."""
-    accepted = f"accepted: a finite number >= {rules.min_score}"
-    report = rows.report
-    for i, score in enumerate(rows.columns[rules.weight_key]):
-        if score is None:
-            rows.reject(i, rules.weight_key, f"score is missing (null or NaN) ({accepted})")
-        elif not math.isfinite(score):
-            rows.reject(i, rules.weight_key, f"score is {score} ({accepted})")
-        elif score < rules.min_score:
-            rows.reject(i, rules.weight_key, f"score {score} is below {rules.min_score} ({accepted})")
-        else:
-            report.score_min = min(report.score_min, float(score))
-            report.score_max = max(report.score_max, float(score))
-
-
-def _check_ids(rows: _BatchRows, rules: RowRules, seen_pairs: dict[object, tuple[str, int]]) -> None:
-    """Query and document ids present; pair ids present and unique across the dataset."""
-    data = rules.data
-    for column in (data.query_id_column, data.document_id_column):
-        for i, value in enumerate(rows.columns[column]):
-            if value is None:
-                rows.reject(i, column, "id is missing")
-    for i, pid in enumerate(rows.columns[data.pair_id_column]):
-        if pid is None:
-            rows.reject(i, data.pair_id_column, "pair id is missing")
-        elif pid in seen_pairs:
-            first_file, first_row = seen_pairs[pid]
-            rows.reject(
-                i, data.pair_id_column, f"duplicate pair id {pid!r} (first at {first_file} row {first_row})"
-            )
-        else:
-            seen_pairs[pid] = (rows.file, rows.offset + i)
-
-
-def _check_side(rows: _BatchRows, rules: RowRules, side: str, base_dir: str | None) -> None:
-    """A side's fields: no empty text, images that decode (data.validate_images), and a value in
-    at least one field of positive weight (a null is a missing value, not an error)."""
-    specs = getattr(rules.fields, side)
-    present = [[False] * rows.count for _ in specs]
-    for k, (name, spec) in enumerate(specs.items()):
-        for i, value in enumerate(rows.columns[name]):
-            if value is None:
-                continue
-            if spec.modality == "text":
-                if not str(value).strip():
-                    rows.reject(i, name, "empty text (accepted: non-empty text, or null for a missing value)")
-                    continue
-            elif rules.data.validate_images:
-                problem = _image_problem(value, base_dir)
-                if problem:
-                    rows.reject(i, name, problem)
-                    continue
-            present[k][i] = True
-    usable = [n for n, s in specs.items() if s.weight > 0]
-    for i in range(rows.count):
-        if i not in rows.rejected and not any(present[k][i] for k, n in enumerate(specs) if n in usable):
-            rows.reject(i, "/".join(usable), f"the {side} side has no value in any field")
-
-
-def _image_problem(value, base_dir) -> str | None:
-    """None if the image decodes, else why not."""
-    try:
-        raw = image_bytes(value, base_dir)
-    except (FileNotFoundError, OSError) as err:
-        return f"image file cannot be read ({err})"
-    if raw is None:
-        return None
-    try:
-        with Image.open(io.BytesIO(raw)) as img:
-            img.load()
-    except Exception as err:  # PIL raises several types for corrupt data
-        return f"image cannot be decoded ({type(err).__name__}: {err}); accepted: PNG/JPEG/WebP bytes or a path to one"
-    return None
+def _report(files: list[str], units: list[Unit], runner: _Local, listed: int | None) -> ValidationReport:
+    """Every unit's checks and the dataset's duplicate pair ids, merged in file and row order."""
+    found = CheckResult(listed=None)
+    for result in runner.check(listed):
+        found.add(result)
+    extra, locations = runner.repeated(listed)
+    duplicates = _duplicate_rows(locations, units, runner.rules.data.pair_id_column)
+    already = {(b.file, b.row) for b in found.bad}
+    found.bad_rows += extra - sum((b.file, b.row) in already for b in duplicates)
+    found.reasons.update(b.label for b in duplicates if (b.file, b.row) not in already)
+    order = {f: i for i, f in enumerate(files)}
+    bad = sorted(found.bad + duplicates, key=lambda b: (order[b.file], b.row))
+    return ValidationReport(files=files, rows=found.rows, bad=bad, bad_rows=found.bad_rows,
+                            reason_counts=found.reasons, score_min=found.score_min, score_max=found.score_max)  # fmt: skip
