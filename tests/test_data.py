@@ -12,8 +12,10 @@ import pytest
 from PIL import Image
 
 from gcl.config import FieldsConfig
+from gcl.data.manifest import spec_manifest
 from gcl.data.readers import DataError
 from gcl.data.schema import MARQO_GS_COLUMNS, SPLITS, DataConfig
+from gcl.data.split_job import split_dataset
 from gcl.data.splits import VALIDATION_SPLITS, SplitConfig, build_splits, unused_pairs
 from gcl.data.synth import DISTINCT_QUERIES, SynthConfig, generate_pairs, synthesize
 from gcl.data.validate import validate_pairs
@@ -70,7 +72,22 @@ def test_synth_refuses_more_queries_than_its_vocabulary_has_before_drawing_any()
 
 
 def test_split_builder_has_no_leakage(small_pairs):
-    splits = build_splits(small_pairs, "query_id", "product_id", SplitConfig(seed=1))
+    splits = build_splits(small_pairs, "query_id", "product_id", SplitConfig(seed=3))
+    assert_no_leakage(splits, small_pairs)
+    assert 0 < unused_pairs(small_pairs, splits) < len(small_pairs) * 0.1
+    again = build_splits(small_pairs, "query_id", "product_id", SplitConfig(seed=3))
+    assert all(again[k].equals(splits[k]) for k in splits)
+    without = build_splits(small_pairs, "query_id", "product_id",
+                           SplitConfig(seed=3, validation_query_fraction=0, validation_document_fraction=0))  # fmt: skip
+    assert set(without) == {"train", *SPLITS}
+    assert sum(len(without[p]) for p in ["train", "novel_query", "novel_document", "zero_shot"]) == len(
+        small_pairs
+    )
+    with pytest.raises(ValueError, match="column 'qid' not in the data"):
+        build_splits(small_pairs, "qid", "product_id", SplitConfig())
+
+
+def assert_no_leakage(splits: dict[str, pd.DataFrame], pairs: pd.DataFrame) -> None:
     train_q, train_d = set(splits["train"].query_id), set(splits["train"].product_id)
     queries = {name: set(df.query_id) for name, df in splits.items()}
     docs = {name: set(df.product_id) for name, df in splits.items()}
@@ -97,18 +114,7 @@ def test_split_builder_has_no_leakage(small_pairs):
     parts = ["train", "novel_query", "novel_document", "zero_shot", "val_novel_query", "val_novel_document",
              "val_zero_shot"]  # fmt: skip
     pair_ids = [pid for p in parts for pid in splits[p].pair_id]
-    assert len(pair_ids) == len(set(pair_ids)) == len(small_pairs) - unused_pairs(small_pairs, splits)
-    assert 0 < unused_pairs(small_pairs, splits) < len(small_pairs) * 0.1
-    again = build_splits(small_pairs, "query_id", "product_id", SplitConfig(seed=1))
-    assert all(again[k].equals(splits[k]) for k in splits)
-    without = build_splits(small_pairs, "query_id", "product_id",
-                           SplitConfig(seed=1, validation_query_fraction=0, validation_document_fraction=0))  # fmt: skip
-    assert set(without) == {"train", *SPLITS}
-    assert sum(len(without[p]) for p in ["train", "novel_query", "novel_document", "zero_shot"]) == len(
-        small_pairs
-    )
-    with pytest.raises(ValueError, match="column 'qid' not in the data"):
-        build_splits(small_pairs, "qid", "product_id", SplitConfig())
+    assert len(pair_ids) == len(set(pair_ids)) == len(pairs) - unused_pairs(pairs, splits)
 
 
 # ------------------------------------------------------------------------------------------
@@ -275,3 +281,36 @@ def test_validation_as_a_ray_data_job_finds_what_the_local_checks_find(ray_local
     with pytest.raises(DataError) as err:
         validate_pairs(spec, DataConfig(), FIELDS, "score_linear", local_rows=0)
     assert "6 bad" in str(err.value) and "image cannot be decoded" in str(err.value)
+
+
+def test_split_streams_on_ray_data_by_id_hash_as_the_in_memory_split_does(ray_local, tmp_path):
+    # 24,000 pairs in three files, string document ids: the streaming split writes each split as a
+    # parquet directory; it is the in-memory rule's split row for row, holds nothing out that
+    # leaks, hits its fractions within sampling error and writes the same files for the same seed.
+    rng = np.random.default_rng(0)
+    n = 24_000
+    pairs = pd.DataFrame({"query_id": rng.integers(0, 3000, n), "product_id": [f"p{i}" for i in rng.integers(0, 6000, n)],
+                          "pair_id": np.arange(n), "score_linear": rng.random(n)})  # fmt: skip
+    (tmp_path / "in").mkdir()
+    for k in range(3):
+        pairs.iloc[k * n // 3 : (k + 1) * n // 3].to_parquet(tmp_path / "in" / f"{k}.parquet", index=False)
+    cfg = SplitConfig(seed=7)
+    manifest = split_dataset(str(tmp_path / "in"), str(tmp_path / "out"), "query_id", "product_id", cfg)
+    streamed = {name: pd.read_parquet(tmp_path / "out" / name).sort_values("pair_id").reset_index(drop=True)
+                for name in manifest["splits"]}  # fmt: skip
+    assert_no_leakage(streamed, pairs)
+    in_memory = build_splits(pairs, "query_id", "product_id", cfg)
+    for name, df in in_memory.items():
+        assert df.sort_values("pair_id").reset_index(drop=True).equals(streamed[name]), name
+        info = manifest["splits"][name]
+        assert (info["rows"], info["queries"], info["documents"]) == (len(df), df.query_id.nunique(), df.product_id.nunique())
+        assert info["sha256"] == spec_manifest(str(tmp_path / "out" / name))["sha256"]
+    assert manifest["unused_pairs"] == unused_pairs(pairs, in_memory)
+    queries = pairs.query_id.unique()
+    novel = set(streamed["novel_query"].query_id) | set(streamed["zero_shot"].query_id)
+    sigma = (0.2 * 0.8 / len(queries)) ** 0.5
+    assert abs(len(novel) / len(queries) - 0.2) < 4 * sigma  # (queries with pairs in neither: a few)
+    again = split_dataset(str(tmp_path / "in"), str(tmp_path / "again"), "query_id", "product_id", cfg)
+    assert {k: v["sha256"] for k, v in again["splits"].items()} == {k: v["sha256"] for k, v in manifest["splits"].items()}
+    with pytest.raises(DataError, match="column 'qid' not in the data"):
+        split_dataset(str(tmp_path / "in"), str(tmp_path / "bad"), "qid", "product_id", cfg)

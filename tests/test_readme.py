@@ -108,9 +108,9 @@ def check_result(name: str, command: str, output: str, clone: Path, client: Mlfl
     elif name == "gcl register":
         assert re.search(r"registered my-model version 1 as @champion", output), output
     elif name == "gcl data split":
-        assert (clone / "my-splits/val_novel_query.parquet").is_file() and (
-            clone / "my-splits/train.parquet"
-        ).is_file()
+        manifest = json.loads((clone / "my-splits/manifest.json").read_text())
+        for split in ("train", "novel_query", "val_novel_query"):
+            assert manifest["splits"][split]["rows"] > 0 and list((clone / "my-splits" / split).glob("*.parquet"))
     elif name == "gcl config":
         assert "loss.weight_fn" in output and "data.validation" in output
     elif name == "gcl tune":

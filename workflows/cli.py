@@ -63,23 +63,20 @@ def cmd_data_synth(args) -> int:
 
 
 def cmd_data_split(args) -> int:
-    import pandas as pd
-
     from gcl.config import validate_config
-    from gcl.data.readers import read_table, resolve_files
-    from gcl.data.splits import SplitConfig, build_splits, unused_pairs
-    from gcl.data.synth import write_splits
+    from gcl.data.split_job import split_dataset
+    from gcl.data.splits import SplitConfig
 
     fractions = ("novel_query", "novel_document", "in_domain", "validation_query", "validation_document")
     values = {f"{name}_fraction": getattr(args, f"{name}_fraction") for name in fractions}
     cfg = validate_config(SplitConfig, {**values, "seed": args.seed}, source="gcl data split")
-    pairs = pd.concat([read_table(f).to_pandas() for f in resolve_files(args.input)], ignore_index=True)
-    splits = build_splits(pairs, args.query_column, args.document_column, cfg)
-    extra = {"source": args.input, "split": cfg.model_dump(), "unused_pairs": unused_pairs(pairs, splits)}
-    manifest = write_splits(
-        splits, args.out, extra, query_col=args.query_column, doc_col=args.document_column
-    )
-    print(json.dumps(manifest["splits"], indent=2))
+    extra = {"source": args.input, "split": cfg.model_dump()}
+    manifest = split_dataset(args.input, args.out, args.query_column, args.document_column, cfg, extra)
+    for name, info in manifest["splits"].items():
+        print(f"{name:19s} {info['rows']:9d} pairs  {info['queries']:7d} queries  {info['documents']:8d} documents"
+              f"  -> {Path(args.out) / info['file']} ({info['files']} files)")  # fmt: skip
+    print(f"{manifest['unused_pairs']} pairs in no split (a test-novel query with a validation-novel document, "
+          "or the reverse)")  # fmt: skip
     return 0
 
 
@@ -200,7 +197,8 @@ def _add_data(sub) -> None:
         "zero_shot) and validation splits of their own (val_*)",
     )
     p.add_argument("--input", required=True, help="parquet file, directory or glob (or .csv / .jsonl)")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", required=True, help="output directory (local or a URI): <out>/<split>/ parquet "
+                   "directories and manifest.json")
     p.add_argument("--query-column", default="query_id")
     p.add_argument("--document-column", default="product_id")
     p.add_argument("--novel-query-fraction", type=float, default=0.2)

@@ -23,6 +23,7 @@ import numpy as np
 from pydantic import Field
 
 from gcl.config import FieldsConfig, Section
+from gcl.data.keys import stable_keys
 from gcl.data.readers import DataError, field_text, image_base_dir, image_bytes, resolve_files
 from gcl.data.schema import DataConfig
 
@@ -51,18 +52,6 @@ class PipelineConfig(Section):
     """Start the next epoch's pipeline (its read, global shuffle and first batches) as soon as this
     epoch's first batch has arrived, so that its start-up overlaps training instead of stalling
     the trainers between epochs. Costs a second epoch's shuffle in the object store for a while."""
-
-
-def stable_keys(values: np.ndarray) -> np.ndarray:
-    """int64 keys for ids: integers as they are, anything else by a stable 63-bit hash."""
-    values = np.asarray(values)
-    if values.dtype.kind in "iu":
-        return values.astype(np.int64)
-    out = np.empty(len(values), dtype=np.int64)
-    for i, v in enumerate(values):
-        digest = hashlib.blake2b(str(v).encode(), digest_size=8).digest()
-        out[i] = int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
-    return out
 
 
 class TokenCache:
@@ -229,9 +218,9 @@ def footer_readers_for(files: list[str]):
         del os.environ[FOOTER_ACTORS_ENV]
 
 
-def read_pairs(spec: str, files: list[str], columns: list[str], num_cpus: float = 1.0):
+def read_pairs(spec: str, files: list[str], columns: list[str] | None, num_cpus: float = 1.0):
     """A Ray Dataset of the pairs in `files` (resolved from `spec`; parquet, CSV or JSONL), only
-    `columns`; each read task reserves `num_cpus`."""
+    `columns` (None: all); each read task reserves `num_cpus`."""
     import ray.data
 
     kinds = {os.path.splitext(f)[1] for f in files}
@@ -239,10 +228,12 @@ def read_pairs(spec: str, files: list[str], columns: list[str], num_cpus: float 
         with footer_readers_for(files):
             return ray.data.read_parquet(files, columns=columns, num_cpus=num_cpus)
     if kinds == {".csv"}:
-        return ray.data.read_csv(files, num_cpus=num_cpus).select_columns(columns)
-    if kinds <= {".jsonl", ".json"}:
-        return ray.data.read_json(files, lines=True, num_cpus=num_cpus).select_columns(columns)
-    raise DataError(f"{spec}: mixes file types {sorted(kinds)}; use one format per dataset")
+        ds = ray.data.read_csv(files, num_cpus=num_cpus)
+    elif kinds <= {".jsonl", ".json"}:
+        ds = ray.data.read_json(files, lines=True, num_cpus=num_cpus)
+    else:
+        raise DataError(f"{spec}: mixes file types {sorted(kinds)}; use one format per dataset")
+    return ds.select_columns(columns) if columns else ds
 
 
 @dataclass(frozen=True)

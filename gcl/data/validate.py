@@ -23,20 +23,17 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from gcl.config import FieldsConfig
-from gcl.data.readers import DataError, image_base_dir, read_table, resolve_files
+from gcl.data.readers import DataError, image_base_dir, resolve_files
 from gcl.data.row_checks import BadRow, CheckResult, RowRules, check_batch
 from gcl.data.schema import DataConfig
-from gcl.storage import filesystem
+from gcl.data.units import Unit, plan_units, unit_batches, units_dataset
 
 log = logging.getLogger(__name__)
 MAX_LISTED = 20
 UNIT_ROWS = 4096
 """Rows per check task at least: consecutive row groups of a file are merged up to it."""
-BATCH_ROWS = 4096
-"""Rows a check task holds at once (with their images)."""
 LOCAL_ROWS = 50_000
 """Datasets of at most this many rows are checked in this process rather than as a Ray job."""
 
@@ -79,17 +76,6 @@ class ValidationReport:
         return f"{self.rows} rows, {self.bad_rows} bad ({reasons})"
 
 
-@dataclass(frozen=True)
-class Unit:
-    """One check task's rows: row groups of a parquet file (None: the whole file) starting at row
-    `first_row` of it."""
-
-    file: str
-    first_row: int
-    rows: int
-    row_groups: tuple[int, ...] | None = None
-
-
 def _check_schema(file: str, schema: pa.Schema, expected: dict[str, tuple[str, object]]) -> None:
     names = set(schema.names)
     missing = [c for c in expected if c not in names]
@@ -104,47 +90,11 @@ def _check_schema(file: str, schema: pa.Schema, expected: dict[str, tuple[str, o
             raise DataError(f"{file}: column {column!r} has type {actual}, expected {wanted}")
 
 
-def plan_units(file: str, expected: dict[str, tuple[str, object]]) -> tuple[pa.Schema, list[Unit]]:
-    """Check `file`'s columns (from a parquet footer; CSV/JSONL files, which hold image paths rather
-    than images, are read) and cut it into units of at least UNIT_ROWS rows."""
-    if not file.endswith(".parquet"):
-        schema, rows = (table := read_table(file)).schema, table.num_rows
-        _check_schema(file, schema, expected)
-        return schema, [Unit(file, 0, rows)]
-    store, path = filesystem(file)
-    meta = pq.ParquetFile(path, filesystem=store).metadata
-    schema = meta.schema.to_arrow_schema()
-    _check_schema(file, schema, expected)
-    units, groups, first, rows = [], [], 0, 0
-    for g in range(meta.num_row_groups):
-        groups.append(g)
-        rows += meta.row_group(g).num_rows
-        if rows >= UNIT_ROWS or g == meta.num_row_groups - 1:
-            units.append(Unit(file, first, rows, tuple(groups)))
-            groups, first, rows = [], first + rows, 0
-    return schema, units
-
-
-def _batches(unit: Unit, columns: list[str]):
-    """(first row number in the file, batch) over `unit`'s rows, BATCH_ROWS at a time."""
-    if unit.row_groups is None:
-        batches = read_table(unit.file, columns).to_batches(BATCH_ROWS)
-    else:
-        store, path = filesystem(unit.file)
-        batches = pq.ParquetFile(path, filesystem=store).iter_batches(
-            BATCH_ROWS, row_groups=list(unit.row_groups), columns=columns
-        )
-    offset = unit.first_row
-    for batch in batches:
-        yield offset, batch
-        offset += batch.num_rows
-
-
 def check_unit(unit: Unit, rules: RowRules, listed: int | None) -> CheckResult:
     """Every row check on one unit."""
     result = CheckResult(listed=listed)
     base_dir = image_base_dir(unit.file, rules.data.image_root)
-    for offset, batch in _batches(unit, list(rules.expected_columns())):
+    for offset, batch in unit_batches(unit, list(rules.expected_columns())):
         check_batch(unit.file, offset, batch, rules, base_dir, result)
     return result
 
@@ -152,7 +102,7 @@ def check_unit(unit: Unit, rules: RowRules, listed: int | None) -> CheckResult:
 def unit_pair_ids(index: int, unit: Unit, column: str, id_type: pa.DataType) -> pa.Table:
     """(pair_id, unit, row) of `unit`'s rows that have a pair id."""
     parts = []
-    for offset, batch in _batches(unit, [column]):
+    for offset, batch in unit_batches(unit, [column]):
         ids = pc.cast(batch.column(0), id_type)
         rows = np.arange(offset, offset + batch.num_rows, dtype=np.int64)
         parts.append(pa.table({"pair_id": ids, "unit": pa.array(np.full(len(rows), index, np.int32)),
@@ -217,16 +167,7 @@ class _OnRay(_Local):
     """Runs the checks as Ray Data tasks, one unit per task, over the cluster's CPUs."""
 
     def _units(self):
-        import ray.data
-
-        from gcl.cluster import init_ray
-
-        init_ray()
-        units = ray.data.from_items([{"unit": i} for i in range(len(self.units))],
-                                    override_num_blocks=len(self.units))  # fmt: skip
-        # A DataError raised in a task (an unreadable file) reaches the caller as itself.
-        units.context.raise_original_map_exception = True
-        return units
+        return units_dataset(len(self.units))
 
     def check(self, listed: int | None) -> list[CheckResult]:
         results = self._units().map_batches(_check_task, fn_kwargs={"units": self.units, "rules": self.rules,
@@ -273,7 +214,8 @@ def validate_pairs(
     expected = rules.expected_columns()
     schemas, units = [], []
     for file in files:
-        schema, file_units = plan_units(file, expected)
+        schema, file_units = plan_units(file, UNIT_ROWS)
+        _check_schema(file, schema, expected)
         schemas.append(schema)
         units.extend(file_units)
     total = sum(u.rows for u in units)
