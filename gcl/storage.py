@@ -47,6 +47,12 @@ def is_file(location: str) -> bool:
     return store.get_file_info(path).type == fs.FileType.File
 
 
+def file_size(location: str) -> int:
+    """Bytes of the file at `location` (local or in storage)."""
+    store, path = filesystem(location)
+    return store.get_file_info(path).size
+
+
 def read_text(location: str) -> str | None:
     """The text of the file at `location`, None when it cannot be read."""
     store, path = filesystem(location)

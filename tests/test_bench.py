@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from gcl.bench.flops import gpu_peak_flops_per_s, peak_flops_per_s, train_flops_per_pair
-from gcl.bench.memory import peak_rss_mib, reset_peak_rss
+from gcl.bench.proc import peak_rss_mib, reset_peak_rss
 from gcl.config import FieldsConfig
 from gcl.data.pipeline import PairPreprocessor
 from gcl.data.schema import DataConfig

@@ -14,8 +14,10 @@ from gcl.data.pipeline import (
     PRESENT,
     PairSource,
     PipelineConfig,
+    build_dataset,
     epoch_dataset_name,
     epoch_datasets,
+    shuffle_mode,
     unsplit_data_config,
 )
 from gcl.data.schema import DataConfig
@@ -53,25 +55,30 @@ def _consume(config):
         json.dump(seen, f)
 
 
-def test_every_valid_row_once_per_epoch_across_two_shards(ray_local, tmp_path):
+def _three_file_source(tmp_path, pairs, shuffle: str, skip=frozenset()) -> PairSource:
+    files = []
+    for k in range(3):
+        files.append(str(tmp_path / f"pairs-{k}.parquet"))
+        pairs.iloc[k * len(pairs) // 3 : (k + 1) * len(pairs) // 3].to_parquet(files[-1])
+    return PairSource(spec=str(tmp_path), files=tuple(files), data=DataConfig(), fields=FieldsConfig(),
+                      weight_key="score_linear", model_cfg={"arch": "gcl-tiny"},
+                      pipeline=PipelineConfig(preprocess_tasks=1, cpus_per_task=0.25, preprocess_batch_size=32,
+                                              shuffle=shuffle),
+                      skip_pair_ids=frozenset(skip))  # fmt: skip
+
+
+@pytest.mark.parametrize("shuffle", ["auto", "blocks"])  # auto: global for data this small
+def test_every_valid_row_once_per_epoch_across_two_shards(ray_local, tmp_path, shuffle):
     """Per-epoch datasets read as training reads them, the next epoch's reading started while
-    this one is consumed: every valid row once per epoch, ranks in lockstep, a new order."""
+    this one is consumed: every valid row once per epoch, ranks in lockstep, a new order; with the
+    global shuffle and with the streaming one for data larger than the object store."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     pairs = generate_pairs(SynthConfig(products=60, queries=30, docs_per_query=7, seed=5))
-    pairs.to_parquet(tmp_path / "pairs.parquet")
     skip = {int(pairs.pair_id.iloc[3]), int(pairs.pair_id.iloc[10])}  # as validation would report them
-    source = PairSource(
-        spec=str(tmp_path / "pairs.parquet"),
-        files=(str(tmp_path / "pairs.parquet"),),
-        data=DataConfig(),
-        fields=FieldsConfig(),
-        weight_key="score_linear",
-        model_cfg={"arch": "gcl-tiny"},
-        pipeline=PipelineConfig(preprocess_tasks=1, cpus_per_task=0.25, preprocess_batch_size=32),
-        skip_pair_ids=frozenset(skip),
-    )
+    source = _three_file_source(tmp_path, pairs, shuffle, skip)
+    assert shuffle_mode(source) == ("global" if shuffle == "auto" else "blocks")
     datasets = epoch_datasets(source, epochs=2, seed=7)
     trainer = TorchTrainer(
         _consume,
@@ -248,3 +255,16 @@ def test_the_last_batch_is_padded_on_the_device_it_arrived_on():
         "title": ("meta", (4, 5)),
         "valid": ("meta", (4,)),
     }
+
+
+@pytest.mark.parametrize("shuffle", ["global", "blocks"])
+def test_an_epochs_order_is_the_seeds_alone(ray_local, tmp_path, shuffle):
+    pairs = generate_pairs(SynthConfig(products=60, queries=30, docs_per_query=7, seed=5))
+    source = _three_file_source(tmp_path, pairs, shuffle)
+
+    def order(seed: int) -> list[int]:
+        return [int(k) for b in build_dataset(source, seed=seed).iter_batches(batch_size=64) for k in b["pair_key"]]
+
+    first = order(11)
+    assert sorted(first) == sorted(pairs.pair_id) and first == order(11) and first != order(12)
+    assert first != sorted(first)  # rows are mixed within files too

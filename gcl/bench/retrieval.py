@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from gcl.bench.memory import peak_rss_mib, rss_mib
+from gcl.bench.proc import peak_rss_mib, rss_mib
 from gcl.retrieval import EvalConfig, exact_top_k
 
 

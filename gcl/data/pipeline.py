@@ -22,6 +22,7 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
+from gcl import storage
 from gcl.config import FieldsConfig, Section
 from gcl.data.keys import stable_keys
 from gcl.data.readers import DataError, field_text, image_base_dir, image_bytes, resolve_files
@@ -41,11 +42,19 @@ class PipelineConfig(Section):
     that a task does not wait for a whole free core)."""
     preprocess_batch_size: int = Field(256, ge=1)
     """Rows per preprocessing call."""
-    shuffle: Literal["global", "blocks", "none"] = "global"
-    """`global`: a full shuffle every epoch; `blocks`: shuffle block order plus a local buffer
-    (cheaper on very large data); `none`: file order."""
+    shuffle: Literal["auto", "global", "blocks", "none"] = "auto"
+    """How each epoch's pairs are ordered. `global`: a full shuffle, an all-to-all of every row
+    (images included) through Ray's object store before the first batch: right while the training
+    files fit in the object store. `blocks`: a new order of the files every epoch and the rows of
+    each block read (about 128 MB) shuffled, streaming, with no all-to-all: for data larger than
+    that (Marqo-GS-10M); a batch then draws from few files, so add local_shuffle_buffer to mix
+    them. `none`: file order. `auto`: global up to global_shuffle_max_gb of training files,
+    blocks above."""
+    global_shuffle_max_gb: float = Field(2.0, ge=0)
+    """With shuffle=auto: the most training data (bytes of its files, in GB) shuffled globally."""
     local_shuffle_buffer: int = Field(0, ge=0)
-    """Rows in each worker's local shuffle buffer (0: off)."""
+    """Rows in each worker's local shuffle buffer, which mixes the batches it draws (0: off; each
+    row holds its preprocessed pixels, 150 kB at 224 x 224)."""
     augment_images: bool = False
     """Use open_clip's training augmentation (random resized crop) instead of the eval transform."""
     prefetch_next_epoch: bool = True
@@ -259,8 +268,18 @@ class PairSource:
                    pipeline=job.pipeline, skip_pair_ids=frozenset(skip_pair_ids))  # fmt: skip
 
 
-def read_training_pairs(source: PairSource):
-    """(raw pairs, preprocessing settings) of `source`.
+def shuffle_mode(source: PairSource) -> str:
+    """pipeline.shuffle, with `auto` decided by the size of the training files."""
+    mode = source.pipeline.shuffle
+    if mode != "auto":
+        return mode
+    size = sum(storage.file_size(f) for f in source.files)
+    return "global" if size <= source.pipeline.global_shuffle_max_gb * 1e9 else "blocks"
+
+
+def read_training_pairs(source: PairSource, *, file_order_seed: int | None = None):
+    """(raw pairs, preprocessing settings) of `source`, its files in a random order drawn with
+    `file_order_seed` (None: as listed).
 
     The raw pairs hold only the columns training needs, rows rejected by validation dropped;
     read tasks reserve `pipeline.cpus_per_task`. The settings (JSON) are what `preprocess_batch`
@@ -271,7 +290,10 @@ def read_training_pairs(source: PairSource):
     data, fields = source.data, source.fields
     columns = list(dict.fromkeys([*fields.modalities(), source.weight_key, data.query_id_column,
                                   data.document_id_column, data.pair_id_column]))  # fmt: skip
-    ds = read_pairs(source.spec, list(source.files), columns, source.pipeline.cpus_per_task)
+    files = list(source.files)
+    if file_order_seed is not None:
+        files = [files[i] for i in np.random.default_rng(file_order_seed).permutation(len(files))]
+    ds = read_pairs(source.spec, files, columns, source.pipeline.cpus_per_task)
     if source.skip_pair_ids:
         skip = sorted(source.skip_pair_ids, key=str)
         pair_col = data.pair_id_column
@@ -286,15 +308,30 @@ def read_training_pairs(source: PairSource):
     return ds, json.dumps(settings, sort_keys=True)
 
 
-def preprocess(raw, settings: str, pipeline: PipelineConfig, *, seed: int = 0, shuffle: bool = True):
-    """Shuffle `raw` pairs with `seed` (as pipeline.shuffle says), then decode, transform and
-    tokenize them in Ray Data tasks. Lazy: runs each time it is consumed, in the same order."""
+def shuffle_block_rows(block, seed: int, pair_col: str):
+    """Ray Data task: a read block's rows in a random order, drawn from `seed` and the block's
+    first pair id (the same block is shuffled the same way in every run)."""
+    import pyarrow as pa
+
+    if block.num_rows < 2:
+        return block
+    first = int(stable_keys(np.asarray(block.column(pair_col)[:1].to_pylist()))[0])
+    order = np.random.default_rng([seed, first & 0x7FFF_FFFF]).permutation(block.num_rows)
+    return block.take(pa.array(order))
+
+
+def preprocess(raw, settings: str, pipeline: PipelineConfig, *, seed: int = 0, shuffle: str = "global"):
+    """Shuffle `raw` pairs with `seed` (`shuffle`: global, blocks or none; see PipelineConfig), then
+    decode, transform and tokenize them in Ray Data tasks. Lazy: runs each time it is consumed, in
+    the same order. (For blocks, the files' order is drawn where they are read.)"""
     from ray.data import TaskPoolStrategy
 
-    if shuffle and pipeline.shuffle == "global":
+    if shuffle == "global":
         raw = raw.random_shuffle(seed=seed, num_cpus=pipeline.cpus_per_task)
-    elif shuffle and pipeline.shuffle == "blocks":
-        raw = raw.randomize_block_order(seed=seed)
+    elif shuffle == "blocks":
+        pair_col = json.loads(settings)["data_cfg"]["pair_id_column"]
+        raw = raw.map_batches(shuffle_block_rows, fn_kwargs={"seed": seed, "pair_col": pair_col}, batch_size=None,
+                              batch_format="pyarrow", num_cpus=pipeline.cpus_per_task)  # fmt: skip
     # Blocks of one preprocessing batch: the preprocessing streams (the first batches reach the
     # trainers while later ones are decoded) and the split can hand every worker a share even of a
     # small dataset. A whole file or shuffle partition is one block otherwise.
@@ -317,9 +354,11 @@ def preprocess(raw, settings: str, pipeline: PipelineConfig, *, seed: int = 0, s
 
 
 def build_dataset(source: PairSource, *, seed: int = 0, shuffle: bool = True):
-    """The preprocessed Ray Dataset of `source`'s pairs, shuffled with `seed` (lazy)."""
-    raw, settings = read_training_pairs(source)
-    return preprocess(raw, settings, source.pipeline, seed=seed, shuffle=shuffle)
+    """The preprocessed Ray Dataset of `source`'s pairs, shuffled with `seed` as its pipeline says
+    (lazy); in file order without `shuffle`."""
+    mode = shuffle_mode(source) if shuffle else "none"
+    raw, settings = read_training_pairs(source, file_order_seed=seed if mode == "blocks" else None)
+    return preprocess(raw, settings, source.pipeline, seed=seed, shuffle=mode)
 
 
 def epoch_dataset_name(epoch: int) -> str:
@@ -340,11 +379,7 @@ def epoch_datasets(source: PairSource, *, epochs: int, seed: int = 0) -> dict:
     shuffle. (Ray Data reseeds a single dataset per execution, counting from 0 in every new
     worker group, which a resumed run would restart.)
     """
-    raw, settings = read_training_pairs(source)
-    return {
-        epoch_dataset_name(e): preprocess(raw, settings, source.pipeline, seed=epoch_seed(seed, e))
-        for e in range(epochs)
-    }
+    return {epoch_dataset_name(e): build_dataset(source, seed=epoch_seed(seed, e)) for e in range(epochs)}
 
 
 def unsplit_data_config():

@@ -1,0 +1,171 @@
+"""How the cost of the work before training grows with the data: validation, `gcl data split` and
+an epoch's first training batch on N-row datasets in Marqo-GS-10M's layout with JPEG images of
+about 12 kB, each stage in a process of its own whose peak memory is the driver's.
+
+    python -m gcl.bench.scale --rows 20000,200000,1000000 --workdir /data/scale [--baseline DIR]
+
+--baseline DIR: a checkout of other code (e.g. `git worktree add DIR <commit>`) whose stages run
+side by side, on the same files, in the same run (this machine is shared and noisy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROWS_PER_FILE = 50_000
+ROW_GROUP_ROWS = 5_000
+PAIRS_PER_QUERY = 100  # Marqo-GS-10M: about 100 ranked products per query
+IMAGE_POOL = 512
+STAGES = ("validate", "split", "first_batch")
+
+
+def _jpeg_pool(seed: int) -> list[bytes]:
+    """IMAGE_POOL distinct noisy JPEGs of about 12 kB (noise does not compress: a product photo's
+    size at 120 x 120 pixels)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    pool = []
+    for _ in range(IMAGE_POOL):
+        pixels = rng.integers(0, 256, (120, 120, 3), dtype=np.uint8)
+        out = io.BytesIO()
+        Image.fromarray(pixels).save(out, "JPEG", quality=85)
+        pool.append(out.getvalue())
+    return pool
+
+
+def write_dataset(out: str, rows: int, seed: int = 0) -> str:
+    """Write `rows` scored pairs as parquet files of ROWS_PER_FILE rows (row groups of
+    ROW_GROUP_ROWS), one row group in memory at a time; returns `out`. Kept when already there."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    done = os.path.join(out, "_complete")
+    if os.path.exists(done):
+        return out
+    os.makedirs(out, exist_ok=True)
+    pool, rng = _jpeg_pool(seed), np.random.default_rng(seed)
+    documents = max(2, rows // 2)
+    for first in range(0, rows, ROWS_PER_FILE):
+        path = os.path.join(out, f"pairs-{first // ROWS_PER_FILE:05d}.parquet")
+        with pq.ParquetWriter(path, _schema(), use_dictionary=["query", "title"]) as writer:
+            for start in range(first, min(rows, first + ROWS_PER_FILE), ROW_GROUP_ROWS):
+                n = min(ROW_GROUP_ROWS, rows - start, first + ROWS_PER_FILE - start)
+                pair = np.arange(start, start + n)
+                query, position = pair // PAIRS_PER_QUERY, pair % PAIRS_PER_QUERY + 1
+                product = rng.integers(0, documents, n)
+                writer.write_table(pa.table({
+                    "query": [f"query {q}" for q in query], "title": [f"product {p} title" for p in product],
+                    "image": [{"bytes": pool[p % IMAGE_POOL], "path": None} for p in product],
+                    "product_id": [f"p{p}" for p in product], "query_id": query, "pair_id": pair,
+                    "position": position, "score_linear": (PAIRS_PER_QUERY - position + 1) / PAIRS_PER_QUERY,
+                    "score_reciprocal": 1.0 / position, "no_score": np.ones(n),
+                }, schema=_schema()))  # fmt: skip
+    open(done, "w").close()
+    return out
+
+
+def _schema():
+    import pyarrow as pa
+
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    return pa.schema([("query", pa.string()), ("title", pa.string()), ("image", image),
+                      ("product_id", pa.string()), ("query_id", pa.int64()), ("pair_id", pa.int64()),
+                      ("position", pa.int64()), ("score_linear", pa.float64()),
+                      ("score_reciprocal", pa.float64()), ("no_score", pa.float64())])  # fmt: skip
+
+
+def run_stage(stage: str, data: str, work: str) -> None:
+    """One stage on `data`, in this process; prints {"stage", "wall_s", "driver_peak_rss_mib"}.
+    Uses only what gcl has offered since before the Ray Data validation and split, so that a
+    baseline checkout runs it too."""
+    start = time.perf_counter()
+    if stage == "validate":
+        from gcl.config import FieldsConfig
+        from gcl.data.schema import DataConfig
+        from gcl.data.validate import validate_pairs
+
+        validate_pairs(data, DataConfig(), FieldsConfig(), "score_linear")
+    elif stage == "split":
+        from workflows.cli import main
+
+        if main(["data", "split", "--input", data, "--out", os.path.join(work, "split"), "--seed", "1"]) != 0:
+            raise SystemExit("split failed")
+    else:
+        from gcl.cluster import init_ray
+        from gcl.config import parse_config
+        from gcl.data.pipeline import PairSource, build_dataset
+        from gcl.job_config import JobConfig
+        from workflows import CONFIGS
+
+        init_ray()
+        # The code's default shuffle: global before pipeline.shuffle=auto, blocks above 2 GB after.
+        job = parse_config(JobConfig, CONFIGS / "tiny-cpu.yaml", [f"data.train={data}", "data.eval={}"])
+        next(iter(build_dataset(PairSource.of_job(job), seed=0).iter_batches(batch_size=64)))
+    wall = time.perf_counter() - start
+    with open("/proc/self/status") as f:  # this file may run against another checkout's gcl
+        peak = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    print(json.dumps({"stage": stage, "wall_s": round(wall, 2), "driver_peak_rss_mib": round(peak)}))
+
+
+def measure(stage: str, data: str, work: str, code: str | None = None, timeout_s: int = 1200) -> dict:
+    """run_stage in a fresh process: with this checkout's gcl, or the one at `code`."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PYTHONPATH")}
+    if code:
+        env["PYTHONPATH"] = code
+    os.makedirs(work, exist_ok=True)
+    try:
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--stage", stage, "--data", data, "--work", work],
+                              env=env, cwd=code or os.getcwd(), capture_output=True, text=True, timeout=timeout_s)  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return {"stage": stage, "error": f"did not finish in {timeout_s} s"}
+    lines = [line for line in proc.stdout.splitlines() if line.startswith('{"stage"')]
+    if proc.returncode or not lines:
+        return {"stage": stage, "error": (proc.stderr or proc.stdout).strip().splitlines()[-1:]}
+    return json.loads(lines[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", default="20000,200000,1000000", help="comma-separated dataset sizes")
+    parser.add_argument("--workdir", default="gcl_runs/scale")
+    parser.add_argument("--stages", default=",".join(STAGES))
+    parser.add_argument("--baseline", help="a checkout of other code to run side by side")
+    parser.add_argument("--baseline-max-split-rows", type=int, default=200_000,
+                        help="largest size the baseline splits (its split holds the whole dataset in memory)")
+    parser.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)  # one stage, in this process
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    parser.add_argument("--work", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.stage:
+        run_stage(args.stage, args.data, args.work)
+        return 0
+    results = []
+    for rows in (int(r) for r in args.rows.split(",")):
+        data = write_dataset(os.path.abspath(os.path.join(args.workdir, f"data-{rows}")), rows)
+        for stage in args.stages.split(","):
+            codes = [("this", None)]
+            if args.baseline and (stage != "split" or rows <= args.baseline_max_split_rows):
+                codes.append(("baseline", os.path.abspath(args.baseline)))
+            for label, code in codes:
+                work = os.path.abspath(os.path.join(args.workdir, f"work-{label}-{rows}"))
+                result = {"rows": rows, "code": label, **measure(stage, data, work, code)}
+                if "wall_s" in result:
+                    result["rows_per_s"] = round(rows / result["wall_s"])
+                results.append(result)
+                print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    if __package__ is None:  # run as a file (against a baseline's gcl): no `gcl.bench` package here
+        sys.path.pop(0)
+    sys.exit(main())
