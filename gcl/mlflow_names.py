@@ -6,6 +6,9 @@ OBJECTIVE = "objective"  # eval.objective over eval.objective_splits of the vali
 # the evaluation splits), each epoch: what ranks epochs, trials and registered versions
 TEST_OBJECTIVE = "test_objective"  # the same measure on the evaluation (test) splits, reported beside it
 VALIDATION_PREFIX = "validation/"  # validation splits' metrics: validation/<split>/<measure>
+SAMPLE_PREFIX = "sample/"  # a quick evaluation's metrics (eval.sample_queries): sample/<split>/<measure>
+EVAL_SAMPLE_QUERIES = "eval_sample_queries"  # each evaluated epoch: queries per split sampled (0: all)
+EVAL_SECONDS = "eval_seconds"  # each evaluated epoch: seconds spent evaluating
 BEST_OBJECTIVE = "best_objective"  # a sweep's parent run: its best trial's objective
 ROWS_SKIPPED = "data_rows_skipped"  # training rows dropped by data.on_bad_rows=skip
 

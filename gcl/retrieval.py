@@ -17,7 +17,7 @@ import torch
 from pydantic import Field, model_validator
 
 from gcl.config import FieldsConfig, Section
-from gcl.data.readers import DataError, field_text, image_base_dir, image_bytes, read_table, resolve_files
+from gcl.data.readers import DataError, field_text, image_base_dir, image_bytes, resolve_files
 from gcl.data.schema import DataConfig
 from gcl.loss import fuse_fields
 from gcl.metrics import evaluate
@@ -51,6 +51,14 @@ class EvalConfig(Section):
     objective_splits: list[str] = Field(default_factory=list)
     """Splits the objective averages over (empty: every evaluation split), so that a setting that
     wins in-domain but collapses on novel queries does not win."""
+    every_n_epochs: int = Field(1, ge=1)
+    """Full evaluation after every n-th epoch and after the last; the epochs between get the quick
+    evaluation (sample_queries) or none."""
+    sample_queries: int | None = Field(None, ge=1)
+    """Quick evaluation between full ones: a seeded sample of this many queries per split (the same
+    ones every epoch; e.g. 2,000, as the GCL paper's evaluation samples), searched against the
+    split's whole corpus. Logged as sample/<split>/<measure>, with eval_sample_queries; the
+    objective of such an epoch is the sample's."""
 
     @model_validator(mode="after")
     def _objective_is_measured(self) -> EvalConfig:
@@ -102,24 +110,39 @@ def exact_top_k(queries: torch.Tensor, docs: torch.Tensor, k: int, chunk_size: i
     return torch.from_numpy(out_scores), torch.from_numpy(out_index)
 
 
-def load_split(files: list[str], data: DataConfig, fields: FieldsConfig, grade_column: str):
+def load_split(files: list[str], data: DataConfig, fields: FieldsConfig, grade_column: str,
+               shard: tuple[int, int] = (0, 1)):  # fmt: skip
     """(queries, documents, qrels) of an evaluation split stored in `files`.
 
-    queries / documents: DataFrames of distinct ids with their side's field columns;
-    qrels: {query id: {document id: grade}} as strings.
+    queries / documents: DataFrames of distinct ids with their side's field columns, only those
+    whose ids fall to shard (rank, world) (`shard_of`); qrels: {query id: {document id: grade}} as
+    strings, for the whole split. Read a batch at a time: a shard holds only its own fields.
     """
+    from gcl.data.units import plan_units, unit_batches
+
     qcol, dcol = data.query_id_column, data.document_id_column
-    columns = list(dict.fromkeys([qcol, dcol, grade_column, *fields.left, *fields.right]))
-    frames = [read_table(f, columns).to_pandas() for f in files]
-    pairs = pd.concat(frames, ignore_index=True)
-    queries = pairs.drop_duplicates(qcol)[[qcol, *fields.left]].reset_index(drop=True)
-    documents = pairs.drop_duplicates(dcol)[[dcol, *fields.right]].reset_index(drop=True)
-    qrels: dict[str, dict[str, float]] = {}
-    for q, d, g in zip(
-        pairs[qcol].astype(str), pairs[dcol].astype(str), pairs[grade_column].astype(float), strict=True
-    ):
-        qrels.setdefault(q, {})[d] = g
+    rank, world = shard
+    ids = list(dict.fromkeys([qcol, dcol, grade_column]))
+    query_parts, doc_parts, qrels = [], [], {}
+    for file in files:
+        for unit in plan_units(file, 1)[1]:
+            for _, batch in unit_batches(unit, list(dict.fromkeys([*ids, *fields.left, *fields.right]))):
+                pairs = batch.to_pandas()
+                for q, d, g in zip(pairs[qcol].astype(str), pairs[dcol].astype(str), pairs[grade_column].astype(float),
+                                   strict=True):  # fmt: skip
+                    qrels.setdefault(q, {})[d] = g
+                query_parts.append(pairs.loc[shard_of(pairs[qcol], world) == rank, [qcol, *fields.left]])
+                doc_parts.append(pairs.loc[shard_of(pairs[dcol], world) == rank, [dcol, *fields.right]])
+    queries = pd.concat(query_parts).drop_duplicates(qcol).reset_index(drop=True)
+    documents = pd.concat(doc_parts).drop_duplicates(dcol).reset_index(drop=True)
     return queries, documents, qrels
+
+
+def shard_of(ids, world: int) -> np.ndarray:
+    """The rank (of `world`) that encodes each id's query or document in a sharded evaluation."""
+    from gcl.data.keys import stable_keys
+
+    return stable_keys(np.asarray(ids)) % world if world > 1 else np.zeros(len(ids), np.int64)
 
 
 class RowEncoder:
@@ -198,12 +221,36 @@ class RowEncoder:
         return torch.cat(out)
 
 
-def evaluate_split(row_encoder: RowEncoder, spec: str, data: DataConfig, cfg: EvalConfig) -> dict[str, float]:
-    """Retrieve the split's corpus for each of its queries and score the ranking."""
-    fields = row_encoder.fields
+def sample_query_ids(qrels: Mapping[str, object], count: int, seed: int) -> set[str]:
+    """`count` of the split's query ids (all when there are no more), chosen by a seeded hash of
+    the ids: the same ones in every epoch, run and shard, whatever the order they were read in."""
+    if len(qrels) <= count:
+        return set(qrels)
+    from gcl.data.splits import unit_interval
+
+    ids = np.array(sorted(qrels), dtype=object)
+    return set(ids[np.argsort(unit_interval(ids, seed, "eval_sample"), kind="stable")[:count]].tolist())
+
+
+def prepare_split(row_encoder: RowEncoder, spec: str, data: DataConfig, cfg: EvalConfig, sample: int | None,
+                  seed: int, shard: tuple[int, int] = (0, 1)):  # fmt: skip
+    """(queries, documents, qrels) of a split for evaluation: a shard of them, and a seeded
+    `sample` of the queries (with their qrels only) when asked; sets the encoder's image base."""
     files = resolve_files(spec)
-    queries, documents, qrels = load_split(files, data, fields, cfg.grade_column)
+    queries, documents, qrels = load_split(files, data, row_encoder.fields, cfg.grade_column, shard)
+    if sample:
+        kept = sample_query_ids(qrels, sample, seed)
+        queries = queries[queries[data.query_id_column].astype(str).isin(kept)].reset_index(drop=True)
+        qrels = {q: docs for q, docs in qrels.items() if q in kept}
     row_encoder.base_dir = image_base_dir(files[0], data.image_root)
+    return queries, documents, qrels
+
+
+def evaluate_split(row_encoder: RowEncoder, spec: str, data: DataConfig, cfg: EvalConfig,
+                   sample: int | None = None, seed: int = 0) -> dict[str, float]:  # fmt: skip
+    """Retrieve the split's corpus for each of its queries (a seeded `sample` of them) and score the
+    ranking."""
+    queries, documents, qrels = prepare_split(row_encoder, spec, data, cfg, sample, seed)
     q_emb = row_encoder.encode(queries, "left", cfg.batch_size)
     d_emb = row_encoder.encode(documents, "right", cfg.batch_size)
     scores, index = exact_top_k(q_emb, d_emb, cfg.k, cfg.chunk_size, cfg.query_block)
@@ -237,9 +284,9 @@ def judged_queries(
 
 
 def evaluate_splits(row_encoder: RowEncoder, splits: Mapping[str, str], data: DataConfig,
-                    cfg: EvalConfig) -> dict[str, dict[str, float]]:  # fmt: skip
-    """{split: {measure: value}} for every evaluation split."""
-    return {name: evaluate_split(row_encoder, spec, data, cfg) for name, spec in splits.items()}
+                    cfg: EvalConfig, sample: int | None = None, seed: int = 0) -> dict[str, dict[str, float]]:  # fmt: skip
+    """{split: {measure: value}} for every evaluation split (on a seeded `sample` of its queries)."""
+    return {name: evaluate_split(row_encoder, spec, data, cfg, sample, seed) for name, spec in splits.items()}
 
 
 def mean_over_splits(results: Mapping[str, Mapping[str, float]], measure: str) -> float:

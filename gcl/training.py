@@ -8,6 +8,7 @@ examples do: set up, restore, then per epoch train, evaluate, save and report.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import tempfile
@@ -25,10 +26,19 @@ from gcl.engine import setup_engine
 from gcl.errors import explained_cause
 from gcl.job_config import JobConfig
 from gcl.loss import GCLLoss
-from gcl.mlflow_names import OBJECTIVE, TEST_OBJECTIVE, VALIDATION_PREFIX, WORKERS_TAG
+from gcl.mlflow_names import (
+    EVAL_SAMPLE_QUERIES,
+    EVAL_SECONDS,
+    OBJECTIVE,
+    SAMPLE_PREFIX,
+    TEST_OBJECTIVE,
+    VALIDATION_PREFIX,
+    WORKERS_TAG,
+)
 from gcl.model import create_preprocessing
 from gcl.retrieval import RowEncoder, evaluate_splits, objective_value
 from gcl.tracking import MetricsLogger
+from gcl.worker_eval import evaluate_splits_on_workers
 
 log = logging.getLogger(__name__)
 Results = dict[str, dict[str, float]]  # split -> measure -> value
@@ -178,15 +188,28 @@ def epoch_metrics(stats: EpochStats, world: int, data_wait_seconds: float) -> di
             "epoch_steady_pairs_per_s": world * steady_pairs / max(stats.end - stats.first_batch_at, 1e-9)}  # fmt: skip
 
 
-def evaluation_metrics(test: Results, validation: Results, job: JobConfig) -> dict[str, float]:
+def evaluation_plan(job: JobConfig, epoch: int) -> int | None:
+    """What follows epoch `epoch` (from 0): the full evaluation (0), a quick one on this many queries
+    per split, or none (None); the same on every rank."""
+    if not job.data.eval:
+        return None
+    if epoch + 1 == job.train.epochs or (epoch + 1) % job.eval.every_n_epochs == 0:
+        return 0
+    return job.eval.sample_queries
+
+
+def evaluation_metrics(test: Results, validation: Results, job: JobConfig, sample: int = 0) -> dict[str, float]:
     """The test splits' metrics ('<split>/<measure>'), the validation splits' ('validation/<split>/
-    <measure>'), the objective (on validation where given, else on the test splits) and the test
-    objective beside it; empty without evaluation splits."""
+    <measure>'), both under 'sample/' when measured on a `sample` of queries, the objective (on
+    validation where given, else on the test splits) and the test objective beside it; empty
+    without evaluation splits."""
     if not test:
         return {}
-    metrics = {f"{split}/{name}": value for split, values in test.items() for name, value in values.items()}
-    metrics.update({f"{VALIDATION_PREFIX}{split}/{name}": value for split, values in validation.items()
+    prefix = SAMPLE_PREFIX if sample else ""
+    metrics = {f"{prefix}{split}/{name}": value for split, values in test.items() for name, value in values.items()}
+    metrics.update({f"{prefix}{VALIDATION_PREFIX}{split}/{name}": value for split, values in validation.items()
                     for name, value in values.items()})  # fmt: skip
+    metrics[EVAL_SAMPLE_QUERIES] = sample
     metrics[OBJECTIVE] = objective_value(validation or test, job.eval)
     metrics[TEST_OBJECTIVE] = objective_value(test, job.eval)
     return metrics
@@ -226,42 +249,49 @@ def _train_worker(config: dict[str, Any]) -> None:
         stats, step = train_epoch(worker, epoch, state.step)
         data_wait = _slowest_rank(
             stats.data_wait.seconds, worker.engine.device
-        )  # before rank 0 evaluates alone
-        test, validation = _evaluate_on_rank_zero(job, worker.engine, worker.rank)
-        metrics = {
-            **epoch_metrics(stats, worker.world, data_wait),
-            **evaluation_metrics(test, validation, job),
-        }
+        )  # before the evaluation, which the ranks share
+        metrics = epoch_metrics(stats, worker.world, data_wait)
+        plan = evaluation_plan(job, epoch)
+        if plan is not None:
+            start = time.perf_counter()
+            test, validation = _evaluate_on_workers(job, worker.engine, plan)
+            metrics.update(evaluation_metrics(test, validation, job, plan))
+            metrics[EVAL_SECONDS] = time.perf_counter() - start
         state = TrainState(epoch=epoch + 1, step=step)
         save_and_report(worker, state, metrics)
 
 
-def evaluate_model(job: JobConfig, module: torch.nn.Module) -> tuple[Results, Results]:
+def evaluate_model(job: JobConfig, module: torch.nn.Module, sample: int = 0,
+                   device: torch.device | None = None) -> tuple[Results, Results]:  # fmt: skip
     """Retrieval metrics per evaluation (test) split and per validation split for the (full,
-    unsharded) FieldEncoder `module`."""
+    unsharded) FieldEncoder `module`, on a seeded `sample` of each split's queries (0: all). In a
+    torch.distributed group of several ranks, every rank must call it: each encodes its share and
+    searches its documents (on `device`), and rank 0 gets the metrics ({} elsewhere)."""
 
     tokenizer, _, eval_transform = create_preprocessing(job.model)
     was_training = module.training
     module.eval()
     try:
         encoder = RowEncoder(module, tokenizer, eval_transform, job.fields)
-        test = evaluate_splits(encoder, job.data.eval, job.data, job.eval)
-        return test, evaluate_splits(encoder, job.data.validation, job.data, job.eval)
+        evaluate = evaluate_splits
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            evaluate = functools.partial(evaluate_splits_on_workers, device=device or torch.device("cpu"))
+        test = evaluate(encoder, job.data.eval, job.data, job.eval, sample, job.seed)
+        return test, evaluate(encoder, job.data.validation, job.data, job.eval, sample, job.seed)
     finally:
         module.train(was_training)
 
 
-def _evaluate_on_rank_zero(job: JobConfig, engine, rank: int) -> tuple[Results, Results]:
-    """(test, validation) metrics, evaluated on rank 0 (empty elsewhere and without evaluation
-    splits); under ZeRO-3 every rank first joins in gathering the parameters."""
-    if not job.data.eval:
-        return {}, {}
+def _evaluate_on_workers(job: JobConfig, engine, sample: int) -> tuple[Results, Results]:
+    """(test, validation) metrics (on `sample` queries per split, 0: all) on rank 0 (empty
+    elsewhere), every rank encoding and searching its share (gcl.worker_eval); under ZeRO-3 the
+    ranks first gather the parameters."""
     if job.deepspeed.zero_stage == 3:
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
-            return evaluate_model(job, engine.module) if rank == 0 else ({}, {})
-    return evaluate_model(job, engine.module) if rank == 0 else ({}, {})
+            return evaluate_model(job, engine.module, sample, engine.device)
+    return evaluate_model(job, engine.module, sample, engine.device)
 
 
 def _worker_placement(device: str) -> list[dict]:

@@ -314,3 +314,14 @@ def test_split_streams_on_ray_data_by_id_hash_as_the_in_memory_split_does(ray_lo
     assert {k: v["sha256"] for k, v in again["splits"].items()} == {k: v["sha256"] for k, v in manifest["splits"].items()}
     with pytest.raises(DataError, match="column 'qid' not in the data"):
         split_dataset(str(tmp_path / "in"), str(tmp_path / "bad"), "qid", "product_id", cfg)
+
+
+def test_a_quick_evaluation_samples_the_same_queries_whatever_their_order():
+    from gcl.retrieval import sample_query_ids
+
+    qrels = {str(i): {"d": 1.0} for i in range(1000)}
+    chosen = sample_query_ids(qrels, 100, seed=0)
+    shuffled = dict(sorted(qrels.items(), key=lambda kv: hash(kv[0])))
+    assert len(chosen) == 100 and chosen == sample_query_ids(shuffled, 100, seed=0)
+    assert sample_query_ids(qrels, 100, seed=1) != chosen
+    assert sample_query_ids(qrels, 5000, seed=0) == set(qrels)

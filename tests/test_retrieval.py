@@ -1,6 +1,9 @@
-"""Exact top-k search equals FAISS's exact inner-product index and a brute-force top-k."""
+"""Exact top-k search equals FAISS's exact inner-product index and a brute-force top-k; evaluation
+shared by the training workers equals single-process evaluation."""
 
+import json
 import os
+import tempfile
 
 import faiss
 import numpy as np
@@ -86,3 +89,68 @@ def test_the_search_runs_one_blas_thread_per_kernel_thread_from_a_fresh_process(
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "OpenBLAS Warning" not in done.stderr, done.stderr
+
+
+def test_torch_top_k_and_merged_shards_equal_exact_top_k():
+    from gcl.worker_eval import merge_top_k, torch_top_k
+
+    g = torch.Generator().manual_seed(0)
+    queries = torch.nn.functional.normalize(torch.randn(300, 16, generator=g), dim=1)
+    docs = torch.nn.functional.normalize(torch.randn(5000, 16, generator=g), dim=1)
+    scores, index = exact_top_k(queries, docs, 50)
+    t_scores, t_index = torch_top_k(queries, docs, 50, chunk_size=700, query_block=128)
+    assert torch.equal(t_index, index) and torch.allclose(t_scores, scores, atol=1e-6)
+    # Three shards of the corpus searched apart, their lists merged: the same ranking.
+    ids = np.array([f"d{i}" for i in range(len(docs))], dtype=object)
+    parts = []
+    for shard in np.array_split(np.random.default_rng(1).permutation(len(docs)), 3):
+        s, i = exact_top_k(queries, docs[shard], 50)
+        parts.append((s.numpy(), ids[shard][i.numpy()]))
+    m_scores, m_ids = merge_top_k(parts, 50)
+    assert (m_ids == ids[index.numpy()]).all() and np.allclose(m_scores, scores.numpy(), atol=1e-6)
+
+
+def _eval_rank(rank, world, init_file, synth_dir, out_dir):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    results = _tiny_evaluation(synth_dir)
+    if rank == 0:
+        with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+            json.dump(results, f)
+    else:
+        assert results == ({}, {})
+    dist.destroy_process_group()
+
+
+def _tiny_evaluation(synth_dir):
+    from gcl.config import parse_config
+    from gcl.job_config import JobConfig
+    from gcl.model import FieldEncoder, create_model
+    from gcl.training import evaluate_model
+    from workflows import CONFIGS
+
+    job = parse_config(JobConfig, CONFIGS / "tiny-cpu.yaml", [
+        f"data.eval={{in_domain: {synth_dir}/in_domain.parquet, zero_shot: {synth_dir}/zero_shot.parquet}}",
+        f"data.validation={{in_domain: {synth_dir}/val_in_domain.parquet}}", "eval.k=20",
+    ])  # fmt: skip
+    torch.manual_seed(0)
+    module = FieldEncoder(create_model(job.model).clip, job.fields.modalities())
+    return evaluate_model(job, module, sample=0)
+
+
+def test_two_workers_evaluating_their_shares_give_the_single_process_metrics(synth_dir):
+    import torch.multiprocessing as mp
+
+    world = 2
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_eval_rank, args=(world, os.path.join(tmp, "init"), str(synth_dir), tmp), nprocs=world, join=True)
+        with open(os.path.join(tmp, "metrics.json")) as f:
+            test, validation = json.load(f)
+    single_test, single_validation = _tiny_evaluation(synth_dir)
+    for shared, single in ((test, single_test), (validation, single_validation)):
+        assert set(shared) == set(single) and single
+        for split, values in single.items():
+            for measure, value in values.items():
+                assert shared[split][measure] == pytest.approx(value, abs=1e-6), (split, measure)

@@ -13,7 +13,7 @@ import os
 import tempfile
 
 from gcl.cluster import init_ray
-from gcl.errors import TrainingError
+from gcl.errors import ConfigError, TrainingError
 from gcl.jobs import check_resources, export_model, job_resources, prepare, with_score_range
 from gcl.mlflow_names import (
     BEST_OBJECTIVE,
@@ -81,6 +81,10 @@ def run_tune(path: str, overrides: list[str] | None = None) -> TuneResult:
         log.warning("sweep %s has no validation splits (data.validation): it selects its trials and the "
                     "champion on the evaluation splits it reports, whose figures are then optimistic; "
                     "`gcl data split` and `gcl data synth` write val_* splits for it", sweep.name)  # fmt: skip
+    if job.eval.every_n_epochs > 1 and job.eval.sample_queries is None:
+        raise ConfigError(f"sweep {sweep.name}: eval.every_n_epochs={job.eval.every_n_epochs} leaves epochs without an "
+                          "objective, which ASHA compares trials on; set eval.sample_queries (a quick evaluation "
+                          "between the full ones) or eval.every_n_epochs=1")  # fmt: skip
     job, data = prepare(job)  # paths and tracking URI resolved here, store and data checked, once
     uri = job.mlflow.resolved_uri()
     init_ray()
