@@ -17,6 +17,7 @@ from gcl.job_config import JobConfig
 from gcl.jobs import fit, with_score_range
 from gcl.mlflow_names import (
     ERROR_TAG,
+    EVAL_SAMPLE_QUERIES,
     OBJECTIVE,
     PARENT_RUN_TAG,
     STOPPED_EARLY_TAG,
@@ -153,6 +154,7 @@ def trial_rows(grid, sweep: SweepConfig) -> list[dict]:
         rows.append({
             "trial": trial_id, "params": {k: config.get(k) for k in sweep.space},
             "objective": metrics.get(OBJECTIVE), "test_objective": metrics.get(TEST_OBJECTIVE),
+            "sampled_queries": metrics.get(EVAL_SAMPLE_QUERIES) or 0,
             "epochs": metrics.get("epoch"),
             "status": "ERROR" if result.error else "OK",
             "error": _error_text(result.error) if result.error else None,
@@ -182,13 +184,18 @@ def close_child_runs(client, experiment: str, parent_run_id: str, rows: list[dic
 
 def trial_table(rows: list[dict]) -> str:
     """The trials as a Markdown table, best first: the objective that ranks them and, beside it,
-    the same measure on the test splits (`test`)."""
+    the same measure on the test splits (`test`); marked * where a trial's last evaluation was a
+    quick one on a sample of queries (a trial ASHA stopped between full evaluations)."""
     keys = list(rows[0]["params"]) if rows else []
     header = ["trial", *keys, "epochs", "objective", "test", "status"]
     lines = [" | ".join(header), " | ".join("---" for _ in header)]
     for r in rows:
         values = [f"{v:.4g}" if isinstance(v, float) else str(v) for v in r["params"].values()]
-        scores = ["-" if r.get(k) is None else f"{r[k]:.4f}" for k in ("objective", "test_objective")]
+        mark = "*" if r.get("sampled_queries") else ""
+        scores = ["-" if r.get(k) is None else f"{r[k]:.4f}{mark}" for k in ("objective", "test_objective")]
         status = r["status"] if not r["error"] else f"{r['status']}: {r['error'][:160]}"
         lines.append(" | ".join([r["trial"], *values, str(r["epochs"] or "-"), *scores, status]))
+    sampled = sorted({r["sampled_queries"] for r in rows if r.get("sampled_queries")})
+    if sampled:
+        lines.append(f"\n* on a sample of {', '.join(map(str, sampled))} queries per split (eval.sample_queries)")
     return "\n".join(lines)

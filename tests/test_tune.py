@@ -228,3 +228,13 @@ def test_sweep_runs_fails_one_trial_alone_registers_the_best_and_resumes(ray_loc
         better[1] == "champion"
         and client.get_model_version_by_alias("sw-model", "champion").version == better[0]
     )
+
+
+def test_the_trial_table_marks_objectives_measured_on_a_sample():
+    from gcl.tuning import trial_table
+
+    row = {"params": {"loss.temperature": 0.07}, "epochs": 1, "test_objective": 0.2, "status": "OK", "error": None}
+    table = trial_table([{**row, "trial": "full", "objective": 0.5, "sampled_queries": 0},
+                         {**row, "trial": "cut", "objective": 0.3, "sampled_queries": 2000}])  # fmt: skip
+    assert "| 0.5000 |" in table and "| 0.3000* | 0.2000* |" in table
+    assert table.endswith("* on a sample of 2000 queries per split (eval.sample_queries)")

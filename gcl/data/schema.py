@@ -48,8 +48,9 @@ class DataConfig(Section):
     """`error` stops at the first bad rows naming file, row and column; `skip` drops them and
     reports how many and why."""
     validate_images: bool = True
-    """Decode every image while validating (set false for very large data: undecodable images
-    then fail in the pipeline, naming the pair)."""
+    """Decode every image while validating, in Ray Data tasks over the cluster's CPUs for large
+    datasets (about 3,000 images/s per core). With false, undecodable images fail in the
+    pipeline instead, naming the pair."""
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
