@@ -265,16 +265,16 @@ def evaluate_model(job: JobConfig, module: torch.nn.Module, sample: int = 0,
                    device: torch.device | None = None) -> tuple[Results, Results]:  # fmt: skip
     """Retrieval metrics per evaluation (test) split and per validation split for the (full,
     unsharded) FieldEncoder `module`, on a seeded `sample` of each split's queries (0: all). In a
-    torch.distributed group of several ranks, every rank must call it: each encodes its share and
-    searches its documents (on `device`), and rank 0 gets the metrics ({} elsewhere)."""
+    torch.distributed group (training's workers), every rank must call it: each encodes its share
+    and searches its documents (on `device`), and rank 0 gets the metrics ({} elsewhere)."""
 
     tokenizer, _, eval_transform = create_preprocessing(job.model)
     was_training = module.training
     module.eval()
     try:
         encoder = RowEncoder(module, tokenizer, eval_transform, job.fields)
-        evaluate = evaluate_splits
-        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        evaluate = evaluate_splits  # outside a worker group: `gcl evaluate`'s search
+        if torch.distributed.is_initialized():
             evaluate = functools.partial(evaluate_splits_on_workers, device=device or torch.device("cpu"))
         test = evaluate(encoder, job.data.eval, job.data, job.eval, sample, job.seed)
         return test, evaluate(encoder, job.data.validation, job.data, job.eval, sample, job.seed)

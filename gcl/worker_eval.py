@@ -3,8 +3,7 @@ the others wait.
 
 Each rank encodes the queries and documents whose ids fall to it (gcl.retrieval.shard_of), so N
 workers encode about N times less each. The queries' embeddings are all-gathered; each rank
-searches its own documents for every query (on its GPU where it has one, else with the CPU
-kernel), and rank 0 merges the ranks' top k and scores the ranking. The documents' embeddings
+searches its own documents for every query (torch's top-k on the rank's device), and rank 0 merges the ranks' top k and scores the ranking. The documents' embeddings
 never move: only the queries and the top-k lists do. The merged ranking is exact search over the
 whole corpus (tested against single-process evaluation).
 """
@@ -19,7 +18,7 @@ import torch.distributed as dist
 
 from gcl.data.schema import DataConfig
 from gcl.metrics import evaluate
-from gcl.retrieval import EvalConfig, RowEncoder, exact_top_k, judged_queries, prepare_split
+from gcl.retrieval import EvalConfig, RowEncoder, judged_queries, prepare_split
 
 
 def torch_top_k(queries: torch.Tensor, docs: torch.Tensor, k: int, chunk_size: int = 2048,
@@ -46,9 +45,11 @@ def torch_top_k(queries: torch.Tensor, docs: torch.Tensor, k: int, chunk_size: i
 
 
 def _search(queries: torch.Tensor, docs: torch.Tensor, cfg: EvalConfig, device: torch.device):
-    if device.type == "cuda":
-        return torch_top_k(queries.to(device), docs.to(device), cfg.k, cfg.chunk_size, cfg.query_block)
-    return exact_top_k(queries, docs, cfg.k, cfg.chunk_size, cfg.query_block)
+    # torch's top-k, not the numba kernel (gcl.reservoir) that `gcl evaluate` uses: in a training
+    # worker, numba's OpenMP threads slowed the training steps after each evaluation by 2-3.5x
+    # (the tiny job's epoch 2: 11.1 s with torch's top-k, 23.5 s with numba on rank 0 alone,
+    # 39.5 s with numba on both ranks; 2026-12-02).
+    return torch_top_k(queries.to(device), docs.to(device), cfg.k, cfg.chunk_size, cfg.query_block)
 
 
 def merge_top_k(parts: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
