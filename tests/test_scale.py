@@ -30,7 +30,7 @@ from gcl.bench.scale import run_stage
 
 data, out = sys.argv[1], sys.argv[2]
 report = validate_pairs(data, DataConfig(), FieldsConfig(), "score_linear", local_rows=0)  # as a Ray Data job
-manifest = split_dataset(data, out, "query_id", "product_id", SplitConfig(seed=1))
+manifest = split_dataset(data, out, "query_id", "product_id", SplitConfig(seed=1), local_rows=0)  # on Ray
 run_stage("first_batch", data, out)
 print(json.dumps({"rows": report.rows, "bad": report.bad_rows, "train": manifest["splits"]["train"]["rows"],
                   "unused": manifest["unused_pairs"], "growth_mib": peak_rss_mib() - baseline}))
@@ -45,7 +45,6 @@ def test_validate_split_and_first_batch_hold_no_dataset_in_the_driver(tmp_path):
                          text=True, timeout=900)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    print(result)
     assert result["rows"] == rows and result["bad"] == 0 and 0 < result["train"] < rows
     # Beyond what Ray, torch and open_clip take to import, the work adds little to the driver, and
     # nothing like the data (about 480 MB on disk; pandas held 1.5 times that before).

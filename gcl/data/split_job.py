@@ -31,6 +31,8 @@ from gcl.data.units import Unit, plan_units, unit_batches, units_dataset
 log = logging.getLogger(__name__)
 UNIT_ROWS = 50_000
 """Pairs per task at least (consecutive row groups of a file), and so about per file written."""
+LOCAL_ROWS = 50_000
+"""Datasets of at most this many rows are split in this process rather than as a Ray job."""
 MANIFEST = "manifest.json"
 
 
@@ -125,11 +127,10 @@ def _clear(out: str, names) -> None:
 
 
 def split_dataset(spec: str, out: str, query_col: str, doc_col: str, cfg: SplitConfig,
-                  extra: dict | None = None) -> dict:  # fmt: skip
+                  extra: dict | None = None, local_rows: int = LOCAL_ROWS) -> dict:  # fmt: skip
     """Split the pairs at `spec` into parquet directories `<out>/<split>/` and write
-    `<out>/manifest.json`; return the manifest."""
-    from ray.data.aggregate import Count, Sum
-
+    `<out>/manifest.json`; return the manifest. Datasets of more than `local_rows` rows are split
+    as a Ray Data job; smaller ones by the same functions in this process."""
     files = resolve_files(spec)
     units = []
     for file in files:
@@ -141,21 +142,40 @@ def split_dataset(spec: str, out: str, query_col: str, doc_col: str, cfg: SplitC
     out = storage.absolute(out)
     names = [n for n in SPLIT_NAMES if cfg.validation or not n.startswith("val_")]
     _clear(out, names)
-    stats = units_dataset(len(units)).map_batches(
-        _split_task, fn_kwargs={"units": units, "out": out, "query_col": query_col, "doc_col": doc_col, "cfg": cfg},
-        batch_size=1, num_cpus=1, batch_format="pyarrow")  # fmt: skip
-    # One row per (split, kind, key): the distinct ids of each split, and each file. Materialized:
-    # the totals and the file list both read it, and the writing tasks must run once.
-    per_key = stats.groupby(["split", "kind", "key"]).aggregate(Sum("rows", alias_name="rows")).materialize()
-    totals = per_key.groupby(["split", "kind"]).aggregate(Count(alias_name="keys"), Sum("rows", alias_name="rows"))
-    files_written = per_key.map_batches(lambda t: t.filter(pc.equal(t["kind"], "file")), batch_format="pyarrow")
-    manifest = _manifest(names, totals.take_all(), files_written.take_all(), extra)
+    task = {"units": units, "out": out, "query_col": query_col, "doc_col": doc_col, "cfg": cfg}
+    on_ray = sum(u.rows for u in units) > local_rows
+    totals, files_written = (_reduce_on_ray if on_ray else _reduce_here)(task)
+    manifest = _manifest(names, totals, files_written, extra)
     counts = manifest["splits"]
     check_not_empty({n: counts[n]["rows"] for n in names}, counts["train"]["queries"], counts["train"]["documents"])
     store, path = storage.filesystem(storage.join(out, MANIFEST))
     with store.open_output_stream(path) as stream:
         stream.write(json.dumps(manifest, indent=2).encode())
     return manifest
+
+
+def _reduce_on_ray(task: dict) -> tuple[list[dict], list[dict]]:
+    """Every unit split in a Ray Data task; (totals per split and kind, files written)."""
+    from ray.data.aggregate import Count, Sum
+
+    stats = units_dataset(len(task["units"])).map_batches(_split_task, fn_kwargs=task, batch_size=1, num_cpus=1,
+                                                          batch_format="pyarrow")  # fmt: skip
+    # One row per (split, kind, key): the distinct ids of each split, and each file. Materialized:
+    # the totals and the file list both read it, and the writing tasks must run once.
+    per_key = stats.groupby(["split", "kind", "key"]).aggregate(Sum("rows", alias_name="rows")).materialize()
+    totals = per_key.groupby(["split", "kind"]).aggregate(Count(alias_name="keys"), Sum("rows", alias_name="rows"))
+    files_written = per_key.map_batches(lambda t: t.filter(pc.equal(t["kind"], "file")), batch_format="pyarrow")
+    return totals.take_all(), files_written.take_all()
+
+
+def _reduce_here(task: dict) -> tuple[list[dict], list[dict]]:
+    """_reduce_on_ray in this process, with pyarrow's group_by."""
+    stats = _split_task({"unit": np.arange(len(task["units"]))}, **task)
+    per_key = stats.group_by(["split", "kind", "key"]).aggregate([("rows", "sum")]).rename_columns(
+        {"rows_sum": "rows"})
+    totals = per_key.group_by(["split", "kind"]).aggregate([("key", "count"), ("rows", "sum")]).rename_columns(
+        {"key_count": "keys", "rows_sum": "rows"})
+    return totals.to_pylist(), per_key.filter(pc.equal(per_key["kind"], "file")).to_pylist()
 
 
 def _manifest(names: list[str], totals: list[dict], files: list[dict], extra: dict | None) -> dict:
