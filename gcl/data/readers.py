@@ -7,7 +7,6 @@ import glob
 import io
 import math
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -60,31 +59,6 @@ def read_table(file: str, columns: list[str] | None = None) -> pa.Table:
 
         table = json.read_json(io.BytesIO(raw))
     return table.select(columns) if columns else table
-
-
-def iter_batches(
-    file: str, columns: list[str], batch_rows: int = 65536
-) -> Iterator[tuple[int, pa.RecordBatch]]:
-    """(first row number, batch) over a file, memory-bounded for parquet."""
-    if file.endswith(".parquet"):
-        store, path = filesystem(file)
-        offset = 0
-        for batch in pq.ParquetFile(path, filesystem=store).iter_batches(batch_rows, columns=columns):
-            yield offset, batch
-            offset += batch.num_rows
-        return
-    offset = 0
-    for batch in read_table(file, columns).to_batches(batch_rows):
-        yield offset, batch
-        offset += batch.num_rows
-
-
-def file_columns(file: str) -> pa.Schema:
-    """The schema of a data file, without reading its rows (for parquet)."""
-    if file.endswith(".parquet"):
-        store, path = filesystem(file)
-        return pq.read_schema(path, filesystem=store)
-    return read_table(file).schema
 
 
 def image_base_dir(file: str, image_root: str | None) -> str | None:
