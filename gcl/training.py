@@ -273,7 +273,7 @@ def evaluate_model(job: JobConfig, module: torch.nn.Module, sample: int = 0,
     module.eval()
     try:
         encoder = RowEncoder(module, tokenizer, eval_transform, job.fields)
-        evaluate = evaluate_splits  # outside a worker group: `gcl evaluate`'s search
+        evaluate = evaluate_splits  # outside a worker group: one process does it all
         if torch.distributed.is_initialized():
             evaluate = functools.partial(evaluate_splits_on_workers, device=device or torch.device("cpu"))
         test = evaluate(encoder, job.data.eval, job.data, job.eval, sample, job.seed)

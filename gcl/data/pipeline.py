@@ -356,7 +356,10 @@ def preprocess(raw, settings: str, pipeline: PipelineConfig, *, seed: int = 0, s
 def build_dataset(source: PairSource, *, seed: int = 0, shuffle: bool = True):
     """The preprocessed Ray Dataset of `source`'s pairs, shuffled with `seed` as its pipeline says
     (lazy); in file order without `shuffle`."""
-    mode = shuffle_mode(source) if shuffle else "none"
+    return _shuffled_dataset(source, seed, shuffle_mode(source) if shuffle else "none")
+
+
+def _shuffled_dataset(source: PairSource, seed: int, mode: str):
     raw, settings = read_training_pairs(source, file_order_seed=seed if mode == "blocks" else None)
     return preprocess(raw, settings, source.pipeline, seed=seed, shuffle=mode)
 
@@ -379,7 +382,8 @@ def epoch_datasets(source: PairSource, *, epochs: int, seed: int = 0) -> dict:
     shuffle. (Ray Data reseeds a single dataset per execution, counting from 0 in every new
     worker group, which a resumed run would restart.)
     """
-    return {epoch_dataset_name(e): build_dataset(source, seed=epoch_seed(seed, e)) for e in range(epochs)}
+    mode = shuffle_mode(source)  # once: `auto` asks storage for every file's size
+    return {epoch_dataset_name(e): _shuffled_dataset(source, epoch_seed(seed, e), mode) for e in range(epochs)}
 
 
 def unsplit_data_config():
