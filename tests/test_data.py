@@ -3,6 +3,7 @@
 import io
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -248,6 +249,73 @@ def test_csv_and_jsonl_with_image_paths(tmp_path, small_pairs):
     rows.to_csv(tmp_path / "broken.csv", index=False)
     with pytest.raises(DataError, match=r"broken.csv row 0 column 'image': image file cannot be read"):
         _check(str(tmp_path / "broken.csv"))
+
+
+def _not_parquet(df, tmp_path):
+    (tmp_path / "pairs.parquet").write_text("pair_id,query\n1,red tile\n")
+    return "pairs.parquet"
+
+
+def _truncated(df, tmp_path):
+    raw = Path(_write(df, tmp_path, "whole.parquet")).read_bytes()
+    (tmp_path / "pairs.parquet").write_bytes(raw[: len(raw) // 2])
+    return "pairs.parquet"
+
+
+def _corrupt_row_group(df, tmp_path):
+    path = tmp_path / "pairs.parquet"
+    pq.write_table(pa.Table.from_pandas(df, preserve_index=False), path, row_group_size=40)
+    start = pq.ParquetFile(path).metadata.row_group(1).column(0).data_page_offset
+    raw = bytearray(path.read_bytes())
+    raw[start : start + 64] = b"\xff" * 64  # the page header of row group 1's first column
+    path.write_bytes(bytes(raw))
+    return "pairs.parquet"
+
+
+def _ragged_csv(df, tmp_path):
+    df = df.head(6).drop(columns=["image"]).assign(image="img/0.png")
+    lines = df.to_csv(index=False).splitlines()
+    lines[4] += ",one too many"  # line 5 of the file, data row 3
+    (tmp_path / "pairs.csv").write_text("\n".join(lines) + "\n")
+    return "pairs.csv"
+
+
+def _broken_jsonl(df, tmp_path):
+    lines = df.head(4).drop(columns=["image"]).assign(image="img/0.png").to_json(orient="records", lines=True)
+    (tmp_path / "pairs.jsonl").write_text(lines.replace("}\n", "\n", 1))  # row 0 never closes
+    return "pairs.jsonl"
+
+
+def _image_path_is_a_directory(df, tmp_path):
+    (tmp_path / "img").mkdir()
+    df.head(3).drop(columns=["image"]).assign(image="img").to_csv(tmp_path / "pairs.csv", index=False)
+    return "pairs.csv"
+
+
+@pytest.mark.parametrize(
+    "make, where, accepted",
+    [
+        (_not_parquet, ": cannot be read (Parquet magic bytes not found", "expected a parquet file"),
+        (_truncated, ": cannot be read (Parquet magic bytes not found", "expected a parquet file"),
+        (_corrupt_row_group, " row group 1 (rows 40-79): cannot be read (", "expected a parquet file"),
+        (_ragged_csv, ": cannot be read (CSV parse error: line 5 (row 3): Expected", "the same number of cells"),
+        (_broken_jsonl, ": cannot be read (JSON parse error", "expected a JSONL file of one JSON object per line"),
+        (_image_path_is_a_directory, " row 0 column 'image': image file cannot be read (", "accepted: a path to an image file"),
+    ],
+)  # fmt: skip
+def test_files_that_are_not_what_they_claim_are_refused_naming_the_file_and_row(
+    small_pairs, tmp_path, make, where, accepted
+):
+    # The error comes from validation, which every job runs before training starts.
+    path = str(tmp_path / make(small_pairs, tmp_path))
+    with pytest.raises(DataError) as err:
+        _check(path)
+    text = str(err.value)
+    if make is _image_path_is_a_directory:  # a bad row: listed under the file's summary line
+        text = text.splitlines()[1].strip()
+    else:  # a bad file: one line
+        assert "\n" not in text, text
+    assert text.startswith(path + where) and accepted in text, text
 
 
 def test_validation_as_a_ray_data_job_finds_what_the_local_checks_find(ray_local, small_pairs, tmp_path):

@@ -7,6 +7,8 @@ import glob
 import io
 import math
 import os
+import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
@@ -17,6 +19,28 @@ from gcl.errors import DataError
 from gcl.storage import filesystem, is_uri, local_path
 
 TABLE_SUFFIXES = (".parquet", ".csv", ".jsonl", ".json")
+ACCEPTED_FILES = {
+    ".parquet": "a parquet file (as pyarrow, pandas, Spark or DuckDB write them)",
+    ".csv": "a CSV file with a header line and the same number of cells on every line",
+    ".jsonl": "a JSONL file of one JSON object per line",
+}
+ACCEPTED_FILES[".json"] = ACCEPTED_FILES[".jsonl"]
+
+
+@contextmanager
+def reading(file: str, part: str = ""):
+    """Turn pyarrow's error for a file that is not what its name claims (not parquet, truncated,
+    a corrupt row group, a ragged CSV line, a broken JSON line) into a DataError that names the
+    file, the `part` being read and what would be accepted."""
+    try:
+        yield
+    except (pa.ArrowException, OSError) as err:
+        accepted = ACCEPTED_FILES.get(os.path.splitext(file)[1], "a parquet, CSV or JSONL file")
+        where = f" {part}" if part else ""
+        reason = " ".join(str(err).split())
+        # pyarrow numbers a CSV's lines from 1 with the header; gcl's rows from 0 without it.
+        reason = re.sub(r"Row #(\d+)", lambda m: f"line {m[1]} (row {int(m[1]) - 2})", reason)
+        raise DataError(f"{file}{where}: cannot be read ({reason}); expected {accepted}") from err
 
 
 def resolve_files(spec: str) -> list[str]:
@@ -44,20 +68,23 @@ def resolve_files(spec: str) -> list[str]:
 
 
 def read_table(file: str, columns: list[str] | None = None) -> pa.Table:
-    """Read one data file into an Arrow table (all columns, or those named)."""
+    """Read one data file into an Arrow table (all columns, or those named); DataError when the
+    file is not what its name claims."""
     store, path = filesystem(file)
-    if file.endswith(".parquet"):
-        return pq.read_table(path, columns=columns, filesystem=store)
-    with store.open_input_stream(path) as stream:
-        raw = stream.read()
-    if file.endswith(".csv"):
-        from pyarrow import csv
+    with reading(file):
+        if file.endswith(".parquet"):
+            return pq.read_table(path, columns=columns, filesystem=store)
+        with store.open_input_stream(path) as stream:
+            raw = stream.read()
+        if file.endswith(".csv"):
+            from pyarrow import csv
 
-        table = csv.read_csv(io.BytesIO(raw))
-    else:
-        from pyarrow import json
+            # One thread: pyarrow then names a ragged line's number ("Row #N", the header being 1).
+            table = csv.read_csv(io.BytesIO(raw), read_options=csv.ReadOptions(use_threads=False))
+        else:
+            from pyarrow import json
 
-        table = json.read_json(io.BytesIO(raw))
+            table = json.read_json(io.BytesIO(raw))
     return table.select(columns) if columns else table
 
 

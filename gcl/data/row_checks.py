@@ -217,7 +217,7 @@ def _image_problem(value, base_dir) -> str | None:
     try:
         raw = image_bytes(value, base_dir)
     except (FileNotFoundError, OSError) as err:
-        return f"image file cannot be read ({err})"
+        return f"image file cannot be read ({err}); accepted: a path to an image file (relative ones start at data.image_root, else at the data file's directory)"
     if raw is None:
         return None
     try:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from gcl.data.readers import read_table
+from gcl.data.readers import read_table, reading
 from gcl.storage import filesystem
 
 BATCH_ROWS = 4096
@@ -34,7 +34,8 @@ def plan_units(file: str, unit_rows: int) -> tuple[pa.Schema, list[Unit]]:
         schema, rows = (table := read_table(file)).schema, table.num_rows
         return schema, [Unit(file, 0, rows)]
     store, path = filesystem(file)
-    meta = pq.ParquetFile(path, filesystem=store).metadata
+    with reading(file):
+        meta = pq.ParquetFile(path, filesystem=store).metadata
     schema = meta.schema.to_arrow_schema()
     units, groups, first, rows = [], [], 0, 0
     for g in range(meta.num_row_groups):
@@ -48,20 +49,28 @@ def plan_units(file: str, unit_rows: int) -> tuple[pa.Schema, list[Unit]]:
 
 def unit_batches(unit: Unit, columns: list[str] | None = None, batch_rows: int = BATCH_ROWS):
     """(first row number in the file, batch) over `unit`'s rows (only `columns`), `batch_rows` at a
-    time."""
+    time; DataError naming the row group (and its rows) that cannot be read."""
     if unit.row_groups is None:
-        batches = read_table(unit.file, columns).to_batches(batch_rows)
-    else:
-        store, path = filesystem(unit.file)
-        batches = pq.ParquetFile(path, filesystem=store).iter_batches(
-            batch_rows, row_groups=list(unit.row_groups), columns=columns
-        )
+        yield from _numbered(unit.first_row, read_table(unit.file, columns).to_batches(batch_rows))
+        return
+    store, path = filesystem(unit.file)
+    with reading(unit.file):
+        parquet = pq.ParquetFile(path, filesystem=store)
     offset = unit.first_row
+    for group in unit.row_groups:
+        last = offset + parquet.metadata.row_group(group).num_rows - 1
+        # Streamed a batch at a time (a row group can hold gigabytes of images).
+        with reading(unit.file, f"row group {group} (rows {offset}-{last})"):
+            for batch in parquet.iter_batches(batch_rows, row_groups=[group], columns=columns):
+                yield offset, batch
+                offset += batch.num_rows
+
+
+def _numbered(offset: int, batches):
+    """(first row number, batch) for consecutive `batches` starting at row `offset`."""
     for batch in batches:
         yield offset, batch
         offset += batch.num_rows
-
-
 
 
 def units_dataset(count: int):
