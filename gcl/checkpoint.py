@@ -11,9 +11,12 @@ A checkpoint directory, one per epoch, as Ray Train commits it under <storage>/<
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
+import pickle
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -50,11 +53,56 @@ def deepspeed_checkpoint_globals() -> list:
     return [LossScaler, ZeroStageEnum, fragment_address]
 
 
-def load_weights_only(path: str, map_location=None):
+def load_weights_only(path: str, map_location=None, mmap: bool = False):
     """torch.load with weights_only=True for DeepSpeed's checkpoint files: tensors, containers and
-    DeepSpeed's data records only, so a tampered checkpoint cannot run code when a run resumes."""
-    with torch.serialization.safe_globals(deepspeed_checkpoint_globals()):
-        return torch.load(path, map_location=map_location, weights_only=True)
+    DeepSpeed's data records only, so a tampered checkpoint cannot run code when a run resumes.
+    ModelError, naming the file, for anything else in it."""
+    try:
+        with torch.serialization.safe_globals(deepspeed_checkpoint_globals()):
+            return torch.load(path, map_location=map_location, mmap=mmap, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ModelError(f"{path}: refused: {refusal(err)}") from None
+
+
+def refusal(err: pickle.UnpicklingError) -> str:
+    """Why a weights_only load refused a file, in a line (torch's first line names the global)."""
+    detail = next((line.strip() for line in str(err).splitlines() if "Unsupported global" in line), "")
+    return ("the checkpoint holds objects other than tensors and DeepSpeed's records, which could run "
+            f"code when loaded{f' ({detail})' if detail else ''}; only checkpoints gcl's training wrote are accepted")  # fmt: skip
+
+
+@contextmanager
+def forced_weights_only():
+    """Every torch.load in the block loads with weights_only=True whatever its caller passes (torch's
+    TORCH_FORCE_WEIGHTS_ONLY_LOAD), DeepSpeed's data records allowed: DeepSpeed's zero_to_fp32
+    passes weights_only=False."""
+    before = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with torch.serialization.safe_globals(deepspeed_checkpoint_globals()):
+            yield
+    finally:
+        if before is None:
+            del os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"]
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = before
+
+
+def gather_zero_shards(checkpoint_dir: str) -> dict[str, torch.Tensor]:
+    """The fp32 weights of a ZeRO 1-3 checkpoint, gathered from its shards by DeepSpeed's
+    zero_to_fp32 with every file loaded weights_only; ModelError naming a file that holds
+    anything else (its payload does not run)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    try:
+        with forced_weights_only():
+            return get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=CHECKPOINT_TAG)
+    except pickle.UnpicklingError as err:
+        # zero_to_fp32 does not say which file: find it (each loaded weights_only again; mmap
+        # reads only the pickled records, not the tensors).
+        for path in sorted(glob.glob(os.path.join(checkpoint_dir, CHECKPOINT_TAG, "*.pt"))):
+            load_weights_only(path, map_location="cpu", mmap=True)
+        raise ModelError(f"{checkpoint_dir}: refused: {refusal(err)}") from None
 
 
 def use_weights_only_loader(engine) -> None:
@@ -129,9 +177,7 @@ def consolidate_checkpoint(checkpoint_dir: str, out_dir: str, model: ModelConfig
         module = load_weights_only(path, map_location="cpu")["module"]
         state = {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
     else:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        state = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=CHECKPOINT_TAG)
+        state = gather_zero_shards(checkpoint_dir)
     loaded = create_model(model)
     loaded.clip.load_state_dict({k.removeprefix("clip."): v for k, v in state.items()})
     save_model(loaded.clip, model_config(model), out_dir)

@@ -1,6 +1,6 @@
 """open_clip model wrapper: tiny configs, field encoding, save/load in open_clip's format."""
 
-import pickle
+import os
 
 import numpy as np
 import open_clip
@@ -159,20 +159,82 @@ def test_bad_model_source_is_reported(tmp_path):
         create_model(ModelConfig(arch="gcl-tiny", pretrained="no_such_tag"))
 
 
+def _touch(path):
+    open(path, "w").close()
+
+
 class _Payload:
-    """Stands for any class a tampered checkpoint could make torch.load import and call."""
+    """Stands for any object a tampered checkpoint could make torch.load import and call: unpickled
+    with weights_only=False, it creates the file `marker`."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return _touch, (self.marker,)
 
 
 def test_deepspeed_checkpoints_load_with_weights_only(tmp_path):
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
 
     from gcl.checkpoint import load_weights_only
+    from gcl.errors import ModelError
 
     torch.save({"optimizer": {"loss_scaler": LossScaler(1.0)}, "weights": torch.ones(2)}, tmp_path / "ok.pt")
     assert load_weights_only(str(tmp_path / "ok.pt"))["weights"].tolist() == [1.0, 1.0]
-    torch.save({"optimizer": _Payload()}, tmp_path / "bad.pt")
-    with pytest.raises(pickle.UnpicklingError, match="Unsupported global"):
+    torch.save({"optimizer": _Payload(str(tmp_path / "ran"))}, tmp_path / "bad.pt")
+    with pytest.raises(ModelError, match=r"bad.pt: refused: .*Unsupported global: GLOBAL test_model._touch"):
         load_weights_only(str(tmp_path / "bad.pt"))
+    assert not (tmp_path / "ran").exists()
+
+
+def _zero_rank(rank, world, init_file, out_dir):
+    import torch.distributed as dist
+
+    from gcl.checkpoint import TrainState, save_checkpoint
+    from gcl.config import parse_config
+    from gcl.engine import setup_engine
+    from gcl.job_config import JobConfig
+    from workflows import CONFIGS
+
+    torch.set_num_threads(1)
+    os.environ["LOCAL_RANK"] = str(rank)  # DeepSpeed asks for it; Ray Train sets it in training
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    job = parse_config(JobConfig, CONFIGS / "tiny-cpu.yaml", ["deepspeed.zero_stage=1"])
+    engine, _, _ = setup_engine(job, total_steps=10)
+    save_checkpoint(engine, out_dir, TrainState(), job.model_dump(mode="json"))
+    if rank == 0:  # ZeRO-1 shards only the optimizer: every rank holds the whole module
+        torch.save({k: v.detach().clone() for k, v in engine.module.state_dict().items()}, f"{out_dir}/module.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_zero_shards_are_gathered_weights_only_and_a_shard_carrying_code_is_refused(tmp_path):
+    # A real ZeRO-1 checkpoint of two gloo ranks (each rank's optimizer shard in its own file).
+    import torch.multiprocessing as mp
+
+    from gcl.checkpoint import CHECKPOINT_TAG, gather_zero_shards, load_weights_only
+    from gcl.errors import ModelError
+
+    mp.spawn(_zero_rank, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    module = torch.load(tmp_path / "module.pt", weights_only=True)
+    gathered = gather_zero_shards(str(tmp_path))
+    assert gathered.keys() == module.keys()
+    for name, weight in module.items():
+        torch.testing.assert_close(gathered[name], weight.float(), atol=0, rtol=0, msg=name)
+
+    shard = tmp_path / CHECKPOINT_TAG / "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    if not shard.exists():
+        shard = tmp_path / CHECKPOINT_TAG / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    tampered = load_weights_only(str(shard))
+    tampered["payload"] = _Payload(str(tmp_path / "ran"))
+    torch.save(tampered, shard)
+    with pytest.raises(ModelError, match=rf"{shard}: refused: .*test_model._touch"):
+        gather_zero_shards(str(tmp_path))
+    assert not (tmp_path / "ran").exists()
+    # What zero_to_fp32 alone would do with the same file: the payload runs.
+    torch.load(shard, weights_only=False)
+    assert (tmp_path / "ran").exists()
 
 
 def test_an_exported_model_loads_with_its_fields_on_the_chosen_device(tiny, tmp_path, monkeypatch):
