@@ -77,6 +77,13 @@ class MlflowConfig(Section):
     """MLflow experiment name."""
     registered_model: str | None = None
     """Register the exported model under this name (null: do not register)."""
+    flush_seconds: float = Field(10.0, gt=0)
+    """Training writes its metrics to MLflow at least this often (and every 200 metrics). While the
+    store cannot be reached they wait in <storage>/<name>/tracking_buffer/ and are written once it
+    answers again, or by `gcl sync`."""
+    finish_wait_seconds: float = Field(120.0, ge=0)
+    """When training is done but the store cannot be reached, keep trying this long to log the model
+    and the run's end before the command ends with exit code 2 and says to run `gcl sync`."""
 
     def resolved_uri(self) -> str:
         """The tracking URI, which gcl.jobs.resolve_job fills in where the command started: a

@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import tempfile
+import time
 from dataclasses import dataclass, field
 
 import yaml
@@ -22,7 +23,7 @@ from gcl.data.manifest import dataset_manifest
 from gcl.data.pipeline import PairSource, epoch_datasets, unsplit_data_config
 from gcl.data.validate import ValidationReport, validate_pairs
 from gcl.engine import deepspeed_config
-from gcl.errors import ConfigError, GclError
+from gcl.errors import ConfigError, GclError, ModelError, TrackingError
 from gcl.job_config import JobConfig
 from gcl.mlflow_names import (
     CONFIG_ARTIFACT,
@@ -32,11 +33,22 @@ from gcl.mlflow_names import (
     MODEL_URI_TAG,
     ROWS_SKIPPED,
 )
+from gcl.model import CONFIG_FILE
 from gcl.registry import log_embedding_model, register_run
-from gcl.tracking import check_tracking, flatten, mark_failed, mark_finished, resolve_tracking_uri, start_run
+from gcl.tracking import (
+    check_tracking,
+    flatten,
+    mark_failed,
+    mark_finished,
+    resolve_tracking_uri,
+    runs_named,
+    start_run,
+)
+from gcl.tracking_buffer import SPILL_DIR, SpillFiles, fail_fast_requests, is_outage, replay
 from gcl.training import train_worker
 
 log = logging.getLogger(__name__)
+RUN_FILES = "run_files"  # <storage>/<name>/run_files/: what finish_run logs beside the model
 
 
 @dataclass
@@ -204,33 +216,104 @@ def fit(job: JobConfig, data: CheckedData, run_id: str, callbacks=()):
     return result
 
 
-def export_model(job: JobConfig, checkpoint, run_id: str, manifest: dict | None = None) -> str:
+def export_to_storage(job: JobConfig, checkpoint, manifest: dict | None = None) -> str:
     """Consolidate `checkpoint`'s ZeRO shards into an open_clip model directory at
-    <storage>/<name>/model, log it with the resolved config, DeepSpeed config and data manifest,
-    and log the pyfunc embedding model (its URI goes in the run's MODEL_URI_TAG tag). Returns the
-    model's location: a local directory, or a URI where the storage is remote."""
-    from mlflow import MlflowClient
-
-    uri = job.mlflow.resolved_uri()
-    client = MlflowClient(uri)
+    <storage>/<name>/model, with the resolved config, DeepSpeed config and data manifest that
+    finish_run logs beside it under <storage>/<name>/run_files/. Needs no tracking store. Returns
+    the model's location (a local directory, or a URI where the storage is remote)."""
     location = storage.join(job.storage, job.name, MODEL_ARTIFACT)
+    files = {CONFIG_ARTIFACT: yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False),
+             DEEPSPEED_ARTIFACT: json.dumps(deepspeed_config(job), indent=2)}  # fmt: skip
+    if manifest is not None:
+        files[MANIFEST_ARTIFACT] = json.dumps(manifest, indent=2)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = storage.local_path(location) or os.path.join(tmp, MODEL_ARTIFACT)
         with checkpoint.as_directory() as checkpoint_dir:
             consolidate_checkpoint(checkpoint_dir, model_dir, job.model, job.fields, job.deepspeed.zero_stage)
         storage.upload_directory(model_dir, location)
-        files = {CONFIG_ARTIFACT: yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False),
-                 DEEPSPEED_ARTIFACT: json.dumps(deepspeed_config(job), indent=2)}  # fmt: skip
-        if manifest is not None:
-            files[MANIFEST_ARTIFACT] = json.dumps(manifest, indent=2)
+        run_files = os.path.join(tmp, RUN_FILES)
+        os.makedirs(run_files)
         for name, text in files.items():
-            path = os.path.join(tmp, name)
-            with open(path, "w") as f:
+            with open(os.path.join(run_files, name), "w") as f:
                 f.write(text)
-            client.log_artifact(run_id, path)
-        client.log_artifacts(run_id, model_dir, MODEL_ARTIFACT)
-        client.set_tag(run_id, MODEL_URI_TAG, log_embedding_model(run_id, model_dir, uri))
+        storage.upload_directory(run_files, storage.join(job.storage, job.name, RUN_FILES))
     return storage.local_path(location) or location
+
+
+def finish_run(job: JobConfig, run_id: str, location: str, register: bool = True) -> None:
+    """Everything training leaves to MLflow once the workers are done: the metrics buffered during
+    an outage (gcl.tracking_buffer), the exported model at `location` with its run files and the
+    pyfunc embedding model (its URI in the run's MODEL_URI_TAG tag), the run's end and, where
+    `mlflow.registered_model` is set and `register`, its registration. Each step is skipped where it is done
+    already, so `gcl sync` can repeat it after an outage."""
+    from mlflow import MlflowClient
+
+    uri = job.mlflow.resolved_uri()
+    client = MlflowClient(uri)
+    run_dir = storage.join(job.storage, job.name)
+    replay(client, run_id, SpillFiles(run_dir))
+    if MODEL_URI_TAG not in client.get_run(run_id).data.tags:
+        with tempfile.TemporaryDirectory() as tmp:
+            model_dir = storage.download_directory(location, os.path.join(tmp, MODEL_ARTIFACT))
+            run_files = storage.download_directory(storage.join(run_dir, RUN_FILES), os.path.join(tmp, RUN_FILES))
+            for name in sorted(os.listdir(run_files)):
+                client.log_artifact(run_id, os.path.join(run_files, name))
+            client.log_artifacts(run_id, model_dir, MODEL_ARTIFACT)
+            client.set_tag(run_id, MODEL_URI_TAG, log_embedding_model(run_id, model_dir, uri))
+    mark_finished(client, run_id)
+    if register and job.mlflow.registered_model:
+        register_run(run_id, job.mlflow.registered_model, uri)
+
+
+def finish_despite_outage(job: JobConfig, run_id: str, location: str) -> None:
+    """finish_run, tried again with backoff for up to `mlflow.finish_wait_seconds` while the store
+    cannot be reached; then a TrackingError that says where everything is and to run `gcl sync`."""
+    deadline = time.monotonic() + job.mlflow.finish_wait_seconds
+    pause = 1.0
+    with fail_fast_requests():
+        while True:
+            try:
+                return finish_run(job, run_id, location)
+            except Exception as err:
+                if not is_outage(err):
+                    raise
+                if time.monotonic() + pause > deadline:
+                    raise tracking_lost(job, location, err) from None
+                log.warning("MLflow tracking store unreachable at the end of training (%s); trying again in %.0f s",
+                            type(err).__name__, pause)  # fmt: skip
+                time.sleep(pause)
+                pause = min(2 * pause, 30.0)
+
+
+def tracking_lost(job: JobConfig, location: str, err: Exception) -> TrackingError:
+    """The error a command ends with when training finished but MLflow could not be reached to
+    record it: where the model and the buffered metrics are, and how to log them later."""
+    return TrackingError(
+        f"training finished and its model is in {location}, but the MLflow tracking store "
+        f"{job.mlflow.resolved_uri()} cannot be reached ({type(err).__name__}: {str(err)[:300]}); the metrics it "
+        f"missed wait in {storage.join(job.storage, job.name, SPILL_DIR)}. When the store answers again, "
+        "`gcl sync` with this command's config and overrides logs them, the model and the run's end"
+        + (" and registers the model" if job.mlflow.registered_model else "")
+    )
+
+
+def sync_run(job: JobConfig) -> str:
+    """`gcl sync`: finish the MLflow run of a `gcl train` whose tracking store went away (finish_run),
+    from what the run left in storage. Returns the run id."""
+    from mlflow import MlflowClient
+
+    job = resolve_job(job)
+    uri = job.mlflow.resolved_uri()
+    check_tracking(uri)
+    runs = runs_named(MlflowClient(uri), job.mlflow.experiment, job.name)
+    if not runs:
+        raise TrackingError(f"no run named {job.name!r} in experiment {job.mlflow.experiment!r} of {uri}")
+    location = storage.join(job.storage, job.name, MODEL_ARTIFACT)
+    if not storage.is_file(storage.join(location, CONFIG_FILE)):
+        raise ModelError(f"no exported model at {location}: training did not finish; `gcl train` with the "
+                         "same config resumes it")  # fmt: skip
+    finish_run(job, runs[0].info.run_id, location)
+    return runs[0].info.run_id
 
 
 def run_train(job: JobConfig) -> TrainResult:
@@ -250,10 +333,14 @@ def run_train(job: JobConfig) -> TrainResult:
     try:
         result = fit(job, data, run_id)
     except Exception as err:
-        mark_failed(client, run_id, err)
+        try:
+            with fail_fast_requests():
+                mark_failed(client, run_id, err)
+        except Exception as tracking_err:
+            if not is_outage(tracking_err):
+                raise
+            log.warning("MLflow cannot be reached to mark run %s failed", run_id)
         raise
-    model_dir = export_model(job, result.checkpoint, run_id, data.manifest(job))
-    mark_finished(client, run_id)
-    if job.mlflow.registered_model:
-        register_run(run_id, job.mlflow.registered_model, uri)
+    model_dir = export_to_storage(job, result.checkpoint, data.manifest(job))
+    finish_despite_outage(job, run_id, model_dir)
     return TrainResult(run_id=run_id, model_dir=model_dir, metrics=dict(result.metrics))

@@ -61,22 +61,15 @@ def check_tracking(uri: str) -> None:
     """Fail fast, before any training, if the MLflow tracking store cannot be reached."""
     from mlflow import MlflowClient
 
-    # One quick try: the client's default retries back off for minutes on a wrong URI.
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
-    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10")
+    from gcl.tracking_buffer import fail_fast_requests
+
     try:
-        with _sqlite_init_lock(uri):
+        with fail_fast_requests(), _sqlite_init_lock(uri):  # one quick try: a wrong URI fails at once
             MlflowClient(uri).search_experiments(max_results=1)
     except Exception as err:
         raise TrackingError(
             f"MLflow tracking store {uri!r} is not reachable: {type(err).__name__}: {err}"
         ) from None
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 @contextlib.contextmanager
@@ -173,61 +166,53 @@ def mlflow_metric_name(name: str) -> str:
 
 
 class MetricsLogger:
-    """Buffers metrics on rank 0 and writes them to the MLflow run in batches."""
+    """Rank 0's metrics and tags for the MLflow run, buffered so that an outage of the tracking
+    store does not stop training (gcl.tracking_buffer.BufferedRunLog); other ranks log nothing."""
 
-    def __init__(self, tracking_uri: str | None, run_id: str | None, enabled: bool):
-        self.client = None
-        self.tracking_uri = tracking_uri
-        self.run_id = run_id
-        self.pending: list = []
-        self.logged_through: dict[str, int] = {}  # metric -> last step already in MLflow
+    def __init__(self, tracking_uri: str | None, run_id: str | None, enabled: bool, run_dir: str,
+                 flush_seconds: float = 10.0):  # fmt: skip
+        self.tracking_uri, self.run_id = tracking_uri, run_id
+        self.buffer = None
         if enabled and tracking_uri and run_id:
             from mlflow import MlflowClient
 
-            self.client = MlflowClient(tracking_uri)
+            from gcl.tracking_buffer import FAIL_FAST, BufferedRunLog
 
-    def skip_logged_steps(self) -> None:
-        """Steps logged by an earlier attempt of this run are not logged again: after a restore, the
-        steps past the checkpoint are trained again, and a run whose checkpoint was never committed
-        starts over. Training is deterministic, so the values logged first are the same."""
-        if self.client is not None:
-            for key in self._run().data.metrics:
-                history = self.client.get_metric_history(self.run_id, key)
-                self.logged_through[key] = max((m.step for m in history), default=0)
+            os.environ.update(FAIL_FAST)  # this worker process's MLflow requests are the buffer's
+            self.buffer = BufferedRunLog(MlflowClient(tracking_uri), run_id, run_dir, flush_seconds)
 
-    def _run(self):
-        """The MLflow run, or a TrackingError when this worker's view of the store lacks it: a
-        restart cannot fix that (a SQLite file that is not the driver's, on a node of its own)."""
+    def check_run(self) -> None:
+        """A TrackingError when this worker's view of the store lacks the run: a restart cannot fix
+        that (a SQLite file that is not the driver's, on a node of its own). A store that cannot be
+        reached now is no error: its metrics are buffered."""
         from mlflow.exceptions import MlflowException
 
+        from gcl.tracking_buffer import is_outage
+
+        if self.buffer is None:
+            return
         try:
-            return self.client.get_run(self.run_id)
+            self.buffer.client.get_run(self.run_id)
         except MlflowException as err:
-            if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+            if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+                raise TrackingError(
+                    f"MLflow run {self.run_id} is not in the tracking store {self.tracking_uri!r} as the training "
+                    "workers see it, though the driver created it there; on a cluster of several nodes use a "
+                    "tracking server that every node reaches (mlflow.tracking_uri: http://...), not a local file"
+                ) from None
+            if not is_outage(err):
                 raise
-            raise TrackingError(
-                f"MLflow run {self.run_id} is not in the tracking store {self.tracking_uri!r} as the training "
-                "workers see it, though the driver created it there; on a cluster of several nodes use a "
-                "tracking server that every node reaches (mlflow.tracking_uri: http://...), not a local file"
-            ) from None
+            log.warning("MLflow tracking store %s unreachable at start: metrics are buffered", self.tracking_uri)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        if self.client is None:
-            return
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        names = {mlflow_metric_name(k): v for k, v in metrics.items()}
-        self.pending.extend(Metric(name, float(v), now, step) for name, v in names.items()
-                            if step > self.logged_through.get(name, -1))  # fmt: skip
-        if len(self.pending) >= 200:
-            self.flush()
+        if self.buffer is not None:
+            named = {mlflow_metric_name(k): v for k, v in metrics.items()}
+            self.buffer.log(named, step, int(time.time() * 1000))
 
     def set_tag(self, key: str, value: str) -> None:
-        if self.client is not None:
-            self.client.set_tag(self.run_id, key, value)
+        if self.buffer is not None:
+            self.buffer.set_tag(key, value)
 
     def flush(self) -> None:
-        if self.client is not None and self.pending:
-            self.client.log_batch(self.run_id, metrics=self.pending)
-            self.pending = []
+        if self.buffer is not None:
+            self.buffer.flush()

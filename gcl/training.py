@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from gcl import storage
 from gcl.checkpoint import TrainState, restore_checkpoint, save_checkpoint
 from gcl.config import FieldsConfig
 from gcl.data.batches import ShardReader, WaitClock, batch_template, train_batches
@@ -128,8 +129,9 @@ def setup_worker(
     loss_fn = GCLLoss(
         job.loss, job.fields.weights("left"), job.fields.weights("right"), rank=rank, world_size=world
     )
-    metrics_log = MetricsLogger(tracking_uri, run_id, enabled=rank == 0)
-    metrics_log.skip_logged_steps()  # one history point per step however often the run restarts
+    metrics_log = MetricsLogger(tracking_uri, run_id, enabled=rank == 0, run_dir=storage.join(job.storage, job.name),
+                                flush_seconds=job.mlflow.flush_seconds)  # fmt: skip
+    metrics_log.check_run()
     metrics_log.set_tag(WORKERS_TAG, json.dumps(_worker_placement(device=str(engine.device))))
     text_cfg, vision_cfg = loaded.model_cfg["text_cfg"], loaded.model_cfg["vision_cfg"]
     template = batch_template(job.fields, text_cfg.get("context_length", 77), vision_cfg["image_size"])

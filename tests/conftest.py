@@ -1,4 +1,5 @@
 import os
+import socket
 
 import pytest
 import torch
@@ -60,3 +61,10 @@ def tiny_job_config(synth_dir, root, *overrides):
 def tiny_job(synth_dir, tmp_path):
     """Makes the tiny CPU job (tiny_job_config) under tmp_path."""
     return lambda *overrides: tiny_job_config(synth_dir, tmp_path, *overrides)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

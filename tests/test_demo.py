@@ -4,7 +4,6 @@ model served by `mlflow models serve` and queried over HTTP on loopback."""
 import base64
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import free_port
 from mlflow import MlflowClient
 
 pytestmark = pytest.mark.integration
@@ -43,12 +43,6 @@ def test_gcl_beats_the_binary_baseline_in_domain(demo):
     assert os.path.basename(result["plot"]) in {a.path for a in client.list_artifacts(result["runs"]["gcl"])}
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _post(port, payload):
     request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(payload).encode(),
                                      headers={"Content-Type": "application/json"})  # fmt: skip
@@ -63,7 +57,7 @@ def test_registered_champion_serves_embeddings_equal_to_gcl_encoder(demo):
 
     result, workdir = demo
     uri = f"sqlite:///{workdir}/mlruns.db"
-    port = _free_port()
+    port = free_port()
     venv_bin = os.path.dirname(sys.executable)  # mlflow runs `uvicorn` from PATH
     env = {
         **os.environ,

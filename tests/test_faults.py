@@ -12,7 +12,7 @@ import time
 
 import psutil
 import pytest
-from conftest import tiny_job_config
+from conftest import free_port, tiny_job_config
 from mlflow import MlflowClient
 
 from gcl.checkpoint import committed_checkpoint
@@ -261,3 +261,106 @@ def test_errors_no_restart_can_fix_fail_the_run_at_once_naming_their_cause(
     job, report = prepare(tiny_job("name=no-run", "train.epochs=1", "data.eval={}", "train.max_failures=2"))
     with pytest.raises(TrackingError, match=r"MLflow run f{32} is not in the tracking store"):
         fit(job, report, run_id="f" * 32)
+
+
+def _start_mlflow_server(port: int, root) -> subprocess.Popen:
+    """A real `mlflow server` on 127.0.0.1:`port`, its store and artifacts under `root` (a restart
+    on the same port finds the same runs)."""
+    import urllib.request
+
+    command = [os.path.join(os.path.dirname(sys.executable), "mlflow"), "server", "--host", "127.0.0.1",
+               "--port", str(port), "--backend-store-uri", f"sqlite:///{root}/store.db",
+               "--artifacts-destination", str(root / "artifacts"), "--workers", "1"]  # fmt: skip
+    env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
+    server = subprocess.Popen(command, env=env, cwd=root, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+            return server
+        except OSError:
+            assert server.poll() is None, "mlflow server exited"
+            time.sleep(0.5)
+    raise AssertionError("mlflow server did not start")
+
+
+def _stop(server: subprocess.Popen) -> None:
+    os.killpg(server.pid, signal.SIGKILL)  # the server and its uvicorn workers, as a crash would
+    server.wait(timeout=30)
+
+
+def _wait_for(condition, what: str, process: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert process.poll() is None, f"gcl train ended before {what}"
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def test_mlflow_server_going_away_mid_run_loses_no_step_and_gcl_sync_finishes_the_run(tiny_job, tmp_path):
+    """A real tracking server is killed twice during `gcl train`: the first time it comes back while
+    training goes on, and the buffered metrics are written; the second time it stays down to the
+    end, so the command exports the model, exits 2 and says to run `gcl sync`, which (with the
+    server back) finishes the run. The store then holds every step's loss exactly once."""
+    import yaml
+
+    port = free_port()
+    server_root = tmp_path / "server"
+    server_root.mkdir()
+    uri = f"http://127.0.0.1:{port}"
+    job = tiny_job("name=outage", "train.epochs=4", "data.eval={}", f"mlflow.tracking_uri={uri}",
+                   "mlflow.flush_seconds=0.2", "mlflow.finish_wait_seconds=3")  # fmt: skip
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump(job.model_dump(mode="json")))
+    spill = tmp_path / "runs" / "outage" / "tracking_buffer"
+    reader = MlflowClient(f"sqlite:///{server_root}/store.db")  # the server's own store, read directly
+
+    def logged_steps() -> list[int]:
+        run = _run_named(reader, "outage")
+        return [m.step for m in reader.get_metric_history(run.info.run_id, "loss")] if run else []
+
+    started = time.time()
+    server = _start_mlflow_server(port, server_root)
+    train = subprocess.Popen([GCL, "train", "-c", str(config)], env=_own_local_ray_env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    output: list[str] = []
+    threading.Thread(target=lambda: output.extend(train.stdout), daemon=True).start()
+    try:
+        _wait_for(lambda: len(logged_steps()) >= 2, "the first steps were logged", train)
+        _stop(server)  # outage 1
+        print(f"outage 1 at {time.time() - started:.0f} s", flush=True)
+        _wait_for(lambda: spill.exists() and any(spill.iterdir()), "metrics were spilled", train)
+        down_at = max(logged_steps())
+        server = _start_mlflow_server(port, server_root)
+        _wait_for(lambda: not any(spill.iterdir()) and max(logged_steps()) > down_at + 1,
+                  "the spilled metrics were replayed", train)  # fmt: skip
+        _stop(server)  # outage 2: down until training ends
+        print(f"outage 2 at {time.time() - started:.0f} s", flush=True)
+        assert train.wait(timeout=600) == 2, "".join(output)[-5000:]
+    finally:
+        if train.poll() is None:
+            train.kill()
+        if server.poll() is None:
+            _stop(server)
+    print(f"train ended at {time.time() - started:.0f} s", flush=True)
+    text = "".join(output)
+    assert "training finished and its model is in" in text and "`gcl sync`" in text, text[-5000:]
+    assert "MLflow tracking store unreachable" in text and "answers again" in text
+    assert (tmp_path / "runs" / "outage" / "model" / "open_clip_config.json").is_file()
+
+    server = _start_mlflow_server(port, server_root)
+    try:
+        sync = subprocess.run([GCL, "sync", "-c", str(config)], capture_output=True, text=True, timeout=300)
+        assert sync.returncode == 0, sync.stdout[-3000:] + sync.stderr[-3000:]
+        again = subprocess.run([GCL, "sync", "-c", str(config)], capture_output=True, text=True, timeout=300)
+        assert again.returncode == 0, again.stderr[-3000:]  # idempotent: nothing written twice
+    finally:
+        _stop(server)
+    run = _run_named(reader, "outage")
+    assert run.info.status == "FINISHED" and "gcl.model_uri" in run.data.tags
+    history = reader.get_metric_history(run.info.run_id, "loss")
+    steps = sorted(m.step for m in history)
+    total = max(m.step for m in reader.get_metric_history(run.info.run_id, "train_loss"))
+    assert steps == list(range(1, total + 1)), "a step is missing or logged twice"
+    assert not any(spill.iterdir())

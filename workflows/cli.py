@@ -94,6 +94,13 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_sync(args) -> int:
+    from gcl.jobs import sync_run
+
+    print(f"run {sync_run(_job(args))}: buffered metrics, model and end of run logged to MLflow")
+    return 0
+
+
 def cmd_tune(args) -> int:
     from workflows.tune import run_tune
 
@@ -219,6 +226,10 @@ def _add_train_and_tune(sub) -> None:
     p = sub.add_parser("train", help="fine-tune with Ray Train + DeepSpeed; resumes a run of the same name")
     _add_config_args(p)
     p.set_defaults(func=cmd_train)
+    p = sub.add_parser("sync", help="after an MLflow outage: log what a finished `gcl train` could not "
+                       "(buffered metrics, the model, the run's end, its registration)")  # fmt: skip
+    _add_config_args(p)
+    p.set_defaults(func=cmd_sync)
     p = sub.add_parser(
         "tune", help="sweep loss weights with Ray Tune (Optuna + ASHA); registers the best model"
     )

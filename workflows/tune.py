@@ -14,7 +14,7 @@ import tempfile
 
 from gcl.cluster import init_ray
 from gcl.errors import ConfigError, TrainingError
-from gcl.jobs import check_resources, export_model, job_resources, prepare, with_score_range
+from gcl.jobs import check_resources, export_to_storage, finish_run, job_resources, prepare, with_score_range
 from gcl.mlflow_names import (
     BEST_OBJECTIVE,
     BEST_RUN_TAG,
@@ -63,7 +63,8 @@ def _export_best(client, context: SweepContext, job, data, best: dict) -> str:
     best_run_id = runs_named(client, job.mlflow.experiment, best_name)[0].info.run_id
     if MODEL_URI_TAG not in client.get_run(best_run_id).data.tags:
         best_job = with_score_range(trial_job(context.base, best["params"], best_name), data.train)
-        export_model(best_job, Checkpoint(best["checkpoint_path"]), best_run_id, data.manifest(job))
+        location = export_to_storage(best_job, Checkpoint(best["checkpoint_path"]), data.manifest(job))
+        finish_run(best_job, best_run_id, location, register=False)  # the sweep registers its best
     client.log_metric(context.parent_run_id, BEST_OBJECTIVE, best["objective"])
     client.set_tag(context.parent_run_id, BEST_TRIAL_TAG, best["trial"])
     client.set_tag(context.parent_run_id, BEST_RUN_TAG, best_run_id)
