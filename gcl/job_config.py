@@ -26,7 +26,9 @@ class TrainConfig(Section):
     """Pairs per worker per step; in-batch negatives come from all workers' batches together."""
     grad_accum: int = Field(1, ge=1)
     """Micro-batches per optimizer step. Negatives stay within each micro-batch (across workers):
-    accumulation grows the effective batch for the gradient, not the pool of negatives."""
+    accumulation grows the effective batch for the gradient, not the pool of negatives. Each step
+    averages its micro-batches' gradients; an epoch whose steps do not divide by it ends with a
+    shorter step, so that checkpoints (every epoch) fall on optimizer steps and resume exactly."""
     lr: float = Field(5e-4, gt=0)
     """Peak learning rate (AdamW)."""
     weight_decay: float = Field(0.1, ge=0)

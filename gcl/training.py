@@ -11,8 +11,10 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import tempfile
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -125,7 +127,8 @@ def setup_worker(
     torch.set_num_threads(job.scaling.torch_threads)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    engine, scheduler, loaded = setup_engine(job, job.train.epochs * steps_per_epoch // job.train.grad_accum)
+    optimizer_steps = job.train.epochs * math.ceil(steps_per_epoch / job.train.grad_accum)
+    engine, scheduler, loaded = setup_engine(job, optimizer_steps)
     loss_fn = GCLLoss(
         job.loss, job.fields.weights("left"), job.fields.weights("right"), rank=rank, world_size=world
     )
@@ -149,27 +152,46 @@ def restore(worker: Worker) -> TrainState:
     return state
 
 
+def accumulation_groups(batches: Iterable[dict], grad_accum: int) -> Iterator[list[dict]]:
+    """The epoch's batches in groups of `grad_accum` (the last one shorter when the epoch's steps do
+    not divide by it): each group is one optimizer step, so every epoch, and so every checkpoint,
+    ends on an optimizer step. Holds one group's batches at once, as Hugging Face's Trainer does."""
+    group: list[dict] = []
+    for batch in batches:
+        group.append(batch)
+        if len(group) == grad_accum:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
 def train_epoch(worker: Worker, epoch: int, step: int) -> tuple[EpochStats, int]:
-    """Train one epoch of this rank's shard; returns its stats and the step reached."""
+    """Train one epoch of this rank's shard; returns its stats and the step (micro-batch) reached.
+    Each optimizer step averages the gradients of its group's micro-batches."""
     job, engine = worker.job, worker.engine
     stats = EpochStats(start=time.perf_counter(), data_wait=WaitClock(worker.readers.take(epoch)))
-    for batch in train_batches(stats.data_wait, job.train.batch_size, worker.template, engine.device):
+    batches = train_batches(stats.data_wait, job.train.batch_size, worker.template, engine.device)
+    for group in accumulation_groups(batches, job.train.grad_accum):
         if stats.first_batch_at is None:
-            stats.first_batch_at, stats.first_batch_pairs = time.perf_counter(), int(batch["valid"].sum())
+            stats.first_batch_at = time.perf_counter()
+            stats.first_batch_pairs = sum(int(batch["valid"].sum()) for batch in group)  # arrived in start-up
             if job.pipeline.prefetch_next_epoch:  # its start-up overlaps this epoch's training
                 worker.readers.start(epoch + 1)
-        tick = time.perf_counter()
-        loss, terms, log_scale = batch_loss(engine, worker.loss_fn, job.fields, batch)
-        engine.backward(loss)
-        engine.step()
-        step += 1
-        stats.loss_sum += loss.item()
-        stats.steps += 1
-        stats.pairs += int(batch["valid"].sum())
-        pairs_per_s = worker.world * job.train.batch_size / max(time.perf_counter() - tick, 1e-9)
-        worker.metrics_log.log({"loss": loss.item(), "lr": worker.scheduler.get_last_lr()[0], "pairs_per_s": pairs_per_s,
-                                "logit_scale": log_scale.exp().item(), **{f"loss_{k}": v.item() for k, v in terms.items()}},
-                               step)  # fmt: skip
+        for position, batch in enumerate(group):
+            tick = time.perf_counter()
+            engine.set_gradient_accumulation_boundary(position == len(group) - 1)
+            loss, terms, log_scale = batch_loss(engine, worker.loss_fn, job.fields, batch)
+            engine.backward(loss / len(group), scale_wrt_gas=False)
+            engine.step()  # the optimizer steps on the group's last micro-batch only
+            step += 1
+            stats.loss_sum += loss.item()
+            stats.steps += 1
+            stats.pairs += int(batch["valid"].sum())
+            pairs_per_s = worker.world * job.train.batch_size / max(time.perf_counter() - tick, 1e-9)
+            worker.metrics_log.log({"loss": loss.item(), "lr": worker.scheduler.get_last_lr()[0], "pairs_per_s": pairs_per_s,
+                                    "logit_scale": log_scale.exp().item(), **{f"loss_{k}": v.item() for k, v in terms.items()}},
+                                   step)  # fmt: skip
     stats.end = time.perf_counter()
     stats.first_batch_at = stats.first_batch_at or stats.end
     return stats, step

@@ -288,3 +288,31 @@ def test_two_node_training_places_one_worker_per_node(tmp_path):
         result["nodes"]
     )
     assert run.info.status == "FINISHED" and "train_loss" in run.data.metrics
+
+
+def _non_loopback_ipv4() -> str | None:
+    import psutil
+
+    for addresses in psutil.net_if_addrs().values():
+        for address in addresses:
+            if address.family == socket.AF_INET and not address.address.startswith("127."):
+                return address.address
+    return None
+
+
+@pytest.mark.integration
+def test_the_local_clusters_dashboard_and_job_api_listen_on_loopback_only(ray_local):
+    """The local cluster gcl starts: its dashboard port (which serves the job API) accepts
+    connections on 127.0.0.1, answers the job API there, and refuses them on the machine's other
+    address."""
+    from ray._private.worker import _global_node
+
+    host, port = _global_node.address_info["webui_url"].rsplit(":", 1)
+    assert host == "127.0.0.1"
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/version", timeout=10) as response:
+        assert response.status == 200 and "ray_version" in json.loads(response.read())
+    other = _non_loopback_ipv4()
+    if other is None:
+        pytest.skip("this machine has no address besides loopback")
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection((other, int(port)), timeout=10).close()

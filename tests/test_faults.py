@@ -19,7 +19,9 @@ from gcl.checkpoint import committed_checkpoint
 from gcl.tracking import runs_named
 
 pytestmark = pytest.mark.integration
-FAULT_JOB = ("train.epochs=3", "data.eval={}")  # what the interrupted runs and their reference share
+# What the interrupted runs and their reference share: ZeRO-1, and 6 steps an epoch (184 pairs,
+# 2 workers, batch 16) in optimizer steps of 4 and 2 micro-batches.
+FAULT_JOB = ("train.epochs=3", "data.eval={}", "deepspeed.zero_stage=1", "train.grad_accum=4")
 GCL = os.path.join(os.path.dirname(sys.executable), "gcl")
 
 
@@ -133,36 +135,84 @@ def test_two_gcl_train_processes_share_one_sqlite_store_and_keep_credentials_out
                 assert secret.encode() not in path.read_bytes(), path
 
 
-def test_sigterm_to_gcl_train_keeps_its_checkpoints_and_the_same_command_resumes(
+def _descendants(process: subprocess.Popen) -> list[psutil.Process]:
+    return psutil.Process(process.pid).children(recursive=True)
+
+
+def _gone(processes: list[psutil.Process], timeout: float = 60) -> list[psutil.Process]:
+    """Those of `processes` still alive after `timeout` seconds."""
+    _, alive = psutil.wait_procs(processes, timeout=timeout)
+    return [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_sigterm_sigkill_and_a_killed_raylet_each_resume_as_an_uninterrupted_run(
     tiny_job, tmp_path, uninterrupted_losses
 ):
-    """The driver is stopped (SIGTERM) after epoch 1's checkpoint: Ray's processes go with it, and
-    running the same command again resumes the same MLflow run from that checkpoint and trains
-    exactly as an uninterrupted run."""
+    """One run stopped three ways in a row, the same command each time: SIGTERM to `gcl train`
+    and SIGKILL to its local Ray cluster's raylet, both in the middle of epoch 2, then SIGKILL to
+    `gcl train` in the middle of epoch 3. After each, Ray's processes are gone, and the last
+    command resumes the same MLflow run from the last committed checkpoint and trains exactly as an
+    uninterrupted run, every step logged once. The job is ZeRO-1 with train.grad_accum=4 on 6 steps
+    an epoch: each epoch ends on a shorter optimizer step, which the resume must reproduce."""
     import yaml
 
     config = tmp_path / "job.yaml"
-    config.write_text(yaml.safe_dump(tiny_job("name=stopped", *FAULT_JOB).model_dump(mode="json")))
+    job = tiny_job("name=stopped", *FAULT_JOB, "mlflow.flush_seconds=0.2")
+    config.write_text(yaml.safe_dump(job.model_dump(mode="json")))
     command = [GCL, "train", "-c", str(config)]
     env = _own_local_ray_env()
-    first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = MlflowClient(job.mlflow.resolved_uri())
     run_dir = str(tmp_path / "runs" / "stopped")
-    deadline = time.time() + 600
-    while not committed_checkpoint(run_dir) and time.time() < deadline and first.poll() is None:
-        time.sleep(0.5)
-    assert committed_checkpoint(run_dir), "no checkpoint was committed"
-    first.send_signal(signal.SIGTERM)
-    assert first.wait(120) != 0
-    time.sleep(5)
-    assert not [
-        p for p in psutil.process_iter(["cmdline"]) if str(config) in " ".join(p.info["cmdline"] or [])
+
+    def committed_epoch() -> int:
+        checkpoint = committed_checkpoint(run_dir)
+        return checkpoint["metrics"]["epoch"] if checkpoint else 0
+
+    def max_logged_step() -> int:
+        run = _run_named(client, "stopped")
+        history = client.get_metric_history(run.info.run_id, "loss") if run else []
+        return max((m.step for m in history), default=0)
+
+    def progressed(epoch: int, before: int):
+        """Epoch `epoch` is committed and this process has logged 2 steps past it and past `before`
+        (the steps logged before it started, which it does not log again)."""
+
+        def condition() -> bool:
+            if committed_epoch() < epoch:
+                return False
+            return max_logged_step() >= max(before, committed_checkpoint(run_dir)["metrics"]["step"]) + 2
+
+        return condition
+
+    def sigterm(process, _):
+        process.send_signal(signal.SIGTERM)
+
+    def sigkill(process, _):
+        process.kill()
+
+    def kill_raylet(_, ray_processes):
+        next(p for p in ray_processes if p.name() == "raylet").kill()
+
+    stops = [  # what, how, the epoch committed before it
+        ("SIGTERM to gcl train in epoch 2", sigterm, 1),
+        ("SIGKILL to the raylet in epoch 2", kill_raylet, 1),
+        ("SIGKILL to gcl train in epoch 3", sigkill, 2),
     ]
+    for what, how, epoch in stops:
+        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_for(progressed(epoch, max_logged_step()), what, process, timeout=600)
+        ray_processes = _descendants(process)
+        how(process, ray_processes)
+        assert process.wait(120) != 0, f"{what}: gcl train exited 0"
+        assert ray_processes, f"{what}: gcl train had started no Ray processes"
+        assert not _gone(ray_processes), f"{what}: Ray processes outlived gcl train"
+        # A kill can land as the epoch commits: what counts is that the next command resumes from
+        # whatever is committed and still trains as the uninterrupted run (checked at the end).
+        assert committed_epoch() >= epoch, f"{what}: epoch {epoch}'s checkpoint is gone"
 
     latest = committed_checkpoint(run_dir)["metrics"]
-    assert latest["epoch"] < 3
-    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
-    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    client = MlflowClient(tiny_job().mlflow.resolved_uri())
+    last = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert last.returncode == 0, last.stdout[-3000:] + last.stderr[-3000:]
     runs = runs_named(client, "gcl", "stopped")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # the same run, resumed
     _assert_trains_as_uninterrupted(client, runs[0].info.run_id, uninterrupted_losses)
@@ -170,7 +220,7 @@ def test_sigterm_to_gcl_train_keeps_its_checkpoints_and_the_same_command_resumes
     assert len(epoch_ends) == 3 and epoch_ends[-1] == max(uninterrupted_losses)
     assert (
         f"run stopped resumes from its checkpoint at epoch {latest['epoch']}, step {latest['step']}"
-        in second.stderr
+        in last.stderr
     )
 
 

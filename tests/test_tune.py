@@ -238,3 +238,51 @@ def test_the_trial_table_marks_objectives_measured_on_a_sample():
                          {**row, "trial": "cut", "objective": 0.3, "sampled_queries": 2000}])  # fmt: skip
     assert "| 0.5000 |" in table and "| 0.3000* | 0.2000* |" in table
     assert table.endswith("* on a sample of 2000 queries per split (eval.sample_queries)")
+
+
+def _scored_by_the_sampled_value(config: dict, objective_splits: list[str]) -> None:
+    """A Tune trainable that reports what an epoch's evaluation would, without training: NDCG@10
+    per validation split as a function of the sampled x (in_domain rises with x, zero_shot falls
+    with it, the mean over both rises), scored into the objective by gcl's own evaluation_metrics."""
+    from ray import tune
+
+    from gcl.config import parse_config
+    from gcl.job_config import JobConfig
+    from gcl.training import evaluation_metrics
+
+    job = parse_config(JobConfig, CONFIGS / "tiny-cpu.yaml", [f"eval.objective_splits={objective_splits}"])
+    x = config["loss.left_to_right"]
+    validation = {"in_domain": {"ndcg_at_10": x}, "zero_shot": {"ndcg_at_10": 0.6 * (1 - x)}}
+    tune.report({**evaluation_metrics(validation, validation, job), "epoch": 1})
+
+
+@pytest.mark.integration
+def test_optuna_samples_the_space_and_objective_splits_choose_their_own_best_trial(ray_local, tmp_path):
+    """The sweep's default search (Optuna, seeded) on real Ray Tune samples distinct values inside
+    the domain, the same ones again for the same seed; ranking those trials on
+    eval.objective_splits=[zero_shot] picks another best trial than the mean over all splits."""
+    from ray import tune
+
+    from gcl.config import parse_config
+    from gcl.job_config import JobConfig
+    from gcl.sweep import SweepConfig
+    from gcl.tuning import build_tuner, trial_rows
+
+    job = parse_config(JobConfig, CONFIGS / "tiny-cpu.yaml", [f"storage={tmp_path}"])
+    best, sampled = {}, {}
+    for splits in ([], ["zero_shot"]):
+        sweep = SweepConfig(name=f"optuna-{len(splits)}", num_samples=6, asha={"enabled": False},
+                            space={"loss.left_to_right": {"uniform": [0.2, 0.9]}})  # fmt: skip
+        assert sweep.search == "optuna"
+        trainable = tune.with_resources(
+            tune.with_parameters(_scored_by_the_sampled_value, objective_splits=splits), {"CPU": 0.5}
+        )
+        rows = trial_rows(build_tuner(sweep, job, trainable, concurrency=1).fit(), sweep)
+        assert all(r["status"] == "OK" for r in rows) and len(rows) == 6
+        sampled[len(splits)] = sorted(r["params"]["loss.left_to_right"] for r in rows)
+        best[len(splits)] = rows[0]["params"]["loss.left_to_right"]
+
+    values = sampled[0]
+    assert all(0.2 <= v <= 0.9 for v in values) and len(set(values)) == 6
+    assert sampled[1] == values  # the search's seed decides the samples
+    assert best[0] == max(values) and best[1] == min(values)
