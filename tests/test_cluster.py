@@ -11,6 +11,7 @@ import sys
 import tempfile
 import textwrap
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -309,7 +310,16 @@ def test_the_local_clusters_dashboard_and_job_api_listen_on_loopback_only(ray_lo
 
     host, port = _global_node.address_info["webui_url"].rsplit(":", 1)
     assert host == "127.0.0.1"
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/version", timeout=10) as response:
+    url = f"http://127.0.0.1:{port}/api/version"
+    # Ray 2.60 turns token auth on for a local cluster and keeps the token in ~/.ray/auth_token:
+    # a request without it is refused, one that carries it (as Ray's clients do) is answered.
+    token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray/auth_token")
+    headers = {}
+    if token_file.exists():
+        with pytest.raises(urllib.error.HTTPError, match="401"):
+            urllib.request.urlopen(url, timeout=10)
+        headers["Authorization"] = f"Bearer {token_file.read_text().strip()}"
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10) as response:
         assert response.status == 200 and "ray_version" in json.loads(response.read())
     other = _non_loopback_ipv4()
     if other is None:
