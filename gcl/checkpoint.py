@@ -152,18 +152,25 @@ def committed_checkpoint(run_dir: str) -> dict | None:
         return None
 
 
-def log_resume(run_dir: str) -> None:
-    """Say whether this run resumes, and from where (uncommitted checkpoints: local storage only)."""
+def log_resume(run_dir: str) -> dict:
+    """Say (on the terminal too) whether this run resumes, and from where (uncommitted checkpoints:
+    local storage only). Returns the committed checkpoint's metrics ({} when none)."""
     import glob
+
+    from gcl.console import say
 
     latest = committed_checkpoint(run_dir)
     if latest:
         metrics = latest.get("metrics", {})
-        log.info("run %s resumes from its checkpoint at epoch %s, step %s (%s)", os.path.basename(run_dir),
-                 metrics.get("epoch"), metrics.get("step"), os.path.join(run_dir, latest.get("checkpoint_dir_name", "")))  # fmt: skip
-    elif glob.glob(os.path.join(run_dir, "checkpoint_*")):
+        message = (f"run {os.path.basename(run_dir)} resumes from its checkpoint at epoch {metrics.get('epoch')}, "
+                   f"step {metrics.get('step')} ({os.path.join(run_dir, latest.get('checkpoint_dir_name', ''))})")  # fmt: skip
+        log.info("%s", message)
+        say(message)
+        return metrics
+    if glob.glob(os.path.join(run_dir, "checkpoint_*")):
         log.warning("%s holds checkpoint directories that Ray Train never committed (the run stopped while "
                     "saving one): training starts from the beginning", run_dir)  # fmt: skip
+    return {}
 
 
 def consolidate_checkpoint(checkpoint_dir: str, out_dir: str, model: ModelConfig, fields: FieldsConfig,

@@ -6,6 +6,7 @@ tracking store, data), fit the TorchTrainer, export the consolidated model to ML
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -34,6 +35,7 @@ from gcl.mlflow_names import (
     ROWS_SKIPPED,
 )
 from gcl.model import CONFIG_FILE
+from gcl.progress import TrainingBar
 from gcl.registry import log_embedding_model, register_run
 from gcl.tracking import (
     check_tracking,
@@ -181,8 +183,9 @@ def fail_fast_callback():
     return FailFast()
 
 
-def fit(job: JobConfig, data: CheckedData, run_id: str, callbacks=()):
-    """Run the Ray Train job for `job` (checkpoints under storage/name) and return its Result.
+def fit(job: JobConfig, data: CheckedData, run_id: str, callbacks=(), progress: bool = False):
+    """Run the Ray Train job for `job` (checkpoints under storage/name) and return its Result;
+    with `progress`, draw the workers' progress as a bar on the terminal (gcl.progress).
     A GclError in a worker is raised here as itself, after one attempt."""
     from ray.train import CheckpointConfig, ControllerError, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -191,11 +194,14 @@ def fit(job: JobConfig, data: CheckedData, run_id: str, callbacks=()):
     steps_per_epoch = max(1, math.ceil(data.train.rows_valid / (world * job.train.batch_size)))
     source = PairSource.of_job(job, data.train.files, data.train.bad_pair_ids)
     datasets = epoch_datasets(source, epochs=job.train.epochs, seed=job.seed)
-    log_resume(os.path.join(job.storage, job.name))
+    resumed = log_resume(os.path.join(job.storage, job.name))
+    bar = TrainingBar(f"{job.name}-{run_id}", job.train.epochs * steps_per_epoch, job.train.epochs,
+                      start_step=resumed.get("step", 0)) if progress else contextlib.nullcontext()  # fmt: skip
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"job": job.model_dump(mode="json"), "steps_per_epoch": steps_per_epoch,
-                           "tracking_uri": job.mlflow.resolved_uri(), "run_id": run_id},
+                           "tracking_uri": job.mlflow.resolved_uri(), "run_id": run_id,
+                           "progress_board": bar.board_name if progress else None},
         scaling_config=ScalingConfig(num_workers=world, use_gpu=job.scaling.use_gpu,
                                      resources_per_worker={"CPU": job.scaling.cpus_per_worker},
                                      placement_strategy=job.scaling.placement_strategy),
@@ -206,7 +212,8 @@ def fit(job: JobConfig, data: CheckedData, run_id: str, callbacks=()):
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )  # fmt: skip
     try:
-        result = trainer.fit()
+        with bar:
+            result = trainer.fit()
     except ControllerError as err:
         if isinstance(err.controller_failure, GclError):
             raise err.controller_failure from None
@@ -316,10 +323,10 @@ def sync_run(job: JobConfig) -> str:
     return runs[0].info.run_id
 
 
-def run_train(job: JobConfig) -> TrainResult:
+def run_train(job: JobConfig, progress: bool = True) -> TrainResult:
     """Train `job` end to end and return the exported model and final metrics; registers the
     model when `mlflow.registered_model` is set. A run that fails is marked FAILED with its cause
-    (the same command resumes it)."""
+    (the same command resumes it). `progress`: draw a progress bar on the terminal."""
     import ray
     from mlflow import MlflowClient
 
@@ -331,7 +338,7 @@ def run_train(job: JobConfig) -> TrainResult:
     client = MlflowClient(uri)
     client.log_metric(run_id, ROWS_SKIPPED, len(data.train.bad_row_keys))
     try:
-        result = fit(job, data, run_id)
+        result = fit(job, data, run_id, progress=progress)
     except Exception as err:
         try:
             with fail_fast_requests():

@@ -31,6 +31,7 @@ MANIFEST_ARTIFACT = "dataset_manifest.json"  # every data file with its sha256
 MODEL_ARTIFACT = "model"  # the exported open_clip model directory
 EMBEDDING_MODEL_ARTIFACT = "embedding_model"  # the pyfunc model (gcl/serving.py)
 TRIALS_ARTIFACT = "trials.json"  # a sweep's trials: params, objective, status, error
+TRIALS_PLOT = "trials.png"  # the objective per trial and the sampled values against it
 
 # Model version tags (the objective the version was registered with) and aliases.
 OBJECTIVE_TAG = "gcl.objective"

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from gcl.config import Section
+from gcl.errors import ModelError
 
 GCL_MODEL_CONFIGS = Path(__file__).parent / "model_configs"
 CONFIG_FILE = "open_clip_config.json"
@@ -39,6 +40,22 @@ class ModelConfig(Section):
     model directory, or null for random initialization."""
     cache_dir: str | None = None
     """Where open_clip caches downloaded weights (null: its default)."""
+
+
+BASE_MODEL_PREFIX = "open_clip:"  # a model reference naming an open_clip model, not a gcl export
+
+
+def base_model_config(reference: str) -> ModelConfig | None:
+    """The ModelConfig of a base-model reference, `open_clip:ARCH` (random weights),
+    `open_clip:ARCH:TAG` (a pretrained tag, e.g. open_clip:ViT-B-32:laion2b_s34b_b79k) or
+    `open_clip:ARCH:/path/weights.bin`; None for any other reference."""
+    if not reference.startswith(BASE_MODEL_PREFIX):
+        return None
+    arch, _, pretrained = reference.removeprefix(BASE_MODEL_PREFIX).partition(":")
+    if not arch:
+        raise ModelError(f"--model {reference!r}: give an open_clip architecture, e.g. "
+                         "open_clip:ViT-B-32:laion2b_s34b_b79k or open_clip:gcl-tiny:/path/weights.bin")  # fmt: skip
+    return ModelConfig(arch=arch, pretrained=pretrained or None)
 
 
 _registered = False

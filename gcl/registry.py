@@ -30,24 +30,51 @@ from gcl.tracking import fluent_tracking_uri
 
 log = logging.getLogger(__name__)
 SERVING_CODE = os.path.join(os.path.dirname(__file__), "serving.py")
+# What the served model's code imports (gcl.serving, gcl.retrieval, gcl.model and open_clip's
+# transforms), by distribution name; pinned to the versions it was logged with.
+SERVING_DISTRIBUTIONS = ("mlflow", "torch", "torchvision", "open_clip_torch", "numpy", "pandas", "pyarrow",
+                         "pillow", "pydantic", "pyyaml")  # fmt: skip
+
+
+def serving_requirements() -> list[str]:
+    """The served model's pip requirements, each pinned to the version installed here."""
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name).split('+')[0]}" for name in SERVING_DISTRIBUTIONS]
+
+
+def copy_gcl_code(directory: str) -> str:
+    """A copy of the gcl package (without bytecode) under `directory`, to travel inside a logged
+    model: the model loads with the code it was trained with, and without gcl installed."""
+    import shutil
+
+    target = os.path.join(directory, "gcl")
+    shutil.copytree(os.path.dirname(__file__), target, ignore=shutil.ignore_patterns("__pycache__"))
+    return target
 
 
 def log_embedding_model(run_id: str, model_dir: str, tracking_uri: str, input_example=None) -> str:
     """Log `model_dir` (an exported gcl model) as a pyfunc defined from code; returns its model URI.
 
+    The model carries gcl's code (`code/gcl`) and pinned requirements of what that code imports,
+    so it installs and serves in any environment (`mlflow models serve`, `build-docker`).
     Logged without a signature (MLflow says it cannot infer one): under a signature, MLflow drops
     input columns the signature does not name with only a warning, so a misspelt field would be
     embedded as a row without it. The model's predict names unknown columns as an error instead.
     """
+    import tempfile
+
     import mlflow
 
-    with fluent_tracking_uri(tracking_uri), mlflow.start_run(run_id=run_id):
+    with tempfile.TemporaryDirectory() as scratch, fluent_tracking_uri(tracking_uri), \
+            mlflow.start_run(run_id=run_id):  # fmt: skip
         info = mlflow.pyfunc.log_model(
             name=EMBEDDING_MODEL_ARTIFACT,
             python_model=SERVING_CODE,
             artifacts={"model": model_dir},
             input_example=input_example,
-            pip_requirements=["gcl"],
+            pip_requirements=serving_requirements(),
+            code_paths=[copy_gcl_code(scratch)],
         )
     return info.model_uri
 

@@ -54,6 +54,9 @@ class EvalConfig(Section):
     every_n_epochs: int = Field(1, ge=1)
     """Full evaluation after every n-th epoch and after the last; the epochs between get the quick
     evaluation (sample_queries) or none."""
+    before_training: bool = True
+    """Evaluate the starting model before the first step, logged as epoch 0 (step 0), so that a
+    run shows its own gain; skipped by sweep trials, which all start from the same model."""
     sample_queries: int | None = Field(None, ge=1)
     """Quick evaluation between full ones: a seeded sample of this many queries per split (the same
     ones every epoch; e.g. 2,000, as the GCL paper's evaluation samples), searched against the
@@ -167,7 +170,7 @@ class RowEncoder:
         import json
         import os
 
-        from gcl.model import FIELDS_FILE, FieldEncoder, ModelConfig, create_model, create_preprocessing
+        from gcl.model import FIELDS_FILE, ModelConfig
 
         fields_file = os.path.join(model_dir, FIELDS_FILE)
         if os.path.exists(fields_file):
@@ -175,9 +178,17 @@ class RowEncoder:
                 fields = FieldsConfig(**json.load(f))
         elif fields is None:
             raise FileNotFoundError(f"{fields_file} is missing: not a model exported by gcl")
+        return cls.from_model(ModelConfig(pretrained=model_dir), fields, device)
+
+    @classmethod
+    def from_model(cls, cfg, fields: FieldsConfig, device: torch.device | str | None = None) -> RowEncoder:
+        """The encoder of the open_clip model `cfg` (a gcl.model.ModelConfig: an architecture with a
+        pretrained tag or weights file, or an exported directory), fed as `fields` say; device as
+        in from_model_dir."""
+        from gcl.model import FieldEncoder, create_model, create_preprocessing
+
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        cfg = ModelConfig(pretrained=model_dir)
         tokenizer, _, transform = create_preprocessing(cfg)
         encoder = FieldEncoder(create_model(cfg).clip, fields.modalities()).to(device).eval()
         return cls(encoder, tokenizer, transform, fields)

@@ -39,6 +39,7 @@ from gcl.mlflow_names import (
     WORKERS_TAG,
 )
 from gcl.model import create_preprocessing
+from gcl.progress import ProgressPoster
 from gcl.retrieval import RowEncoder, evaluate_splits, objective_value
 from gcl.tracking import MetricsLogger
 from gcl.worker_eval import evaluate_splits_on_workers
@@ -102,6 +103,7 @@ class Worker:
     readers: EpochReaders
     rank: int
     world: int
+    progress: ProgressPoster  # rank 0 feeds the driver's progress bar
 
 
 @dataclass
@@ -118,10 +120,9 @@ class EpochStats:
     data_wait: WaitClock | None = field(default=None, repr=False)  # seconds spent waiting for batches
 
 
-def setup_worker(
-    job: JobConfig, steps_per_epoch: int, tracking_uri: str | None, run_id: str | None
-) -> Worker:
-    """The engine, loss, metrics logger and epoch readers of this rank."""
+def setup_worker(job: JobConfig, steps_per_epoch: int, tracking_uri: str | None, run_id: str | None,
+                 progress_board: str | None = None) -> Worker:  # fmt: skip
+    """The engine, loss, metrics logger, epoch readers and progress poster of this rank."""
     import ray.train
 
     torch.set_num_threads(job.scaling.torch_threads)
@@ -139,7 +140,8 @@ def setup_worker(
     text_cfg, vision_cfg = loaded.model_cfg["text_cfg"], loaded.model_cfg["vision_cfg"]
     template = batch_template(job.fields, text_cfg.get("context_length", 77), vision_cfg["image_size"])
     readers = EpochReaders(job, pin_memory=engine.device.type == "cuda")
-    return Worker(job, engine, scheduler, loss_fn, metrics_log, template, readers, rank, world)
+    progress = ProgressPoster(progress_board, enabled=rank == 0)
+    return Worker(job, engine, scheduler, loss_fn, metrics_log, template, readers, rank, world, progress)
 
 
 def restore(worker: Worker) -> TrainState:
@@ -188,10 +190,13 @@ def train_epoch(worker: Worker, epoch: int, step: int) -> tuple[EpochStats, int]
             stats.loss_sum += loss.item()
             stats.steps += 1
             stats.pairs += int(batch["valid"].sum())
-            pairs_per_s = worker.world * job.train.batch_size / max(time.perf_counter() - tick, 1e-9)
+            now = time.perf_counter()
+            pairs_per_s = worker.world * job.train.batch_size / max(now - tick, 1e-9)
             worker.metrics_log.log({"loss": loss.item(), "lr": worker.scheduler.get_last_lr()[0], "pairs_per_s": pairs_per_s,
                                     "logit_scale": log_scale.exp().item(), **{f"loss_{k}": v.item() for k, v in terms.items()}},
                                    step)  # fmt: skip
+            worker.progress.post(phase="training", epoch=epoch + 1, step=step, loss=loss.item(),
+                                 pairs_per_s=worker.world * stats.pairs / max(now - stats.start, 1e-9))  # fmt: skip
     stats.end = time.perf_counter()
     stats.first_batch_at = stats.first_batch_at or stats.end
     return stats, step
@@ -254,8 +259,9 @@ def save_and_report(worker: Worker, state: TrainState, metrics: dict[str, float]
 
 def train_worker(config: dict[str, Any]) -> None:
     """The Ray Train per-worker loop. config: job (a JobConfig dict), steps_per_epoch, tracking_uri
-    and run_id (MLflow). An error that gcl explains (a GclError, also one raised in a Ray Data
-    task) is raised as itself, so that the driver can fail the run at once."""
+    and run_id (MLflow), progress_board (the driver's gcl.progress board, when it draws a bar). An
+    error that gcl explains (a GclError, also one raised in a Ray Data task) is raised as itself,
+    so that the driver can fail the run at once."""
     try:
         _train_worker(config)
     except Exception as err:
@@ -267,8 +273,11 @@ def train_worker(config: dict[str, Any]) -> None:
 
 def _train_worker(config: dict[str, Any]) -> None:
     job = JobConfig.model_validate(config["job"])
-    worker = setup_worker(job, config["steps_per_epoch"], config.get("tracking_uri"), config.get("run_id"))
+    worker = setup_worker(job, config["steps_per_epoch"], config.get("tracking_uri"), config.get("run_id"),
+                          config.get("progress_board"))  # fmt: skip
     state = restore(worker)
+    if state.step == 0 and job.eval.before_training and job.data.eval:
+        evaluate_starting_model(worker)
     for epoch in range(state.epoch, job.train.epochs):
         stats, step = train_epoch(worker, epoch, state.step)
         data_wait = _slowest_rank(
@@ -277,12 +286,24 @@ def _train_worker(config: dict[str, Any]) -> None:
         metrics = epoch_metrics(stats, worker.world, data_wait)
         plan = evaluation_plan(job, epoch)
         if plan is not None:
+            worker.progress.post(phase="evaluating", epoch=epoch + 1, step=step, steps_per_epoch=stats.steps)
             start = time.perf_counter()
             test, validation = _evaluate_on_workers(job, worker.engine, plan)
             metrics.update(evaluation_metrics(test, validation, job, plan))
             metrics[EVAL_SECONDS] = time.perf_counter() - start
         state = TrainState(epoch=epoch + 1, step=step)
         save_and_report(worker, state, metrics)
+
+
+def evaluate_starting_model(worker: Worker) -> None:
+    """The full evaluation of the model before any step, logged at step 0 as epoch 0 (rank 0); not
+    reported to Ray Train, whose reports (and Tune's epochs) are the trained epochs'."""
+    worker.progress.post(phase="evaluating", epoch=0, step=0)
+    start = time.perf_counter()
+    test, validation = _evaluate_on_workers(worker.job, worker.engine, 0)
+    metrics = {**evaluation_metrics(test, validation, worker.job), EVAL_SECONDS: time.perf_counter() - start}
+    worker.metrics_log.log({**metrics, "epoch": 0}, 0)
+    worker.metrics_log.flush()
 
 
 def evaluate_model(job: JobConfig, module: torch.nn.Module, sample: int = 0,

@@ -56,9 +56,9 @@ class TuneResult:
 
 def trial_job(base: dict, params: dict[str, Any], name: str) -> JobConfig:
     """The job a trial trains: the sweep's base job with the sampled values applied."""
-    return validate_config(
-        JobConfig, base, [*trial_overrides(params), f"name={name}"], source=f"trial {name}"
-    )
+    # Every trial starts from the same model: evaluating it before training is the same work each time.
+    overrides = [*trial_overrides(params), f"name={name}", "eval.before_training=false"]
+    return validate_config(JobConfig, base, overrides, source=f"trial {name}")
 
 
 def trial_run_name(sweep_name: str, trial_id: str) -> str:
@@ -120,9 +120,34 @@ def build_tuner(sweep: SweepConfig, job: JobConfig, trainable, concurrency: int)
         param_space={key: domain.to_tune() for key, domain in sweep.space.items()},
         tune_config=tune.TuneConfig(metric=OBJECTIVE, mode="max", search_alg=search, scheduler=scheduler,
                                     num_samples=sweep.num_samples),
-        run_config=tune.RunConfig(name=sweep.name, storage_path=job.storage,
+        run_config=tune.RunConfig(name=sweep.name, storage_path=job.storage, callbacks=[trial_lines(sweep)],
                                   failure_config=tune.FailureConfig(max_failures=0)),
     )  # fmt: skip
+
+
+def trial_lines(sweep: SweepConfig):
+    """A Tune callback that prints a line on the terminal as each trial ends: its sampled values,
+    epochs and objective (or its error), so a sweep's table builds up while it runs."""
+    from ray import tune
+
+    from gcl.console import say
+
+    class TrialLines(tune.Callback):
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._line(trial, None)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._line(trial, "ERROR")
+
+        def _line(self, trial, status) -> None:
+            result = trial.last_result or {}
+            values = ", ".join(f"{k}={trial.config.get(k):.4g}" if isinstance(trial.config.get(k), float)
+                               else f"{k}={trial.config.get(k)}" for k in sweep.space)  # fmt: skip
+            score = result.get(OBJECTIVE)
+            outcome = status or ("-" if score is None else f"objective {score:.4f}")
+            say(f"trial {trial.trial_id} ended after {result.get('epoch', 0)} epochs: {outcome} ({values})")
+
+    return TrialLines()
 
 
 def trainable(context: SweepContext, trial_cpus: float):

@@ -1,4 +1,4 @@
-"""The main job, small: binary baseline vs GCL on a local Ray cluster, then the registered
+"""The main job, small: binary baseline, ablation and GCL on a local Ray cluster, then the registered
 model served by `mlflow models serve` and queried over HTTP on loopback."""
 
 import base64
@@ -35,7 +35,10 @@ def demo(ray_local, tmp_path_factory):
 def test_gcl_beats_the_binary_baseline_in_domain(demo):
     result, workdir = demo
     assert result["gcl"]["in_domain"]["ndcg@10"] > result["baseline"]["in_domain"]["ndcg@10"]
-    assert set(result["gcl"]) == {"in_domain", "novel_query", "novel_document", "zero_shot"}
+    splits = {"in_domain", "novel_query", "novel_document", "zero_shot"}
+    assert set(result["gcl"]) == set(result["ablation"]) == splits
+    # The ablation is its own training: uniform weights with GCL's fields and masking.
+    assert len(set(result["runs"].values())) == 3 and result["ablation"] != result["gcl"]
     assert os.path.getsize(result["plot"]) > 10_000
     client = MlflowClient(f"sqlite:///{workdir}/mlruns.db")
     champion = client.get_model_version_by_alias("gcl-demo", "champion")

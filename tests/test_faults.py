@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -104,26 +105,43 @@ def test_worker_killed_mid_epoch_restores_and_trains_as_an_uninterrupted_run(
 
 def test_two_gcl_train_processes_share_one_sqlite_store_and_keep_credentials_out(tiny_job, tmp_path):
     """Two `gcl train` commands at once (each with its own local Ray) write to one SQLite store and
-    both complete; credentials set in their environment appear in no param, tag or artifact."""
+    both complete; credentials set in their environment appear in no param, tag or artifact.
+    The first shows what a person sees by default: a few lines (where the full log is, the progress
+    bar's final state, the summary) while its log file holds everything the workers printed; the
+    second runs with -v and gets that full stream on the terminal instead."""
+    import re
+
     import yaml
 
     secret = "gcl-test-secret-3f9c1d"
     env = _own_local_ray_env()
     env.update(MLFLOW_TRACKING_TOKEN=secret, AWS_SECRET_ACCESS_KEY=secret)
     commands = []
-    for name in ("first", "second"):
+    for name, flags in (("first", []), ("second", ["-v"])):
         config = tmp_path / f"{name}.yaml"
-        config.write_text(
-            yaml.safe_dump(tiny_job(f"name={name}", "train.epochs=1", "data.eval={}").model_dump(mode="json"))
-        )
-        commands.append(subprocess.Popen([GCL, "train", "-c", str(config)], env=env, stdout=subprocess.PIPE,
+        config.write_text(yaml.safe_dump(tiny_job(f"name={name}", "train.epochs=2", "data.eval={}", "data.validation={}")
+                                         .model_dump(mode="json")))  # fmt: skip
+        commands.append(subprocess.Popen([GCL, *flags, "train", "-c", str(config)], env=env, stdout=subprocess.PIPE,
                                          stderr=subprocess.STDOUT, text=True))  # fmt: skip
-    outputs = [process.communicate(timeout=900)[0] for process in commands]
-    for process, output in zip(commands, outputs, strict=True):
+    quiet, verbose = (process.communicate(timeout=900)[0] for process in commands)
+    log_file = Path(quiet.splitlines()[0].removeprefix("full log: "))
+    full_log = log_file.read_text()
+    for process, output in zip(commands, (full_log, verbose), strict=True):
         assert process.returncode == 0, output[-5000:]
         assert "database is locked" not in output
+        assert "(RayTrainWorker pid=" in output  # the workers' own lines, forwarded by Ray
+    assert log_file.parent == tmp_path / "runs/first/logs" and "(RayTrainWorker pid=" not in quiet
+    assert len(quiet.splitlines()) <= 8, quiet  # the log's path, the bar, the summary
+    bars = re.findall(r"training epoch 2/2: 100%\|[^|]*\| (\d+)/(\d+) [^\r\n]*loss=[0-9.]+, pairs/s=\d+", quiet)
+    bar = bars[-1] if bars else None  # the final state
+    assert bar and bar[0] == bar[1], quiet
+    run_line = re.search(r"^run first: MLflow run (\w+)$", quiet, re.M)
+    assert run_line and "full log:" not in verbose
 
     client = MlflowClient(tiny_job().mlflow.resolved_uri())
+    assert client.get_run(run_line[1]).data.tags["gcl.run_name"] == "first"
+    steps = client.get_metric_history(run_line[1], "loss")
+    assert int(bar[0]) == max(m.step for m in steps)  # the bar counted every step trained
     for name in ("first", "second"):
         run = _run_named(client, name)
         assert run.info.status == "FINISHED" and client.get_metric_history(run.info.run_id, "loss")
@@ -232,9 +250,9 @@ def test_sigterm_sigkill_and_a_killed_raylet_each_resume_as_an_uninterrupted_run
     _assert_trains_as_uninterrupted(client, runs[0].info.run_id, uninterrupted_losses)
     epoch_ends = sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "train_loss"))
     assert len(epoch_ends) == 3 and epoch_ends[-1] == max(uninterrupted_losses)
-    assert (
+    assert (  # said on the terminal, and in the command's log
         f"run stopped resumes from its checkpoint at epoch {latest['epoch']}, step {latest['step']}"
-        in last.stderr
+        in last.stdout
     )
     assert not _gone(agents, timeout=120), "Ray's agents outlived their stopped cluster by over 2 minutes"
 

@@ -1,6 +1,7 @@
 """open_clip model wrapper: tiny configs, field encoding, save/load in open_clip's format."""
 
 import os
+from pathlib import Path
 
 import numpy as np
 import open_clip
@@ -285,33 +286,53 @@ def _png(image) -> bytes:
     return buffer.getvalue()
 
 
+def _logged_tiny_model(tiny, root) -> tuple[str, str]:
+    """The tiny model with title and image fields, exported under `root` and logged as gcl's
+    pyfunc to a real SQLite store there: (exported directory, model URI)."""
+    import json
+
+    from mlflow import MlflowClient
+
+    from gcl.config import FieldsConfig, FieldSpec
+    from gcl.registry import log_embedding_model
+
+    fields = FieldsConfig(right={"title": FieldSpec(modality="text", weight=0.3),
+                                 "image": FieldSpec(modality="image", weight=0.7)})  # fmt: skip
+    out = save_model(tiny.clip, tiny.model_cfg, root / "export")
+    (out / "gcl_fields.json").write_text(json.dumps(fields.model_dump()))
+    uri = f"sqlite:///{root}/mlflow.db"
+    client = MlflowClient(uri)
+    run = client.create_run(client.create_experiment("model"))
+    model_uri = log_embedding_model(run.info.run_id, str(out), uri)
+    client.set_terminated(run.info.run_id)
+    return str(out), model_uri
+
+
+def _rows():
+    """(documents, queries): a title with an image, an image alone; two queries."""
+    import pandas as pd
+
+    docs = pd.DataFrame({"title": ["red round shoe", None], "image": [_png(Image.new("RGB", (40, 40), c))
+                                                                      for c in ("red", "blue")]})  # fmt: skip
+    return docs, pd.DataFrame({"query": ["red shoe", "blue bag"]})
+
+
 def test_the_logged_pyfunc_embeds_as_gcl_does_and_names_bad_input(tiny, tmp_path):
     """The MLflow model (from code, a real SQLite store): queries and fused documents equal
     RowEncoder's; no rows give (0, dim); a misspelt column or a row with both sides is an error."""
-    import json
-
     import mlflow
     import numpy as np
     import pandas as pd
 
-    from gcl.config import FieldsConfig, FieldSpec
-    from gcl.registry import log_embedding_model
     from gcl.retrieval import RowEncoder
 
-    fields = FieldsConfig(right={"title": FieldSpec(modality="text", weight=0.3),
-                                 "image": FieldSpec(modality="image", weight=0.7)})  # fmt: skip
-    out = save_model(tiny.clip, tiny.model_cfg, tmp_path / "export")
-    (out / "gcl_fields.json").write_text(json.dumps(fields.model_dump()))
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    mlflow.set_tracking_uri(uri)
-    with mlflow.start_run() as run:
-        pass
-    model = mlflow.pyfunc.load_model(log_embedding_model(run.info.run_id, str(out), uri))
+    from gcl.tracking import fluent_tracking_uri
 
-    direct = RowEncoder.from_model_dir(str(out))
-    docs = pd.DataFrame({"title": ["red round shoe", None], "image": [_png(Image.new("RGB", (40, 40), c))
-                                                                      for c in ("red", "blue")]})  # fmt: skip
-    queries = pd.DataFrame({"query": ["red shoe", "blue bag"]})
+    out, model_uri = _logged_tiny_model(tiny, tmp_path)
+    with fluent_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db"):
+        model = mlflow.pyfunc.load_model(model_uri)
+    direct = RowEncoder.from_model_dir(out)
+    docs, queries = _rows()
     np.testing.assert_allclose(model.predict(docs), direct.encode(docs, "right").numpy(), atol=1e-6)
     np.testing.assert_allclose(model.predict(queries), direct.encode(queries, "left").numpy(), atol=1e-6)
     assert model.predict(pd.DataFrame({"query": []})).shape == (0, tiny.model_cfg["embed_dim"])
@@ -380,3 +401,91 @@ def test_gcl_evaluate_on_an_exported_model_prints_and_writes_the_metrics(tiny, t
         assert saved["metrics"][split] == pytest.approx(want[split], abs=1e-9), split
     table = capsys.readouterr().out
     assert all(f"{want[s]['ndcg@10']:.4f}" in table for s in splits)
+
+
+def test_gcl_evaluate_compares_models_against_the_first_including_open_clip_base_models(tiny, tmp_path, capsys):
+    """Several --model flags: an exported model, the same weights named as an open_clip base model
+    (architecture + weights file, fed with the config's fields) and the bare architecture. The
+    first two score the same, the table gives each model's change from the first, and the plot is
+    saved and logged to an MLflow run."""
+    import json
+
+    from mlflow import MlflowClient
+
+    from gcl.config import FieldsConfig
+    from gcl.data.synth import SynthConfig, synthesize
+    from workflows.cli import main
+
+    synthesize(tmp_path / "data", SynthConfig(products=120, queries=40, docs_per_query=8, seed=6))
+    out = save_model(tiny.clip, tiny.model_cfg, tmp_path / "export")
+    (out / "gcl_fields.json").write_text(json.dumps(FieldsConfig().model_dump()))
+    models = [str(out), f"open_clip:gcl-tiny:{out / WEIGHTS_FILE}", "open_clip:gcl-tiny"]
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    written = tmp_path / "metrics.json"
+    code = main(["evaluate", "--set", f"data.eval={{in_domain: {tmp_path}/data/in_domain.parquet}}",
+                 "--set", f"storage={tmp_path}/runs", "--set", f"mlflow.tracking_uri={uri}", "--set", "seed=3",
+                 *[a for m in models for a in ("--model", m)], "-o", str(written)])  # fmt: skip
+    assert code == 0
+    results = json.loads(written.read_text())["models"]
+    assert list(results) == models
+    assert results[models[1]]["in_domain"] == pytest.approx(results[models[0]]["in_domain"], abs=1e-6)
+    assert results[models[2]]["in_domain"] != results[models[0]]["in_domain"]  # weights drawn from seed 3
+    table = capsys.readouterr().out
+    assert f"open_clip:gcl-tiny vs {out}" in table and "+0.0%" in table
+    client = MlflowClient(uri)
+    run = client.search_runs([client.get_experiment_by_name("gcl").experiment_id])[0]
+    assert run.data.params["model_2"] == "open_clip:gcl-tiny" and run.info.run_name.startswith("evaluate-")
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} == {f"{run.info.run_name}.png", "evaluation.json"}
+    assert [p.name for p in (tmp_path / "runs").rglob("*.png")] == [f"{run.info.run_name}.png"]
+    assert main(["evaluate", "--model", str(out), "--model", "open_clip:"]) == 2  # no architecture named
+    assert "give an open_clip architecture" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_the_logged_model_installs_into_a_fresh_environment_and_embeds_there_as_here(tiny, tmp_path):
+    """The logged model's own requirements (pinned; not the unrelated `gcl` of the package index)
+    install into a new virtual environment without gcl; there, in another process, the model loads
+    with the gcl code it carries and embeds documents and queries as it does in this process."""
+    import subprocess
+    import sys
+    import textwrap
+
+    import mlflow
+
+    from gcl.registry import SERVING_DISTRIBUTIONS
+
+    _, model_uri = _logged_tiny_model(tiny, tmp_path)
+    model_dir = mlflow.artifacts.download_artifacts(model_uri, dst_path=str(tmp_path / "downloaded"),
+                                                    tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")  # fmt: skip
+    requirements = (Path(model_dir) / "requirements.txt").read_text().split()
+    names = {r.split("==")[0].lower().replace("_", "-") for r in requirements}
+    assert all("==" in r for r in requirements) and "gcl" not in names, requirements
+    assert {d.replace("_", "-") for d in SERVING_DISTRIBUTIONS} <= names
+    assert (Path(model_dir) / "code/gcl/serving.py").exists()
+
+    docs, queries = _rows()
+    docs.to_pickle(tmp_path / "docs.pkl")
+    queries.to_pickle(tmp_path / "queries.pkl")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    python = str(venv / "bin/python")
+    clean = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    install = subprocess.run([python, "-m", "pip", "install", "-q", "-r", f"{model_dir}/requirements.txt"],
+                             env=clean, capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert install.returncode == 0, install.stderr[-3000:]
+    script = textwrap.dedent(f"""
+        import importlib.util, sys
+        import numpy as np, pandas as pd, mlflow
+        assert importlib.util.find_spec("gcl") is None, "gcl is installed in the fresh environment"
+        model = mlflow.pyfunc.load_model({model_dir!r})
+        assert sys.modules["gcl"].__file__.startswith({model_dir!r}), sys.modules["gcl"].__file__
+        np.save({str(tmp_path / "docs.npy")!r}, model.predict(pd.read_pickle({str(tmp_path / "docs.pkl")!r})))
+        np.save({str(tmp_path / "queries.npy")!r}, model.predict(pd.read_pickle({str(tmp_path / "queries.pkl")!r})))
+    """)
+    there = subprocess.run([python, "-c", script], cwd=tmp_path, env=clean, capture_output=True, text=True,
+                           timeout=300)  # fmt: skip
+    assert there.returncode == 0, there.stderr[-3000:]
+
+    here = mlflow.pyfunc.load_model(model_dir)
+    np.testing.assert_allclose(np.load(tmp_path / "docs.npy"), here.predict(docs), atol=1e-6)
+    np.testing.assert_allclose(np.load(tmp_path / "queries.npy"), here.predict(queries), atol=1e-6)

@@ -152,3 +152,13 @@ def test_readme_commands_run_as_written_in_a_fresh_clone(fresh_clone):
             server.wait(timeout=60)
     # One store, the one in the directory the commands ran in: no trial or worker made its own.
     assert [p.relative_to(fresh_clone) for p in fresh_clone.rglob("mlruns.db")] == [Path("mlruns.db")]
+
+
+def test_every_test_the_faults_table_names_exists():
+    """The README's faults section names tests by file::function; each must be one."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("### Faults and safe defaults") : text.index("\n## ", text.index("### Faults"))]
+    named = set(re.findall(r"(test_\w+\.py)::(test_\w+)", section))
+    assert len(named) >= 8
+    for file, function in named:
+        assert re.search(rf"^def {function}\(", (ROOT / "tests" / file).read_text(), re.M), f"{file}::{function}"

@@ -55,11 +55,14 @@ def test_zero2_trains_tracks_exports_and_evaluates_consistently(ray_local, tiny_
             for measure, value in values.items():
                 assert value == pytest.approx(result.metrics[f"{split}/{measure}"], abs=1e-6), (model, split)
     # An earlier checkpoint (two are kept: epochs 2 and 3) scores what its epoch reported.
-    history = sorted(client.get_metric_history(result.run_id, "in_domain/ndcg_at_10"), key=lambda m: m.step)
+    # The starting model is evaluated first, at step 0 (eval.before_training), then epochs 2 and 3.
+    starting, *history = sorted(client.get_metric_history(result.run_id, "in_domain/ndcg_at_10"), key=lambda m: m.step)
     sampled = client.get_metric_history(result.run_id, "sample/in_domain/ndcg_at_10")
-    assert len(history) == 2 and len(sampled) == 1 and sampled[0].step < history[0].step
+    assert starting.step == 0 and starting.value != history[-1].value
+    assert len(history) == 2 and len(sampled) == 1 and 0 < sampled[0].step < history[0].step
     assert [m.value for m in sorted(client.get_metric_history(result.run_id, "eval_sample_queries"),
-                                    key=lambda m: m.step)] == [5, 0, 0]  # fmt: skip
+                                    key=lambda m: m.step)] == [0, 5, 0, 0]  # fmt: skip
+    assert [m.step for m in client.get_metric_history(result.run_id, "test_objective")][0] == 0
     assert all(m.value > 0 for m in client.get_metric_history(result.run_id, "eval_seconds"))
     earlier = min(glob.glob(os.path.join(run_dir, "checkpoint_*")))  # named by the time they were saved
     with open(os.path.join(earlier, "gcl_state.json")) as f:

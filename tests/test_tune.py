@@ -167,6 +167,8 @@ def test_sweep_runs_fails_one_trial_alone_registers_the_best_and_resumes(ray_loc
     assert (
         parent.info.status == "FINISHED" and parent.data.metrics["best_objective"] == result.best["objective"]
     )
+    assert {"trials.json", "trials.png"} <= {a.path for a in client.list_artifacts(result.parent_run_id)}
+    assert (tmp_path / "runs/sw/trials.png").stat().st_size > 10_000
     experiment = parent.info.experiment_id
     children = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'")
     assert len(children) == 3

@@ -35,6 +35,20 @@ def _job(args):
     return parse_config(JobConfig, args.config, args.overrides)
 
 
+def _quiet(args, storage_root: str, name: str):
+    """The terminal shows gcl's progress and results; everything else goes to
+    <storage>/<name>/logs/<command>-<time>.log (under ./gcl_runs/logs/ when storage is remote).
+    -v leaves the full stream on the terminal."""
+    import time
+
+    from gcl import storage
+    from gcl.console import quiet_console
+
+    root = storage.local_path(storage_root) or os.path.abspath("gcl_runs")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return quiet_console(os.path.join(root, name, "logs", f"{args.command}-{stamp}.log"), verbose=args.verbose > 0)
+
+
 def cmd_config(args) -> int:
     import yaml
 
@@ -90,7 +104,9 @@ def cmd_data_validate(args) -> int:
 def cmd_train(args) -> int:
     from workflows.train import train
 
-    train(_job(args))
+    job = _job(args)
+    with _quiet(args, job.storage, job.name):
+        train(job)
     return 0
 
 
@@ -102,9 +118,12 @@ def cmd_sync(args) -> int:
 
 
 def cmd_tune(args) -> int:
+    from gcl.sweep import load_sweep
     from workflows.tune import run_tune
 
-    run_tune(args.config, args.overrides)
+    sweep, job = load_sweep(args.config, args.overrides)
+    with _quiet(args, job.storage, sweep.name):
+        run_tune(args.config, args.overrides)
     return 0
 
 
@@ -158,16 +177,21 @@ def cmd_submit(args) -> int:
 def cmd_evaluate(args) -> int:
     from workflows.evaluate import run_evaluate
 
-    results = run_evaluate(_job(args), args.model)
+    job = _job(args)
+    with _quiet(args, job.storage, job.name):
+        results = run_evaluate(job, args.model)
     if args.output:
-        Path(args.output).write_text(json.dumps({"model": args.model, "metrics": results}, indent=2) + "\n")
+        one = len(args.model) == 1
+        written = {"model": args.model[0], "metrics": results} if one else {"models": results}
+        Path(args.output).write_text(json.dumps(written, indent=2) + "\n")
     return 0
 
 
 def cmd_demo(args) -> int:
     from workflows.demo import run_demo
 
-    run_demo(quick=args.quick, workdir=args.workdir)
+    with _quiet(args, args.workdir, ""):
+        run_demo(quick=args.quick, workdir=args.workdir)
     return 0
 
 
@@ -277,16 +301,20 @@ def _add_register_and_submit(sub) -> None:
 
 def _add_evaluate_demo_bench(sub) -> None:
     p = sub.add_parser(
-        "evaluate", help="retrieval metrics per split for a model directory or MLflow model URI"
+        "evaluate", help="retrieval metrics per split for one or more models (gcl's, MLflow's or open_clip's)"
     )
     _add_config_args(p)
     p.add_argument(
         "--model",
         required=True,
+        action="append",
         help="exported model dir, a training checkpoint or a run's dir (its latest checkpoint; "
-        "a path or a storage URI such as s3://...), runs:/<id>/model or models:/<name>@<alias>",
+        "a path or a storage URI such as s3://...), runs:/<id>/model, models:/<name>@<alias>, or an open_clip "
+        "base model open_clip:ARCH[:TAG or weights file] fed with the config's fields; repeat --model to "
+        "compare models, each against the first",
     )
-    p.add_argument("--output", "-o", metavar="FILE", help="also write the metrics per split to FILE as JSON")
+    p.add_argument("--output", "-o", metavar="FILE", help="also write the metrics per split to FILE as JSON "
+                   "({model, metrics}; with several models {models: {model: metrics}})")  # fmt: skip
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser(
@@ -312,7 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Generalized Contrastive Learning: fine-tune open_clip models for retrieval and ranking "
         "from graded relevance, on Ray with DeepSpeed, tracked in MLflow.",
     )
-    parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    parser.add_argument("--verbose", "-v", action="count", default=0,
+                        help="-v: everything Ray, Ray Data, DeepSpeed and open_clip print on the terminal too "
+                        "(by default it goes to the command's log file); -vv: debug logging")  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (
         _add_config,
@@ -328,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+        level=logging.DEBUG if args.verbose > 1 else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
     from gcl.errors import GclError
 

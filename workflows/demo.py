@@ -1,9 +1,10 @@
 """`gcl demo`: the main job on embedded defaults (local Ray, MLflow on SQLite, generated data).
 
-Generates the synthetic benchmark, fine-tunes twice with the same budget - the CLIP-style
-binary baseline (uniform weights, image-only documents, no masking) and GCL (graded
-weights, image + title documents) - evaluates both on all four splits, prints the
-comparison, saves a plot, and registers the GCL model as `champion`.
+Generates the synthetic benchmark, fine-tunes three times with the same budget - the CLIP-style
+binary baseline (uniform weights, image-only documents, no masking), the ablation (uniform
+weights with GCL's image + title documents and masking) and GCL (graded weights too) -
+evaluates them on all four splits, prints the comparison, saves a plot, and registers the GCL
+model as `champion`.
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ from pathlib import Path
 from tqdm import tqdm
 
 from gcl.config import parse_config
+from gcl.console import say, terminal
 from gcl.data.schema import SPLITS
 from gcl.data.synth import SynthConfig, synthesize
 from gcl.job_config import JobConfig
 from gcl.jobs import resolve_job, run_train
 from gcl.mlflow_names import OBJECTIVE
 from gcl.registry import register_run
-from gcl.report import comparison_plot, comparison_table
+from gcl.report import comparison_plot, comparison_table, split_metrics
 from workflows import CONFIGS
 
 MEASURES = ["ndcg@10", "map@1000", "mrr@1000", "err", "rbp@0.8"]
@@ -32,17 +34,19 @@ log = logging.getLogger("gcl.demo")
 
 
 def _nested(metrics: dict) -> dict[str, dict[str, float]]:
-    """{'split/measure': v} -> {split: {measure: v}} for the evaluation splits."""
-    out: dict[str, dict[str, float]] = {}
-    for key, value in metrics.items():
-        split, _, measure = key.partition("/")
-        if split in SPLITS and measure:
-            out.setdefault(split, {})[measure] = value
+    """{split: {measure: value}} for the benchmark's test splits, in the paper's order."""
+    out = split_metrics(metrics)
     return {s: out[s] for s in SPLITS if s in out}
 
 
-def demo_jobs(workdir: str, quick: bool, stamp: str) -> tuple[JobConfig, JobConfig]:
-    """The baseline and GCL jobs: identical budget, data and model; only the loss and fields differ."""
+# The three trainings, in the table's order: what each adds is its column against the one before.
+NAMES = {"baseline": "binary", "ablation": "GCL-uniform", "gcl": "GCL"}
+
+
+def demo_jobs(workdir: str, quick: bool, stamp: str) -> dict[str, JobConfig]:
+    """The trainings the demo compares, with identical budget, data and model: the CLIP-style binary
+    baseline (uniform weights, image-only documents, no masking), the ablation (uniform weights
+    with GCL's title + image fields and same-query masking) and GCL (graded weights too)."""
     data = f"{workdir}/data"
     common = [
         f"data.train={data}/train.parquet",
@@ -54,44 +58,47 @@ def demo_jobs(workdir: str, quick: bool, stamp: str) -> tuple[JobConfig, JobConf
         "train.batch_size=32",
         "train.lr=1e-3",
     ]
-    gcl = parse_config(JobConfig, CONFIGS / "tiny-cpu.yaml", [*common, f"name=demo-gcl-{stamp}"])
-    baseline = parse_config(JobConfig, CONFIGS / "tiny-cpu.yaml", [
-        *common, f"name=demo-baseline-{stamp}", "loss.weight_fn=uniform", "loss.mask_same_query=false",
-        "loss.mask_same_document=false", "fields.right={image: {modality: image, weight: 1.0}}",
-    ])  # fmt: skip
-    return baseline, gcl
+    differences = {
+        "baseline": ["loss.weight_fn=uniform", "loss.mask_same_query=false", "loss.mask_same_document=false",
+                     "fields.right={image: {modality: image, weight: 1.0}}"],
+        "ablation": ["loss.weight_fn=uniform"],
+        "gcl": [],
+    }  # fmt: skip
+    return {key: parse_config(JobConfig, CONFIGS / "tiny-cpu.yaml", [*common, f"name=demo-{key}-{stamp}", *extra])
+            for key, extra in differences.items()}  # fmt: skip
 
 
-def _plot_and_log(baseline, gcl, base_results, gcl_results, client, path: str) -> str:
-    """The comparison plot (per-split NDCG@10, loss curves), logged to both runs."""
-    losses = {name: [m.value for m in sorted(client.get_metric_history(r.run_id, "loss"), key=lambda m: m.step)]
-              for name, r in (("binary baseline", baseline), ("GCL", gcl))}  # fmt: skip
-    plot = comparison_plot(base_results, gcl_results, "ndcg@10", losses, path, names=("binary", "GCL"))
-    for run in (baseline, gcl):
+def _plot_and_log(runs: dict, results: dict, client, path: str) -> str:
+    """The comparison plot (per-split NDCG@10, loss curves), logged to every run."""
+    losses = {NAMES[key]: [m.value for m in sorted(client.get_metric_history(r.run_id, "loss"), key=lambda m: m.step)]
+              for key, r in runs.items()}  # fmt: skip
+    plot = comparison_plot({NAMES[key]: r for key, r in results.items()}, "ndcg@10", path, losses)
+    for run in runs.values():
         client.log_artifact(run.run_id, plot)
     return plot
 
 
 def _print_next_steps(uri: str, alias: str) -> None:
-    print("\nNext:")
-    print(f"  MLflow UI:   .venv/bin/mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
-    print(
+    say("\nNext:")
+    say(f"  MLflow UI:   .venv/bin/mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
+    say(
         f"  serve:       PATH=$PWD/.venv/bin:$PATH MLFLOW_TRACKING_URI={uri} mlflow models serve "
         f"-m models:/{REGISTERED_MODEL}@{alias} --env-manager local --host 127.0.0.1 --port 5001"
     )
-    print(
+    say(
         "  query:       curl -s 127.0.0.1:5001/invocations -H 'Content-Type: application/json' "
         '-d \'{"dataframe_records": [{"query": "red striped circle"}]}\''
     )
 
 
 def run_demo(quick: bool = False, workdir: str = "gcl_runs/demo") -> dict:
-    """Run the whole comparison; returns {'baseline': results, 'gcl': results, ...}."""
+    """Run the whole comparison; returns {'baseline', 'ablation', 'gcl': test results per split,
+    'plot', 'version', 'alias', 'runs': MLflow run ids}."""
     from mlflow import MlflowClient
 
     workdir = os.path.abspath(workdir)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    phases = tqdm(total=5, desc="gcl demo", unit="phase")
+    phases = tqdm(total=6, desc="gcl demo", unit="phase", file=terminal(), dynamic_ncols=True)
 
     phases.set_postfix_str("generating the synthetic benchmark")
     synth = (
@@ -103,20 +110,19 @@ def run_demo(quick: bool = False, workdir: str = "gcl_runs/demo") -> dict:
     log.info("data: %s", json.dumps({k: v["rows"] for k, v in manifest["splits"].items()}))
     phases.update()
 
-    baseline_job, gcl_job = (resolve_job(job) for job in demo_jobs(workdir, quick, stamp))
-    phases.set_postfix_str("training the binary baseline")
-    baseline = run_train(baseline_job)
-    phases.update()
-    phases.set_postfix_str("training GCL")
-    gcl = run_train(gcl_job)
-    phases.update()
+    jobs = {key: resolve_job(job) for key, job in demo_jobs(workdir, quick, stamp).items()}
+    runs = {}
+    for key, job in jobs.items():
+        phases.set_postfix_str(f"training {NAMES[key]}")
+        runs[key] = run_train(job)
+        phases.update()
 
     phases.set_postfix_str("comparing")
-    base_results, gcl_results = _nested(baseline.metrics), _nested(gcl.metrics)
-    table = comparison_table(base_results, gcl_results, MEASURES, names=("binary", "GCL"))
-    uri = gcl_job.mlflow.resolved_uri()
+    results = {key: _nested(run.metrics) for key, run in runs.items()}
+    table = comparison_table({NAMES[key]: r for key, r in results.items()}, MEASURES)
+    gcl, uri = runs["gcl"], jobs["gcl"].mlflow.resolved_uri()
     client = MlflowClient(uri)
-    plot = _plot_and_log(baseline, gcl, base_results, gcl_results, client, f"{workdir}/demo-{stamp}.png")
+    plot = _plot_and_log(runs, results, client, f"{workdir}/demo-{stamp}.png")
     (Path(workdir) / f"results-{stamp}.txt").write_text(table + "\n")
     phases.update()
 
@@ -125,11 +131,13 @@ def run_demo(quick: bool = False, workdir: str = "gcl_runs/demo") -> dict:
     phases.update()
     phases.close()
 
-    print("\nGCL vs the CLIP-style binary baseline (same model, data and budget):")
-    print(table)
-    print(f"\nplot: {plot}")
-    print(f"registered {REGISTERED_MODEL} version {version} as @{alias} "
-          f"({gcl_job.eval.objective_name()} on the validation splits {gcl.metrics[OBJECTIVE]:.4f})")  # fmt: skip
+    say("\nSame model, data and budget: binary = CLIP-style (uniform weights, image-only documents, no masking); "
+        "GCL-uniform = GCL's title + image fields and masking with uniform weights; GCL = graded weights too. "
+        "Test splits:")  # fmt: skip
+    say(table)
+    say(f"\nplot: {plot}")
+    say(f"registered {REGISTERED_MODEL} version {version} as @{alias} "
+        f"({jobs['gcl'].eval.objective_name()} on the validation splits {gcl.metrics[OBJECTIVE]:.4f})")  # fmt: skip
     _print_next_steps(uri, alias)
-    return {"baseline": base_results, "gcl": gcl_results, "plot": plot, "version": version, "alias": alias,
-            "runs": {"baseline": baseline.run_id, "gcl": gcl.run_id}}  # fmt: skip
+    return {**results, "plot": plot, "version": version, "alias": alias,
+            "runs": {key: run.run_id for key, run in runs.items()}}  # fmt: skip

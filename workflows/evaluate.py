@@ -1,25 +1,76 @@
-"""`gcl evaluate`: retrieval metrics per split for any model reference: an exported model, a
-training checkpoint or a run's directory (its latest checkpoint; local or on storage such as
-s3://), a run's model or a registered model (`models:/name@alias`); see gcl.checkpoint."""
+"""`gcl evaluate`: retrieval metrics per split for one or more models: an exported model, a training
+checkpoint or a run's directory (its latest checkpoint; local or on storage such as s3://), a run's
+model or a registered model (`models:/name@alias`), or an open_clip base model
+(`open_clip:ARCH[:TAG or weights file]`, fed as the config's fields say); see gcl.checkpoint.
+Several models: one table per split with each model's change from the first, and a plot."""
 
 from __future__ import annotations
 
+import os
 import tempfile
+import time
 
+import torch
+from mlflow import MlflowClient
+from tqdm import tqdm
+
+from gcl import storage
 from gcl.checkpoint import resolve_model_dir
+from gcl.console import say, terminal
 from gcl.job_config import JobConfig
 from gcl.jobs import resolve_job
-from gcl.report import metrics_table
+from gcl.model import base_model_config
+from gcl.report import comparison_plot, comparison_table, metrics_table
 from gcl.retrieval import RowEncoder, evaluate_splits
+from gcl.tracking import start_run
+
+Results = dict[str, dict[str, float]]
 
 
-def run_evaluate(job: JobConfig, model: str) -> dict[str, dict[str, float]]:
-    """Evaluate `model` on the job's evaluation splits, print a table, return the metrics."""
+def row_encoder(job: JobConfig, model: str, scratch: str) -> RowEncoder:
+    """The encoder of any model reference `gcl evaluate` takes."""
+    base = base_model_config(model)
+    if base is not None:
+        torch.manual_seed(job.seed)  # an architecture without weights starts from the job's seed
+        return RowEncoder.from_model(base, job.fields)
+    model_dir = resolve_model_dir(model, scratch, job.mlflow.resolved_uri(), fallback_job=job)
+    # A plain open_clip directory has no gcl_fields.json: the job's fields say how to feed it.
+    return RowEncoder.from_model_dir(model_dir, fields=job.fields)
+
+
+def run_evaluate(job: JobConfig, model: str | list[str]) -> Results | dict[str, Results]:
+    """Evaluate each model on the job's evaluation splits and print the results: one model's
+    metrics ({split: {measure: value}}, a table), or several models' ({model: metrics}, a
+    comparison table per split against the first, and a plot under <storage>/<name>/ that an
+    MLflow run named evaluate-<time> holds too)."""
     job = resolve_job(job)
-    with tempfile.TemporaryDirectory(prefix="gcl-evaluate-") as scratch:
-        model_dir = resolve_model_dir(model, scratch, job.mlflow.resolved_uri(), fallback_job=job)
-        # A plain open_clip directory has no gcl_fields.json: the job's fields say how to feed it.
-        encoder = RowEncoder.from_model_dir(model_dir, fields=job.fields)
-    results = evaluate_splits(encoder, job.data.eval, job.data, job.eval)
-    print(metrics_table(results))
+    models = [model] if isinstance(model, str) else list(model)
+    for reference in models:  # a malformed base-model reference fails before any model is loaded
+        base_model_config(reference)
+    results: dict[str, Results] = {}
+    with tqdm(total=len(models) * len(job.data.eval), desc="evaluating", unit="split", file=terminal(),
+              dynamic_ncols=True) as bar:  # fmt: skip
+        for reference in models:
+            with tempfile.TemporaryDirectory(prefix="gcl-evaluate-") as scratch:
+                encoder = row_encoder(job, reference, scratch)
+            results[reference] = {}
+            for split, spec in job.data.eval.items():
+                bar.set_postfix_str(f"{reference} {split}")
+                results[reference].update(evaluate_splits(encoder, {split: spec}, job.data, job.eval))
+                bar.update()
+    if len(models) == 1:
+        say(metrics_table(results[models[0]]))
+        return results[models[0]]
+    say(comparison_table(results, job.eval.measures))
+    name = f"evaluate-{time.strftime('%Y%m%d-%H%M%S')}"
+    directory = storage.local_path(storage.join(job.storage, job.name)) or tempfile.mkdtemp(prefix="gcl-")
+    os.makedirs(directory, exist_ok=True)
+    plot = comparison_plot(results, job.eval.objective, os.path.join(directory, f"{name}.png"))
+    run_id = start_run(job.mlflow.resolved_uri(), job.mlflow.experiment, name,
+                       {f"model_{i}": m for i, m in enumerate(models)})  # fmt: skip
+    client = MlflowClient(job.mlflow.resolved_uri())
+    client.log_artifact(run_id, plot)
+    client.log_dict(run_id, results, "evaluation.json")
+    client.set_terminated(run_id)
+    say(f"\nplot: {plot} (and in MLflow run {name})")
     return results

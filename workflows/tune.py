@@ -12,7 +12,9 @@ import logging
 import os
 import tempfile
 
+from gcl import storage
 from gcl.cluster import init_ray
+from gcl.console import say
 from gcl.errors import ConfigError, TrainingError
 from gcl.jobs import check_resources, export_to_storage, finish_run, job_resources, prepare, with_score_range
 from gcl.mlflow_names import (
@@ -22,8 +24,10 @@ from gcl.mlflow_names import (
     MODEL_URI_TAG,
     SWEEP_TAG,
     TRIALS_ARTIFACT,
+    TRIALS_PLOT,
 )
 from gcl.registry import register_run
+from gcl.report import sweep_plot
 from gcl.sweep import load_sweep, trial_concurrency
 from gcl.tracking import flatten, runs_named, start_run
 from gcl.tuning import (
@@ -42,17 +46,23 @@ log = logging.getLogger("gcl.tune")
 
 
 def _report_trials(client, sweep, job, parent_run_id: str, rows: list[dict]) -> None:
-    """Log the trials to the parent run (TRIALS_ARTIFACT) and print their table."""
+    """Log the trials (TRIALS_ARTIFACT) and their plot (TRIALS_PLOT, also kept under
+    <storage>/<sweep name>/ when storage is local) to the parent run, and print their table."""
     with tempfile.TemporaryDirectory() as tmp:
         with open(os.path.join(tmp, TRIALS_ARTIFACT), "w") as f:
             json.dump(rows, f, indent=2, default=str)
         client.log_artifact(parent_run_id, os.path.join(tmp, TRIALS_ARTIFACT))
+        directory = storage.local_path(storage.join(job.storage, sweep.name)) or tmp
+        plot = sweep_plot(rows, os.path.join(directory, TRIALS_PLOT))
+        client.log_artifact(parent_run_id, plot)
     selected_on = (
         "validation splits" if job.data.validation else "the evaluation splits, no validation splits given"
     )
-    print(f"\nsweep {sweep.name}: {job.eval.objective_name()}, selected on {selected_on}; "
+    say(f"\nsweep {sweep.name}: {job.eval.objective_name()}, selected on {selected_on}; "
           "test: the same on the evaluation splits")  # fmt: skip
-    print(trial_table(rows))
+    say(trial_table(rows))
+    if directory != tmp:  # kept
+        say(f"plot: {plot}")
 
 
 def _export_best(client, context: SweepContext, job, data, best: dict) -> str:
@@ -115,10 +125,10 @@ def run_tune(path: str, overrides: list[str] | None = None) -> TuneResult:
     name = sweep.registered_model or job.mlflow.registered_model
     if name:
         result.registered = register_run(result.best["run_id"], name, uri)
-        print(f"registered {name} version {result.registered[0]} as @{result.registered[1]}")
+        say(f"registered {name} version {result.registered[0]} as @{result.registered[1]}")
     client.set_terminated(parent_run_id)
     scores = f"objective {best['objective']:.4f}"
     if job.data.validation:
         scores += f" (validation), test {best['test_objective']:.4f}"
-    print(f"best trial {best['trial']}: {scores}, MLflow run {result.best['run_id']}")
+    say(f"best trial {best['trial']}: {scores}, MLflow run {result.best['run_id']}")
     return result
