@@ -4,22 +4,32 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-unit lint format bench clean
+.PHONY: demo test test-slow test-unit lint format bench clean
 
+# Quiet: one line, pip's output in .venv/install.log (its last lines on the terminal if it fails).
+# The distribution was called `gcl` before it became gcl-retrieval: an older .venv loses that one.
 $(STAMP): pyproject.toml constraints.txt
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
-	touch $(STAMP)
+	@echo "setting up .venv: gcl and its pinned dependencies (about 3 minutes; log: $(VENV)/install.log)"
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@( $(BIN)/python -m pip install -q --upgrade pip && \
+	   $(BIN)/python -m pip uninstall -q -y gcl && \
+	   $(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]' ) > $(VENV)/install.log 2>&1 \
+	   || { tail -n 40 $(VENV)/install.log; exit 1; }
+	@touch $(STAMP)
 
 ## The main job on embedded defaults: local Ray, MLflow on SQLite in ./mlruns.db, generated data.
 demo: $(STAMP)
 	$(BIN)/gcl demo
 
-## Lint, then the whole test suite (unit and local-Ray integration tests; GPU tests skip without CUDA).
+## Lint, then the test suite (unit and local-Ray integration tests; GPU tests skip without CUDA),
+## without the slow tier.
 test: $(STAMP)
 	$(BIN)/ruff check gcl workflows tests
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not slow"
+
+## The slow tier: hard kills, MLflow outages, a Ray head and two nodes, a model installed afresh.
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
 
 ## Only the fast unit tests.
 test-unit: $(STAMP)

@@ -197,6 +197,7 @@ def _gcl(*args, env, timeout=600) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_gcl_submit_runs_a_training_job_on_a_ray_head_with_token_auth(ray_head, tmp_path):
     address, head_env, token = ray_head
     data = tmp_path / "data"
@@ -274,6 +275,7 @@ MULTI_NODE_SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_two_node_training_places_one_worker_per_node(tmp_path):
     data = tmp_path / "data"
     synthesize(data, SynthConfig(products=120, queries=40, docs_per_query=6, seed=4))

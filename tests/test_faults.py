@@ -173,6 +173,7 @@ def _is_ray_agent(process: psutil.Process) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_sigterm_sigkill_and_a_killed_raylet_each_resume_as_an_uninterrupted_run(
     tiny_job, tmp_path, uninterrupted_losses
 ):
@@ -257,6 +258,7 @@ def test_sigterm_sigkill_and_a_killed_raylet_each_resume_as_an_uninterrupted_run
     assert not _gone(agents, timeout=120), "Ray's agents outlived their stopped cluster by over 2 minutes"
 
 
+@pytest.mark.slow
 def test_sweep_stopped_mid_trial_resumes_without_running_finished_trials_again(synth_dir, tmp_path):
     """`gcl tune` gets SIGTERM while its second trial trains; the same command finishes the sweep
     under the same parent run, and the first trial is not run again."""
@@ -381,6 +383,7 @@ def _wait_for(condition, what: str, process: subprocess.Popen, timeout: float = 
         time.sleep(0.2)
 
 
+@pytest.mark.slow
 def test_mlflow_server_going_away_mid_run_loses_no_step_and_gcl_sync_finishes_the_run(tiny_job, tmp_path):
     """A real tracking server is killed twice during `gcl train`: the first time it comes back while
     training goes on, and the buffered metrics are written; the second time it stays down to the

@@ -442,6 +442,7 @@ def test_gcl_evaluate_compares_models_against_the_first_including_open_clip_base
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_the_logged_model_installs_into_a_fresh_environment_and_embeds_there_as_here(tiny, tmp_path):
     """The logged model's own requirements (pinned; not the unrelated `gcl` of the package index)
     install into a new virtual environment without gcl; there, in another process, the model loads
@@ -454,9 +455,11 @@ def test_the_logged_model_installs_into_a_fresh_environment_and_embeds_there_as_
 
     from gcl.registry import SERVING_DISTRIBUTIONS
 
+    from gcl.tracking import fluent_tracking_uri
+
     _, model_uri = _logged_tiny_model(tiny, tmp_path)
-    model_dir = mlflow.artifacts.download_artifacts(model_uri, dst_path=str(tmp_path / "downloaded"),
-                                                    tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")  # fmt: skip
+    with fluent_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db"):  # models:/ resolves through it
+        model_dir = mlflow.artifacts.download_artifacts(model_uri, dst_path=str(tmp_path / "downloaded"))
     requirements = (Path(model_dir) / "requirements.txt").read_text().split()
     names = {r.split("==")[0].lower().replace("_", "-") for r in requirements}
     assert all("==" in r for r in requirements) and "gcl" not in names, requirements

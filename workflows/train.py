@@ -6,13 +6,14 @@ from __future__ import annotations
 
 from gcl.console import say
 from gcl.job_config import JobConfig
-from gcl.jobs import TrainResult, run_train
+from gcl.jobs import TrainResult, resolve_job, run_train
 from gcl.mlflow_names import OBJECTIVE, TEST_OBJECTIVE, VALIDATION_PREFIX
 from gcl.report import metrics_table, relative_change, split_metrics
 
 
 def train(job: JobConfig) -> TrainResult:
     """Train `job` end to end and print the run, the model's location and the final metrics."""
+    job = resolve_job(job)  # the tracking URI, for the summary's look-up below
     result = run_train(job)
     say(f"\nrun {job.name}: MLflow run {result.run_id}")
     say(f"model: {result.model_dir}")
