@@ -15,10 +15,8 @@ import os
 import time
 from pathlib import Path
 
-from tqdm import tqdm
-
 from gcl.config import parse_config
-from gcl.console import say, terminal
+from gcl.console import say
 from gcl.data.schema import SPLITS
 from gcl.data.synth import SynthConfig, synthesize
 from gcl.job_config import JobConfig
@@ -98,9 +96,14 @@ def run_demo(quick: bool = False, workdir: str = "gcl_runs/demo") -> dict:
 
     workdir = os.path.abspath(workdir)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    phases = tqdm(total=6, desc="gcl demo", unit="phase", file=terminal(), dynamic_ncols=True)
+    # A line per phase (the trainings draw their own bars; two bars at once would cost a line per update
+    # where the terminal is a log or a pipe).
+    phases = iter(range(1, 7))
 
-    phases.set_postfix_str("generating the synthetic benchmark")
+    def phase(what: str) -> None:
+        say(f"[{next(phases)}/6] {what}")
+
+    phase("generating the synthetic benchmark")
     synth = (
         SynthConfig(products=400, queries=150, docs_per_query=10)
         if quick
@@ -108,28 +111,23 @@ def run_demo(quick: bool = False, workdir: str = "gcl_runs/demo") -> dict:
     )
     manifest = synthesize(f"{workdir}/data", synth)
     log.info("data: %s", json.dumps({k: v["rows"] for k, v in manifest["splits"].items()}))
-    phases.update()
 
     jobs = {key: resolve_job(job) for key, job in demo_jobs(workdir, quick, stamp).items()}
     runs = {}
     for key, job in jobs.items():
-        phases.set_postfix_str(f"training {NAMES[key]}")
+        phase(f"training {NAMES[key]}")
         runs[key] = run_train(job)
-        phases.update()
 
-    phases.set_postfix_str("comparing")
+    phase("comparing")
     results = {key: _nested(run.metrics) for key, run in runs.items()}
     table = comparison_table({NAMES[key]: r for key, r in results.items()}, MEASURES)
     gcl, uri = runs["gcl"], jobs["gcl"].mlflow.resolved_uri()
     client = MlflowClient(uri)
     plot = _plot_and_log(runs, results, client, f"{workdir}/demo-{stamp}.png")
     (Path(workdir) / f"results-{stamp}.txt").write_text(table + "\n")
-    phases.update()
 
-    phases.set_postfix_str("registering the GCL model")
+    phase("registering the GCL model")
     version, alias = register_run(gcl.run_id, REGISTERED_MODEL, uri)
-    phases.update()
-    phases.close()
 
     say("\nSame model, data and budget: binary = CLIP-style (uniform weights, image-only documents, no masking); "
         "GCL-uniform = GCL's title + image fields and masking with uniform weights; GCL = graded weights too. "
