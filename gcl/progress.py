@@ -69,6 +69,7 @@ class TrainingBar:
         self.start_step = start_step
         self.poll = poll
         self._stop = threading.Event()
+        self._training = False
         self._board = None
         self._thread: threading.Thread | None = None
 
@@ -102,6 +103,12 @@ class TrainingBar:
         if state.get("steps_per_epoch"):
             self.bar.total = max(self.epochs * int(state["steps_per_epoch"]), self.start_step)
         step = int(state.get("step", 0))
+        if not self._training and state.get("phase") == "training":
+            # The clock starts with the first step: start-up and the starting model's evaluation
+            # would otherwise weigh on the rate and the ETA.
+            self._training = True
+            self.bar.start_t = self.bar.last_print_t = self.bar._time()
+            self.bar.last_print_n = self.bar.n
         if step > self.bar.total:
             self.bar.total = step
         if step > self.bar.n:
