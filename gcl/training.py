@@ -280,13 +280,15 @@ def _train_worker(config: dict[str, Any]) -> None:
         evaluate_starting_model(worker)
     for epoch in range(state.epoch, job.train.epochs):
         stats, step = train_epoch(worker, epoch, state.step)
+        # Always posted (a new phase): the epoch's last step, which the posting interval may have held back.
+        worker.progress.post(phase="trained", epoch=epoch + 1, step=step, steps_per_epoch=stats.steps)
         data_wait = _slowest_rank(
             stats.data_wait.seconds, worker.engine.device
         )  # before the evaluation, which the ranks share
         metrics = epoch_metrics(stats, worker.world, data_wait)
         plan = evaluation_plan(job, epoch)
         if plan is not None:
-            worker.progress.post(phase="evaluating", epoch=epoch + 1, step=step, steps_per_epoch=stats.steps)
+            worker.progress.post(phase="evaluating", epoch=epoch + 1, step=step)
             start = time.perf_counter()
             test, validation = _evaluate_on_workers(job, worker.engine, plan)
             metrics.update(evaluation_metrics(test, validation, job, plan))

@@ -325,7 +325,6 @@ def test_the_logged_pyfunc_embeds_as_gcl_does_and_names_bad_input(tiny, tmp_path
     import pandas as pd
 
     from gcl.retrieval import RowEncoder
-
     from gcl.tracking import fluent_tracking_uri
 
     out, model_uri = _logged_tiny_model(tiny, tmp_path)
@@ -454,7 +453,6 @@ def test_the_logged_model_installs_into_a_fresh_environment_and_embeds_there_as_
     import mlflow
 
     from gcl.registry import SERVING_DISTRIBUTIONS
-
     from gcl.tracking import fluent_tracking_uri
 
     _, model_uri = _logged_tiny_model(tiny, tmp_path)
