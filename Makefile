@@ -27,7 +27,8 @@ test: $(STAMP)
 	$(BIN)/ruff check gcl workflows tests
 	$(BIN)/python -m pytest -q -m "not slow"
 
-## The slow tier: hard kills, MLflow outages, a Ray head and two nodes, a model installed afresh.
+## The slow tier: killed workers and drivers, resumes, MLflow outages, two trainings at once,
+## a Ray head and two nodes, a model installed afresh.
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 

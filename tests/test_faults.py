@@ -64,6 +64,7 @@ def _train_workers() -> list[psutil.Process]:
     ]
 
 
+@pytest.mark.slow
 def test_worker_killed_mid_epoch_restores_and_trains_as_an_uninterrupted_run(
     ray_local, tiny_job, tmp_path, uninterrupted_losses
 ):
@@ -103,6 +104,7 @@ def test_worker_killed_mid_epoch_restores_and_trains_as_an_uninterrupted_run(
     assert len(epoch_ends) == 3 and epoch_ends[0] == killed["after_step"]
 
 
+@pytest.mark.slow
 def test_two_gcl_train_processes_share_one_sqlite_store_and_keep_credentials_out(tiny_job, tmp_path):
     """Two `gcl train` commands at once (each with its own local Ray) write to one SQLite store and
     both complete; credentials set in their environment appear in no param, tag or artifact.

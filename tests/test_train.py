@@ -123,6 +123,7 @@ def test_one_gpu_worker_trains_in_bf16_and_evaluates_consistently(ray_local, tin
         assert values["ndcg@10"] == pytest.approx(result.metrics[f"{split}/ndcg@10"], abs=0.05), split
 
 
+@pytest.mark.slow
 def test_rerun_with_same_name_resumes_from_the_latest_checkpoint(ray_local, tiny_job, tmp_path):
     """Under ZeRO-0 (plain data parallel), whose checkpoints hold the whole module."""
     from gcl.jobs import run_train
