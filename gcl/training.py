@@ -187,15 +187,16 @@ def train_epoch(worker: Worker, epoch: int, step: int) -> tuple[EpochStats, int]
             engine.backward(loss / len(group), scale_wrt_gas=False)
             engine.step()  # the optimizer steps on the group's last micro-batch only
             step += 1
-            stats.loss_sum += loss.item()
+            loss_value = loss.item()  # one device-to-host sync for the three uses below
+            stats.loss_sum += loss_value
             stats.steps += 1
             stats.pairs += int(batch["valid"].sum())
             now = time.perf_counter()
             pairs_per_s = worker.world * job.train.batch_size / max(now - tick, 1e-9)
-            worker.metrics_log.log({"loss": loss.item(), "lr": worker.scheduler.get_last_lr()[0], "pairs_per_s": pairs_per_s,
+            worker.metrics_log.log({"loss": loss_value, "lr": worker.scheduler.get_last_lr()[0], "pairs_per_s": pairs_per_s,
                                     "logit_scale": log_scale.exp().item(), **{f"loss_{k}": v.item() for k, v in terms.items()}},
                                    step)  # fmt: skip
-            worker.progress.post(phase="training", epoch=epoch + 1, step=step, loss=loss.item(),
+            worker.progress.post(phase="training", epoch=epoch + 1, step=step, loss=loss_value,
                                  pairs_per_s=worker.world * stats.pairs / max(now - stats.start, 1e-9))  # fmt: skip
     stats.end = time.perf_counter()
     stats.first_batch_at = stats.first_batch_at or stats.end
@@ -288,23 +289,24 @@ def _train_worker(config: dict[str, Any]) -> None:
         metrics = epoch_metrics(stats, worker.world, data_wait)
         plan = evaluation_plan(job, epoch)
         if plan is not None:
-            worker.progress.post(phase="evaluating", epoch=epoch + 1, step=step)
-            start = time.perf_counter()
-            test, validation = _evaluate_on_workers(job, worker.engine, plan)
-            metrics.update(evaluation_metrics(test, validation, job, plan))
-            metrics[EVAL_SECONDS] = time.perf_counter() - start
+            metrics.update(timed_evaluation(worker, epoch + 1, step, plan))
         state = TrainState(epoch=epoch + 1, step=step)
         save_and_report(worker, state, metrics)
+
+
+def timed_evaluation(worker: Worker, epoch: int, step: int, sample: int) -> dict[str, float]:
+    """The evaluation metrics after `epoch` (0: before training) on `sample` queries per split (0: all),
+    with the seconds they took (EVAL_SECONDS); the progress bar says the workers evaluate."""
+    worker.progress.post(phase="evaluating", epoch=epoch, step=step)
+    start = time.perf_counter()
+    test, validation = _evaluate_on_workers(worker.job, worker.engine, sample)
+    return {**evaluation_metrics(test, validation, worker.job, sample), EVAL_SECONDS: time.perf_counter() - start}
 
 
 def evaluate_starting_model(worker: Worker) -> None:
     """The full evaluation of the model before any step, logged at step 0 as epoch 0 (rank 0); not
     reported to Ray Train, whose reports (and Tune's epochs) are the trained epochs'."""
-    worker.progress.post(phase="evaluating", epoch=0, step=0)
-    start = time.perf_counter()
-    test, validation = _evaluate_on_workers(worker.job, worker.engine, 0)
-    metrics = {**evaluation_metrics(test, validation, worker.job), EVAL_SECONDS: time.perf_counter() - start}
-    worker.metrics_log.log({**metrics, "epoch": 0}, 0)
+    worker.metrics_log.log({**timed_evaluation(worker, 0, 0, 0), "epoch": 0}, 0)
     worker.metrics_log.flush()
 
 

@@ -125,6 +125,11 @@ def build_tuner(sweep: SweepConfig, job: JobConfig, trainable, concurrency: int)
     )  # fmt: skip
 
 
+def shown_value(value: Any) -> str:
+    """A sampled value as the trial lines and the trial table show it (floats to 4 digits)."""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def trial_lines(sweep: SweepConfig):
     """A Tune callback that prints a line on the terminal as each trial ends: its sampled values,
     epochs and objective (or its error), so a sweep's table builds up while it runs."""
@@ -141,8 +146,7 @@ def trial_lines(sweep: SweepConfig):
 
         def _line(self, trial, status) -> None:
             result = trial.last_result or {}
-            values = ", ".join(f"{k}={trial.config.get(k):.4g}" if isinstance(trial.config.get(k), float)
-                               else f"{k}={trial.config.get(k)}" for k in sweep.space)  # fmt: skip
+            values = ", ".join(f"{k}={shown_value(trial.config.get(k))}" for k in sweep.space)
             score = result.get(OBJECTIVE)
             outcome = status or ("-" if score is None else f"objective {score:.4f}")
             say(f"trial {trial.trial_id} ended after {result.get('epoch', 0)} epochs: {outcome} ({values})")
@@ -215,7 +219,7 @@ def trial_table(rows: list[dict]) -> str:
     header = ["trial", *keys, "epochs", "objective", "test", "status"]
     lines = [" | ".join(header), " | ".join("---" for _ in header)]
     for r in rows:
-        values = [f"{v:.4g}" if isinstance(v, float) else str(v) for v in r["params"].values()]
+        values = [shown_value(v) for v in r["params"].values()]
         mark = "*" if r.get("sampled_queries") else ""
         scores = ["-" if r.get(k) is None else f"{r[k]:.4f}{mark}" for k in ("objective", "test_objective")]
         status = r["status"] if not r["error"] else f"{r['status']}: {r['error'][:160]}"

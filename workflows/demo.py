@@ -37,7 +37,7 @@ def _nested(metrics: dict) -> dict[str, dict[str, float]]:
     return {s: out[s] for s in SPLITS if s in out}
 
 
-# The three trainings, in the table's order: what each adds is its column against the one before.
+# The three trainings, in the table's order; each column after the first is compared with the first.
 NAMES = {"baseline": "binary", "ablation": "GCL-uniform", "gcl": "GCL"}
 
 
