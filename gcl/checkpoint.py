@@ -222,6 +222,17 @@ def export_checkpoint(
                                   job.deepspeed.zero_stage)  # fmt: skip
 
 
+def pyfunc_model_dir(local: str) -> str:
+    """The open_clip directory inside a downloaded MLflow model: gcl's pyfuncs keep it under
+    artifacts/ (as `model`, or the exported directory's name), a plain model is the directory."""
+    artifacts = os.path.join(local, "artifacts")
+    if os.path.isdir(artifacts):
+        for name in ["model", *sorted(os.listdir(artifacts))]:
+            if os.path.isfile(os.path.join(artifacts, name, CONFIG_FILE)):
+                return os.path.join(artifacts, name)
+    return local
+
+
 def resolve_model_dir(model: str, scratch: str, tracking_uri: str | None = None,
                       fallback_job: JobConfig | None = None) -> str:  # fmt: skip
     """A local model directory for any model reference: a model directory, a training checkpoint
@@ -233,9 +244,7 @@ def resolve_model_dir(model: str, scratch: str, tracking_uri: str | None = None,
         # A models:/ URI is resolved through the process-wide tracking URI, whatever is passed.
         with fluent_tracking_uri(tracking_uri):
             local = mlflow.artifacts.download_artifacts(artifact_uri=model)
-        # A pyfunc model keeps the open_clip weights under artifacts/model.
-        nested = os.path.join(local, "artifacts", "model")
-        return nested if os.path.isdir(nested) else local
+        return pyfunc_model_dir(local)
     checkpoint = training_checkpoint(model)
     if checkpoint:
         local = storage.download_directory(checkpoint, scratch)

@@ -34,6 +34,10 @@ class TrainingError(GclError):
     """Training that produced nothing usable (e.g. a sweep none of whose trials finished an epoch)."""
 
 
+class SearchIndexError(GclError):
+    """Embeddings that cannot be indexed, or an index directory that cannot be read."""
+
+
 class ClusterError(GclError):
     """A Ray cluster or job server that cannot be reached or used."""
 

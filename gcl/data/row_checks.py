@@ -144,10 +144,25 @@ def check_batch(file: str, offset: int, batch: pa.RecordBatch, rules: RowRules, 
     _check_ids(batch, rules, rejected)
     for side in ("left", "right"):
         _check_side(batch, rules, side, base_dir, rejected)
+    _tally(rejected, batch.num_rows, result)
+
+
+def check_side_batch(file: str, offset: int, batch: pa.RecordBatch, rules: RowRules, side: str, id_column: str,
+                     base_dir: str | None, result: CheckResult) -> None:  # fmt: skip
+    """The checks of one side's rows (a catalog of documents or a list of queries, as `gcl embed`
+    reads them): an id, and the side's fields as in check_batch."""
+    rejected = _Rejected(file, offset, batch.column(id_column))
+    rejected.reject(pc.is_null(batch.column(id_column)), id_column, "id is missing")
+    _check_side(batch, rules, side, base_dir, rejected)
+    _tally(rejected, batch.num_rows, result)
+
+
+def _tally(rejected: _Rejected, rows: int, result: CheckResult) -> None:
+    """Add a batch's rows and its rejected rows (counted by their first problem) to `result`."""
     first: dict[int, BadRow] = {}
     for bad in rejected.bad:
         first.setdefault(bad.row, bad)
-    result.rows += batch.num_rows
+    result.rows += rows
     result.bad_rows += len(first)
     result.reasons.update(b.label for b in first.values())
     result.keep(rejected.bad)

@@ -225,18 +225,21 @@ def validate_pairs(
     listed = None if data.on_bad_rows == "skip" else MAX_LISTED
     report = _report(files, units, runner, listed)
     if report.bad_rows and data.on_bad_rows == "error":
-        more = report.bad_rows - min(len(report.bad), MAX_LISTED)
-        listed_rows = "\n  ".join(str(b) for b in report.bad[:MAX_LISTED])
-        more = f"\n  ... and {more} more" if more > 0 else ""
-        raise DataError(
-            f"{spec}: {report.summary()}:\n  {listed_rows}{more}\n"
-            "Fix these rows, or set data.on_bad_rows=skip to drop them (they are counted and reported)."
-        )
+        raise bad_rows_error(spec, report)
     if report.rows_valid == 0:
         raise DataError(f"{spec}: no valid rows left after skipping bad ones ({report.summary()})")
     if report.bad_rows:
         log.warning("%s: skipping bad rows: %s", spec, report.summary())
     return report
+
+
+def bad_rows_error(spec: str, report: ValidationReport) -> DataError:
+    """The error that lists a dataset's first bad rows (file, row, column, why) and their count."""
+    more = report.bad_rows - min(len(report.bad), MAX_LISTED)
+    listed_rows = "\n  ".join(str(b) for b in report.bad[:MAX_LISTED])
+    more = f"\n  ... and {more} more" if more > 0 else ""
+    return DataError(f"{spec}: {report.summary()}:\n  {listed_rows}{more}\n"
+                     "Fix these rows, or set data.on_bad_rows=skip to drop them (they are counted and reported).")  # fmt: skip
 
 
 def _report(files: list[str], units: list[Unit], runner: _Local, listed: int | None) -> ValidationReport:

@@ -1,0 +1,232 @@
+"""Approximate-nearest-neighbour indexes (FAISS) over `gcl embed`'s output, saved with their id
+map, and searched by the served search model and by `gcl evaluate --index`.
+
+An index directory holds:
+  index.faiss   the FAISS index (inner product: cosine on gcl's L2-normalized embeddings)
+  ids.parquet   row i of the index is the id (and display fields) of row i here
+  index.json    kind, parameters, dimension, rows, the embedding model's URI and version, the
+                embeddings' content hash, build seconds and bytes
+
+The embeddings stream into the index a file batch at a time: besides the index itself, the
+builder holds one batch of vectors, the id map and, for the trained kinds (ivf-pq), a training
+sample of `train_sample` vectors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from pydantic import Field
+
+from gcl.config import Section
+from gcl.embed import EMBEDDING_COLUMN, METADATA_KEY
+from gcl.errors import SearchIndexError
+
+log = logging.getLogger(__name__)
+INDEX_FILE, IDS_FILE, INFO_FILE = "index.faiss", "ids.parquet", "index.json"
+
+
+class IndexConfig(Section):
+    """The search index `gcl index` builds from `gcl embed`'s output."""
+
+    kind: Literal["flat", "hnsw", "ivf-pq"] = "hnsw"
+    """`flat`: exact search (every vector scored; the reference). `hnsw`: a graph, the fastest
+    search at high recall, holding every vector (4 x dim bytes each) plus the graph. `ivf-pq`:
+    vectors in `ivf_lists` clusters, compressed to `pq_bytes` bytes each, re-ranked exactly over
+    the best `refine_factor` x k candidates (which keeps the full vectors too): the kind that
+    scales to corpora larger than memory once the re-ranking is turned off (refine_factor=0)."""
+    hnsw_m: int = Field(32, ge=4)
+    """HNSW: neighbours per node (more: higher recall, more memory, slower build)."""
+    hnsw_ef_construction: int = Field(64, ge=8)
+    """HNSW: candidates considered while building (more: a better graph, slower build)."""
+    hnsw_ef_search: int = Field(128, ge=1)
+    """HNSW: candidates considered per query (more: higher recall, slower search; at least k)."""
+    ivf_lists: int | None = Field(None, ge=1)
+    """IVF: clusters (default: 4 x sqrt(rows), at most rows / 39, FAISS's training minimum)."""
+    ivf_probe: int = Field(16, ge=1)
+    """IVF: clusters searched per query (more: higher recall, slower search)."""
+    pq_bytes: int | None = Field(None, ge=1)
+    """PQ: bytes per compressed vector (a divisor of the dimension; default: dimension / 4)."""
+    refine_factor: int = Field(4, ge=0)
+    """ivf-pq: candidates re-ranked with the full vectors per result (0: no re-ranking, the
+    compressed scores are the result)."""
+    train_sample: int = Field(100_000, ge=1000)
+    """Vectors an ivf-pq index is trained on (a seeded sample of the corpus)."""
+    batch_rows: int = Field(65_536, ge=1)
+    """Vectors added to the index at once."""
+
+
+def build_faiss(cfg: IndexConfig, dim: int, rows: int, sample):
+    """An empty FAISS index of `cfg.kind` for `rows` vectors of `dim`, trained on `sample`
+    (a callable returning (n, dim) float32 vectors) where the kind needs training."""
+    import faiss
+
+    metric = faiss.METRIC_INNER_PRODUCT
+    if cfg.kind == "flat":
+        return faiss.IndexFlatIP(dim)
+    if cfg.kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, cfg.hnsw_m, metric)
+        index.hnsw.efConstruction = cfg.hnsw_ef_construction
+        index.hnsw.efSearch = cfg.hnsw_ef_search
+        return index
+    lists = cfg.ivf_lists or max(1, min(int(4 * np.sqrt(rows)), rows // 39))
+    code_bytes = cfg.pq_bytes or max(1, dim // 4)
+    if dim % code_bytes:
+        raise SearchIndexError(f"index.pq_bytes={code_bytes} does not divide the embedding dimension {dim}; "
+                          f"accepted: a divisor of {dim}, e.g. {dim // 4}")  # fmt: skip
+    index = faiss.index_factory(dim, f"IVF{lists},PQ{code_bytes}x8", metric)
+    training = sample()
+    if len(training) < lists * 39 and len(training) < rows:
+        log.warning("training %d IVF lists on %d vectors (FAISS wants 39 per list)", lists, len(training))
+    index.train(training)
+    faiss.extract_index_ivf(index).nprobe = cfg.ivf_probe
+    if cfg.refine_factor:
+        index = faiss.IndexRefineFlat(index)
+        index.k_factor = cfg.refine_factor
+    return index
+
+
+def embedding_files(spec: str) -> list[str]:
+    """The parquet files of `gcl embed`'s output at `spec` (a directory, file or glob)."""
+    from gcl.data.readers import resolve_files
+
+    files = [f for f in resolve_files(spec) if f.endswith(".parquet")]
+    if not files:
+        raise SearchIndexError(f"{spec}: no parquet files; give the output directory of `gcl embed`")
+    return files
+
+
+def embeddings_info(files: list[str]) -> dict:
+    """What `gcl embed` recorded about its output (model URI and version, side, id column, dim)."""
+    metadata = pq.read_schema(files[0]).metadata or {}
+    if METADATA_KEY not in metadata:
+        raise SearchIndexError(f"{files[0]}: no gcl metadata: not written by `gcl embed`")
+    return json.loads(metadata[METADATA_KEY])
+
+
+def _vectors(batch: pa.RecordBatch, file: str, dim: int) -> np.ndarray:
+    column = batch.column(EMBEDDING_COLUMN)
+    if column.null_count:
+        raise SearchIndexError(f"{file}: {column.null_count} rows have no {EMBEDDING_COLUMN}")
+    return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32, copy=False)
+
+
+def _batches(files: list[str], columns: list[str], batch_rows: int):
+    for file in files:
+        for batch in pq.ParquetFile(file).iter_batches(batch_rows, columns=columns):
+            yield file, batch
+
+
+def _sample(files: list[str], dim: int, rows: int, count: int, batch_rows: int, seed: int = 0) -> np.ndarray:
+    """A seeded uniform sample of `count` of the corpus's `rows` vectors, read a batch at a time."""
+    chosen = np.sort(np.random.default_rng(seed).choice(rows, min(count, rows), replace=False))
+    parts, offset = [], 0
+    for file, batch in _batches(files, [EMBEDDING_COLUMN], batch_rows):
+        local = chosen[(chosen >= offset) & (chosen < offset + batch.num_rows)] - offset
+        if len(local):
+            parts.append(_vectors(batch, file, dim)[local])
+        offset += batch.num_rows
+    return np.concatenate(parts)
+
+
+def build_index(embeddings: str, out_dir: str, cfg: IndexConfig, display: list[str] | None = None) -> dict:
+    """Build a `cfg.kind` index of the embeddings at `embeddings` (`gcl embed`'s output) in
+    `out_dir`, with the id map and `display` columns (carried by `gcl embed --keep`); returns
+    index.json's contents. An id that comes back (a catalog read from pairs, where a document
+    appears once per query) is indexed once, from its first row; how many rows repeated an id is
+    logged and recorded as `repeated_rows`."""
+    import faiss
+
+    files = embedding_files(embeddings)
+    info = embeddings_info(files)
+    id_column, dim = info["id_column"], int(info["dim"])
+    display = list(display or [])
+    missing = [c for c in display if c not in pq.read_schema(files[0]).names]
+    if missing:
+        raise SearchIndexError(f"{embeddings}: no column(s) {missing} to display; `gcl embed --keep COLUMN` "
+                          f"carries input columns; its output has {pq.read_schema(files[0]).names}")  # fmt: skip
+    rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    start = time.perf_counter()
+    ids = pa.concat_arrays([b.column(id_column) for _, b in _batches(files, [id_column], cfg.batch_rows)])
+    first = _first_occurrences(ids)
+    index = build_faiss(cfg, dim, len(first), lambda: _sample(files, dim, rows, cfg.train_sample, cfg.batch_rows))
+    digest, kept, offset = hashlib.sha256(), [], 0
+    for file, batch in _batches(files, [id_column, EMBEDDING_COLUMN, *display], cfg.batch_rows):
+        vectors = _vectors(batch, file, dim)
+        positions = np.arange(offset, offset + batch.num_rows)
+        keep = np.isin(positions, first, assume_unique=True)
+        index.add(np.ascontiguousarray(vectors[keep]))
+        digest.update(np.ascontiguousarray(vectors[keep]).tobytes())
+        kept.append(pa.Table.from_batches([batch]).select([id_column, *display]).filter(pa.array(keep)))
+        offset += batch.num_rows
+    id_map = pa.concat_tables(kept)
+    if id_map.num_rows < rows:
+        log.warning("%s: %d of %d rows repeat an id indexed already (a catalog read from pairs?); each id is "
+                    "indexed once, from its first row", embeddings, rows - id_map.num_rows, rows)  # fmt: skip
+    digest.update(pc.cast(id_map[id_column], pa.string()).to_numpy(zero_copy_only=False).astype(str).tobytes())
+    os.makedirs(out_dir, exist_ok=True)
+    faiss.write_index(index, os.path.join(out_dir, INDEX_FILE))
+    pq.write_table(id_map, os.path.join(out_dir, IDS_FILE))
+    built = {**cfg.model_dump(), "dim": dim, "rows": id_map.num_rows, "repeated_rows": rows - id_map.num_rows,
+             "id_column": id_column, "display": display, "embeddings": embeddings,
+             "corpus_sha256": digest.hexdigest(), "build_seconds": time.perf_counter() - start,
+             "index_bytes": os.path.getsize(os.path.join(out_dir, INDEX_FILE)),
+             **{k: info[k] for k in ("model_uri", "model_version", "side", "fields") if k in info}}  # fmt: skip
+    with open(os.path.join(out_dir, INFO_FILE), "w") as f:
+        json.dump(built, f, indent=2)
+    return built
+
+
+def _first_occurrences(ids: pa.Array) -> np.ndarray:
+    """Sorted positions of each id's first row."""
+    table = pa.table({"id": ids, "position": np.arange(len(ids))})
+    return np.sort(table.group_by("id", use_threads=False).aggregate([("position", "min")])["position_min"]
+                   .to_numpy())  # fmt: skip
+
+
+class SearchIndex:
+    """A saved index with its id map: top-k ids and scores for query embeddings."""
+
+    def __init__(self, directory: str):
+        import faiss
+
+        for name in (INDEX_FILE, IDS_FILE, INFO_FILE):
+            if not os.path.exists(os.path.join(directory, name)):
+                raise SearchIndexError(f"{directory}: no {name}; give a directory written by `gcl index`")
+        with open(os.path.join(directory, INFO_FILE)) as f:
+            self.info = json.load(f)
+        self.index = faiss.read_index(os.path.join(directory, INDEX_FILE))
+        self.id_map = pq.read_table(os.path.join(directory, IDS_FILE))
+        self.ids = self.id_map[self.info["id_column"]].to_numpy(zero_copy_only=False)
+
+    @property
+    def dim(self) -> int:
+        return int(self.info["dim"])
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """queries: (Q, dim) L2-normalized. Returns (scores (Q, k'), row positions (Q, k')), best
+        first, k' = min(k, rows); a position of -1 is a slot the index could not fill."""
+        import faiss
+
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if queries.ndim != 2 or queries.shape[1] != self.dim:
+            raise SearchIndexError(f"queries of shape {queries.shape}: this index holds {self.dim}-dimensional vectors")
+        k = min(int(k), self.index.ntotal)
+        if self.info["kind"] == "hnsw":
+            faiss.downcast_index(self.index).hnsw.efSearch = max(self.info["hnsw_ef_search"], k)
+        return self.index.search(queries, k)
+
+    def search_ids(self, queries: np.ndarray, k: int) -> list[dict[str, float]]:
+        """{id (as a string): score} per query, best first."""
+        scores, positions = self.search(queries, k)
+        return [{str(self.ids[p]): float(s) for p, s in zip(row_pos, row_sc, strict=True) if p >= 0}
+                for row_pos, row_sc in zip(positions, scores, strict=True)]  # fmt: skip
