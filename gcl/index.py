@@ -38,6 +38,14 @@ INDEX_FILE, IDS_FILE, INFO_FILE = "index.faiss", "ids.parquet", "index.json"
 class IndexConfig(Section):
     """The search index `gcl index` builds from `gcl embed`'s output."""
 
+    embeddings: str | None = None
+    """`gcl embed`'s output directory (local or a URI)."""
+    out: str | None = None
+    """Where the index directory goes (local)."""
+    display: list[str] = Field(default_factory=list)
+    """Columns of the embeddings (carried by embed.keep) stored with the ids and returned with the
+    search model's results, e.g. [title]."""
+
     kind: Literal["flat", "hnsw", "ivf-pq"] = "hnsw"
     """`flat`: exact search (every vector scored; the reference). `hnsw`: a graph, the fastest
     search at high recall, holding every vector (4 x dim bytes each) plus the graph. `ivf-pq`:
@@ -138,18 +146,21 @@ def _sample(files: list[str], dim: int, rows: int, count: int, batch_rows: int, 
     return np.concatenate(parts)
 
 
-def build_index(embeddings: str, out_dir: str, cfg: IndexConfig, display: list[str] | None = None) -> dict:
-    """Build a `cfg.kind` index of the embeddings at `embeddings` (`gcl embed`'s output) in
-    `out_dir`, with the id map and `display` columns (carried by `gcl embed --keep`); returns
+def build_index(cfg: IndexConfig) -> dict:
+    """Build a `cfg.kind` index of `cfg.embeddings` (`gcl embed`'s output) in `cfg.out`, with the
+    id map and `cfg.display` columns (carried by `gcl embed --keep`); returns
     index.json's contents. An id that comes back (a catalog read from pairs, where a document
     appears once per query) is indexed once, from its first row; how many rows repeated an id is
     logged and recorded as `repeated_rows`."""
     import faiss
 
+    for key in ("embeddings", "out"):
+        if not getattr(cfg, key):
+            raise SearchIndexError(f"index.{key} is not set: give --{key} (or index.{key} in the config)")
+    embeddings, out_dir, display = cfg.embeddings, cfg.out, list(cfg.display)
     files = embedding_files(embeddings)
     info = embeddings_info(files)
     id_column, dim = info["id_column"], int(info["dim"])
-    display = list(display or [])
     missing = [c for c in display if c not in pq.read_schema(files[0]).names]
     if missing:
         raise SearchIndexError(f"{embeddings}: no column(s) {missing} to display; `gcl embed --keep COLUMN` "
@@ -176,7 +187,7 @@ def build_index(embeddings: str, out_dir: str, cfg: IndexConfig, display: list[s
     os.makedirs(out_dir, exist_ok=True)
     faiss.write_index(index, os.path.join(out_dir, INDEX_FILE))
     pq.write_table(id_map, os.path.join(out_dir, IDS_FILE))
-    built = {**cfg.model_dump(), "dim": dim, "rows": id_map.num_rows, "repeated_rows": rows - id_map.num_rows,
+    built = {**cfg.model_dump(exclude={"embeddings", "out", "display"}), "dim": dim, "rows": id_map.num_rows, "repeated_rows": rows - id_map.num_rows,
              "id_column": id_column, "display": display, "embeddings": embeddings,
              "corpus_sha256": digest.hexdigest(), "build_seconds": time.perf_counter() - start,
              "index_bytes": os.path.getsize(os.path.join(out_dir, INDEX_FILE)),
@@ -207,6 +218,7 @@ class SearchIndex:
         self.index = faiss.read_index(os.path.join(directory, INDEX_FILE))
         self.id_map = pq.read_table(os.path.join(directory, IDS_FILE))
         self.ids = self.id_map[self.info["id_column"]].to_numpy(zero_copy_only=False)
+        self.display = {c: self.id_map[c].to_numpy(zero_copy_only=False) for c in self.info.get("display", [])}
 
     @property
     def dim(self) -> int:
@@ -230,3 +242,26 @@ class SearchIndex:
         scores, positions = self.search(queries, k)
         return [{str(self.ids[p]): float(s) for p, s in zip(row_pos, row_sc, strict=True) if p >= 0}
                 for row_pos, row_sc in zip(positions, scores, strict=True)]  # fmt: skip
+
+
+def corpus_vectors(index: SearchIndex) -> np.ndarray:
+    """The (rows, dim) float32 vectors an index was built from, in its row order: reconstructed
+    from the index where it holds them exactly (flat, hnsw, ivf-pq with re-ranking), else read
+    again from the embeddings it was built from."""
+    import faiss
+
+    inner = faiss.downcast_index(index.index)
+    if isinstance(inner, faiss.IndexRefineFlat):
+        inner = faiss.downcast_index(inner.refine_index)
+    if isinstance(inner, faiss.IndexFlat | faiss.IndexHNSWFlat):
+        return inner.reconstruct_n(0, inner.ntotal)
+    files = embedding_files(index.info["embeddings"])
+    id_column, dim = index.info["id_column"], index.dim
+    ids = pa.concat_arrays([b.column(id_column) for _, b in _batches(files, [id_column], index.info["batch_rows"])])
+    first = _first_occurrences(ids)
+    parts, offset = [], 0
+    for file, batch in _batches(files, [EMBEDDING_COLUMN], index.info["batch_rows"]):
+        positions = np.arange(offset, offset + batch.num_rows)
+        parts.append(_vectors(batch, file, dim)[np.isin(positions, first, assume_unique=True)])
+        offset += batch.num_rows
+    return np.concatenate(parts)

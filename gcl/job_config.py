@@ -12,6 +12,8 @@ from pydantic import Field, model_validator
 from gcl.config import ConfigError, FieldsConfig, Section
 from gcl.data.pipeline import PipelineConfig
 from gcl.data.schema import DataConfig
+from gcl.embed import EmbedConfig
+from gcl.index import IndexConfig
 from gcl.loss import LossConfig
 from gcl.model import ModelConfig
 from gcl.retrieval import EvalConfig
@@ -115,6 +117,8 @@ class JobConfig(Section):
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+    embed: EmbedConfig = Field(default_factory=EmbedConfig)
+    index: IndexConfig = Field(default_factory=IndexConfig)
 
     @model_validator(mode="after")
     def _check_objective_splits(self) -> JobConfig:

@@ -30,6 +30,7 @@ DEEPSPEED_ARTIFACT = "deepspeed.json"  # the DeepSpeed config the engines ran wi
 MANIFEST_ARTIFACT = "dataset_manifest.json"  # every data file with its sha256
 MODEL_ARTIFACT = "model"  # the exported open_clip model directory
 EMBEDDING_MODEL_ARTIFACT = "embedding_model"  # the pyfunc model (gcl/serving.py)
+SEARCH_MODEL_ARTIFACT = "search_model"  # the pyfunc search model (gcl/search_serving.py)
 TRIALS_ARTIFACT = "trials.json"  # a sweep's trials: params, objective, status, error
 TRIALS_PLOT = "trials.png"  # the objective per trial and the sampled values against it
 

@@ -41,15 +41,16 @@ def comparison_table(results: Mapping[str, Results], measures: list[str]) -> str
     width = max(10, *(len(n) + 2 for n in names))
     changes = [f"{n} vs {first}" for n in later]
     change_width = max(10, *(len(c) + 2 for c in changes))
+    mw = max(12, *(len(m) + 1 for m in measures))
     lines = []
     for split in results[first]:
         lines.append(f"\n{split}")
-        lines.append(f"  {'measure':12s}" + "".join(f"{n:>{width}s}" for n in names)
+        lines.append(f"  {'measure':{mw}s}" + "".join(f"{n:>{width}s}" for n in names)
                      + "".join(f"{c:>{change_width}s}" for c in changes))  # fmt: skip
         for m in measures:
             values = [results[n][split][m] for n in names]
             shown = [relative_change(v, values[0]) for v in values[1:]]
-            lines.append(f"  {m:12s}" + "".join(f"{v:{width}.4f}" for v in values)
+            lines.append(f"  {m:{mw}s}" + "".join(f"{v:{width}.4f}" for v in values)
                          + "".join(f"{'n/a' if c is None else f'{c:+.1f}%':>{change_width}s}" for c in shown))  # fmt: skip
     return "\n".join(lines)
 

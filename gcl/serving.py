@@ -9,8 +9,6 @@ Output: (N, D) L2-normalized embeddings.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import os
 
@@ -18,18 +16,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-
-def decode_image_value(value):
-    """bytes stay bytes; a base64 string becomes bytes; any other string is a path."""
-    if value is None or isinstance(value, bytes | bytearray | dict):
-        return value
-    text = str(value)
-    if os.path.exists(text):
-        return text
-    try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        return text  # a path that does not exist: reading it reports the error
+from gcl.serving_input import field_frame
 
 
 class GCLEmbeddingModel(mlflow.pyfunc.PythonModel):
@@ -58,17 +45,7 @@ class GCLEmbeddingModel(mlflow.pyfunc.PythonModel):
         return "left" if has["left"] else "right"
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> np.ndarray:
-        frame = pd.DataFrame(model_input).copy()
-        known = set(self.fields.modalities())
-        unknown = set(frame.columns) - known
-        if unknown:
-            raise ValueError(f"unknown input columns {sorted(unknown)}; this model takes {sorted(known)}")
-        for name, modality in self.fields.modalities().items():
-            if name not in frame.columns:
-                frame[name] = None
-            elif modality == "image":
-                frame[name] = frame[name].map(decode_image_value)
-        frame = frame.astype(object).where(frame.notna(), None)
+        frame = field_frame(model_input, self.fields.modalities())
         sides = np.array([self._side(row) for _, row in frame.iterrows()])
         out = np.zeros((len(frame), self.dim), dtype=np.float32)  # (0, dim) for no rows
         for side in ("left", "right"):

@@ -175,9 +175,22 @@ def cmd_submit(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
+    from gcl.errors import ConfigError
     from workflows.evaluate import run_evaluate
 
     job = _job(args)
+    if args.index:
+        from workflows.evaluate import run_evaluate_index
+
+        if len(args.model) > 1:
+            raise ConfigError("--index evaluates one model (by default the index's own); give at most one --model")
+        with _quiet(args, job.storage, job.name):
+            results = run_evaluate_index(job, args.index, (args.model or [None])[0])
+        if args.output:
+            Path(args.output).write_text(json.dumps({"index": args.index, "searches": results}, indent=2) + "\n")
+        return 0
+    if not args.model:
+        raise ConfigError("give --model (repeat it to compare models), or --index DIR")
     with _quiet(args, job.storage, job.name):
         results = run_evaluate(job, args.model)
     if args.output:
@@ -192,6 +205,41 @@ def cmd_demo(args) -> int:
 
     with _quiet(args, args.workdir, ""):
         run_demo(quick=args.quick, workdir=args.workdir)
+    return 0
+
+
+def _with_flags(args, section: str, flags: dict) -> list[str]:
+    """The config overrides plus `section.key=value` for each flag given on the command line."""
+    import yaml
+
+    given = [f"{section}.{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
+             for key, value in flags.items() if value not in (None, [])]  # fmt: skip
+    return [*args.overrides, *given]
+
+
+def cmd_embed(args) -> int:
+    from gcl.config import parse_config
+    from gcl.job_config import JobConfig
+    from workflows.embed import run_embed
+
+    overrides = _with_flags(args, "embed", {"model": args.model, "input": args.input, "out": args.out,
+                                             "side": args.side, "keep": args.keep})  # fmt: skip
+    job = parse_config(JobConfig, args.config, overrides)
+    with _quiet(args, job.storage, job.name):
+        run_embed(job)
+    return 0
+
+
+def cmd_index(args) -> int:
+    from gcl.config import parse_config
+    from gcl.job_config import JobConfig
+    from workflows.index import run_index
+
+    overrides = _with_flags(args, "index", {"embeddings": args.embeddings, "out": args.out, "kind": args.kind,
+                                             "display": args.display})  # fmt: skip
+    job = parse_config(JobConfig, args.config, overrides)
+    with _quiet(args, job.storage, job.name):
+        run_index(job, args.register)
     return 0
 
 
@@ -299,6 +347,33 @@ def _add_register_and_submit(sub) -> None:
     p.set_defaults(func=cmd_submit)
 
 
+def _add_embed_and_index(sub) -> None:
+    p = sub.add_parser("embed", help="embed a catalog (or queries) with a model: Ray Data batch inference to "
+                       "parquet or Lance")  # fmt: skip
+    _add_config_args(p)
+    p.add_argument("--model", help="models:/<name>@<alias> (or /<version>), runs:/<id>/model, or an exported "
+                   "model directory (embed.model)")  # fmt: skip
+    p.add_argument("--input", help="rows to embed: parquet, CSV or JSONL; a file, directory or glob, local or a "
+                   "URI (embed.input)")  # fmt: skip
+    p.add_argument("--out", help="output directory of parquet files, or a path ending in .lance for a Lance "
+                   "dataset (embed.out)")  # fmt: skip
+    p.add_argument("--side", choices=["right", "left"],
+                   help="right: documents (default); left: queries (embed.side)")  # fmt: skip
+    p.add_argument("--keep", action="append", default=[], metavar="COLUMN",
+                   help="copy an input column to the output, e.g. a title to display (embed.keep; repeatable)")  # fmt: skip
+    p.set_defaults(func=cmd_embed)
+    p = sub.add_parser("index", help="build a FAISS index (flat, hnsw, ivf-pq) of `gcl embed`'s output; "
+                       "--register NAME makes it a servable search model")  # fmt: skip
+    _add_config_args(p)
+    p.add_argument("--embeddings", help="`gcl embed`'s output directory (index.embeddings)")
+    p.add_argument("--out", help="index directory to write (index.out)")
+    p.add_argument("--kind", choices=["flat", "hnsw", "ivf-pq"], help="index kind (index.kind; default hnsw)")
+    p.add_argument("--display", action="append", default=[], metavar="COLUMN",
+                   help="a column kept by `gcl embed --keep` to return with results (index.display; repeatable)")  # fmt: skip
+    p.add_argument("--register", metavar="NAME", help="log and register the model and index as search model NAME")
+    p.set_defaults(func=cmd_index)
+
+
 def _add_evaluate_demo_bench(sub) -> None:
     p = sub.add_parser(
         "evaluate", help="retrieval metrics per split for one or more models (gcl's, MLflow's or open_clip's)"
@@ -306,13 +381,15 @@ def _add_evaluate_demo_bench(sub) -> None:
     _add_config_args(p)
     p.add_argument(
         "--model",
-        required=True,
         action="append",
+        default=[],
         help="exported model dir, a training checkpoint or a run's dir (its latest checkpoint; "
         "a path or a storage URI such as s3://...), runs:/<id>/model, models:/<name>@<alias>, or an open_clip "
         "base model open_clip:ARCH[:TAG or weights file] fed with the config's fields; repeat --model to "
         "compare models, each against the first",
     )
+    p.add_argument("--index", metavar="DIR", help="a `gcl index` directory: search each split's queries with it "
+                   "and exactly over the same catalog, side by side (the model: the index's, unless --model)")  # fmt: skip
     p.add_argument("--output", "-o", metavar="FILE", help="also write the metrics per split to FILE as JSON "
                    "({model, metrics}; with several models {models: {model: metrics}})")  # fmt: skip
     p.set_defaults(func=cmd_evaluate)
@@ -349,6 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_data,
         _add_train_and_tune,
         _add_register_and_submit,
+        _add_embed_and_index,
         _add_evaluate_demo_bench,
     ):
         add(sub)

@@ -38,6 +38,27 @@ def row_encoder(job: JobConfig, model: str, scratch: str) -> RowEncoder:
     return RowEncoder.from_model_dir(model_dir, fields=job.fields)
 
 
+def run_evaluate_index(job: JobConfig, index_dir: str, model: str | None = None) -> dict[str, Results]:
+    """Each evaluation split searched with the index at `index_dir` and exactly over the same
+    vectors (gcl.index_eval), with the index's model (or `model`, which must be the one that
+    embedded the catalog); prints both side by side and returns {search: {split: metrics}}."""
+    import json
+
+    from gcl.index import INFO_FILE
+    from gcl.index_eval import NEIGHBOURS, evaluate_index
+
+    job = resolve_job(job)
+    with open(os.path.join(index_dir, INFO_FILE)) as f:
+        model = model or json.load(f).get("model_uri")
+    with tempfile.TemporaryDirectory(prefix="gcl-evaluate-") as scratch:
+        encoder = row_encoder(job, model, scratch)
+    results = evaluate_index(encoder, index_dir, job.data.eval, job.data, job.eval)
+    measures = [*job.eval.measures, f"neighbours_recall@{NEIGHBOURS}"]
+    say(f"{model}: exact search and the index {index_dir}, over the same catalog")
+    say(comparison_table(results, measures))
+    return results
+
+
 def run_evaluate(job: JobConfig, model: str | list[str]) -> Results | dict[str, Results]:
     """Evaluate each model on the job's evaluation splits and print the results: one model's
     metrics ({split: {measure: value}}, a table), or several models' ({model: metrics}, a
