@@ -25,7 +25,7 @@ from gcl.data.synth import SynthConfig, synthesize
 from gcl.job_config import JobConfig
 from workflows import CONFIGS
 
-SECTIONS = ["data", "steps", "pipeline", "memory", "retrieval"]
+SECTIONS = ["data", "steps", "pipeline", "memory", "retrieval", "search"]
 BATCH = 32  # per worker
 # About 15,400 training pairs: an epoch long enough that its fixed start (listing and reading
 # the files, the shuffle's all-to-all, starting the preprocessing) does not stand for the rate,
@@ -47,21 +47,28 @@ def bench_job(workdir: str, gpus: int, overrides: list[str] | None = None) -> Jo
 
 
 def run_bench(only: list[str] | None = None, workdir: str | None = None,
-              overrides: list[str] | None = None) -> dict:  # fmt: skip
+              overrides: list[str] | None = None, search_rows: int = 1_000_000) -> dict:  # fmt: skip
     """Run the benchmarks, print a table and JSON, return the figures. `overrides` apply to the
-    data, steps and pipeline sections' job (see bench_job); the memory section keeps its own."""
-    only = only or SECTIONS
+    data, steps, pipeline and search sections' job (see bench_job); the memory section keeps its
+    own. search_rows: the vectors the search section indexes (gcl.bench.search)."""
+    only = only or [s for s in SECTIONS if s != "search"]
     device, gpus = bench_device(), torch.cuda.device_count()
     figures: dict = {"machine": f"{os.cpu_count()} CPU cores, CUDA={torch.cuda.is_available()}",
                      "device": str(device)}  # fmt: skip
     if gpus:
         figures["gpu"] = f"{gpus} x {torch.cuda.get_device_name(0)}"
-    training = set(only) - {"retrieval"}
-    if training:  # a bad --set fails here, before any section runs
+    training = set(only) - {"retrieval", "search"}
+    if training or "search" in only:  # a bad --set fails here, before any section runs
         workdir = os.path.abspath(workdir or tempfile.mkdtemp(prefix="gcl-bench-"))
         job = bench_job(workdir, gpus, overrides)
     if "retrieval" in only:  # first, before Ray's processes share the cores
         figures.update(retrieval_figures())
+    if "search" in only:
+        from gcl.bench.search import search_figures
+
+        init_ray()
+        figures.update(search_figures(job, rows=search_rows, uniform_rows=min(search_rows, 100_000),
+                                      workdir=workdir))  # fmt: skip
     if not training:
         return print_figures(figures)
     os.makedirs(f"{workdir}/runs", exist_ok=True)
