@@ -1,3 +1,4 @@
+import contextlib
 import os
 import socket
 
@@ -68,3 +69,33 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def served_model(model_uri: str, tracking_uri: str, cwd):
+    """`mlflow models serve` of `model_uri` (from `tracking_uri`) on a free loopback port, in this
+    environment (--env-manager local), once it answers /ping: yields the port."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    port = free_port()
+    venv_bin = os.path.dirname(sys.executable)  # mlflow runs `uvicorn` from PATH
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri,
+           "PATH": venv_bin + os.pathsep + os.environ.get("PATH", "")}  # fmt: skip
+    server = subprocess.Popen([os.path.join(venv_bin, "mlflow"), "models", "serve", "-m", model_uri, "--env-manager",
+                               "local", "--host", "127.0.0.1", "--port", str(port)], env=env, cwd=cwd,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None, "mlflow models serve exited"
+                time.sleep(1)
+        yield port
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -4,16 +4,13 @@ model served by `mlflow models serve` and queried over HTTP on loopback."""
 import base64
 import json
 import os
-import subprocess
-import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import free_port
+from conftest import served_model
 from mlflow import MlflowClient
 
 pytestmark = pytest.mark.integration
@@ -60,25 +57,7 @@ def test_registered_champion_serves_embeddings_equal_to_gcl_encoder(demo):
 
     result, workdir = demo
     uri = f"sqlite:///{workdir}/mlruns.db"
-    port = free_port()
-    venv_bin = os.path.dirname(sys.executable)  # mlflow runs `uvicorn` from PATH
-    env = {
-        **os.environ,
-        "MLFLOW_TRACKING_URI": uri,
-        "PATH": venv_bin + os.pathsep + os.environ.get("PATH", ""),
-    }
-    mlflow_bin = os.path.join(venv_bin, "mlflow")
-    server = subprocess.Popen([mlflow_bin, "models", "serve", "-m", "models:/gcl-demo@champion", "--env-manager",
-                               "local", "--host", "127.0.0.1", "--port", str(port)], env=env, cwd=workdir,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)  # fmt: skip
-    try:
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
-                break
-            except OSError:
-                assert server.poll() is None, "mlflow models serve exited"
-                time.sleep(1)
+    with served_model("models:/gcl-demo@champion", uri, workdir) as port:
         pairs = pd.read_parquet(workdir / "gcl_runs" / "data" / "zero_shot.parquet").head(3)
         images = [base64.b64encode(image_bytes(v, None)).decode() for v in pairs["image"]]
         text = _post(port, {"dataframe_records": [{"query": q} for q in pairs["query"]]})
@@ -91,9 +70,6 @@ def test_registered_champion_serves_embeddings_equal_to_gcl_encoder(demo):
             },
         )
         image_only = _post(port, {"dataframe_records": [{"image": images[0]}]})
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
     mlflow.set_tracking_uri(uri)
     local = mlflow.pyfunc.load_model("models:/gcl-demo@champion")

@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parent.parent
-SECTIONS = ("## Using gcl", "## Sweeps and the model registry")
+SECTIONS = ("## Using gcl", "## Sweeps and the model registry", "## Search: from the registry to top-k")
 # The budget, shrunk: a smaller benchmark, one epoch, one trial per sweep.
 SMALLER = {
     "gcl data synth": ["--products", "400", "--queries", "150"],
@@ -100,6 +100,8 @@ def check_result(name: str, command: str, output: str, clone: Path, client: Mlfl
         assert (clone / "gcl_runs/tiny-cpu/model/open_clip_pytorch_model.bin").is_file()
     elif name == "gcl evaluate":
         assert "ndcg@10" in output and "in_domain" in output
+        if "--index" in command:
+            assert "exact search" in output and "hnsw index" in output and "neighbours_recall@10" in output
         if "-o metrics.json" in command:
             assert set(json.loads((clone / "metrics.json").read_text())["metrics"]) >= {
                 "in_domain",
@@ -119,6 +121,15 @@ def check_result(name: str, command: str, output: str, clone: Path, client: Mlfl
         run = client.get_run(champion.tags["run_id"])
         assert finished(run) and "test_objective" in run.data.metrics
         assert "selected on validation" in output
+    elif name == "gcl embed":
+        assert re.search(r"embedded \d+ rows with models:/my-model/1", output), output
+        assert list((clone / "gcl_runs/catalog").glob("*.parquet"))
+    elif name == "gcl index":
+        assert "registered search model my-search version 1 as @champion" in output, output
+    elif command.startswith("curl") and '"params"' in command:  # the search model: top 5 ids, best first
+        answer = json.loads(output)["predictions"][0]
+        assert len(answer["ids"]) == len(answer["title"]) == 5, answer
+        assert answer["scores"] == sorted(answer["scores"], reverse=True)
     elif command.startswith("curl"):
         embedding = json.loads(output)["predictions"][0]
         assert len(embedding) > 0 and abs(sum(v * v for v in embedding) - 1.0) < 1e-4

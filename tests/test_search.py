@@ -6,9 +6,6 @@ tiny open_clip config, untrained (its embeddings are as good as any for these ch
 import glob
 import json
 import os
-import subprocess
-import sys
-import time
 import urllib.request
 
 import numpy as np
@@ -17,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import free_port
+from conftest import served_model
 
 from gcl.embed import EMBEDDING_COLUMN, METADATA_KEY, EmbedConfig
 from gcl.errors import DataError, SearchIndexError
@@ -256,28 +253,31 @@ def test_the_registered_search_model_serves_the_exact_top_k_over_http(embedded, 
     clear = [i for i in range(len(queries)) if np.all(gaps[i] < -1e-4)][:3]
     assert clear, "no query with an unambiguous top 5"
 
-    port = free_port()
-    venv_bin = os.path.dirname(sys.executable)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": venv_bin + os.pathsep + os.environ.get("PATH", "")}
-    server = subprocess.Popen([os.path.join(venv_bin, "mlflow"), "models", "serve", "-m", "models:/tiny-search@champion",
-                               "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)], env=env,
-                              cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)  # fmt: skip
-    try:
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
-                break
-            except OSError:
-                assert server.poll() is None, "mlflow models serve exited"
-                time.sleep(1)
+    with served_model("models:/tiny-search@champion", uri, tmp_path) as port:
         answers = _post(port, {"dataframe_records": [{"query": queries[i]} for i in clear], "params": {"k": 5}})
         default_k = _post(port, {"dataframe_records": [{"query": queries[clear[0]]}]})
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
     ids = catalog["product_id"].to_numpy()
     for i, answer in zip(clear, answers, strict=True):
         assert answer["ids"] == [str(ids[j]) for j in top[i, :5]]
         np.testing.assert_allclose(answer["scores"], scores[i, top[i, :5]], atol=1e-5)
         assert answer["title"] == [catalog["title"].iloc[j] for j in top[i, :5]]
     assert len(default_k[0]["ids"]) == 10
+
+
+@pytest.mark.integration
+def test_gcl_bench_search_measures_embedding_and_indexes_side_by_side(ray_local, tmp_path):
+    """The search section's code on small inputs (the figures themselves come from `gcl bench
+    --only search` at 1M vectors): its keys, a recall an index at its defaults must reach, and
+    the uniformly random case it reports beside it."""
+    from gcl.bench.search import embed_figures, index_figures
+    from workflows.bench import bench_job
+
+    figures = index_figures(5000, 32, n_queries=200, workdir=str(tmp_path))
+    for kind in ("hnsw", "ivfpq"):
+        assert figures[f"search_clustered_5k_d32_{kind}_recall_at_10"] >= 0.95
+        assert figures[f"search_clustered_5k_d32_{kind}_over_flat"] > 0
+        assert figures[f"search_clustered_5k_d32_{kind}_bytes"] > 0
+    uniform = index_figures(5000, 32, n_queries=200, kinds=("hnsw",), vectors="uniform", workdir=str(tmp_path))
+    assert 0 <= uniform["search_uniform_5k_d32_hnsw_recall_at_10"] <= 1
+    embed = embed_figures(bench_job(str(tmp_path), 0), rows=300, workdir=str(tmp_path))
+    assert embed["embed_bare_loop_rows_per_s"] > 0 and embed["embed_rows_per_s"] > 0

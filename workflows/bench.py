@@ -60,6 +60,7 @@ def run_bench(only: list[str] | None = None, workdir: str | None = None,
     training = set(only) - {"retrieval", "search"}
     if training or "search" in only:  # a bad --set fails here, before any section runs
         workdir = os.path.abspath(workdir or tempfile.mkdtemp(prefix="gcl-bench-"))
+        os.makedirs(workdir, exist_ok=True)
         job = bench_job(workdir, gpus, overrides)
     if "retrieval" in only:  # first, before Ray's processes share the cores
         figures.update(retrieval_figures())

@@ -131,7 +131,7 @@ def embed_figures(job, rows: int = 2000, workdir: str | None = None) -> dict:
     synthesize(f"{scratch}/data", SynthConfig(products=rows, queries=max(10, rows // 20), docs_per_query=1, seed=5))
     catalog = pq.read_table(f"{scratch}/data/train.parquet").to_pandas().drop_duplicates("product_id")
     while len(catalog) < rows:  # the synthetic pairs hold each product once at most: repeat them
-        catalog = pd.concat([catalog, catalog.assign(product_id=catalog["product_id"] + len(catalog))])
+        catalog = pd.concat([catalog, catalog.assign(product_id=catalog["product_id"].astype(str) + f"-{len(catalog)}")])
     catalog = catalog.head(rows)
     catalog.to_parquet(f"{scratch}/catalog.parquet", row_group_size=512)
     torch.manual_seed(0)
