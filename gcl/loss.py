@@ -67,6 +67,15 @@ class LossConfig(Section):
     """Remove other pairs of the same document from a row's negatives."""
     init_temperature: float | None = Field(None, gt=0.0)
     """Start the learnable logit scale at 1/init_temperature; null keeps the model's own."""
+    target: Literal["diagonal", "listwise"] = "diagonal"
+    """`diagonal`: each pair's own document is its row's target, weighted by the pair's weight
+    (GCL's pointwise loss; other pairs of the query are masked out with mask_same_query).
+    `listwise`: a row's target is every document of its query in the batch (gathered from all
+    workers), in proportion to their weights, a softmax cross-entropy against that distribution
+    (ListNet-style), so that a query's documents are ranked against each other; the
+    document-to-query direction and the field-pair terms likewise (a document's queries in the
+    batch). With one document per query in the batch it equals `diagonal`. Pairs with
+    pipeline.docs_per_query > 1 put several documents of a query in each batch."""
 
     @model_validator(mode="after")
     def _check(self) -> LossConfig:
@@ -173,17 +182,33 @@ def weighted_contrastive(
     logit_scale: torch.Tensor,
     negatives_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Weighted cross-entropy of each row against all columns, its target being the positive.
+    """Weighted cross-entropy of each row against all columns.
 
-    rows: (B, D), columns: (N, D), targets: (B,) column index, weights: (B,),
-    negatives_mask: (B, N) True where a column must not count as a negative.
+    rows: (B, D), columns: (N, D), weights: (B,), targets: (B,) the positive's column index, or
+    (B, N) a target distribution over the columns (each row sums to 1); negatives_mask: (B, N)
+    True where a column must not count as a negative (never where a row's target is > 0).
     Returns the mean over the B rows of weight x cross-entropy.
     """
     logits = logit_scale * rows @ columns.T
     if negatives_mask is not None:
         logits = logits.masked_fill(negatives_mask, float("-inf"))
-    ce = F.cross_entropy(logits, targets, reduction="none")
+    if targets.dim() == 1:
+        ce = F.cross_entropy(logits, targets, reduction="none")
+    else:  # masked columns have target 0: leave them out rather than multiply 0 by -inf
+        log_p = torch.log_softmax(logits, dim=1)
+        ce = -torch.where(targets > 0, targets * log_p, torch.zeros_like(log_p)).sum(dim=1)
     return (weights * ce).mean()
+
+
+def listwise_targets(groups: torch.Tensor, column_weights: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+    """(B, N) target distributions: row i spread over the columns of its group (groups: (B, N)
+    bool, e.g. the pairs of row i's query) in proportion to their weights (column_weights: (N,),
+    no gradient). A group whose weights are all 0 (padding) falls back to the row's own column
+    (own: (B, N) bool, one True per row)."""
+    mass = groups.to(column_weights.dtype) * column_weights.unsqueeze(0)
+    total = mass.sum(dim=1, keepdim=True)
+    mass = torch.where(total > 0, mass, own.to(mass.dtype))
+    return mass / mass.sum(dim=1, keepdim=True)
 
 
 def _and_valid(present, embeddings, valid):
@@ -268,24 +293,28 @@ class GCLLoss(torch.nn.Module):
         fused_left = fuse_fields(left, self.left_fields, left_present)
         fused_right = fuse_fields(right, self.right_fields, right_present)
         all_left, all_right = self.gather(fused_left), self.gather(fused_right)
+        if cfg.target == "listwise":
+            directions = self._listwise(batch, targets, weights, query_ids, document_ids, valid)
+        else:
+            directions = _Directions(targets, mask, mask)
 
         terms: dict[str, torch.Tensor] = {}
         total = fused_left.new_zeros(())
         if cfg.left_to_right > 0:
             terms["left_to_right"] = weighted_contrastive(
-                fused_left, all_right, targets, weights, scale, mask
+                fused_left, all_right, directions.to_right(), weights, scale, directions.mask_to_right
             )
             total = total + cfg.left_to_right * terms["left_to_right"]
         if cfg.right_to_left > 0:
             terms["right_to_left"] = weighted_contrastive(
-                fused_right, all_left, targets, weights, scale, mask
+                fused_right, all_left, directions.to_left(), weights, scale, directions.mask_to_left
             )
             total = total + cfg.right_to_left * terms["right_to_left"]
         for term in cfg.field_pair_terms:
             if term.weight <= 0:
                 continue
             value = self._field_pair(
-                term, left, right, targets, weights, scale, mask, left_present, right_present
+                term, left, right, directions, weights, scale, left_present, right_present
             )
             terms[f"{term.left}_{term.right}"] = value
             total = total + term.weight * value
@@ -321,11 +350,35 @@ class GCLLoss(torch.nn.Module):
         own[torch.arange(batch, device=targets.device), targets] = True
         return shared & ~own
 
+    def _listwise(self, batch, targets, weights, query_ids, document_ids, valid) -> _Directions:
+        """Targets and masks of the listwise loss: a row's group is its query's pairs (to the right)
+        or its document's pairs (to the left) in the gathered batch; a column sharing the row's
+        document (or query) outside that group is masked when mask_same_document (or
+        mask_same_query) says so, padding always."""
+        if query_ids is None or document_ids is None:
+            raise ValueError("loss.target=listwise needs the batch's query_ids and document_ids")
+        own = torch.zeros(batch, batch * self.world_size, dtype=torch.bool, device=targets.device)
+        own[torch.arange(batch, device=targets.device), targets] = True
+        padding = torch.zeros_like(own)
+        if valid is not None:
+            padding = ~self._gather_no_grad(valid).unsqueeze(0).expand(batch, -1)
+        same_query = query_ids.unsqueeze(1) == self._gather_no_grad(query_ids).unsqueeze(0)
+        same_document = document_ids.unsqueeze(1) == self._gather_no_grad(document_ids).unsqueeze(0)
+        by_query, by_document = (same_query & ~padding) | own, (same_document & ~padding) | own
+        mask_right, mask_left = padding.clone(), padding.clone()
+        if self.cfg.mask_same_document:
+            mask_right |= same_document & ~by_query
+        if self.cfg.mask_same_query:
+            mask_left |= same_query & ~by_document
+        return _Directions(targets, mask_right & ~by_query, mask_left & ~by_document, own=own,
+                           groups_right=by_query, groups_left=by_document,
+                           column_weights=self._gather_no_grad(weights.detach()))  # fmt: skip
+
     def _gather_no_grad(self, tensor: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return self.gather(tensor)
 
-    def _field_pair(self, term, left, right, targets, weights, scale, mask, left_present, right_present):
+    def _field_pair(self, term, left, right, directions: _Directions, weights, scale, left_present, right_present):
         """Both directions between one left and one right field; rows or columns lacking a value drop out."""
         rows_l, rows_r = left[term.left], right[term.right]
         batch = rows_l.shape[0]
@@ -335,14 +388,52 @@ class GCLLoss(torch.nn.Module):
         all_l, all_r = self.gather(rows_l), self.gather(rows_r)
         all_has_l, all_has_r = self._gather_no_grad(has_l), self._gather_no_grad(has_r)
         valid_weights = weights * (has_l & has_r).to(weights.dtype)
+        to_right_targets = directions.to_right(all_has_r)
+        to_left_targets = directions.to_left(all_has_l)
         lr_mask = ~all_has_r.unsqueeze(0).expand(batch, -1)
         rl_mask = ~all_has_l.unsqueeze(0).expand(batch, -1)
-        if mask is not None:
-            lr_mask, rl_mask = lr_mask | mask, rl_mask | mask
+        if directions.mask_to_right is not None:
+            lr_mask = lr_mask | directions.mask_to_right
+        if directions.mask_to_left is not None:
+            rl_mask = rl_mask | directions.mask_to_left
         # A row whose own pair lacks a value has weight 0; keep its target finite.
-        rows_idx = torch.arange(batch, device=targets.device)
-        lr_mask[rows_idx, targets] = False
-        rl_mask[rows_idx, targets] = False
-        to_right = weighted_contrastive(rows_l, all_r, targets, valid_weights, scale, lr_mask)
-        to_left = weighted_contrastive(rows_r, all_l, targets, valid_weights, scale, rl_mask)
+        lr_mask = lr_mask & ~_target_columns(to_right_targets, lr_mask.shape[1])
+        rl_mask = rl_mask & ~_target_columns(to_left_targets, rl_mask.shape[1])
+        to_right = weighted_contrastive(rows_l, all_r, to_right_targets, valid_weights, scale, lr_mask)
+        to_left = weighted_contrastive(rows_r, all_l, to_left_targets, valid_weights, scale, rl_mask)
         return (to_right + to_left) / 2
+
+
+class _Directions:
+    """A batch's targets and negatives masks in each direction: the diagonal (each row's own pair,
+    `targets` (B,) column indices) or listwise (row groups spread by column weights)."""
+
+    def __init__(self, targets, mask_to_right, mask_to_left, own=None, groups_right=None, groups_left=None,
+                 column_weights=None):  # fmt: skip
+        self.targets, self.mask_to_right, self.mask_to_left = targets, mask_to_right, mask_to_left
+        self.own, self.groups_right, self.groups_left = own, groups_right, groups_left
+        self.column_weights = column_weights
+
+    def _targets(self, groups, present):
+        if groups is None:
+            return self.targets
+        if present is not None:
+            groups = groups & present.unsqueeze(0)
+        return listwise_targets(groups, self.column_weights, self.own)
+
+    def to_right(self, present: torch.Tensor | None = None) -> torch.Tensor:
+        """Targets of the left rows over the right columns; present: (N,) columns with a value."""
+        return self._targets(self.groups_right, present)
+
+    def to_left(self, present: torch.Tensor | None = None) -> torch.Tensor:
+        return self._targets(self.groups_left, present)
+
+
+def _target_columns(targets: torch.Tensor, width: int) -> torch.Tensor:
+    """(B, width) True at each row's target columns (never to be masked)."""
+    if targets.dim() == 2:
+        return targets > 0
+    batch = targets.shape[0]
+    cols = torch.zeros(batch, width, dtype=torch.bool, device=targets.device)
+    cols[torch.arange(batch, device=targets.device), targets] = True
+    return cols

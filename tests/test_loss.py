@@ -211,7 +211,7 @@ def _shard_inputs(world):
 _CFG = dict(weight_fn="linear", score_range=(0.0, 1.0), weight_min=0.1, left_to_right=0.6, right_to_left=0.4)
 
 
-def _rank_main(rank, world, init_file, out_dir):
+def _rank_main(rank, world, init_file, out_dir, target="diagonal"):
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -220,7 +220,7 @@ def _rank_main(rank, world, init_file, out_dir):
     l_local = left[rows].clone().requires_grad_()
     r_local = right[rows].clone().requires_grad_()
     log_scale = torch.tensor([1.5], dtype=torch.float64, requires_grad=True)
-    loss_fn = GCLLoss(LossConfig(**_CFG), {"q": 1.0}, {"d": 1.0}, rank=rank, world_size=world)
+    loss_fn = GCLLoss(LossConfig(**_CFG, target=target), {"q": 1.0}, {"d": 1.0}, rank=rank, world_size=world)
     loss, _ = loss_fn({"q": l_local}, {"d": r_local}, scores[rows], log_scale, q_ids[rows], d_ids[rows])
     loss.backward()
     torch.save({"loss": loss.detach(), "l": l_local.grad, "r": r_local.grad, "s": log_scale.grad},
@@ -228,20 +228,26 @@ def _rank_main(rank, world, init_file, out_dir):
     dist.destroy_process_group()
 
 
-def test_two_gloo_processes_equal_single_process_loss_and_grads():
+@pytest.mark.parametrize("target", ["diagonal", "listwise"])
+def test_two_gloo_processes_equal_single_process_loss_and_grads(target):
+    """Both targets; in the listwise one a query's documents sit on both ranks (q_ids = n // 3)."""
     world = 2
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_rank_main, args=(world, os.path.join(tmp, "init"), tmp), nprocs=world, join=True)
+        mp.spawn(_rank_main, args=(world, os.path.join(tmp, "init"), tmp, target), nprocs=world, join=True)
         parts = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(world)]
 
     left, right, scores, q_ids, d_ids = _shard_inputs(world)
     left.requires_grad_()
     right.requires_grad_()
     log_scale = torch.tensor([1.5], dtype=torch.float64, requires_grad=True)
-    full, _ = GCLLoss(LossConfig(**_CFG), {"q": 1.0}, {"d": 1.0})(
+    full, _ = GCLLoss(LossConfig(**_CFG, target=target), {"q": 1.0}, {"d": 1.0})(
         {"q": left}, {"d": right}, scores, log_scale, q_ids, d_ids
     )
     full.backward()
+    if target == "listwise":  # and the single process matches the per-row reference
+        reference = _listwise_reference(left.detach(), right.detach(), score_to_weight(scores, LossConfig(**_CFG)),
+                                        1.5, q_ids, d_ids, LossConfig(**_CFG, target=target))  # fmt: skip
+        assert full.item() == pytest.approx(reference, abs=1e-9)
 
     assert sum(p["loss"] for p in parts).item() / world == pytest.approx(full.item(), abs=1e-10)
     # Data-parallel training averages gradients over ranks; gather-with-grad routes every
@@ -249,3 +255,106 @@ def test_two_gloo_processes_equal_single_process_loss_and_grads():
     torch.testing.assert_close(torch.cat([p["l"] for p in parts]) / world, left.grad)
     torch.testing.assert_close(torch.cat([p["r"] for p in parts]) / world, right.grad)
     torch.testing.assert_close(sum(p["s"] for p in parts) / world, log_scale.grad)
+
+
+
+# ------------------------------------------------------------------------------------------
+# The listwise target
+
+
+def _listwise_reference(left, right, weights, log_scale, q_ids, d_ids, cfg, valid=None):
+    """Per-row loop of the listwise loss on single-field sides: row i's target is spread over its
+    group (the pairs of its query to the right, of its document to the left) by weight; columns
+    sharing the row's document (query) outside the group, and padding, are left out."""
+    n = left.shape[0]
+    scale = math.exp(min(log_scale, math.log(100.0)))
+    valid = [True] * n if valid is None else valid.tolist()
+    w, q, d = weights.tolist(), q_ids.tolist(), d_ids.tolist()
+
+    def direction(rows, cols, group_ids, other_ids, mask_other):
+        total = 0.0
+        for i in range(n):
+            group = [j for j in range(n) if (group_ids[j] == group_ids[i] and valid[j]) or j == i]
+            kept = [j for j in range(n) if j in group or (valid[j] and not (mask_other and other_ids[j] == other_ids[i]))]
+            logits = {j: scale * float(rows[i] @ cols[j]) for j in kept}
+            log_norm = math.log(sum(math.exp(v) for v in logits.values()))
+            mass = sum(w[j] for j in group)
+            target = {j: w[j] / mass for j in group} if mass > 0 else {i: 1.0}
+            ce = -sum(t * (logits[j] - log_norm) for j, t in target.items() if t > 0)
+            total += (w[i] if valid[i] else 0.0) * ce
+        return total / n
+
+    to_right = direction(left, right, q, d, cfg.mask_same_document)
+    to_left = direction(right, left, d, q, cfg.mask_same_query)
+    return cfg.left_to_right * to_right + cfg.right_to_left * to_left
+
+
+def _listwise_batch():
+    """Queries with 3, 2, 1, 3 and 2 judged documents; document 11 judged for two queries."""
+    q_ids = torch.tensor([0, 0, 0, 1, 1, 2, 3, 3, 3, 4, 4])
+    d_ids = torch.tensor([10, 11, 12, 13, 11, 14, 15, 16, 17, 18, 19])
+    scores = torch.tensor([1.0, 0.6, 0.2, 0.9, 0.4, 0.7, 0.8, 0.5, 0.1, 1.0, 0.3], dtype=torch.float64)
+    return _normed(11, 6, seed=30), _normed(11, 6, seed=31), scores, q_ids, d_ids
+
+
+@pytest.mark.parametrize("mask", [True, False])
+def test_listwise_loss_matches_a_per_row_reference(mask):
+    left, right, scores, q_ids, d_ids = _listwise_batch()
+    cfg = LossConfig(weight_fn="linear", score_range=(0.0, 1.0), weight_min=0.1, left_to_right=0.7,
+                     right_to_left=0.3, target="listwise", mask_same_query=mask, mask_same_document=mask)  # fmt: skip
+    log_scale = torch.tensor([math.log(10.0)], dtype=torch.float64)
+    loss, _ = GCLLoss(cfg, {"q": 1.0}, {"d": 1.0})({"q": left}, {"d": right}, scores, log_scale, q_ids, d_ids)
+    want = _listwise_reference(left, right, score_to_weight(scores, cfg), math.log(10.0), q_ids, d_ids, cfg)
+    assert loss.item() == pytest.approx(want, abs=1e-9)
+    # It is not the diagonal loss: a query's documents are each other's targets here.
+    diagonal, _ = GCLLoss(cfg.model_copy(update={"target": "diagonal"}), {"q": 1.0}, {"d": 1.0})(
+        {"q": left}, {"d": right}, scores, log_scale, q_ids, d_ids
+    )
+    assert abs(diagonal.item() - loss.item()) > 1e-3
+
+
+def test_listwise_with_padding_matches_the_reference():
+    left, right, scores, q_ids, d_ids = _listwise_batch()
+    valid = torch.tensor([True] * 9 + [False] * 2)
+    cfg = LossConfig(weight_fn="reciprocal", weight_key="position", target="listwise")
+    positions = torch.where(valid, (scores * 10).ceil(), torch.zeros_like(scores))
+    log_scale = torch.tensor([math.log(10.0)], dtype=torch.float64)
+    loss, _ = GCLLoss(cfg, {"q": 1.0}, {"d": 1.0})({"q": left}, {"d": right}, positions, log_scale, q_ids, d_ids,
+                                                    valid=valid)  # fmt: skip
+    weights = score_to_weight(positions.clamp(min=1), cfg) * valid  # 1 / position, 0 for padding
+    want = _listwise_reference(left, right, weights, math.log(10.0), q_ids, d_ids, cfg, valid)
+    assert loss.item() == pytest.approx(want, abs=1e-9)
+
+
+def test_listwise_equals_diagonal_with_one_document_per_query():
+    """docs_per_query = 1: every group is the row's own pair, so the listwise loss is GCL's, value and
+    gradients, field-pair terms and missing fields included."""
+    n = 10
+    g = torch.Generator().manual_seed(4)
+    left = {"q": _normed(n, 6, seed=40).requires_grad_()}
+    right = {"title": _normed(n, 6, seed=41).requires_grad_(), "image": _normed(n, 6, seed=42).requires_grad_()}
+    right_present = {"title": torch.rand(n, generator=g) > 0.3, "image": torch.ones(n, dtype=torch.bool)}
+    scores = torch.rand(n, generator=g, dtype=torch.float64)
+    q_ids, d_ids = torch.arange(n), torch.arange(n) + 100
+    log_scale = torch.tensor([2.0], dtype=torch.float64, requires_grad=True)
+    base = LossConfig(weight_fn="linear", score_range=(0.0, 1.0),
+                      field_pair_terms=[FieldPairTerm(left="q", right="title", weight=0.2)])  # fmt: skip
+    results = []
+    for target in ("diagonal", "listwise"):
+        loss_fn = GCLLoss(base.model_copy(update={"target": target}), {"q": 1.0}, {"title": 0.3, "image": 0.7})
+        loss, terms = loss_fn(left, right, scores, log_scale, q_ids, d_ids, right_present=right_present)
+        grads = torch.autograd.grad(loss, [left["q"], right["title"], right["image"], log_scale])
+        results.append((loss, terms, grads))
+    (loss_d, terms_d, grads_d), (loss_l, terms_l, grads_l) = results
+    assert loss_l.item() == pytest.approx(loss_d.item(), abs=1e-12)
+    assert terms_l.keys() == terms_d.keys() and "q_title" in terms_l
+    for got, want in zip(grads_l, grads_d, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+
+
+def test_listwise_needs_the_ids():
+    left, right, scores, _, _ = _listwise_batch()
+    loss_fn = GCLLoss(LossConfig(weight_fn="uniform", target="listwise", mask_same_query=False,
+                                 mask_same_document=False), {"q": 1.0}, {"d": 1.0})  # fmt: skip
+    with pytest.raises(ValueError, match="loss.target=listwise needs the batch's query_ids and document_ids"):
+        loss_fn({"q": left}, {"d": right}, scores, torch.tensor([1.0], dtype=torch.float64))
