@@ -131,6 +131,14 @@ class JobConfig(Section):
         return self
 
     @model_validator(mode="after")
+    def _batches_hold_whole_runs(self) -> JobConfig:
+        m = self.pipeline.docs_per_query
+        if self.train.batch_size % m:
+            raise ValueError(f"train.batch_size={self.train.batch_size} is not a multiple of pipeline.docs_per_query={m}: "
+                             f"a batch holds batch_size / docs_per_query queries; e.g. train.batch_size={m * max(1, self.train.batch_size // m)}")  # fmt: skip
+        return self
+
+    @model_validator(mode="after")
     def _no_validation_without_evaluation(self) -> JobConfig:
         # data.eval={} turns evaluation off (validation included): nothing is scored or selected.
         if not self.data.eval and self.data.validation:

@@ -37,25 +37,26 @@ def _consume(config):
 
     def reader(epoch):
         shard = ray.train.get_dataset_shard(epoch_dataset_name(epoch))
-        return ShardReader(shard, BATCH, local_shuffle_buffer=64, seed=epoch)
+        return ShardReader(shard, BATCH, local_shuffle_buffer=config.get("local_shuffle_buffer", 64), seed=epoch)
 
     seen, readers = [], {0: reader(0)}
     for epoch in range(2):
-        keys, steps = [], 0
+        keys, steps, queries = [], 0, []
         for batch in train_batches(readers.pop(epoch), BATCH, template):
             if epoch == 0 and not readers:  # as in training: the next epoch starts reading now
                 readers[1] = reader(1)
             assert len(batch["score"]) == BATCH and batch["image"].shape == (BATCH, 3, 32, 32)
             assert batch["query"].dtype == torch.int64 and batch["image" + PRESENT].dtype == torch.bool
             keys.extend(batch["pair_key"][batch["valid"]].tolist())
+            queries.append(batch["query_key"][batch["valid"]].tolist())
             steps += 1
-        seen.append({"keys": keys, "steps": steps})
+        seen.append({"keys": keys, "steps": steps, "queries": queries})
     assert dist.get_world_size() == 2
     with open(f"{config['out']}/rank{rank}.json", "w") as f:
         json.dump(seen, f)
 
 
-def _three_file_source(tmp_path, pairs, shuffle: str, skip=frozenset()) -> PairSource:
+def _three_file_source(tmp_path, pairs, shuffle: str, skip=frozenset(), docs_per_query: int = 1) -> PairSource:
     files = []
     for k in range(3):
         files.append(str(tmp_path / f"pairs-{k}.parquet"))
@@ -63,26 +64,33 @@ def _three_file_source(tmp_path, pairs, shuffle: str, skip=frozenset()) -> PairS
     return PairSource(spec=str(tmp_path), files=tuple(files), data=DataConfig(), fields=FieldsConfig(),
                       weight_key="score_linear", model_cfg={"arch": "gcl-tiny"},
                       pipeline=PipelineConfig(preprocess_tasks=1, cpus_per_task=0.25, preprocess_batch_size=32,
-                                              shuffle=shuffle),
+                                              shuffle=shuffle, docs_per_query=docs_per_query),
                       skip_pair_ids=frozenset(skip))  # fmt: skip
 
 
-@pytest.mark.parametrize("shuffle", ["auto", "blocks"])  # auto: global for data this small
-def test_every_valid_row_once_per_epoch_across_two_shards(ray_local, tmp_path, shuffle):
+def _grouped_share(batches: list[list[int]]) -> float:
+    """The share of pairs whose batch holds another pair of the same query."""
+    together = sum(sum(1 for q in b if b.count(q) > 1) for b in batches)
+    return together / sum(len(b) for b in batches)
+
+
+@pytest.mark.parametrize(("shuffle", "docs_per_query"), [("auto", 1), ("blocks", 1), ("auto", 4)])  # auto: global here
+def test_every_valid_row_once_per_epoch_across_two_shards(ray_local, tmp_path, shuffle, docs_per_query):
     """Per-epoch datasets read as training reads them, the next epoch's reading started while
     this one is consumed: every valid row once per epoch, ranks in lockstep, a new order; with the
-    global shuffle and with the streaming one for data larger than the object store."""
+    global shuffle, with the streaming one for data larger than the object store, and with
+    query-grouped batches (pipeline.docs_per_query), whose batches hold runs of a query's pairs."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     pairs = generate_pairs(SynthConfig(products=60, queries=30, docs_per_query=7, seed=5))
     skip = {int(pairs.pair_id.iloc[3]), int(pairs.pair_id.iloc[10])}  # as validation would report them
-    source = _three_file_source(tmp_path, pairs, shuffle, skip)
+    source = _three_file_source(tmp_path, pairs, shuffle, skip, docs_per_query)
     assert shuffle_mode(source) == ("global" if shuffle == "auto" else "blocks")
     datasets = epoch_datasets(source, epochs=2, seed=7)
     trainer = TorchTrainer(
         _consume,
-        train_loop_config={"out": str(tmp_path)},
+        train_loop_config={"out": str(tmp_path), "local_shuffle_buffer": 64 if docs_per_query == 1 else 0},
         scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.25}),
         datasets=datasets,
         dataset_config=unsplit_data_config(),
@@ -100,6 +108,9 @@ def test_every_valid_row_once_per_epoch_across_two_shards(ray_local, tmp_path, s
         assert ranks[0][epoch]["steps"] == ranks[1][epoch]["steps"]  # ranks in lockstep
         assert ranks[0][epoch]["keys"] and ranks[1][epoch]["keys"]  # both shards got data
         orders.append(keys)
+        share = _grouped_share(ranks[0][epoch]["queries"] + ranks[1][epoch]["queries"])
+        # 7 pairs per query in 30 queries: a plain shuffle seldom puts two in one 16-pair batch.
+        assert share > 0.8 if docs_per_query > 1 else share < 0.5, share
     assert orders[0] != orders[1]  # a different shuffle every epoch
 
 
@@ -257,10 +268,10 @@ def test_the_last_batch_is_padded_on_the_device_it_arrived_on():
     }
 
 
-@pytest.mark.parametrize("shuffle", ["global", "blocks"])
-def test_an_epochs_order_is_the_seeds_alone(ray_local, tmp_path, shuffle):
+@pytest.mark.parametrize(("shuffle", "docs_per_query"), [("global", 1), ("blocks", 1), ("global", 3)])
+def test_an_epochs_order_is_the_seeds_alone(ray_local, tmp_path, shuffle, docs_per_query):
     pairs = generate_pairs(SynthConfig(products=60, queries=30, docs_per_query=7, seed=5))
-    source = _three_file_source(tmp_path, pairs, shuffle)
+    source = _three_file_source(tmp_path, pairs, shuffle, docs_per_query=docs_per_query)
 
     def order(seed: int) -> list[int]:
         return [int(k) for b in build_dataset(source, seed=seed).iter_batches(batch_size=64) for k in b["pair_key"]]

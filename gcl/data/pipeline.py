@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from gcl import storage
 from gcl.config import FieldsConfig, Section
@@ -57,10 +57,28 @@ class PipelineConfig(Section):
     row holds its preprocessed pixels, 150 kB at 224 x 224)."""
     augment_images: bool = False
     """Use open_clip's training augmentation (random resized crop) instead of the eval transform."""
+    docs_per_query: int = Field(1, ge=1)
+    """Query-grouped batches: with m > 1, each epoch lays a query's pairs side by side in runs of m
+    (a seeded order within the query, the runs in a random order), so that a batch holds about
+    batch_size / m queries with m of their documents each, the documents a listwise loss
+    (loss.target=listwise) ranks against each other. Every pair is still used once per epoch. The
+    grouping takes the place of the shuffle (global or blocks): two all-to-alls of the pairs
+    through the object store per epoch (Ray Data's groupby, then a sort of the runs). A query
+    with fewer than m pairs left makes a shorter run, so runs do not always line up with batches.
+    No local shuffle buffer (it would scatter the runs). 1: pairs in a plain shuffle."""
     prefetch_next_epoch: bool = True
     """Start the next epoch's pipeline (its read, global shuffle and first batches) as soon as this
     epoch's first batch has arrived, so that its start-up overlaps training instead of stalling
     the trainers between epochs. Costs a second epoch's shuffle in the object store for a while."""
+
+
+    @model_validator(mode="after")
+    def _runs_stay_together(self) -> PipelineConfig:
+        if self.docs_per_query > 1 and self.local_shuffle_buffer:
+            raise ValueError(f"pipeline.docs_per_query={self.docs_per_query} lays a query's pairs side by side, "
+                             f"which pipeline.local_shuffle_buffer={self.local_shuffle_buffer} would scatter: "
+                             "set one of them off (docs_per_query=1 or local_shuffle_buffer=0)")  # fmt: skip
+        return self
 
 
 class TokenCache:
@@ -320,13 +338,47 @@ def shuffle_block_rows(block, seed: int, pair_col: str):
     return block.take(pa.array(order))
 
 
+GROUP_KEY, GROUP_ORDER = "__group", "__group_order"
+
+
+def runs_of_query(group, seed: int, docs_per_query: int, query_col: str, pair_col: str):
+    """Ray Data map_groups task: one query's pairs in a seeded order (drawn from the seed and the
+    query's id, over the pairs sorted by id: the same whatever order they arrived in), cut into
+    runs of `docs_per_query`, each run given a random sort key."""
+    import pyarrow as pa
+
+    rows = group.num_rows
+    if rows == 0:
+        return group
+    by_id = np.argsort(stable_keys(np.asarray(group.column(pair_col).to_pylist())), kind="stable")
+    query = int(stable_keys(np.asarray(group.column(query_col)[:1].to_pylist()))[0]) & 0x7FFF_FFFF
+    rng = np.random.default_rng([seed, query])
+    group = group.take(pa.array(by_id[rng.permutation(rows)]))
+    runs = np.arange(rows) // docs_per_query
+    keys = rng.integers(0, 2**62, size=int(runs[-1]) + 1, dtype=np.int64)
+    return group.append_column(GROUP_KEY, pa.array(keys[runs])).append_column(GROUP_ORDER, pa.array(np.arange(rows)))
+
+
+def group_by_query(raw, seed: int, docs_per_query: int, query_col: str, pair_col: str, cpus: float):
+    """`raw` pairs reordered so that each query's pairs come in runs of `docs_per_query`, the runs in a
+    random order drawn from `seed` (see PipelineConfig.docs_per_query)."""
+    grouped = raw.groupby(query_col).map_groups(
+        runs_of_query, fn_kwargs={"seed": seed, "docs_per_query": docs_per_query, "query_col": query_col,
+                                  "pair_col": pair_col}, batch_format="pyarrow", num_cpus=cpus)  # fmt: skip
+    return grouped.sort([GROUP_KEY, GROUP_ORDER]).drop_columns([GROUP_KEY, GROUP_ORDER])
+
+
 def preprocess(raw, settings: str, pipeline: PipelineConfig, *, seed: int = 0, shuffle: str = "global"):
     """Shuffle `raw` pairs with `seed` (`shuffle`: global, blocks or none; see PipelineConfig), then
     decode, transform and tokenize them in Ray Data tasks. Lazy: runs each time it is consumed, in
     the same order. (For blocks, the files' order is drawn where they are read.)"""
     from ray.data import TaskPoolStrategy
 
-    if shuffle == "global":
+    if pipeline.docs_per_query > 1 and shuffle != "none":
+        data_cfg = json.loads(settings)["data_cfg"]
+        raw = group_by_query(raw, seed, pipeline.docs_per_query, data_cfg["query_id_column"],
+                             data_cfg["pair_id_column"], pipeline.cpus_per_task)  # fmt: skip
+    elif shuffle == "global":
         raw = raw.random_shuffle(seed=seed, num_cpus=pipeline.cpus_per_task)
     elif shuffle == "blocks":
         pair_col = json.loads(settings)["data_cfg"]["pair_id_column"]
