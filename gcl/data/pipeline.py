@@ -359,16 +359,19 @@ def runs_of_query(group, seed: int, docs_per_query: int, query_col: str, pair_co
     return group.append_column(GROUP_KEY, pa.array(keys[runs])).append_column(GROUP_ORDER, pa.array(np.arange(rows)))
 
 
-def group_by_query(raw, seed: int, docs_per_query: int, query_col: str, pair_col: str, cpus: float):
+def group_by_query(raw, seed: int, docs_per_query: int, query_col: str, pair_col: str, cpus: float,
+                   partitions: int):  # fmt: skip
     """`raw` pairs reordered so that each query's pairs come in runs of `docs_per_query`, the runs in a
-    random order drawn from `seed` (see PipelineConfig.docs_per_query)."""
-    grouped = raw.groupby(query_col).map_groups(
+    random order drawn from `seed` (see PipelineConfig.docs_per_query); the groupby hashes the
+    queries into `partitions` (Ray Data's default of 200 costs seconds of tasks on small data)."""
+    grouped = raw.groupby(query_col, num_partitions=partitions).map_groups(
         runs_of_query, fn_kwargs={"seed": seed, "docs_per_query": docs_per_query, "query_col": query_col,
                                   "pair_col": pair_col}, batch_format="pyarrow", num_cpus=cpus)  # fmt: skip
     return grouped.sort([GROUP_KEY, GROUP_ORDER]).drop_columns([GROUP_KEY, GROUP_ORDER])
 
 
-def preprocess(raw, settings: str, pipeline: PipelineConfig, *, seed: int = 0, shuffle: str = "global"):
+def preprocess(raw, settings: str, pipeline: PipelineConfig, *, seed: int = 0, shuffle: str = "global",
+               files: int = 1):  # fmt: skip
     """Shuffle `raw` pairs with `seed` (`shuffle`: global, blocks or none; see PipelineConfig), then
     decode, transform and tokenize them in Ray Data tasks. Lazy: runs each time it is consumed, in
     the same order. (For blocks, the files' order is drawn where they are read.)"""
@@ -377,7 +380,7 @@ def preprocess(raw, settings: str, pipeline: PipelineConfig, *, seed: int = 0, s
     if pipeline.docs_per_query > 1 and shuffle != "none":
         data_cfg = json.loads(settings)["data_cfg"]
         raw = group_by_query(raw, seed, pipeline.docs_per_query, data_cfg["query_id_column"],
-                             data_cfg["pair_id_column"], pipeline.cpus_per_task)  # fmt: skip
+                             data_cfg["pair_id_column"], pipeline.cpus_per_task, max(1, min(200, files)))  # fmt: skip
     elif shuffle == "global":
         raw = raw.random_shuffle(seed=seed, num_cpus=pipeline.cpus_per_task)
     elif shuffle == "blocks":
@@ -413,7 +416,7 @@ def build_dataset(source: PairSource, *, seed: int = 0, shuffle: bool = True):
 
 def _shuffled_dataset(source: PairSource, seed: int, mode: str):
     raw, settings = read_training_pairs(source, file_order_seed=seed if mode == "blocks" else None)
-    return preprocess(raw, settings, source.pipeline, seed=seed, shuffle=mode)
+    return preprocess(raw, settings, source.pipeline, seed=seed, shuffle=mode, files=len(source.files))
 
 
 def epoch_dataset_name(epoch: int) -> str:
