@@ -56,15 +56,15 @@ class IndexConfig(Section):
     """HNSW: neighbours per node (more: higher recall, more memory, slower build)."""
     hnsw_ef_construction: int = Field(64, ge=8)
     """HNSW: candidates considered while building (more: a better graph, slower build)."""
-    hnsw_ef_search: int = Field(128, ge=1)
+    hnsw_ef_search: int = Field(40, ge=1)
     """HNSW: candidates considered per query (more: higher recall, slower search; at least k)."""
     ivf_lists: int | None = Field(None, ge=1)
     """IVF: clusters (default: 4 x sqrt(rows), at most rows / 39, FAISS's training minimum)."""
-    ivf_probe: int = Field(16, ge=1)
+    ivf_probe: int = Field(8, ge=1)
     """IVF: clusters searched per query (more: higher recall, slower search)."""
     pq_bytes: int | None = Field(None, ge=1)
     """PQ: bytes per compressed vector (a divisor of the dimension; default: dimension / 4)."""
-    refine_factor: int = Field(4, ge=0)
+    refine_factor: int = Field(10, ge=0)
     """ivf-pq: candidates re-ranked with the full vectors per result (0: no re-ranking, the
     compressed scores are the result)."""
     train_sample: int = Field(100_000, ge=1000)
