@@ -1,0 +1,55 @@
+"""The ranking variants of issue #28 at `gcl demo`'s budget, each trained and scored on the test
+splits (NDCG@10), the same data, model and settings as the demo's GCL run otherwise:
+
+    .venv/bin/python docs/ranking_variants.py [WORKDIR]
+
+GCL (diagonal target, shuffled pairs); the listwise target with 2 and 4 documents per query in a
+batch; the diagonal target with 4 documents per query (what the grouping alone does). Results go
+to <WORKDIR>/ranking-variants.json and the table to the terminal (docs/ranking.md records them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from gcl.config import parse_config
+from gcl.data.schema import SPLITS
+from gcl.data.synth import SynthConfig, synthesize
+from gcl.job_config import JobConfig
+from gcl.jobs import resolve_job, run_train
+from gcl.report import comparison_table, split_metrics
+from workflows import CONFIGS
+
+VARIANTS = {
+    "GCL": [],
+    "listwise m=2": ["loss.target=listwise", "pipeline.docs_per_query=2"],
+    "listwise m=4": ["loss.target=listwise", "pipeline.docs_per_query=4"],
+    "diagonal m=4": ["pipeline.docs_per_query=4"],
+}
+
+
+def main(workdir: str) -> None:
+    workdir = os.path.abspath(workdir)
+    data = f"{workdir}/data"
+    synthesize(data, SynthConfig(products=1500, queries=500))  # the demo's benchmark
+    common = [f"data.train={data}/train.parquet",
+              "data.eval={" + ", ".join(f"{s}: {data}/{s}.parquet" for s in SPLITS) + "}",
+              "data.validation={" + ", ".join(f"{s}: {data}/val_{s}.parquet" for s in SPLITS) + "}",
+              f"storage={workdir}/runs", f"mlflow.tracking_uri=sqlite:///{workdir}/mlruns.db",
+              "train.epochs=4", "train.batch_size=32", "train.lr=1e-3"]  # fmt: skip
+    results = {}
+    for name, extra in VARIANTS.items():
+        slug = name.replace(" ", "-").replace("=", "")
+        job = resolve_job(parse_config(JobConfig, CONFIGS / "tiny-cpu.yaml", [*common, f"name={slug}", *extra]))
+        metrics = split_metrics(run_train(job, progress=False).metrics)
+        results[name] = {s: metrics[s] for s in SPLITS}
+        print(name, json.dumps({s: round(m["ndcg@10"], 4) for s, m in results[name].items()}), flush=True)
+    with open(f"{workdir}/ranking-variants.json", "w") as f:
+        json.dump(results, f, indent=2)
+    print(comparison_table(results, ["ndcg@10"]))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "gcl_runs/ranking-variants")
