@@ -18,43 +18,18 @@ import logging
 import os
 import pickle
 import threading
-from typing import Literal
 
 import numpy as np
 import pyarrow as pa
-from pydantic import Field
 
-from gcl.config import FieldsConfig, Section
+from gcl.config import FieldsConfig
 from gcl.errors import ConfigError, ModelError
+from gcl.search_config import EmbedConfig
 
 log = logging.getLogger(__name__)
 EMBEDDING_COLUMN = "embedding"
 METADATA_KEY = b"gcl"  # each output file's metadata: model URI and version, side, id column, dim
 SUMMARY_FILE = "_gcl_embeddings.json"  # the same with the counts, next to the parquet files
-
-
-class EmbedConfig(Section):
-    """`gcl embed`: which model embeds which rows, and where the embeddings go."""
-
-    model: str | None = None
-    """The model: models:/<name>@<alias> or /<version>, runs:/<id>/model, or an exported directory."""
-    input: str | None = None
-    """The rows to embed: parquet, CSV or JSONL (a file, directory or glob; local or a URI)."""
-    out: str | None = None
-    """Output directory (local or a URI) for parquet files; a path ending in .lance writes a Lance
-    dataset instead."""
-    side: Literal["left", "right"] = "right"
-    """`right`: documents (the model's right-side fields, e.g. title and image); `left`: queries."""
-    id_column: str | None = None
-    """The rows' id column (default: data.document_id_column, or data.query_id_column for left)."""
-    keep: list[str] = Field(default_factory=list)
-    """Input columns copied to the output as they are (e.g. a title to display with search results)."""
-    batch_size: int = Field(256, ge=1)
-    """Rows per forward pass."""
-    actors: int = Field(1, ge=1)
-    """Embedding actors (model replicas); each holds the model once."""
-    cpus_per_actor: float = Field(1.0, gt=0)
-    """CPUs reserved per actor; its torch threads are this, rounded down (at least 1)."""
 
 
 def pinned_model(model: str, tracking_uri: str) -> tuple[str, str | None]:
@@ -246,13 +221,12 @@ def embed_rows(job, cfg: EmbedConfig, tracking_uri: str, use_gpu: bool = False, 
                                              metadata=metadata, counter=counter),
         batch_size=cfg.batch_size, batch_format="pyarrow", compute=_actor_pool(cfg.actors),
         num_cpus=cfg.cpus_per_actor, num_gpus=1 if use_gpu else 0)  # fmt: skip
-    with _polling(counter, report.rows_valid, progress):
+    with _Polling(counter, report.rows_valid, progress):
         if cfg.out.rstrip("/").endswith(".lance"):
             embedded.write_lance(cfg.out, mode="create")
         else:
             embedded.write_parquet(cfg.out)
-            storage_info = storage.join(cfg.out, SUMMARY_FILE)
-            _write_text(storage_info, json.dumps({**json.loads(metadata), **summary}, indent=2))
+            storage.write_text(storage.join(cfg.out, SUMMARY_FILE), json.dumps({**json.loads(metadata), **summary}, indent=2))
     return summary
 
 
@@ -270,15 +244,7 @@ def _actor_pool(actors: int):
     return ActorPoolStrategy(size=actors)
 
 
-def _write_text(location: str, text: str) -> None:
-    from gcl import storage
-
-    store, path = storage.filesystem(location)
-    with store.open_output_stream(path) as f:
-        f.write(text.encode())
-
-
-class _polling:
+class _Polling:
     """Calls progress(rows done, rows total) every half second from a thread while the block runs."""
 
     def __init__(self, counter, total: int, progress):

@@ -12,11 +12,10 @@ from pydantic import Field, model_validator
 from gcl.config import ConfigError, FieldsConfig, Section
 from gcl.data.pipeline import PipelineConfig
 from gcl.data.schema import DataConfig
-from gcl.embed import EmbedConfig
-from gcl.index import IndexConfig
 from gcl.loss import LossConfig
 from gcl.model import ModelConfig
 from gcl.retrieval import EvalConfig
+from gcl.search_config import EmbedConfig, IndexConfig
 
 
 class TrainConfig(Section):

@@ -63,6 +63,13 @@ def read_text(location: str) -> str | None:
         return None
 
 
+def write_text(location: str, text: str) -> None:
+    """Write `text` to a file, local or a URI."""
+    store, path = filesystem(location)
+    with store.open_output_stream(path) as f:
+        f.write(text.encode())
+
+
 def join(location: str, *names: str) -> str:
     """`location`/name/...: a path joined as the OS does, a URI with slashes."""
     if is_uri(location):
