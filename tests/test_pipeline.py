@@ -74,7 +74,8 @@ def _grouped_share(batches: list[list[int]]) -> float:
     return together / sum(len(b) for b in batches)
 
 
-@pytest.mark.parametrize(("shuffle", "docs_per_query"), [("auto", 1), ("blocks", 1), ("auto", 4)])  # auto: global here
+@pytest.mark.parametrize(("shuffle", "docs_per_query"),
+                         [("auto", 1), ("blocks", 1), pytest.param("auto", 4, marks=pytest.mark.slow)])  # auto: global here
 def test_every_valid_row_once_per_epoch_across_two_shards(ray_local, tmp_path, shuffle, docs_per_query):
     """Per-epoch datasets read as training reads them, the next epoch's reading started while
     this one is consumed: every valid row once per epoch, ranks in lockstep, a new order; with the
@@ -268,7 +269,8 @@ def test_the_last_batch_is_padded_on_the_device_it_arrived_on():
     }
 
 
-@pytest.mark.parametrize(("shuffle", "docs_per_query"), [("global", 1), ("blocks", 1), ("global", 3)])
+@pytest.mark.parametrize(("shuffle", "docs_per_query"),
+                         [("global", 1), ("blocks", 1), pytest.param("global", 3, marks=pytest.mark.slow)])
 def test_an_epochs_order_is_the_seeds_alone(ray_local, tmp_path, shuffle, docs_per_query):
     pairs = generate_pairs(SynthConfig(products=60, queries=30, docs_per_query=7, seed=5))
     source = _three_file_source(tmp_path, pairs, shuffle, docs_per_query=docs_per_query)

@@ -37,6 +37,7 @@ print(json.dumps({"rows": report.rows, "bad": report.bad_rows, "train": manifest
 """
 
 
+@pytest.mark.slow
 def test_validate_split_and_first_batch_hold_no_dataset_in_the_driver(tmp_path):
     rows = 40_000  # 8 files, about 480 MB of images
     data = write_dataset(str(tmp_path / "data"), rows)

@@ -265,6 +265,7 @@ def test_the_registered_search_model_serves_the_exact_top_k_over_http(embedded, 
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_gcl_bench_search_measures_embedding_and_indexes_side_by_side(ray_local, tmp_path):
     """The search section's code on small inputs (the figures themselves come from `gcl bench
     --only search` at 1M vectors): its keys, a recall an index at its defaults must reach, and

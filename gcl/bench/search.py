@@ -128,7 +128,7 @@ def embed_figures(job, rows: int = 2000, workdir: str | None = None) -> dict:
     from gcl.retrieval import RowEncoder
 
     scratch = tempfile.mkdtemp(prefix="gcl-bench-embed-", dir=workdir)
-    synthesize(f"{scratch}/data", SynthConfig(products=rows, queries=max(10, rows // 20), docs_per_query=1, seed=5))
+    synthesize(f"{scratch}/data", SynthConfig(products=max(rows, 400), queries=max(150, rows // 20), seed=5))
     catalog = pq.read_table(f"{scratch}/data/train.parquet").to_pandas().drop_duplicates("product_id")
     while len(catalog) < rows:  # the synthetic pairs hold each product once at most: repeat them
         catalog = pd.concat([catalog, catalog.assign(product_id=catalog["product_id"].astype(str) + f"-{len(catalog)}")])
