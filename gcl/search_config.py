@@ -55,7 +55,7 @@ class IndexConfig(Section):
     """HNSW: neighbours per node (more: higher recall, more memory, slower build)."""
     hnsw_ef_construction: int = Field(64, ge=8)
     """HNSW: candidates considered while building (more: a better graph, slower build)."""
-    hnsw_ef_search: int = Field(40, ge=1)
+    hnsw_ef_search: int = Field(128, ge=1)
     """HNSW: candidates considered per query (more: higher recall, slower search; at least k)."""
     ivf_lists: int | None = Field(None, ge=1)
     """IVF: clusters (default: 4 x sqrt(rows), at most rows / 39, FAISS's training minimum)."""

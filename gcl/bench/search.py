@@ -113,7 +113,7 @@ def index_figures(rows: int, dim: int, n_queries: int = 1000, k: int = 10, kinds
     return figures
 
 
-def embed_figures(job, rows: int = 2000, workdir: str | None = None) -> dict:
+def embed_figures(job, rows: int = 20_000, workdir: str | None = None) -> dict:
     """`gcl embed`'s rows/s (end to end, and while its actor embeds) against a bare loop in this
     process: the same rows read from the same parquet, model, batch size and torch threads."""
     import json
