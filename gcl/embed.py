@@ -50,17 +50,6 @@ def pinned_model(model: str, tracking_uri: str) -> tuple[str, str | None]:
     return f"models:/{name}/{version}", str(version)
 
 
-def model_fields(model_dir: str, fallback: FieldsConfig) -> FieldsConfig:
-    """The fields a model was trained with (gcl_fields.json), else `fallback` (a plain open_clip dir)."""
-    from gcl.model import FIELDS_FILE
-
-    path = os.path.join(model_dir, FIELDS_FILE)
-    if not os.path.exists(path):
-        return fallback
-    with open(path) as f:
-        return FieldsConfig(**json.load(f))
-
-
 def _row_counter():
     import ray
 
@@ -179,7 +168,7 @@ def embed_rows(job, cfg: EmbedConfig, tracking_uri: str, use_gpu: bool = False, 
     from gcl.data.row_checks import RowRules
     from gcl.data.units import plan_units
     from gcl.data.validate import _check_schema
-    from gcl.model import CONFIG_FILE
+    from gcl.model import CONFIG_FILE, trained_fields
 
     for key in ("model", "input", "out"):
         if not getattr(cfg, key):
@@ -187,7 +176,7 @@ def embed_rows(job, cfg: EmbedConfig, tracking_uri: str, use_gpu: bool = False, 
     model_uri, version = pinned_model(cfg.model, tracking_uri)
     with tempfile.TemporaryDirectory(prefix="gcl-embed-") as scratch:
         model_dir = resolve_model_dir(model_uri, scratch, tracking_uri, fallback_job=job)
-        fields = model_fields(model_dir, job.fields)
+        fields = trained_fields(model_dir, job.fields)
         with open(os.path.join(model_dir, CONFIG_FILE)) as f:
             dim = int(json.load(f)["model_cfg"]["embed_dim"])
     id_column = cfg.id_column or (job.data.document_id_column if cfg.side == "right" else job.data.query_id_column)

@@ -127,18 +127,14 @@ def build_index(cfg: IndexConfig) -> dict:
                           f"carries input columns; its output has {pq.read_schema(files[0]).names}")  # fmt: skip
     rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
     start = time.perf_counter()
-    ids = pa.concat_arrays([b.column(id_column) for _, b in _batches(files, [id_column], cfg.batch_rows)])
-    first = _first_occurrences(ids)
+    first = _first_occurrences(files, id_column, cfg.batch_rows)
     index = build_faiss(cfg, dim, len(first), lambda: _sample(files, dim, rows, cfg.train_sample, cfg.batch_rows))
-    digest, kept, offset = hashlib.sha256(), [], 0
-    for file, batch in _batches(files, [id_column, EMBEDDING_COLUMN, *display], cfg.batch_rows):
-        vectors = _vectors(batch, file, dim)
-        positions = np.arange(offset, offset + batch.num_rows)
-        keep = np.isin(positions, first, assume_unique=True)
-        index.add(np.ascontiguousarray(vectors[keep]))
-        digest.update(np.ascontiguousarray(vectors[keep]).tobytes())
+    digest, kept = hashlib.sha256(), []
+    for file, batch, keep in _first_rows(files, [id_column, EMBEDDING_COLUMN, *display], first, cfg.batch_rows):
+        vectors = np.ascontiguousarray(_vectors(batch, file, dim)[keep])
+        index.add(vectors)
+        digest.update(vectors.tobytes())
         kept.append(pa.Table.from_batches([batch]).select([id_column, *display]).filter(pa.array(keep)))
-        offset += batch.num_rows
     id_map = pa.concat_tables(kept)
     if id_map.num_rows < rows:
         log.warning("%s: %d of %d rows repeat an id indexed already (a catalog read from pairs?); each id is "
@@ -157,11 +153,20 @@ def build_index(cfg: IndexConfig) -> dict:
     return built
 
 
-def _first_occurrences(ids: pa.Array) -> np.ndarray:
-    """Sorted positions of each id's first row."""
+def _first_occurrences(files: list[str], id_column: str, batch_rows: int) -> np.ndarray:
+    """Sorted positions (over all `files`, in order) of each id's first row."""
+    ids = pa.concat_arrays([b.column(id_column) for _, b in _batches(files, [id_column], batch_rows)])
     table = pa.table({"id": ids, "position": np.arange(len(ids))})
     return np.sort(table.group_by("id", use_threads=False).aggregate([("position", "min")])["position_min"]
                    .to_numpy())  # fmt: skip
+
+
+def _first_rows(files: list[str], columns: list[str], first: np.ndarray, batch_rows: int):
+    """(file, batch of `columns`, mask of the batch's rows that are their id's first) over `files`."""
+    offset = 0
+    for file, batch in _batches(files, columns, batch_rows):
+        yield file, batch, np.isin(np.arange(offset, offset + batch.num_rows), first, assume_unique=True)
+        offset += batch.num_rows
 
 
 class SearchIndex:
@@ -197,12 +202,6 @@ class SearchIndex:
             faiss.downcast_index(self.index).hnsw.efSearch = max(self.info["hnsw_ef_search"], k)
         return self.index.search(queries, k)
 
-    def search_ids(self, queries: np.ndarray, k: int) -> list[dict[str, float]]:
-        """{id (as a string): score} per query, best first."""
-        scores, positions = self.search(queries, k)
-        return [{str(self.ids[p]): float(s) for p, s in zip(row_pos, row_sc, strict=True) if p >= 0}
-                for row_pos, row_sc in zip(positions, scores, strict=True)]  # fmt: skip
-
 
 def corpus_vectors(index: SearchIndex) -> np.ndarray:
     """The (rows, dim) float32 vectors an index was built from, in its row order: reconstructed
@@ -215,13 +214,7 @@ def corpus_vectors(index: SearchIndex) -> np.ndarray:
         inner = faiss.downcast_index(inner.refine_index)
     if isinstance(inner, faiss.IndexFlat | faiss.IndexHNSWFlat):
         return inner.reconstruct_n(0, inner.ntotal)
-    files = embedding_files(index.info["embeddings"])
-    id_column, dim = index.info["id_column"], index.dim
-    ids = pa.concat_arrays([b.column(id_column) for _, b in _batches(files, [id_column], index.info["batch_rows"])])
-    first = _first_occurrences(ids)
-    parts, offset = [], 0
-    for file, batch in _batches(files, [EMBEDDING_COLUMN], index.info["batch_rows"]):
-        positions = np.arange(offset, offset + batch.num_rows)
-        parts.append(_vectors(batch, file, dim)[np.isin(positions, first, assume_unique=True)])
-        offset += batch.num_rows
-    return np.concatenate(parts)
+    files, batch_rows = embedding_files(index.info["embeddings"]), index.info["batch_rows"]
+    first = _first_occurrences(files, index.info["id_column"], batch_rows)
+    return np.concatenate([_vectors(batch, file, index.dim)[keep]
+                           for file, batch, keep in _first_rows(files, [EMBEDDING_COLUMN], first, batch_rows)])  # fmt: skip

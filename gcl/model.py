@@ -270,6 +270,17 @@ def save_model(
     return out
 
 
+def trained_fields(model_dir: str | Path, fallback=None):
+    """The FieldsConfig an exported model was trained with (its gcl_fields.json), else `fallback`
+    (a plain open_clip directory has none)."""
+    from gcl.config import FieldsConfig
+
+    path = Path(model_dir) / FIELDS_FILE
+    if not path.exists():
+        return fallback
+    return FieldsConfig(**json.loads(path.read_text()))
+
+
 def load_model(model_dir: str | Path) -> LoadedModel:
     """Load a model saved by `save_model` (open_clip `local-dir:` layout)."""
     return create_model(ModelConfig(arch="local", pretrained=str(model_dir)))

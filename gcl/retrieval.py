@@ -167,17 +167,13 @@ class RowEncoder:
         open_clip directory without one). device: by default the first GPU where CUDA is
         available (hide the GPUs with CUDA_VISIBLE_DEVICES= to stay on the CPU), else the CPU;
         a large corpus encodes many times faster on a GPU. Embeddings come back on the CPU."""
-        import json
         import os
 
-        from gcl.model import FIELDS_FILE, ModelConfig
+        from gcl.model import FIELDS_FILE, ModelConfig, trained_fields
 
-        fields_file = os.path.join(model_dir, FIELDS_FILE)
-        if os.path.exists(fields_file):
-            with open(fields_file) as f:
-                fields = FieldsConfig(**json.load(f))
-        elif fields is None:
-            raise FileNotFoundError(f"{fields_file} is missing: not a model exported by gcl")
+        fields = trained_fields(model_dir, fields)
+        if fields is None:
+            raise FileNotFoundError(f"{os.path.join(model_dir, FIELDS_FILE)} is missing: not a model exported by gcl")
         return cls.from_model(ModelConfig(pretrained=model_dir), fields, device)
 
     @classmethod

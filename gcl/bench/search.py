@@ -77,16 +77,13 @@ def _timed_search(index, queries: np.ndarray, k: int, repeats: int = 3) -> tuple
     return len(queries) / best, found
 
 
-def _recall(found: np.ndarray, exact: np.ndarray, k: int) -> float:
-    return float(np.mean([len(set(f[:k].tolist()) & set(e[:k].tolist())) / k for f, e in zip(found, exact, strict=True)]))
-
-
 def index_figures(rows: int, dim: int, n_queries: int = 1000, k: int = 10, kinds=("hnsw", "ivf-pq"),
                   vectors: str = "clustered", workdir: str | None = None) -> dict:  # fmt: skip
     """Each index kind at its defaults against FAISS flat on the same vectors and queries."""
     import faiss
 
     from gcl.index import IndexConfig, SearchIndex, build_index
+    from gcl.index_eval import neighbour_recall
 
     faiss.omp_set_num_threads(os.cpu_count() or 1)
     tag = f"{vectors}_{rows // 1000}k_d{dim}"
@@ -108,7 +105,7 @@ def index_figures(rows: int, dim: int, n_queries: int = 1000, k: int = 10, kinds
             qps, found = _timed_search(SearchIndex(f"{scratch}/{kind}"), queries, k)
             name = f"search_{tag}_{kind.replace('-', '')}"
             figures.update({f"{name}_queries_per_s": qps, f"{name}_over_flat": qps / flat_qps,
-                            f"{name}_recall_at_10": _recall(found, exact, 10),
+                            f"{name}_recall_at_10": neighbour_recall(found, exact, 10),
                             f"{name}_build_s": built["build_seconds"], f"{name}_bytes": built["index_bytes"]})  # fmt: skip
     return figures
 
