@@ -19,8 +19,6 @@ def run_index(job: JobConfig, register: str | None = None) -> dict:
     built = build_index(cfg)
     say(f"{built['kind']} index of {built['rows']} vectors ({built['dim']} dimensions) in {built['build_seconds']:.1f} s, "
         f"{built['index_bytes'] / 2**20:.1f} MiB: {cfg.out}")  # fmt: skip
-    if built["repeated_rows"]:
-        say(f"{built['repeated_rows']} rows repeated an id and were indexed once")
     if register:
         from gcl.registry import register_search_index
 
