@@ -30,6 +30,13 @@ class TrainConfig(Section):
     accumulation grows the effective batch for the gradient, not the pool of negatives. Each step
     averages its micro-batches' gradients; an epoch whose steps do not divide by it ends with a
     shorter step, so that checkpoints (every epoch) fall on optimizer steps and resume exactly."""
+    embed_chunk: int | None = Field(None, ge=1)
+    """Pairs per chunk for cached-gradient steps: each micro-batch is embedded a chunk at a time
+    without a graph, the loss is taken over the whole micro-batch (every worker's), and each chunk
+    is embedded again with a graph and back-propagated with the loss's gradient. The pool of
+    negatives is then the micro-batch while the activations held at once are one chunk's, for
+    about one more forward pass per step; the loss and gradients are those of the whole batch.
+    null (or the batch size or more): the whole micro-batch at once."""
     lr: float = Field(5e-4, gt=0)
     """Peak learning rate (AdamW)."""
     weight_decay: float = Field(0.1, ge=0)

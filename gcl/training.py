@@ -22,13 +22,13 @@ import torch
 
 from gcl import storage
 from gcl.checkpoint import TrainState, restore_checkpoint, save_checkpoint
-from gcl.config import FieldsConfig
 from gcl.data.batches import ShardReader, WaitClock, batch_template, train_batches
-from gcl.data.pipeline import PRESENT, epoch_dataset_name
+from gcl.data.pipeline import epoch_dataset_name
 from gcl.engine import setup_engine
 from gcl.errors import explained_cause
 from gcl.job_config import JobConfig
 from gcl.loss import GCLLoss
+from gcl.micro_batch import backward_micro_batch
 from gcl.mlflow_names import (
     EVAL_SAMPLE_QUERIES,
     EVAL_SECONDS,
@@ -46,25 +46,6 @@ from gcl.worker_eval import evaluate_splits_on_workers
 
 log = logging.getLogger(__name__)
 Results = dict[str, dict[str, float]]  # split -> measure -> value
-
-
-def split_sides(fields: FieldsConfig, batch: dict[str, torch.Tensor], embeddings: dict[str, torch.Tensor]):
-    """(left embeddings, right embeddings, left presence, right presence) from a pipeline batch."""
-    left = {n: embeddings[n] for n in fields.left}
-    right = {n: embeddings[n] for n in fields.right}
-    left_present = {n: batch[n + PRESENT] for n in fields.left}
-    right_present = {n: batch[n + PRESENT] for n in fields.right}
-    return left, right, left_present, right_present
-
-
-def batch_loss(model, loss_fn: GCLLoss, fields: FieldsConfig, batch: dict[str, torch.Tensor]):
-    """(loss, its terms, the log logit scale) of one pipeline batch: the model (a FieldEncoder, or a
-    DeepSpeed engine or DDP module around one) embeds every field, the loss weighs the pairs."""
-    embeddings, log_scale = model({name: batch[name] for name in fields.modalities()})
-    left, right, left_present, right_present = split_sides(fields, batch, embeddings)
-    loss, terms = loss_fn(left, right, batch["score"], log_scale, batch["query_key"], batch["document_key"],
-                          left_present, right_present, valid=batch["valid"])  # fmt: skip
-    return loss, terms, log_scale
 
 
 class EpochReaders:
@@ -182,9 +163,9 @@ def train_epoch(worker: Worker, epoch: int, step: int) -> tuple[EpochStats, int]
                 worker.readers.start(epoch + 1)
         for position, batch in enumerate(group):
             tick = time.perf_counter()
-            engine.set_gradient_accumulation_boundary(position == len(group) - 1)
-            loss, terms, log_scale = batch_loss(engine, worker.loss_fn, job.fields, batch)
-            engine.backward(loss / len(group), scale_wrt_gas=False)
+            loss, terms, log_scale = backward_micro_batch(engine, worker.loss_fn, job.fields, batch, len(group),
+                                                          boundary=position == len(group) - 1,
+                                                          chunk=job.train.embed_chunk)  # fmt: skip
             engine.step()  # the optimizer steps on the group's last micro-batch only
             step += 1
             loss_value = loss.item()  # one device-to-host sync for the three uses below

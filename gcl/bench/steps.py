@@ -13,8 +13,8 @@ import torch
 from gcl.engine import adamw, setup_engine
 from gcl.job_config import JobConfig
 from gcl.loss import GCLLoss
+from gcl.micro_batch import batch_loss
 from gcl.model import FieldEncoder, create_model
-from gcl.training import batch_loss
 
 CPU = torch.device("cpu")
 

@@ -1,0 +1,60 @@
+"""The sweeps behind the shipped defaults (issue #28 items 4-5), on `gcl demo`'s benchmark and budget:
+
+    .venv/bin/python docs/default_sweeps.py [WORKDIR] [gcl|binary ...]
+
+Each sweep (docs/sweep-defaults-<name>.yaml) selects its best trial on the validation splits; the
+best trial's test splits are what docs/ranking.md reports. Results go to
+<WORKDIR>/default-sweeps.json (one entry per sweep: every trial's parameters and validation
+objective, the best trial's per-split test metrics).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from gcl.data.schema import SPLITS
+from gcl.data.synth import SynthConfig, synthesize
+from gcl.report import split_metrics
+
+HERE = Path(__file__).parent
+
+
+def run_sweep(name: str, workdir: str) -> dict:
+    from mlflow import MlflowClient
+
+    from workflows.tune import run_tune
+
+    data = f"{workdir}/data"
+    uri = f"sqlite:///{workdir}/mlruns.db"
+    overrides = [f"job.data.train={data}/train.parquet",
+                 "job.data.eval={" + ", ".join(f"{s}: {data}/{s}.parquet" for s in SPLITS) + "}",
+                 "job.data.validation={" + ", ".join(f"{s}: {data}/val_{s}.parquet" for s in SPLITS) + "}",
+                 f"job.storage={workdir}/runs", f"job.mlflow.tracking_uri={uri}"]  # fmt: skip
+    result = run_tune(str(HERE / f"sweep-defaults-{name}.yaml"), overrides)
+    best_metrics = MlflowClient(uri).get_run(result.best["run_id"]).data.metrics
+    test = split_metrics(best_metrics)
+    return {"trials": [{k: row[k] for k in ("trial", "params", "objective", "test_objective", "epochs", "status")}
+                       for row in result.trials],
+            "best": {"params": result.best["params"], "objective": result.best["objective"],
+                     "test": {s: test[s] for s in SPLITS}}}  # fmt: skip
+
+
+def main(workdir: str, names: list[str]) -> None:
+    workdir = os.path.abspath(workdir)
+    if not os.path.exists(f"{workdir}/data/train.parquet"):
+        synthesize(f"{workdir}/data", SynthConfig(products=1500, queries=500))  # the demo's benchmark
+    out = Path(workdir) / "default-sweeps.json"
+    results = json.loads(out.read_text()) if out.exists() else {}
+    for name in names:
+        results[name] = run_sweep(name, workdir)
+        out.write_text(json.dumps(results, indent=2))
+        best = results[name]["best"]
+        print(name, "best", json.dumps(best["params"]), "validation", round(best["objective"], 4),
+              "test ndcg@10", json.dumps({s: round(m["ndcg@10"], 4) for s, m in best["test"].items()}), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "gcl_runs/default-sweeps", sys.argv[2:] or ["gcl", "binary"])
