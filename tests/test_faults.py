@@ -21,8 +21,9 @@ from gcl.tracking import runs_named
 
 pytestmark = pytest.mark.integration
 # What the interrupted runs and their reference share: ZeRO-1, and 6 steps an epoch (184 pairs,
-# 2 workers, batch 16) in optimizer steps of 4 and 2 micro-batches.
-FAULT_JOB = ("train.epochs=3", "data.eval={}", "deepspeed.zero_stage=1", "train.grad_accum=4")
+# 2 workers, batch 16) in optimizer steps of 4 and 2 micro-batches, each micro-batch a
+# cached-gradient step of 2 chunks (train.embed_chunk): resume restores those too.
+FAULT_JOB = ("train.epochs=3", "data.eval={}", "deepspeed.zero_stage=1", "train.grad_accum=4", "train.embed_chunk=8")
 GCL = os.path.join(os.path.dirname(sys.executable), "gcl")
 
 
@@ -51,6 +52,18 @@ def _assert_trains_as_uninterrupted(client: MlflowClient, run_id: str, reference
     assert sorted(losses) == sorted(reference), "not the uninterrupted run's steps"
     worst = max(abs(losses[step] - reference[step]) for step in reference)
     assert worst <= 1e-5, f"per-step losses differ from the uninterrupted run's by up to {worst:.2e}"
+
+
+@pytest.mark.slow
+def test_a_cached_gradient_run_trains_as_the_whole_batch_run(tiny_job, uninterrupted_losses):
+    """The fault tests' job (cached-gradient steps of 2 chunks per micro-batch) against the same job
+    with whole micro-batches, through Ray Train and Ray Data: the same steps and losses."""
+    from gcl.jobs import run_train
+
+    plain = [override for override in FAULT_JOB if not override.startswith("train.embed_chunk")]
+    job = tiny_job("name=whole-batches", *plain)
+    result = run_train(job)
+    _assert_trains_as_uninterrupted(MlflowClient(job.mlflow.resolved_uri()), result.run_id, uninterrupted_losses)
 
 
 def _run_named(client: MlflowClient, name: str):
