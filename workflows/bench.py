@@ -25,7 +25,7 @@ from gcl.data.synth import SynthConfig, synthesize
 from gcl.job_config import JobConfig
 from workflows import CONFIGS
 
-SECTIONS = ["data", "steps", "pipeline", "memory", "retrieval", "search"]
+SECTIONS = ["data", "steps", "pipeline", "memory", "cached", "retrieval", "search"]
 BATCH = 32  # per worker
 # About 15,400 training pairs: an epoch long enough that its fixed start (listing and reading
 # the files, the shuffle's all-to-all, starting the preprocessing) does not stand for the rate,
@@ -88,4 +88,8 @@ def run_bench(only: list[str] | None = None, workdir: str | None = None,
         figures.update(pipeline_figures(job, bare))
     if "memory" in only:
         figures.update(memory_figures(f"{workdir}/runs", gpus))
+    if "cached" in only:
+        from gcl.bench.cached import cached_gradient_figures
+
+        figures.update(cached_gradient_figures(job, f"{workdir}/runs"))
     return print_figures(figures)

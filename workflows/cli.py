@@ -401,9 +401,9 @@ def _add_evaluate_demo_bench(sub) -> None:
     p.add_argument("--workdir", default="gcl_runs/demo", help="where data, runs and the plot go")
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser(
-        "bench", help="performance ratios measured side by side (data, pipeline, memory, retrieval)"
+        "bench", help="performance ratios measured side by side (data, pipeline, memory, cached, retrieval)"
     )
-    p.add_argument("--only", help="comma-separated subset of: data,steps,pipeline,memory,retrieval (the default "
+    p.add_argument("--only", help="comma-separated subset of: data,steps,pipeline,memory,cached,retrieval (the default "
                    "set), and search (embedding and indexes; minutes at 1M vectors)")  # fmt: skip
     p.add_argument("--search-rows", type=int, default=1_000_000,
                    help="vectors the search section indexes (default 1M)")  # fmt: skip

@@ -7,6 +7,9 @@ pipeline  whole pipeline (Ray Data -> Ray Train -> DeepSpeed, 2 workers) pairs/s
           MFU of both (FLOPs per pair from torch's FlopCounterMode / the device's peak)
 memory    per-worker peak memory, ZeRO-3 / ZeRO-0, 2 workers, a ViT-B-32-sized model: peak RSS,
           and the peak beyond what the worker held before building the model (its libraries)
+cached    cached-gradient steps (train.embed_chunk): per-worker peak memory beyond the libraries
+          of a batch 16x the chunk taken in chunks / a batch of one chunk (and the large batch
+          whole / the chunk batch: what the chunks save); time per pair in chunks / whole
 steps     the same training steps in plain processes (no Ray, no Ray Data), 2 side by side on 1
           core each: without communication, torch DDP, DeepSpeed ZeRO-0 and ZeRO-2 / the bare loop
 retrieval exact top-k search queries/s / FAISS IndexFlatIP on the same embeddings (100k documents),
