@@ -17,21 +17,14 @@ BATCH = 8
 CASES = [(stage, precision) for stage in (0, 1, 2, 3) for precision in ("fp32", "bf16")]
 
 
-def _batch(seed: int, rank: int) -> dict[str, torch.Tensor]:
+def _batch(fields, seed: int, rank: int) -> dict[str, torch.Tensor]:
     """A pipeline batch of the tiny model's fields: repeated queries and documents (masking), a
     title missing (presence) and, on rank 1, a padding row."""
-    generator = torch.Generator().manual_seed(seed * 10 + rank)
-    batch = {
-        "query": torch.randint(1, 49000, (BATCH, 32), generator=generator),
-        "title": torch.randint(1, 49000, (BATCH, 32), generator=generator),
-        "image": torch.randint(0, 256, (BATCH, 3, 32, 32), dtype=torch.uint8, generator=generator),
-        "score": torch.rand(BATCH, generator=generator),
-        "query_key": torch.tensor([0, 0, 1, 2, 2, 2, 3, 4]) + 10 * rank,
-        "document_key": torch.tensor([5, 6, 7, 8, 5, 9, 10, 11]) + 10 * seed,
-        "valid": torch.ones(BATCH, dtype=torch.bool),
-    }
-    for name in ("query", "image", "title"):
-        batch[name + PRESENT] = torch.ones(BATCH, dtype=torch.bool)
+    from gcl.bench.cached import random_batch
+
+    batch = random_batch(fields, BATCH, context_length=32, image_size=32, seed=seed * 10 + rank)
+    batch["query_key"] = torch.tensor([0, 0, 1, 2, 2, 2, 3, 4]) + 10 * rank
+    batch["document_key"] = torch.tensor([5, 6, 7, 8, 5, 9, 10, 11]) + 10 * seed
     batch["title" + PRESENT][2] = False
     if rank == 1:
         batch["valid"][-1] = False
@@ -51,7 +44,7 @@ def _one_step(job, rank: int, world: int, chunk: int | None):
     loss_fn = GCLLoss(job.loss, job.fields.weights("left"), job.fields.weights("right"), rank=rank, world_size=world)
     losses = []
     for position in range(2):
-        loss, _, _ = backward_micro_batch(engine, loss_fn, job.fields, _batch(position, rank), divisor=2,
+        loss, _, _ = backward_micro_batch(engine, loss_fn, job.fields, _batch(job.fields, position, rank), divisor=2,
                                           boundary=position == 1, chunk=chunk)  # fmt: skip
         losses.append(loss.float().item())
         if position == 0:
