@@ -22,6 +22,11 @@ from gcl.report import split_metrics
 HERE = Path(__file__).parent
 
 
+def ndcg_at_10(measures: dict) -> float:
+    """NDCG@10 from a run's measures (MLflow keeps it as ndcg_at_10)."""
+    return measures["ndcg@10"] if "ndcg@10" in measures else measures["ndcg_at_10"]
+
+
 def run_sweep(name: str, workdir: str) -> dict:
     from mlflow import MlflowClient
 
@@ -42,6 +47,15 @@ def run_sweep(name: str, workdir: str) -> dict:
                      "test": {s: test[s] for s in SPLITS}}}  # fmt: skip
 
 
+def margin_table(results: dict) -> str:
+    """The two champions' test NDCG@10 per split, and GCL's change over binary (markdown)."""
+    lines = ["| split | binary champion | GCL champion | change |", "| --- | --- | --- | --- |"]
+    for split in SPLITS:
+        binary, gcl = (ndcg_at_10(results[name]["best"]["test"][split]) for name in ("binary", "gcl"))
+        lines.append(f"| {split} | {binary:.4f} | {gcl:.4f} | {100 * (gcl / binary - 1):+.1f}% |")
+    return "\n".join(lines)
+
+
 def main(workdir: str, names: list[str]) -> None:
     workdir = os.path.abspath(workdir)
     if not os.path.exists(f"{workdir}/data/train.parquet"):
@@ -53,7 +67,9 @@ def main(workdir: str, names: list[str]) -> None:
         out.write_text(json.dumps(results, indent=2))
         best = results[name]["best"]
         print(name, "best", json.dumps(best["params"]), "validation", round(best["objective"], 4),
-              "test ndcg@10", json.dumps({s: round(m["ndcg@10"], 4) for s, m in best["test"].items()}), flush=True)
+              "test ndcg@10", json.dumps({s: round(ndcg_at_10(m), 4) for s, m in best["test"].items()}), flush=True)
+    if {"gcl", "binary"} <= set(results):
+        print(margin_table(results))
 
 
 if __name__ == "__main__":
