@@ -136,6 +136,8 @@ def run_demo(quick: bool = False, workdir: str = "gcl_runs/demo") -> dict:
         "GCL-uniform = GCL's title + image fields, masking and term weights with uniform weights; GCL = graded weights too. "
         "Test splits:")  # fmt: skip
     say(table)
+    say("The three share GCL's tuned learning rate and temperature (tiny-cpu.yaml); each loss at its own best "
+        "settings is docs/ranking.md's tuned-against-tuned table.")
     say(f"\nplot: {plot}")
     say(f"registered {REGISTERED_MODEL} version {version} as @{alias} "
         f"({jobs['gcl'].eval.objective_name()} on the validation splits {gcl.metrics[OBJECTIVE]:.4f})")  # fmt: skip
