@@ -80,8 +80,10 @@ def backward_micro_batch(engine, loss_fn: GCLLoss, fields: FieldsConfig, batch: 
         engine.set_gradient_accumulation_boundary(boundary and last)
         with _random_state(state):
             chunk_embeddings, chunk_log_scale = engine(model_inputs(fields, batch, rows_of_chunk))
-        # The surrogate whose gradient with respect to the chunk's embeddings is the loss's.
-        surrogate = sum((chunk_embeddings[name] * leaves[name].grad[rows_of_chunk]).sum() for name in leaves)
+        # The surrogate whose gradient with respect to the chunk's embeddings is the loss's (a field
+        # the loss does not use, one of fusion weight 0, has none).
+        surrogate = sum((chunk_embeddings[name] * leaf.grad[rows_of_chunk]).sum()
+                        for name, leaf in leaves.items() if leaf.grad is not None)  # fmt: skip
         if position == 0:  # the logit scale is a parameter: its gradient joins once
             surrogate = surrogate + (chunk_log_scale * log_scale_leaf.grad).sum()
         engine.backward(surrogate, scale_wrt_gas=False)
@@ -101,6 +103,7 @@ def _embed_without_graph(engine, fields: FieldsConfig, batch: dict[str, torch.Te
             embeddings, log_scale = engine(model_inputs(fields, batch, rows))
             for name, value in embeddings.items():
                 parts.setdefault(name, []).append(value)
+    # A copy: under ZeRO-3 the returned scale is the gathered parameter, released after the forward.
     return {name: torch.cat(values) for name, values in parts.items()}, log_scale.detach().clone(), random_states
 
 

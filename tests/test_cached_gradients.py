@@ -72,6 +72,11 @@ def _rank_main(rank: int, world: int, init_file: str, out_dir: str) -> None:
             "loss.field_pair_terms=[{left: query, right: title, weight: 0.2}]"])  # fmt: skip
         results[(stage, precision)] = {"whole": _one_step(job, rank, world, None),
                                        "chunked": _one_step(job, rank, world, CHUNK)}  # fmt: skip
+    # A field of fusion weight 0 is embedded but unused by the loss: it has no gradient to cache.
+    job = parse_config(JobConfig, CONFIGS / "tiny-cpu.yaml", [
+        "deepspeed.zero_stage=0", "train.precision=fp32", f"train.batch_size={BATCH}", "train.grad_accum=2",
+        "loss.score_range=[0, 1]", "fields.right.title.weight=0"])  # fmt: skip
+    results["unused field"] = {"whole": _one_step(job, rank, world, None), "chunked": _one_step(job, rank, world, CHUNK)}
     torch.save(results, f"{out_dir}/rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()
@@ -86,10 +91,10 @@ def steps():
         yield [torch.load(f"{tmp}/rank{rank}.pt", weights_only=False) for rank in range(2)]
 
 
-def _compare(steps, stage: int, precision: str):
+def _compare(steps, stage: int, precision: str, case=None):
     for rank, results in enumerate(steps):
-        whole_losses, whole_grads, whole_steps = results[(stage, precision)]["whole"]
-        chunked_losses, chunked_grads, chunked_steps = results[(stage, precision)]["chunked"]
+        whole_losses, whole_grads, whole_steps = results[case or (stage, precision)]["whole"]
+        chunked_losses, chunked_grads, chunked_steps = results[case or (stage, precision)]["chunked"]
         # Each side took one optimizer step for its group of two micro-batches (of 3 chunks each).
         assert whole_steps == chunked_steps == 1
         assert chunked_losses == pytest.approx(whole_losses, abs=1e-5), f"rank {rank}"
@@ -121,3 +126,9 @@ def test_chunked_step_in_bf16_is_as_close_to_fp32_as_the_whole_step(steps, stage
         for name, grad in reference.items():
             own = float((whole[name] - grad).norm())
             assert float((chunked[name] - grad).norm()) <= 1.5 * own + 1e-3 * float(grad.norm()), f"rank {rank} {name}"
+
+
+def test_a_field_the_loss_does_not_use_is_left_out_of_the_chunked_backward(steps):
+    for rank, whole, chunked, _ in _compare(steps, 0, "fp32", case="unused field"):
+        for name, grad in whole.items():
+            torch.testing.assert_close(chunked[name], grad, atol=1e-5, rtol=0, msg=f"rank {rank} {name}")
