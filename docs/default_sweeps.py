@@ -16,8 +16,9 @@ import sys
 from pathlib import Path
 
 from gcl.data.schema import SPLITS
-from gcl.data.synth import SynthConfig, synthesize
+from gcl.data.synth import synthesize
 from gcl.report import split_metrics
+from workflows.demo import BENCHMARK, benchmark_data
 
 HERE = Path(__file__).parent
 
@@ -34,9 +35,7 @@ def run_sweep(name: str, workdir: str) -> dict:
 
     data = f"{workdir}/data"
     uri = f"sqlite:///{workdir}/mlruns.db"
-    overrides = [f"job.data.train={data}/train.parquet",
-                 "job.data.eval={" + ", ".join(f"{s}: {data}/{s}.parquet" for s in SPLITS) + "}",
-                 "job.data.validation={" + ", ".join(f"{s}: {data}/val_{s}.parquet" for s in SPLITS) + "}",
+    overrides = [*(f"job.{override}" for override in benchmark_data(data)),
                  f"job.storage={workdir}/runs", f"job.mlflow.tracking_uri={uri}"]  # fmt: skip
     result = run_tune(str(HERE / f"sweep-defaults-{name}.yaml"), overrides)
     best_metrics = MlflowClient(uri).get_run(result.best["run_id"]).data.metrics
@@ -59,7 +58,7 @@ def margin_table(results: dict) -> str:
 def main(workdir: str, names: list[str]) -> None:
     workdir = os.path.abspath(workdir)
     if not os.path.exists(f"{workdir}/data/train.parquet"):
-        synthesize(f"{workdir}/data", SynthConfig(products=1500, queries=500))  # the demo's benchmark
+        synthesize(f"{workdir}/data", BENCHMARK)
     out = Path(workdir) / "default-sweeps.json"
     results = json.loads(out.read_text()) if out.exists() else {}
     for name in names:

@@ -18,11 +18,12 @@ import sys
 
 from gcl.config import parse_config
 from gcl.data.schema import SPLITS
-from gcl.data.synth import SynthConfig, synthesize
+from gcl.data.synth import synthesize
 from gcl.job_config import JobConfig
 from gcl.jobs import resolve_job, run_train
 from gcl.report import comparison_table, split_metrics
 from workflows import CONFIGS
+from workflows.demo import BENCHMARK, benchmark_data
 
 VARIANTS = {
     "GCL": [],
@@ -40,11 +41,8 @@ def main(workdir: str, names: list[str]) -> None:
     workdir = os.path.abspath(workdir)
     data = f"{workdir}/data"
     if not os.path.exists(f"{data}/train.parquet"):
-        synthesize(data, SynthConfig(products=1500, queries=500))  # the demo's benchmark
-    common = [f"data.train={data}/train.parquet",
-              "data.eval={" + ", ".join(f"{s}: {data}/{s}.parquet" for s in SPLITS) + "}",
-              "data.validation={" + ", ".join(f"{s}: {data}/val_{s}.parquet" for s in SPLITS) + "}",
-              f"storage={workdir}/runs", f"mlflow.tracking_uri=sqlite:///{workdir}/mlruns.db",
+        synthesize(data, BENCHMARK)
+    common = [*benchmark_data(data), f"storage={workdir}/runs", f"mlflow.tracking_uri=sqlite:///{workdir}/mlruns.db",
               "train.epochs=4", "train.batch_size=32", "train.lr=1e-3"]  # fmt: skip
     out = f"{workdir}/ranking-variants.json"
     results = {}

@@ -42,17 +42,26 @@ def _nested(metrics: dict) -> dict[str, dict[str, float]]:
 NAMES = {"baseline": "binary", "ablation": "GCL-uniform", "gcl": "GCL"}
 
 
+# The demo's synthetic benchmark (`gcl demo --quick` makes a smaller one).
+BENCHMARK = SynthConfig(products=1500, queries=500)
+
+
+def benchmark_data(data: str) -> list[str]:
+    """Overrides that point a job at the benchmark written to `data`: its training pairs, test
+    splits and validation splits."""
+    return [f"data.train={data}/train.parquet",
+            "data.eval={" + ", ".join(f"{s}: {data}/{s}.parquet" for s in SPLITS) + "}",
+            "data.validation={" + ", ".join(f"{s}: {data}/val_{s}.parquet" for s in SPLITS) + "}"]  # fmt: skip
+
+
 def demo_jobs(workdir: str, quick: bool, stamp: str) -> dict[str, JobConfig]:
     """The trainings the demo compares, with identical budget, data and model: the CLIP-style binary
     baseline (CLIP's loss: uniform weights, image-only documents, no masking, both directions
     alike), the ablation (uniform weights with GCL's title + image fields, masking and term
     weights) and GCL (graded weights too). The settings besides the loss (tiny-cpu.yaml's, from
     a sweep of GCL's space on validation) are the same for all three."""
-    data = f"{workdir}/data"
     common = [
-        f"data.train={data}/train.parquet",
-        "data.eval={" + ", ".join(f"{s}: {data}/{s}.parquet" for s in SPLITS) + "}",
-        "data.validation={" + ", ".join(f"{s}: {data}/val_{s}.parquet" for s in SPLITS) + "}",
+        *benchmark_data(f"{workdir}/data"),
         f"storage={workdir}/runs",
         "eval.measures=[" + ", ".join(MEASURES) + "]",
         f"train.epochs={2 if quick else 4}",
@@ -110,7 +119,7 @@ def run_demo(quick: bool = False, workdir: str = "gcl_runs/demo") -> dict:
     synth = (
         SynthConfig(products=400, queries=150, docs_per_query=10)
         if quick
-        else SynthConfig(products=1500, queries=500)
+        else BENCHMARK
     )
     manifest = synthesize(f"{workdir}/data", synth)
     log.info("data: %s", json.dumps({k: v["rows"] for k, v in manifest["splits"].items()}))
