@@ -43,7 +43,8 @@ class WarningsOnce(logging.Handler):
         own = record.name.split(".")[0] in OWN_LOGGERS
         if not own and record.levelno < logging.ERROR:
             return
-        key = (record.name, str(record.msg))
+        # A warning relayed from a worker (gcl.progress) carries the message it was formatted from.
+        key = (record.name, getattr(record, "once_key", str(record.msg)))
         if key in self.seen:
             return
         self.seen.add(key)

@@ -1,10 +1,13 @@
 """A training's progress bar, fed by the workers: rank 0 posts its step, loss and pairs/s to a small
 Ray actor (a board), and the driver, which waits in `TorchTrainer.fit()`, reads the board from a
 thread and draws the bar on the terminal (gcl.console). Nothing is guessed from the clock: the bar
-moves when a step has been trained, and says when the workers evaluate."""
+moves when a step has been trained, and says when the workers evaluate. gcl's warnings in any
+worker (a tracking store out, then back) reach the board too, and the driver logs them, so the
+terminal shows them once each as it does the driver's own."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from typing import Any
@@ -21,29 +24,53 @@ def _board_class():
 
         def __init__(self) -> None:
             self.state: dict[str, Any] = {}
+            self.warnings: list[dict[str, str]] = []
 
         def post(self, state: dict[str, Any]) -> None:
             self.state.update(state)
 
-        def read(self) -> dict[str, Any]:
-            return self.state
+        def warn(self, warning: dict[str, str]) -> None:
+            self.warnings.append(warning)
+
+        def read(self, seen_warnings: int = 0) -> tuple[dict[str, Any], list[dict[str, str]]]:
+            """The latest state, and the warnings after the first `seen_warnings`."""
+            return self.state, self.warnings[seen_warnings:]
 
     return ProgressBoard
 
 
+class _WarningsToBoard(logging.Handler):
+    """A worker's gcl warnings (and errors), posted to the board without waiting for it."""
+
+    def __init__(self, board) -> None:
+        super().__init__(level=logging.WARNING)
+        self.board = board
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.board.warn.remote({"logger": record.name, "level": record.levelname,
+                                    "template": str(record.msg), "text": record.getMessage()})  # fmt: skip
+        except Exception:  # the board gone (the driver ended): the worker's own log keeps the line
+            self.handleError(record)
+
+
 class ProgressPoster:
-    """Rank 0's side: posts at most every `every` seconds (and always when the phase changes), without
-    waiting for the board. Off (every call a no-op) without a board name or on other ranks."""
+    """A worker's side: rank 0 posts at most every `every` seconds (and always when the phase
+    changes), without waiting for the board; every rank's gcl warnings go to the board too. Off
+    (every call a no-op) without a board name; posting is off on ranks other than 0."""
 
     def __init__(self, board_name: str | None, enabled: bool, every: float = 0.25):
         self.board = None
-        if board_name and enabled:
+        if board_name:
             import ray
 
             try:
-                self.board = ray.get_actor(board_name)
+                board = ray.get_actor(board_name)
             except ValueError:  # the driver did not start one (a sweep's trial, a test)
-                self.board = None
+                board = None
+            if board is not None:
+                logging.getLogger("gcl").addHandler(_WarningsToBoard(board))
+                self.board = board if enabled else None
         self.every = every
         self._last = 0.0
         self._phase = None
@@ -70,6 +97,7 @@ class TrainingBar:
         self.poll = poll
         self._stop = threading.Event()
         self._training = False
+        self._warnings_seen = 0
         self._board = None
         self._thread: threading.Thread | None = None
 
@@ -93,9 +121,10 @@ class TrainingBar:
         import ray
 
         try:
-            state = ray.get(self._board.read.remote(), timeout=10)
+            state, warnings = ray.get(self._board.read.remote(self._warnings_seen), timeout=10)
         except Exception:  # a slow or restarting cluster: try again at the next poll
             return
+        self._show(warnings)
         if not state:
             return
         # The driver's estimate of an epoch's steps is replaced by the count rank 0 reports after an
@@ -119,6 +148,19 @@ class TrainingBar:
         if "pairs_per_s" in state:
             postfix["pairs/s"] = f"{state['pairs_per_s']:.0f}"
         self.bar.set_postfix(postfix, refresh=True)
+
+    def _show(self, warnings: list[dict[str, str]]) -> None:
+        """Log the workers' warnings here, where gcl.console shows each once (keyed by its message
+        before formatting) and the log file keeps them all; the bar is cleared while they print."""
+        from gcl.console import terminal
+
+        if not warnings:
+            return
+        self._warnings_seen += len(warnings)
+        with self.bar.external_write_mode(file=terminal()):
+            for warning in warnings:
+                logging.getLogger(warning["logger"]).log(logging.getLevelName(warning["level"]), warning["text"],
+                                                         extra={"once_key": warning["template"]})  # fmt: skip
 
     def __exit__(self, *exc) -> None:
         import ray

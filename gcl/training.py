@@ -41,6 +41,7 @@ from gcl.mlflow_names import (
 from gcl.model import create_preprocessing
 from gcl.progress import ProgressPoster
 from gcl.retrieval import RowEncoder, evaluate_splits, objective_value
+from gcl.step_gate import StepGate
 from gcl.tracking import MetricsLogger
 from gcl.worker_eval import evaluate_splits_on_workers
 
@@ -85,6 +86,7 @@ class Worker:
     rank: int
     world: int
     progress: ProgressPoster  # rank 0 feeds the driver's progress bar
+    gate: StepGate  # a test-only seam (gcl.step_gate): inert unless a fault test sets it
 
 
 @dataclass
@@ -122,7 +124,8 @@ def setup_worker(job: JobConfig, steps_per_epoch: int, tracking_uri: str | None,
     template = batch_template(job.fields, text_cfg.get("context_length", 77), vision_cfg["image_size"])
     readers = EpochReaders(job, pin_memory=engine.device.type == "cuda")
     progress = ProgressPoster(progress_board, enabled=rank == 0)
-    return Worker(job, engine, scheduler, loss_fn, metrics_log, template, readers, rank, world, progress)
+    return Worker(job, engine, scheduler, loss_fn, metrics_log, template, readers, rank, world, progress,
+                  StepGate(job.name, enabled=rank == 0))  # fmt: skip
 
 
 def restore(worker: Worker) -> TrainState:
@@ -162,6 +165,7 @@ def train_epoch(worker: Worker, epoch: int, step: int) -> tuple[EpochStats, int]
             if job.pipeline.prefetch_next_epoch:  # its start-up overlaps this epoch's training
                 worker.readers.start(epoch + 1)
         for position, batch in enumerate(group):
+            worker.gate.before_step(step + 1, while_waiting=worker.metrics_log.flush)
             tick = time.perf_counter()
             loss, terms, log_scale = backward_micro_batch(engine, worker.loss_fn, job.fields, batch, len(group),
                                                           boundary=position == len(group) - 1,

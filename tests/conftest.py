@@ -18,8 +18,46 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+class StepGates:
+    """The session's directory of training step gates (gcl.step_gate, a test-only seam): a fault
+    test holds a training at a step of its choosing and knows when it is held there, so that the
+    fault lands while the run trains, whatever the relative speed of the test and the training.
+    Every process of the session, and the Ray clusters it starts, get GCL_TEST_STEP_GATE."""
+
+    def __init__(self, directory):
+        self.directory = directory
+
+    def hold(self, prefix: str, step: int | None) -> None:
+        """Trainings whose name starts with `prefix` run through `step`, then wait (None: run on)."""
+        (self.directory / f"{prefix}.gate").write_text("none" if step is None else str(step))
+
+    def forget(self, prefix: str) -> None:
+        """Drop the gates of `prefix` (and of names that start with it) and the notes of the runs
+        they held (a killed run leaves its note)."""
+        for path in [*self.directory.glob(f"{prefix}*.gate"), *self.directory.glob(f"{prefix}*.waiting")]:
+            path.unlink(missing_ok=True)
+
+    def waiting(self, prefix: str = "") -> dict[str, int]:
+        """The runs (name -> step) held at a gate now, of those whose name starts with `prefix`."""
+        notes = {}
+        for note in self.directory.glob(f"{prefix}*.waiting"):
+            # Released as we looked, or still being written: not waiting there.
+            with contextlib.suppress(FileNotFoundError, ValueError):
+                notes[note.name.removesuffix(".waiting")] = int(note.read_text())
+        return notes
+
+
 @pytest.fixture(scope="session")
-def ray_local(tmp_path_factory):
+def step_gates(tmp_path_factory) -> StepGates:
+    from gcl.step_gate import ENV
+
+    directory = tmp_path_factory.mktemp("step-gates")
+    os.environ[ENV] = str(directory)  # before any Ray cluster of the session starts: its workers inherit it
+    return StepGates(directory)
+
+
+@pytest.fixture(scope="session")
+def ray_local(tmp_path_factory, step_gates):
     """A real local Ray cluster for the session, bound to 127.0.0.1, 2 logical CPUs."""
     import ray
 
@@ -31,6 +69,14 @@ def ray_local(tmp_path_factory):
     init_ray(num_cpus=2)
     yield ray
     ray.shutdown()
+
+
+def ray_local_env() -> dict[str, str]:
+    """This environment with RAY_ADDRESS set to the session's cluster (ray_local), for a `gcl`
+    command to run its work there rather than start a cluster of its own."""
+    import ray
+
+    return {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
 
 
 @pytest.fixture(scope="session")

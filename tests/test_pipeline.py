@@ -28,29 +28,33 @@ BATCH = 16
 
 
 def _consume(config):
+    """A training worker's reading, for each of config["modes"] in turn: 2 epochs of its shards,
+    the next epoch's reading started as this one's first batch arrives; what it saw, as JSON."""
     import ray.train
     import torch.distributed as dist
 
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     template = batch_template(FieldsConfig(), context_length=32, image_size=32)
+    seen = {}
+    for mode in config["modes"]:
 
-    def reader(epoch):
-        shard = ray.train.get_dataset_shard(epoch_dataset_name(epoch))
-        return ShardReader(shard, BATCH, local_shuffle_buffer=config.get("local_shuffle_buffer", 64), seed=epoch)
+        def reader(epoch, mode=mode):
+            shard = ray.train.get_dataset_shard(f"{epoch_dataset_name(epoch)}-{mode}")
+            return ShardReader(shard, BATCH, local_shuffle_buffer=config["local_shuffle_buffer"][mode], seed=epoch)
 
-    seen, readers = [], {0: reader(0)}
-    for epoch in range(2):
-        keys, steps, queries = [], 0, []
-        for batch in train_batches(readers.pop(epoch), BATCH, template):
-            if epoch == 0 and not readers:  # as in training: the next epoch starts reading now
-                readers[1] = reader(1)
-            assert len(batch["score"]) == BATCH and batch["image"].shape == (BATCH, 3, 32, 32)
-            assert batch["query"].dtype == torch.int64 and batch["image" + PRESENT].dtype == torch.bool
-            keys.extend(batch["pair_key"][batch["valid"]].tolist())
-            queries.append(batch["query_key"][batch["valid"]].tolist())
-            steps += 1
-        seen.append({"keys": keys, "steps": steps, "queries": queries})
+        seen[mode], readers = [], {0: reader(0)}
+        for epoch in range(2):
+            keys, steps, queries = [], 0, []
+            for batch in train_batches(readers.pop(epoch), BATCH, template):
+                if epoch == 0 and not readers:  # as in training: the next epoch starts reading now
+                    readers[1] = reader(1)
+                assert len(batch["score"]) == BATCH and batch["image"].shape == (BATCH, 3, 32, 32)
+                assert batch["query"].dtype == torch.int64 and batch["image" + PRESENT].dtype == torch.bool
+                keys.extend(batch["pair_key"][batch["valid"]].tolist())
+                queries.append(batch["query_key"][batch["valid"]].tolist())
+                steps += 1
+            seen[mode].append({"keys": keys, "steps": steps, "queries": queries})
     assert dist.get_world_size() == 2
     with open(f"{config['out']}/rank{rank}.json", "w") as f:
         json.dump(seen, f)
@@ -74,45 +78,53 @@ def _grouped_share(batches: list[list[int]]) -> float:
     return together / sum(len(b) for b in batches)
 
 
-@pytest.mark.parametrize(("shuffle", "docs_per_query"),
-                         [("auto", 1), ("blocks", 1), pytest.param("auto", 4, marks=pytest.mark.slow)])  # auto: global here
-def test_every_valid_row_once_per_epoch_across_two_shards(ray_local, tmp_path, shuffle, docs_per_query):
+@pytest.mark.parametrize("modes", [[("auto", 1), ("blocks", 1)], pytest.param([("auto", 4)], marks=pytest.mark.slow)],
+                         ids=["auto-1+blocks-1", "auto-4"])  # auto: global here
+def test_every_valid_row_once_per_epoch_across_two_shards(ray_local, tmp_path, modes):
     """Per-epoch datasets read as training reads them, the next epoch's reading started while
     this one is consumed: every valid row once per epoch, ranks in lockstep, a new order; with the
     global shuffle, with the streaming one for data larger than the object store, and with
-    query-grouped batches (pipeline.docs_per_query), whose batches hold runs of a query's pairs."""
+    query-grouped batches (pipeline.docs_per_query), whose batches hold runs of a query's pairs.
+    One TorchTrainer reads the datasets of every mode given, one mode after the other."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     pairs = generate_pairs(SynthConfig(products=60, queries=30, docs_per_query=7, seed=5))
     skip = {int(pairs.pair_id.iloc[3]), int(pairs.pair_id.iloc[10])}  # as validation would report them
-    source = _three_file_source(tmp_path, pairs, shuffle, skip, docs_per_query)
-    assert shuffle_mode(source) == ("global" if shuffle == "auto" else "blocks")
-    datasets = epoch_datasets(source, epochs=2, seed=7)
+    datasets = {}
+    for shuffle, docs_per_query in modes:
+        (tmp_path / shuffle).mkdir()
+        source = _three_file_source(tmp_path / shuffle, pairs, shuffle, skip, docs_per_query)
+        assert shuffle_mode(source) == ("global" if shuffle == "auto" else "blocks")
+        for name, dataset in epoch_datasets(source, epochs=2, seed=7).items():
+            datasets[f"{name}-{shuffle}"] = dataset
     trainer = TorchTrainer(
         _consume,
-        train_loop_config={"out": str(tmp_path), "local_shuffle_buffer": 64 if docs_per_query == 1 else 0},
+        train_loop_config={"out": str(tmp_path), "modes": [shuffle for shuffle, _ in modes],
+                           "local_shuffle_buffer": {shuffle: 64 if m == 1 else 0 for shuffle, m in modes}},
         scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.25}),
         datasets=datasets,
         dataset_config=unsplit_data_config(),
         run_config=RunConfig(name="pipeline-test", storage_path=str(tmp_path / "runs")),
-    )
+    )  # fmt: skip
     trainer.fit()
 
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     expected = sorted(set(pairs.pair_id.tolist()) - skip)
     assert len(pairs) % BATCH != 0  # the last batch is partial: padding is exercised
-    orders = []
-    for epoch in range(2):
-        keys = ranks[0][epoch]["keys"] + ranks[1][epoch]["keys"]
-        assert sorted(keys) == expected  # each valid row exactly once; skipped rows never
-        assert ranks[0][epoch]["steps"] == ranks[1][epoch]["steps"]  # ranks in lockstep
-        assert ranks[0][epoch]["keys"] and ranks[1][epoch]["keys"]  # both shards got data
-        orders.append(keys)
-        share = _grouped_share(ranks[0][epoch]["queries"] + ranks[1][epoch]["queries"])
-        # 7 pairs per query in 30 queries: a plain shuffle seldom puts two in one 16-pair batch.
-        assert share > 0.8 if docs_per_query > 1 else share < 0.5, share
-    assert orders[0] != orders[1]  # a different shuffle every epoch
+    for shuffle, docs_per_query in modes:
+        orders = []
+        for epoch in range(2):
+            ours = [rank[shuffle][epoch] for rank in ranks]
+            keys = ours[0]["keys"] + ours[1]["keys"]
+            assert sorted(keys) == expected, shuffle  # each valid row exactly once; skipped rows never
+            assert ours[0]["steps"] == ours[1]["steps"]  # ranks in lockstep
+            assert ours[0]["keys"] and ours[1]["keys"]  # both shards got data
+            orders.append(keys)
+            share = _grouped_share(ours[0]["queries"] + ours[1]["queries"])
+            # 7 pairs per query in 30 queries: a plain shuffle seldom puts two in one 16-pair batch.
+            assert share > 0.8 if docs_per_query > 1 else share < 0.5, (shuffle, share)
+        assert orders[0] != orders[1], shuffle  # a different shuffle every epoch
 
 
 def test_preprocessor_outputs_fixed_shapes_and_presence(tmp_path):

@@ -9,7 +9,6 @@ import yaml
 from mlflow import MlflowClient
 
 from gcl.config import ConfigError
-from gcl.data.synth import SynthConfig, synthesize
 from gcl.jobs import job_resources
 from gcl.sweep import Domain, load_sweep, trial_concurrency, trial_overrides
 from workflows.cli import CONFIGS
@@ -132,7 +131,7 @@ def test_trials_tune_stopped_are_finished_in_mlflow_and_only_errored_trials_stay
 
 
 @pytest.mark.integration
-def test_sweep_runs_fails_one_trial_alone_registers_the_best_and_resumes(ray_local, tmp_path, monkeypatch):
+def test_sweep_runs_fails_one_trial_alone_registers_the_best_and_resumes(ray_local, synth_dir, tmp_path, monkeypatch):
     """On the embedded default tracking store, as a newcomer runs it: no tracking URI in the config
     or the environment, so the sweep's ./mlruns.db is the one every trial must log to (each trial
     runs in a directory of its own, where that default would name another, empty store)."""
@@ -140,12 +139,11 @@ def test_sweep_runs_fails_one_trial_alone_registers_the_best_and_resumes(ray_loc
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
-    data = tmp_path / "data"
-    synthesize(data, SynthConfig(products=160, queries=60, docs_per_query=6, seed=2))
+    data = synth_dir
     uri = f"sqlite:///{tmp_path}/mlruns.db"
     path = _sweep_file(
         tmp_path, name="sw", search="random", num_samples=1, registered_model="sw-model",
-        set=["train.epochs=2", "train.batch_size=16", "train.warmup_steps=2", f"data.train={data}/train.parquet",
+        set=["train.epochs=1", "train.batch_size=16", "train.warmup_steps=2", f"data.train={data}/train.parquet",
              f"data.eval={{in_domain: {data}/in_domain.parquet, zero_shot: {data}/zero_shot.parquet}}",
              f"data.validation={{in_domain: {data}/val_in_domain.parquet, zero_shot: {data}/val_zero_shot.parquet}}",
              "storage=runs"],
