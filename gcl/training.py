@@ -262,6 +262,9 @@ def _train_worker(config: dict[str, Any]) -> None:
     worker = setup_worker(job, config["steps_per_epoch"], config.get("tracking_uri"), config.get("run_id"),
                           config.get("progress_board"))  # fmt: skip
     state = restore(worker)
+    # The first epoch's reading (its files, shuffle and first batches) starts now, while the starting
+    # model is evaluated: which rows each rank gets does not depend on when reading starts.
+    worker.readers.start(state.epoch)
     if state.step == 0 and job.eval.before_training and job.data.eval:
         evaluate_starting_model(worker)
     for epoch in range(state.epoch, job.train.epochs):

@@ -118,8 +118,10 @@ def build_tuner(sweep: SweepConfig, job: JobConfig, trainable, concurrency: int)
     return tune.Tuner(
         trainable,
         param_space={key: domain.to_tune() for key, domain in sweep.space.items()},
+        # reuse_actors: a trial's driver process serves the next trial too, instead of a new process
+        # importing gcl, Ray Train and MLflow again for every trial.
         tune_config=tune.TuneConfig(metric=OBJECTIVE, mode="max", search_alg=search, scheduler=scheduler,
-                                    num_samples=sweep.num_samples),
+                                    num_samples=sweep.num_samples, reuse_actors=True),
         run_config=tune.RunConfig(name=sweep.name, storage_path=job.storage, callbacks=[trial_lines(sweep)],
                                   failure_config=tune.FailureConfig(max_failures=0)),
     )  # fmt: skip

@@ -471,7 +471,9 @@ def test_the_logged_model_installs_into_a_fresh_environment_and_embeds_there_as_
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     python = str(venv / "bin/python")
     clean = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    install = subprocess.run([python, "-m", "pip", "install", "-q", "-r", f"{model_dir}/requirements.txt"],
+    # --no-compile: no byte-compiling of every installed file (torch has thousands); Python compiles
+    # what it imports when it imports it.
+    install = subprocess.run([python, "-m", "pip", "install", "-q", "--no-compile", "-r", f"{model_dir}/requirements.txt"],
                              env=clean, capture_output=True, text=True, timeout=900)  # fmt: skip
     assert install.returncode == 0, install.stderr[-3000:]
     script = textwrap.dedent(f"""

@@ -116,11 +116,11 @@ def test_zero3_in_bf16_trains_from_jsonl_and_loss_goes_down(ray_local, tiny_job,
 
     pairs = _pairs_with_image_files(synth_dir, tmp_path, "jsonl")
     job = tiny_job("deepspeed.zero_stage=3", "deepspeed.config=workflows/configs/deepspeed/zero3.json",
-                   "name=z3", "train.epochs=3", "data.eval={}", "train.precision=bf16", f"data.train={pairs}")  # fmt: skip
+                   "name=z3", "train.epochs=2", "data.eval={}", "train.precision=bf16", f"data.train={pairs}")  # fmt: skip
     result = run_train(job)
     losses = _trained_on_every_pair(MlflowClient(job.mlflow.resolved_uri()), result.run_id)
-    third = len(losses) // 3
-    assert sum(losses[-third:]) / third < sum(losses[:third]) / third
+    half = len(losses) // 2  # epoch 2's mean loss against epoch 1's
+    assert sum(losses[-half:]) / half < sum(losses[:half]) / half
     from gcl.model import load_model
 
     exported = load_model(result.model_dir).clip
