@@ -20,8 +20,8 @@ from gcl.config import parse_config
 from gcl.data.schema import SPLITS
 from gcl.data.synth import synthesize
 from gcl.job_config import JobConfig
-from gcl.jobs import resolve_job, run_train
 from gcl.report import comparison_table, split_metrics
+from gcl.train.job import resolve_job, run_train
 from workflows import CONFIGS
 from workflows.demo import BENCHMARK, benchmark_data
 

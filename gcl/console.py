@@ -43,7 +43,7 @@ class WarningsOnce(logging.Handler):
         own = record.name.split(".")[0] in OWN_LOGGERS
         if not own and record.levelno < logging.ERROR:
             return
-        # A warning relayed from a worker (gcl.progress) carries the message it was formatted from.
+        # A warning relayed from a worker (gcl.train.progress) carries the message it was formatted from.
         key = (record.name, getattr(record, "once_key", str(record.msg)))
         if key in self.seen:
             return

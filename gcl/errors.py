@@ -2,7 +2,7 @@
 row, column, config key, URI) and what would be accepted.
 
 The CLI prints them as one `error: ...` message and exits with code 2, without a traceback.
-No restart can fix them either: training fails at once on one (see gcl.jobs.fit), instead of
+No restart can fix them either: training fails at once on one (see gcl.train.job.fit), instead of
 restarting its workers `train.max_failures` times.
 """
 

@@ -93,7 +93,7 @@ def comparison_plot(results: Mapping[str, Results], measure: str, path: str,
 
 
 def sweep_plot(rows: list[dict], path: str) -> str:
-    """A sweep's trials (gcl.tuning.trial_rows): the objective per trial, and each sampled value
+    """A sweep's trials (gcl.tune.tuner.trial_rows): the objective per trial, and each sampled value
     against the objective (categorical values by position); saved as PNG at `path`."""
     import matplotlib
 

@@ -19,7 +19,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 class StepGates:
-    """The session's directory of training step gates (gcl.step_gate, a test-only seam): a fault
+    """The session's directory of training step gates (gcl.train.step_gate, a test-only seam): a fault
     test holds a training at a step of its choosing and knows when it is held there, so that the
     fault lands while the run trains, whatever the relative speed of the test and the training.
     Every process of the session, and the Ray clusters it starts, get GCL_TEST_STEP_GATE."""
@@ -49,7 +49,7 @@ class StepGates:
 
 @pytest.fixture(scope="session")
 def step_gates(tmp_path_factory) -> StepGates:
-    from gcl.step_gate import ENV
+    from gcl.train.step_gate import ENV
 
     directory = tmp_path_factory.mktemp("step-gates")
     os.environ[ENV] = str(directory)  # before any Ray cluster of the session starts: its workers inherit it

@@ -36,9 +36,9 @@ def _one_step(job, rank: int, world: int, chunk: int | None):
     gradient before the optimizer steps."""
     from deepspeed.utils import safe_get_full_grad
 
-    from gcl.engine import setup_engine
     from gcl.loss import GCLLoss
-    from gcl.micro_batch import backward_micro_batch
+    from gcl.train.engine import setup_engine
+    from gcl.train.micro_batch import backward_micro_batch
 
     engine, _, _ = setup_engine(job, total_steps=10)
     loss_fn = GCLLoss(job.loss, job.fields.weights("left"), job.fields.weights("right"), rank=rank, world_size=world)

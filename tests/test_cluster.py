@@ -23,7 +23,7 @@ import yaml
 from mlflow import MlflowClient
 
 from gcl.data.synth import SynthConfig, synthesize
-from gcl.tracking import runs_named
+from gcl.registry.runs import runs_named
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
@@ -255,7 +255,7 @@ MULTI_NODE_SCRIPT = textwrap.dedent("""
     from ray.cluster_utils import Cluster
     from gcl.config import parse_config
     from gcl.job_config import JobConfig
-    from gcl.jobs import run_train
+    from gcl.train.job import run_train
 
     data, out = sys.argv[1], sys.argv[2]
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})

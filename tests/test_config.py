@@ -20,7 +20,7 @@ def test_every_shipped_config_parses(path):
 
 @pytest.mark.parametrize("path", SWEEP_CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_sweep_parses_with_its_base_job(path):
-    from gcl.sweep import load_sweep
+    from gcl.tune.sweep import load_sweep
 
     sweep, job = load_sweep(path)
     assert sweep.space and job.name == sweep.name and job.data.eval
@@ -28,7 +28,7 @@ def test_every_shipped_sweep_parses_with_its_base_job(path):
 
 @pytest.mark.parametrize("path", sorted((CONFIGS / "deepspeed").glob("*.json")), ids=lambda p: p.name)
 def test_every_deepspeed_config_feeds_the_engine_config(path):
-    from gcl.engine import deepspeed_config
+    from gcl.train.engine import deepspeed_config
 
     stage = int(path.stem[-1])
     job = parse_config(JobConfig, None, [f"deepspeed.config={path}", f"deepspeed.zero_stage={stage}"])
@@ -68,7 +68,7 @@ def test_cli_prints_resolved_config_and_exits_2_on_bad_keys(capsys):
 
 
 def test_a_job_larger_than_a_local_cluster_fails_before_training_naming_the_keys(caplog):
-    from gcl.jobs import check_resources
+    from gcl.train.job import check_resources
 
     job = parse_config(JobConfig, CONFIGS / "tiny-cpu.yaml", ["scaling.num_workers=8"])
     with pytest.raises(ConfigError, match=r"3.5 CPU needed, 2 available.*scaling.num_workers=8"):
@@ -87,7 +87,7 @@ def test_resume_is_reported_only_from_a_committed_checkpoint(tmp_path, caplog):
     import json
     import logging
 
-    from gcl.checkpoint import committed_checkpoint, log_resume
+    from gcl.train.checkpoint import committed_checkpoint, log_resume
 
     caplog.set_level(logging.INFO)
     run_dir = tmp_path / "run"
@@ -112,7 +112,7 @@ def test_resume_is_reported_only_from_a_committed_checkpoint(tmp_path, caplog):
         ("scaling.num_workers=0", r"scaling.num_workers: Input should be greater than or equal to 1"),
     ],
 )  # fmt: skip
-def test_each_invalid_config_value_in_the_readme_table_names_its_key(override, message):
+def test_each_invalid_config_value_in_the_data_guide_table_names_its_key(override, message):
     with pytest.raises(ConfigError, match=message):
         parse_config(JobConfig, CONFIGS / "tiny-cpu.yaml", [override])
 
@@ -121,7 +121,7 @@ def test_defaults_that_depend_on_the_working_directory_are_resolved_once_where_t
     tmp_path, monkeypatch
 ):
     """Trials and workers run in directories of their own: what they get must not depend on it."""
-    from gcl.jobs import resolve_job
+    from gcl.train.job import resolve_job
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

@@ -16,8 +16,8 @@ import pytest
 from conftest import free_port, ray_local_env, tiny_job_config
 from mlflow import MlflowClient
 
-from gcl.checkpoint import committed_checkpoint
-from gcl.tracking import runs_named
+from gcl.registry.runs import runs_named
+from gcl.train.checkpoint import committed_checkpoint
 
 pytestmark = pytest.mark.integration
 # What the interrupted runs and their reference share: ZeRO-1, and 6 steps an epoch (184 pairs,
@@ -35,7 +35,7 @@ def _own_local_ray_env() -> dict[str, str]:
 @pytest.fixture(scope="module")
 def uninterrupted_losses(ray_local, synth_dir, tmp_path_factory) -> dict[int, float]:
     """Per-step training losses of the fault tests' job run once without interruption."""
-    from gcl.jobs import run_train
+    from gcl.train.job import run_train
 
     job = tiny_job_config(synth_dir, tmp_path_factory.mktemp("reference"), "name=reference", *FAULT_JOB)
     result = run_train(job)
@@ -58,7 +58,7 @@ def _assert_trains_as_uninterrupted(client: MlflowClient, run_id: str, reference
 def test_a_cached_gradient_run_trains_as_the_whole_batch_run(tiny_job, uninterrupted_losses):
     """The fault tests' job (cached-gradient steps of 2 chunks per micro-batch) against the same job
     with whole micro-batches, through Ray Train and Ray Data: the same steps and losses."""
-    from gcl.jobs import run_train
+    from gcl.train.job import run_train
 
     plain = [override for override in FAULT_JOB if not override.startswith("train.embed_chunk")]
     job = tiny_job("name=whole-batches", *plain)
@@ -89,7 +89,7 @@ def test_worker_killed_mid_epoch_restores_and_trains_as_an_uninterrupted_run(
     """A worker is killed 2 steps into epoch 2, while the run is held there (a step gate): Ray
     Train replaces the workers, which restore epoch 1's checkpoint and train on as the
     uninterrupted run."""
-    from gcl.jobs import run_train
+    from gcl.train.job import run_train
 
     job = tiny_job("name=killed", *FAULT_JOB, "train.max_failures=2")
     client = MlflowClient(job.mlflow.resolved_uri())
@@ -358,7 +358,7 @@ def test_errors_no_restart_can_fix_fail_the_run_at_once_naming_their_cause(
     import pandas as pd
 
     from gcl.errors import DataError, TrackingError
-    from gcl.jobs import fit, prepare, run_train
+    from gcl.train.job import fit, prepare, run_train
 
     pairs = pd.read_parquet(synth_dir / "train.parquet")
     pairs.at[5, "image"] = {"bytes": b"not an image", "path": None}
@@ -475,7 +475,7 @@ def test_mlflow_server_going_away_mid_run_loses_no_step_and_gcl_sync_finishes_th
     assert not reading.is_alive()
     text = "".join(output)
     assert "training finished and its model is in" in text and "`gcl sync`" in text, text[-5000:]
-    # The workers' warnings, on the terminal once each (gcl.progress relays them).
+    # The workers' warnings, on the terminal once each (gcl.train.progress relays them).
     assert text.count("warning: MLflow tracking store unreachable (") == 1, text[-5000:]
     assert text.count("warning: MLflow tracking store answers again") == 1, text[-5000:]
     assert (tmp_path / "runs" / "outage" / "model" / "open_clip_config.json").is_file()

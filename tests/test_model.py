@@ -178,8 +178,8 @@ class _Payload:
 def test_deepspeed_checkpoints_load_with_weights_only(tmp_path):
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
 
-    from gcl.checkpoint import load_weights_only
     from gcl.errors import ModelError
+    from gcl.train.checkpoint import load_weights_only
 
     torch.save({"optimizer": {"loss_scaler": LossScaler(1.0)}, "weights": torch.ones(2)}, tmp_path / "ok.pt")
     assert load_weights_only(str(tmp_path / "ok.pt"))["weights"].tolist() == [1.0, 1.0]
@@ -192,10 +192,10 @@ def test_deepspeed_checkpoints_load_with_weights_only(tmp_path):
 def _zero_rank(rank, world, init_file, out_dir):
     import torch.distributed as dist
 
-    from gcl.checkpoint import TrainState, save_checkpoint
     from gcl.config import parse_config
-    from gcl.engine import setup_engine
     from gcl.job_config import JobConfig
+    from gcl.train.checkpoint import TrainState, save_checkpoint
+    from gcl.train.engine import setup_engine
     from workflows import CONFIGS
 
     torch.set_num_threads(1)
@@ -214,8 +214,8 @@ def test_zero_shards_are_gathered_weights_only_and_a_shard_carrying_code_is_refu
     # A real ZeRO-1 checkpoint of two gloo ranks (each rank's optimizer shard in its own file).
     import torch.multiprocessing as mp
 
-    from gcl.checkpoint import CHECKPOINT_TAG, gather_zero_shards, load_weights_only
     from gcl.errors import ModelError
+    from gcl.train.checkpoint import CHECKPOINT_TAG, gather_zero_shards, load_weights_only
 
     mp.spawn(_zero_rank, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     module = torch.load(tmp_path / "module.pt", weights_only=True)
@@ -294,7 +294,7 @@ def _logged_tiny_model(tiny, root) -> tuple[str, str]:
     from mlflow import MlflowClient
 
     from gcl.config import FieldsConfig, FieldSpec
-    from gcl.registry import log_embedding_model
+    from gcl.registry.models import log_embedding_model
 
     fields = FieldsConfig(right={"title": FieldSpec(modality="text", weight=0.3),
                                  "image": FieldSpec(modality="image", weight=0.7)})  # fmt: skip
@@ -324,8 +324,8 @@ def test_the_logged_pyfunc_embeds_as_gcl_does_and_names_bad_input(tiny, tmp_path
     import numpy as np
     import pandas as pd
 
+    from gcl.registry.runs import fluent_tracking_uri
     from gcl.retrieval import RowEncoder
-    from gcl.tracking import fluent_tracking_uri
 
     out, model_uri = _logged_tiny_model(tiny, tmp_path)
     with fluent_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db"):
@@ -363,8 +363,8 @@ def test_a_null_text_field_is_left_out_not_read_as_the_text_nan(tiny):
 
 
 def test_evaluate_names_a_directory_that_holds_no_model_or_checkpoint(tmp_path):
-    from gcl.checkpoint import resolve_model_dir
     from gcl.errors import ModelError
+    from gcl.train.checkpoint import resolve_model_dir
 
     with pytest.raises(
         ModelError, match="not a model directory .*, a training checkpoint .* committed checkpoint"
@@ -452,8 +452,8 @@ def test_the_logged_model_installs_into_a_fresh_environment_and_embeds_there_as_
 
     import mlflow
 
-    from gcl.registry import SERVING_DISTRIBUTIONS
-    from gcl.tracking import fluent_tracking_uri
+    from gcl.registry.models import SERVING_DISTRIBUTIONS
+    from gcl.registry.runs import fluent_tracking_uri
 
     _, model_uri = _logged_tiny_model(tiny, tmp_path)
     with fluent_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db"):  # models:/ resolves through it
@@ -462,7 +462,7 @@ def test_the_logged_model_installs_into_a_fresh_environment_and_embeds_there_as_
     names = {r.split("==")[0].lower().replace("_", "-") for r in requirements}
     assert all("==" in r for r in requirements) and "gcl" not in names, requirements
     assert {d.replace("_", "-") for d in SERVING_DISTRIBUTIONS} <= names
-    assert (Path(model_dir) / "code/gcl/serving.py").exists()
+    assert (Path(model_dir) / "code/gcl/registry/serving.py").exists()
 
     docs, queries = _rows()
     docs.to_pickle(tmp_path / "docs.pkl")

@@ -1,8 +1,9 @@
-"""The README's commands, run as a newcomer types them: the command blocks of its usage and sweep
-sections, in order, in a fresh copy of the repository, with no MLFLOW_TRACKING_URI and no
-tracking URI in any config. The only change to a command is a smaller budget (fewer epochs,
-trials and generated pairs). Each command's result is checked, and a command the README gains
-that this test does not know fails it, so that the documented path is always the tested one."""
+"""The documented commands, run as a newcomer types them: the command blocks of the README's tour
+and of the guide's sweeps and search pages, in order, in a fresh copy of the repository, with no
+MLFLOW_TRACKING_URI and no tracking URI in any config. The only change to a command is a smaller
+budget (fewer epochs, trials and generated pairs). Each command's result is checked, and a
+command the pages gain that this test does not know fails it, so that the documented path is
+always the tested one."""
 
 import json
 import os
@@ -18,7 +19,8 @@ import pytest
 from mlflow import MlflowClient
 
 ROOT = Path(__file__).resolve().parent.parent
-SECTIONS = ("## Using gcl", "## Sweeps and the model registry", "## Search: from the registry to top-k")
+# (page, the heading of its section with the commands; None: the whole page), in the order they run.
+SECTIONS = (("README.md", "## A tour of the commands"), ("docs/sweeps.md", None), ("docs/search.md", None))
 # The budget, shrunk: a smaller benchmark, one epoch, one trial per sweep.
 SMALLER = {
     "gcl data synth": ["--products", "400", "--queries", "150"],
@@ -28,13 +30,14 @@ SMALLER = {
 
 
 def readme_commands() -> list[str]:
-    """The shell commands of the README's usage and sweep sections, continuation lines joined."""
-    text = (ROOT / "README.md").read_text()
+    """The shell commands of the documented sections (SECTIONS), continuation lines joined."""
     commands = []
-    for heading in SECTIONS:
-        start = text.index(heading + "\n")
-        end = text.find("\n## ", start + len(heading))
-        section = text[start : end if end > 0 else None]
+    for page, heading in SECTIONS:
+        section = (ROOT / page).read_text()
+        if heading is not None:
+            start = section.index(heading + "\n")
+            end = section.find("\n## ", start + len(heading))
+            section = section[start : end if end > 0 else None]
         for block in re.findall(r"```bash\n(.*?)```", section, re.S):
             joined = re.sub(r"\\\n\s*", "", block)
             commands += [line.strip() for line in joined.splitlines() if line.strip()]
@@ -148,7 +151,7 @@ def test_every_readme_command_is_one_the_run_checks_and_parses_with_gcls_own_par
     exists, so that a renamed flag, key or config fails `make test`."""
     from gcl.config import parse_config
     from gcl.job_config import JobConfig
-    from gcl.sweep import load_sweep
+    from gcl.tune.sweep import load_sweep
     from workflows.cli import build_parser
 
     commands = readme_commands()
@@ -205,10 +208,8 @@ def test_readme_commands_run_as_written_in_a_fresh_clone(fresh_clone):
 
 
 def test_every_test_the_faults_table_names_exists():
-    """The README's faults section names tests by file::function; each must be one."""
-    text = (ROOT / "README.md").read_text()
-    section = text[text.index("### Faults and safe defaults") : text.index("\n## ", text.index("### Faults"))]
-    named = set(re.findall(r"(test_\w+\.py)::(test_\w+)", section))
+    """The guide's faults page names tests by file::function; each must be one."""
+    named = set(re.findall(r"(test_\w+\.py)::(test_\w+)", (ROOT / "docs/faults.md").read_text()))
     assert len(named) >= 8
     for file, function in named:
         assert re.search(rf"^def {function}\(", (ROOT / "tests" / file).read_text(), re.M), f"{file}::{function}"

@@ -92,7 +92,7 @@ def test_the_search_runs_one_blas_thread_per_kernel_thread_from_a_fresh_process(
 
 
 def test_torch_top_k_and_merged_shards_equal_exact_top_k():
-    from gcl.worker_eval import merge_top_k, torch_top_k
+    from gcl.train.worker_eval import merge_top_k, torch_top_k
 
     g = torch.Generator().manual_seed(0)
     queries = torch.nn.functional.normalize(torch.randn(300, 16, generator=g), dim=1)
@@ -128,7 +128,7 @@ def _tiny_evaluation(synth_dir):
     from gcl.config import parse_config
     from gcl.job_config import JobConfig
     from gcl.model import FieldEncoder, create_model
-    from gcl.training import evaluate_model
+    from gcl.train.worker import evaluate_model
     from workflows import CONFIGS
 
     job = parse_config(JobConfig, CONFIGS / "tiny-cpu.yaml", [

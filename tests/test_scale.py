@@ -1,7 +1,7 @@
 """Work that grows with the data keeps the driver's memory flat: validation, the split and an
 epoch's first batch, run as `gcl` runs them on a dataset of several files (JPEG images of about
 12 kB, as Marqo-GS-10M's), in a fresh driver process whose peak resident memory is read from /proc.
-The figures at 20k, 200k and 1M rows are gcl.bench.scale's (README)."""
+The figures at 20k, 200k and 1M rows are gcl.bench.scale's (docs/performance.md)."""
 
 import json
 import subprocess

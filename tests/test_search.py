@@ -16,9 +16,10 @@ import pytest
 import torch
 from conftest import served_model
 
-from gcl.embed import EMBEDDING_COLUMN, METADATA_KEY, EmbedConfig
 from gcl.errors import DataError, SearchIndexError
-from gcl.index import IndexConfig, SearchIndex, build_index, corpus_vectors
+from gcl.job_config import EmbedConfig, IndexConfig
+from gcl.search.embed import EMBEDDING_COLUMN, METADATA_KEY
+from gcl.search.index import SearchIndex, build_index, corpus_vectors
 
 
 def _write_embeddings(directory, vectors: np.ndarray, ids, extra: dict | None = None, files: int = 2) -> str:
@@ -94,8 +95,8 @@ def registered(tmp_path_factory, synth_dir):
 
     from gcl.config import FieldsConfig
     from gcl.model import ModelConfig, create_model, save_model
-    from gcl.registry import log_embedding_model
-    from gcl.tracking import fluent_tracking_uri
+    from gcl.registry.models import log_embedding_model
+    from gcl.registry.runs import fluent_tracking_uri
 
     root = tmp_path_factory.mktemp("search")
     torch.manual_seed(0)
@@ -137,7 +138,7 @@ def test_gcl_embed_writes_what_the_served_model_returns_for_the_same_rows(embedd
     rows; the files name the model version the alias pointed at."""
     import mlflow
 
-    from gcl.tracking import fluent_tracking_uri
+    from gcl.registry.runs import fluent_tracking_uri
 
     summary, root, uri = embedded
     files = sorted(glob.glob(f"{root}/catalog/*.parquet"))
@@ -164,7 +165,7 @@ def test_gcl_embed_names_bad_rows_before_loading_the_model_or_skips_and_counts_t
     """An undecodable image and a row with no field: a DataError naming file, row and column, as
     `gcl data validate` words it; with data.on_bad_rows=skip the others are embedded and the two
     are counted."""
-    from gcl.embed import embed_rows
+    from gcl.search.embed import embed_rows
 
     root, uri = registered
     rows = pd.read_parquet(f"{synth_dir}/train.parquet").drop_duplicates("product_id").head(12).reset_index(drop=True)
@@ -188,7 +189,7 @@ def test_gcl_embed_names_bad_rows_before_loading_the_model_or_skips_and_counts_t
 @pytest.mark.integration
 def test_gcl_embed_writes_a_lance_dataset(ray_local, registered, synth_dir, tmp_path):
     lance = pytest.importorskip("lance")
-    from gcl.embed import embed_rows
+    from gcl.search.embed import embed_rows
 
     root, uri = registered
     cfg = EmbedConfig(model="models:/tiny@champion", input=f"{synth_dir}/zero_shot.parquet",
@@ -230,7 +231,7 @@ def test_the_registered_search_model_serves_the_exact_top_k_over_http(embedded, 
     import mlflow
     from mlflow import MlflowClient
 
-    from gcl.tracking import fluent_tracking_uri
+    from gcl.registry.runs import fluent_tracking_uri
     from workflows.index import run_index
 
     _, root, uri = embedded

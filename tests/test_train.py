@@ -57,7 +57,7 @@ def test_zero2_trains_from_csv_tracks_exports_and_evaluates_consistently(ray_loc
     """ZeRO-2 training on pairs given as CSV with image files under relative paths (validated,
     read by Ray Data's CSV reader, decoded from the paths): tracked, exported and evaluated
     consistently with what training reported."""
-    from gcl.jobs import run_train
+    from gcl.train.job import run_train
     from workflows.evaluate import run_evaluate
 
     # A quick evaluation on 5 queries per split after epoch 1, the full one after epochs 2 and 3.
@@ -112,7 +112,7 @@ def test_zero3_in_bf16_trains_from_jsonl_and_loss_goes_down(ray_local, tiny_job,
     """ZeRO-3 in bf16, as the GPU config trains (DeepSpeed's bf16 mode runs on CPU too): fp32
     pixels into bf16 towers, fp32 weights gathered from the shards at export; the pairs as JSONL
     with image files (validated, read by Ray Data's JSON reader, decoded from the paths)."""
-    from gcl.jobs import run_train
+    from gcl.train.job import run_train
 
     pairs = _pairs_with_image_files(synth_dir, tmp_path, "jsonl")
     job = tiny_job("deepspeed.zero_stage=3", "deepspeed.config=workflows/configs/deepspeed/zero3.json",
@@ -129,7 +129,7 @@ def test_zero3_in_bf16_trains_from_jsonl_and_loss_goes_down(ray_local, tiny_job,
 
     # `gcl evaluate` on a checkpoint gathers the same weights, with the ZeRO stage the checkpoint
     # was trained with, whatever the evaluating config says.
-    from gcl.checkpoint import export_checkpoint, training_checkpoint
+    from gcl.train.checkpoint import export_checkpoint, training_checkpoint
 
     checkpoint = training_checkpoint(os.path.join(job.storage, job.name))
     gathered = load_model(
@@ -147,7 +147,7 @@ def test_one_gpu_worker_trains_in_bf16_and_evaluates_consistently(ray_local, tin
     the GPU (under ZeRO-3 inside the parameter gather); `gcl evaluate` of the logged fp32 model
     then scores about what training's bf16 evaluation reported."""
 
-    from gcl.jobs import run_train
+    from gcl.train.job import run_train
     from workflows.evaluate import run_evaluate
 
     job = tiny_job(f"deepspeed.zero_stage={stage}", f"name=gpu-z{stage}", "scaling.use_gpu=true",
@@ -165,8 +165,8 @@ def test_one_gpu_worker_trains_in_bf16_and_evaluates_consistently(ray_local, tin
 @pytest.mark.slow
 def test_rerun_with_same_name_resumes_from_the_latest_checkpoint(ray_local, tiny_job, tmp_path):
     """Under ZeRO-0 (plain data parallel), whose checkpoints hold the whole module."""
-    from gcl.jobs import run_train
     from gcl.model import load_model
+    from gcl.train.job import run_train
 
     first = run_train(tiny_job("name=resume", "train.epochs=1", "data.eval={}", "deepspeed.zero_stage=0"))
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -181,7 +181,7 @@ def test_rerun_with_same_name_resumes_from_the_latest_checkpoint(ray_local, tiny
 
 
 def test_unreachable_tracking_store_fails_fast_naming_the_uri(tiny_job, tmp_path):
-    from gcl.jobs import run_train
+    from gcl.train.job import run_train
 
     job = tiny_job("mlflow.tracking_uri=http://127.0.0.1:9", "name=nope")
     start = time.perf_counter()

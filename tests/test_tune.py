@@ -9,8 +9,8 @@ import yaml
 from mlflow import MlflowClient
 
 from gcl.config import ConfigError
-from gcl.jobs import job_resources
-from gcl.sweep import Domain, load_sweep, trial_concurrency, trial_overrides
+from gcl.train.job import job_resources
+from gcl.tune.sweep import Domain, load_sweep, trial_concurrency, trial_overrides
 from workflows.cli import CONFIGS
 
 
@@ -55,7 +55,7 @@ def test_sweep_keys_are_checked_against_the_base_job_before_any_trial(tmp_path):
 
 
 def test_sampled_values_become_validated_overrides(tmp_path):
-    from gcl.tuning import trial_job
+    from gcl.tune.tuner import trial_job
 
     sweep, job = load_sweep(_sweep_file(tmp_path))
     params = {
@@ -89,7 +89,7 @@ def test_trial_concurrency_follows_the_cluster_and_the_job_scaling(tmp_path):
 def test_trials_tune_stopped_are_finished_in_mlflow_and_only_errored_trials_stay_failed(tmp_path):
     """Tune stops a trial by removing its resources; its driver may see the Train controller die
     first and mark its run failed (a race seen in CI). Tune's verdict wins when the sweep ends."""
-    from gcl.tuning import close_child_runs
+    from gcl.tune.tuner import close_child_runs
 
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     experiment = client.create_experiment("e")
@@ -213,7 +213,7 @@ def test_sweep_runs_fails_one_trial_alone_registers_the_best_and_resumes(ray_loc
     assert len(client.search_model_versions("name = 'sw-model'")) == 1
 
     # Gating: a lower objective, or one scored on other data, never takes the champion alias.
-    from gcl.registry import OBJECTIVE_KEY_TAG, register
+    from gcl.registry.models import OBJECTIVE_KEY_TAG, register
 
     model_uri = client.get_run(result.best["run_id"]).data.tags["gcl.model_uri"]
     key = registered.tags[OBJECTIVE_KEY_TAG]
@@ -231,7 +231,7 @@ def test_sweep_runs_fails_one_trial_alone_registers_the_best_and_resumes(ray_loc
 
 
 def test_the_trial_table_marks_objectives_measured_on_a_sample():
-    from gcl.tuning import trial_table
+    from gcl.tune.tuner import trial_table
 
     row = {"params": {"loss.temperature": 0.07}, "epochs": 1, "test_objective": 0.2, "status": "OK", "error": None}
     table = trial_table([{**row, "trial": "full", "objective": 0.5, "sampled_queries": 0},
@@ -248,7 +248,7 @@ def _scored_by_the_sampled_value(config: dict, objective_splits: list[str]) -> N
 
     from gcl.config import parse_config
     from gcl.job_config import JobConfig
-    from gcl.training import evaluation_metrics
+    from gcl.train.worker import evaluation_metrics
 
     job = parse_config(JobConfig, CONFIGS / "tiny-cpu.yaml", [f"eval.objective_splits={objective_splits}"])
     x = config["loss.left_to_right"]
@@ -266,8 +266,8 @@ def test_optuna_samples_the_space_and_objective_splits_choose_their_own_best_tri
 
     from gcl.config import parse_config
     from gcl.job_config import JobConfig
-    from gcl.sweep import SweepConfig
-    from gcl.tuning import build_tuner, trial_rows
+    from gcl.tune.sweep import SweepConfig
+    from gcl.tune.tuner import build_tuner, trial_rows
 
     job = parse_config(JobConfig, CONFIGS / "tiny-cpu.yaml", [f"storage={tmp_path}"])
     best, sampled = {}, {}

@@ -95,7 +95,7 @@ def cmd_data_split(args) -> int:
 
 
 def cmd_data_validate(args) -> int:
-    from gcl.jobs import validate_data
+    from gcl.train.job import validate_data
 
     print(validate_data(_job(args)).train.summary())
     return 0
@@ -111,14 +111,14 @@ def cmd_train(args) -> int:
 
 
 def cmd_sync(args) -> int:
-    from gcl.jobs import sync_run
+    from gcl.train.job import sync_run
 
     print(f"run {sync_run(_job(args))}: buffered metrics, model and end of run logged to MLflow")
     return 0
 
 
 def cmd_tune(args) -> int:
-    from gcl.sweep import load_sweep
+    from gcl.tune.sweep import load_sweep
     from workflows.tune import run_tune
 
     sweep, job = load_sweep(args.config, args.overrides)
@@ -128,8 +128,8 @@ def cmd_tune(args) -> int:
 
 
 def cmd_register(args) -> int:
-    from gcl.registry import register_run
-    from gcl.tracking import find_run, resolve_tracking_uri
+    from gcl.registry.models import register_run
+    from gcl.registry.runs import find_run, resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri)
     version, alias = register_run(find_run(uri, args.run, args.experiment), args.name, uri)
@@ -158,7 +158,7 @@ def check_command(command: list[str], working_dir: str | None) -> None:
         log.warning("config %s is not here; not checked before submitting", local)
         return
     if args.command == "tune":
-        from gcl.sweep import load_sweep
+        from gcl.tune.sweep import load_sweep
 
         load_sweep(local, args.overrides)
     else:

@@ -21,10 +21,10 @@ from gcl.console import say
 from gcl.data.schema import SPLITS
 from gcl.data.synth import SynthConfig, synthesize
 from gcl.job_config import JobConfig
-from gcl.jobs import resolve_job, run_train
-from gcl.mlflow_names import OBJECTIVE
-from gcl.registry import register_run
+from gcl.registry.models import register_run
+from gcl.registry.names import OBJECTIVE
 from gcl.report import comparison_plot, comparison_table, split_metrics
+from gcl.train.job import resolve_job, run_train
 from workflows import CONFIGS
 
 MEASURES = ["ndcg@10", "map@1000", "mrr@1000", "err", "rbp@0.8"]

@@ -1,5 +1,5 @@
 """`gcl embed`: a catalog (or a list of queries) embedded by a model on the Ray cluster, written as
-parquet (or Lance) for `gcl index` or a vector database; see gcl.embed."""
+parquet (or Lance) for `gcl index` or a vector database; see gcl.search.embed."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from tqdm import tqdm
 from gcl import storage
 from gcl.cluster import init_ray
 from gcl.console import say, terminal
-from gcl.embed import embed_rows
 from gcl.job_config import JobConfig
-from gcl.jobs import resolve_job
+from gcl.search.embed import embed_rows
+from gcl.train.job import resolve_job
 
 
 def run_embed(job: JobConfig) -> dict:

@@ -1,7 +1,7 @@
 """`gcl evaluate`: retrieval metrics per split for one or more models: an exported model, a training
 checkpoint or a run's directory (its latest checkpoint; local or on storage such as s3://), a run's
 model or a registered model (`models:/name@alias`), or an open_clip base model
-(`open_clip:ARCH[:TAG or weights file]`, fed as the config's fields say); see gcl.checkpoint.
+(`open_clip:ARCH[:TAG or weights file]`, fed as the config's fields say); see gcl.train.checkpoint.
 Several models: one table per split with each model's change from the first, and a plot."""
 
 from __future__ import annotations
@@ -15,14 +15,14 @@ from mlflow import MlflowClient
 from tqdm import tqdm
 
 from gcl import storage
-from gcl.checkpoint import resolve_model_dir
 from gcl.console import say, terminal
 from gcl.job_config import JobConfig
-from gcl.jobs import resolve_job
 from gcl.model import base_model_config
+from gcl.registry.runs import start_run
 from gcl.report import comparison_plot, comparison_table, metrics_table
 from gcl.retrieval import RowEncoder, evaluate_splits
-from gcl.tracking import start_run
+from gcl.train.checkpoint import resolve_model_dir
+from gcl.train.job import resolve_job
 
 Results = dict[str, dict[str, float]]
 
@@ -40,12 +40,12 @@ def row_encoder(job: JobConfig, model: str, scratch: str) -> RowEncoder:
 
 def run_evaluate_index(job: JobConfig, index_dir: str, model: str | None = None) -> dict[str, Results]:
     """Each evaluation split searched with the index at `index_dir` and exactly over the same
-    vectors (gcl.index_eval), with the index's model (or `model`, which must be the one that
+    vectors (gcl.search.index_eval), with the index's model (or `model`, which must be the one that
     embedded the catalog); prints both side by side and returns {search: {split: metrics}}."""
     import json
 
-    from gcl.index import INFO_FILE
-    from gcl.index_eval import NEIGHBOURS, evaluate_index
+    from gcl.search.index import INFO_FILE
+    from gcl.search.index_eval import NEIGHBOURS, evaluate_index
 
     job = resolve_job(job)
     with open(os.path.join(index_dir, INFO_FILE)) as f:

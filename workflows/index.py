@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from gcl import storage
 from gcl.console import say
-from gcl.index import build_index
 from gcl.job_config import JobConfig
-from gcl.jobs import resolve_job
+from gcl.search.index import build_index
+from gcl.train.job import resolve_job
 
 
 def run_index(job: JobConfig, register: str | None = None) -> dict:
@@ -20,7 +20,7 @@ def run_index(job: JobConfig, register: str | None = None) -> dict:
     say(f"{built['kind']} index of {built['rows']} vectors ({built['dim']} dimensions) in {built['build_seconds']:.1f} s, "
         f"{built['index_bytes'] / 2**20:.1f} MiB: {cfg.out}")  # fmt: skip
     if register:
-        from gcl.registry import register_search_index
+        from gcl.search.register import register_search_index
 
         version, alias = register_search_index(cfg.out, register, job.mlflow.resolved_uri(), job.mlflow.experiment)
         say(f"registered search model {register} version {version} as @{alias}")

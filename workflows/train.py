@@ -1,14 +1,14 @@
 """`gcl train`: validate the data, then fine-tune with Ray Train workers running DeepSpeed,
 evaluate every epoch, track everything in MLflow and export (and optionally register) the model.
-The steps are gcl.jobs.run_train's; this recipe prints what they produced."""
+The steps are gcl.train.job.run_train's; this recipe prints what they produced."""
 
 from __future__ import annotations
 
 from gcl.console import say
 from gcl.job_config import JobConfig
-from gcl.jobs import TrainResult, resolve_job, run_train
-from gcl.mlflow_names import OBJECTIVE, TEST_OBJECTIVE, VALIDATION_PREFIX
+from gcl.registry.names import OBJECTIVE, TEST_OBJECTIVE, VALIDATION_PREFIX
 from gcl.report import metrics_table, relative_change, split_metrics
+from gcl.train.job import TrainResult, resolve_job, run_train
 
 
 def train(job: JobConfig) -> TrainResult:

@@ -1,4 +1,4 @@
-"""`gcl tune`: sweep GCL's loss weights with Ray Tune (Optuna's TPE and ASHA; see gcl.tuning).
+"""`gcl tune`: sweep GCL's loss weights with Ray Tune (Optuna's TPE and ASHA; see gcl.tune.tuner).
 
 The sweep's tracking store and data are checked once, before any trial; MLflow gets a parent run
 for the sweep and a child run per trial. The best trial's model is exported and registered:
@@ -16,8 +16,8 @@ from gcl import storage
 from gcl.cluster import init_ray
 from gcl.console import say
 from gcl.errors import ConfigError, TrainingError
-from gcl.jobs import check_resources, export_to_storage, finish_run, job_resources, prepare, with_score_range
-from gcl.mlflow_names import (
+from gcl.registry.models import register_run
+from gcl.registry.names import (
     BEST_OBJECTIVE,
     BEST_RUN_TAG,
     BEST_TRIAL_TAG,
@@ -26,11 +26,18 @@ from gcl.mlflow_names import (
     TRIALS_ARTIFACT,
     TRIALS_PLOT,
 )
-from gcl.registry import register_run
+from gcl.registry.runs import flatten, runs_named, start_run
 from gcl.report import sweep_plot
-from gcl.sweep import load_sweep, trial_concurrency
-from gcl.tracking import flatten, runs_named, start_run
-from gcl.tuning import (
+from gcl.train.job import (
+    check_resources,
+    export_to_storage,
+    finish_run,
+    job_resources,
+    prepare,
+    with_score_range,
+)
+from gcl.tune.sweep import load_sweep, trial_concurrency
+from gcl.tune.tuner import (
     SweepContext,
     TuneResult,
     build_tuner,

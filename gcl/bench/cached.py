@@ -42,9 +42,9 @@ def cached_step_worker(config: dict) -> None:
     seconds per pair."""
     import ray.train
 
-    from gcl.engine import setup_engine
     from gcl.loss import GCLLoss
-    from gcl.micro_batch import backward_micro_batch
+    from gcl.train.engine import setup_engine
+    from gcl.train.micro_batch import backward_micro_batch
 
     job = JobConfig.model_validate(config["job"])
     torch.set_num_threads(1)

@@ -162,9 +162,9 @@ def cached_gradient_figures(arch: str, chunk: int, device: torch.device, steps: 
     chunked step's loss and gradients against the whole step's (fp32), and the peak memory and
     time per pair of a batch CHUNK_FACTOR x `chunk` in chunks against a batch of one chunk and
     the large batch whole."""
-    from gcl.engine import setup_engine
     from gcl.loss import GCLLoss
-    from gcl.micro_batch import backward_micro_batch
+    from gcl.train.engine import setup_engine
+    from gcl.train.micro_batch import backward_micro_batch
 
     figures = {}
     # Exactness, in fp32: the chunked step's loss and gradients against the whole step's.

@@ -12,8 +12,8 @@ import torch
 
 from gcl.bench.proc import peak_rss_mib, reset_peak_rss, rss_mib
 from gcl.config import parse_config
-from gcl.engine import setup_engine
 from gcl.job_config import JobConfig
+from gcl.train.engine import setup_engine
 
 
 def memory_worker(config: dict) -> None:

@@ -85,8 +85,8 @@ def _schema():
 
 def run_stage(stage: str, data: str, work: str) -> None:
     """One stage on `data`, in this process; prints {"stage", "wall_s", "driver_peak_rss_mib"}.
-    Uses only what gcl has offered since before the Ray Data validation and split, so that a
-    baseline checkout runs it too."""
+    Uses only library calls that gcl has offered since the streaming split (a --baseline checkout
+    needs gcl.data.split_job), none of the command line's."""
     start = time.perf_counter()
     if stage == "validate":
         from gcl.config import FieldsConfig
@@ -95,20 +95,19 @@ def run_stage(stage: str, data: str, work: str) -> None:
 
         validate_pairs(data, DataConfig(), FieldsConfig(), "score_linear")
     elif stage == "split":
-        from workflows.cli import main
+        from gcl.data.split_job import split_dataset
+        from gcl.data.splits import SplitConfig
 
-        if main(["data", "split", "--input", data, "--out", os.path.join(work, "split"), "--seed", "1"]) != 0:
-            raise SystemExit("split failed")
+        split_dataset(data, os.path.join(work, "split"), "query_id", "product_id", SplitConfig(seed=1), {})
     else:
         from gcl.cluster import init_ray
         from gcl.config import parse_config
         from gcl.data.pipeline import PairSource, build_dataset
         from gcl.job_config import JobConfig
-        from workflows import CONFIGS
 
         init_ray()
         # The code's default shuffle: global before pipeline.shuffle=auto, blocks above 2 GB after.
-        job = parse_config(JobConfig, CONFIGS / "tiny-cpu.yaml", [f"data.train={data}", "data.eval={}"])
+        job = parse_config(JobConfig, None, ["model.arch=gcl-tiny", f"data.train={data}", "data.eval={}"])
         next(iter(build_dataset(PairSource.of_job(job), seed=0).iter_batches(batch_size=64)))
     wall = time.perf_counter() - start
     with open("/proc/self/status") as f:  # this file may run against another checkout's gcl

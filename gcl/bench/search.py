@@ -54,7 +54,7 @@ def write_embeddings(directory: str, vectors: np.ndarray, rows_per_file: int = 2
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from gcl.embed import EMBEDDING_COLUMN, METADATA_KEY
+    from gcl.search.embed import EMBEDDING_COLUMN, METADATA_KEY
 
     os.makedirs(directory, exist_ok=True)
     dim = vectors.shape[1]
@@ -82,8 +82,9 @@ def index_figures(rows: int, dim: int, n_queries: int = 1000, k: int = 10, kinds
     """Each index kind at its defaults against FAISS flat on the same vectors and queries."""
     import faiss
 
-    from gcl.index import IndexConfig, SearchIndex, build_index
-    from gcl.index_eval import neighbour_recall
+    from gcl.job_config import IndexConfig
+    from gcl.search.index import SearchIndex, build_index
+    from gcl.search.index_eval import neighbour_recall
 
     faiss.omp_set_num_threads(os.cpu_count() or 1)
     tag = f"{vectors}_{rows // 1000}k_d{dim}"
@@ -120,9 +121,10 @@ def embed_figures(job, rows: int = 20_000, workdir: str | None = None) -> dict:
     import torch
 
     from gcl.data.synth import SynthConfig, synthesize
-    from gcl.embed import EmbedConfig, embed_rows
+    from gcl.job_config import EmbedConfig
     from gcl.model import ModelConfig, create_model, save_model
     from gcl.retrieval import RowEncoder
+    from gcl.search.embed import embed_rows
 
     scratch = tempfile.mkdtemp(prefix="gcl-bench-embed-", dir=workdir)
     synthesize(f"{scratch}/data", SynthConfig(products=max(rows, 400), queries=max(150, rows // 20), seed=5))

@@ -12,7 +12,7 @@ from gcl.bench.memory import zero_memory_figures
 from gcl.bench.retrieval import retrieval_queries_per_s, search_peak_memory
 from gcl.bench.steps import bare_loop_pairs_per_s, data_parallel_pairs_per_s
 from gcl.job_config import JobConfig
-from gcl.jobs import run_train
+from gcl.train.job import run_train
 
 
 def data_figures(job: JobConfig, batch: dict, device: torch.device) -> dict:

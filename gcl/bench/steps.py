@@ -10,11 +10,11 @@ import time
 
 import torch
 
-from gcl.engine import adamw, setup_engine
 from gcl.job_config import JobConfig
 from gcl.loss import GCLLoss
-from gcl.micro_batch import batch_loss
 from gcl.model import FieldEncoder, create_model
+from gcl.train.engine import adamw, setup_engine
+from gcl.train.micro_batch import batch_loss
 
 CPU = torch.device("cpu")
 

@@ -1,5 +1,5 @@
 """The MLflow pyfunc embedding model, defined from code (MLflow "models from code"):
-no pickled class. Logged by gcl.registry.log_embedding_model.
+no pickled class. Logged by gcl.registry.models.log_embedding_model.
 
 Input: a DataFrame whose columns are field names (e.g. `query`, or `title` and/or `image`).
 Images are bytes, base64 strings or paths. A row with left-side fields is embedded as a
@@ -16,7 +16,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from gcl.serving_input import field_frame
+from gcl.registry.serving_input import field_frame
 
 
 class GCLEmbeddingModel(mlflow.pyfunc.PythonModel):

@@ -24,7 +24,7 @@ import pyarrow as pa
 
 from gcl.config import FieldsConfig
 from gcl.errors import ConfigError, ModelError
-from gcl.search_config import EmbedConfig
+from gcl.job_config import EmbedConfig
 
 log = logging.getLogger(__name__)
 EMBEDDING_COLUMN = "embedding"
@@ -78,8 +78,8 @@ class Embedder:
 
         import torch
 
-        from gcl.checkpoint import resolve_model_dir
         from gcl.retrieval import RowEncoder
+        from gcl.train.checkpoint import resolve_model_dir
 
         torch.set_num_threads(threads)
         self.scratch = tempfile.TemporaryDirectory(prefix="gcl-embed-")
@@ -163,12 +163,12 @@ def embed_rows(job, cfg: EmbedConfig, tracking_uri: str, use_gpu: bool = False, 
     import tempfile
 
     from gcl import storage
-    from gcl.checkpoint import resolve_model_dir
     from gcl.data.readers import image_base_dir, resolve_files
     from gcl.data.row_checks import RowRules
     from gcl.data.units import plan_units
     from gcl.data.validate import _check_schema
     from gcl.model import CONFIG_FILE, trained_fields
+    from gcl.train.checkpoint import resolve_model_dir
 
     for key in ("model", "input", "out"):
         if not getattr(cfg, key):

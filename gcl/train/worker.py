@@ -21,15 +21,13 @@ from typing import Any
 import torch
 
 from gcl import storage
-from gcl.checkpoint import TrainState, restore_checkpoint, save_checkpoint
 from gcl.data.batches import ShardReader, WaitClock, batch_template, train_batches
 from gcl.data.pipeline import epoch_dataset_name
-from gcl.engine import setup_engine
 from gcl.errors import explained_cause
 from gcl.job_config import JobConfig
 from gcl.loss import GCLLoss
-from gcl.micro_batch import backward_micro_batch
-from gcl.mlflow_names import (
+from gcl.model import create_preprocessing
+from gcl.registry.names import (
     EVAL_SAMPLE_QUERIES,
     EVAL_SECONDS,
     OBJECTIVE,
@@ -38,12 +36,14 @@ from gcl.mlflow_names import (
     VALIDATION_PREFIX,
     WORKERS_TAG,
 )
-from gcl.model import create_preprocessing
-from gcl.progress import ProgressPoster
+from gcl.registry.runs import MetricsLogger
 from gcl.retrieval import RowEncoder, evaluate_splits, objective_value
-from gcl.step_gate import StepGate
-from gcl.tracking import MetricsLogger
-from gcl.worker_eval import evaluate_splits_on_workers
+from gcl.train.checkpoint import TrainState, restore_checkpoint, save_checkpoint
+from gcl.train.engine import setup_engine
+from gcl.train.micro_batch import backward_micro_batch
+from gcl.train.progress import ProgressPoster
+from gcl.train.step_gate import StepGate
+from gcl.train.worker_eval import evaluate_splits_on_workers
 
 log = logging.getLogger(__name__)
 Results = dict[str, dict[str, float]]  # split -> measure -> value
@@ -86,7 +86,7 @@ class Worker:
     rank: int
     world: int
     progress: ProgressPoster  # rank 0 feeds the driver's progress bar
-    gate: StepGate  # a test-only seam (gcl.step_gate): inert unless a fault test sets it
+    gate: StepGate  # a test-only seam (gcl.train.step_gate): inert unless a fault test sets it
 
 
 @dataclass
@@ -245,7 +245,7 @@ def save_and_report(worker: Worker, state: TrainState, metrics: dict[str, float]
 
 def train_worker(config: dict[str, Any]) -> None:
     """The Ray Train per-worker loop. config: job (a JobConfig dict), steps_per_epoch, tracking_uri
-    and run_id (MLflow), progress_board (the driver's gcl.progress board, when it draws a bar). An
+    and run_id (MLflow), progress_board (the driver's gcl.train.progress board, when it draws a bar). An
     error that gcl explains (a GclError, also one raised in a Ray Data task) is raised as itself,
     so that the driver can fail the run at once."""
     try:
@@ -321,7 +321,7 @@ def evaluate_model(job: JobConfig, module: torch.nn.Module, sample: int = 0,
 
 def _evaluate_on_workers(job: JobConfig, engine, sample: int) -> tuple[Results, Results]:
     """(test, validation) metrics (on `sample` queries per split, 0: all) on rank 0 (empty
-    elsewhere), every rank encoding and searching its share (gcl.worker_eval); under ZeRO-3 the
+    elsewhere), every rank encoding and searching its share (gcl.train.worker_eval); under ZeRO-3 the
     ranks first gather the parameters."""
     if job.deepspeed.zero_stage == 3:
         import deepspeed

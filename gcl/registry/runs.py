@@ -11,7 +11,7 @@ import os
 import time
 
 from gcl.errors import TrackingError
-from gcl.mlflow_names import ERROR_TAG, RUN_NAME_TAG
+from gcl.registry.names import ERROR_TAG, RUN_NAME_TAG
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def check_tracking(uri: str) -> None:
     """Fail fast, before any training, if the MLflow tracking store cannot be reached."""
     from mlflow import MlflowClient
 
-    from gcl.tracking_buffer import fail_fast_requests
+    from gcl.registry.buffer import fail_fast_requests
 
     try:
         with fail_fast_requests(), _sqlite_init_lock(uri):  # one quick try: a wrong URI fails at once
@@ -167,7 +167,7 @@ def mlflow_metric_name(name: str) -> str:
 
 class MetricsLogger:
     """Rank 0's metrics and tags for the MLflow run, buffered so that an outage of the tracking
-    store does not stop training (gcl.tracking_buffer.BufferedRunLog); other ranks log nothing."""
+    store does not stop training (gcl.registry.buffer.BufferedRunLog); other ranks log nothing."""
 
     def __init__(self, tracking_uri: str | None, run_id: str | None, enabled: bool, run_dir: str,
                  flush_seconds: float = 10.0):  # fmt: skip
@@ -176,7 +176,7 @@ class MetricsLogger:
         if enabled and tracking_uri and run_id:
             from mlflow import MlflowClient
 
-            from gcl.tracking_buffer import FAIL_FAST, BufferedRunLog
+            from gcl.registry.buffer import FAIL_FAST, BufferedRunLog
 
             os.environ.update(FAIL_FAST)  # this worker process's MLflow requests are the buffer's
             self.buffer = BufferedRunLog(MlflowClient(tracking_uri), run_id, run_dir, flush_seconds)
@@ -187,7 +187,7 @@ class MetricsLogger:
         reached now is no error: its metrics are buffered."""
         from mlflow.exceptions import MlflowException
 
-        from gcl.tracking_buffer import is_outage
+        from gcl.registry.buffer import is_outage
 
         if self.buffer is None:
             return

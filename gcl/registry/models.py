@@ -14,7 +14,7 @@ import yaml
 import gcl
 from gcl.errors import ModelError
 from gcl.job_config import JobConfig
-from gcl.mlflow_names import (
+from gcl.registry.names import (
     CHALLENGER,
     CHAMPION,
     CONFIG_ARTIFACT,
@@ -24,15 +24,13 @@ from gcl.mlflow_names import (
     OBJECTIVE,
     OBJECTIVE_KEY_TAG,
     OBJECTIVE_TAG,
-    SEARCH_MODEL_ARTIFACT,
     VALIDATION_PREFIX,
 )
-from gcl.tracking import fluent_tracking_uri
+from gcl.registry.runs import fluent_tracking_uri
 
 log = logging.getLogger(__name__)
 SERVING_CODE = os.path.join(os.path.dirname(__file__), "serving.py")
-SEARCH_SERVING_CODE = os.path.join(os.path.dirname(__file__), "search_serving.py")
-# What the served model's code imports (gcl.serving, gcl.retrieval, gcl.model and open_clip's
+# What the served model's code imports (gcl.registry.serving, gcl.retrieval, gcl.model and open_clip's
 # transforms), by distribution name; pinned to the versions it was logged with.
 SERVING_DISTRIBUTIONS = ("mlflow", "torch", "torchvision", "open_clip_torch", "numpy", "pandas", "pyarrow",
                          "pillow", "pydantic", "pyyaml")  # fmt: skip
@@ -51,7 +49,7 @@ def copy_gcl_code(directory: str) -> str:
     import shutil
 
     target = os.path.join(directory, "gcl")
-    shutil.copytree(os.path.dirname(__file__), target, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(os.path.dirname(gcl.__file__), target, ignore=shutil.ignore_patterns("__pycache__"))
     return target
 
 
@@ -198,67 +196,3 @@ def register_run(run_id: str, name: str, tracking_uri: str) -> tuple[str, str]:
     return register(
         model_uri, name, run.data.metrics[OBJECTIVE], tracking_uri, tags, objective_key_for(job, tags)
     )
-
-
-def log_search_model(run_id: str, model_dir: str, index_dir: str, tracking_uri: str) -> str:
-    """Log the search model (gcl/search_serving.py: the exported model at `model_dir` and the
-    `gcl index` directory `index_dir`) to the run, as log_embedding_model logs the embedding
-    model, plus faiss-cpu and a signature that takes `k` as a param. Returns its model URI."""
-    import tempfile
-    from importlib.metadata import version
-
-    import mlflow
-    from mlflow.models import ModelSignature
-    from mlflow.types.schema import ParamSchema, ParamSpec
-
-    # No input schema: as for the embedding model, an unknown column is the model's error to name.
-    signature = ModelSignature(inputs=None, params=ParamSchema([ParamSpec("k", "long", 10)]))
-    requirements = [*serving_requirements(), f"faiss-cpu=={version('faiss-cpu')}"]
-    with tempfile.TemporaryDirectory() as scratch, fluent_tracking_uri(tracking_uri), \
-            mlflow.start_run(run_id=run_id):  # fmt: skip
-        info = mlflow.pyfunc.log_model(name=SEARCH_MODEL_ARTIFACT, python_model=SEARCH_SERVING_CODE,
-                                       artifacts={"model": model_dir, "index": index_dir}, signature=signature,
-                                       pip_requirements=requirements, code_paths=[copy_gcl_code(scratch)])  # fmt: skip
-    return info.model_uri
-
-
-def register_search_index(index_dir: str, name: str, tracking_uri: str, experiment: str) -> tuple[str, str]:
-    """Log and register the search model of a `gcl index` directory under `name`: a run named
-    index-<name> holds it with the index's build parameters; the version carries the embedding
-    model's lineage and objective (the registered version it was built with, which the champion
-    gate compares), the index's parameters and the corpus's content hash. Returns (version, alias)."""
-    import tempfile
-
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    from gcl.checkpoint import resolve_model_dir
-    from gcl.index import INFO_FILE
-    from gcl.tracking import start_run
-
-    with open(os.path.join(index_dir, INFO_FILE)) as f:
-        info = json.load(f)
-    model_uri = info.get("model_uri") or ""
-    if not model_uri.startswith("models:/") or info.get("side") != "right":
-        raise ModelError(f"{index_dir}: built from embeddings of {model_uri or 'an unknown model'} ({info.get('side')} side); "
-                         "a search model is registered from documents embedded with a registered model: "
-                         "gcl embed --model models:/<name>@<alias> (the default side, right)")  # fmt: skip
-    client = MlflowClient(tracking_uri)
-    model_name, model_version = model_uri.removeprefix("models:/").split("/", 1)
-    try:
-        embedding_version = client.get_model_version(model_name, model_version)
-    except MlflowException as err:
-        raise ModelError(f"{model_uri}: not in {tracking_uri} ({err})") from err
-    embedding_tags = embedding_version.tags
-    build = {k: info[k] for k in ("kind", "hnsw_m", "hnsw_ef_construction", "hnsw_ef_search", "ivf_lists",
-                                  "ivf_probe", "pq_bytes", "refine_factor", "rows", "dim")}  # fmt: skip
-    run_id = start_run(tracking_uri, experiment, f"index-{name}", {f"index.{k}": v for k, v in build.items()})
-    with tempfile.TemporaryDirectory(prefix="gcl-index-") as scratch:
-        search_uri = log_search_model(run_id, resolve_model_dir(model_uri, scratch, tracking_uri), index_dir,
-                                      tracking_uri)  # fmt: skip
-    client.set_terminated(run_id)
-    lineage = {k: v for k, v in embedding_tags.items() if k not in (OBJECTIVE_TAG, OBJECTIVE_KEY_TAG)}
-    tags = {**lineage, "embedding_model": model_uri, "index": json.dumps(build),
-            "corpus_sha256": info["corpus_sha256"], "index_run_id": run_id}  # fmt: skip
-    objective = float(embedding_tags.get(OBJECTIVE_TAG, "-inf"))
-    return register(search_uri, name, objective, tracking_uri, tags, embedding_tags.get(OBJECTIVE_KEY_TAG, ""))

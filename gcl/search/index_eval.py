@@ -10,9 +10,9 @@ import logging
 
 import numpy as np
 
-from gcl.index import SearchIndex, corpus_vectors
 from gcl.metrics import evaluate
 from gcl.retrieval import EvalConfig, RowEncoder, exact_top_k, judged_queries, load_split
+from gcl.search.index import SearchIndex, corpus_vectors
 
 log = logging.getLogger(__name__)
 NEIGHBOURS = 10  # the overlap of the index's top 10 with the exact top 10 (recall@10 of the index)

@@ -1,6 +1,6 @@
-"""The MLflow pyfunc search model, defined from code (as gcl.serving's embedding model): the
+"""The MLflow pyfunc search model, defined from code (as gcl.registry.serving's embedding model): the
 embedding model and a `gcl index` index in one servable model. Logged by
-gcl.registry.log_search_model.
+gcl.search.register.log_search_model.
 
 Input: a DataFrame of queries whose columns are the model's left-side fields (e.g. `query`;
 images as bytes, base64 strings or paths). Params: `k` (default 10), the results per query.
@@ -15,15 +15,15 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from gcl.serving_input import field_frame
+from gcl.registry.serving_input import field_frame
 
 
 class GCLSearchModel(mlflow.pyfunc.PythonModel):
     """Top-k document search with a gcl-trained open_clip model and its catalog's index."""
 
     def load_context(self, context) -> None:
-        from gcl.index import SearchIndex
         from gcl.retrieval import RowEncoder
+        from gcl.search.index import SearchIndex
 
         self.row_encoder = RowEncoder.from_model_dir(context.artifacts["model"])
         self.fields = self.row_encoder.fields

@@ -18,15 +18,16 @@ from dataclasses import dataclass, field
 import yaml
 
 from gcl import storage
-from gcl.checkpoint import consolidate_checkpoint, log_resume
 from gcl.cluster import init_ray
 from gcl.data.manifest import dataset_manifest
 from gcl.data.pipeline import PairSource, epoch_datasets, unsplit_data_config
 from gcl.data.validate import ValidationReport, validate_pairs
-from gcl.engine import deepspeed_config
 from gcl.errors import ConfigError, GclError, ModelError, TrackingError
 from gcl.job_config import JobConfig
-from gcl.mlflow_names import (
+from gcl.model import CONFIG_FILE
+from gcl.registry.buffer import SPILL_DIR, SpillFiles, fail_fast_requests, is_outage, replay
+from gcl.registry.models import log_embedding_model, register_run
+from gcl.registry.names import (
     CONFIG_ARTIFACT,
     DEEPSPEED_ARTIFACT,
     MANIFEST_ARTIFACT,
@@ -34,10 +35,7 @@ from gcl.mlflow_names import (
     MODEL_URI_TAG,
     ROWS_SKIPPED,
 )
-from gcl.model import CONFIG_FILE
-from gcl.progress import TrainingBar
-from gcl.registry import log_embedding_model, register_run
-from gcl.tracking import (
+from gcl.registry.runs import (
     check_tracking,
     flatten,
     mark_failed,
@@ -46,8 +44,10 @@ from gcl.tracking import (
     runs_named,
     start_run,
 )
-from gcl.tracking_buffer import SPILL_DIR, SpillFiles, fail_fast_requests, is_outage, replay
-from gcl.training import train_worker
+from gcl.train.checkpoint import consolidate_checkpoint, log_resume
+from gcl.train.engine import deepspeed_config
+from gcl.train.progress import TrainingBar
+from gcl.train.worker import train_worker
 
 log = logging.getLogger(__name__)
 RUN_FILES = "run_files"  # <storage>/<name>/run_files/: what finish_run logs beside the model
@@ -185,7 +185,7 @@ def fail_fast_callback():
 
 def fit(job: JobConfig, data: CheckedData, run_id: str, callbacks=(), progress: bool = False):
     """Run the Ray Train job for `job` (checkpoints under storage/name) and return its Result;
-    with `progress`, draw the workers' progress as a bar on the terminal (gcl.progress).
+    with `progress`, draw the workers' progress as a bar on the terminal (gcl.train.progress).
     A GclError in a worker is raised here as itself, after one attempt."""
     from ray.train import CheckpointConfig, ControllerError, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -249,7 +249,7 @@ def export_to_storage(job: JobConfig, checkpoint, manifest: dict | None = None) 
 
 def finish_run(job: JobConfig, run_id: str, location: str, register: bool = True) -> None:
     """Everything training leaves to MLflow once the workers are done: the metrics buffered during
-    an outage (gcl.tracking_buffer), the exported model at `location` with its run files and the
+    an outage (gcl.registry.buffer), the exported model at `location` with its run files and the
     pyfunc embedding model (its URI in the run's MODEL_URI_TAG tag), the run's end and, where
     `mlflow.registered_model` is set and `register`, its registration. Each step is skipped where it is done
     already, so `gcl sync` can repeat it after an outage."""

@@ -25,9 +25,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from gcl.embed import EMBEDDING_COLUMN, METADATA_KEY
 from gcl.errors import SearchIndexError
-from gcl.search_config import IndexConfig
+from gcl.job_config import IndexConfig
+from gcl.search.embed import EMBEDDING_COLUMN, METADATA_KEY
 
 log = logging.getLogger(__name__)
 INDEX_FILE, IDS_FILE, INFO_FILE = "index.faiss", "ids.parquet", "index.json"

@@ -24,7 +24,7 @@ from pydantic import Field, model_validator
 
 from gcl.config import ConfigError, Section, parse_config
 from gcl.job_config import JobConfig
-from gcl.jobs import job_resources
+from gcl.train.job import job_resources
 
 JOB_PREFIX = "job."  # `gcl tune --set job.train.epochs=1`: an override of the sweep's base job
 

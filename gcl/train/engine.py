@@ -9,9 +9,9 @@ from typing import Any
 
 import torch
 
-from gcl.checkpoint import use_weights_only_loader
 from gcl.job_config import JobConfig
 from gcl.model import FieldEncoder, create_model
+from gcl.train.checkpoint import use_weights_only_loader
 
 # Communication buckets sized for CLIP-scale models (0.1-1B parameters), in elements. DeepSpeed's
 # defaults (5e8 for the reduce and all-gather buckets, 1e9 live parameters under ZeRO-3) exceed a

@@ -26,7 +26,7 @@ from gcl.config import FieldsConfig
 from gcl.errors import ModelError
 from gcl.job_config import JobConfig
 from gcl.model import CONFIG_FILE, FIELDS_FILE, ModelConfig, create_model, model_config, save_model
-from gcl.tracking import fluent_tracking_uri
+from gcl.registry.runs import fluent_tracking_uri
 
 log = logging.getLogger(__name__)
 CHECKPOINT_TAG = "checkpoint"

@@ -2,7 +2,7 @@
 TorchTrainer (the Ray Train V2 pattern), its per-epoch metrics reaching Tune through Ray Train's
 TuneReportCallback; Optuna's TPE proposes settings and ASHA stops unpromising trials. MLflow
 gets a child run per trial under the sweep's parent run. What a sweep is (its config, search
-space and checks) is gcl.sweep; `gcl tune` (workflows/tune.py) runs one.
+space and checks) is gcl.tune.sweep; `gcl tune` (workflows/tune.py) runs one.
 """
 
 from __future__ import annotations
@@ -14,8 +14,7 @@ from typing import Any
 
 from gcl.config import validate_config
 from gcl.job_config import JobConfig
-from gcl.jobs import fit, with_score_range
-from gcl.mlflow_names import (
+from gcl.registry.names import (
     ERROR_TAG,
     EVAL_SAMPLE_QUERIES,
     OBJECTIVE,
@@ -25,8 +24,9 @@ from gcl.mlflow_names import (
     TEST_OBJECTIVE,
     TRIAL_ID_TAG,
 )
-from gcl.sweep import SweepConfig, trial_overrides
-from gcl.tracking import flatten, log_params, mark_failed, mark_finished, start_run
+from gcl.registry.runs import flatten, log_params, mark_failed, mark_finished, start_run
+from gcl.train.job import fit, with_score_range
+from gcl.tune.sweep import SweepConfig, trial_overrides
 
 log = logging.getLogger(__name__)
 TRIAL_DRIVER_MEMORY = 256 * 2**20  # bytes: a trial driver holds configs and an MLflow client
@@ -38,7 +38,7 @@ class SweepContext:
 
     name: str
     base: dict  # the prepared base job (resolved paths and tracking URI), as a dict
-    data: Any  # gcl.jobs.CheckedData: the training data as validation found it
+    data: Any  # gcl.train.job.CheckedData: the training data as validation found it
     tracking_uri: str
     experiment: str
     parent_run_id: str
