@@ -49,7 +49,8 @@ def _trained_on_every_pair(client, run_id: str) -> list[float]:
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.metrics["data_rows_skipped"] == 0
     losses = [v for _, v in _losses(client.tracking_uri, run_id)]
-    assert losses and all(math.isfinite(v) and v > 0 for v in losses)
+    # 184 pairs, 2 workers, 16 a step: 6 steps an epoch, every one trained on real pairs.
+    assert len(losses) >= 3 and all(math.isfinite(v) and v > 0 for v in losses)
     return losses
 
 
@@ -188,3 +189,30 @@ def test_unreachable_tracking_store_fails_fast_naming_the_uri(tiny_job, tmp_path
     with pytest.raises(TrackingError, match=r"MLflow tracking store 'http://127.0.0.1:9' is not reachable"):
         run_train(job)
     assert time.perf_counter() - start < 60
+
+
+def _job_loss_rank(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from gcl.train.worker import job_loss
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    # Rank 0: 3 valid pairs of a batch of 4, each pair's loss 1, 2, 3 (its loss: their mean over 4
+    # rows, padding weighing 0); rank 1: all padding, as when its shard has run out.
+    valid = torch.tensor([True, True, True, False]) if rank == 0 else torch.zeros(4, dtype=torch.bool)
+    per_row = torch.tensor([1.0, 2.0, 3.0, 0.0]) if rank == 0 else torch.zeros(4)
+    loss = per_row.mean()
+    result = job_loss(loss, {"left_to_right": loss / 2}, valid)
+    torch.save(result, f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_the_logged_loss_is_the_mean_over_every_ranks_valid_pairs(tmp_path):
+    """What the bar, MLflow's `loss` and `train_loss` show: the mean over the valid pairs of every
+    rank (2 gloo processes), the same on each, not rank 0's mean over its rows with padding."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_job_loss_rank, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        loss, terms, pairs = torch.load(tmp_path / f"rank{rank}.pt")
+        assert pairs == 3 and loss == pytest.approx(2.0) and terms == {"left_to_right": pytest.approx(1.0)}

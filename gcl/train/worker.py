@@ -95,7 +95,8 @@ class EpochStats:
 
     start: float
     end: float = 0.0
-    loss_sum: float = 0.0
+    loss_sum: float = 0.0  # the job's loss (every rank's valid pairs) x its valid pairs, over the epoch's steps
+    loss_pairs: float = 0.0  # every rank's valid pairs over the epoch's steps
     steps: int = 0
     pairs: int = 0  # valid pairs trained on
     first_batch_at: float | None = None
@@ -172,14 +173,15 @@ def train_epoch(worker: Worker, epoch: int, step: int) -> tuple[EpochStats, int]
                                                           chunk=job.train.embed_chunk)  # fmt: skip
             engine.step()  # the optimizer steps on the group's last micro-batch only
             step += 1
-            loss_value = loss.item()  # one device-to-host sync for the three uses below
-            stats.loss_sum += loss_value
+            loss_value, term_values, pairs = job_loss(loss, terms, batch["valid"])
+            stats.loss_sum += loss_value * pairs
+            stats.loss_pairs += pairs
             stats.steps += 1
             stats.pairs += int(batch["valid"].sum())
             now = time.perf_counter()
             pairs_per_s = worker.world * job.train.batch_size / max(now - tick, 1e-9)
             worker.metrics_log.log({"loss": loss_value, "lr": worker.scheduler.get_last_lr()[0], "pairs_per_s": pairs_per_s,
-                                    "logit_scale": log_scale.exp().item(), **{f"loss_{k}": v.item() for k, v in terms.items()}},
+                                    "logit_scale": log_scale.exp().item(), **{f"loss_{k}": v for k, v in term_values.items()}},
                                    step)  # fmt: skip
             worker.progress.post(phase="training", epoch=epoch + 1, step=step, loss=loss_value,
                                  pairs_per_s=worker.world * stats.pairs / max(now - stats.start, 1e-9))  # fmt: skip
@@ -188,13 +190,32 @@ def train_epoch(worker: Worker, epoch: int, step: int) -> tuple[EpochStats, int]
     return stats, step
 
 
+def job_loss(loss: torch.Tensor, terms: dict[str, torch.Tensor],
+             valid: torch.Tensor) -> tuple[float, dict[str, float], float]:  # fmt: skip
+    """A micro-batch's loss and its terms over every rank's valid pairs, and those pairs' number:
+    what a person reads as the job's loss. Each rank's loss is a mean over its batch's rows with
+    padding rows weighing 0, so a rank whose shard ran out shows 0 and a partial last batch shows
+    less than its pairs' loss; here each is weighted back by its rows and divided by all ranks'
+    valid pairs (one all-reduce; every rank gets the same). loss: () tensor; terms: name -> ();
+    valid: (B,) bool."""
+    rows = valid.shape[0]
+    packed = torch.stack([loss.detach().float() * rows, *(t.detach().float() * rows for t in terms.values()),
+                          valid.sum().float()])  # fmt: skip
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(packed)
+    values = packed.tolist()
+    pairs = values[-1]
+    per_pair = [v / max(pairs, 1.0) for v in values[:-1]]
+    return per_pair[0], dict(zip(terms, per_pair[1:], strict=True)), pairs
+
+
 def epoch_metrics(stats: EpochStats, world: int, data_wait_seconds: float) -> dict[str, float]:
     """The epoch's training metrics. Data waits are included in its rates, evaluation is not;
     `steady`: after the first batch arrived, without the epoch's start-up (the pipeline's read,
     shuffle and first batch). data_wait_seconds: the longest any rank waited for batches."""
     elapsed = max(stats.end - stats.start, 1e-9)
     steady_pairs = stats.pairs - stats.first_batch_pairs
-    return {"train_loss": stats.loss_sum / max(stats.steps, 1),
+    return {"train_loss": stats.loss_sum / max(stats.loss_pairs, 1),
             "epoch_seconds": time.perf_counter() - stats.start,
             "epoch_pairs_per_s": world * stats.pairs / elapsed,
             "epoch_first_batch_seconds": stats.first_batch_at - stats.start,
