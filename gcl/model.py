@@ -20,9 +20,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import model_validator
 
-from gcl.config import Section
+from gcl.config import ConfigError, Section
 from gcl.errors import ModelError
+from gcl.towers import (
+    FROZEN_TRUNK,
+    TowersConfig,
+    image_mean_std,
+    load_image_weights,
+    lock_towers,
+    register_config,
+    resolve_text_tower,
+    save_text_tower,
+    towers_model_config,
+)
 
 GCL_MODEL_CONFIGS = Path(__file__).parent / "model_configs"
 CONFIG_FILE = "open_clip_config.json"
@@ -34,24 +46,42 @@ class ModelConfig(Section):
     """Which open_clip model to fine-tune."""
 
     arch: str = "gcl-tiny"
-    """open_clip architecture name (e.g. `ViT-B-32`), or gcl's tiny `gcl-tiny` / `gcl-small`."""
+    """open_clip architecture name (e.g. `ViT-B-32`), gcl's tiny `gcl-tiny` / `gcl-small`, or
+    `towers`: a dual encoder built from pretrained towers (model.towers)."""
     pretrained: str | None = None
     """open_clip pretrained tag (e.g. `laion2b_s34b_b79k`), a local checkpoint file, an exported
     model directory, or null for random initialization."""
     cache_dir: str | None = None
     """Where open_clip caches downloaded weights (null: its default)."""
+    towers: TowersConfig | None = None
+    """With arch: towers, the image and text towers, their weights and locks (gcl/towers.py)."""
+
+    @model_validator(mode="after")
+    def _towers_go_with_their_arch(self) -> ModelConfig:
+        if (self.arch == TOWERS_ARCH) != (self.towers is not None):
+            raise ConfigError("model.towers: give it with model.arch=towers, and model.arch=towers with it")
+        if self.towers is not None and self.pretrained:
+            raise ConfigError("model.pretrained: a model built from towers takes its weights per tower "
+                              "(model.towers.image.weights, model.towers.text.hf); leave model.pretrained null")  # fmt: skip
+        return self
 
 
+TOWERS_ARCH = "towers"
 BASE_MODEL_PREFIX = "open_clip:"  # a model reference naming an open_clip model, not a gcl export
 
 
-def base_model_config(reference: str) -> ModelConfig | None:
+def base_model_config(reference: str, job_model: ModelConfig | None = None) -> ModelConfig | None:
     """The ModelConfig of a base-model reference, `open_clip:ARCH` (random weights),
-    `open_clip:ARCH:TAG` (a pretrained tag, e.g. open_clip:ViT-B-32:laion2b_s34b_b79k) or
-    `open_clip:ARCH:/path/weights.bin`; None for any other reference."""
+    `open_clip:ARCH:TAG` (a pretrained tag, e.g. open_clip:ViT-B-32:laion2b_s34b_b79k),
+    `open_clip:ARCH:/path/weights.bin`, or `open_clip:towers`: the job's own model built from its
+    pretrained towers (`job_model`), as its training starts; None for any other reference."""
     if not reference.startswith(BASE_MODEL_PREFIX):
         return None
     arch, _, pretrained = reference.removeprefix(BASE_MODEL_PREFIX).partition(":")
+    if arch == TOWERS_ARCH:
+        if job_model is None or job_model.towers is None:
+            raise ModelError(f"--model {reference}: the config has no model.towers to build the base model from")
+        return job_model
     if not arch:
         raise ModelError(f"--model {reference!r}: give an open_clip architecture, e.g. "
                          "open_clip:ViT-B-32:laion2b_s34b_b79k or open_clip:gcl-tiny:/path/weights.bin")  # fmt: skip
@@ -100,11 +130,18 @@ def _open_clip_source(cfg: ModelConfig) -> tuple[str, str | None, dict[str, Any]
         if not config_path.is_file():
             raise FileNotFoundError(f"model.pretrained={pretrained}: directory has no {CONFIG_FILE}")
         model_cfg = json.loads(config_path.read_text())["model_cfg"]
-        return f"local-dir:{pretrained}", None, model_cfg
+        if "hf_model_name" not in model_cfg.get("text_cfg", {}):
+            return f"local-dir:{pretrained}", None, model_cfg
+        # Built from towers: its text tower's config and tokenizer travel in the directory.
+        model_cfg = resolve_text_tower(model_cfg, Path(pretrained))
+        return register_config("gcl-towers", model_cfg), str(Path(pretrained) / WEIGHTS_FILE), model_cfg
+    if cfg.towers is not None:
+        model_cfg = towers_model_config(cfg.towers)
+        return register_config("gcl-towers", model_cfg), None, model_cfg
     model_cfg = open_clip.get_model_config(cfg.arch)
     if model_cfg is None:
         raise ValueError(
-            f"model.arch={cfg.arch!r} is not an open_clip architecture; known: gcl-tiny, gcl-small, "
+            f"model.arch={cfg.arch!r} is not an open_clip architecture; known: gcl-tiny, gcl-small, towers, "
             f"ViT-B-32, ViT-B-16, ... ({len(open_clip.list_models())} in open_clip.list_models())"
         )
     return cfg.arch, pretrained, model_cfg
@@ -125,9 +162,24 @@ def create_model(cfg: ModelConfig, init_temperature: float | None = None) -> Loa
 
     register_gcl_configs()
     name, pretrained, model_cfg = _open_clip_source(cfg)
-    clip, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-        name, pretrained=pretrained, cache_dir=cfg.cache_dir, nonscalar_logit_scale=True
-    )
+    towers = cfg.towers
+    options: dict[str, Any] = {}
+    if towers is not None:
+        mean, std = image_mean_std(towers)
+        options = {"image_mean": mean, "image_std": std, "pretrained_image": towers.image.weights == "timm",
+                   "pretrained_text": True}  # fmt: skip
+    try:
+        clip, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+            name, pretrained=pretrained, cache_dir=cfg.cache_dir, nonscalar_logit_scale=True, **options
+        )
+    except OSError as err:  # transformers' or timm's: weights or files not found, not reachable
+        raise ModelError(f"model {name}: the weights could not be loaded ({str(err).splitlines()[0][:300]}); "
+                         "give a local directory or file, or fill the model hub's cache where the hub is "
+                         "reachable and set HF_HUB_OFFLINE=1") from err  # fmt: skip
+    if towers is not None:
+        if towers.image.weights and towers.image.weights != "timm":
+            load_image_weights(clip.visual.trunk, towers.image.weights)
+        lock_towers(clip, towers)
     if init_temperature is not None:
         with torch.no_grad():
             clip.logit_scale.fill_(math.log(1.0 / init_temperature))
@@ -144,9 +196,12 @@ def create_preprocessing(cfg: ModelConfig) -> tuple[Callable, Callable, Callable
     register_gcl_configs()
     name, pretrained, model_cfg = _open_clip_source(cfg)
     preprocess = merge_preprocess_dict(PreprocessCfg(), {})
-    if name.startswith("local-dir:"):
+    if cfg.pretrained and Path(cfg.pretrained).is_dir():
         saved = json.loads((Path(cfg.pretrained) / CONFIG_FILE).read_text()).get("preprocess_cfg", {})
         preprocess = merge_preprocess_dict(preprocess, saved)
+    elif cfg.towers is not None:
+        mean, std = image_mean_std(cfg.towers)
+        preprocess = merge_preprocess_dict(preprocess, {"mean": mean, "std": std})
     elif pretrained:
         preprocess = merge_preprocess_dict(
             preprocess, open_clip.get_pretrained_cfg(cfg.arch, pretrained) or {}
@@ -232,6 +287,14 @@ class FieldEncoder(torch.nn.Module):
         # The loss, its gather across workers and retrieval run in fp32 whatever the towers' dtype.
         return out, torch.log(scale.float()).reshape(1)
 
+    def train(self, mode: bool = True) -> FieldEncoder:
+        """As torch's, except that a wholly locked image tower stays in eval mode (gcl.towers)."""
+        super().train(mode)
+        visual = getattr(self.clip, "visual", None)
+        if mode and getattr(visual, FROZEN_TRUNK, False):
+            visual.trunk.eval()
+        return self
+
     def _mean_std_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The model's pixel mean and std as fp32 tensors on `device`, built on the first batch
         there rather than copied to it at every step."""
@@ -263,6 +326,8 @@ def save_model(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     preprocess_cfg = dict(getattr(clip.visual, "preprocess_cfg", {}) or {})
+    if "hf_model_name" in model_cfg.get("text_cfg", {}):  # its text tower's config and tokenizer go along
+        model_cfg = save_text_tower(dict(model_cfg), out)
     config = {"model_cfg": dict(model_cfg), "preprocess_cfg": preprocess_cfg}
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2))
     weights = {k: v.detach().cpu().float().contiguous() for k, v in (state_dict or clip.state_dict()).items()}

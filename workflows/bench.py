@@ -46,11 +46,25 @@ def bench_job(workdir: str, gpus: int, overrides: list[str] | None = None) -> Jo
     ])  # fmt: skip
 
 
-def run_bench(only: list[str] | None = None, workdir: str | None = None,
-              overrides: list[str] | None = None, search_rows: int = 1_000_000) -> dict:  # fmt: skip
+# Named settings of `gcl bench --preset`: sections, overrides of the timed job, timed steps.
+PRESETS = {
+    # The steps section at ViT-B-32 size on a CPU, in a few minutes: open_clip's loop against gcl's
+    # step (plain, ZeRO-0 to 3, and 2 processes side by side) on batches of 8 pairs.
+    "vitb32-cpu": {"only": ["steps"], "overrides": ["model.arch=ViT-B-32", "train.batch_size=4"], "steps": 5},
+}
+
+
+def run_bench(only: list[str] | None = None, workdir: str | None = None, overrides: list[str] | None = None,
+              search_rows: int = 1_000_000, preset: str | None = None) -> dict:  # fmt: skip
     """Run the benchmarks, print a table and JSON, return the figures. `overrides` apply to the
     data, steps, pipeline and search sections' job (see bench_job); the memory section keeps its
-    own. search_rows: the vectors the search section indexes (gcl.bench.search)."""
+    own. search_rows: the vectors the search section indexes (gcl.bench.search). `preset`: one of
+    PRESETS, whose sections and overrides come first (`only` and `overrides` add to them)."""
+    timed_steps = 20
+    if preset:
+        chosen = PRESETS[preset]
+        only, overrides = only or chosen["only"], [*chosen["overrides"], *(overrides or [])]
+        timed_steps = chosen["steps"]
     only = only or [s for s in SECTIONS if s != "search"]
     device, gpus = bench_device(), torch.cuda.device_count()
     figures: dict = {"machine": f"{os.cpu_count()} CPU cores, CUDA={torch.cuda.is_available()}",
@@ -79,12 +93,11 @@ def run_bench(only: list[str] | None = None, workdir: str | None = None,
         batch = batch_from_pipeline(job, job.train.batch_size * job.scaling.num_workers)
     if "data" in only:
         figures.update(data_figures(job, batch, device))
-    if {"steps", "pipeline"} & set(only):
+    if "steps" in only:
+        figures.update(steps_figures(job, batch, timed_steps))
+    if "pipeline" in only:
         bare = bare_loop_figures(job, batch, device)
         figures.update(bare)
-    if "steps" in only:
-        figures.update(steps_figures(job, batch, bare["bare_loop_pairs_per_s"]))
-    if "pipeline" in only:
         figures.update(pipeline_figures(job, bare))
     if "memory" in only:
         figures.update(memory_figures(f"{workdir}/runs", gpus))

@@ -246,7 +246,12 @@ def cmd_index(args) -> int:
 def cmd_bench(args) -> int:
     from workflows.bench import run_bench
 
-    run_bench(args.only.split(",") if args.only else None, args.workdir, args.overrides, args.search_rows)
+    if args.gpu_check:
+        from gcl.bench.gpu_check import main as gpu_check
+
+        return gpu_check(["--out", args.gpu_check])
+    run_bench(args.only.split(",") if args.only else None, args.workdir, args.overrides, args.search_rows,
+              args.preset)  # fmt: skip
     return 0
 
 
@@ -411,6 +416,11 @@ def _add_evaluate_demo_bench(sub) -> None:
     p.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override the timed job's config (data, steps, pipeline), e.g. --set model.arch=ViT-B-32 "
                    "--set train.batch_size=128 --set pipeline.preprocess_tasks=8")  # fmt: skip
+    p.add_argument("--preset", choices=["vitb32-cpu"],
+                   help="vitb32-cpu: the steps section at ViT-B-32 size on this CPU (a few minutes)")  # fmt: skip
+    p.add_argument("--gpu-check", metavar="OUT.json",
+                   help="the GPU check (gcl.bench.gpu_check: open_clip's loop against gcl's steps at ViT-B-32, "
+                   "batches 256 and 512, on the first GPU) into one JSON file; nothing else runs")  # fmt: skip
     p.set_defaults(func=cmd_bench)
 
 

@@ -29,7 +29,7 @@ Results = dict[str, dict[str, float]]
 
 def row_encoder(job: JobConfig, model: str, scratch: str) -> RowEncoder:
     """The encoder of any model reference `gcl evaluate` takes."""
-    base = base_model_config(model)
+    base = base_model_config(model, job.model)
     if base is not None:
         torch.manual_seed(job.seed)  # an architecture without weights starts from the job's seed
         return RowEncoder.from_model(base, job.fields)
@@ -67,7 +67,7 @@ def run_evaluate(job: JobConfig, model: str | list[str]) -> Results | dict[str, 
     job = resolve_job(job)
     models = [model] if isinstance(model, str) else list(model)
     for reference in models:  # a malformed base-model reference fails before any model is loaded
-        base_model_config(reference)
+        base_model_config(reference, job.model)
     results: dict[str, Results] = {}
     with tqdm(total=len(models) * len(job.data.eval), desc="evaluating", unit="split", file=terminal(),
               dynamic_ncols=True) as bar:  # fmt: skip

