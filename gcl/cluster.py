@@ -14,6 +14,26 @@ WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false"}
 LOCAL_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 
 
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """A ClusterError, in seconds, when nothing answers at the Ray address (host:port of its GCS, or
+    ray://host:port); Ray's own connect would retry for a minute or more first."""
+    import socket
+
+    from gcl.errors import ClusterError
+
+    if address in ("auto", "local"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise ClusterError(f"RAY_ADDRESS={address}: expected host:port of the cluster's head (e.g. 10.0.0.5:6379) "
+                           "or ray://host:10001; unset it to start a local cluster")  # fmt: skip
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as err:
+        raise ClusterError(f"RAY_ADDRESS={address}: no Ray cluster answers there ({err.strerror or err}); start it "
+                           "(ray start --head), correct the address, or unset RAY_ADDRESS to start a local cluster") from None  # fmt: skip
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Connect to the cluster at `address` / RAY_ADDRESS, or start a local one.
 
@@ -28,6 +48,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
+        check_reachable(address)
         env_vars = dict(WORKER_ENV)
         if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:
             # A submitted Ray Job: its runtime env already applies here, and Ray refuses a ray.init

@@ -13,10 +13,12 @@ import contextlib
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Iterator
 from typing import TextIO
 
 _terminal: TextIO | None = None  # the person's terminal while quiet_console redirects 1 and 2
+last_log_file: str | None = None  # the log of the latest quiet_console: where a failed command's traceback is
 OWN_LOGGERS = ("gcl", "workflows")
 RAY_DATA_NO_BARS = "RAY_DATA_DISABLE_PROGRESS_BARS"
 
@@ -76,8 +78,15 @@ def quiet_console(log_file: str, verbose: bool = False) -> Iterator[str | None]:
     handler = WarningsOnce()
     logging.getLogger().addHandler(handler)
     progress_bars = _ray_data_progress_bars(False)
+    global last_log_file
+    last_log_file = os.path.abspath(log_file)
     try:
         yield os.path.abspath(log_file)
+    except BaseException:
+        # Its traceback in the log, while descriptor 2 still goes there: the terminal gets gcl's one
+        # line about it (workflows.cli), the log what a developer needs.
+        traceback.print_exc(file=sys.stderr)
+        raise
     finally:
         _end_ray()
         _ray_data_progress_bars(progress_bars)

@@ -147,6 +147,48 @@ def _open_clip_source(cfg: ModelConfig) -> tuple[str, str | None, dict[str, Any]
     return cfg.arch, pretrained, model_cfg
 
 
+FETCH_HINT = ("give model.pretrained as a local weights file or an exported model directory, or fill open_clip's "
+              "cache (model.cache_dir) on a machine that reaches the model hub and copy it here; with a "
+              "filled cache, HF_HUB_OFFLINE=1 keeps every library from trying the network")
+
+
+def check_model_source(cfg: ModelConfig) -> None:
+    """Fail before any expensive work when the model's weights cannot be had: an unknown
+    architecture or pretrained tag, a missing file, weights the model hub cannot be reached for
+    (fetched here into the cache when it can), a tower's package or directory that is not there.
+    A ModelError names the key and says how to give the weights."""
+    import open_clip
+    from open_clip.pretrained import download_pretrained, get_pretrained_cfg, list_pretrained_tags_by_model
+
+    register_gcl_configs()
+    if cfg.towers is not None:
+        from gcl.towers import check_tower_sources
+
+        check_tower_sources(cfg.towers)
+        return
+    pretrained = cfg.pretrained
+    if pretrained and Path(pretrained).is_dir():
+        if not (Path(pretrained) / CONFIG_FILE).is_file():
+            raise ModelError(f"model.pretrained={pretrained}: the directory has no {CONFIG_FILE}; give a model "
+                             "directory written by gcl (<storage>/<name>/model) or by open_clip")  # fmt: skip
+        return
+    if open_clip.get_model_config(cfg.arch) is None:
+        raise ModelError(f"model.arch={cfg.arch!r} is not an open_clip architecture; known: gcl-tiny, gcl-small, "
+                         f"towers, ViT-B-32, ViT-B-16, ... ({len(open_clip.list_models())} in open_clip.list_models())")  # fmt: skip
+    if not pretrained or Path(pretrained).is_file():
+        return
+    tag = get_pretrained_cfg(cfg.arch, pretrained)
+    if not tag:
+        known = ", ".join(list_pretrained_tags_by_model(cfg.arch)) or "none"
+        raise ModelError(f"model.pretrained={pretrained!r}: neither a file nor a pretrained tag of {cfg.arch} "
+                         f"(its tags: {known})")  # fmt: skip
+    try:
+        download_pretrained(tag, cache_dir=cfg.cache_dir)
+    except Exception as err:
+        raise ModelError(f"model.pretrained={pretrained}: the weights of {cfg.arch} could not be fetched "
+                         f"({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}); {FETCH_HINT}") from None
+
+
 def model_config(cfg: ModelConfig) -> dict[str, Any]:
     """open_clip's architecture config for `cfg` (no weights are loaded)."""
     register_gcl_configs()
@@ -172,6 +214,10 @@ def create_model(cfg: ModelConfig, init_temperature: float | None = None) -> Loa
         clip, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
             name, pretrained=pretrained, cache_dir=cfg.cache_dir, nonscalar_logit_scale=True, **options
         )
+    except RuntimeError as err:  # open_clip's, for weights it could not fetch
+        if "download" not in str(err) and "not a known tag" not in str(err):
+            raise
+        raise ModelError(f"model.pretrained={pretrained}: {str(err).splitlines()[0][:300]}; {FETCH_HINT}") from err
     except OSError as err:  # transformers' or timm's: weights or files not found, not reachable
         raise ModelError(f"model {name}: the weights could not be loaded ({str(err).splitlines()[0][:300]}); "
                          "give a local directory or file, or fill the model hub's cache where the hub is "

@@ -114,6 +114,27 @@ def check_sha256(path: Path, digest: str, key: str) -> None:
                          f"expected {digest}); reinstall it: {INSTALL_HINT}")  # fmt: skip
 
 
+def check_tower_sources(towers: TowersConfig) -> None:
+    """Each tower's weights can be had: an installed package's file or directory (sha256
+    checked), a local file or directory, or a model hub name the hub answers for or whose files
+    are cached. A ModelError names the key and how to give the weights otherwise."""
+    text = package_path(towers.text.hf, "model.towers.text.hf")
+    if not Path(text).is_dir():
+        try:
+            from transformers import AutoConfig
+
+            AutoConfig.from_pretrained(text)
+        except Exception as err:
+            raise ModelError(f"model.towers.text.hf={towers.text.hf}: not a local directory, and the model hub "
+                             f"could not give it ({type(err).__name__}); give a local directory or a pypackage: "
+                             f"location, or fill the Hugging Face cache where the hub is reachable and set "
+                             f"HF_HUB_OFFLINE=1 here; offline weights: {INSTALL_HINT}") from None  # fmt: skip
+    weights = towers.image.weights
+    if weights and weights != "timm" and not Path(package_path(weights, "model.towers.image.weights")).is_file():
+        raise ModelError(f"model.towers.image.weights={weights}: no such file; give a state dict file, "
+                         f"a pypackage: location, `timm` (the model hub) or null (random weights)")  # fmt: skip
+
+
 def towers_model_config(towers: TowersConfig) -> dict[str, Any]:
     """open_clip's architecture config for `towers`: its vision_cfg names the timm model, its
     text_cfg the Hugging Face model (a local path where the weights are local)."""

@@ -110,6 +110,34 @@ def tiny_job(synth_dir, tmp_path):
     return lambda *overrides: tiny_job_config(synth_dir, tmp_path, *overrides)
 
 
+def register_tiny_model(root) -> str:
+    """A randomly initialised tiny model logged as gcl's pyfunc under `root` and registered as
+    tiny@champion in a SQLite store there (no training: for tests of what reads a registry)."""
+    import json
+
+    import mlflow
+    from mlflow import MlflowClient
+
+    from gcl.config import FieldsConfig
+    from gcl.model import ModelConfig, create_model, save_model
+    from gcl.registry.models import log_embedding_model
+    from gcl.registry.runs import fluent_tracking_uri
+
+    torch.manual_seed(0)
+    tiny = create_model(ModelConfig(arch="gcl-tiny"))
+    out = save_model(tiny.clip, tiny.model_cfg, root / "model")
+    (out / "gcl_fields.json").write_text(json.dumps(FieldsConfig().model_dump()))
+    uri = f"sqlite:///{root}/mlflow.db"
+    client = MlflowClient(uri)
+    run = client.create_run(client.create_experiment("gcl"))
+    model_uri = log_embedding_model(run.info.run_id, str(out), uri)
+    client.set_terminated(run.info.run_id, "FINISHED")
+    with fluent_tracking_uri(uri):
+        version = mlflow.register_model(model_uri, "tiny").version
+    client.set_registered_model_alias("tiny", "champion", version)
+    return uri
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on now."""
     with socket.socket() as s:

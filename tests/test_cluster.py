@@ -21,6 +21,7 @@ import pytest
 import ray
 import yaml
 from mlflow import MlflowClient
+from ray.job_submission import JobSubmissionClient
 
 from gcl.data.synth import SynthConfig, synthesize
 from gcl.registry.runs import runs_named
@@ -241,6 +242,20 @@ def test_gcl_submit_runs_a_training_job_on_a_ray_head_with_token_auth(ray_head, 
     assert (
         failed.returncode == 1 and "FAILED" in failed.stdout and "/nonexistent/train.parquet" in failed.stdout
     )
+
+    # A working directory whose `gcl` is not gcl (another project's package of that name, which
+    # fails on import): the probe job finds that the cluster cannot import gcl, and nothing else is
+    # submitted. (An empty package would not do: this venv's editable gcl resolves gcl.* anyway.)
+    (tmp_path / "other/gcl").mkdir(parents=True)
+    (tmp_path / "other/gcl/__init__.py").write_text("raise ImportError('not the gcl you are looking for')\n")
+    jobs_client = JobSubmissionClient(address, headers={"Authorization": f"Bearer {token}"})
+    jobs_before = {job.submission_id for job in jobs_client.list_jobs()}
+    shadowed = _gcl("submit", "--address", address, "--working-dir", str(tmp_path / "other"), "--", "train", "-c",
+                    "workflows/configs/tiny-cpu.yaml", *overrides, "--set", "name=shadowed", env=env)  # fmt: skip
+    assert shadowed.returncode == 2 and "Traceback" not in shadowed.stderr, shadowed.stderr[-3000:]
+    assert "cannot import gcl" in shadowed.stderr and "not the gcl you are" in shadowed.stderr, shadowed.stderr
+    new_jobs = [job for job in jobs_client.list_jobs() if job.submission_id not in jobs_before]
+    assert [job.metadata for job in new_jobs] == [{"gcl.probe": "imports"}]
 
     # Without the token the job server refuses the client.
     no_token = {k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN"}

@@ -13,8 +13,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
-from conftest import served_model
+from conftest import register_tiny_model, served_model
 
 from gcl.errors import DataError, SearchIndexError
 from gcl.job_config import EmbedConfig, IndexConfig
@@ -90,28 +89,8 @@ def test_an_id_read_twice_is_indexed_once_and_bad_parameters_are_named(tmp_path)
 @pytest.fixture(scope="module")
 def registered(tmp_path_factory, synth_dir):
     """The tiny model logged as gcl's pyfunc and registered as tiny@champion in a SQLite store."""
-    import mlflow
-    from mlflow import MlflowClient
-
-    from gcl.config import FieldsConfig
-    from gcl.model import ModelConfig, create_model, save_model
-    from gcl.registry.models import log_embedding_model
-    from gcl.registry.runs import fluent_tracking_uri
-
     root = tmp_path_factory.mktemp("search")
-    torch.manual_seed(0)
-    tiny = create_model(ModelConfig(arch="gcl-tiny"))
-    out = save_model(tiny.clip, tiny.model_cfg, root / "model")
-    (out / "gcl_fields.json").write_text(json.dumps(FieldsConfig().model_dump()))
-    uri = f"sqlite:///{root}/mlflow.db"
-    client = MlflowClient(uri)
-    run = client.create_run(client.create_experiment("gcl"))
-    model_uri = log_embedding_model(run.info.run_id, str(out), uri)
-    client.set_terminated(run.info.run_id, "FINISHED")
-    with fluent_tracking_uri(uri):
-        version = mlflow.register_model(model_uri, "tiny").version
-    client.set_registered_model_alias("tiny", "champion", version)
-    return root, uri
+    return root, register_tiny_model(root)
 
 
 def _job(root, uri, *overrides):

@@ -129,9 +129,10 @@ def cmd_tune(args) -> int:
 
 def cmd_register(args) -> int:
     from gcl.registry.models import register_run
-    from gcl.registry.runs import find_run, resolve_tracking_uri
+    from gcl.registry.runs import check_tracking, find_run, resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri)
+    check_tracking(uri)
     version, alias = register_run(find_run(uri, args.run, args.experiment), args.name, uri)
     print(f"registered {args.name} version {version} as @{alias}")
     return 0
@@ -451,6 +452,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose > 1 else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
+    from gcl import console
     from gcl.errors import GclError
 
     try:
@@ -458,6 +460,12 @@ def main(argv: list[str] | None = None) -> int:
     except GclError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:
+        if console.last_log_file is None:  # no log to hold the traceback: the terminal gets it
+            raise
+        print(f"error: {type(err).__name__}: {' '.join(str(err).split())[:300]}; gcl stopped on an error it does "
+              f"not explain: please report it with the traceback in {console.last_log_file}", file=sys.stderr)  # fmt: skip
+        return 1
 
 
 if __name__ == "__main__":

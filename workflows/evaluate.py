@@ -17,8 +17,8 @@ from tqdm import tqdm
 from gcl import storage
 from gcl.console import say, terminal
 from gcl.job_config import JobConfig
-from gcl.model import base_model_config
-from gcl.registry.runs import start_run
+from gcl.model import ModelConfig, base_model_config, check_model_source
+from gcl.registry.runs import check_tracking, start_run
 from gcl.report import comparison_plot, comparison_table, metrics_table
 from gcl.retrieval import RowEncoder, evaluate_splits
 from gcl.train.checkpoint import resolve_model_dir
@@ -27,15 +27,24 @@ from gcl.train.job import resolve_job
 Results = dict[str, dict[str, float]]
 
 
-def row_encoder(job: JobConfig, model: str, scratch: str) -> RowEncoder:
-    """The encoder of any model reference `gcl evaluate` takes."""
+def resolve_model(job: JobConfig, model: str, scratch: str) -> ModelConfig | str:
+    """What a model reference `gcl evaluate` takes stands for, checked: an open_clip base model's
+    config (its weights at hand), or a local model directory (downloaded from MLflow or exported
+    from a checkpoint into `scratch`). A bad reference fails here, before any evaluation."""
     base = base_model_config(model, job.model)
     if base is not None:
+        check_model_source(base)
+        return base
+    return resolve_model_dir(model, scratch, job.mlflow.resolved_uri(), fallback_job=job)
+
+
+def row_encoder(job: JobConfig, resolved: ModelConfig | str) -> RowEncoder:
+    """The encoder of a resolved model (resolve_model)."""
+    if isinstance(resolved, ModelConfig):
         torch.manual_seed(job.seed)  # an architecture without weights starts from the job's seed
-        return RowEncoder.from_model(base, job.fields)
-    model_dir = resolve_model_dir(model, scratch, job.mlflow.resolved_uri(), fallback_job=job)
+        return RowEncoder.from_model(resolved, job.fields)
     # A plain open_clip directory has no gcl_fields.json: the job's fields say how to feed it.
-    return RowEncoder.from_model_dir(model_dir, fields=job.fields)
+    return RowEncoder.from_model_dir(resolved, fields=job.fields)
 
 
 def run_evaluate_index(job: JobConfig, index_dir: str, model: str | None = None) -> dict[str, Results]:
@@ -44,14 +53,16 @@ def run_evaluate_index(job: JobConfig, index_dir: str, model: str | None = None)
     embedded the catalog); prints both side by side and returns {search: {split: metrics}}."""
     import json
 
-    from gcl.search.index import INFO_FILE
+    from gcl.search.index import INFO_FILE, SearchIndex
     from gcl.search.index_eval import NEIGHBOURS, evaluate_index
 
     job = resolve_job(job)
+    SearchIndex.check_directory(index_dir)
+    check_tracking(job.mlflow.resolved_uri())
     with open(os.path.join(index_dir, INFO_FILE)) as f:
         model = model or json.load(f).get("model_uri")
     with tempfile.TemporaryDirectory(prefix="gcl-evaluate-") as scratch:
-        encoder = row_encoder(job, model, scratch)
+        encoder = row_encoder(job, resolve_model(job, model, scratch))
     results = evaluate_index(encoder, index_dir, job.data.eval, job.data, job.eval)
     measures = [*job.eval.measures, f"neighbours_recall@{NEIGHBOURS}"]
     say(f"{model}: exact search and the index {index_dir}, over the same catalog")
@@ -65,20 +76,21 @@ def run_evaluate(job: JobConfig, model: str | list[str]) -> Results | dict[str, 
     comparison table per split against the first, and a plot under <storage>/<name>/ that an
     MLflow run named evaluate-<time> holds too)."""
     job = resolve_job(job)
+    check_tracking(job.mlflow.resolved_uri())
     models = [model] if isinstance(model, str) else list(model)
-    for reference in models:  # a malformed base-model reference fails before any model is loaded
-        base_model_config(reference, job.model)
     results: dict[str, Results] = {}
-    with tqdm(total=len(models) * len(job.data.eval), desc="evaluating", unit="split", file=terminal(),
-              dynamic_ncols=True) as bar:  # fmt: skip
-        for reference in models:
-            with tempfile.TemporaryDirectory(prefix="gcl-evaluate-") as scratch:
-                encoder = row_encoder(job, reference, scratch)
-            results[reference] = {}
-            for split, spec in job.data.eval.items():
-                bar.set_postfix_str(f"{reference} {split}")
-                results[reference].update(evaluate_splits(encoder, {split: spec}, job.data, job.eval))
-                bar.update()
+    with tempfile.TemporaryDirectory(prefix="gcl-evaluate-") as scratch:
+        # Every reference resolved first: a bad one fails before any model is evaluated.
+        resolved = {reference: resolve_model(job, reference, tempfile.mkdtemp(dir=scratch)) for reference in models}
+        with tqdm(total=len(models) * len(job.data.eval), desc="evaluating", unit="split", file=terminal(),
+                  dynamic_ncols=True) as bar:  # fmt: skip
+            for reference in models:
+                encoder = row_encoder(job, resolved[reference])
+                results[reference] = {}
+                for split, spec in job.data.eval.items():
+                    bar.set_postfix_str(f"{reference} {split}")
+                    results[reference].update(evaluate_splits(encoder, {split: spec}, job.data, job.eval))
+                    bar.update()
     if len(models) == 1:
         say(metrics_table(results[models[0]]))
         return results[models[0]]

@@ -6,6 +6,7 @@ from __future__ import annotations
 from gcl import storage
 from gcl.console import say
 from gcl.job_config import JobConfig
+from gcl.registry.runs import check_tracking
 from gcl.search.index import build_index
 from gcl.train.job import resolve_job
 
@@ -14,6 +15,8 @@ def run_index(job: JobConfig, register: str | None = None) -> dict:
     """Build job.index; register it as `register` when given. Returns index.json's contents (and
     the registered version and alias)."""
     job = resolve_job(job)
+    if register:  # the store answers before the index is built
+        check_tracking(job.mlflow.resolved_uri())
     cfg = job.index.model_copy(update={"embeddings": storage.absolute(job.index.embeddings),
                                        "out": storage.absolute(job.index.out)})  # fmt: skip
     built = build_index(cfg)

@@ -67,6 +67,33 @@ def _auth_mode_for_token() -> None:
         os.environ["RAY_AUTH_MODE"] = "token"
 
 
+PROBE = "import gcl.train.job, workflows.cli"  # what the job's command needs on the cluster
+
+
+def check_cluster_imports_gcl(client, address: str, env_spec: dict, timeout: float = 300) -> None:
+    """Before the job: a short probe job, in the same runtime environment, that imports what the
+    job will run; a ClusterError says what the cluster lacks and how to give it, where otherwise
+    the job would fail on the cluster with `No module named ...` in its log."""
+    import time
+
+    from ray.job_submission import JobStatus
+
+    probe = client.submit_job(entrypoint=shlex.join(["python", "-c", PROBE]), runtime_env=env_spec or None,
+                              metadata={"gcl.probe": "imports"})  # fmt: skip
+    deadline = time.monotonic() + timeout
+    while (status := client.get_job_status(probe)) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+        if time.monotonic() > deadline:
+            raise ClusterError(f"the Ray cluster at {address} did not run a probe job within {timeout:.0f} s "
+                               f"(it stays {status.value}); is it out of resources?")  # fmt: skip
+        time.sleep(0.5)
+    if status != JobStatus.SUCCEEDED:
+        last = (client.get_job_logs(probe).strip().splitlines() or ["(no output)"])[-1]
+        raise ClusterError(f"the Ray cluster at {address} cannot import gcl in this runtime environment ({last}); "
+                           "give it gcl: submit from the repository with --working-dir . --runtime-env "
+                           "cluster/runtime_env.yaml (which installs its dependencies), or run the cluster from "
+                           "the image the Dockerfile builds (cluster/README.md)")  # fmt: skip
+
+
 def submit(address: str | None, command: list[str], env_spec: dict, wait: bool = True,
            submission_id: str | None = None) -> int:  # fmt: skip
     """Submit `command` as a Ray Job; with `wait`, stream its logs and return 0 only if it
@@ -81,6 +108,7 @@ def submit(address: str | None, command: list[str], env_spec: dict, wait: bool =
         client = JobSubmissionClient(address)
     except Exception as err:  # ConnectionError, auth errors: name the address
         raise ClusterError(f"cannot reach the Ray job server at {address}: {err}") from None
+    check_cluster_imports_gcl(client, address, env_spec)
     job_id = client.submit_job(entrypoint=entrypoint(command), runtime_env=env_spec or None,
                                submission_id=submission_id, metadata={"gcl.command": shlex.join(command)})  # fmt: skip
     print(f"submitted {job_id} to {address}: {entrypoint(command)}", flush=True)

@@ -53,7 +53,7 @@ def resolve_files(spec: str) -> list[str]:
         store, path = filesystem(spec)
         info = store.get_file_info(path)
         if info.type == fs.FileType.NotFound:
-            raise DataError(f"data not found: {spec}")
+            raise DataError(f"data not found: {spec}; give a parquet, CSV or JSONL file, a directory of them or a glob")
         if info.type == fs.FileType.Directory:
             entries = store.get_file_info(fs.FileSelector(path, recursive=True))
             files = sorted(e.path for e in entries if e.is_file and e.path.endswith(TABLE_SUFFIXES))
@@ -63,7 +63,8 @@ def resolve_files(spec: str) -> list[str]:
         else:
             files = [spec]
     if not files:
-        raise DataError(f"no data files ({', '.join(TABLE_SUFFIXES)}) at {spec}")
+        raise DataError(f"no data files ({', '.join(TABLE_SUFFIXES)}) at {spec}; give a parquet, CSV or JSONL file, "
+                        "a directory of them or a glob")
     return files
 
 

@@ -191,6 +191,9 @@ def embed_rows(job, cfg: EmbedConfig, tracking_uri: str, use_gpu: bool = False, 
         if missing:
             raise ConfigError(f"embed.keep: {file} has no column(s) {missing}; it has {schema.names}")
         units.extend(file_units)
+    from gcl.cluster import init_ray
+
+    init_ray()  # the first Ray work, once the model and the input's files and columns have been checked
     report = check_rows(cfg.input, units, files, rules, cfg.side, id_column, job.pipeline.cpus_per_task)
     skip: dict[str, set[int]] = {}
     for bad in report.bad:

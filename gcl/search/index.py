@@ -63,21 +63,42 @@ def build_faiss(cfg: IndexConfig, dim: int, rows: int, sample):
     return index
 
 
-def embedding_files(spec: str) -> list[str]:
-    """The parquet files of `gcl embed`'s output at `spec` (a directory, file or glob)."""
-    from gcl.data.readers import resolve_files
+EMBEDDINGS_ACCEPTED = "the output of `gcl embed` (parquet files with an id, an embedding column and gcl's metadata)"
 
-    files = [f for f in resolve_files(spec) if f.endswith(".parquet")]
-    if not files:
-        raise SearchIndexError(f"{spec}: no parquet files; give the output directory of `gcl embed`")
+
+def embedding_files(spec: str) -> list[str]:
+    """The parquet files of `gcl embed`'s output at `spec` (a directory, file or glob), each one's
+    footer read now: a file that is not such output is named before any index is built."""
+    from gcl.data.readers import resolve_files
+    from gcl.errors import DataError
+
+    try:
+        found = resolve_files(spec)
+    except DataError as err:
+        raise SearchIndexError(f"{err}; give {EMBEDDINGS_ACCEPTED}") from None
+    # Names starting with _ or . are not data, as for Arrow's and Spark's datasets: gcl embed's own
+    # summary (_gcl_embeddings.json), _SUCCESS markers, hidden files.
+    found = [f for f in found if not os.path.basename(f).startswith(("_", "."))]
+    files = [f for f in found if f.endswith(".parquet")]
+    if not files or len(files) < len(found):
+        other = sorted(set(found) - set(files))[:3]
+        raise SearchIndexError(f"{spec}: {'holds ' + ', '.join(other) + ', not parquet' if other else 'no parquet files'}; "
+                               f"give {EMBEDDINGS_ACCEPTED}")  # fmt: skip
+    for file in files:
+        embeddings_info([file])
     return files
 
 
 def embeddings_info(files: list[str]) -> dict:
     """What `gcl embed` recorded about its output (model URI and version, side, id column, dim)."""
-    metadata = pq.read_schema(files[0]).metadata or {}
-    if METADATA_KEY not in metadata:
-        raise SearchIndexError(f"{files[0]}: no gcl metadata: not written by `gcl embed`")
+    try:
+        schema = pq.read_schema(files[0])
+    except (pa.ArrowException, OSError) as err:
+        raise SearchIndexError(f"{files[0]}: cannot be read as parquet ({' '.join(str(err).split())[:200]}); "
+                               f"give {EMBEDDINGS_ACCEPTED}") from None  # fmt: skip
+    metadata = schema.metadata or {}
+    if METADATA_KEY not in metadata or EMBEDDING_COLUMN not in schema.names:
+        raise SearchIndexError(f"{files[0]}: no gcl metadata: not written by `gcl embed`; give {EMBEDDINGS_ACCEPTED}")
     return json.loads(metadata[METADATA_KEY])
 
 
@@ -175,15 +196,22 @@ class SearchIndex:
     def __init__(self, directory: str):
         import faiss
 
-        for name in (INDEX_FILE, IDS_FILE, INFO_FILE):
-            if not os.path.exists(os.path.join(directory, name)):
-                raise SearchIndexError(f"{directory}: no {name}; give a directory written by `gcl index`")
+        self.check_directory(directory)
         with open(os.path.join(directory, INFO_FILE)) as f:
             self.info = json.load(f)
         self.index = faiss.read_index(os.path.join(directory, INDEX_FILE))
         self.id_map = pq.read_table(os.path.join(directory, IDS_FILE))
         self.ids = self.id_map[self.info["id_column"]].to_numpy(zero_copy_only=False)
         self.display = {c: self.id_map[c].to_numpy(zero_copy_only=False) for c in self.info.get("display", [])}
+
+    @staticmethod
+    def check_directory(directory: str) -> None:
+        """A SearchIndexError unless `directory` holds an index written by `gcl index`."""
+        if not os.path.isdir(directory):
+            raise SearchIndexError(f"{directory}: no such directory; give a directory written by `gcl index`")
+        for name in (INDEX_FILE, IDS_FILE, INFO_FILE):
+            if not os.path.exists(os.path.join(directory, name)):
+                raise SearchIndexError(f"{directory}: no {name}; give a directory written by `gcl index`")
 
     @property
     def dim(self) -> int:

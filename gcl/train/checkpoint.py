@@ -240,10 +240,16 @@ def resolve_model_dir(model: str, scratch: str, tracking_uri: str | None = None,
     (runs:/..., models:/..., read from `tracking_uri`)."""
     if model.startswith(("runs:/", "models:/")):
         import mlflow
+        from mlflow.exceptions import MlflowException
 
         # A models:/ URI is resolved through the process-wide tracking URI, whatever is passed.
-        with fluent_tracking_uri(tracking_uri):
-            local = mlflow.artifacts.download_artifacts(artifact_uri=model)
+        try:
+            with fluent_tracking_uri(tracking_uri):
+                local = mlflow.artifacts.download_artifacts(artifact_uri=model)
+        except (MlflowException, OSError) as err:
+            raise ModelError(f"--model {model}: not found in the tracking store {tracking_uri} "
+                             f"({' '.join(str(err).split())[:200]}); give models:/NAME@ALIAS or models:/NAME/VERSION "
+                             "of a registered model, or runs:/RUN_ID/model of a run that logged one") from None  # fmt: skip
         return pyfunc_model_dir(local)
     checkpoint = training_checkpoint(model)
     if checkpoint:

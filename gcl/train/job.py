@@ -24,7 +24,7 @@ from gcl.data.pipeline import PairSource, epoch_datasets, unsplit_data_config
 from gcl.data.validate import ValidationReport, validate_pairs
 from gcl.errors import ConfigError, GclError, ModelError, TrackingError
 from gcl.job_config import JobConfig
-from gcl.model import CONFIG_FILE
+from gcl.model import CONFIG_FILE, check_model_source
 from gcl.registry.buffer import SPILL_DIR, SpillFiles, fail_fast_requests, is_outage, replay
 from gcl.registry.models import log_embedding_model, register_run
 from gcl.registry.names import (
@@ -157,10 +157,11 @@ def with_score_range(job: JobConfig, report: ValidationReport) -> JobConfig:
 
 def prepare(job: JobConfig) -> tuple[JobConfig, CheckedData]:
     """Everything resolved and checked before any training: paths and the tracking URI
-    (resolve_job), a reachable tracking store, valid data. Returns the job, with the score range
+    (resolve_job), a reachable tracking store, the model's weights at hand, valid data. Returns the job, with the score range
     from the data where its weights need one, and what validation found."""
     job = resolve_job(job)
     check_tracking(job.mlflow.resolved_uri())
+    check_model_source(job.model)
     data = validate_data(job)
     return with_score_range(job, data.train), data
 

@@ -1,0 +1,187 @@
+"""Every command, every kind of bad input: one line that names the input and what would be
+accepted, exit code 2, no traceback on the terminal (it is in the command's log, where it has one),
+and nothing half-written (no output directory, registered version or MLflow run left RUNNING).
+
+The cases run one after the other in one subprocess (tests/cli_driver.py), each as the `gcl`
+console script runs a command, so that the matrix pays Python's and gcl's imports once. Nothing
+here needs a Ray cluster: every bad input is refused before one would start."""
+
+import http.server
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from conftest import register_tiny_model
+from mlflow import MlflowClient
+
+from workflows import CONFIGS
+
+TINY = str(CONFIGS / "tiny-cpu.yaml")
+DRIVER = Path(__file__).with_name("cli_driver.py")
+
+
+class _Answers500(http.server.BaseHTTPRequestHandler):
+    def _fail(self):
+        self.send_response(500)
+        self.end_headers()
+        self.wfile.write(b"internal error")
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _fail
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """Data, bad files, a store with a registered model (tiny@champion), and a tracking server that
+    answers 500."""
+    from gcl.data.synth import SynthConfig, synthesize
+
+    root = tmp_path_factory.mktemp("bad-input")
+    synthesize(root / "data", SynthConfig(products=80, queries=30, docs_per_query=6, seed=3))
+    train = root / "data/train.parquet"
+    pairs = pd.read_parquet(train)
+    (root / "bytes.parquet").write_bytes(b"these bytes are not parquet")
+    (root / "truncated.parquet").write_bytes(train.read_bytes()[: train.stat().st_size // 2])
+    (root / "blob.csv").write_bytes(b"query,title,score_linear\nred,\x00\xff\xfe\x01,0.5,9,9\n")
+    (root / "list.json").write_text("[1, 2, 3]\n")
+    (root / "list.jsonl").write_text("[1, 2, 3]\n")
+    (root / "empty.parquet").write_bytes(b"")
+    (root / "empty_dir").mkdir()
+    (root / "mixed_dir").mkdir()
+    pairs.to_parquet(root / "mixed_dir/a.parquet")
+    pairs.head(5).drop(columns=["image"]).to_csv(root / "mixed_dir/b.csv", index=False)
+    pairs.drop(columns=["title"]).to_parquet(root / "missing_col.parquet")
+    pairs.rename(columns={"query": "q"}).to_parquet(root / "renamed_col.parquet")
+    pairs.assign(score_linear=pairs["score_linear"].astype(str)).to_parquet(root / "mistyped.parquet")
+    (root / "emb_bad").mkdir()
+    (root / "emb_bad/part-0.parquet").write_bytes(b"not parquet")
+    (root / "emb_plain").mkdir()
+    pq.write_table(pq.read_table(train).select(["product_id"]), root / "emb_plain/part-0.parquet")
+    (root / "sweep.yaml").write_text(json.dumps({"name": "s", "base": TINY, "space": {"loss.no_such_key": {"grid": [1]}}}))
+
+    uri = register_tiny_model(root)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Answers500)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield root, uri, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def _cases(root: Path, server_500: str) -> list[dict]:
+    """(name, argv, env, what the message must name, paths that must not exist after)."""
+    data = ["--set", f"data.train={root}/data/train.parquet", "--set", "data.eval={}", "--set", "data.validation={}"]
+    job = ["-c", TINY, *data, "--set", f"storage={root}/runs"]
+    cases = [
+        ("config: no such file", ["config", "-c", "missing.yaml"], {}, "missing.yaml", []),
+        ("config: a JSON list", ["config", "-c", "list.json"], {}, "list.json", []),
+        ("config: unknown key", ["config", "--set", "train.epoch=3"], {}, "train.epoch", []),
+        ("bench: unknown key", ["bench", "--set", "train.epoch=3"], {}, "train.epoch", []),
+        ("data split: not parquet", ["data", "split", "--input", "bytes.parquet", "--out", "split_out"], {},
+         "bytes.parquet", ["split_out"]),
+        ("data split: no such column", ["data", "split", "--input", "data/train.parquet", "--out", "split_out",
+                                        "--query-column", "qid"], {}, "qid", ["split_out"]),
+    ]  # fmt: skip
+    bad_data = {"missing path": "missing.parquet", "empty file": "empty.parquet", "bytes named .parquet": "bytes.parquet",
+                "truncated parquet": "truncated.parquet", "CSV with a binary blob": "blob.csv",
+                "JSON that is a list": "list.jsonl", "directory with no data": "empty_dir",
+                "directory of mixed files": "mixed_dir", "missing column": "missing_col.parquet",
+                "renamed column": "renamed_col.parquet", "mistyped column": "mistyped.parquet"}  # fmt: skip
+    named = {"missing column": "title", "renamed column": "query", "mistyped column": "score_linear"}
+    for kind, file in bad_data.items():
+        cases.append((f"data validate: {kind}", ["data", "validate", "-c", TINY, "--set", f"data.train={file}"], {},
+                      named.get(kind, file), []))  # fmt: skip
+    cases += [
+        ("train: bad data", ["train", *job, "--set", "data.train=bytes.parquet", "--set", "name=t1"], {}, "bytes.parquet",
+         ["runs/t1/model"]),
+        ("train: tracking refuses", ["train", *job, "--set", "mlflow.tracking_uri=http://127.0.0.1:1"], {},
+         "http://127.0.0.1:1", []),
+        ("train: tracking answers 500", ["train", *job, "--set", f"mlflow.tracking_uri={server_500}"], {}, server_500, []),
+        ("train: nothing at the Ray address", ["train", *job], {"RAY_ADDRESS": "127.0.0.1:1"}, "RAY_ADDRESS=127.0.0.1:1", []),
+        ("train: weights that cannot be fetched", ["train", *job, "--set", "model.arch=ViT-B-32", "--set",
+                                                    "model.pretrained=laion2b_s34b_b79k"], {}, "laion2b_s34b_b79k", []),
+        ("train: a tower package not installed", ["train", *job, "--set", "model.arch=towers", "--set",
+                                                   "model.towers={text: {hf: 'pypackage:no_such_package/model'}}"], {},
+         "no_such_package", []),
+        ("tune: no such sweep file", ["tune", "-c", "missing_sweep.yaml"], {}, "missing_sweep.yaml", []),
+        ("tune: unknown key in the space", ["tune", "-c", "sweep.yaml"], {}, "loss.no_such_key", ["runs/s"]),
+        ("evaluate: unknown registered model", ["evaluate", *job, "--model", "models:/nope@champion"], {}, "nope", []),
+        ("evaluate: unknown version", ["evaluate", *job, "--model", "models:/tiny/99"], {}, "models:/tiny/99", []),
+        ("evaluate: unknown alias", ["evaluate", *job, "--model", "models:/tiny@nope"], {}, "models:/tiny@nope", []),
+        ("evaluate: unknown run", ["evaluate", *job, "--model", f"runs:/{'0' * 32}/model"], {}, "0" * 32, []),
+        ("evaluate: a directory with no model", ["evaluate", *job, "--model", "empty_dir"], {}, "empty_dir", []),
+        ("evaluate: weights that cannot be fetched", ["evaluate", *job, "--model", "open_clip:ViT-B-32:laion2b_s34b_b79k"],
+         {}, "laion2b_s34b_b79k", []),
+        ("evaluate --index: no such directory", ["evaluate", *job, "--index", "idx_missing"], {}, "idx_missing", []),
+        ("evaluate --index: not an index", ["evaluate", *job, "--index", "empty_dir"], {}, "empty_dir", []),
+        ("register: unknown run", ["register", "--run", "nope", "--name", "x"], {}, "nope", []),
+        ("register: tracking refuses", ["register", "--run", "x", "--name", "y", "--tracking-uri", "http://127.0.0.1:1"],
+         {}, "http://127.0.0.1:1", []),
+        ("embed: unknown registered model", ["embed", "--model", "models:/nope@champion", "--input", "data/*.parquet",
+                                             "--out", "emb_out"], {}, "nope", ["emb_out"]),
+        ("embed: input not parquet", ["embed", "--model", "models:/tiny@champion", "--input", "bytes.parquet",
+                                      "--out", "emb_out"], {}, "bytes.parquet", ["emb_out"]),
+        ("embed: input without the model's fields", ["embed", "--model", "models:/tiny@champion", "--input",
+                                                     "missing_col.parquet", "--out", "emb_out"], {}, "title", ["emb_out"]),
+        ("index: a file that is not parquet", ["index", "--embeddings", "emb_bad", "--out", "idx_out"], {},
+         "part-0.parquet", ["idx_out"]),
+        ("index: parquet not from gcl embed", ["index", "--embeddings", "emb_plain", "--out", "idx_out"], {},
+         "emb_plain", ["idx_out"]),
+        ("index: no embeddings", ["index", "--embeddings", "empty_dir", "--out", "idx_out"], {}, "empty_dir", ["idx_out"]),
+        ("index: tracking refuses the registration", ["index", "--embeddings", "emb_plain", "--out", "idx_out",
+                                                      "--register", "s", "--set", "mlflow.tracking_uri=http://127.0.0.1:1"],
+         {}, "http://127.0.0.1:1", ["idx_out"]),
+        ("submit: nothing at the address", ["submit", "--address", "http://127.0.0.1:1", "--", "config"], {},
+         "http://127.0.0.1:1", []),
+        ("sync: no such run", ["sync", *job, "--set", "name=nope"], {}, "nope", []),
+    ]  # fmt: skip
+    return [{"name": name, "argv": argv, "env": {"MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlflow.db", **env},
+             "cwd": str(root), "named": named_input, "absent": absent}
+            for name, argv, env, named_input, absent in cases]  # fmt: skip
+
+
+def test_every_command_refuses_every_bad_input_in_one_line_and_writes_nothing(workspace, tmp_path):
+    root, uri, server_500 = workspace
+    cases = _cases(root, server_500)
+    (tmp_path / "cases.json").write_text(json.dumps(cases))
+    # The model hub out of reach, as on an air-gapped cluster (huggingface_hub reads this once, at import).
+    env = {**{k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")},
+           "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, str(DRIVER), str(tmp_path / "cases.json"), str(tmp_path / "results.json")],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=1200)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = {r["name"]: r for r in json.loads((tmp_path / "results.json").read_text())}
+    failures = []
+    for case in cases:
+        result = results[case["name"]]
+        terminal = result["terminal"]
+        lines = [line for line in terminal.replace("\r", "\n").splitlines() if line.strip()]
+        problems = []
+        if result["code"] != 2:
+            problems.append(f"exit code {result['code']}")
+        if "Traceback" in terminal:
+            problems.append("a traceback on the terminal")
+        if len(terminal.strip().splitlines()) > 3:
+            problems.append(f"{len(terminal.strip().splitlines())} lines")
+        if case["named"] not in terminal:
+            problems.append(f"the message does not name {case['named']!r}")
+        if not any(line.startswith("error: ") for line in lines):
+            problems.append("no `error:` line")
+        if result["log"] and "Traceback" not in Path(result["log"]).read_text(errors="replace"):
+            problems.append(f"no traceback in its log {result['log']}")
+        problems += [f"{path} was written" for path in case["absent"] if (root / path).exists()]
+        if problems:
+            failures.append(f"{case['name']}: {'; '.join(problems)}\n    {terminal.strip()[:600]}")
+    assert not failures, "\n".join(failures)
+    # Nothing half-written in the store: no run left RUNNING, no version registered.
+    client = MlflowClient(uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert [r.info.run_name for r in runs if r.info.status == "RUNNING"] == []
+    assert [str(v.version) for v in client.search_model_versions()] == ["1"]
