@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -218,6 +219,10 @@ def create_model(cfg: ModelConfig, init_temperature: float | None = None) -> Loa
         if "download" not in str(err) and "not a known tag" not in str(err):
             raise
         raise ModelError(f"model.pretrained={pretrained}: {str(err).splitlines()[0][:300]}; {FETCH_HINT}") from err
+    except pickle.UnpicklingError as err:  # open_clip loads weights_only: a file carrying objects
+        raise ModelError(f"model {name} ({pretrained}): refused: the weights file holds objects other than "
+                         f"tensors, which could run code when loaded ({str(err).splitlines()[0][:200]}); give "
+                         "weights that gcl or open_clip saved") from None  # fmt: skip
     except OSError as err:  # transformers' or timm's: weights or files not found, not reachable
         raise ModelError(f"model {name}: the weights could not be loaded ({str(err).splitlines()[0][:300]}); "
                          "give a local directory or file, or fill the model hub's cache where the hub is "

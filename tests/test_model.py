@@ -238,6 +238,52 @@ def test_zero_shards_are_gathered_weights_only_and_a_shard_carrying_code_is_refu
     assert (tmp_path / "ran").exists()
 
 
+def test_files_handed_to_gcl_from_elsewhere_cannot_run_code(tiny, tmp_path):
+    """A pickle payload planted in each file gcl reads besides checkpoints (the two tests above):
+    an exported model's weights, a tower's weights, an index directory's FAISS index and id map, an
+    embeddings directory's parquet. Each is refused naming the file, and the payload never runs."""
+    import json
+    import pickle
+
+    import faiss
+
+    from gcl.errors import ModelError, SearchIndexError
+    from gcl.search.index import IDS_FILE, INDEX_FILE, INFO_FILE, SearchIndex, embedding_files
+    from gcl.towers import load_image_weights
+
+    marker = tmp_path / "ran"
+    planted = pickle.dumps({"state_dict": _Payload(str(marker))})
+
+    model_dir = save_model(tiny.clip, tiny.model_cfg, tmp_path / "model")
+    (model_dir / WEIGHTS_FILE).write_bytes(planted)
+    with pytest.raises(ModelError, match=r"refused: the weights file holds objects other than tensors"):
+        load_model(model_dir)
+    (tmp_path / "tower.pth").write_bytes(planted)
+    with pytest.raises(ModelError, match=r"tower.pth.*not a plain state dict of tensors"):
+        load_image_weights(torch.nn.Linear(2, 2), str(tmp_path / "tower.pth"))
+
+    index_dir = tmp_path / "index"
+    index_dir.mkdir()
+    (index_dir / INFO_FILE).write_text(json.dumps({"id_column": "product_id", "dim": 4}))
+    faiss.write_index(faiss.IndexFlatIP(4), str(index_dir / INDEX_FILE))
+    (index_dir / IDS_FILE).write_bytes(planted)  # a real FAISS index, a planted id map
+    with pytest.raises(SearchIndexError, match=rf"{index_dir}: cannot be read as an index"):
+        SearchIndex(str(index_dir))
+    (index_dir / INDEX_FILE).write_bytes(planted)  # and a planted FAISS index
+    with pytest.raises(SearchIndexError, match=rf"{index_dir}: cannot be read as an index"):
+        SearchIndex(str(index_dir))
+
+    embeddings = tmp_path / "embeddings"
+    embeddings.mkdir()
+    (embeddings / "part-0.parquet").write_bytes(planted)
+    with pytest.raises(SearchIndexError, match=r"part-0.parquet: cannot be read as parquet"):
+        embedding_files(str(embeddings))
+
+    assert not marker.exists()
+    pickle.loads(planted)  # the payload is live: a plain unpickling runs it
+    assert marker.exists()
+
+
 def test_an_exported_model_loads_with_its_fields_on_the_chosen_device(tiny, tmp_path, monkeypatch):
     """`gcl evaluate` and the served MLflow model load through RowEncoder.from_model_dir."""
     import json

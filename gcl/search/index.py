@@ -197,10 +197,15 @@ class SearchIndex:
         import faiss
 
         self.check_directory(directory)
-        with open(os.path.join(directory, INFO_FILE)) as f:
-            self.info = json.load(f)
-        self.index = faiss.read_index(os.path.join(directory, INDEX_FILE))
-        self.id_map = pq.read_table(os.path.join(directory, IDS_FILE))
+        # JSON, FAISS's own format and parquet only: an index directory from elsewhere runs no code.
+        try:
+            with open(os.path.join(directory, INFO_FILE)) as f:
+                self.info = json.load(f)
+            self.index = faiss.read_index(os.path.join(directory, INDEX_FILE))
+            self.id_map = pq.read_table(os.path.join(directory, IDS_FILE))
+        except (ValueError, RuntimeError, pa.ArrowException, OSError) as err:  # JSON, FAISS, parquet
+            raise SearchIndexError(f"{directory}: cannot be read as an index written by `gcl index` "
+                                   f"({' '.join(str(err).split())[:200]})") from None  # fmt: skip
         self.ids = self.id_map[self.info["id_column"]].to_numpy(zero_copy_only=False)
         self.display = {c: self.id_map[c].to_numpy(zero_copy_only=False) for c in self.info.get("display", [])}
 
