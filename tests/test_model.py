@@ -156,7 +156,9 @@ def test_bad_model_source_is_reported(tmp_path):
         create_model(ModelConfig(arch="ViT-Q-99"))
     with pytest.raises(FileNotFoundError, match="has no open_clip_config.json"):
         create_model(ModelConfig(pretrained=str(tmp_path)))
-    with pytest.raises(RuntimeError, match="not a known tag or valid file path"):
+    from gcl.errors import ModelError
+
+    with pytest.raises(ModelError, match="model.pretrained=no_such_tag: .*not a known tag or valid file path; give"):
         create_model(ModelConfig(arch="gcl-tiny", pretrained="no_such_tag"))
 
 
