@@ -208,7 +208,7 @@ def test_sigterm_sigkill_and_a_killed_raylet_each_resume_as_an_uninterrupted_run
     tiny_job, tmp_path, uninterrupted_losses, step_gates
 ):
     """One run stopped three ways in a row, the same command each time: SIGTERM to `gcl train`
-    and SIGKILL to its local Ray cluster's raylet, both 2 steps into epoch 2, then SIGKILL to
+    (which marks the MLflow run KILLED, as Ctrl-C does) and SIGKILL to its local Ray cluster's raylet, both 2 steps into epoch 2, then SIGKILL to
     `gcl train` 2 steps into epoch 3; each time the run is held at that step (a step gate) until
     the test has stopped it. After each, Ray's processes are gone (its agents within two minutes,
     checked at the end), and the last command resumes the same MLflow run from the last committed
@@ -244,14 +244,14 @@ def test_sigterm_sigkill_and_a_killed_raylet_each_resume_as_an_uninterrupted_run
     def kill_raylet(_, ray_processes):
         next(p for p in ray_processes if p.name() == "raylet").kill()
 
-    stops = [  # what, how, the epoch committed before it
-        ("SIGTERM to gcl train in epoch 2", sigterm, 1),
-        ("SIGKILL to the raylet in epoch 2", kill_raylet, 1),
-        ("SIGKILL to gcl train in epoch 3", sigkill, 2),
+    stops = [  # what, how, the epoch committed before it, the run's status after it
+        ("SIGTERM to gcl train in epoch 2", sigterm, 1, "KILLED"),
+        ("SIGKILL to the raylet in epoch 2", kill_raylet, 1, None),
+        ("SIGKILL to gcl train in epoch 3", sigkill, 2, "RUNNING"),  # nothing ran to mark it
     ]
     agents = []  # checked at the end: they outlive a SIGKILLed cluster by about a minute
     try:
-        for what, how, epoch in stops:
+        for what, how, epoch, status in stops:
             step_gates.forget("stopped")  # the note the last stopped run left
             step_gates.hold("stopped", epoch * steps_per_epoch + 2)
             process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -264,6 +264,8 @@ def test_sigterm_sigkill_and_a_killed_raylet_each_resume_as_an_uninterrupted_run
             core = [p for p in ray_processes if p not in agents]
             assert not _gone(core), f"{what}: Ray processes outlived gcl train"
             assert committed_epoch() == epoch, f"{what}: not stopped in epoch {epoch + 1}"
+            if status:
+                assert runs_named(client, "gcl", "stopped")[0].info.status == status, what
     finally:
         step_gates.forget("stopped")
 

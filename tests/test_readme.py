@@ -213,3 +213,14 @@ def test_every_test_the_faults_table_names_exists():
     assert len(named) >= 8
     for file, function in named:
         assert re.search(rf"^def {function}\(", (ROOT / "tests" / file).read_text(), re.M), f"{file}::{function}"
+
+
+def test_every_file_the_readme_and_the_guide_link_to_exists():
+    """Relative links and pictures in the README and docs/ point at files in the repository."""
+    pages = [ROOT / "README.md", ROOT / "cluster/README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    missing = []
+    for page in pages:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+            if not re.match(r"[a-z]+:", target) and not (page.parent / target).exists():
+                missing.append(f"{page.relative_to(ROOT)} -> {target}")
+    assert len(pages) >= 8 and not missing, missing

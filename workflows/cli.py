@@ -105,8 +105,13 @@ def cmd_train(args) -> int:
     from workflows.train import train
 
     job = _job(args)
-    with _quiet(args, job.storage, job.name):
-        train(job)
+    try:
+        with _quiet(args, job.storage, job.name):
+            train(job)
+    except (KeyboardInterrupt, SystemExit) as stop:  # Ctrl-C; SIGTERM, which Ray's driver turns into exit(15)
+        print(f"stopped: `gcl train` with the same config resumes run {job.name} from its last checkpoint",
+              file=sys.stderr)  # fmt: skip
+        return stop.code if isinstance(stop, SystemExit) and isinstance(stop.code, int) else 130
     return 0
 
 

@@ -153,6 +153,11 @@ def mark_failed(client, run_id: str, error: BaseException) -> None:
     client.set_terminated(run_id, "FAILED")
 
 
+def mark_killed(client, run_id: str) -> None:
+    """End a run as KILLED: stopped by its user (Ctrl-C, SIGTERM); the same command resumes it."""
+    client.set_terminated(run_id, "KILLED")
+
+
 def mark_finished(client, run_id: str) -> None:
     """End a run as FINISHED, without the error an earlier, failed attempt of it left."""
     if ERROR_TAG in client.get_run(run_id).data.tags:

@@ -40,6 +40,7 @@ from gcl.registry.runs import (
     flatten,
     mark_failed,
     mark_finished,
+    mark_killed,
     resolve_tracking_uri,
     runs_named,
     start_run,
@@ -340,14 +341,19 @@ def run_train(job: JobConfig, progress: bool = True) -> TrainResult:
     client.log_metric(run_id, ROWS_SKIPPED, len(data.train.bad_row_keys))
     try:
         result = fit(job, data, run_id, progress=progress)
-    except Exception as err:
+    except BaseException as err:
+        # Stopped by its user: Ctrl-C, or SIGTERM, which Ray's driver turns into sys.exit(15).
+        stopped = isinstance(err, KeyboardInterrupt | SystemExit)
         try:
             with fail_fast_requests():
-                mark_failed(client, run_id, err)
+                if stopped:
+                    mark_killed(client, run_id)
+                else:
+                    mark_failed(client, run_id, err)
         except Exception as tracking_err:
             if not is_outage(tracking_err):
                 raise
-            log.warning("MLflow cannot be reached to mark run %s failed", run_id)
+            log.warning("MLflow cannot be reached to mark run %s %s", run_id, "killed" if stopped else "failed")
         raise
     model_dir = export_to_storage(job, result.checkpoint, data.manifest(job))
     finish_despite_outage(job, run_id, model_dir)
