@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-slow test-unit lint format bench clean
+.PHONY: demo test test-slow test-unit lint format bench clean browser
 
 # Quiet: one line, pip's output in .venv/install.log (its last lines on the terminal if it fails).
 # The distribution was called `gcl` before it became gcl-retrieval: an older .venv loses that one.
@@ -28,9 +28,18 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
 ## The slow tier: killed workers and drivers, resumes, MLflow outages, two trainings at once,
-## a Ray head and two nodes, a model installed afresh.
-test-slow: $(STAMP)
+## a Ray head and two nodes, a model installed afresh, the search page in a browser.
+test-slow: $(STAMP) browser
 	$(BIN)/python -m pytest -q -m slow
+
+## Headless Chromium for the search page's browser test, from Debian's packages where this machine
+## can install them (as root, or with sudo that asks no password); elsewhere that test skips, saying why.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	{ echo "installing chromium and chromium-driver (Debian packages; log: $(VENV)/apt.log)"; \
+	  { if [ "$$(id -u)" = 0 ]; then apt-get install -y -q chromium chromium-driver; \
+	    else sudo -n apt-get install -y -q chromium chromium-driver; fi; } > $(VENV)/apt.log 2>&1 || \
+	  echo "chromium could not be installed (see $(VENV)/apt.log): the browser test will skip"; }
 
 ## Only the fast unit tests.
 test-unit: $(STAMP)

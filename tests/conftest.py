@@ -138,6 +138,31 @@ def register_tiny_model(root) -> str:
     return uri
 
 
+def write_embeddings(directory, vectors, ids, extra: dict | None = None, files: int = 2,
+                     model_uri: str = "models:/m/1") -> str:  # fmt: skip
+    """Embeddings as `gcl embed` writes them: id, fixed-size float32 vectors, gcl metadata naming
+    `model_uri`, and `extra` columns, in `files` parquet files."""
+    import json
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from gcl.search.embed import EMBEDDING_COLUMN, METADATA_KEY
+
+    os.makedirs(directory, exist_ok=True)
+    vectors = np.asarray(vectors)
+    meta = json.dumps({"model_uri": model_uri, "model_version": "1", "side": "right", "dim": vectors.shape[1],
+                       "id_column": "product_id"}).encode()  # fmt: skip
+    for part, rows in enumerate(np.array_split(np.arange(len(vectors)), files)):
+        flat = pa.array(vectors[rows].reshape(-1).astype(np.float32))
+        table = pa.table({"product_id": pa.array(np.asarray(ids)[rows]),
+                          EMBEDDING_COLUMN: pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1]),
+                          **{k: pa.array(np.asarray(v)[rows]) for k, v in (extra or {}).items()}})  # fmt: skip
+        pq.write_table(table.replace_schema_metadata({METADATA_KEY: meta}), f"{directory}/part-{part}.parquet")
+    return str(directory)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on now."""
     with socket.socket() as s:

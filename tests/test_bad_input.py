@@ -141,6 +141,14 @@ def _cases(root: Path, server_500: str) -> list[dict]:
         ("submit: nothing at the address", ["submit", "--address", "http://127.0.0.1:1", "--", "config"], {},
          "http://127.0.0.1:1", []),
         ("sync: no such run", ["sync", *job, "--set", "name=nope"], {}, "nope", []),
+        ("ui: unknown registered model", ["ui", "--model", "models:/nope@champion"], {}, "nope", []),
+        ("ui: an embedding model, not a search model", ["ui", "--model", "models:/tiny@champion"], {},
+         "not a search model", []),
+        ("ui: no such index directory", ["ui", "--model", "idx_missing"], {}, "idx_missing", []),
+        ("ui: a directory that is not an index", ["ui", "--model", "empty_dir"], {}, "empty_dir", []),
+        ("ui: four models", ["ui", *["--model", "empty_dir"] * 4], {}, "--model given 4 times", []),
+        ("ui: tracking refuses", ["ui", "--model", "models:/tiny@champion", "--set",
+                                  "mlflow.tracking_uri=http://127.0.0.1:1"], {}, "http://127.0.0.1:1", []),
     ]  # fmt: skip
     return [{"name": name, "argv": argv, "env": {"MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlflow.db", **env},
              "cwd": str(root), "named": named_input, "absent": absent}

@@ -92,3 +92,39 @@ def test_peak_memory_is_the_process_own_not_its_parents_and_restarts_on_reset():
     before_reset = peak_rss_mib()
     reset_peak_rss()
     assert peak_rss_mib() < before_reset - 300
+
+
+# The GPU check must run where PyTorch is the only one of gcl's heavy dependencies: these hide
+# Ray and MLflow from the process (an import of either fails), as on a bare GPU machine.
+_WITHOUT_RAY_AND_MLFLOW = "import sys; sys.modules.update(ray=None, mlflow=None); "
+
+
+def test_the_gpu_check_imports_without_ray_or_mlflow():
+    import subprocess
+    import sys
+
+    code = _WITHOUT_RAY_AND_MLFLOW + "import gcl.bench.gpu_check, gcl.bench.anchor; print('ok')"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_the_gpu_checks_cpu_smoke_writes_every_figure_without_ray_or_mlflow(tmp_path):
+    """`python -m gcl.bench.gpu_check` on the tiny model on this CPU: open_clip's step against gcl's
+    (plain, ZeRO-0/2/3), cached gradients against the whole step, inference; one JSON file. The
+    GPU itself is what cannot run here (the figures on an H200 are in docs/performance.md)."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "cpu.json"
+    code = (_WITHOUT_RAY_AND_MLFLOW + "from gcl.bench.gpu_check import main; "
+            f"sys.exit(main(['--out', '{out}', '--arch', 'gcl-tiny', '--batches', '16', '--chunk', '4', '--steps', '3']))")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-5000:]
+    figures = json.loads(out.read_text())
+    assert figures["has_ray"] is False and figures["has_mlflow"] is False
+    ratios = {k: v for k, v in figures.items() if k.startswith("b16_") and k.endswith("_over_open_clip")}
+    assert len(ratios) == 4 and all(0 < v < 10 for v in ratios.values()), ratios
+    assert figures["cached_loss_abs_diff"] <= 1e-5 and figures["cached_grad_max_abs_diff"] <= 1e-4, figures
+    assert figures["inference_b16_gcl_over_open_clip"] > 0 and figures["gcl_train"].startswith("skipped")

@@ -87,7 +87,7 @@ def newcomer_env() -> dict[str, str]:
 
 # The gcl commands check_result knows.
 CHECKED = ("gcl --help", "gcl data synth", "gcl data validate", "gcl train", "gcl evaluate", "gcl register",
-           "gcl data split", "gcl config", "gcl tune", "gcl embed", "gcl index")  # fmt: skip
+           "gcl data split", "gcl config", "gcl tune", "gcl embed", "gcl index", "gcl ui")  # fmt: skip
 
 
 def check_result(name: str, command: str, output: str, clone: Path, client: MlflowClient) -> None:
@@ -133,6 +133,14 @@ def check_result(name: str, command: str, output: str, clone: Path, client: Mlfl
         assert list((clone / "gcl_runs/catalog").glob("*.parquet"))
     elif name == "gcl index":
         assert "registered search model my-search version 1 as @champion" in output, output
+    elif command.startswith("curl") and "/api/search" in command:  # gcl ui: the search model's column, graded
+        answer = json.loads(output)
+        (column,) = answer["columns"]
+        assert column["label"] == "models:/my-search@champion" and len(column["results"]) == 5, answer
+        assert all(r["title"] for r in column["results"]) and answer["judged"] == (column["ndcg@10"] is not None)
+    elif command.startswith("curl") and "/api/queries" in command:  # gcl ui: the split's queries, judged
+        table = json.loads(output)["queries"]
+        assert table and all(len(row["ndcg@10"]) == 1 and 0 <= row["ndcg@10"][0] <= 1 for row in table), table[:3]
     elif command.startswith("curl") and '"params"' in command:  # the search model: top 5 ids, best first
         answer = json.loads(output)["predictions"][0]
         assert len(answer["ids"]) == len(answer["title"]) == 5, answer
@@ -162,7 +170,7 @@ def test_every_readme_command_is_one_the_run_checks_and_parses_with_gcls_own_par
             assert command.startswith(("curl ", "PATH=$PWD/.venv/bin:$PATH ")), command
             continue
         assert name in CHECKED, f"the README has a command the README test does not check: {command}"
-        words = shlex.split(shrunk(command), comments=True)
+        words = shlex.split(shrunk(command.removesuffix("&")), comments=True)  # a server: started with &
         try:
             args = build_parser().parse_args(words[1:])
         except SystemExit as done:  # --help prints and exits 0; a refusal exits 2
@@ -216,11 +224,16 @@ def test_every_test_the_faults_table_names_exists():
 
 
 def test_every_file_the_readme_and_the_guide_link_to_exists():
-    """Relative links and pictures in the README and docs/ point at files in the repository."""
+    """Relative links and pictures in the README and docs/, and the repository paths they quote
+    (`gcl/...py`), point at files in the repository."""
     pages = [ROOT / "README.md", ROOT / "cluster/README.md", *sorted((ROOT / "docs").glob("*.md"))]
     missing = []
     for page in pages:
-        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+        text = page.read_text()
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
             if not re.match(r"[a-z]+:", target) and not (page.parent / target).exists():
                 missing.append(f"{page.relative_to(ROOT)} -> {target}")
+        for quoted in re.findall(r"`((?:gcl|workflows|tests|cluster|docs)/[\w/.-]+\.(?:py|md|yaml|json|html))`", text):
+            if not (ROOT / quoted).exists():
+                missing.append(f"{page.relative_to(ROOT)} quotes {quoted}")
     assert len(pages) >= 8 and not missing, missing

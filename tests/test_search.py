@@ -5,7 +5,6 @@ tiny open_clip config, untrained (its embeddings are as good as any for these ch
 
 import glob
 import json
-import os
 import urllib.request
 
 import numpy as np
@@ -13,26 +12,12 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import register_tiny_model, served_model
+from conftest import register_tiny_model, served_model, write_embeddings
 
 from gcl.errors import DataError, SearchIndexError
 from gcl.job_config import EmbedConfig, IndexConfig
 from gcl.search.embed import EMBEDDING_COLUMN, METADATA_KEY
 from gcl.search.index import SearchIndex, build_index, corpus_vectors
-
-
-def _write_embeddings(directory, vectors: np.ndarray, ids, extra: dict | None = None, files: int = 2) -> str:
-    """Embeddings as `gcl embed` writes them: id, fixed-size float32 vectors, gcl metadata."""
-    os.makedirs(directory, exist_ok=True)
-    meta = json.dumps({"model_uri": "models:/m/1", "model_version": "1", "side": "right", "dim": vectors.shape[1],
-                       "id_column": "product_id"}).encode()  # fmt: skip
-    for part, rows in enumerate(np.array_split(np.arange(len(vectors)), files)):
-        flat = pa.array(vectors[rows].reshape(-1).astype(np.float32))
-        table = pa.table({"product_id": pa.array(np.asarray(ids)[rows]),
-                          EMBEDDING_COLUMN: pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1]),
-                          **{k: pa.array(np.asarray(v)[rows]) for k, v in (extra or {}).items()}})  # fmt: skip
-        pq.write_table(table.replace_schema_metadata({METADATA_KEY: meta}), f"{directory}/part-{part}.parquet")
-    return str(directory)
 
 
 def clustered_unit_vectors(rows: int, dim: int, seed: int, centres: int | None = None) -> np.ndarray:
@@ -49,7 +34,7 @@ def test_every_index_kind_finds_the_exact_neighbours_at_its_defaults(tmp_path):
     vectors = clustered_unit_vectors(20_000, 64, seed=0)
     queries = clustered_unit_vectors(300, 64, seed=1, centres=200)
     ids = np.array([f"p{i}" for i in range(len(vectors))], dtype=object)
-    source = _write_embeddings(tmp_path / "emb", vectors, ids, {"title": [f"t{i}" for i in range(len(vectors))]})
+    source = write_embeddings(tmp_path / "emb", vectors, ids, {"title": [f"t{i}" for i in range(len(vectors))]})
     exact = np.argsort(-(queries @ vectors.T), axis=1)[:, :10]
     for kind in ("flat", "hnsw", "ivf-pq"):
         out = tmp_path / kind
@@ -67,7 +52,7 @@ def test_every_index_kind_finds_the_exact_neighbours_at_its_defaults(tmp_path):
 def test_an_id_read_twice_is_indexed_once_and_bad_parameters_are_named(tmp_path):
     vectors = clustered_unit_vectors(600, 32, seed=2, centres=6)
     ids = np.array([f"p{i % 500}" for i in range(600)], dtype=object)  # the last 100 rows repeat ids
-    source = _write_embeddings(tmp_path / "emb", vectors, ids)
+    source = write_embeddings(tmp_path / "emb", vectors, ids)
     built = build_index(IndexConfig(kind="flat", embeddings=source, out=str(tmp_path / "flat")))
     assert built["rows"] == 500 and built["repeated_rows"] == 100
     assert list(SearchIndex(str(tmp_path / "flat")).ids) == [f"p{i}" for i in range(500)]

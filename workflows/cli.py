@@ -249,6 +249,17 @@ def cmd_index(args) -> int:
     return 0
 
 
+def cmd_ui(args) -> int:
+    import contextlib
+
+    from workflows.ui import run_ui
+
+    job = _job(args)
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how the page stops
+        run_ui(job, args.model, args.eval_split, args.catalog, args.host, args.port)
+    return 0
+
+
 def cmd_bench(args) -> int:
     from workflows.bench import run_bench
 
@@ -385,6 +396,21 @@ def _add_embed_and_index(sub) -> None:
     p.set_defaults(func=cmd_index)
 
 
+def _add_ui(sub) -> None:
+    p = sub.add_parser("ui", help="a search page over 1 to 3 search models side by side, with grades and NDCG@10 "
+                       "from an evaluation split")  # fmt: skip
+    _add_config_args(p)
+    p.add_argument("--model", action="append", default=[], required=True,
+                   help="a registered search model (models:/NAME@ALIAS, from gcl index --register) or a gcl index "
+                   "directory; repeat for up to 3 columns")  # fmt: skip
+    p.add_argument("--eval-split", help="pairs with grades (a split of gcl data split): grades, NDCG@10 and the "
+                   "split's queries on the page")  # fmt: skip
+    p.add_argument("--catalog", help="the documents' rows with their images (default: the evaluation split's)")
+    p.add_argument("--host", default="127.0.0.1", help="the address to listen on (default loopback only)")
+    p.add_argument("--port", type=int, default=8765)
+    p.set_defaults(func=cmd_ui)
+
+
 def _add_evaluate_demo_bench(sub) -> None:
     p = sub.add_parser(
         "evaluate", help="retrieval metrics per split for one or more models (gcl's, MLflow's or open_clip's)"
@@ -446,6 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_train_and_tune,
         _add_register_and_submit,
         _add_embed_and_index,
+        _add_ui,
         _add_evaluate_demo_bench,
     ):
         add(sub)

@@ -1,0 +1,94 @@
+"""`gcl ui`: a search page over one to three models, side by side (gcl.search.ui serves it).
+
+Each model is a registered search model (`models:/NAME@ALIAS`, from `gcl index --register`) or a
+`gcl index` directory (searched with the model its embeddings came from). With `--eval-split`, every
+result shows its grade and every column its NDCG@10 for the query, and the split's queries are
+listed where the models differ most. Thumbnails come from `--catalog` (or the split's rows).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+from gcl.console import say
+from gcl.errors import ConfigError, ModelError
+from gcl.job_config import JobConfig
+from gcl.registry.runs import check_tracking
+from gcl.retrieval import RowEncoder
+from gcl.search.index import INFO_FILE, SearchIndex
+from gcl.search.ui import (
+    Column,
+    SearchPage,
+    Thumbnails,
+    catalog_images,
+    create_app,
+    display_titles,
+    load_judgments,
+)
+from gcl.train.checkpoint import resolve_model_dir
+from gcl.train.job import resolve_job
+
+MODELS_ACCEPTED = ("a search model registered by `gcl index --register NAME` (models:/NAME@ALIAS or "
+                   "models:/NAME/VERSION) or a `gcl index` directory")  # fmt: skip
+
+
+def load_column(job: JobConfig, spec: str, scratch: str) -> Column:
+    """The page's column for `spec`: its encoder and index, checked (ModelError, SearchIndexError)."""
+    uri = job.mlflow.resolved_uri()
+    if os.path.isdir(spec):  # a gcl index directory: its own model embeds the queries
+        SearchIndex.check_directory(spec)
+        with open(os.path.join(spec, INFO_FILE)) as f:
+            model = json.load(f).get("model_uri")
+        model_dir, index_dir = resolve_model_dir(model, scratch, uri, fallback_job=job), spec
+    elif spec.startswith(("models:/", "runs:/")):
+        model_dir = resolve_model_dir(spec, scratch, uri)
+        index_dir = os.path.join(os.path.dirname(model_dir), "index")  # the search model's other artifact
+        if not os.path.isfile(os.path.join(index_dir, INFO_FILE)):
+            raise ModelError(f"--model {spec}: an embedding model, not a search model; give {MODELS_ACCEPTED}")
+    else:
+        raise ModelError(f"--model {spec}: no such directory or model URI; give {MODELS_ACCEPTED}")
+    return Column(spec, RowEncoder.from_model_dir(model_dir, fields=job.fields), SearchIndex(index_dir))
+
+
+def build_page(job: JobConfig, models: list[str], eval_split: str | None, catalog: str | None,
+               scratch: str) -> SearchPage:  # fmt: skip
+    """Every model, the split's judgments and the catalog's images loaded and checked, once."""
+    from gcl.data.readers import image_base_dir, resolve_files
+
+    if not 1 <= len(models) <= 3:
+        raise ConfigError(f"--model given {len(models)} times: the page shows 1 to 3 models side by side")
+    if any(spec.startswith(("models:/", "runs:/")) for spec in models):
+        check_tracking(job.mlflow.resolved_uri())
+    columns = [load_column(job, spec, tempfile.mkdtemp(dir=scratch)) for spec in models]
+    fields = columns[0].row_encoder.fields
+    judgments = None
+    if eval_split:
+        split_files = resolve_files(eval_split)
+        judgments = load_judgments(split_files, job.data, fields, job.eval.grade_column, job.eval.relevance_level)
+    catalog_files = resolve_files(catalog) if catalog else (split_files if eval_split else [])
+    id_column = columns[0].index.info["id_column"]
+    image_field = next((n for n, s in fields.right.items() if s.modality == "image"), None)
+    title_field = next((n for n, s in fields.right.items() if s.modality == "text"), None)
+    images, titles = catalog_images(catalog_files, id_column, image_field, title_field) if catalog_files else ({}, {})
+    for column in columns:  # titles the indexes kept (gcl index --display title), where the catalog has none
+        for doc, title in display_titles(column.index, title_field or "title").items():
+            titles.setdefault(doc, title)
+    base_dir = image_base_dir(catalog_files[0], job.data.image_root) if catalog_files else None
+    return SearchPage(columns, titles, Thumbnails(images, base_dir), judgments)
+
+
+def run_ui(job: JobConfig, models: list[str], eval_split: str | None = None, catalog: str | None = None,
+           host: str = "127.0.0.1", port: int = 8765) -> None:  # fmt: skip
+    """Load the page (a bad model, split or catalog fails here, before the server starts) and serve it."""
+    import uvicorn
+
+    job = resolve_job(job)
+    with tempfile.TemporaryDirectory(prefix="gcl-ui-") as scratch:
+        page = build_page(job, models, eval_split, catalog, scratch)
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            say(f"warning: --host {host} serves the page, and every model's search, to anyone who can reach "
+                "this machine: there is no authentication")  # fmt: skip
+        say(f"gcl ui: http://{host}:{port}/ ({', '.join(models)}); Ctrl-C stops it")
+        uvicorn.run(create_app(page), host=host, port=port, log_level="warning")
