@@ -163,6 +163,25 @@ def write_embeddings(directory, vectors, ids, extra: dict | None = None, files: 
     return str(directory)
 
 
+def wait_until_answers(url: str, process, what: str, timeout: float = 180, headers: dict | None = None) -> None:
+    """Poll `url` until it answers with a success; fail at once, with
+    the process's output where it was piped, if `process` exits first, or after `timeout` seconds."""
+    import time
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=5)
+            return
+        except OSError:
+            if process.poll() is not None or time.time() > deadline:
+                process.kill()
+                output = process.stdout.read() if process.stdout else ""
+                pytest.fail(f"{what} did not come up ({'exited' if process.poll() is not None else 'timed out'}):\n{output}")
+            time.sleep(0.5)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on now."""
     with socket.socket() as s:
@@ -176,8 +195,6 @@ def served_model(model_uri: str, tracking_uri: str, cwd):
     environment (--env-manager local), once it answers /ping: yields the port."""
     import subprocess
     import sys
-    import time
-    import urllib.request
 
     port = free_port()
     venv_bin = os.path.dirname(sys.executable)  # mlflow runs `uvicorn` from PATH
@@ -187,13 +204,7 @@ def served_model(model_uri: str, tracking_uri: str, cwd):
                                "local", "--host", "127.0.0.1", "--port", str(port)], env=env, cwd=cwd,
                               stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)  # fmt: skip
     try:
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
-                break
-            except OSError:
-                assert server.poll() is None, "mlflow models serve exited"
-                time.sleep(1)
+        wait_until_answers(f"http://127.0.0.1:{port}/ping", server, "mlflow models serve", timeout=120)
         yield port
     finally:
         server.terminate()

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -20,6 +19,7 @@ import jsonschema
 import pytest
 import ray
 import yaml
+from conftest import wait_until_answers
 from mlflow import MlflowClient
 from ray.job_submission import JobSubmissionClient
 
@@ -169,19 +169,8 @@ def ray_head():
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )  # fmt: skip
     address = f"http://127.0.0.1:{dashboard}"
-    deadline = time.time() + 120
-    while True:
-        request = urllib.request.Request(
-            f"{address}/api/version", headers={"Authorization": f"Bearer {token}"}
-        )
-        try:
-            urllib.request.urlopen(request, timeout=5)
-            break
-        except OSError:
-            if head.poll() is not None or time.time() > deadline:
-                head.kill()
-                pytest.fail(f"ray start --head did not come up:\n{head.stdout.read()}")
-            time.sleep(1)
+    wait_until_answers(f"{address}/api/version", head, "ray start --head", timeout=120,
+                       headers={"Authorization": f"Bearer {token}"})  # fmt: skip
     try:
         yield address, env, token
     finally:

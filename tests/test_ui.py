@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -16,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import free_port, register_tiny_model, write_embeddings
+from conftest import free_port, register_tiny_model, wait_until_answers, write_embeddings
 from PIL import Image
 
 GCL = os.path.join(os.path.dirname(sys.executable), "gcl")
@@ -70,16 +69,7 @@ def page(catalog):
                                "--port", str(port)], env=env, cwd=catalog["root"],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/api/models", timeout=5)
-            break
-        except OSError:
-            if server.poll() is not None or time.time() > deadline:
-                server.kill()
-                pytest.fail(f"gcl ui did not come up:\n{server.stdout.read()}")
-            time.sleep(0.5)
+    wait_until_answers(f"{url}/api/models", server, "gcl ui")
     yield url
     server.terminate()
     server.wait(30)
