@@ -129,7 +129,7 @@ def register_tiny_model(root) -> str:
     (out / "gcl_fields.json").write_text(json.dumps(FieldsConfig().model_dump()))
     uri = f"sqlite:///{root}/mlflow.db"
     client = MlflowClient(uri)
-    run = client.create_run(client.create_experiment("gcl"))
+    run = client.create_run(client.create_experiment("gcl", artifact_location=str(root / "artifacts")))
     model_uri = log_embedding_model(run.info.run_id, str(out), uri)
     client.set_terminated(run.info.run_id, "FINISHED")
     with fluent_tracking_uri(uri):

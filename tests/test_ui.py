@@ -151,6 +151,26 @@ def test_the_page_ranks_grades_and_scores_each_query_as_gcl_evaluates_it(catalog
 
 
 @pytest.mark.integration
+def test_an_embedding_model_searches_its_catalog_embedded_at_start_as_its_index_does(catalog, tmp_path):
+    """`--model` an embedding model (here by its registry URI) with the split as its catalog: the
+    column embeds the split's documents at start and ranks as the flat index of the same model."""
+    from gcl.config import parse_config
+    from gcl.job_config import JobConfig
+    from workflows.ui import build_page
+
+    job = parse_config(JobConfig, None, [f"mlflow.tracking_uri={catalog['uri']}", f"storage={tmp_path}/runs"])
+    page = build_page(job, ["models:/tiny@champion", catalog["indexes"][0]], catalog["split"], None, str(tmp_path))
+    text_to_id, _ = _judgments(catalog)
+    for query in sorted(text_to_id)[:5]:
+        embedded, indexed = page.search(query, 10)["columns"]
+        assert [r["id"] for r in embedded["results"]] == [r["id"] for r in indexed["results"]], query
+        np.testing.assert_allclose([r["score"] for r in embedded["results"]], [r["score"] for r in indexed["results"]],
+                                   atol=1e-5)  # fmt: skip
+        assert embedded["ndcg@10"] == pytest.approx(indexed["ndcg@10"], abs=1e-6)
+        assert all(r["title"] for r in embedded["results"])
+
+
+@pytest.mark.integration
 def test_the_page_refuses_bad_requests_and_shows_what_it_cannot_decode(catalog, page):
     for query, k in (("", 10), ("   ", 10), ("x" * 10_000, 10), ("shoe", 0), ("shoe", 101), ("shoe", "ten")):
         status, body, _ = _get(f"{page}/api/search?" + urllib.parse.urlencode({"q": query, "k": k}))

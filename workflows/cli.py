@@ -255,7 +255,7 @@ def cmd_ui(args) -> int:
     from workflows.ui import run_ui
 
     job = _job(args)
-    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how the page stops
+    with contextlib.suppress(KeyboardInterrupt), _quiet(args, job.storage, "ui"):  # Ctrl-C stops the page
         run_ui(job, args.model, args.eval_split, args.catalog, args.host, args.port)
     return 0
 

@@ -88,8 +88,10 @@ def _plot_and_log(runs: dict, results: dict, client, path: str) -> str:
     return plot
 
 
-def _print_next_steps(uri: str, alias: str) -> None:
+def _print_next_steps(uri: str, alias: str, baseline_model: str, split: str) -> None:
     say("\nNext:")
+    say(f"  search page: .venv/bin/gcl ui --model models:/{REGISTERED_MODEL}@{alias} --model {baseline_model} "
+        f"--eval-split {split}   # GCL beside the binary baseline; open http://127.0.0.1:8765/")  # fmt: skip
     say(f"  MLflow UI:   .venv/bin/mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
     say(
         f"  serve:       PATH=$PWD/.venv/bin:$PATH MLFLOW_TRACKING_URI={uri} mlflow models serve "
@@ -150,6 +152,6 @@ def run_demo(quick: bool = False, workdir: str = "gcl_runs/demo") -> dict:
     say(f"\nplot: {plot}")
     say(f"registered {REGISTERED_MODEL} version {version} as @{alias} "
         f"({jobs['gcl'].eval.objective_name()} on the validation splits {gcl.metrics[OBJECTIVE]:.4f})")  # fmt: skip
-    _print_next_steps(uri, alias)
+    _print_next_steps(uri, alias, runs["baseline"].model_dir, f"{workdir}/data/in_domain.parquet")
     return {**results, "plot": plot, "version": version, "alias": alias,
             "runs": {key: run.run_id for key, run in runs.items()}}  # fmt: skip

@@ -1,9 +1,10 @@
 """`gcl ui`: a search page over one to three models, side by side (gcl.search.ui serves it).
 
-Each model is a registered search model (`models:/NAME@ALIAS`, from `gcl index --register`) or a
-`gcl index` directory (searched with the model its embeddings came from). With `--eval-split`, every
-result shows its grade and every column its NDCG@10 for the query, and the split's queries are
-listed where the models differ most. Thumbnails come from `--catalog` (or the split's rows).
+Each model is a registered search model (`models:/NAME@ALIAS`, from `gcl index --register`), a
+`gcl index` directory (searched with the model its embeddings came from), or an embedding model
+(any reference `gcl evaluate` takes) whose catalog (`--catalog`, else the split's documents) is
+embedded at start and searched exactly. With `--eval-split`, every result shows its grade and every
+column its NDCG@10 for the query, and the split's queries are listed where the models differ most.
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ import json
 import os
 import tempfile
 
+import pandas as pd
+
 from gcl.console import say
-from gcl.errors import ConfigError, ModelError
+from gcl.errors import ConfigError, DataError
 from gcl.job_config import JobConfig
 from gcl.registry.runs import check_tracking
 from gcl.retrieval import RowEncoder
@@ -30,26 +33,47 @@ from gcl.search.ui import (
 from gcl.train.checkpoint import resolve_model_dir
 from gcl.train.job import resolve_job
 
-MODELS_ACCEPTED = ("a search model registered by `gcl index --register NAME` (models:/NAME@ALIAS or "
-                   "models:/NAME/VERSION) or a `gcl index` directory")  # fmt: skip
+MODELS_ACCEPTED = ("a search model registered by `gcl index --register NAME` (models:/NAME@ALIAS), a `gcl index` "
+                   "directory, or an embedding model (a model directory, runs:/ or models:/ URI) with a catalog")  # fmt: skip
 
 
-def load_column(job: JobConfig, spec: str, scratch: str) -> Column:
-    """The page's column for `spec`: its encoder and index, checked (ModelError, SearchIndexError)."""
+def _catalog_index(job: JobConfig, encoder: RowEncoder, files: list[str], spec: str) -> SearchIndex:
+    """An exact index, in memory, of the catalog's documents embedded by `encoder` (each id once)."""
+    from gcl.data.readers import image_base_dir, read_table
+
+    id_column, fields = job.data.document_id_column, list(encoder.fields.right)
+    frames = []
+    for file in files:
+        frame = read_table(file).to_pandas()
+        missing = [c for c in (id_column, *fields) if c not in frame.columns]
+        if missing:
+            raise DataError(f"{file}: no column(s) {missing} for the documents of {spec} (columns: {list(frame.columns)})")
+        frames.append(frame)
+    docs = pd.concat(frames).drop_duplicates(id_column).reset_index(drop=True)
+    encoder.base_dir = image_base_dir(files[0], job.data.image_root)
+    vectors = encoder.encode(docs[fields], "right").numpy()
+    text = next((n for n, s in encoder.fields.right.items() if s.modality == "text"), None)
+    display = {text: docs[text].to_numpy()} if text else {}
+    return SearchIndex.in_memory(docs[id_column].astype(str).to_numpy(), vectors, id_column, display)
+
+
+def load_column(job: JobConfig, spec: str, scratch: str, catalog_files: list[str]) -> Column:
+    """The page's column for `spec`: its query encoder and index, checked (ModelError, SearchIndexError)."""
     uri = job.mlflow.resolved_uri()
-    if os.path.isdir(spec):  # a gcl index directory: its own model embeds the queries
+    if os.path.isfile(os.path.join(spec, INFO_FILE)):  # a gcl index directory: its own model embeds the queries
         SearchIndex.check_directory(spec)
         with open(os.path.join(spec, INFO_FILE)) as f:
             model = json.load(f).get("model_uri")
-        model_dir, index_dir = resolve_model_dir(model, scratch, uri, fallback_job=job), spec
-    elif spec.startswith(("models:/", "runs:/")):
-        model_dir = resolve_model_dir(spec, scratch, uri)
-        index_dir = os.path.join(os.path.dirname(model_dir), "index")  # the search model's other artifact
-        if not os.path.isfile(os.path.join(index_dir, INFO_FILE)):
-            raise ModelError(f"--model {spec}: an embedding model, not a search model; give {MODELS_ACCEPTED}")
-    else:
-        raise ModelError(f"--model {spec}: no such directory or model URI; give {MODELS_ACCEPTED}")
-    return Column(spec, RowEncoder.from_model_dir(model_dir, fields=job.fields), SearchIndex(index_dir))
+        model_dir = resolve_model_dir(model, scratch, uri, fallback_job=job)
+        return Column(spec, RowEncoder.from_model_dir(model_dir, fields=job.fields), SearchIndex(spec))
+    model_dir = resolve_model_dir(spec, scratch, uri, fallback_job=job)  # ModelError: not a model either
+    index_dir = os.path.join(os.path.dirname(model_dir), "index")  # a search model's other artifact
+    if spec.startswith(("models:/", "runs:/")) and os.path.isfile(os.path.join(index_dir, INFO_FILE)):
+        return Column(spec, RowEncoder.from_model_dir(model_dir, fields=job.fields), SearchIndex(index_dir))
+    if not catalog_files:
+        raise ConfigError(f"--model {spec}: an embedding model searches a catalog: give --catalog or --eval-split")
+    encoder = RowEncoder.from_model_dir(model_dir, fields=job.fields)
+    return Column(spec, encoder, _catalog_index(job, encoder, catalog_files, spec))
 
 
 def build_page(job: JobConfig, models: list[str], eval_split: str | None, catalog: str | None,
@@ -61,16 +85,16 @@ def build_page(job: JobConfig, models: list[str], eval_split: str | None, catalo
         raise ConfigError(f"--model given {len(models)} times: the page shows 1 to 3 models side by side")
     if any(spec.startswith(("models:/", "runs:/")) for spec in models):
         check_tracking(job.mlflow.resolved_uri())
-    columns = [load_column(job, spec, tempfile.mkdtemp(dir=scratch)) for spec in models]
+    split_files = resolve_files(eval_split) if eval_split else []
+    catalog_files = resolve_files(catalog) if catalog else split_files
+    columns = [load_column(job, spec, tempfile.mkdtemp(dir=scratch), catalog_files) for spec in models]
     fields = columns[0].row_encoder.fields
     judgments = None
-    if eval_split:
-        split_files = resolve_files(eval_split)
+    if split_files:
         judgments = load_judgments(split_files, job.data, fields, job.eval.grade_column, job.eval.relevance_level)
-    catalog_files = resolve_files(catalog) if catalog else (split_files if eval_split else [])
-    id_column = columns[0].index.info["id_column"]
     image_field = next((n for n, s in fields.right.items() if s.modality == "image"), None)
     title_field = next((n for n, s in fields.right.items() if s.modality == "text"), None)
+    id_column = columns[0].index.info["id_column"]
     images, titles = catalog_images(catalog_files, id_column, image_field, title_field) if catalog_files else ({}, {})
     for column in columns:  # titles the indexes kept (gcl index --display title), where the catalog has none
         for doc, title in display_titles(column.index, title_field or "title").items():

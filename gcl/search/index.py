@@ -209,6 +209,21 @@ class SearchIndex:
         self.ids = self.id_map[self.info["id_column"]].to_numpy(zero_copy_only=False)
         self.display = {c: self.id_map[c].to_numpy(zero_copy_only=False) for c in self.info.get("display", [])}
 
+    @classmethod
+    def in_memory(cls, ids: np.ndarray, vectors: np.ndarray, id_column: str,
+                  display: dict[str, np.ndarray] | None = None) -> SearchIndex:  # fmt: skip
+        """An exact (flat) index of `vectors` held in this process, without a directory: gcl ui's
+        search of a small catalog embedded at start."""
+        import faiss
+
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        index = cls.__new__(cls)
+        index.info = {"kind": "flat", "dim": int(vectors.shape[1]), "id_column": id_column, "rows": len(vectors)}
+        index.index = faiss.IndexFlatIP(vectors.shape[1])
+        index.index.add(vectors)
+        index.ids, index.display = np.asarray(ids), dict(display or {})
+        return index
+
     @staticmethod
     def check_directory(directory: str) -> None:
         """A SearchIndexError unless `directory` holds an index written by `gcl index`."""
