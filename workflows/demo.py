@@ -64,7 +64,7 @@ def demo_jobs(workdir: str, quick: bool, stamp: str) -> dict[str, JobConfig]:
         *benchmark_data(f"{workdir}/data"),
         f"storage={workdir}/runs",
         "eval.measures=[" + ", ".join(MEASURES) + "]",
-        f"train.epochs={2 if quick else 4}",
+        f"train.epochs={1 if quick else 4}",
         "train.batch_size=32",
     ]
     differences = {
