@@ -1,6 +1,7 @@
 import contextlib
 import os
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -163,9 +164,10 @@ def write_embeddings(directory, vectors, ids, extra: dict | None = None, files: 
     return str(directory)
 
 
-def wait_until_answers(url: str, process, what: str, timeout: float = 180, headers: dict | None = None) -> None:
-    """Poll `url` until it answers with a success; fail at once, with
-    the process's output where it was piped, if `process` exits first, or after `timeout` seconds."""
+def wait_until_answers(url: str, process, what: str, timeout: float = 180, headers: dict | None = None,
+                       log=None) -> None:  # fmt: skip
+    """Poll `url` until it answers with a success; fail at once, with the process's output (piped,
+    or the end of its `log` file), if `process` exits first, or after `timeout` seconds."""
     import time
     import urllib.request
 
@@ -178,6 +180,8 @@ def wait_until_answers(url: str, process, what: str, timeout: float = 180, heade
             if process.poll() is not None or time.time() > deadline:
                 process.kill()
                 output = process.stdout.read() if process.stdout else ""
+                if log is not None and os.path.exists(log):
+                    output += Path(log).read_text(errors="replace")[-5000:]
                 pytest.fail(f"{what} did not come up ({'exited' if process.poll() is not None else 'timed out'}):\n{output}")
             time.sleep(0.5)
 

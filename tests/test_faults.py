@@ -13,7 +13,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import free_port, ray_local_env, tiny_job_config
+from conftest import free_port, ray_local_env, tiny_job_config, wait_until_answers
 from mlflow import MlflowClient
 
 from gcl.registry.runs import runs_named
@@ -385,23 +385,17 @@ def test_errors_no_restart_can_fix_fail_the_run_at_once_naming_their_cause(
 def _start_mlflow_server(port: int, root) -> subprocess.Popen:
     """A real `mlflow server` on 127.0.0.1:`port`, its store and artifacts under `root` (a restart
     on the same port finds the same runs)."""
-    import urllib.request
-
     command = [os.path.join(os.path.dirname(sys.executable), "mlflow"), "server", "--host", "127.0.0.1",
                "--port", str(port), "--backend-store-uri", f"sqlite:///{root}/store.db",
                "--artifacts-destination", str(root / "artifacts"), "--workers", "1"]  # fmt: skip
     env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
-    server = subprocess.Popen(command, env=env, cwd=root, start_new_session=True,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-            return server
-        except OSError:
-            assert server.poll() is None, "mlflow server exited"
-            time.sleep(0.5)
-    raise AssertionError("mlflow server did not start")
+    log = root / "server.log"  # each start's output, appended: a failed start shows why
+    with open(log, "a") as out:
+        server = subprocess.Popen(command, env=env, cwd=root, start_new_session=True, stdout=out,
+                                  stderr=subprocess.STDOUT)  # fmt: skip
+    # A bound on a hang only: on a loaded machine a restart took over 120 s once.
+    wait_until_answers(f"http://127.0.0.1:{port}/health", server, "mlflow server", timeout=600, log=log)
+    return server
 
 
 def _stop(server: subprocess.Popen) -> None:
