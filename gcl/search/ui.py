@@ -68,12 +68,13 @@ class Judgments:
     def __post_init__(self):
         self.max_grade = max((g for docs in self.qrels.values() for g in docs.values()), default=0.0)
 
-    def ndcg(self, query_id: str, ranked: list[tuple[str, float, int]]) -> float:
-        """NDCG@10 of one query's ranking, as gcl evaluate computes it (gcl.metrics)."""
-        run = {query_id: {doc: score for doc, score, _ in ranked}}
-        means = evaluate({query_id: self.qrels[query_id]}, run, [NDCG], relevance_level=self.relevance_level,
-                         max_grade=self.max_grade)  # fmt: skip
-        return means[NDCG]
+    def ndcg(self, rankings: Mapping[str, list[tuple[str, float, int]]]) -> dict[str, float]:
+        """NDCG@10 of each query's ranking ({query id: ranked}), as gcl evaluate computes it
+        (gcl.metrics, one call for all of them)."""
+        run = {qid: {doc: score for doc, score, _ in ranked} for qid, ranked in rankings.items()}
+        _, per_query = evaluate({qid: self.qrels[qid] for qid in rankings}, run, [NDCG], per_query=True,
+                                relevance_level=self.relevance_level, max_grade=self.max_grade)  # fmt: skip
+        return {qid: values[NDCG] for qid, values in per_query.items()}
 
 
 class Thumbnails:
@@ -123,10 +124,10 @@ class SearchPage:
         self.query_table: list[dict] = []
         if judgments:
             texts = list(judgments.query_ids)
-            per_column = [column.search(texts, 10) for column in columns]
-            for i, text in enumerate(texts):
-                qid = judgments.query_ids[text]
-                scores = [judgments.ndcg(qid, ranked[i]) for ranked in per_column]
+            qids = [judgments.query_ids[text] for text in texts]
+            per_column = [judgments.ndcg(dict(zip(qids, column.search(texts, 10), strict=True))) for column in columns]
+            for text, qid in zip(texts, qids, strict=True):
+                scores = [ndcg[qid] for ndcg in per_column]
                 self.query_table.append({"query": text, NDCG: scores, "spread": max(scores) - min(scores)})
             self.query_table.sort(key=lambda row: (-row["spread"], row["query"]))
 
@@ -138,7 +139,7 @@ class SearchPage:
             grades = self.judgments.qrels[qid] if qid else {}
             columns.append({
                 "label": column.label,
-                NDCG: self.judgments.ndcg(qid, ranked) if qid else None,
+                NDCG: self.judgments.ndcg({qid: ranked})[qid] if qid else None,
                 "results": [{"rank": rank, "id": doc, "score": score, "title": self.titles.get(doc),
                              "grade": grades.get(doc) if qid else None}
                             for rank, (doc, score, _) in enumerate(ranked[:k], start=1)],
