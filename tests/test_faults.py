@@ -72,9 +72,16 @@ def _run_named(client: MlflowClient, name: str):
 
 
 def _train_workers() -> list[psutil.Process]:
-    return [
-        p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])
-    ]
+    """The Ray Train workers of this session's cluster (ray_local starts it in this process, so its
+    workers descend from it): never another suite's, on a machine that runs two at once."""
+    workers = []
+    for process in psutil.Process().children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(process.cmdline()):
+                workers.append(process)
+        except psutil.NoSuchProcess:
+            pass
+    return workers
 
 
 def _steps_per_epoch(reference: dict[int, float]) -> int:
