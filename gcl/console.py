@@ -88,7 +88,7 @@ def quiet_console(log_file: str, verbose: bool = False) -> Iterator[str | None]:
         traceback.print_exc(file=sys.stderr)
         raise
     finally:
-        _end_ray()
+        end_ray()
         _ray_data_progress_bars(progress_bars)
         logging.getLogger().removeHandler(handler)
         sys.stdout.flush()
@@ -100,7 +100,7 @@ def quiet_console(log_file: str, verbose: bool = False) -> Iterator[str | None]:
         _terminal = None
 
 
-def _end_ray() -> None:
+def end_ray() -> None:
     """Disconnect from Ray (stopping a local cluster the command started) while the log is still
     where output goes: Ray forwards the workers' last lines until then."""
     if "ray" in sys.modules:

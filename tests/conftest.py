@@ -111,9 +111,10 @@ def tiny_job(synth_dir, tmp_path):
     return lambda *overrides: tiny_job_config(synth_dir, tmp_path, *overrides)
 
 
-def register_tiny_model(root) -> str:
+def register_tiny_model(root, uri: str | None = None) -> str:
     """A randomly initialised tiny model logged as gcl's pyfunc under `root` and registered as
-    tiny@champion in a SQLite store there (no training: for tests of what reads a registry)."""
+    tiny@champion in a SQLite store there, or in the tracking server at `uri` (no training: for
+    tests of what reads a registry). Returns the tracking URI."""
     import json
 
     import mlflow
@@ -128,9 +129,11 @@ def register_tiny_model(root) -> str:
     tiny = create_model(ModelConfig(arch="gcl-tiny"))
     out = save_model(tiny.clip, tiny.model_cfg, root / "model")
     (out / "gcl_fields.json").write_text(json.dumps(FieldsConfig().model_dump()))
-    uri = f"sqlite:///{root}/mlflow.db"
-    client = MlflowClient(uri)
-    run = client.create_run(client.create_experiment("gcl", artifact_location=str(root / "artifacts")))
+    client = MlflowClient(uri or f"sqlite:///{root}/mlflow.db")
+    # A server keeps the artifacts it is given (mlflow-artifacts:); a SQLite store, under root.
+    experiment = client.create_experiment("gcl", artifact_location=None if uri else str(root / "artifacts"))
+    uri = uri or f"sqlite:///{root}/mlflow.db"
+    run = client.create_run(experiment)
     model_uri = log_embedding_model(run.info.run_id, str(out), uri)
     client.set_terminated(run.info.run_id, "FINISHED")
     with fluent_tracking_uri(uri):
@@ -149,7 +152,7 @@ def write_embeddings(directory, vectors, ids, extra: dict | None = None, files: 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from gcl.search.embed import EMBEDDING_COLUMN, METADATA_KEY
+    from gcl.search.embed import EMBEDDING_COLUMN, METADATA_KEY, SUMMARY_FILE
 
     os.makedirs(directory, exist_ok=True)
     vectors = np.asarray(vectors)
@@ -161,6 +164,8 @@ def write_embeddings(directory, vectors, ids, extra: dict | None = None, files: 
                           EMBEDDING_COLUMN: pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1]),
                           **{k: pa.array(np.asarray(v)[rows]) for k, v in (extra or {}).items()}})  # fmt: skip
         pq.write_table(table.replace_schema_metadata({METADATA_KEY: meta}), f"{directory}/part-{part}.parquet")
+    summary = {**json.loads(meta), "rows": len(vectors)}  # written last, as gcl embed does: the output is whole
+    (Path(directory) / SUMMARY_FILE).write_text(json.dumps(summary))
     return str(directory)
 
 
@@ -184,6 +189,33 @@ def wait_until_answers(url: str, process, what: str, timeout: float = 180, heade
                     output += Path(log).read_text(errors="replace")[-5000:]
                 pytest.fail(f"{what} did not come up ({'exited' if process.poll() is not None else 'timed out'}):\n{output}")
             time.sleep(0.5)
+
+
+def start_mlflow_server(port: int, root):
+    """A real `mlflow server` on 127.0.0.1:`port`, its store and artifacts under `root` (a restart
+    on the same port finds the same runs); returns its process, started in a session of its own."""
+    import subprocess
+    import sys
+
+    command = [os.path.join(os.path.dirname(sys.executable), "mlflow"), "server", "--host", "127.0.0.1",
+               "--port", str(port), "--backend-store-uri", f"sqlite:///{root}/store.db",
+               "--artifacts-destination", str(root / "artifacts"), "--workers", "1"]  # fmt: skip
+    env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
+    log = root / "server.log"  # each start's output, appended: a failed start shows why
+    with open(log, "a") as out:
+        server = subprocess.Popen(command, env=env, cwd=root, start_new_session=True, stdout=out,
+                                  stderr=subprocess.STDOUT)  # fmt: skip
+    # A bound on a hang only: on a loaded machine a restart took over 120 s once.
+    wait_until_answers(f"http://127.0.0.1:{port}/health", server, "mlflow server", timeout=600, log=log)
+    return server
+
+
+def stop_mlflow_server(server) -> None:
+    """Kill the server and its uvicorn workers at once, as a crash would."""
+    import signal
+
+    os.killpg(server.pid, signal.SIGKILL)
+    server.wait(timeout=30)
 
 
 def free_port() -> int:

@@ -14,10 +14,11 @@ import sys
 import threading
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from conftest import register_tiny_model
+from conftest import register_tiny_model, write_embeddings
 from mlflow import MlflowClient
 
 from workflows import CONFIGS
@@ -65,6 +66,9 @@ def workspace(tmp_path_factory):
     (root / "emb_bad/part-0.parquet").write_bytes(b"not parquet")
     (root / "emb_plain").mkdir()
     pq.write_table(pq.read_table(train).select(["product_id"]), root / "emb_plain/part-0.parquet")
+    # A gcl embed output whose run failed before its summary (written last) was: not whole.
+    write_embeddings(root / "emb_unfinished", np.eye(4, 8), [f"p{i}" for i in range(4)])
+    (root / "emb_unfinished/_gcl_embeddings.json").unlink()
     (root / "sweep.yaml").write_text(json.dumps({"name": "s", "base": TINY, "space": {"loss.no_such_key": {"grid": [1]}}}))
 
     uri = register_tiny_model(root)
@@ -135,6 +139,10 @@ def _cases(root: Path, server_500: str) -> list[dict]:
         ("index: parquet not from gcl embed", ["index", "--embeddings", "emb_plain", "--out", "idx_out"], {},
          "emb_plain", ["idx_out"]),
         ("index: no embeddings", ["index", "--embeddings", "empty_dir", "--out", "idx_out"], {}, "empty_dir", ["idx_out"]),
+        ("index: embeddings gcl embed did not finish", ["index", "--embeddings", "emb_unfinished", "--out", "idx_out"],
+         {}, "_gcl_embeddings.json", ["idx_out"]),
+        ("embed: an output directory holding other files", ["embed", "--model", "models:/tiny@champion", "--input",
+                                                            "data/train.parquet", "--out", "mixed_dir"], {}, "mixed_dir", []),
         ("index: tracking refuses the registration", ["index", "--embeddings", "emb_plain", "--out", "idx_out",
                                                       "--register", "s", "--set", "mlflow.tracking_uri=http://127.0.0.1:1"],
          {}, "http://127.0.0.1:1", ["idx_out"]),
@@ -188,6 +196,7 @@ def test_every_command_refuses_every_bad_input_in_one_line_and_writes_nothing(wo
         if problems:
             failures.append(f"{case['name']}: {'; '.join(problems)}\n    {terminal.strip()[:600]}")
     assert not failures, "\n".join(failures)
+    assert sorted(os.listdir(root / "mixed_dir")) == ["a.parquet", "b.csv"]  # another's files: not replaced
     # Nothing half-written in the store: no run left RUNNING, no version registered.
     client = MlflowClient(uri)
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])

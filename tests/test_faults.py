@@ -13,7 +13,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import free_port, ray_local_env, tiny_job_config, wait_until_answers
+from conftest import free_port, ray_local_env, start_mlflow_server, stop_mlflow_server, tiny_job_config
 from mlflow import MlflowClient
 
 from gcl.registry.runs import runs_named
@@ -292,13 +292,16 @@ def test_sigterm_sigkill_and_a_killed_raylet_each_resume_as_an_uninterrupted_run
 
 
 @pytest.mark.slow
-def test_sweep_stopped_mid_trial_resumes_without_running_finished_trials_again(
+def test_sweep_stopped_by_ctrl_c_mid_trial_resumes_without_running_finished_trials_again(
     ray_local, synth_dir, tmp_path, step_gates
 ):
-    """`gcl tune` (on the session's Ray cluster) gets SIGTERM while its second trial trains, held
-    there by a step gate; the same command finishes the sweep under the same parent run, and the
+    """`gcl tune` (on the session's Ray cluster) gets Ctrl-C (SIGINT to its process group, as a
+    terminal sends it) while its second trial trains, held there by a step gate: it stops at once,
+    its parent run and the interrupted trial's run KILLED, no trial's workers left training and
+    nothing registered; the same command finishes the sweep under the same parent run, and the
     first trial is not run again."""
     import yaml
+    from ray.tune import ExperimentAnalysis
 
     from workflows.cli import CONFIGS
 
@@ -307,6 +310,7 @@ def test_sweep_stopped_mid_trial_resumes_without_running_finished_trials_again(
     sweep.write_text(yaml.safe_dump({
         "name": "halted", "base": str(CONFIGS / "tiny-cpu.yaml"), "search": "random", "num_samples": 1,
         "asha": {"enabled": False},  # both trials run every epoch
+        "registered_model": "halted-best",
         # One epoch: the second trial is stopped before its first checkpoint either way (resuming
         # from a checkpoint is the gcl train fault tests' part).
         "set": ["train.epochs=1", "train.batch_size=16", "train.warmup_steps=2", f"data.train={synth_dir}/train.parquet",
@@ -319,42 +323,66 @@ def test_sweep_stopped_mid_trial_resumes_without_running_finished_trials_again(
     env = ray_local_env()
     client = MlflowClient(uri)
 
-    def trial_epochs() -> dict[str, int]:
-        """Child run id -> epochs it has logged."""
+    def trial_runs() -> dict[str, object]:
+        """Child run id -> its run."""
         parents = runs_named(client, "gcl", "halted")
         if not parents:
             return {}
         experiment = parents[0].info.experiment_id
         children = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")
-        return {c.info.run_id: len(client.get_metric_history(c.info.run_id, "train_loss")) for c in children}
+        return {c.info.run_id: c for c in children}
+
+    def trial_epochs() -> dict[str, int]:
+        """Child run id -> epochs it has logged."""
+        return {run_id: len(client.get_metric_history(run_id, "train_loss")) for run_id in trial_runs()}
+
+    def saved_finished_trials() -> int:
+        """Trials that Tune's saved sweep state records as finished (what a resumed sweep skips)."""
+        try:
+            return sum(t.status == "TERMINATED" for t in ExperimentAnalysis(str(tmp_path / "runs" / "halted")).trials)
+        except (ValueError, FileNotFoundError):  # no state saved yet
+            return 0
 
     step_gates.hold("halted", 2)  # every trial waits after its second step
-    first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    out = open(tmp_path / "first.out", "w")  # noqa: SIM115 (closed below, after the process ends)
+    first = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         _wait_for(lambda: step_gates.waiting("halted"), "the first trial was held", first, timeout=600)
         (held,) = step_gates.waiting("halted")
         step_gates.hold(held, None)  # the first trial trains to its end
-        _wait_for(lambda: sorted(trial_epochs().values()) == [0, 1] and set(step_gates.waiting("halted")) - {held},
-                  "the second trial was held after the first finished", first, timeout=600)  # fmt: skip
+        _wait_for(lambda: sorted(trial_epochs().values()) == [0, 1] and set(step_gates.waiting("halted")) - {held}
+                  and saved_finished_trials() == 1,
+                  "the second trial was held after the first finished and Tune saved that", first, timeout=600)  # fmt: skip
         epochs = trial_epochs()
         done = next(run_id for run_id, n in epochs.items() if n == 1)
+        interrupted = next(run_id for run_id, n in epochs.items() if n == 0)
         done_steps = len(client.get_metric_history(done, "loss"))
-        first.send_signal(signal.SIGTERM)
-        assert first.wait(120) != 0
+        os.killpg(first.pid, signal.SIGINT)  # Ctrl-C
+        assert first.wait(120) == 130
     finally:
         if first.poll() is None:
             first.kill()
+        out.close()
         step_gates.forget("halted")
+    said = (tmp_path / "first.out").read_text()
+    assert "stopped: `gcl tune` with the same config resumes sweep halted" in said, said[-3000:]
+    assert "Traceback" not in said, said[-3000:]
+    assert runs_named(client, "gcl", "halted")[0].info.status == "KILLED"
+    assert {run_id: run.info.status for run_id, run in trial_runs().items()} == {done: "FINISHED", interrupted: "KILLED"}
+    assert not _gone(_train_workers()), "a trial's workers trained on after Ctrl-C"
+    assert not client.search_registered_models("name = 'halted-best'")  # a stopped sweep registers nothing
 
     second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert len(runs_named(client, "gcl", "halted")) == 1  # the same parent run
+    assert runs_named(client, "gcl", "halted")[0].info.status == "FINISHED"
     epochs = trial_epochs()
     assert len(epochs) == 2 and sorted(epochs.values()) == [1, 1]  # both trials complete, no third run
     assert len(client.get_metric_history(done, "loss")) == done_steps  # the finished trial did not run again
     for run_id in epochs:  # the interrupted trial resumed: each step once
         steps = [m.step for m in client.get_metric_history(run_id, "loss")]
         assert sorted(steps) == list(range(1, len(steps) + 1))
+    assert client.search_registered_models("name = 'halted-best'")  # the finished sweep registers its best
 
 
 def test_errors_no_restart_can_fix_fail_the_run_at_once_naming_their_cause(
@@ -387,27 +415,6 @@ def test_errors_no_restart_can_fix_fail_the_run_at_once_naming_their_cause(
                                    "scaling.num_workers=1"))
     with pytest.raises(TrackingError, match=r"MLflow run f{32} is not in the tracking store"):
         fit(job, report, run_id="f" * 32)
-
-
-def _start_mlflow_server(port: int, root) -> subprocess.Popen:
-    """A real `mlflow server` on 127.0.0.1:`port`, its store and artifacts under `root` (a restart
-    on the same port finds the same runs)."""
-    command = [os.path.join(os.path.dirname(sys.executable), "mlflow"), "server", "--host", "127.0.0.1",
-               "--port", str(port), "--backend-store-uri", f"sqlite:///{root}/store.db",
-               "--artifacts-destination", str(root / "artifacts"), "--workers", "1"]  # fmt: skip
-    env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
-    log = root / "server.log"  # each start's output, appended: a failed start shows why
-    with open(log, "a") as out:
-        server = subprocess.Popen(command, env=env, cwd=root, start_new_session=True, stdout=out,
-                                  stderr=subprocess.STDOUT)  # fmt: skip
-    # A bound on a hang only: on a loaded machine a restart took over 120 s once.
-    wait_until_answers(f"http://127.0.0.1:{port}/health", server, "mlflow server", timeout=600, log=log)
-    return server
-
-
-def _stop(server: subprocess.Popen) -> None:
-    os.killpg(server.pid, signal.SIGKILL)  # the server and its uvicorn workers, as a crash would
-    server.wait(timeout=30)
 
 
 def _wait_for(condition, what: str, process: subprocess.Popen, timeout: float = 300) -> None:
@@ -449,7 +456,7 @@ def test_mlflow_server_going_away_mid_run_loses_no_step_and_gcl_sync_finishes_th
         return lambda: step_gates.waiting("outage").get("outage") == step
 
     step_gates.hold("outage", 2)
-    server = _start_mlflow_server(port, server_root)
+    server = start_mlflow_server(port, server_root)
     train = subprocess.Popen([GCL, "train", "-c", str(config)], env=ray_local_env(),
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     output: list[str] = []
@@ -458,14 +465,14 @@ def test_mlflow_server_going_away_mid_run_loses_no_step_and_gcl_sync_finishes_th
     try:
         _wait_for(held_after(2), "the run was held after step 2", train)
         assert logged_steps() == [1, 2]
-        _stop(server)  # outage 1
+        stop_mlflow_server(server)  # outage 1
         step_gates.hold("outage", 4)
         _wait_for(held_after(4), "the run was held after step 4", train)
         assert any(spill.iterdir()), "steps 3 and 4 were not spilled"
-        server = _start_mlflow_server(port, server_root)
+        server = start_mlflow_server(port, server_root)
         _wait_for(lambda: not any(spill.iterdir()) and max(logged_steps()) == 4,
                   "the spilled metrics were replayed", train)  # fmt: skip
-        _stop(server)  # outage 2: down until training ends
+        stop_mlflow_server(server)  # outage 2: down until training ends
         step_gates.hold("outage", None)
         assert train.wait(timeout=600) == 2
     finally:
@@ -473,7 +480,7 @@ def test_mlflow_server_going_away_mid_run_loses_no_step_and_gcl_sync_finishes_th
         if train.poll() is None:
             train.kill()
         if server.poll() is None:
-            _stop(server)
+            stop_mlflow_server(server)
     reading.join(timeout=60)  # the rest of the output, up to the end of the stream
     assert not reading.is_alive()
     text = "".join(output)
@@ -483,14 +490,14 @@ def test_mlflow_server_going_away_mid_run_loses_no_step_and_gcl_sync_finishes_th
     assert text.count("warning: MLflow tracking store answers again") == 1, text[-5000:]
     assert (tmp_path / "runs" / "outage" / "model" / "open_clip_config.json").is_file()
 
-    server = _start_mlflow_server(port, server_root)
+    server = start_mlflow_server(port, server_root)
     try:
         sync = subprocess.run([GCL, "sync", "-c", str(config)], capture_output=True, text=True, timeout=300)
         assert sync.returncode == 0, sync.stdout[-3000:] + sync.stderr[-3000:]
         again = subprocess.run([GCL, "sync", "-c", str(config)], capture_output=True, text=True, timeout=300)
         assert again.returncode == 0, again.stderr[-3000:]  # idempotent: nothing written twice
     finally:
-        _stop(server)
+        stop_mlflow_server(server)
     run = _run_named(reader, "outage")
     assert run.info.status == "FINISHED" and "gcl.model_uri" in run.data.tags
     history = reader.get_metric_history(run.info.run_id, "loss")

@@ -67,6 +67,42 @@ def test_an_id_read_twice_is_indexed_once_and_bad_parameters_are_named(tmp_path)
         SearchIndex(str(tmp_path))
 
 
+def test_a_failed_index_write_leaves_the_previous_index_whole_and_unfinished_embeddings_are_refused(tmp_path):
+    """A write that fails part-way (here the file-size limit, RLIMIT_FSIZE, standing in for a full
+    disk: mounting a small filesystem needs privileges this machine's tests do not have) is named,
+    and leaves the index that was there whole, with no partial directory beside it. Embeddings
+    that gcl embed did not finish writing (no summary: it is written last) or that lost a file
+    since are refused, naming the directory."""
+    import os
+    import resource
+    import signal
+
+    small = write_embeddings(tmp_path / "small", clustered_unit_vectors(50, 64, seed=3, centres=5),
+                             np.array([f"p{i}" for i in range(50)], dtype=object))  # fmt: skip
+    large = write_embeddings(tmp_path / "large", clustered_unit_vectors(4000, 64, seed=4),
+                             np.array([f"p{i}" for i in range(4000)], dtype=object))  # fmt: skip
+    out = tmp_path / "index"
+    build_index(IndexConfig(kind="flat", embeddings=small, out=str(out)))
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, limits[1]))  # the flat index of 4000 vectors is 1 MiB
+    try:
+        with pytest.raises(SearchIndexError, match=rf"{out}: the index could not be written .*nothing was written there"):
+            build_index(IndexConfig(kind="flat", embeddings=large, out=str(out)))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
+    assert SearchIndex(str(out)).index.ntotal == 50  # the index that was there, whole
+    assert sorted(os.listdir(tmp_path)) == ["index", "large", "small"]  # no partial directory left
+
+    (tmp_path / "large" / "_gcl_embeddings.json").unlink()
+    with pytest.raises(SearchIndexError, match=r"large: no readable _gcl_embeddings.json: `gcl embed` did not finish"):
+        build_index(IndexConfig(embeddings=large, out=str(tmp_path / "x")))
+    (tmp_path / "small" / "part-1.parquet").unlink()
+    with pytest.raises(SearchIndexError, match=r"small: its files hold 25 rows where _gcl_embeddings.json counts 50"):
+        build_index(IndexConfig(embeddings=small, out=str(tmp_path / "x")))
+
+
 # ---------------------------------------------------------------------------------------------
 # A registered model, its catalog embedded on Ray, indexed, registered and served
 

@@ -11,6 +11,7 @@ import os
 import shlex
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from workflows import CONFIGS
 
@@ -108,11 +109,24 @@ def cmd_train(args) -> int:
     try:
         with _quiet(args, job.storage, job.name):
             train(job)
-    except (KeyboardInterrupt, SystemExit) as stop:  # Ctrl-C; SIGTERM, which Ray's driver turns into exit(15)
+    except (KeyboardInterrupt, SystemExit) as stop:
         print(f"stopped: `gcl train` with the same config resumes run {job.name} from its last checkpoint",
               file=sys.stderr)  # fmt: skip
-        return stop.code if isinstance(stop, SystemExit) and isinstance(stop.code, int) else 130
+        _exit_stopped(stop)
     return 0
+
+
+def _exit_stopped(stop: KeyboardInterrupt | SystemExit) -> NoReturn:
+    """Exit now, as a command its user stopped: 130 for Ctrl-C, as shells use; 15 for SIGTERM,
+    which Ray's driver turns into sys.exit(15). Its runs are marked, Ray is shut down and the log
+    is written by then; what is left is the interpreter's teardown of an interrupted Ray Tune or
+    Train driver, which took over two minutes of garbage collection once (a busy machine)."""
+    from gcl.console import end_ray
+
+    end_ray()  # done already where the console was quiet; with -v, here: a local cluster goes with it
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(stop.code if isinstance(stop, SystemExit) and isinstance(stop.code, int) else 130)
 
 
 def cmd_sync(args) -> int:
@@ -127,8 +141,13 @@ def cmd_tune(args) -> int:
     from workflows.tune import run_tune
 
     sweep, job = load_sweep(args.config, args.overrides)
-    with _quiet(args, job.storage, sweep.name):
-        run_tune(args.config, args.overrides)
+    try:
+        with _quiet(args, job.storage, sweep.name):
+            run_tune(args.config, args.overrides)
+    except (KeyboardInterrupt, SystemExit) as stop:
+        print(f"stopped: `gcl tune` with the same config resumes sweep {sweep.name}; its finished trials are "
+              "not run again", file=sys.stderr)  # fmt: skip
+        _exit_stopped(stop)
     return 0
 
 

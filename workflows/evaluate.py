@@ -18,6 +18,7 @@ from gcl import storage
 from gcl.console import say, terminal
 from gcl.job_config import JobConfig
 from gcl.model import ModelConfig, base_model_config, check_model_source
+from gcl.registry.buffer import is_outage, while_unreachable
 from gcl.registry.runs import check_tracking, start_run
 from gcl.report import comparison_plot, comparison_table, metrics_table
 from gcl.retrieval import RowEncoder, evaluate_splits
@@ -99,11 +100,24 @@ def run_evaluate(job: JobConfig, model: str | list[str]) -> Results | dict[str, 
     directory = storage.local_path(storage.join(job.storage, job.name)) or tempfile.mkdtemp(prefix="gcl-")
     os.makedirs(directory, exist_ok=True)
     plot = comparison_plot(results, job.eval.objective, os.path.join(directory, f"{name}.png"))
-    run_id = start_run(job.mlflow.resolved_uri(), job.mlflow.experiment, name,
-                       {f"model_{i}": m for i, m in enumerate(models)})  # fmt: skip
-    client = MlflowClient(job.mlflow.resolved_uri())
+    try:
+        while_unreachable(lambda: _log_comparison(job, name, models, results, plot), job.mlflow.finish_wait_seconds,
+                          "while logging the comparison")  # fmt: skip
+    except Exception as err:
+        if not is_outage(err):
+            raise
+        say(f"\nplot: {plot}\nwarning: the comparison was not logged to MLflow: the tracking store "
+            f"{job.mlflow.resolved_uri()} cannot be reached ({type(err).__name__})")  # fmt: skip
+        return results
+    say(f"\nplot: {plot} (and in MLflow run {name})")
+    return results
+
+
+def _log_comparison(job: JobConfig, name: str, models: list[str], results: dict, plot: str) -> None:
+    """An MLflow run `name` holding the comparison's plot and figures (a retry resumes it)."""
+    uri = job.mlflow.resolved_uri()
+    run_id = start_run(uri, job.mlflow.experiment, name, {f"model_{i}": m for i, m in enumerate(models)})
+    client = MlflowClient(uri)
     client.log_artifact(run_id, plot)
     client.log_dict(run_id, results, "evaluation.json")
     client.set_terminated(run_id)
-    say(f"\nplot: {plot} (and in MLflow run {name})")
-    return results

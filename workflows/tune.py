@@ -26,7 +26,7 @@ from gcl.registry.names import (
     TRIALS_ARTIFACT,
     TRIALS_PLOT,
 )
-from gcl.registry.runs import flatten, runs_named, start_run
+from gcl.registry.runs import end_interrupted, flatten, runs_named, start_run
 from gcl.report import sweep_plot
 from gcl.train.job import (
     check_resources,
@@ -116,9 +116,16 @@ def run_tune(path: str, overrides: list[str] | None = None) -> TuneResult:
              concurrency, job_resources(job))  # fmt: skip
     context = SweepContext(name=sweep.name, base=job.model_dump(mode="json"), data=data, tracking_uri=uri,
                            experiment=job.mlflow.experiment, parent_run_id=parent_run_id)  # fmt: skip
-    grid = build_tuner(sweep, job, trainable(context, sweep.trial_cpus), concurrency).fit()
-
     client = MlflowClient(uri)
+    # Ctrl-C stops the sweep at once, as it stops gcl train: Tune's own SIGINT handler would end
+    # the trials and return their results as if the sweep had finished, to be ranked and registered.
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    try:
+        grid = build_tuner(sweep, job, trainable(context, sweep.trial_cpus), concurrency).fit()
+    except BaseException as err:
+        end_interrupted(client, parent_run_id, err, children=True)
+        raise
+
     rows = trial_rows(grid, sweep)
     close_child_runs(client, job.mlflow.experiment, parent_run_id, rows, job.train.epochs)
     _report_trials(client, sweep, job, parent_run_id, rows)

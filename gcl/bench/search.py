@@ -54,7 +54,7 @@ def write_embeddings(directory: str, vectors: np.ndarray, rows_per_file: int = 2
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from gcl.search.embed import EMBEDDING_COLUMN, METADATA_KEY
+    from gcl.search.embed import EMBEDDING_COLUMN, METADATA_KEY, SUMMARY_FILE
 
     os.makedirs(directory, exist_ok=True)
     dim = vectors.shape[1]
@@ -64,6 +64,8 @@ def write_embeddings(directory: str, vectors: np.ndarray, rows_per_file: int = 2
         table = pa.table({"id": pa.array(np.arange(start, start + len(chunk))),
                           EMBEDDING_COLUMN: pa.FixedSizeListArray.from_arrays(pa.array(chunk.reshape(-1)), dim)})  # fmt: skip
         pq.write_table(table.replace_schema_metadata({METADATA_KEY: meta}), f"{directory}/part-{part:04d}.parquet")
+    with open(os.path.join(directory, SUMMARY_FILE), "w") as f:  # last, as gcl embed writes it: the output is whole
+        json.dump({**json.loads(meta), "rows": len(vectors)}, f)
     return directory
 
 

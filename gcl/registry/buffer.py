@@ -54,6 +54,25 @@ def fail_fast_requests():
                 os.environ[key] = value
 
 
+def while_unreachable(action, wait_seconds: float, doing: str):
+    """`action()`, tried again with backoff for up to `wait_seconds` while the tracking store
+    cannot be reached (one quick try per request); then the outage's error is raised. `doing`
+    completes the warning each retry logs: "MLflow tracking store unreachable <doing> (...)"."""
+    deadline = time.monotonic() + wait_seconds
+    pause = 1.0
+    with fail_fast_requests():
+        while True:
+            try:
+                return action()
+            except Exception as err:
+                if not is_outage(err) or time.monotonic() + pause > deadline:
+                    raise
+                log.warning("MLflow tracking store unreachable %s (%s); trying again in %.0f s", doing,
+                            type(err).__name__, pause)  # fmt: skip
+                time.sleep(pause)
+                pause = min(2 * pause, 30.0)
+
+
 class SpillFiles:
     """The spill files of a run: JSON lines of {"metric": key, "value", "timestamp", "step"} or
     {"tag": key, "value"}, one new file per spill (object stores do not append)."""

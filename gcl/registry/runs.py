@@ -11,7 +11,7 @@ import os
 import time
 
 from gcl.errors import TrackingError
-from gcl.registry.names import ERROR_TAG, RUN_NAME_TAG
+from gcl.registry.names import ERROR_TAG, PARENT_RUN_TAG, RUN_NAME_TAG
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +156,29 @@ def mark_failed(client, run_id: str, error: BaseException) -> None:
 def mark_killed(client, run_id: str) -> None:
     """End a run as KILLED: stopped by its user (Ctrl-C, SIGTERM); the same command resumes it."""
     client.set_terminated(run_id, "KILLED")
+
+
+def end_interrupted(client, run_id: str, err: BaseException, children: bool = False) -> None:
+    """End a run whose command did not finish (and with `children`, its child runs still
+    running: a sweep's trials, which die with its driver): KILLED when its user stopped it (Ctrl-C,
+    or SIGTERM, which Ray's driver turns into sys.exit(15)), else FAILED with `err`. The same
+    command resumes them. A tracking store that cannot be reached is said, not raised over `err`."""
+    from gcl.registry.buffer import fail_fast_requests, is_outage
+
+    stopped = isinstance(err, KeyboardInterrupt | SystemExit)
+    try:
+        with fail_fast_requests():
+            run_ids = [run_id]
+            if children:
+                experiment_id = client.get_run(run_id).info.experiment_id
+                running = f"tags.`{PARENT_RUN_TAG}` = '{run_id}' and attributes.status = 'RUNNING'"
+                run_ids += [run.info.run_id for run in client.search_runs([experiment_id], running)]
+            for each in run_ids:
+                mark_killed(client, each) if stopped else mark_failed(client, each, err)
+    except Exception as tracking_err:
+        if not is_outage(tracking_err):
+            raise
+        log.warning("MLflow cannot be reached to mark run %s %s", run_id, "killed" if stopped else "failed")
 
 
 def mark_finished(client, run_id: str) -> None:

@@ -1,10 +1,11 @@
 """`gcl embed`: a catalog's embeddings as a Ray Data batch-inference job.
 
 Read tasks read the input's row groups (parquet, CSV or JSONL; local or a URI); an actor pool,
-each actor holding the model once (one GPU each with `scaling.use_gpu`), embeds the rows as the
+each actor holding the model once (one GPU each with `scaling.use_gpu`; the driver fetches the
+model and hands its files to the actors through Ray's object store), embeds the rows as the
 served model does (gcl.retrieval.RowEncoder); the output is parquet (or a Lance dataset): the id
 column, a fixed-size float32 `embedding` column and any `keep` columns, with the model's URI and
-version in each file's metadata. Nothing passes through the driver but counts.
+version in each file's metadata. No row passes through the driver, only counts.
 
 Rows are checked first, as `gcl data validate` checks them (an id, a value in a field of the
 side, images that decode), in Ray Data tasks: bad rows stop the job before the model loads, named
@@ -72,18 +73,18 @@ def _row_counter():
 class Embedder:
     """A Ray Data actor: loads the model once, then embeds batches of rows of one side."""
 
-    def __init__(self, model: str, tracking_uri: str, fields: dict, side: str, id_column: str, keep: list[str],
+    def __init__(self, model_files: list, fields: dict, side: str, id_column: str, keep: list[str],
                  batch_size: int, base_dir: str | None, threads: int, use_gpu: bool, metadata: bytes, counter):  # fmt: skip
         import tempfile
 
+        import ray
         import torch
 
         from gcl.retrieval import RowEncoder
-        from gcl.train.checkpoint import resolve_model_dir
 
         torch.set_num_threads(threads)
         self.scratch = tempfile.TemporaryDirectory(prefix="gcl-embed-")
-        model_dir = resolve_model_dir(model, self.scratch.name, tracking_uri)
+        model_dir = _write_files(ray.get(model_files[0]), self.scratch.name)  # [ref]: Ray passes it unresolved
         device = "cuda" if use_gpu else "cpu"
         self.encoder = RowEncoder.from_model_dir(model_dir, fields=FieldsConfig(**fields), device=device)
         self.encoder.base_dir = base_dir
@@ -173,12 +174,17 @@ def embed_rows(job, cfg: EmbedConfig, tracking_uri: str, use_gpu: bool = False, 
     for key in ("model", "input", "out"):
         if not getattr(cfg, key):
             raise ConfigError(f"embed.{key} is not set: give --{key} (or embed.{key} in the config)")
+    if not cfg.out.rstrip("/").endswith(".lance"):  # Lance's own create mode refuses an existing dataset
+        check_output(cfg.out)
     model_uri, version = pinned_model(cfg.model, tracking_uri)
+    # The model is fetched here, once: the actors get its files through Ray's object store, so the
+    # tracking store is not asked by every actor, and may go away once Ray work has started.
     with tempfile.TemporaryDirectory(prefix="gcl-embed-") as scratch:
         model_dir = resolve_model_dir(model_uri, scratch, tracking_uri, fallback_job=job)
         fields = trained_fields(model_dir, job.fields)
         with open(os.path.join(model_dir, CONFIG_FILE)) as f:
             dim = int(json.load(f)["model_cfg"]["embed_dim"])
+        model_files = _read_files(model_dir)
     id_column = cfg.id_column or (job.data.document_id_column if cfg.side == "right" else job.data.query_id_column)
     files = resolve_files(cfg.input)
     rules = RowRules(job.data, fields, weight_key="")
@@ -191,9 +197,13 @@ def embed_rows(job, cfg: EmbedConfig, tracking_uri: str, use_gpu: bool = False, 
         if missing:
             raise ConfigError(f"embed.keep: {file} has no column(s) {missing}; it has {schema.names}")
         units.extend(file_units)
+    import ray
+
     from gcl.cluster import init_ray
 
     init_ray()  # the first Ray work, once the model and the input's files and columns have been checked
+    model_ref = ray.put(model_files)
+    del model_files
     report = check_rows(cfg.input, units, files, rules, cfg.side, id_column, job.pipeline.cpus_per_task)
     skip: dict[str, set[int]] = {}
     for bad in report.bad:
@@ -206,7 +216,7 @@ def embed_rows(job, cfg: EmbedConfig, tracking_uri: str, use_gpu: bool = False, 
     counter = _row_counter()
     rows = _read_dataset(units, columns, skip, job.pipeline.cpus_per_task)
     embedded = rows.map_batches(
-        Embedder, fn_constructor_kwargs=dict(model=model_uri, tracking_uri=tracking_uri, fields=fields.model_dump(),
+        Embedder, fn_constructor_kwargs=dict(model_files=[model_ref], fields=fields.model_dump(),
                                              side=cfg.side, id_column=id_column, keep=cfg.keep,
                                              batch_size=cfg.batch_size, base_dir=image_base_dir(files[0], job.data.image_root),
                                              threads=max(1, int(cfg.cpus_per_actor)), use_gpu=use_gpu,
@@ -216,10 +226,80 @@ def embed_rows(job, cfg: EmbedConfig, tracking_uri: str, use_gpu: bool = False, 
     with _Polling(counter, report.rows_valid, progress):
         if cfg.out.rstrip("/").endswith(".lance"):
             embedded.write_lance(cfg.out, mode="create")
-        else:
+            return summary
+        clear_output(cfg.out)
+        try:
             embedded.write_parquet(cfg.out)
+            # Written last: it marks the output whole (gcl index refuses a directory without it).
             storage.write_text(storage.join(cfg.out, SUMMARY_FILE), json.dumps({**json.loads(metadata), **summary}, indent=2))
+        except BaseException:
+            remove_output(cfg.out)  # a write that failed (a full disk) leaves nothing half-written
+            raise
     return summary
+
+
+def check_output(out: str) -> None:
+    """embed.out may be new, empty, or a finished output of gcl embed (which a new run replaces);
+    anything else is refused before any work, so that no other file is mixed in or removed."""
+    from pyarrow import fs
+
+    from gcl import storage
+
+    store, path = storage.filesystem(out)
+    kind = store.get_file_info(path).type
+    if kind == fs.FileType.NotFound:
+        return
+    if kind != fs.FileType.Directory:
+        raise ConfigError(f"embed.out {out} is a file; give a directory (new, empty, or an earlier gcl embed output)")
+    names = sorted(os.path.basename(info.path) for info in store.get_file_info(fs.FileSelector(path)))
+    if names and SUMMARY_FILE not in names:
+        raise ConfigError(f"embed.out {out} holds {', '.join(names[:3])}{', ...' if len(names) > 3 else ''} and no "
+                          f"{SUMMARY_FILE}: not a finished gcl embed output, which is all gcl embed replaces; give a "
+                          "new or empty directory")  # fmt: skip
+
+
+def clear_output(out: str) -> None:
+    """Remove the earlier gcl embed output at `out` (check_output allowed it), summary first."""
+    from pyarrow import fs
+
+    from gcl import storage
+
+    store, path = storage.filesystem(out)
+    if store.get_file_info(path).type == fs.FileType.Directory:
+        log.info("replacing the embeddings in %s", out)
+        store.delete_dir_contents(path)
+
+
+def remove_output(out: str) -> None:
+    """Remove what a failed run wrote at `out` (never another's files: check_output)."""
+    from gcl import storage
+
+    store, path = storage.filesystem(out)
+    try:
+        store.delete_dir(path)
+    except OSError as err:
+        log.warning("could not remove the unfinished embeddings in %s (%s); gcl index refuses them", out, err)
+
+
+def _read_files(directory: str) -> dict[str, bytes]:
+    """Every file under `directory`, by its path relative to it."""
+    files = {}
+    for parent, _, names in os.walk(directory):
+        for name in names:
+            path = os.path.join(parent, name)
+            with open(path, "rb") as f:
+                files[os.path.relpath(path, directory)] = f.read()
+    return files
+
+
+def _write_files(files: dict[str, bytes], directory: str) -> str:
+    """`files` (from _read_files) written under `directory`, which is returned."""
+    for relative, data in files.items():
+        path = os.path.join(directory, relative)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(data)
+    return directory
 
 
 def _read_dataset(units: list, columns: list[str], skip: dict[str, set[int]], cpus: float):

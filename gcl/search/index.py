@@ -14,10 +14,12 @@ sample of `train_sample` vectors.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 
 import numpy as np
@@ -27,7 +29,7 @@ import pyarrow.parquet as pq
 
 from gcl.errors import SearchIndexError
 from gcl.job_config import IndexConfig
-from gcl.search.embed import EMBEDDING_COLUMN, METADATA_KEY
+from gcl.search.embed import EMBEDDING_COLUMN, METADATA_KEY, SUMMARY_FILE
 
 log = logging.getLogger(__name__)
 INDEX_FILE, IDS_FILE, INFO_FILE = "index.faiss", "ids.parquet", "index.json"
@@ -86,7 +88,26 @@ def embedding_files(spec: str) -> list[str]:
                                f"give {EMBEDDINGS_ACCEPTED}")  # fmt: skip
     for file in files:
         embeddings_info([file])
+    _check_finished(spec, files)
     return files
+
+
+def _check_finished(spec: str, files: list[str]) -> None:
+    """A directory from `gcl embed` is whole: its summary, written last, is there and counts the
+    rows its files hold (a run that failed while writing, e.g. on a full disk, wrote no summary)."""
+    if not os.path.isdir(spec):
+        return
+    summary_path = os.path.join(spec, SUMMARY_FILE)
+    try:
+        with open(summary_path) as f:
+            expected = int(json.load(f)["rows"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise SearchIndexError(f"{spec}: no readable {SUMMARY_FILE}: `gcl embed` did not finish writing these embeddings; "
+                               "run it again (into a new or the same directory)") from None  # fmt: skip
+    rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    if rows != expected:
+        raise SearchIndexError(f"{spec}: its files hold {rows} rows where {SUMMARY_FILE} counts {expected}: files "
+                               "were lost or added since `gcl embed` wrote them; run it again") from None  # fmt: skip
 
 
 def embeddings_info(files: list[str]) -> dict:
@@ -161,17 +182,38 @@ def build_index(cfg: IndexConfig) -> dict:
         log.warning("%s: %d of %d rows repeat an id indexed already (a catalog read from pairs?); each id is "
                     "indexed once, from its first row", embeddings, rows - id_map.num_rows, rows)  # fmt: skip
     digest.update(pc.cast(id_map[id_column], pa.string()).to_numpy(zero_copy_only=False).astype(str).tobytes())
-    os.makedirs(out_dir, exist_ok=True)
-    faiss.write_index(index, os.path.join(out_dir, INDEX_FILE))
-    pq.write_table(id_map, os.path.join(out_dir, IDS_FILE))
     built = {**cfg.model_dump(exclude={"embeddings", "out", "display"}), "dim": dim, "rows": id_map.num_rows, "repeated_rows": rows - id_map.num_rows,
              "id_column": id_column, "display": display, "embeddings": embeddings,
              "corpus_sha256": digest.hexdigest(), "build_seconds": time.perf_counter() - start,
-             "index_bytes": os.path.getsize(os.path.join(out_dir, INDEX_FILE)),
              **{k: info[k] for k in ("model_uri", "model_version", "side", "fields") if k in info}}  # fmt: skip
-    with open(os.path.join(out_dir, INFO_FILE), "w") as f:
-        json.dump(built, f, indent=2)
+    with _written_whole(out_dir) as partial:
+        faiss.write_index(index, os.path.join(partial, INDEX_FILE))
+        pq.write_table(id_map, os.path.join(partial, IDS_FILE))
+        built["index_bytes"] = os.path.getsize(os.path.join(partial, INDEX_FILE))
+        with open(os.path.join(partial, INFO_FILE), "w") as f:
+            json.dump(built, f, indent=2)
     return built
+
+
+@contextlib.contextmanager
+def _written_whole(out_dir: str):
+    """A directory beside `out_dir` to write into; it becomes `out_dir` (replacing an index there)
+    only once the block has written everything. A write that fails (a full disk) removes it and
+    leaves `out_dir` as it was: never a directory that looks like an index and is not one."""
+    out_dir = os.path.abspath(out_dir)
+    partial, old = f"{out_dir}.partial-{os.getpid()}", f"{out_dir}.old-{os.getpid()}"
+    try:
+        os.makedirs(partial)
+        yield partial
+        if os.path.exists(out_dir):
+            os.rename(out_dir, old)
+        os.rename(partial, out_dir)
+    except (OSError, RuntimeError) as err:  # RuntimeError: FAISS's writer
+        raise SearchIndexError(f"{out_dir}: the index could not be written ({' '.join(str(err).split())[:200]}); "
+                               "nothing was written there") from None  # fmt: skip
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _first_occurrences(files: list[str], id_column: str, batch_rows: int) -> np.ndarray:

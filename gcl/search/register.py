@@ -8,6 +8,7 @@ import json
 import os
 
 from gcl.errors import ModelError
+from gcl.registry.buffer import is_outage
 from gcl.registry.models import copy_gcl_code, register, serving_requirements
 from gcl.registry.names import OBJECTIVE_KEY_TAG, OBJECTIVE_TAG, SEARCH_MODEL_ARTIFACT
 from gcl.registry.runs import fluent_tracking_uri, start_run
@@ -61,6 +62,8 @@ def register_search_index(index_dir: str, name: str, tracking_uri: str, experime
     try:
         embedding_version = client.get_model_version(model_name, model_version)
     except MlflowException as err:
+        if is_outage(err):  # the store did not answer: it may yet, and the caller may try again
+            raise
         raise ModelError(f"{model_uri}: not in {tracking_uri} ({err})") from err
     embedding_tags = embedding_version.tags
     build = {k: info[k] for k in ("kind", "hnsw_m", "hnsw_ef_construction", "hnsw_ef_search", "ivf_lists",

@@ -12,7 +12,6 @@ import logging
 import math
 import os
 import tempfile
-import time
 from dataclasses import dataclass, field
 
 import yaml
@@ -25,7 +24,7 @@ from gcl.data.validate import ValidationReport, validate_pairs
 from gcl.errors import ConfigError, GclError, ModelError, TrackingError
 from gcl.job_config import JobConfig
 from gcl.model import CONFIG_FILE, check_model_source
-from gcl.registry.buffer import SPILL_DIR, SpillFiles, fail_fast_requests, is_outage, replay
+from gcl.registry.buffer import SPILL_DIR, SpillFiles, is_outage, replay, while_unreachable
 from gcl.registry.models import log_embedding_model, register_run
 from gcl.registry.names import (
     CONFIG_ARTIFACT,
@@ -37,10 +36,9 @@ from gcl.registry.names import (
 )
 from gcl.registry.runs import (
     check_tracking,
+    end_interrupted,
     flatten,
-    mark_failed,
     mark_finished,
-    mark_killed,
     resolve_tracking_uri,
     runs_named,
     start_run,
@@ -277,21 +275,13 @@ def finish_run(job: JobConfig, run_id: str, location: str, register: bool = True
 def finish_despite_outage(job: JobConfig, run_id: str, location: str) -> None:
     """finish_run, tried again with backoff for up to `mlflow.finish_wait_seconds` while the store
     cannot be reached; then a TrackingError that says where everything is and to run `gcl sync`."""
-    deadline = time.monotonic() + job.mlflow.finish_wait_seconds
-    pause = 1.0
-    with fail_fast_requests():
-        while True:
-            try:
-                return finish_run(job, run_id, location)
-            except Exception as err:
-                if not is_outage(err):
-                    raise
-                if time.monotonic() + pause > deadline:
-                    raise tracking_lost(job, location, err) from None
-                log.warning("MLflow tracking store unreachable at the end of training (%s); trying again in %.0f s",
-                            type(err).__name__, pause)  # fmt: skip
-                time.sleep(pause)
-                pause = min(2 * pause, 30.0)
+    try:
+        while_unreachable(lambda: finish_run(job, run_id, location), job.mlflow.finish_wait_seconds,
+                          "at the end of training")  # fmt: skip
+    except Exception as err:
+        if not is_outage(err):
+            raise
+        raise tracking_lost(job, location, err) from None
 
 
 def tracking_lost(job: JobConfig, location: str, err: Exception) -> TrackingError:
@@ -342,18 +332,7 @@ def run_train(job: JobConfig, progress: bool = True) -> TrainResult:
     try:
         result = fit(job, data, run_id, progress=progress)
     except BaseException as err:
-        # Stopped by its user: Ctrl-C, or SIGTERM, which Ray's driver turns into sys.exit(15).
-        stopped = isinstance(err, KeyboardInterrupt | SystemExit)
-        try:
-            with fail_fast_requests():
-                if stopped:
-                    mark_killed(client, run_id)
-                else:
-                    mark_failed(client, run_id, err)
-        except Exception as tracking_err:
-            if not is_outage(tracking_err):
-                raise
-            log.warning("MLflow cannot be reached to mark run %s %s", run_id, "killed" if stopped else "failed")
+        end_interrupted(client, run_id, err)
         raise
     model_dir = export_to_storage(job, result.checkpoint, data.manifest(job))
     finish_despite_outage(job, run_id, model_dir)
