@@ -262,7 +262,7 @@ def test_sigterm_sigkill_and_a_killed_raylet_each_resume_as_an_uninterrupted_run
             step_gates.forget("stopped")  # the note the last stopped run left
             step_gates.hold("stopped", epoch * steps_per_epoch + 2)
             process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            _wait_for(held_in(epoch), what, process, timeout=600)
+            _wait_for(held_in(epoch), what, process, timeout=600, logs=run_dir)
             ray_processes = _descendants(process)
             how(process, ray_processes)
             assert process.wait(120) != 0, f"{what}: gcl train exited 0"
@@ -306,7 +306,7 @@ def test_sweep_stopped_by_ctrl_c_mid_trial_resumes_without_running_finished_tria
     from workflows.cli import CONFIGS
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    sweep = tmp_path / "sweep.yaml"
+    sweep, sweep_dir = tmp_path / "sweep.yaml", tmp_path / "runs" / "halted"
     sweep.write_text(yaml.safe_dump({
         "name": "halted", "base": str(CONFIGS / "tiny-cpu.yaml"), "search": "random", "num_samples": 1,
         "asha": {"enabled": False},  # both trials run every epoch
@@ -339,7 +339,7 @@ def test_sweep_stopped_by_ctrl_c_mid_trial_resumes_without_running_finished_tria
     def saved_finished_trials() -> int:
         """Trials that Tune's saved sweep state records as finished (what a resumed sweep skips)."""
         try:
-            return sum(t.status == "TERMINATED" for t in ExperimentAnalysis(str(tmp_path / "runs" / "halted")).trials)
+            return sum(t.status == "TERMINATED" for t in ExperimentAnalysis(str(sweep_dir)).trials)
         except (ValueError, FileNotFoundError):  # no state saved yet
             return 0
 
@@ -347,12 +347,13 @@ def test_sweep_stopped_by_ctrl_c_mid_trial_resumes_without_running_finished_tria
     out = open(tmp_path / "first.out", "w")  # noqa: SIM115 (closed below, after the process ends)
     first = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        _wait_for(lambda: step_gates.waiting("halted"), "the first trial was held", first, timeout=600)
+        _wait_for(lambda: step_gates.waiting("halted"), "the first trial was held", first, timeout=600, logs=sweep_dir)
         (held,) = step_gates.waiting("halted")
         step_gates.hold(held, None)  # the first trial trains to its end
         _wait_for(lambda: sorted(trial_epochs().values()) == [0, 1] and set(step_gates.waiting("halted")) - {held}
                   and saved_finished_trials() == 1,
-                  "the second trial was held after the first finished and Tune saved that", first, timeout=600)  # fmt: skip
+                  "the second trial was held after the first finished and Tune saved that", first, timeout=600,
+                  logs=sweep_dir)  # fmt: skip
         epochs = trial_epochs()
         done = next(run_id for run_id, n in epochs.items() if n == 1)
         interrupted = next(run_id for run_id, n in epochs.items() if n == 0)
@@ -417,10 +418,15 @@ def test_errors_no_restart_can_fix_fail_the_run_at_once_naming_their_cause(
         fit(job, report, run_id="f" * 32)
 
 
-def _wait_for(condition, what: str, process: subprocess.Popen, timeout: float = 300) -> None:
+def _wait_for(condition, what: str, process: subprocess.Popen, timeout: float = 300, logs=None) -> None:
+    """Poll `condition` until it holds; fail at once if the command exits first, with the end of
+    its newest log under `logs` (a run's or sweep's directory), or after `timeout` seconds."""
     deadline = time.time() + timeout
     while not condition():
-        assert process.poll() is None, f"gcl train ended before {what}"
+        if process.poll() is not None:
+            newest = max(Path(logs).glob("logs/*.log"), key=os.path.getmtime, default=None) if logs else None
+            said = newest.read_text(errors="replace")[-3000:] if newest else ""
+            raise AssertionError(f"the command ended (exit {process.returncode}) before {what}\n{said}")
         assert time.time() < deadline, f"timed out waiting for {what}"
         time.sleep(0.2)
 
@@ -445,7 +451,8 @@ def test_mlflow_server_going_away_mid_run_loses_no_step_and_gcl_sync_finishes_th
                    "mlflow.flush_seconds=0.2", "mlflow.finish_wait_seconds=3")  # fmt: skip
     config = tmp_path / "job.yaml"
     config.write_text(yaml.safe_dump(job.model_dump(mode="json")))
-    spill = tmp_path / "runs" / "outage" / "tracking_buffer"
+    run_dir = tmp_path / "runs" / "outage"
+    spill = run_dir / "tracking_buffer"
     reader = MlflowClient(f"sqlite:///{server_root}/store.db")  # the server's own store, read directly
 
     def logged_steps() -> list[int]:
@@ -463,15 +470,15 @@ def test_mlflow_server_going_away_mid_run_loses_no_step_and_gcl_sync_finishes_th
     reading = threading.Thread(target=lambda: output.extend(train.stdout), daemon=True)
     reading.start()
     try:
-        _wait_for(held_after(2), "the run was held after step 2", train)
+        _wait_for(held_after(2), "the run was held after step 2", train, logs=run_dir)
         assert logged_steps() == [1, 2]
         stop_mlflow_server(server)  # outage 1
         step_gates.hold("outage", 4)
-        _wait_for(held_after(4), "the run was held after step 4", train)
+        _wait_for(held_after(4), "the run was held after step 4", train, logs=run_dir)
         assert any(spill.iterdir()), "steps 3 and 4 were not spilled"
         server = start_mlflow_server(port, server_root)
         _wait_for(lambda: not any(spill.iterdir()) and max(logged_steps()) == 4,
-                  "the spilled metrics were replayed", train)  # fmt: skip
+                  "the spilled metrics were replayed", train, logs=run_dir)  # fmt: skip
         stop_mlflow_server(server)  # outage 2: down until training ends
         step_gates.hold("outage", None)
         assert train.wait(timeout=600) == 2

@@ -64,7 +64,10 @@ def check_tracking(uri: str) -> None:
     from gcl.registry.buffer import fail_fast_requests
 
     try:
-        with fail_fast_requests(), _sqlite_init_lock(uri):  # one quick try: a wrong URI fails at once
+        # One try: a wrong URI (nothing listening, no such host) fails at once. A server that is
+        # there but slow to answer its first request (starting, or on a busy machine: over 10 s
+        # was seen) gets a minute.
+        with fail_fast_requests(timeout_seconds=60), _sqlite_init_lock(uri):
             MlflowClient(uri).search_experiments(max_results=1)
     except Exception as err:
         raise TrackingError(
