@@ -90,6 +90,7 @@ def warmup_cosine(
 def setup_engine(job: JobConfig, total_steps: int):
     """Model, AdamW, schedule and the DeepSpeed engine around a FieldEncoder."""
     import deepspeed
+    import torch.distributed as dist
 
     torch.manual_seed(job.seed)
     loaded = create_model(job.model, init_temperature=job.loss.init_temperature)
@@ -100,5 +101,9 @@ def setup_engine(job: JobConfig, total_steps: int):
         model=encoder, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(job),
         dist_init_required=False,
     )  # fmt: skip
+    if job.deepspeed.zero_stage == 0 and (not dist.is_initialized() or dist.get_world_size() == 1):
+        # Averaging gradients over one worker changes nothing, but DeepSpeed would still flatten
+        # them into buckets and copy them back every step: 5-15% of a ViT-B-32 step on CPU.
+        engine.enable_backward_allreduce = False
     use_weights_only_loader(engine)
     return engine, scheduler, loaded
