@@ -259,7 +259,7 @@ def check_output(out: str) -> None:
 
 
 def clear_output(out: str) -> None:
-    """Remove the earlier gcl embed output at `out` (check_output allowed it), summary first."""
+    """Remove the earlier gcl embed output at `out` (check_output allowed it)."""
     from pyarrow import fs
 
     from gcl import storage
