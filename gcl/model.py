@@ -28,6 +28,7 @@ from gcl.errors import ModelError
 from gcl.towers import (
     FROZEN_TRUNK,
     TowersConfig,
+    guard_padding_rows,
     image_mean_std,
     load_image_weights,
     lock_towers,
@@ -231,6 +232,7 @@ def create_model(cfg: ModelConfig, init_temperature: float | None = None) -> Loa
         if towers.image.weights and towers.image.weights != "timm":
             load_image_weights(clip.visual.trunk, towers.image.weights)
         lock_towers(clip, towers)
+    guard_padding_rows(clip)
     if init_temperature is not None:
         with torch.no_grad():
             clip.logit_scale.fill_(math.log(1.0 / init_temperature))

@@ -232,6 +232,27 @@ def lock_towers(clip: torch.nn.Module, towers: TowersConfig) -> None:
                 layer.requires_grad_(True)
 
 
+class PaddingSafeMeanPooler(torch.nn.Module):
+    """open_clip's MeanPooler, except that a row with no tokens pools to zeros instead of 0 / 0.
+    A batch's padding rows are all pad tokens: open_clip's pooler makes them NaN, and a NaN row
+    in the gathered embeddings makes the whole step's loss and gradients NaN (DeepSpeed then
+    skips the step). Rows with tokens divide by the same count as before, so they are unchanged."""
+
+    def forward(self, x: Any, attention_mask: torch.Tensor) -> torch.Tensor:
+        masked_output = x.last_hidden_state * attention_mask.unsqueeze(-1)
+        return masked_output.sum(dim=1) / attention_mask.sum(-1, keepdim=True).clamp(min=1)
+
+
+def guard_padding_rows(clip: torch.nn.Module) -> None:
+    """Give a Hugging Face text tower that mean-pools the padding-safe pooler (no parameters, so
+    state dicts are unchanged)."""
+    from open_clip.hf_model import MeanPooler
+
+    text = getattr(clip, "text", None)
+    if isinstance(getattr(text, "pooler", None), MeanPooler):
+        text.pooler = PaddingSafeMeanPooler()
+
+
 def transformer_layers(transformer: torch.nn.Module) -> list[torch.nn.Module]:
     """A Hugging Face encoder's blocks, bottom to top (BERT's encoder.layer and the like): what
     model.towers.text.unlocked_layers counts from the top. open_clip's own partial lock knows

@@ -83,6 +83,47 @@ def test_a_towers_model_locks_what_its_config_says(towers_model):
     assert clip.logit_scale.shape == (1,) and clip.visual.preprocess_cfg["mean"] == (0.5, 0.5, 0.5)
 
 
+def test_padding_rows_leave_a_towers_models_loss_and_gradients_finite(towers_model):
+    """The last batch of an epoch is padded with rows whose tokens are all the pad token.
+    open_clip's mean pooler made such a row 0 / 0 = NaN, and one NaN row made the whole step's
+    loss and gradients NaN: DeepSpeed skipped the last steps of every epoch (`loss=nan` on the
+    bar). Now the loss is that of the valid rows alone, and rows with tokens pool exactly as
+    open_clip's pooler does."""
+    from open_clip.hf_model import MeanPooler
+
+    from gcl.loss import GCLLoss, LossConfig
+
+    clip, n = towers_model.clip, len(TEXTS)
+    tokens = towers_model.tokenizer(TEXTS)
+    padded = torch.cat([tokens, torch.zeros(2, tokens.shape[1], dtype=tokens.dtype)])
+    valid = torch.arange(n + 2) < n
+    mask = (padded != clip.text.config.pad_token_id).long()
+    with torch.no_grad():
+        states = clip.text.transformer(input_ids=padded, attention_mask=mask)
+        ours, theirs = clip.text.pooler(states, mask), MeanPooler()(states, mask)
+    assert torch.equal(ours[:n], theirs[:n]) and theirs[n:].isnan().all() and torch.isfinite(ours).all()
+
+    encoder = FieldEncoder(clip, {"query": "text", "title": "text"}).eval()  # no dropout: the two losses compare
+    loss_fn = GCLLoss(LossConfig(weight_fn="uniform", mask_same_query=False, mask_same_document=False),
+                      {"query": 1.0}, {"title": 1.0})  # fmt: skip
+
+    def loss_of(query, title, **valid_rows):
+        embedded = encoder({"query": query, "title": title})[0]
+        scores = torch.ones(len(query), dtype=torch.float64)
+        return loss_fn({"query": embedded["query"]}, {"title": embedded["title"]}, scores, clip.logit_scale,
+                       **valid_rows)[0]  # fmt: skip
+
+    clip.zero_grad(set_to_none=True)
+    loss = loss_of(padded, padded.roll(1, 0), valid=valid)
+    loss.backward()
+    grads = [p.grad for p in clip.parameters() if p.grad is not None]
+    clip.zero_grad(set_to_none=True)
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    with torch.no_grad():
+        alone = loss_of(tokens, padded.roll(1, 0)[:n]).item()
+    assert loss.item() == pytest.approx(alone * n / (n + 2), rel=1e-5)
+
+
 def test_a_towers_model_saves_its_tokenizer_and_loads_with_no_network(towers_model, tmp_path):
     """The exported directory holds the text tower's config and tokenizer (not its weights twice);
     another process with the model hub turned off loads it and embeds as this one does."""
