@@ -173,13 +173,24 @@ def log_resume(run_dir: str) -> dict:
     return {}
 
 
-def consolidate_checkpoint(checkpoint_dir: str, out_dir: str, model: ModelConfig, fields: FieldsConfig,
-                           zero_stage: int) -> str:  # fmt: skip
-    """Gather a local checkpoint's ZeRO shards into fp32 weights and write an open_clip model
-    directory with gcl's field config (see gcl.model.save_model). Returns `out_dir`."""
-    # ZeRO-0 saved the whole module; in bf16 these are the bf16 weights the engine computed with
+def has_zero_shards(checkpoint_dir: str, filesystem=None) -> bool:
+    """Whether a checkpoint directory (local, or on `filesystem`, a pyarrow FileSystem) holds ZeRO
+    1-3 shards; an engine at stage 0 saves the whole module instead (also a one-worker job at
+    stage 1 or 2 in fp32, which trains at stage 0: gcl.train.engine.engine_zero_stage)."""
+    from pyarrow import fs
+
+    selector = fs.FileSelector(os.path.join(checkpoint_dir, CHECKPOINT_TAG), allow_not_found=True)
+    infos = (filesystem or fs.LocalFileSystem()).get_file_info(selector)
+    return any(os.path.basename(info.path).startswith("zero_pp_rank_") for info in infos)
+
+
+def consolidate_checkpoint(checkpoint_dir: str, out_dir: str, model: ModelConfig, fields: FieldsConfig) -> str:
+    """Gather a local checkpoint's ZeRO shards (or its whole module, saved at stage 0) into fp32
+    weights and write an open_clip model directory with gcl's field config (see
+    gcl.model.save_model). Returns `out_dir`."""
+    # Stage 0 saved the whole module; in bf16 these are the bf16 weights the engine computed with
     # (its fp32 master copy sits in the bf16 optimizer's own files, which zero_to_fp32 cannot read).
-    if zero_stage == 0:
+    if not has_zero_shards(checkpoint_dir):
         path = os.path.join(checkpoint_dir, CHECKPOINT_TAG, "mp_rank_00_model_states.pt")
         module = load_weights_only(path, map_location="cpu")["module"]
         state = {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
@@ -218,8 +229,7 @@ def export_checkpoint(
             job = JobConfig.model_validate(json.load(f))
     if job is None:
         raise ModelError(f"{source or checkpoint_dir}: no {JOB_FILE}; give the job config that trained it")
-    return consolidate_checkpoint(checkpoint_dir, os.path.join(out_dir, "model"), job.model, job.fields,
-                                  job.deepspeed.zero_stage)  # fmt: skip
+    return consolidate_checkpoint(checkpoint_dir, os.path.join(out_dir, "model"), job.model, job.fields)
 
 
 def pyfunc_model_dir(local: str) -> str:

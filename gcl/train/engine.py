@@ -4,6 +4,7 @@ CLIP's weight-decay groups, warm-up and cosine decay, and the engine around a Fi
 from __future__ import annotations
 
 import json
+import logging
 import math
 from typing import Any
 
@@ -12,6 +13,8 @@ import torch
 from gcl.job_config import JobConfig
 from gcl.model import FieldEncoder, create_model
 from gcl.train.checkpoint import use_weights_only_loader
+
+log = logging.getLogger(__name__)
 
 # Communication buckets sized for CLIP-scale models (0.1-1B parameters), in elements. DeepSpeed's
 # defaults (5e8 for the reduce and all-gather buckets, 1e9 live parameters under ZeRO-3) exceed a
@@ -87,8 +90,25 @@ def warmup_cosine(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def setup_engine(job: JobConfig, total_steps: int):
-    """Model, AdamW, schedule and the DeepSpeed engine around a FieldEncoder."""
+def engine_zero_stage(job: JobConfig, config: dict[str, Any], world_size: int, resumes_zero_shards: bool) -> int:
+    """The ZeRO stage the engine runs at: the job's, except one worker at stage 1 or 2 in fp32 with
+    nothing offloaded, which runs at stage 0. With one worker there is nothing to partition, and
+    stages 1-2 copy every gradient into a flat fp32 buffer and the updated weights back, about a
+    third of a ViT-B-32 step on CPU; stage 0 does the same arithmetic on the parameters
+    themselves, and its checkpoint holds them whole. Not in bf16: there stage 0 keeps the fp32
+    master weights only in DeepSpeed's bf16 optimizer files, which gcl's export does not read. A
+    run resumed from a checkpoint with ZeRO shards (`resumes_zero_shards`) keeps its stage."""
+    stage = job.deepspeed.zero_stage
+    zero = config.get("zero_optimization", {})
+    offloads = bool(zero.get("offload_optimizer") or zero.get("offload_param"))
+    if stage in (1, 2) and world_size == 1 and not config["bf16"]["enabled"] and not offloads and not resumes_zero_shards:
+        return 0
+    return stage
+
+
+def setup_engine(job: JobConfig, total_steps: int, resumes_zero_shards: bool = False):
+    """Model, AdamW, schedule and the DeepSpeed engine around a FieldEncoder (at the stage
+    engine_zero_stage says)."""
     import deepspeed
     import torch.distributed as dist
 
@@ -97,11 +117,17 @@ def setup_engine(job: JobConfig, total_steps: int):
     encoder = FieldEncoder(loaded.clip, job.fields.modalities())
     optimizer = adamw(encoder, job.train.lr, job.train.weight_decay)
     scheduler = warmup_cosine(optimizer, job.train.warmup_steps, total_steps)
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    config = deepspeed_config(job)
+    stage = engine_zero_stage(job, config, world_size, resumes_zero_shards)
+    if stage != job.deepspeed.zero_stage:
+        log.info("one worker in fp32: ZeRO-%d has nothing to partition, the engine runs at stage 0 (the same "
+                 "updates, without flat copies of every parameter and gradient)", job.deepspeed.zero_stage)  # fmt: skip
+    config["zero_optimization"]["stage"] = stage
     engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=encoder, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(job),
-        dist_init_required=False,
+        model=encoder, optimizer=optimizer, lr_scheduler=scheduler, config=config, dist_init_required=False,
     )  # fmt: skip
-    if job.deepspeed.zero_stage == 0 and (not dist.is_initialized() or dist.get_world_size() == 1):
+    if stage == 0 and world_size == 1:
         # Averaging gradients over one worker changes nothing, but DeepSpeed would still flatten
         # them into buckets and copy them back every step: 5-15% of a ViT-B-32 step on CPU.
         engine.enable_backward_allreduce = False

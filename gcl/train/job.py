@@ -236,7 +236,7 @@ def export_to_storage(job: JobConfig, checkpoint, manifest: dict | None = None) 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = storage.local_path(location) or os.path.join(tmp, MODEL_ARTIFACT)
         with checkpoint.as_directory() as checkpoint_dir:
-            consolidate_checkpoint(checkpoint_dir, model_dir, job.model, job.fields, job.deepspeed.zero_stage)
+            consolidate_checkpoint(checkpoint_dir, model_dir, job.model, job.fields)
         storage.upload_directory(model_dir, location)
         run_files = os.path.join(tmp, RUN_FILES)
         os.makedirs(run_files)

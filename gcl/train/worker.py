@@ -38,7 +38,7 @@ from gcl.registry.names import (
 )
 from gcl.registry.runs import MetricsLogger
 from gcl.retrieval import RowEncoder, evaluate_splits, objective_value
-from gcl.train.checkpoint import TrainState, restore_checkpoint, save_checkpoint
+from gcl.train.checkpoint import TrainState, has_zero_shards, restore_checkpoint, save_checkpoint
 from gcl.train.engine import setup_engine
 from gcl.train.micro_batch import backward_micro_batch
 from gcl.train.progress import ProgressPoster
@@ -113,7 +113,10 @@ def setup_worker(job: JobConfig, steps_per_epoch: int, tracking_uri: str | None,
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     optimizer_steps = job.train.epochs * math.ceil(steps_per_epoch / job.train.grad_accum)
-    engine, scheduler, loaded = setup_engine(job, optimizer_steps)
+    # A resumed run keeps the ZeRO stage its checkpoint was saved at (see engine_zero_stage).
+    checkpoint = ray.train.get_checkpoint()
+    resumes_zero_shards = checkpoint is not None and has_zero_shards(checkpoint.path, checkpoint.filesystem)
+    engine, scheduler, loaded = setup_engine(job, optimizer_steps, resumes_zero_shards)
     loss_fn = GCLLoss(
         job.loss, job.fields.weights("left"), job.fields.weights("right"), rank=rank, world_size=world
     )
