@@ -28,21 +28,27 @@ def ndcg_at_10(measures: dict) -> float:
     return measures["ndcg@10"] if "ndcg@10" in measures else measures["ndcg_at_10"]
 
 
-def run_sweep(name: str, workdir: str) -> dict:
+def job_overrides(workdir: str) -> list[str]:
+    """Overrides that point a job at the benchmark, storage and tracking store in `workdir`."""
+    return [*benchmark_data(f"{workdir}/data"), f"storage={workdir}/runs",
+            f"mlflow.tracking_uri=sqlite:///{workdir}/mlruns.db"]  # fmt: skip
+
+
+def run_sweep(path: str | Path, workdir: str) -> dict:
+    """Run the sweep in `path` on the benchmark in <workdir>/data; every trial's parameters and
+    validation objective, and the best trial's per-split test metrics."""
     from mlflow import MlflowClient
 
     from workflows.tune import run_tune
 
-    data = f"{workdir}/data"
     uri = f"sqlite:///{workdir}/mlruns.db"
-    overrides = [*(f"job.{override}" for override in benchmark_data(data)),
-                 f"job.storage={workdir}/runs", f"job.mlflow.tracking_uri={uri}"]  # fmt: skip
-    result = run_tune(str(HERE / f"sweep-defaults-{name}.yaml"), overrides)
+    result = run_tune(str(path), [f"job.{override}" for override in job_overrides(workdir)])
     best_metrics = MlflowClient(uri).get_run(result.best["run_id"]).data.metrics
     test = split_metrics(best_metrics)
     return {"trials": [{k: row[k] for k in ("trial", "params", "objective", "test_objective", "epochs", "status")}
                        for row in result.trials],
             "best": {"params": result.best["params"], "objective": result.best["objective"],
+                     "epochs": result.best["epochs"],
                      "test": {s: test[s] for s in SPLITS}}}  # fmt: skip
 
 
@@ -55,14 +61,20 @@ def margin_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def main(workdir: str, names: list[str]) -> None:
+def open_results(workdir: str, filename: str) -> tuple[str, Path, dict]:
+    """(absolute workdir, results file, results so far) for a script's work directory, with the
+    benchmark written to <workdir>/data if it is not there yet."""
     workdir = os.path.abspath(workdir)
     if not os.path.exists(f"{workdir}/data/train.parquet"):
         synthesize(f"{workdir}/data", BENCHMARK)
-    out = Path(workdir) / "default-sweeps.json"
-    results = json.loads(out.read_text()) if out.exists() else {}
+    out = Path(workdir) / filename
+    return workdir, out, json.loads(out.read_text()) if out.exists() else {}
+
+
+def main(workdir: str, names: list[str]) -> None:
+    workdir, out, results = open_results(workdir, "default-sweeps.json")
     for name in names:
-        results[name] = run_sweep(name, workdir)
+        results[name] = run_sweep(HERE / f"sweep-defaults-{name}.yaml", workdir)
         out.write_text(json.dumps(results, indent=2))
         best = results[name]["best"]
         print(name, "best", json.dumps(best["params"]), "validation", round(best["objective"], 4),

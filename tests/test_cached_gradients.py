@@ -135,35 +135,50 @@ def test_a_field_the_loss_does_not_use_is_left_out_of_the_chunked_backward(steps
             torch.testing.assert_close(chunked[name], grad, atol=1e-5, rtol=0, msg=f"rank {rank} {name}")
 
 
-def _one_worker_main(rank: int, init_file: str, out_file: str) -> None:
-    """Three optimizer steps of gcl's ZeRO-0 engine on one worker, as gcl runs it (no gradient
-    all-reduce) and with DeepSpeed's all-reduce put back: per-step losses and the final weights."""
+def _one_worker_job(init_file: str, *overrides: str):
+    """The tiny job in fp32 on a gloo group of one (this process), with `overrides`."""
     import torch.distributed as dist
 
     from gcl.config import parse_config
     from gcl.job_config import JobConfig
-    from gcl.loss import GCLLoss
-    from gcl.train.engine import setup_engine
-    from gcl.train.micro_batch import backward_micro_batch
     from workflows import CONFIGS
 
     torch.set_num_threads(1)
     os.environ["LOCAL_RANK"] = "0"
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=0, world_size=1)
-    job = parse_config(JobConfig, CONFIGS / "tiny-cpu.yaml", [
-        "deepspeed.zero_stage=0", "train.precision=fp32", f"train.batch_size={BATCH}", "loss.score_range=[0, 1]"])
+    return parse_config(JobConfig, CONFIGS / "tiny-cpu.yaml", [
+        "train.precision=fp32", f"train.batch_size={BATCH}", "loss.score_range=[0, 1]", *overrides])  # fmt: skip
+
+
+def _three_steps(engine, job) -> list[float]:
+    """Three optimizer steps of `engine` on fixed batches; their losses."""
+    from gcl.loss import GCLLoss
+    from gcl.train.micro_batch import backward_micro_batch
+
+    loss_fn = GCLLoss(job.loss, job.fields.weights("left"), job.fields.weights("right"))
+    losses = []
+    for position in range(3):
+        loss, _, _ = backward_micro_batch(engine, loss_fn, job.fields, _batch(job.fields, position, 0), divisor=1,
+                                          boundary=True, chunk=None)  # fmt: skip
+        engine.step()
+        losses.append(loss.item())
+    return losses
+
+
+def _one_worker_main(rank: int, init_file: str, out_file: str) -> None:
+    """Three optimizer steps of gcl's ZeRO-0 engine on one worker, as gcl runs it (no gradient
+    all-reduce) and with DeepSpeed's all-reduce put back: per-step losses and the final weights."""
+    import torch.distributed as dist
+
+    from gcl.train.engine import setup_engine
+
+    job = _one_worker_job(init_file, "deepspeed.zero_stage=0")
     results = {}
     for allreduce in (False, True):
         engine, _, _ = setup_engine(job, total_steps=10)
         skipped = not engine.enable_backward_allreduce
         engine.enable_backward_allreduce = allreduce
-        loss_fn = GCLLoss(job.loss, job.fields.weights("left"), job.fields.weights("right"))
-        losses = []
-        for position in range(3):
-            loss, _, _ = backward_micro_batch(engine, loss_fn, job.fields, _batch(job.fields, position, 0), divisor=1,
-                                              boundary=True, chunk=None)  # fmt: skip
-            engine.step()
-            losses.append(loss.item())
+        losses = _three_steps(engine, job)
         weights = {name: p.detach().clone() for name, p in engine.module.named_parameters()}
         results[allreduce] = {"skipped": skipped, "losses": losses, "weights": weights}
     torch.save(results, out_file)
@@ -192,31 +207,15 @@ def _one_worker_zero2_main(rank: int, init_file: str, out_dir: str) -> None:
     weights, the stage, and the weights each checkpoint exports."""
     import torch.distributed as dist
 
-    from gcl.config import parse_config
-    from gcl.job_config import JobConfig
-    from gcl.loss import GCLLoss
     from gcl.model import load_model
     from gcl.train.checkpoint import TrainState, consolidate_checkpoint, has_zero_shards, save_checkpoint
     from gcl.train.engine import setup_engine
-    from gcl.train.micro_batch import backward_micro_batch
-    from workflows import CONFIGS
 
-    torch.set_num_threads(1)
-    os.environ["LOCAL_RANK"] = "0"
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=0, world_size=1)
-    job = parse_config(JobConfig, CONFIGS / "tiny-cpu.yaml", [
-        "deepspeed.zero_stage=2", "train.precision=fp32", f"train.batch_size={BATCH}", "loss.score_range=[0, 1]",
-        f"train.lr={LEARNING_RATE}"])
+    job = _one_worker_job(init_file, "deepspeed.zero_stage=2", f"train.lr={LEARNING_RATE}")
     results = {}
     for resumes_zero_shards in (False, True):
         engine, _, _ = setup_engine(job, total_steps=10, resumes_zero_shards=resumes_zero_shards)
-        loss_fn = GCLLoss(job.loss, job.fields.weights("left"), job.fields.weights("right"))
-        losses = []
-        for position in range(3):
-            loss, _, _ = backward_micro_batch(engine, loss_fn, job.fields, _batch(job.fields, position, 0), divisor=1,
-                                              boundary=True, chunk=None)  # fmt: skip
-            engine.step()
-            losses.append(loss.item())
+        losses = _three_steps(engine, job)
         directory = os.path.join(out_dir, f"checkpoint-{resumes_zero_shards}")
         save_checkpoint(engine, directory, TrainState(epoch=1, step=3), job.model_dump(mode="json"))
         exported = consolidate_checkpoint(directory, os.path.join(out_dir, f"model-{resumes_zero_shards}"),
