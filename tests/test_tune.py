@@ -287,3 +287,56 @@ def test_optuna_samples_the_space_and_objective_splits_choose_their_own_best_tri
     assert all(0.2 <= v <= 0.9 for v in values) and len(set(values)) == 4
     assert sampled[1] == values  # the search's seed decides the samples
     assert best[0] == max(values) and best[1] == min(values)
+
+
+def _epoch_results(config: dict) -> None:
+    """A Ray Train worker's loop that reports three epochs whose objective is the sampled x."""
+    import time
+
+    import ray.train
+
+    for epoch in (1, 2, 3):
+        time.sleep(1)
+        ray.train.report({"objective": config["x"], "epoch": epoch})
+
+
+def _trial_on_ray_train(config: dict, storage: str) -> None:
+    """A trial as gcl's trial driver runs one: a Ray Train run (one worker) whose reports reach
+    Tune through TuneReportCallback. Tune cannot interrupt the run of a trial it stops."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    TorchTrainer(_epoch_results, train_loop_config={"x": config["loss.left_to_right"]},
+                 scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 0.25}),
+                 run_config=RunConfig(storage_path=storage, callbacks=[TuneReportCallback()])).fit()  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_trial_asha_stops_ends_with_its_process_and_the_sweep_goes_on(ray_local, tmp_path):
+    """ASHA stops the second trial after its first epoch (below the first trial's result) and the
+    third after its second, while their Ray Train runs go on: Tune's queue for a trial's results
+    holds one, so a stopped run's second report after the stop waits for good. Reusing such a
+    trial's process for the next trial failed, and the sweep hung, the next trial waiting for
+    good. Under ASHA each trial has a process of its own, which ends with the trial, and its Ray
+    Train run with it."""
+    import threading
+
+    from ray import tune
+
+    from gcl.config import parse_config
+    from gcl.job_config import JobConfig
+    from gcl.tune.sweep import SweepConfig
+    from gcl.tune.tuner import build_tuner, trial_rows
+
+    job = parse_config(JobConfig, CONFIGS / "tiny-cpu.yaml", [f"storage={tmp_path}", "train.epochs=3"])
+    sweep = SweepConfig(name="asha-stop", search="random", num_samples=1, asha={"grace_period": 1, "reduction_factor": 2},
+                        space={"loss.left_to_right": {"grid": [0.9, 0.1, 0.5]}})  # fmt: skip
+    trainable = tune.with_resources(tune.with_parameters(_trial_on_ray_train, storage=str(tmp_path)), {"CPU": 0.25})
+    fitted = {}
+    sweeping = threading.Thread(target=lambda: fitted.update(grid=build_tuner(sweep, job, trainable, 1).fit()), daemon=True)
+    sweeping.start()
+    sweeping.join(600)  # bounds a hang: three trials of 1-second epochs take about a minute
+    assert "grid" in fitted, "the sweep did not finish after ASHA stopped a trial"
+    rows = {row["params"]["loss.left_to_right"]: row for row in trial_rows(fitted["grid"], sweep)}
+    assert {x: (row["status"], row["epochs"]) for x, row in rows.items()} == {0.9: ("OK", 3), 0.1: ("OK", 1), 0.5: ("OK", 2)}

@@ -119,9 +119,12 @@ def build_tuner(sweep: SweepConfig, job: JobConfig, trainable, concurrency: int)
         trainable,
         param_space={key: domain.to_tune() for key, domain in sweep.space.items()},
         # reuse_actors: a trial's driver process serves the next trial too, instead of a new process
-        # importing gcl, Ray Train and MLflow again for every trial.
+        # importing gcl, Ray Train and MLflow again for every trial. Not under ASHA: a trial it stops
+        # goes on training (Tune cannot interrupt the Ray Train run its driver waits on), so its
+        # process cannot be reused, and the sweep hung with the next trial waiting for the CPUs the
+        # stopped one still held. A process of its own ends with the trial, and its Ray Train run with it.
         tune_config=tune.TuneConfig(metric=OBJECTIVE, mode="max", search_alg=search, scheduler=scheduler,
-                                    num_samples=sweep.num_samples, reuse_actors=True),
+                                    num_samples=sweep.num_samples, reuse_actors=scheduler is None),
         run_config=tune.RunConfig(name=sweep.name, storage_path=job.storage, callbacks=[trial_lines(sweep)],
                                   failure_config=tune.FailureConfig(max_failures=0)),
     )  # fmt: skip
