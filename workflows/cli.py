@@ -228,8 +228,9 @@ def cmd_evaluate(args) -> int:
 def cmd_demo(args) -> int:
     from workflows.demo import run_demo
 
-    with _quiet(args, args.workdir, ""):
-        run_demo(quick=args.quick, workdir=args.workdir)
+    workdir = args.workdir or ("gcl_runs/demo-pretrained" if args.pretrained else "gcl_runs/demo")
+    with _quiet(args, workdir, ""):
+        run_demo(quick=args.quick, workdir=workdir, pretrained=args.pretrained)
     return 0
 
 
@@ -454,7 +455,11 @@ def _add_evaluate_demo_bench(sub) -> None:
         "demo", help="the main job: synthetic data, binary baseline vs GCL, table, plot, registry"
     )
     p.add_argument("--quick", action="store_true", help="a smaller, faster variant")
-    p.add_argument("--workdir", default="gcl_runs/demo", help="where data, runs and the plot go")
+    p.add_argument("--pretrained", action="store_true",
+                   help="fine-tune pretrained towers (MiniLM text, EfficientNet-Lite0 image; the `pretrained` extra) "
+                        "instead of gcl-tiny from random weights")  # fmt: skip
+    p.add_argument("--workdir", help="where data, runs and the plot go (default: gcl_runs/demo, or "
+                   "gcl_runs/demo-pretrained with --pretrained)")  # fmt: skip
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser(
         "bench", help="performance ratios measured side by side (data, pipeline, memory, cached, retrieval)"

@@ -3,9 +3,10 @@
 Generates the synthetic benchmark, fine-tunes three times with the same budget - the CLIP-style
 binary baseline (CLIP's loss: uniform weights, image-only documents, no masking), the ablation
 (uniform weights with GCL's image + title documents and loss settings) and GCL (graded weights
-too), all with tiny-cpu.yaml's learning rate and initial temperature (from a sweep) -
-evaluates them on all four splits, prints the comparison, saves a plot, and registers the GCL
-model as `champion`.
+too), each at its own settings, chosen for it on the validation splits by a sweep of its own at
+this budget - evaluates them on all four splits, prints the comparison, saves a plot, and
+registers the GCL model as `champion`. `gcl demo --pretrained` does the same from pretrained
+towers (minilm-efflite0.yaml) instead of gcl-tiny from random weights.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from workflows import CONFIGS
 
 MEASURES = ["ndcg@10", "map@1000", "mrr@1000", "err", "rbp@0.8"]
 REGISTERED_MODEL = "gcl-demo"
+PRETRAINED_MODEL = "gcl-demo-pretrained"  # `gcl demo --pretrained`: towers, not gcl-tiny, so a name of its own
 log = logging.getLogger("gcl.demo")
 
 
@@ -54,28 +56,53 @@ def benchmark_data(data: str) -> list[str]:
             "data.validation={" + ", ".join(f"{s}: {data}/val_{s}.parquet" for s in SPLITS) + "}"]  # fmt: skip
 
 
-def demo_jobs(workdir: str, quick: bool, stamp: str) -> dict[str, JobConfig]:
-    """The trainings the demo compares, with identical budget, data and model: the CLIP-style binary
-    baseline (CLIP's loss: uniform weights, image-only documents, no masking, both directions
-    alike), the ablation (uniform weights with GCL's title + image fields, masking and term
-    weights) and GCL (graded weights too). The settings besides the loss (tiny-cpu.yaml's, from
-    a sweep of GCL's space on validation) are the same for all three."""
+# Each variant at its own settings, chosen for it on the validation splits by a sweep at the demo's
+# budget (docs/ranking.md, "The demo's settings"), so the margins the demo prints are over tuned
+# baselines, not over baselines run at GCL's settings.
+VARIANT_SETTINGS = {
+    # CLIP's loss: every pair weighted alike, image-only documents, no masking, both directions
+    # alike. Learning rate and initial temperature: docs/sweep-defaults-clip.yaml's best trial.
+    "baseline": ["loss.weight_fn=uniform", "loss.mask_same_query=false", "loss.mask_same_document=false",
+                 "loss.left_to_right=0.5", "loss.right_to_left=0.5",
+                 "fields.right={image: {modality: image, weight: 1.0}}",
+                 "train.lr=CLIP_LR", "loss.init_temperature=CLIP_TEMPERATURE"],
+    # GCL's documents, masking and term weights with every pair weighted alike:
+    # docs/sweep-defaults-binary.yaml's best trial (GCL's space but the weight function).
+    "ablation": ["loss.weight_fn=uniform", "train.lr=7.4e-4", "loss.init_temperature=0.035",
+                 "loss.left_to_right=0.55", "loss.right_to_left=0.54", "loss.mask_same_query=false",
+                 "fields.right.image.weight=0.81", "fields.right.title.weight=0.36"],
+    # GCL: tiny-cpu.yaml as it is, whose settings are docs/sweep-defaults-gcl.yaml's best trial.
+    "gcl": [],
+}  # fmt: skip
+
+
+# `gcl demo --pretrained`: the same three from pretrained towers (minilm-efflite0.yaml: MiniLM text,
+# ImageNet EfficientNet-Lite0 image, locked), each at its best trial of docs/sweep-towers-*.yaml.
+PRETRAINED_SETTINGS = {
+    "baseline": [*VARIANT_SETTINGS["baseline"][:6], "train.lr=TOWERS_CLIP_LR",
+                 "loss.init_temperature=TOWERS_CLIP_TEMPERATURE"],
+    "ablation": ["loss.weight_fn=uniform"],
+    "gcl": [],
+}  # fmt: skip
+
+
+def demo_jobs(workdir: str, quick: bool, stamp: str, pretrained: bool = False) -> dict[str, JobConfig]:
+    """The trainings the demo compares, with identical budget, data and model (tiny-cpu.yaml's,
+    or minilm-efflite0.yaml's towers with `pretrained`), each at its own tuned settings
+    (VARIANT_SETTINGS, PRETRAINED_SETTINGS): the CLIP-style binary baseline, the ablation
+    (uniform weights with GCL's title + image fields, masking and term weights) and GCL (graded
+    weights too)."""
+    config, settings, epochs = ("minilm-efflite0.yaml", PRETRAINED_SETTINGS, 2) if pretrained else (
+        "tiny-cpu.yaml", VARIANT_SETTINGS, 4)  # fmt: skip
     common = [
         *benchmark_data(f"{workdir}/data"),
         f"storage={workdir}/runs",
         "eval.measures=[" + ", ".join(MEASURES) + "]",
-        f"train.epochs={1 if quick else 4}",
+        f"train.epochs={1 if quick else epochs}",
         "train.batch_size=32",
     ]
-    differences = {
-        "baseline": ["loss.weight_fn=uniform", "loss.mask_same_query=false", "loss.mask_same_document=false",
-                     "loss.left_to_right=0.5", "loss.right_to_left=0.5",  # CLIP's symmetric loss
-                     "fields.right={image: {modality: image, weight: 1.0}}"],
-        "ablation": ["loss.weight_fn=uniform"],
-        "gcl": [],
-    }  # fmt: skip
-    return {key: parse_config(JobConfig, CONFIGS / "tiny-cpu.yaml", [*common, f"name=demo-{key}-{stamp}", *extra])
-            for key, extra in differences.items()}  # fmt: skip
+    return {key: parse_config(JobConfig, CONFIGS / config, [*common, f"name=demo-{key}-{stamp}", *extra])
+            for key, extra in settings.items()}  # fmt: skip
 
 
 def _plot_and_log(runs: dict, results: dict, client, path: str) -> str:
@@ -88,14 +115,14 @@ def _plot_and_log(runs: dict, results: dict, client, path: str) -> str:
     return plot
 
 
-def _print_next_steps(uri: str, alias: str, baseline_model: str, split: str) -> None:
+def _print_next_steps(uri: str, name: str, alias: str, baseline_model: str, split: str) -> None:
     say("\nNext:")
-    say(f"  search page: .venv/bin/gcl ui --model models:/{REGISTERED_MODEL}@{alias} --model {baseline_model} "
+    say(f"  search page: .venv/bin/gcl ui --model models:/{name}@{alias} --model {baseline_model} "
         f"--eval-split {split}   # GCL beside the binary baseline; open http://127.0.0.1:8765/")  # fmt: skip
     say(f"  MLflow UI:   .venv/bin/mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
     say(
         f"  serve:       PATH=$PWD/.venv/bin:$PATH MLFLOW_TRACKING_URI={uri} mlflow models serve "
-        f"-m models:/{REGISTERED_MODEL}@{alias} --env-manager local --host 127.0.0.1 --port 5001"
+        f"-m models:/{name}@{alias} --env-manager local --host 127.0.0.1 --port 5001"
     )
     say(
         "  query:       curl -s 127.0.0.1:5001/invocations -H 'Content-Type: application/json' "
@@ -103,9 +130,10 @@ def _print_next_steps(uri: str, alias: str, baseline_model: str, split: str) -> 
     )
 
 
-def run_demo(quick: bool = False, workdir: str = "gcl_runs/demo") -> dict:
-    """Run the whole comparison; returns {'baseline', 'ablation', 'gcl': test results per split,
-    'plot', 'version', 'alias', 'runs': MLflow run ids}."""
+def run_demo(quick: bool = False, workdir: str = "gcl_runs/demo", pretrained: bool = False) -> dict:
+    """Run the whole comparison (from pretrained towers with `pretrained`); returns {'baseline',
+    'ablation', 'gcl': test results per split, 'plot', 'version', 'alias', 'registered_model',
+    'runs': MLflow run ids}."""
     from mlflow import MlflowClient
 
     workdir = os.path.abspath(workdir)
@@ -126,7 +154,8 @@ def run_demo(quick: bool = False, workdir: str = "gcl_runs/demo") -> dict:
     manifest = synthesize(f"{workdir}/data", synth)
     log.info("data: %s", json.dumps({k: v["rows"] for k, v in manifest["splits"].items()}))
 
-    jobs = {key: resolve_job(job) for key, job in demo_jobs(workdir, quick, stamp).items()}
+    jobs = {key: resolve_job(job) for key, job in demo_jobs(workdir, quick, stamp, pretrained).items()}
+    registered_model = PRETRAINED_MODEL if pretrained else REGISTERED_MODEL
     runs = {}
     for key, job in jobs.items():
         phase(f"training {NAMES[key]}")
@@ -141,17 +170,16 @@ def run_demo(quick: bool = False, workdir: str = "gcl_runs/demo") -> dict:
     (Path(workdir) / f"results-{stamp}.txt").write_text(table + "\n")
 
     phase("registering the GCL model")
-    version, alias = register_run(gcl.run_id, REGISTERED_MODEL, uri)
+    version, alias = register_run(gcl.run_id, registered_model, uri)
 
-    say("\nSame model, data and budget: binary = CLIP-style (uniform weights, image-only documents, no masking); "
-        "GCL-uniform = GCL's title + image fields, masking and term weights with uniform weights; GCL = graded weights too. "
-        "Test splits:")  # fmt: skip
+    say("\nSame model, data and budget, each at its own settings (chosen on the validation splits by a sweep of "
+        "its own; docs/ranking.md): binary = CLIP-style (uniform weights, image-only documents, no masking); "
+        "GCL-uniform = GCL's title + image fields, masking and term weights with uniform weights; GCL = graded "
+        "weights too. Test splits, seed 0:")  # fmt: skip
     say(table)
-    say("The three share GCL's tuned learning rate and temperature (tiny-cpu.yaml); each loss at its own best "
-        "settings is docs/ranking.md's tuned-against-tuned table.")
     say(f"\nplot: {plot}")
-    say(f"registered {REGISTERED_MODEL} version {version} as @{alias} "
+    say(f"registered {registered_model} version {version} as @{alias} "
         f"({jobs['gcl'].eval.objective_name()} on the validation splits {gcl.metrics[OBJECTIVE]:.4f})")  # fmt: skip
-    _print_next_steps(uri, alias, runs["baseline"].model_dir, f"{workdir}/data/in_domain.parquet")
-    return {**results, "plot": plot, "version": version, "alias": alias,
+    _print_next_steps(uri, registered_model, alias, runs["baseline"].model_dir, f"{workdir}/data/in_domain.parquet")
+    return {**results, "plot": plot, "version": version, "alias": alias, "registered_model": registered_model,
             "runs": {key: run.run_id for key, run in runs.items()}}  # fmt: skip
