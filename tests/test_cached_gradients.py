@@ -135,17 +135,12 @@ def test_a_field_the_loss_does_not_use_is_left_out_of_the_chunked_backward(steps
             torch.testing.assert_close(chunked[name], grad, atol=1e-5, rtol=0, msg=f"rank {rank} {name}")
 
 
-def _one_worker_job(init_file: str, *overrides: str):
-    """The tiny job in fp32 on a gloo group of one (this process), with `overrides`."""
-    import torch.distributed as dist
-
+def _tiny_fp32_job(*overrides: str):
+    """The tiny job in fp32 at the tests' batch, with `overrides`."""
     from gcl.config import parse_config
     from gcl.job_config import JobConfig
     from workflows import CONFIGS
 
-    torch.set_num_threads(1)
-    os.environ["LOCAL_RANK"] = "0"
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=0, world_size=1)
     return parse_config(JobConfig, CONFIGS / "tiny-cpu.yaml", [
         "train.precision=fp32", f"train.batch_size={BATCH}", "loss.score_range=[0, 1]", *overrides])  # fmt: skip
 
@@ -165,14 +160,12 @@ def _three_steps(engine, job) -> list[float]:
     return losses
 
 
-def _one_worker_main(rank: int, init_file: str, out_file: str) -> None:
+def _zero0_with_and_without_all_reduce() -> dict:
     """Three optimizer steps of gcl's ZeRO-0 engine on one worker, as gcl runs it (no gradient
     all-reduce) and with DeepSpeed's all-reduce put back: per-step losses and the final weights."""
-    import torch.distributed as dist
-
     from gcl.train.engine import setup_engine
 
-    job = _one_worker_job(init_file, "deepspeed.zero_stage=0")
+    job = _tiny_fp32_job("deepspeed.zero_stage=0")
     results = {}
     for allreduce in (False, True):
         engine, _, _ = setup_engine(job, total_steps=10)
@@ -181,37 +174,18 @@ def _one_worker_main(rank: int, init_file: str, out_file: str) -> None:
         losses = _three_steps(engine, job)
         weights = {name: p.detach().clone() for name, p in engine.module.named_parameters()}
         results[allreduce] = {"skipped": skipped, "losses": losses, "weights": weights}
-    torch.save(results, out_file)
-    dist.destroy_process_group()
+    return results
 
 
-def test_one_worker_at_zero0_skips_the_gradient_all_reduce_and_trains_exactly_as_with_it():
-    """DeepSpeed's ZeRO-0 engine flattens every gradient into buckets, all-reduces them and copies
-    them back each step, which on one worker changes nothing and costs 5-15% of a ViT-B-32 step on
-    CPU (gcl bench --preset vitb32-cpu): gcl's engine skips it there, with the same losses and
-    weights, bit for bit."""
-    import torch.multiprocessing as mp
-
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_one_worker_main, args=(os.path.join(tmp, "init"), f"{tmp}/out.pt"), nprocs=1, join=True)
-        results = torch.load(f"{tmp}/out.pt", weights_only=False)
-    assert results[False]["skipped"]
-    assert results[False]["losses"] == results[True]["losses"]
-    for name, weight in results[True]["weights"].items():
-        assert torch.equal(results[False]["weights"][name], weight), name
-
-
-def _one_worker_zero2_main(rank: int, init_file: str, out_dir: str) -> None:
+def _zero2_as_gcl_runs_it_and_as_deepspeed_does(out_dir: str) -> dict:
     """Three optimizer steps of a one-worker job at ZeRO-2 in fp32: as gcl runs it (stage 0) and
     on DeepSpeed's ZeRO-2 engine (what a run resumed from ZeRO shards keeps); per-step losses,
     weights, the stage, and the weights each checkpoint exports."""
-    import torch.distributed as dist
-
     from gcl.model import load_model
     from gcl.train.checkpoint import TrainState, consolidate_checkpoint, has_zero_shards, save_checkpoint
     from gcl.train.engine import setup_engine
 
-    job = _one_worker_job(init_file, "deepspeed.zero_stage=2", f"train.lr={LEARNING_RATE}")
+    job = _tiny_fp32_job("deepspeed.zero_stage=2", f"train.lr={LEARNING_RATE}")
     results = {}
     for resumes_zero_shards in (False, True):
         engine, _, _ = setup_engine(job, total_steps=10, resumes_zero_shards=resumes_zero_shards)
@@ -226,22 +200,49 @@ def _one_worker_zero2_main(rank: int, init_file: str, out_dir: str) -> None:
             "weights": {name.removeprefix("clip."): p.detach().clone() for name, p in engine.module.named_parameters()},
             "exported": {name: p.detach().clone() for name, p in load_model(exported).clip.named_parameters()},
         }  # fmt: skip
+    return results
+
+
+def _one_worker_main(rank: int, init_file: str, out_dir: str) -> None:
+    """Both one-worker comparisons in one spawned process: a gloo group of one (this process)."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ["LOCAL_RANK"] = "0"
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=0, world_size=1)
+    results = {"zero0": _zero0_with_and_without_all_reduce(), "zero2": _zero2_as_gcl_runs_it_and_as_deepspeed_does(out_dir)}
     torch.save(results, os.path.join(out_dir, "out.pt"))
     dist.destroy_process_group()
 
 
-def test_one_worker_at_zero2_in_fp32_trains_at_stage0_as_zero2_does_and_exports_its_weights():
+@pytest.fixture(scope="module")
+def one_worker():
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_one_worker_main, args=(os.path.join(tmp, "init"), tmp), nprocs=1, join=True)
+        yield torch.load(f"{tmp}/out.pt", weights_only=False)
+
+
+def test_one_worker_at_zero0_skips_the_gradient_all_reduce_and_trains_exactly_as_with_it(one_worker):
+    """DeepSpeed's ZeRO-0 engine flattens every gradient into buckets, all-reduces them and copies
+    them back each step, which on one worker changes nothing and costs 5-15% of a ViT-B-32 step on
+    CPU (gcl bench --preset vitb32-cpu): gcl's engine skips it there, with the same losses and
+    weights, bit for bit."""
+    results = one_worker["zero0"]
+    assert results[False]["skipped"]
+    assert results[False]["losses"] == results[True]["losses"]
+    for name, weight in results[True]["weights"].items():
+        assert torch.equal(results[False]["weights"][name], weight), name
+
+
+def test_one_worker_at_zero2_in_fp32_trains_at_stage0_as_zero2_does_and_exports_its_weights(one_worker):
     """With one worker ZeRO-1/2 have nothing to partition and their flat copies of every parameter
     and gradient cost about a third of a ViT-B-32 step on CPU: gcl's engine runs such a job at
     stage 0. Per-step losses and weights match DeepSpeed's ZeRO-2 engine within float rounding
     (1e-6), each checkpoint exports the weights its engine trained, and a run resumed from ZeRO
     shards keeps ZeRO-2."""
-    import torch.multiprocessing as mp
-
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_one_worker_zero2_main, args=(os.path.join(tmp, "init"), tmp), nprocs=1, join=True)
-        results = torch.load(f"{tmp}/out.pt", weights_only=False)
-    ours, zero2 = results[False], results[True]
+    ours, zero2 = one_worker["zero2"][False], one_worker["zero2"][True]
     assert (ours["stage"], ours["allreduce"], ours["shards"]) == (0, False, False)
     assert (zero2["stage"], zero2["shards"]) == (2, True)
     assert ours["losses"] == pytest.approx(zero2["losses"], rel=1e-6, abs=1e-6)
