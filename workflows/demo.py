@@ -65,7 +65,7 @@ VARIANT_SETTINGS = {
     "baseline": ["loss.weight_fn=uniform", "loss.mask_same_query=false", "loss.mask_same_document=false",
                  "loss.left_to_right=0.5", "loss.right_to_left=0.5",
                  "fields.right={image: {modality: image, weight: 1.0}}",
-                 "train.lr=CLIP_LR", "loss.init_temperature=CLIP_TEMPERATURE"],
+                 "train.lr=1.3e-3", "loss.init_temperature=0.088"],
     # GCL's documents, masking and term weights with every pair weighted alike:
     # docs/sweep-defaults-binary.yaml's best trial (GCL's space but the weight function).
     "ablation": ["loss.weight_fn=uniform", "train.lr=7.4e-4", "loss.init_temperature=0.035",
@@ -77,12 +77,17 @@ VARIANT_SETTINGS = {
 
 
 # `gcl demo --pretrained`: the same three from pretrained towers (minilm-efflite0.yaml: MiniLM text,
-# ImageNet EfficientNet-Lite0 image, locked), each at its best trial of docs/sweep-towers-*.yaml.
+# ImageNet EfficientNet-Lite0 image, locked), each at its best trial of docs/sweep-towers-*.yaml
+# (rounded; docs/ranking.md, section 4).
 PRETRAINED_SETTINGS = {
-    "baseline": [*VARIANT_SETTINGS["baseline"][:6], "train.lr=TOWERS_CLIP_LR",
-                 "loss.init_temperature=TOWERS_CLIP_TEMPERATURE"],
-    "ablation": ["loss.weight_fn=uniform"],
-    "gcl": [],
+    "baseline": [*VARIANT_SETTINGS["baseline"][:6], "train.lr=1.4e-3", "loss.init_temperature=0.15",
+                 "model.towers.text.unlocked_layers=0"],
+    "ablation": ["loss.weight_fn=uniform", "train.lr=1.5e-4", "loss.init_temperature=0.087",
+                 "model.towers.text.unlocked_layers=2", "loss.left_to_right=0.41", "loss.right_to_left=0.77",
+                 "loss.mask_same_query=false", "fields.right.image.weight=0.51", "fields.right.title.weight=0.31"],
+    "gcl": ["train.lr=1.0e-3", "loss.init_temperature=0.046", "model.towers.text.unlocked_layers=2",
+            "loss.left_to_right=0.74", "loss.right_to_left=0.21", "loss.mask_same_query=false",
+            "fields.right.image.weight=0.68", "fields.right.title.weight=0.29", "loss.temperature=0.27"],
 }  # fmt: skip
 
 
