@@ -66,8 +66,8 @@ def champions_table(results: dict) -> str:
 
 
 def seeds_table(results: dict, names: list[str]) -> str:
-    """Mean and standard deviation over the seeds of the two best variants, and the change of the
-    first's mean over the second's."""
+    """Mean and standard deviation over the seeds of two variants, and the change of the first's
+    mean over the second's."""
     first, second = (test_ndcg(results, name) for name in names)
     lines = [f"| split | {VARIANTS[names[0]]} (mean ± sd, {len(first[SPLITS[0]])} seeds) | "
              f"{VARIANTS[names[1]]} (mean ± sd, {len(second[SPLITS[0]])} seeds) | change of the means |",
@@ -96,7 +96,7 @@ def main(workdir: str) -> None:
                 seeds[str(seed)] = train_with_seed(name, results[name]["best"], seed, workdir)
                 out.write_text(json.dumps(results, indent=2))
     print(champions_table(results))
-    print(seeds_table(results, best_two))
+    print(seeds_table(results, sorted(best_two, key=lambda name: name != "gcl")))  # GCL's change, where it is one
 
 
 if __name__ == "__main__":

@@ -78,7 +78,7 @@ VARIANT_SETTINGS = {
 
 # `gcl demo --pretrained`: the same three from pretrained towers (minilm-efflite0.yaml: MiniLM text,
 # ImageNet EfficientNet-Lite0 image, locked), each at its best trial of docs/sweep-towers-*.yaml
-# (rounded; docs/ranking.md, section 4).
+# (rounded; docs/ranking.md, section 2c).
 PRETRAINED_SETTINGS = {
     "baseline": [*VARIANT_SETTINGS["baseline"][:6], "train.lr=1.4e-3", "loss.init_temperature=0.15",
                  "model.towers.text.unlocked_layers=0"],
