@@ -24,7 +24,7 @@ def demo(ray_local, tmp_path_factory):
     cwd = os.getcwd()
     os.chdir(workdir)  # the default MLflow store is ./mlruns.db
     try:
-        yield run_demo(quick=True, workdir=str(workdir / "gcl_runs")), workdir
+        yield run_demo(quick=True, workdir=str(workdir / "gcl_runs"), tiny=True), workdir
     finally:
         os.chdir(cwd)
 
@@ -38,7 +38,8 @@ def test_gcl_beats_the_binary_baseline_in_domain(demo):
     assert len(set(result["runs"].values())) == 3 and result["ablation"] != result["gcl"]
     assert os.path.getsize(result["plot"]) > 10_000
     client = MlflowClient(f"sqlite:///{workdir}/mlruns.db")
-    champion = client.get_model_version_by_alias("gcl-demo", "champion")
+    assert result["registered_model"] == "gcl-demo-tiny"
+    champion = client.get_model_version_by_alias("gcl-demo-tiny", "champion")
     assert champion.version == result["version"] and float(champion.tags["gcl.objective"]) > 0
     assert os.path.basename(result["plot"]) in {a.path for a in client.list_artifacts(result["runs"]["gcl"])}
     # Each variant trained at its own tuned settings, not at GCL's: the margins are over tuned baselines.
@@ -47,12 +48,13 @@ def test_gcl_beats_the_binary_baseline_in_domain(demo):
     assert "fields.right.title.weight" not in params["baseline"] and params["baseline"]["loss.weight_fn"] == "uniform"
 
 
-def test_the_pretrained_demo_fine_tunes_the_towers_with_each_variant_at_its_own_settings(tmp_path):
-    """`gcl demo --pretrained` runs the same three trainings from the pretrained towers: what it
-    trains is built here (the towers' own training on Ray is tests/test_towers.py's)."""
+def test_the_demo_fine_tunes_the_pretrained_towers_with_each_variant_at_its_own_settings(tmp_path):
+    """`gcl demo` runs its three trainings from the pretrained towers (`--tiny`, the fixture above,
+    with gcl-tiny): what it trains is built here (the towers' own training on Ray is
+    tests/test_towers.py's, the whole demo's figures the README's)."""
     from workflows.demo import demo_jobs
 
-    jobs = demo_jobs(str(tmp_path), quick=False, stamp="t", pretrained=True)
+    jobs = demo_jobs(str(tmp_path), quick=False, stamp="t")
     assert {job.model.arch for job in jobs.values()} == {"towers"}
     assert jobs["gcl"].model.towers.text.hf.startswith("pypackage:") and jobs["gcl"].train.epochs == 2
     assert list(jobs["baseline"].fields.right) == ["image"] and jobs["baseline"].loss.weight_fn == "uniform"
@@ -75,7 +77,7 @@ def test_registered_champion_serves_embeddings_equal_to_gcl_encoder(demo):
 
     result, workdir = demo
     uri = f"sqlite:///{workdir}/mlruns.db"
-    with served_model("models:/gcl-demo@champion", uri, workdir) as port:
+    with served_model("models:/gcl-demo-tiny@champion", uri, workdir) as port:
         pairs = pd.read_parquet(workdir / "gcl_runs" / "data" / "zero_shot.parquet").head(3)
         images = [base64.b64encode(image_bytes(v, None)).decode() for v in pairs["image"]]
         text = _post(port, {"dataframe_records": [{"query": q} for q in pairs["query"]]})
@@ -90,7 +92,7 @@ def test_registered_champion_serves_embeddings_equal_to_gcl_encoder(demo):
         image_only = _post(port, {"dataframe_records": [{"image": images[0]}]})
 
     mlflow.set_tracking_uri(uri)
-    local = mlflow.pyfunc.load_model("models:/gcl-demo@champion")
+    local = mlflow.pyfunc.load_model("models:/gcl-demo-tiny@champion")
     want_text = local.predict(pd.DataFrame({"query": pairs["query"]}))
     want_docs = local.predict(
         pd.DataFrame({"title": pairs["title"], "image": list(pairs["image"].map(lambda v: v["bytes"]))})

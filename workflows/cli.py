@@ -228,9 +228,9 @@ def cmd_evaluate(args) -> int:
 def cmd_demo(args) -> int:
     from workflows.demo import run_demo
 
-    workdir = args.workdir or ("gcl_runs/demo-pretrained" if args.pretrained else "gcl_runs/demo")
+    workdir = args.workdir or ("gcl_runs/demo-tiny" if args.tiny else "gcl_runs/demo")
     with _quiet(args, workdir, ""):
-        run_demo(quick=args.quick, workdir=workdir, pretrained=args.pretrained)
+        run_demo(quick=args.quick, workdir=workdir, tiny=args.tiny)
     return 0
 
 
@@ -455,11 +455,11 @@ def _add_evaluate_demo_bench(sub) -> None:
         "demo", help="the main job: synthetic data, binary baseline vs GCL, table, plot, registry"
     )
     p.add_argument("--quick", action="store_true", help="a smaller, faster variant")
-    p.add_argument("--pretrained", action="store_true",
-                   help="fine-tune pretrained towers (MiniLM text, EfficientNet-Lite0 image; the `pretrained` extra) "
-                        "instead of gcl-tiny from random weights")  # fmt: skip
+    p.add_argument("--tiny", action="store_true",
+                   help="train gcl-tiny (3.4M parameters) from random weights instead of fine-tuning the pretrained "
+                        "towers (MiniLM text, EfficientNet-Lite0 image; the `pretrained` extra)")  # fmt: skip
     p.add_argument("--workdir", help="where data, runs and the plot go (default: gcl_runs/demo, or "
-                   "gcl_runs/demo-pretrained with --pretrained)")  # fmt: skip
+                   "gcl_runs/demo-tiny with --tiny)")  # fmt: skip
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser(
         "bench", help="performance ratios measured side by side (data, pipeline, memory, cached, retrieval)"

@@ -5,8 +5,9 @@ binary baseline (CLIP's loss: uniform weights, image-only documents, no masking)
 (uniform weights with GCL's image + title documents and loss settings) and GCL (graded weights
 too), each at its own settings, chosen for it on the validation splits by a sweep of its own at
 this budget - evaluates them on all four splits, prints the comparison, saves a plot, and
-registers the GCL model as `champion`. `gcl demo --pretrained` does the same from pretrained
-towers (minilm-efflite0.yaml) instead of gcl-tiny from random weights.
+registers the GCL model as `champion`. The model is a dual encoder from pretrained towers
+(minilm-efflite0.yaml: MiniLM text, ImageNet EfficientNet-Lite0 image, from the `pretrained`
+extra); `gcl demo --tiny` does the same with gcl-tiny from random weights (tiny-cpu.yaml).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from workflows import CONFIGS
 
 MEASURES = ["ndcg@10", "map@1000", "mrr@1000", "err", "rbp@0.8"]
 REGISTERED_MODEL = "gcl-demo"
-PRETRAINED_MODEL = "gcl-demo-pretrained"  # `gcl demo --pretrained`: towers, not gcl-tiny, so a name of its own
+TINY_MODEL = "gcl-demo-tiny"  # `gcl demo --tiny`: gcl-tiny, not the towers, so a name of its own
 log = logging.getLogger("gcl.demo")
 
 
@@ -56,10 +57,10 @@ def benchmark_data(data: str) -> list[str]:
             "data.validation={" + ", ".join(f"{s}: {data}/val_{s}.parquet" for s in SPLITS) + "}"]  # fmt: skip
 
 
-# Each variant at its own settings, chosen for it on the validation splits by a sweep at the demo's
-# budget (docs/ranking.md, "The demo's settings"), so the margins the demo prints are over tuned
-# baselines, not over baselines run at GCL's settings.
-VARIANT_SETTINGS = {
+# `gcl demo --tiny`: each variant at its own settings, chosen for it on the validation splits by a
+# sweep at the demo's budget (docs/ranking.md, "The demo's settings"), so the margins the demo
+# prints are over tuned baselines, not over baselines run at GCL's settings.
+TINY_SETTINGS = {
     # CLIP's loss: every pair weighted alike, image-only documents, no masking, both directions
     # alike. Learning rate and initial temperature: docs/sweep-defaults-clip.yaml's best trial.
     "baseline": ["loss.weight_fn=uniform", "loss.mask_same_query=false", "loss.mask_same_document=false",
@@ -76,11 +77,11 @@ VARIANT_SETTINGS = {
 }  # fmt: skip
 
 
-# `gcl demo --pretrained`: the same three from pretrained towers (minilm-efflite0.yaml: MiniLM text,
+# `gcl demo`: the three from pretrained towers (minilm-efflite0.yaml: MiniLM text,
 # ImageNet EfficientNet-Lite0 image, locked), each at its best trial of docs/sweep-towers-*.yaml
 # (rounded; docs/ranking.md, section 2c).
-PRETRAINED_SETTINGS = {
-    "baseline": [*VARIANT_SETTINGS["baseline"][:6], "train.lr=1.4e-3", "loss.init_temperature=0.15",
+TOWERS_SETTINGS = {
+    "baseline": [*TINY_SETTINGS["baseline"][:6], "train.lr=1.4e-3", "loss.init_temperature=0.15",
                  "model.towers.text.unlocked_layers=0"],
     "ablation": ["loss.weight_fn=uniform", "train.lr=1.5e-4", "loss.init_temperature=0.087",
                  "model.towers.text.unlocked_layers=2", "loss.left_to_right=0.41", "loss.right_to_left=0.77",
@@ -91,14 +92,14 @@ PRETRAINED_SETTINGS = {
 }  # fmt: skip
 
 
-def demo_jobs(workdir: str, quick: bool, stamp: str, pretrained: bool = False) -> dict[str, JobConfig]:
-    """The trainings the demo compares, with identical budget, data and model (tiny-cpu.yaml's,
-    or minilm-efflite0.yaml's towers with `pretrained`), each at its own tuned settings
-    (VARIANT_SETTINGS, PRETRAINED_SETTINGS): the CLIP-style binary baseline, the ablation
+def demo_jobs(workdir: str, quick: bool, stamp: str, tiny: bool = False) -> dict[str, JobConfig]:
+    """The trainings the demo compares, with identical budget, data and model (minilm-efflite0.yaml's
+    pretrained towers, or tiny-cpu.yaml's gcl-tiny with `tiny`), each at its own tuned settings
+    (TINY_SETTINGS, TOWERS_SETTINGS): the CLIP-style binary baseline, the ablation
     (uniform weights with GCL's title + image fields, masking and term weights) and GCL (graded
     weights too)."""
-    config, settings, epochs = ("minilm-efflite0.yaml", PRETRAINED_SETTINGS, 2) if pretrained else (
-        "tiny-cpu.yaml", VARIANT_SETTINGS, 4)  # fmt: skip
+    config, settings, epochs = ("tiny-cpu.yaml", TINY_SETTINGS, 4) if tiny else (
+        "minilm-efflite0.yaml", TOWERS_SETTINGS, 2)  # fmt: skip
     common = [
         *benchmark_data(f"{workdir}/data"),
         f"storage={workdir}/runs",
@@ -135,8 +136,8 @@ def _print_next_steps(uri: str, name: str, alias: str, baseline_model: str, spli
     )
 
 
-def run_demo(quick: bool = False, workdir: str = "gcl_runs/demo", pretrained: bool = False) -> dict:
-    """Run the whole comparison (from pretrained towers with `pretrained`); returns {'baseline',
+def run_demo(quick: bool = False, workdir: str = "gcl_runs/demo", tiny: bool = False) -> dict:
+    """Run the whole comparison (with gcl-tiny from random weights with `tiny`); returns {'baseline',
     'ablation', 'gcl': test results per split, 'plot', 'version', 'alias', 'registered_model',
     'runs': MLflow run ids}."""
     from mlflow import MlflowClient
@@ -159,8 +160,8 @@ def run_demo(quick: bool = False, workdir: str = "gcl_runs/demo", pretrained: bo
     manifest = synthesize(f"{workdir}/data", synth)
     log.info("data: %s", json.dumps({k: v["rows"] for k, v in manifest["splits"].items()}))
 
-    jobs = {key: resolve_job(job) for key, job in demo_jobs(workdir, quick, stamp, pretrained).items()}
-    registered_model = PRETRAINED_MODEL if pretrained else REGISTERED_MODEL
+    jobs = {key: resolve_job(job) for key, job in demo_jobs(workdir, quick, stamp, tiny).items()}
+    registered_model = TINY_MODEL if tiny else REGISTERED_MODEL
     runs = {}
     for key, job in jobs.items():
         phase(f"training {NAMES[key]}")
