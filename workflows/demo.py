@@ -60,13 +60,14 @@ def benchmark_data(data: str) -> list[str]:
 # `gcl demo --tiny`: each variant at its own settings, chosen for it on the validation splits by a
 # sweep at the demo's budget (docs/ranking.md, "The demo's settings"), so the margins the demo
 # prints are over tuned baselines, not over baselines run at GCL's settings.
+# CLIP's loss, the binary baseline: every pair weighted alike, image-only documents, no masking,
+# both directions alike.
+CLIP_LOSS = ["loss.weight_fn=uniform", "loss.mask_same_query=false", "loss.mask_same_document=false",
+             "loss.left_to_right=0.5", "loss.right_to_left=0.5", "fields.right={image: {modality: image, weight: 1.0}}"]  # fmt: skip
+
 TINY_SETTINGS = {
-    # CLIP's loss: every pair weighted alike, image-only documents, no masking, both directions
-    # alike. Learning rate and initial temperature: docs/sweep-defaults-clip.yaml's best trial.
-    "baseline": ["loss.weight_fn=uniform", "loss.mask_same_query=false", "loss.mask_same_document=false",
-                 "loss.left_to_right=0.5", "loss.right_to_left=0.5",
-                 "fields.right={image: {modality: image, weight: 1.0}}",
-                 "train.lr=1.3e-3", "loss.init_temperature=0.088"],
+    # Learning rate and initial temperature: docs/sweep-defaults-clip.yaml's best trial.
+    "baseline": [*CLIP_LOSS, "train.lr=1.3e-3", "loss.init_temperature=0.088"],
     # GCL's documents, masking and term weights with every pair weighted alike:
     # docs/sweep-defaults-binary.yaml's best trial (GCL's space but the weight function).
     "ablation": ["loss.weight_fn=uniform", "train.lr=7.4e-4", "loss.init_temperature=0.035",
@@ -81,7 +82,7 @@ TINY_SETTINGS = {
 # ImageNet EfficientNet-Lite0 image, locked), each at its best trial of docs/sweep-towers-*.yaml
 # (rounded; docs/ranking.md, section 2c).
 TOWERS_SETTINGS = {
-    "baseline": [*TINY_SETTINGS["baseline"][:6], "train.lr=1.4e-3", "loss.init_temperature=0.15",
+    "baseline": [*CLIP_LOSS, "train.lr=1.4e-3", "loss.init_temperature=0.15",
                  "model.towers.text.unlocked_layers=0"],
     "ablation": ["loss.weight_fn=uniform", "train.lr=1.5e-4", "loss.init_temperature=0.087",
                  "model.towers.text.unlocked_layers=2", "loss.left_to_right=0.41", "loss.right_to_left=0.77",
