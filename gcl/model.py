@@ -314,7 +314,7 @@ class FieldEncoder(torch.nn.Module):
         stacked = {m: torch.cat([fields[n] for n in names]) if names else None for m, names in groups.items()}
         # Inputs go where the towers are (a no-op for training batches, already on the worker's
         # device; evaluation and serving build theirs on the CPU). Pixels are normalized in fp32;
-        # a bf16 engine's tower takes bf16.
+        # towers cast to bf16 take bf16.
         param = self._first_float_parameter()
         if stacked["text"] is not None:
             stacked["text"] = stacked["text"].to(param.device, non_blocking=True)
@@ -361,8 +361,8 @@ class FieldEncoder(torch.nn.Module):
         return self._pixel_stats[device]
 
     def _first_float_parameter(self) -> torch.nn.Parameter:
-        """Its dtype is the towers' (bf16 once DeepSpeed's bf16 mode has cast the module), its
-        device theirs."""
+        """Its dtype is the towers' (fp32 as gcl trains, under autocast in bf16; bf16 where someone
+        cast the module), its device theirs."""
         return next(p for p in self.clip.parameters() if p.is_floating_point())
 
 

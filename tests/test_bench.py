@@ -76,6 +76,20 @@ def test_bench_job_takes_overrides_after_its_own_settings_and_names_a_bad_key(tm
         bench_job(str(tmp_path), gpus=0, overrides=["train.batch_sise=64"])
 
 
+def test_the_presets_time_vitb32_and_the_job_preset_trains_one_worker_on_every_core(tmp_path):
+    """`gcl bench --preset`: each preset's overrides are valid settings of the timed job; the
+    whole-job preset gives its one worker the cores the anchor (open_clip's loop) runs on."""
+    import os
+
+    from workflows.bench import PRESETS, bench_job
+
+    jobs = {name: bench_job(str(tmp_path), gpus=0, overrides=preset["overrides"]) for name, preset in PRESETS.items()}
+    assert {job.model.arch for job in jobs.values()} == {"ViT-B-32"}
+    whole_job = jobs["vitb32-cpu-job"]
+    assert (whole_job.scaling.num_workers, whole_job.scaling.torch_threads) == (1, os.cpu_count())
+    assert set(PRESETS["vitb32-cpu-job"]["only"]) == {"steps", "pipeline"}
+
+
 def test_peak_memory_is_the_process_own_not_its_parents_and_restarts_on_reset():
     """The search-memory bench runs in child processes and the ZeRO memory bench in Ray workers:
     a child of a large parent must not report the parent's size (getrusage's ru_maxrss does, on

@@ -37,6 +37,23 @@ def test_every_deepspeed_config_feeds_the_engine_config(path):
     assert config["zero_optimization"]["stage"] == stage and config["train_micro_batch_size_per_gpu"] == 32
 
 
+def test_bf16_is_autocast_over_fp32_weights_and_zero3_keeps_torchs_linear(tmp_path):
+    """train.precision=bf16 turns on DeepSpeed's torch_autocast mode, never its bf16 mode (which
+    keeps bf16 weights); ZeRO-3's process-wide linear replacement is off unless a base config
+    turns it on."""
+    from gcl.train.engine import deepspeed_config
+
+    bf16 = deepspeed_config(parse_config(JobConfig, None, ["train.precision=bf16"]))
+    fp32 = deepspeed_config(parse_config(JobConfig, None, ["train.precision=fp32"]))
+    assert bf16["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"} and bf16["bf16"] == {"enabled": False}
+    assert fp32["torch_autocast"]["enabled"] is False and fp32["bf16"] == {"enabled": False}
+    assert bf16["zero_optimization"]["memory_efficient_linear"] is False
+    base = tmp_path / "zero3.json"
+    base.write_text(json.dumps({"zero_optimization": {"stage": 3, "memory_efficient_linear": True}}))
+    own = deepspeed_config(parse_config(JobConfig, None, [f"deepspeed.config={base}", "deepspeed.zero_stage=3"]))
+    assert own["zero_optimization"]["memory_efficient_linear"] is True
+
+
 def test_overrides_nest_parse_yaml_and_reject_bad_forms():
     data = apply_overrides(
         {}, ["train.epochs=3", "fields.right={image: {modality: image}}", "loss.score_range=[0, 1]"]

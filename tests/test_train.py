@@ -110,8 +110,8 @@ def test_zero2_trains_from_csv_tracks_exports_and_evaluates_consistently(ray_loc
 
 
 def test_zero3_in_bf16_trains_from_jsonl_and_loss_goes_down(ray_local, tiny_job, synth_dir, tmp_path):
-    """ZeRO-3 in bf16, as the GPU config trains (DeepSpeed's bf16 mode runs on CPU too): fp32
-    pixels into bf16 towers, fp32 weights gathered from the shards at export; the pairs as JSONL
+    """ZeRO-3 in bf16, as the GPU config trains (autocast runs on CPU too): fp32 weight shards,
+    the towers' products in bf16, fp32 weights gathered from the shards at export; the pairs as JSONL
     with image files (validated, read by Ray Data's JSON reader, decoded from the paths)."""
     from gcl.train.job import run_train
 
@@ -144,9 +144,9 @@ def test_zero3_in_bf16_trains_from_jsonl_and_loss_goes_down(ray_local, tiny_job,
 @pytest.mark.parametrize("stage", [2, 3])
 def test_one_gpu_worker_trains_in_bf16_and_evaluates_consistently(ray_local, tiny_job, stage):
     """Needs CUDA (skipped on the CPU machines the suite runs on): a GPU worker over NCCL with its
-    batches moved to the GPU by Ray Data, the towers in bf16, the per-epoch evaluation encoding on
-    the GPU (under ZeRO-3 inside the parameter gather); `gcl evaluate` of the logged fp32 model
-    then scores about what training's bf16 evaluation reported."""
+    batches moved to the GPU by Ray Data, the towers' products in bf16 under autocast, the per-epoch
+    evaluation encoding on the GPU (under ZeRO-3 inside the parameter gather); `gcl evaluate` of
+    the logged model then scores about what training's evaluation reported."""
 
     from gcl.train.job import run_train
     from workflows.evaluate import run_evaluate

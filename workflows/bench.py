@@ -46,11 +46,19 @@ def bench_job(workdir: str, gpus: int, overrides: list[str] | None = None) -> Jo
     ])  # fmt: skip
 
 
-# Named settings of `gcl bench --preset`: sections, overrides of the timed job, timed steps.
+# Named settings of `gcl bench --preset`: sections, overrides of the timed job, timed steps, and
+# optionally the generated data it trains on.
 PRESETS = {
     # The steps section at ViT-B-32 size on a CPU, in a few minutes: open_clip's loop against gcl's
     # step (plain, ZeRO-0 to 3, and 2 processes side by side) on batches of 8 pairs.
     "vitb32-cpu": {"only": ["steps"], "overrides": ["model.arch=ViT-B-32", "train.batch_size=4"], "steps": 5},
+    # The whole job at ViT-B-32 size on a CPU (about 10 minutes): `gcl train` with one worker on
+    # all cores (Ray Data -> Ray Train -> DeepSpeed) against open_clip's loop at its batch, on
+    # about 250 training pairs (2 epochs; the rate is the second's).
+    "vitb32-cpu-job": {"only": ["steps", "pipeline"], "steps": 5,
+                       "overrides": ["model.arch=ViT-B-32", "train.batch_size=8", "scaling.num_workers=1",
+                                     f"scaling.torch_threads={os.cpu_count() or 1}"],
+                       "data": SynthConfig(products=200, queries=20, docs_per_query=20)},
 }
 
 
@@ -60,11 +68,11 @@ def run_bench(only: list[str] | None = None, workdir: str | None = None, overrid
     data, steps, pipeline and search sections' job (see bench_job); the memory section keeps its
     own. search_rows: the vectors the search section indexes (gcl.bench.search). `preset`: one of
     PRESETS, whose sections and overrides come first (`only` and `overrides` add to them)."""
-    timed_steps = 20
+    timed_steps, data = 20, BENCH_DATA
     if preset:
         chosen = PRESETS[preset]
         only, overrides = only or chosen["only"], [*chosen["overrides"], *(overrides or [])]
-        timed_steps = chosen["steps"]
+        timed_steps, data = chosen["steps"], chosen.get("data", BENCH_DATA)
     only = only or [s for s in SECTIONS if s != "search"]
     device, gpus = bench_device(), torch.cuda.device_count()
     figures: dict = {"machine": f"{os.cpu_count()} CPU cores, CUDA={torch.cuda.is_available()}",
@@ -87,7 +95,7 @@ def run_bench(only: list[str] | None = None, workdir: str | None = None, overrid
     if not training:
         return print_figures(figures)
     os.makedirs(f"{workdir}/runs", exist_ok=True)
-    synthesize(f"{workdir}/data", BENCH_DATA)
+    synthesize(f"{workdir}/data", data)
     init_ray()
     if {"data", "pipeline", "steps"} & set(only):
         batch = batch_from_pipeline(job, job.train.batch_size * job.scaling.num_workers)
@@ -98,7 +106,7 @@ def run_bench(only: list[str] | None = None, workdir: str | None = None, overrid
     if "pipeline" in only:
         bare = bare_loop_figures(job, batch, device)
         figures.update(bare)
-        figures.update(pipeline_figures(job, bare))
+        figures.update(pipeline_figures(job, bare, figures))
     if "memory" in only:
         figures.update(memory_figures(f"{workdir}/runs", gpus))
     if "cached" in only:

@@ -472,8 +472,9 @@ def _add_evaluate_demo_bench(sub) -> None:
     p.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override the timed job's config (data, steps, pipeline), e.g. --set model.arch=ViT-B-32 "
                    "--set train.batch_size=128 --set pipeline.preprocess_tasks=8")  # fmt: skip
-    p.add_argument("--preset", choices=["vitb32-cpu"],
-                   help="vitb32-cpu: the steps section at ViT-B-32 size on this CPU (a few minutes)")  # fmt: skip
+    p.add_argument("--preset", choices=["vitb32-cpu", "vitb32-cpu-job"],
+                   help="vitb32-cpu: the steps section at ViT-B-32 size on this CPU (a few minutes); "
+                   "vitb32-cpu-job: with `gcl train` on one worker against open_clip's loop (about 10 minutes)")  # fmt: skip
     p.add_argument("--gpu-check", metavar="OUT.json",
                    help="the GPU check (gcl.bench.gpu_check: open_clip's loop against gcl's steps at ViT-B-32, "
                    "batches 256 and 512, on the first GPU) into one JSON file; nothing else runs")  # fmt: skip

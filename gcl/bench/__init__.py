@@ -16,7 +16,7 @@ retrieval exact top-k search queries/s / FAISS IndexFlatIP on the same embedding
           and the search's extra peak memory at 1M vs 100k documents (bounded by the chunk size)
 
 On a CUDA machine the training figures run on the GPUs in bf16 (the bare loop under autocast,
-gcl's engines in DeepSpeed's bf16 mode), one worker per GPU up to 2; memory is then the
+gcl's engines under DeepSpeed's torch autocast), one worker per GPU up to 2; memory is then the
 per-worker peak of allocated GPU memory. On one GPU the steps section runs 1 process, and the
 memory section (ZeRO-3 shards over 2 workers) is left out.
 

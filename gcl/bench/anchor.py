@@ -2,8 +2,8 @@
 loop (open_clip_train.train.train_one_epoch) takes it, at the same model and batch as gcl's step.
 
 Its model straight from `open_clip.create_model`, `ClipLoss`, torch's AdamW (fused where the
-device has it) with CLIP's weight-decay groups, bf16 autocast on CUDA (fp32 on the CPU, as gcl
-trains there), gradient clipping to norm 1, and the logit scale clamped to ln(100) after each
+device has it) with CLIP's weight-decay groups, bf16 autocast where gcl's job trains in bf16
+(`train.precision`: by default on CUDA, fp32 on the CPU), gradient clipping to norm 1, and the logit scale clamped to ln(100) after each
 step. Data loading is not part of it: the batch is already on the device, as it is for gcl's step.
 """
 
@@ -32,13 +32,15 @@ def open_clip_batch(rows: int, context_length: int, image_size: int, device: tor
     return images.to(device), texts.to(device)
 
 
-def open_clip_step(arch: str, rows: int, device: torch.device, seed: int = 0):
+def open_clip_step(arch: str, rows: int, device: torch.device, seed: int = 0, precision: str = "auto"):
     """open_clip's training step for the architecture `arch` (random weights) on a batch of `rows`
-    pairs, as a callable; also returns its model (for FLOP counts and inference)."""
+    pairs, under bf16 autocast where gcl would train in bf16 at `precision` (its
+    `--precision amp_bf16`), as a callable; also returns its model (for FLOP counts and inference)."""
     import open_clip
     from open_clip.loss import ClipLoss
 
     from gcl.model import register_gcl_configs
+    from gcl.train.engine import use_bf16
 
     register_gcl_configs()  # gcl-tiny and gcl-small, for the CPU presets
     torch.manual_seed(seed)
@@ -55,7 +57,7 @@ def open_clip_step(arch: str, rows: int, device: torch.device, seed: int = 0):
          {"params": [p for n, p in named if not exclude(n, p)], "weight_decay": 0.2}],
         lr=5e-4, betas=(0.9, 0.98), eps=1e-6, fused=device.type in ("cuda", "cpu"),
     )  # fmt: skip
-    autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=use_bf16(precision))
     model.train()
 
     def step() -> None:
@@ -114,12 +116,12 @@ def free_device_memory(device: torch.device) -> None:
 
 
 def step_figures(arch: str, rows: int, device: torch.device, steps: int, peak: float,
-                 modes: tuple[str, ...] = GCL_MODES) -> dict:  # fmt: skip
+                 modes: tuple[str, ...] = GCL_MODES, precision: str = "auto") -> dict:  # fmt: skip
     """open_clip's step and gcl's (`modes`: plain torch, DeepSpeed ZeRO-0 to 3) at `rows` pairs a
-    step in this process: pairs/s, the ratio to open_clip's, MFU against `peak` (FLOP/s); the
-    FLOPs per pair counted on open_clip's step (the same model)."""
+    step in this process, both at `precision` (train.precision's values): pairs/s, the ratio to
+    open_clip's, MFU against `peak` (FLOP/s); the FLOPs per pair counted on open_clip's step."""
     figures = {}
-    anchor, model, _ = open_clip_step(arch, rows, device)
+    anchor, model, _ = open_clip_step(arch, rows, device, precision=precision)
     flops = _flops_per_pair(anchor, rows)
     figures[f"b{rows}_gflops_per_pair"] = flops / 1e9
     reference = pairs_per_s(anchor, rows, steps)
@@ -127,7 +129,7 @@ def step_figures(arch: str, rows: int, device: torch.device, steps: int, peak: f
     figures[f"b{rows}_open_clip_mfu"] = reference * flops / peak
     del anchor, model
     free_device_memory(device)
-    job = check_job(arch, rows)
+    job = check_job(arch, rows, precision)
     batch = gcl_batch(job, rows, device)
     for mode in modes:
         step = training_step(job, batch, mode, device=device)
@@ -153,18 +155,19 @@ def start_process_group(device: torch.device) -> None:
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
 
 
-def _anchor_process(arch: str, rows: int, steps: int, modes: tuple[str, ...], threads: int, results) -> None:
+def _anchor_process(arch: str, rows: int, steps: int, modes: tuple[str, ...], threads: int, precision: str,
+                    results) -> None:  # fmt: skip
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     torch.set_num_threads(threads)
     start_process_group(device)
     from gcl.bench.flops import peak_flops_per_s
 
     peak, source = peak_flops_per_s(device)
-    results.put({**step_figures(arch, rows, device, steps, peak, modes), "anchor_peak_source": source})
+    results.put({**step_figures(arch, rows, device, steps, peak, modes, precision), "anchor_peak_source": source})
 
 
 def anchor_figures(arch: str, rows: int, steps: int = 10, modes: tuple[str, ...] = GCL_MODES,
-                   threads: int | None = None) -> dict:  # fmt: skip
+                   threads: int | None = None, precision: str = "auto") -> dict:  # fmt: skip
     """step_figures on the first GPU (else the CPU, on `threads` threads: all cores by default), in
     a fresh process: DeepSpeed's engines need a process group, which the caller should not keep."""
     import torch.multiprocessing as mp
@@ -172,7 +175,8 @@ def anchor_figures(arch: str, rows: int, steps: int = 10, modes: tuple[str, ...]
     context = mp.get_context("spawn")
     results = context.Queue()
     process = context.Process(target=_anchor_process,
-                              args=(arch, rows, steps, modes, threads or os.cpu_count() or 1, results))  # fmt: skip
+                              args=(arch, rows, steps, modes, threads or os.cpu_count() or 1, precision,
+                                    results))  # fmt: skip
     process.start()
     figures = results.get(timeout=3600)
     process.join()

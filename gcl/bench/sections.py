@@ -35,8 +35,8 @@ def data_figures(job: JobConfig, batch: dict, device: torch.device) -> dict:
 
 def bare_loop_figures(job: JobConfig, batch: dict, device: torch.device) -> dict:
     """The one bare loop every training ratio divides by, with the FLOPs and peak of its MFU."""
-    figures = {"bare_loop_pairs_per_s": bare_loop_pairs_per_s(job, batch, threads=job.scaling.num_workers,
-                                                              device=device)}  # fmt: skip
+    threads = job.scaling.num_workers * job.scaling.torch_threads  # the cores the workers train on
+    figures = {"bare_loop_pairs_per_s": bare_loop_pairs_per_s(job, batch, threads=threads, device=device)}
     peak, figures["peak_flops_source"] = peak_flops_per_s(device)
     figures["peak_tflops_per_s"] = peak / 1e12
     figures["train_gflops_per_pair"] = train_flops_per_pair(job, batch) / 1e9
@@ -49,10 +49,13 @@ def bare_loop_figures(job: JobConfig, batch: dict, device: torch.device) -> dict
 def steps_figures(job: JobConfig, batch: dict, timed_steps: int = 20) -> dict:
     """Training steps against the anchor, open_clip's own training step at the job's model and
     batch (gcl.bench.anchor): in one process, gcl's step in plain torch and in DeepSpeed engines
-    at ZeRO-0 to 3, with the MFU of each; then the same steps in plain processes side by side, one
-    per worker (2, or 1 on a single GPU: NCCL takes one rank per GPU), each against the anchor."""
+    at ZeRO-0 to 3, with the MFU of each; then, for a job of several workers (2 CPU workers, or
+    one per GPU up to 2), the same steps in plain processes side by side, one per worker, each
+    against the anchor."""
     rows = job.train.batch_size * job.scaling.num_workers
-    figures = anchor_figures(job.model.arch, rows, steps=timed_steps)
+    figures = anchor_figures(job.model.arch, rows, steps=timed_steps, precision=job.train.precision)
+    if job.scaling.num_workers == 1:  # nothing to run side by side
+        return figures
     anchor = figures[f"b{rows}_open_clip_pairs_per_s"]
     steps = data_parallel_pairs_per_s(job, batch, job.scaling.num_workers, steps=timed_steps)
     figures.update(steps)
@@ -60,8 +63,9 @@ def steps_figures(job: JobConfig, batch: dict, timed_steps: int = 20) -> dict:
     return figures
 
 
-def pipeline_figures(job: JobConfig, bare: dict) -> dict:
-    """`gcl train` on the bench job: its warm epoch (the last of 2) against the bare loop, and its MFU."""
+def pipeline_figures(job: JobConfig, bare: dict, steps: dict | None = None) -> dict:
+    """`gcl train` on the bench job: its warm epoch (the last of 2) against the bare loop, and its
+    MFU; against open_clip's loop too where the steps section measured it (`steps`)."""
 
     metrics = run_train(job.model_copy(update={"name": f"bench-{time.time_ns()}"})).metrics
     figures = {"pipeline_pairs_per_s": float(metrics["epoch_pairs_per_s"]),
@@ -73,6 +77,11 @@ def pipeline_figures(job: JobConfig, bare: dict) -> dict:
     figures["pipeline_steady_over_bare"] = (
         figures["pipeline_steady_pairs_per_s"] / bare["bare_loop_pairs_per_s"]
     )
+    rows = job.train.batch_size * job.scaling.num_workers
+    anchor = (steps or {}).get(f"b{rows}_open_clip_pairs_per_s")
+    if anchor:
+        figures["pipeline_over_open_clip"] = figures["pipeline_pairs_per_s"] / anchor
+        figures["pipeline_steady_over_open_clip"] = figures["pipeline_steady_pairs_per_s"] / anchor
     peak = bare["peak_tflops_per_s"] * 1e12
     figures["pipeline_mfu"] = figures["pipeline_pairs_per_s"] * bare["train_gflops_per_pair"] * 1e9 / peak
     return figures

@@ -1,7 +1,8 @@
 """Training steps timed without Ray or Ray Data: the bare single-process loop every ratio divides
 by, and 2 plain processes side by side (no communication, torch DDP, DeepSpeed ZeRO-0 and ZeRO-2),
 which show where the pipeline's rate goes before Ray and Ray Data. On a CUDA machine they run on
-the GPUs (NCCL, bf16 autocast for the torch modes), else on the CPU (gloo, fp32)."""
+the GPUs (NCCL), else on the CPU (gloo), in the job's precision (bf16 autocast by default on
+GPUs, fp32 on the CPU)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 from gcl.job_config import JobConfig
 from gcl.loss import GCLLoss
 from gcl.model import FieldEncoder, create_model
-from gcl.train.engine import adamw, setup_engine
+from gcl.train.engine import adamw, setup_engine, use_bf16
 from gcl.train.micro_batch import batch_loss
 
 CPU = torch.device("cpu")
@@ -24,7 +25,8 @@ def training_step(job: JobConfig, batch: dict, mode: str, rank: int = 0, world: 
     """One GCL training step on `batch` as a callable. mode: `plain` (torch AdamW, no
     communication; the loss sees only this process's batch), `ddp` (torch DDP, the loss gathers
     every rank's embeddings) or `zero0`/`zero2` (gcl's DeepSpeed engine, on DeepSpeed's device).
-    On CUDA the torch modes run under bf16 autocast, as gcl's engines run in bf16 there."""
+    Where the job trains in bf16 (train.precision) the torch modes run under bf16 autocast, as
+    gcl's engines do."""
     torch.manual_seed(0)
     if mode.startswith("zero"):
         job = job.model_copy(update={"deepspeed": job.deepspeed.model_copy(update={"zero_stage": int(mode[4:])}),
@@ -52,7 +54,7 @@ def training_step(job: JobConfig, batch: dict, mode: str, rank: int = 0, world: 
 
     batch = {k: v.to(device) for k, v in batch.items()}
     autocast = torch.autocast(
-        "cuda", torch.bfloat16, enabled=device.type == "cuda" and not mode.startswith("zero")
+        device.type, torch.bfloat16, enabled=use_bf16(job.train.precision) and not mode.startswith("zero")
     )
 
     def step():

@@ -188,8 +188,8 @@ def consolidate_checkpoint(checkpoint_dir: str, out_dir: str, model: ModelConfig
     """Gather a local checkpoint's ZeRO shards (or its whole module, saved at stage 0) into fp32
     weights and write an open_clip model directory with gcl's field config (see
     gcl.model.save_model). Returns `out_dir`."""
-    # Stage 0 saved the whole module; in bf16 these are the bf16 weights the engine computed with
-    # (its fp32 master copy sits in the bf16 optimizer's own files, which zero_to_fp32 cannot read).
+    # Stage 0 saved the whole module, in fp32 whatever the precision (bf16 trains under autocast:
+    # gcl.train.engine.deepspeed_config); a checkpoint from before that may hold bf16 weights.
     if not has_zero_shards(checkpoint_dir):
         path = os.path.join(checkpoint_dir, CHECKPOINT_TAG, "mp_rank_00_model_states.pt")
         module = load_weights_only(path, map_location="cpu")["module"]
