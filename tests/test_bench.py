@@ -87,6 +87,8 @@ def test_the_presets_time_vitb32_and_the_job_preset_trains_one_worker_on_every_c
     assert {job.model.arch for job in jobs.values()} == {"ViT-B-32"}
     whole_job = jobs["vitb32-cpu-job"]
     assert (whole_job.scaling.num_workers, whole_job.scaling.torch_threads) == (1, os.cpu_count())
+    # open_clip's work: a query and an image per pair, as the anchor's step (title fields would add a text tower pass)
+    assert set(whole_job.fields.modalities()) == {"query", "image"}
     assert set(PRESETS["vitb32-cpu-job"]["only"]) == {"steps", "pipeline"}
 
 

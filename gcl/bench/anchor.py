@@ -74,16 +74,21 @@ def open_clip_step(arch: str, rows: int, device: torch.device, seed: int = 0, pr
     return step, model, (images, texts)
 
 
+# The settings under which gcl's step does the work open_clip's does: documents of one image field
+# and CLIP's loss (uniform weights, both directions alike, no masking).
+OPEN_CLIPS_WORK = [
+    "fields.left={query: {modality: text, weight: 1.0}}", "fields.right={image: {modality: image, weight: 1.0}}",
+    "loss.weight_fn=uniform", "loss.mask_same_query=false", "loss.mask_same_document=false",
+    "loss.left_to_right=0.5", "loss.right_to_left=0.5", "train.grad_clip=1.0",
+]  # fmt: skip
+
+
 def check_job(arch: str, batch_size: int, precision: str = "auto", *overrides: str) -> JobConfig:
-    """gcl's job for the comparison: the open_clip architecture `arch` from random weights,
-    documents of one image field, and CLIP's loss (uniform weights, both directions alike, no
-    masking), so that gcl's step does the work open_clip's does."""
+    """gcl's job for the comparison: the open_clip architecture `arch` from random weights, doing
+    open_clip's work (OPEN_CLIPS_WORK)."""
     return parse_config(JobConfig, None, [
-        f"model.arch={arch}", "fields.left={query: {modality: text, weight: 1.0}}",
-        "fields.right={image: {modality: image, weight: 1.0}}", "loss.weight_fn=uniform",
-        "loss.mask_same_query=false", "loss.mask_same_document=false", "loss.left_to_right=0.5",
-        "loss.right_to_left=0.5", f"train.batch_size={batch_size}", f"train.precision={precision}",
-        "train.grad_clip=1.0", *overrides,
+        f"model.arch={arch}", *OPEN_CLIPS_WORK, f"train.batch_size={batch_size}", f"train.precision={precision}",
+        *overrides,
     ])  # fmt: skip
 
 
