@@ -3,8 +3,9 @@ loop (open_clip_train.train.train_one_epoch) takes it, at the same model and bat
 
 Its model straight from `open_clip.create_model`, `ClipLoss`, torch's AdamW (fused where the
 device has it) with CLIP's weight-decay groups, bf16 autocast where gcl's job trains in bf16
-(`train.precision`: by default on CUDA, fp32 on the CPU), gradient clipping to norm 1, and the logit scale clamped to ln(100) after each
-step. Data loading is not part of it: the batch is already on the device, as it is for gcl's step.
+(`train.precision`: by default on CUDA, fp32 on the CPU), gradient clipping to norm 1, and the
+logit scale clamped to ln(100) after each step. Data loading is not part of it: the batch is
+already on the device, as it is for gcl's step.
 """
 
 from __future__ import annotations
