@@ -23,6 +23,7 @@ from gcl.console import say
 from gcl.data.schema import SPLITS
 from gcl.data.synth import SynthConfig, synthesize
 from gcl.job_config import JobConfig
+from gcl.loss import CLIP_LOSS
 from gcl.registry.models import register_run
 from gcl.registry.names import OBJECTIVE
 from gcl.report import comparison_plot, comparison_table, split_metrics
@@ -60,11 +61,7 @@ def benchmark_data(data: str) -> list[str]:
 # `gcl demo --tiny`: each variant at its own settings, chosen for it on the validation splits by a
 # sweep at the demo's budget (docs/ranking.md, "The demo's settings"), so the margins the demo
 # prints are over tuned baselines, not over baselines run at GCL's settings.
-# CLIP's loss, the binary baseline: every pair weighted alike, image-only documents, no masking,
-# both directions alike.
-CLIP_LOSS = ["loss.weight_fn=uniform", "loss.mask_same_query=false", "loss.mask_same_document=false",
-             "loss.left_to_right=0.5", "loss.right_to_left=0.5", "fields.right={image: {modality: image, weight: 1.0}}"]  # fmt: skip
-
+# The binary baseline trains CLIP's loss (gcl.loss.CLIP_LOSS).
 TINY_SETTINGS = {
     # Learning rate and initial temperature: docs/sweep-defaults-clip.yaml's best trial.
     "baseline": [*CLIP_LOSS, "train.lr=1.3e-3", "loss.init_temperature=0.088"],
