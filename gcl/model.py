@@ -26,7 +26,6 @@ from pydantic import model_validator
 from gcl.config import ConfigError, Section
 from gcl.errors import ModelError
 from gcl.towers import (
-    FROZEN_TRUNK,
     TowersConfig,
     guard_padding_rows,
     image_mean_std,
@@ -295,6 +294,9 @@ class FieldEncoder(torch.nn.Module):
             (preprocess["mean"], preprocess["std"]) if {"mean", "std"} <= set(preprocess) else None
         )
         self._pixel_stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # made once per device
+        # The libraries leave their towers in modes of their own (timm's in training, Hugging Face's
+        # in eval): a new encoder starts in training mode with its locked parts in eval, as train() sets.
+        self.train()
 
     def forward(self, fields: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """fields: name -> (B, L) token ids for text; for images (B, 3, H, W) pixels, either uint8
@@ -341,11 +343,13 @@ class FieldEncoder(torch.nn.Module):
         return out, torch.log(scale.float()).reshape(1)
 
     def train(self, mode: bool = True) -> FieldEncoder:
-        """As torch's, except that a wholly locked image tower stays in eval mode (gcl.towers)."""
+        """As torch's, except that every locked part of the model (a module none of whose parameters
+        train) stays in eval mode: a locked tower is a fixed function while the rest trains, its
+        batch norms keep their pretrained statistics and its dropout is off (LiT's locked tower)."""
         super().train(mode)
-        visual = getattr(self.clip, "visual", None)
-        if mode and getattr(visual, FROZEN_TRUNK, False):
-            visual.trunk.eval()
+        if mode:
+            for part in locked_parts(self.clip):
+                part.eval()
         return self
 
     def _mean_std_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -364,6 +368,15 @@ class FieldEncoder(torch.nn.Module):
         """Its dtype is the towers' (fp32 as gcl trains, under autocast in bf16; bf16 where someone
         cast the module), its device theirs."""
         return next(p for p in self.clip.parameters() if p.is_floating_point())
+
+
+def locked_parts(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The largest submodules of `module` that hold parameters, none of which trains (requires_grad
+    False): a locked tower, or the locked layers of a partly locked one."""
+    parameters = list(module.parameters())
+    if parameters and not any(p.requires_grad for p in parameters):
+        return [module]
+    return [part for child in module.children() for part in locked_parts(child)]
 
 
 def save_model(

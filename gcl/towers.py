@@ -213,17 +213,13 @@ def load_image_weights(trunk: torch.nn.Module, weights: str, key: str = "model.t
     trunk.load_state_dict(mapped, strict=True)
 
 
-FROZEN_TRUNK = "gcl_frozen_trunk"  # set on a locked image tower: FieldEncoder keeps its trunk in eval mode
-
-
 def lock_towers(clip: torch.nn.Module, towers: TowersConfig) -> None:
-    """Freeze what the config locks, with open_clip's own locks (the projections always train). A
-    wholly locked image tower also keeps its batch norms' statistics: FieldEncoder leaves its trunk
-    in eval mode when training (open_clip's own way, FrozenBatchNorm2d, would change the tower's
-    state dict keys, and an exported model would no longer load into a fresh one)."""
+    """Freeze what the config locks, with open_clip's own locks (the projections always train). What
+    is locked also keeps its batch norms' statistics and has no dropout: FieldEncoder keeps locked
+    parts in eval mode when training (open_clip's own way, FrozenBatchNorm2d, would change the
+    tower's state dict keys, and an exported model would no longer load into a fresh one)."""
     if towers.image.lock:
         clip.lock_image_tower(unlocked_groups=towers.image.unlocked_groups)
-        setattr(clip.visual, FROZEN_TRUNK, towers.image.unlocked_groups == 0)
     if towers.text.lock:
         transformer = clip.text.transformer
         transformer.requires_grad_(False)

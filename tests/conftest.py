@@ -32,6 +32,10 @@ class StepGates:
         """Trainings whose name starts with `prefix` run through `step`, then wait (None: run on)."""
         (self.directory / f"{prefix}.gate").write_text("none" if step is None else str(step))
 
+    def fail(self, prefix: str, step: int) -> None:
+        """Trainings whose name starts with `prefix` run through `step`, then fail (rank 0 raises)."""
+        (self.directory / f"{prefix}.gate").write_text(f"fail {step}")
+
     def forget(self, prefix: str) -> None:
         """Drop the gates of `prefix` (and of names that start with it) and the notes of the runs
         they held (a killed run leaves its note)."""
@@ -90,13 +94,14 @@ def synth_dir(tmp_path_factory):
     return out
 
 
-def tiny_job_config(synth_dir, root, *overrides):
-    """The tiny CPU job on `synth_dir`, storing runs and MLflow under `root`, plus overrides."""
+def tiny_job_config(synth_dir, root, *overrides, config: str = "tiny-cpu.yaml"):
+    """The tiny CPU job on `synth_dir` (or another shipped `config`: minilm-efflite0.yaml, the
+    pretrained towers), storing runs and MLflow under `root`, plus overrides."""
     from gcl.config import parse_config
     from gcl.job_config import JobConfig
     from workflows.cli import CONFIGS
 
-    return parse_config(JobConfig, CONFIGS / "tiny-cpu.yaml", [
+    return parse_config(JobConfig, CONFIGS / config, [
         f"data.train={synth_dir}/train.parquet",
         f"data.eval={{in_domain: {synth_dir}/in_domain.parquet, zero_shot: {synth_dir}/zero_shot.parquet}}",
         f"data.validation={{in_domain: {synth_dir}/val_in_domain.parquet}}",  # one split: evaluation costs

@@ -285,3 +285,27 @@ def test_one_worker_in_bf16_trains_fp32_weights_under_autocast_at_stage0_and_exp
     for run in (ours, zero2):
         for name, weight in run["weights"].items():
             assert torch.equal(run["exported"][name], weight.reshape(run["exported"][name].shape)), name
+
+
+def test_the_graph_free_pass_leaves_batch_norm_statistics_to_the_pass_that_trains():
+    """Each chunk is embedded twice: once without a graph, once with it. A batch norm that trains
+    (an unlocked EfficientNet) updates its running statistics in the second pass only, as a whole
+    step would once; a locked one (eval mode) is never touched."""
+    from gcl.config import parse_config
+    from gcl.job_config import JobConfig
+    from gcl.model import FieldEncoder, create_model
+    from gcl.train.micro_batch import _embed_without_graph
+    from workflows import CONFIGS
+
+    job = parse_config(JobConfig, CONFIGS / "minilm-efflite0.yaml", [
+        "model.towers.image.lock=false", "model.towers.image.image_size=32", "fields.right={image: {modality: image}}",
+    ])  # fmt: skip
+    encoder = FieldEncoder(create_model(job.model).clip, job.fields.modalities())
+    engine = type("Engine", (), {"module": encoder, "device": torch.device("cpu"), "__call__": lambda s, x: encoder(x)})()
+    statistics = lambda: {k: v.clone() for k, v in encoder.state_dict().items() if "running" in k}  # noqa: E731
+    batch = {"query": torch.randint(0, 1000, (6, 16)), "image": torch.randint(0, 255, (6, 3, 32, 32), dtype=torch.uint8)}
+    before = statistics()
+    _embed_without_graph(engine, job.fields, batch, [slice(0, 3), slice(3, 6)])
+    assert all(torch.equal(before[k], v) for k, v in statistics().items())
+    encoder(batch)  # the pass with a graph, in training mode: it moves them
+    assert not all(torch.equal(before[k], v) for k, v in statistics().items())

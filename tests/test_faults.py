@@ -20,8 +20,8 @@ from gcl.registry.runs import runs_named
 from gcl.train.checkpoint import committed_checkpoint
 
 pytestmark = pytest.mark.integration
-# What the interrupted runs and their reference share: ZeRO-1, and 6 steps an epoch (184 pairs,
-# 2 workers, batch 16) in optimizer steps of 4 and 2 micro-batches, each micro-batch a
+# What the interrupted runs and their reference share: ZeRO-1, and 5 steps an epoch (184 pairs,
+# 2 workers, batch 16: full batches only) in optimizer steps of 4 and 1 micro-batches, each micro-batch a
 # cached-gradient step of 2 chunks (train.embed_chunk): resume restores those too.
 FAULT_JOB = ("train.epochs=3", "data.eval={}", "deepspeed.zero_stage=1", "train.grad_accum=4", "train.embed_chunk=8")
 GCL = os.path.join(os.path.dirname(sys.executable), "gcl")
@@ -220,7 +220,7 @@ def test_sigterm_sigkill_and_a_killed_raylet_each_resume_as_an_uninterrupted_run
     the test has stopped it. After each, Ray's processes are gone (its agents within two minutes,
     checked at the end), and the last command resumes the same MLflow run from the last committed
     checkpoint and trains exactly as an uninterrupted run, every step logged once. The job is
-    ZeRO-1 with train.grad_accum=4 on 6 steps an epoch: each epoch ends on a shorter optimizer
+    ZeRO-1 with train.grad_accum=4 on 5 steps an epoch: each epoch ends on a shorter optimizer
     step, which the resume must reproduce."""
     import yaml
 

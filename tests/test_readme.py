@@ -101,10 +101,13 @@ def check_result(name: str, command: str, output: str, clone: Path, client: Mlfl
     elif name == "gcl data validate":
         assert "rows, all valid" in output
     elif name == "gcl train":
-        runs = client.search_runs([client.get_experiment_by_name("gcl").experiment_id],
-                                  "tags.`gcl.run_name` = 'tiny-cpu'")  # fmt: skip
+        experiment = client.get_experiment_by_name("gcl").experiment_id
+        runs = client.search_runs([experiment], "tags.`gcl.run_name` = 'tiny-cpu'")
         assert len(runs) == 1 and finished(runs[0]) and "test_objective" in runs[0].data.metrics
         assert (clone / "gcl_runs/tiny-cpu/model/open_clip_pytorch_model.bin").is_file()
+        if "--from-run" in command:  # the registered model's run trained again: the same model
+            (again,) = client.search_runs([experiment], "tags.`gcl.run_name` = 'tiny-cpu-retrain'")
+            assert finished(again) and again.data.metrics["test_objective"] == runs[0].data.metrics["test_objective"]
     elif name == "gcl evaluate":
         assert "ndcg@10" in output and "in_domain" in output
         if "--index" in command:

@@ -7,7 +7,6 @@ network; weights that do not fit are named with their file and key."""
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -77,10 +76,37 @@ def test_a_towers_model_locks_what_its_config_says(towers_model):
     layers = {n.split(".")[4] for n in trainable if n.startswith("text.transformer.encoder.layer.")}
     assert layers == {"4", "5"}  # MiniLM's top 2 of 6 layers
     assert not any(n.startswith("text.transformer.embeddings.") for n in trainable)
-    encoder = FieldEncoder(clip, {"query": "text", "image": "image"}).train()
-    # A locked tower's batch norms keep ImageNet's statistics while the rest trains.
-    assert not clip.visual.trunk.training and clip.text.training and encoder.training
     assert clip.logit_scale.shape == (1,) and clip.visual.preprocess_cfg["mean"] == (0.5, 0.5, 0.5)
+
+
+def test_a_new_encoder_trains_with_its_locked_parts_fixed_whatever_ran_before(towers_model):
+    """timm leaves its tower in training mode and Hugging Face its own in eval: a new FieldEncoder,
+    and one put back in training after an evaluation, train the same way. What is locked (the image
+    trunk, MiniLM's embeddings and lower layers) is in eval mode: its batch norms keep ImageNet's
+    statistics and it has no dropout, so its output is fixed; the top layers train with dropout."""
+    clip = towers_model.clip
+    clip.visual.trunk.train()  # as timm builds it
+    clip.text.transformer.eval()  # as Hugging Face loads it
+    encoder = FieldEncoder(clip, {"query": "text", "image": "image"})
+
+    def modes():
+        layers = clip.text.transformer.encoder.layer
+        return (encoder.training, clip.visual.trunk.training, clip.text.transformer.embeddings.training,
+                layers[3].training, layers[4].training, layers[5].output.dropout.training, clip.text.proj.training)  # fmt: skip
+
+    assert modes() == (True, False, False, False, True, True, True)
+    encoder.eval()
+    assert not any(modes())
+    encoder.train()
+    assert modes() == (True, False, False, False, True, True, True)
+
+    statistics = {k: v.clone() for k, v in clip.visual.trunk.state_dict().items() if "running" in k}
+    batch = {"query": towers_model.tokenizer(TEXTS), "image": torch.randint(0, 255, (4, 3, 64, 64), dtype=torch.uint8)}
+    with torch.no_grad():
+        first, second = encoder(batch)[0], encoder(batch)[0]
+    assert torch.equal(first["image"], second["image"])  # a locked tower: a fixed function
+    assert not torch.equal(first["query"], second["query"])  # dropout in the layers that train
+    assert all(torch.equal(v, clip.visual.trunk.state_dict()[k]) for k, v in statistics.items())
 
 
 def test_padding_rows_leave_a_towers_models_loss_and_gradients_finite(towers_model):
@@ -178,50 +204,3 @@ def test_tower_weights_that_do_not_fit_or_are_not_there_are_named(tmp_path, monk
         parse_config(JobConfig, None, ["model.arch=towers"])
     with pytest.raises(ConfigError, match="leave model.pretrained null"):
         parse_config(JobConfig, None, ["model.arch=towers", "model.towers={}", "model.pretrained=laion2b_s34b_b79k"])
-
-
-@pytest.mark.integration
-@pytest.mark.slow
-def test_a_towers_job_trains_on_ray_evaluates_its_base_model_and_logs_a_servable_model(ray_local, synth_dir, tmp_path):
-    """workflows/configs/minilm-efflite0.yaml, one epoch on the synthetic benchmark through Ray
-    Data, Ray Train and DeepSpeed: its epoch-0 evaluation is what `gcl evaluate --model
-    open_clip:towers` scores for the same untrained projections; the logged model pins the towers'
-    libraries, and the pyfunc embeds as gcl's encoder of the exported directory does."""
-    import mlflow
-    import pandas as pd
-    from mlflow import MlflowClient
-
-    from gcl.registry.runs import fluent_tracking_uri
-    from gcl.retrieval import RowEncoder
-    from gcl.train.job import run_train
-    from workflows import CONFIGS
-    from workflows.evaluate import run_evaluate
-
-    job = parse_config(JobConfig, CONFIGS / "minilm-efflite0.yaml", [
-        f"data.train={synth_dir}/train.parquet", f"data.eval={{in_domain: {synth_dir}/in_domain.parquet}}",
-        f"data.validation={{in_domain: {synth_dir}/val_in_domain.parquet}}", f"storage={tmp_path}/runs",
-        f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db", "train.epochs=1", "train.batch_size=16",
-        "train.warmup_steps=2", "model.towers.embed_dim=64"])  # fmt: skip
-    result = run_train(job, progress=False)
-    client = MlflowClient(job.mlflow.resolved_uri())
-    run = client.get_run(result.run_id)
-    assert run.info.status == "FINISHED"
-    starting = {m.step: m.value for m in client.get_metric_history(result.run_id, "in_domain/ndcg_at_10")}
-    assert set(starting) == {0, max(starting)} and max(starting) > 0
-
-    base = run_evaluate(job, "open_clip:towers")  # the towers as training started from them
-    assert base["in_domain"]["ndcg@10"] == pytest.approx(starting[0], abs=1e-6)
-
-    model_uri = run.data.tags["gcl.model_uri"]
-    with fluent_tracking_uri(job.mlflow.resolved_uri()):
-        local = mlflow.artifacts.download_artifacts(model_uri)
-        served = mlflow.pyfunc.load_model(model_uri)
-    requirements = (Path(local) / "requirements.txt").read_text()
-    assert "transformers==" in requirements and "timm==" in requirements
-    rows = pd.read_parquet(synth_dir / "in_domain.parquet").head(4)
-    documents = pd.DataFrame({"title": rows["title"], "image": [v["bytes"] for v in rows["image"]]})
-    ours = RowEncoder.from_model_dir(result.model_dir)
-    torch.testing.assert_close(torch.as_tensor(served.predict(documents)), ours.encode(rows[["title", "image"]], "right"),
-                               atol=1e-5, rtol=0)  # fmt: skip
-    torch.testing.assert_close(torch.as_tensor(served.predict(rows[["query"]])), ours.encode(rows[["query"]], "left"),
-                               atol=1e-5, rtol=0)  # fmt: skip

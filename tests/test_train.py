@@ -49,7 +49,7 @@ def _trained_on_every_pair(client, run_id: str) -> list[float]:
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.metrics["data_rows_skipped"] == 0
     losses = [v for _, v in _losses(client.tracking_uri, run_id)]
-    # 184 pairs, 2 workers, 16 a step: 6 steps an epoch, every one trained on real pairs.
+    # 184 pairs, 2 workers, 16 a step: 5 full steps an epoch, every one trained on real pairs.
     assert len(losses) >= 3 and all(math.isfinite(v) and v > 0 for v in losses)
     return losses
 

@@ -33,6 +33,13 @@ def _job(args):
     from gcl.config import parse_config
     from gcl.job_config import JobConfig
 
+    if getattr(args, "from_run", None):
+        from gcl.errors import ConfigError
+        from gcl.train.job import retrain_job
+
+        if args.config:
+            raise ConfigError("give --config or --from-run, not both: --from-run takes the whole config the run logged")
+        return retrain_job(args.from_run, args.overrides)
     return parse_config(JobConfig, args.config, args.overrides)
 
 
@@ -339,6 +346,8 @@ def _add_data(sub) -> None:
 def _add_train_and_tune(sub) -> None:
     p = sub.add_parser("train", help="fine-tune with Ray Train + DeepSpeed; resumes a run of the same name")
     _add_config_args(p)
+    p.add_argument("--from-run", metavar="RUN", help="train again with the config a run logged: a run name or id, "
+                   "or a registered model (models:/NAME@ALIAS); as run <name>-retrain unless --set name=...")  # fmt: skip
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("sync", help="after an MLflow outage: log what a finished `gcl train` could not "
                        "(buffered metrics, the model, the run's end, its registration)")  # fmt: skip

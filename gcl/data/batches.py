@@ -1,8 +1,11 @@
 """Worker-side reading of the training data: each Ray Train worker reads its shard of an epoch
 through a `ShardReader` (reading starts at once, so the next epoch's start-up can run while this
-epoch trains) and `train_batches`, which pads the last batch with invalid rows and keeps all
-ranks stepping together, so every valid row is used exactly once per epoch and no row is
-dropped to make shards equal.
+epoch trains) and `train_batches`, which keeps all ranks stepping together on full batches.
+
+An epoch trains full batches only, as open_clip's loader does (drop_last): the shards are equal
+(gcl.data.pipeline.equal_split_data_config) and each rank's partial last batch, fewer pairs than
+a batch, waits for the next epoch's shuffle. A contrastive step over a few pairs has few
+negatives, and over one pair none: its loss is 0 while the optimizer still steps on it.
 
 Kept apart from gcl.data.pipeline, which defines the datasets: that module is imported by every
 process that unpickles a dataset (Ray Data's split coordinators, one per epoch) and stays free
@@ -14,25 +17,8 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from typing import Any
 
 import torch
-
-from gcl.config import FieldsConfig
-from gcl.data.pipeline import PRESENT
-
-
-def _pad(batch: dict[str, torch.Tensor], size: int) -> dict[str, torch.Tensor]:
-    """Pad a batch to `size` rows; padded rows have valid=False."""
-    n = len(batch["score"])
-    out = {}
-    for key, value in batch.items():
-        pad = torch.zeros((size - n, *value.shape[1:]), dtype=value.dtype, device=value.device)
-        out[key] = torch.cat([value, pad]) if n < size else value
-    valid = torch.zeros(size, dtype=torch.bool, device=batch["score"].device)
-    valid[:n] = True
-    out["valid"] = valid
-    return out
 
 
 class ShardReader:
@@ -50,7 +36,7 @@ class ShardReader:
         # pinned memory when asked, in its prefetch threads.
         self._batches = iter(
             shard.iter_torch_batches(
-                batch_size=batch_size, drop_last=False, pin_memory=pin_memory,
+                batch_size=batch_size, drop_last=True, pin_memory=pin_memory,
                 local_shuffle_buffer_size=local_shuffle_buffer or None,
                 local_shuffle_seed=seed if local_shuffle_buffer else None,
             )
@@ -95,18 +81,14 @@ class WaitClock:
 
 
 def train_batches(
-    batches: Iterable[dict[str, torch.Tensor]],
-    batch_size: int,
-    template: dict[str, tuple[tuple[int, ...], torch.dtype]],
-    device: torch.device | str = "cpu",
+    batches: Iterable[dict[str, torch.Tensor]], batch_size: int, device: torch.device | str = "cpu"
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Batches of exactly `batch_size` rows from a worker's shard (`batches`: a ShardReader of
-    it, batch_size rows each), ranks in lockstep, on `device` (the worker's: NCCL reduces only
-    CUDA tensors, and padding must sit where the batch does).
+    """Full batches of `batch_size` rows from a worker's shard (`batches`: a ShardReader of it),
+    ranks in lockstep, on `device` (the worker's: NCCL reduces only CUDA tensors), each with a
+    `valid` column (all True: the loss takes a mask).
 
-    Each step all ranks agree (an all-reduce) whether any rank still has data; a rank
-    that has run out contributes an all-invalid batch built from `template`
-    (column -> (row shape, dtype)). The last partial batch is padded with invalid rows.
+    Each step all ranks agree (an all-reduce) that every rank has a full batch; the epoch ends at
+    the first step where one has not, so no rank waits in a collective that another has left.
     """
     import torch.distributed as dist
 
@@ -114,25 +96,11 @@ def train_batches(
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     while True:
         batch = next(iterator, None)
-        more = torch.tensor([0 if batch is None else 1], device=device)
+        full = torch.tensor([int(batch is not None and len(batch["score"]) == batch_size)],
+                            device=device if distributed else "cpu")  # fmt: skip
         if distributed:
-            dist.all_reduce(more, op=dist.ReduceOp.MAX)
-        if not more.item():
+            dist.all_reduce(full, op=dist.ReduceOp.MIN)
+        if not full.item():
             return
-        if batch is None:
-            batch = {k: torch.zeros((0, *shape), dtype=dtype) for k, (shape, dtype) in template.items()}
-        yield _pad({k: v.to(device, non_blocking=True) for k, v in batch.items()}, batch_size)
-
-
-def batch_template(
-    fields: FieldsConfig, context_length: int, image_size: int
-) -> dict[str, tuple[tuple[int, ...], Any]]:
-    """Column -> (row shape, dtype) of the pipeline's output, for padding."""
-    template: dict[str, tuple[tuple[int, ...], Any]] = {}
-    for name, modality in fields.modalities().items():
-        shape = (context_length,) if modality == "text" else (3, image_size, image_size)
-        template[name] = (shape, torch.int64 if modality == "text" else torch.uint8)
-        template[name + PRESENT] = ((), torch.bool)
-    template.update(score=((), torch.float32), query_key=((), torch.int64), document_key=((), torch.int64),
-                    pair_key=((), torch.int64))  # fmt: skip
-    return template
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        yield {**batch, "valid": torch.ones(batch_size, dtype=torch.bool, device=device)}

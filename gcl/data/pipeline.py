@@ -441,25 +441,28 @@ def epoch_datasets(source: PairSource, *, epochs: int, seed: int = 0) -> dict:
     return {epoch_dataset_name(e): _shuffled_dataset(source, epoch_seed(seed, e), mode) for e in range(epochs)}
 
 
-def unsplit_data_config():
-    """Ray Train DataConfig that splits the training datasets (`train*`) without dropping rows.
+def equal_split_data_config():
+    """Ray Train DataConfig that splits the training datasets (`train*`) into equal shards, one per
+    worker, always in the same way.
 
-    Ray Train's default makes shards equal by dropping the remainder; `train_batches`
-    pads instead, so every valid row is seen once per epoch.
+    Equal, so that every rank has the same number of full batches (gcl.data.batches: an epoch
+    trains full batches only; the fewer than `workers` rows the split leaves out wait for the
+    next epoch's shuffle). Unlike Ray Train's default split, without locality hints: which rows
+    a worker gets must not depend on which node made them, or a run would not repeat.
     """
     from ray.train import DataConfig as RayDataConfig
 
-    class ExactSplit(RayDataConfig):
+    class EqualSplit(RayDataConfig):
         def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
             output = [{} for _ in range(world_size)]
             for name, ds in datasets.items():
                 ds = ds.copy(ds)
                 if name.startswith("train"):
-                    for i, split in enumerate(ds.streaming_split(world_size, equal=False)):
+                    for i, split in enumerate(ds.streaming_split(world_size, equal=True)):
                         output[i][name] = split
                 else:
                     for i in range(world_size):
                         output[i][name] = ds.iterator()
             return output
 
-    return ExactSplit()
+    return EqualSplit()

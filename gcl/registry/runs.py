@@ -130,6 +130,48 @@ def find_run(uri: str, run: str, experiment: str) -> str:
         ) from None
 
 
+def logged_job(uri: str, reference: str, experiment: str) -> dict:
+    """The resolved job config (CONFIG_ARTIFACT) that a run trained with, as a dict: the run
+    `reference` names (a run name in `experiment`, a run id, or a registered model's version as
+    models:/NAME@ALIAS or models:/NAME/VERSION). A TrackingError says what was not found."""
+    import tempfile
+
+    import yaml
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from gcl.registry.names import CONFIG_ARTIFACT
+
+    client = MlflowClient(uri)
+    if reference.startswith("models:/"):
+        run_id = model_version_run(client, reference)
+    else:
+        run_id = find_run(uri, reference, experiment)
+    with tempfile.TemporaryDirectory() as scratch:
+        try:
+            path = client.download_artifacts(run_id, CONFIG_ARTIFACT, scratch)
+        except (MlflowException, OSError):
+            raise TrackingError(f"run {run_id} ({reference}) has no {CONFIG_ARTIFACT}: only runs of gcl train and "
+                                "sweeps' trials log the job they trained") from None  # fmt: skip
+        with open(path) as f:
+            return yaml.safe_load(f)
+
+
+def model_version_run(client, reference: str) -> str:
+    """The run id of the registered model version models:/NAME@ALIAS or models:/NAME/VERSION."""
+    from mlflow.exceptions import MlflowException
+
+    name, _, which = reference.removeprefix("models:/").partition("@")
+    try:
+        if which:
+            return client.get_model_version_by_alias(name, which).run_id
+        name, _, version = name.partition("/")
+        return client.get_model_version(name, version).run_id
+    except MlflowException as err:
+        raise TrackingError(f"{reference}: no such registered model version ({' '.join(str(err).split())[:200]}); "
+                            "give models:/NAME@ALIAS or models:/NAME/VERSION") from None  # fmt: skip
+
+
 def start_run(uri: str, experiment: str, name: str, params: dict, tags: dict | None = None,
               reopen_finished: bool = False) -> str:  # fmt: skip
     """The MLflow run called `name`: an unfinished (running, failed or killed) run of that name

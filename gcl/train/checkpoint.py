@@ -134,6 +134,16 @@ def restore_checkpoint(engine, checkpoint) -> TrainState:
         return read_state(directory)
 
 
+def checkpoint_state(checkpoint) -> TrainState:
+    """The training state a Ray Train checkpoint (local or in storage) was saved at, read without
+    loading it; a fresh start without one."""
+    if checkpoint is None:
+        return TrainState()
+    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path.rstrip('/')}/{STATE_FILE}") as stream:
+        state = json.loads(stream.read().decode())
+    return TrainState(epoch=state["epoch"], step=state["step"])
+
+
 def read_state(directory: str) -> TrainState:
     """The training state saved in a local checkpoint directory."""
     with open(os.path.join(directory, STATE_FILE)) as f:

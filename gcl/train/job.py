@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ import yaml
 from gcl import storage
 from gcl.cluster import init_ray
 from gcl.data.manifest import dataset_manifest
-from gcl.data.pipeline import PairSource, epoch_datasets, unsplit_data_config
+from gcl.data.pipeline import PairSource, epoch_datasets, equal_split_data_config
 from gcl.data.validate import ValidationReport, validate_pairs
 from gcl.errors import ConfigError, GclError, ModelError, TrackingError
 from gcl.job_config import JobConfig
@@ -96,6 +95,25 @@ def resolve_job(job: JobConfig) -> JobConfig:
     })  # fmt: skip
 
 
+RETRAIN_SUFFIX = "-retrain"
+
+
+def retrain_job(reference: str, overrides: list[str]) -> JobConfig:
+    """`gcl train --from-run`: the job a run trained (its logged config; gcl.registry.runs.logged_job),
+    named <name>-retrain so that it does not resume the run itself, with `overrides` applied last.
+    The run is looked up in the tracking store and experiment the overrides name, else the default
+    ones (resolve_tracking_uri)."""
+    from gcl.config import validate_config
+    from gcl.registry.runs import logged_job
+
+    given = dict(item.split("=", 1) for item in overrides if "=" in item)
+    uri = resolve_tracking_uri(given.get("mlflow.tracking_uri"))
+    experiment = given.get("mlflow.experiment", JobConfig().mlflow.experiment)
+    logged = logged_job(uri, reference, experiment)
+    name = f"name={logged.get('name', 'run')}{RETRAIN_SUFFIX}"
+    return validate_config(JobConfig, logged, [name, *overrides], source=f"the config of run {reference}")
+
+
 def job_resources(job: JobConfig) -> dict[str, float]:
     """What one training holds at once: its workers, preprocessing tasks, and one CPU for Ray
     Data's read and shuffle tasks."""
@@ -154,6 +172,23 @@ def with_score_range(job: JobConfig, report: ValidationReport) -> JobConfig:
     return job
 
 
+def steps_in_an_epoch(job: JobConfig, pairs: int) -> int:
+    """The steps (micro-batches) of an epoch over `pairs` valid training pairs: full batches only
+    (gcl.data.batches), so floor(pairs / workers / batch_size). A ConfigError, before any
+    training, when the data does not fill one step."""
+    world, batch_size = job.scaling.num_workers, job.train.batch_size
+    steps = pairs // world // batch_size
+    if steps == 0:
+        raise ConfigError(f"train.batch_size={batch_size} x scaling.num_workers={world}: a step takes "
+                          f"{batch_size * world} pairs, but the training data {job.data.train} has {pairs} valid "
+                          "pairs; lower train.batch_size (an epoch trains full batches only)")  # fmt: skip
+    left = pairs - steps * world * batch_size
+    if left:
+        log.info("an epoch trains %d steps of %d x %d pairs; the other %d wait for the next epoch's shuffle",
+                 steps, world, batch_size, left)  # fmt: skip
+    return steps
+
+
 def prepare(job: JobConfig) -> tuple[JobConfig, CheckedData]:
     """Everything resolved and checked before any training: paths and the tracking URI
     (resolve_job), a reachable tracking store, the model's weights at hand, valid data. Returns the job, with the score range
@@ -162,6 +197,7 @@ def prepare(job: JobConfig) -> tuple[JobConfig, CheckedData]:
     check_tracking(job.mlflow.resolved_uri())
     check_model_source(job.model)
     data = validate_data(job)
+    steps_in_an_epoch(job, data.train.rows_valid)
     return with_score_range(job, data.train), data
 
 
@@ -191,7 +227,7 @@ def fit(job: JobConfig, data: CheckedData, run_id: str, callbacks=(), progress: 
     from ray.train.torch import TorchTrainer
 
     world = job.scaling.num_workers
-    steps_per_epoch = max(1, math.ceil(data.train.rows_valid / (world * job.train.batch_size)))
+    steps_per_epoch = steps_in_an_epoch(job, data.train.rows_valid)
     source = PairSource.of_job(job, data.train.files, data.train.bad_pair_ids)
     datasets = epoch_datasets(source, epochs=job.train.epochs, seed=job.seed)
     resumed = log_resume(os.path.join(job.storage, job.name))
@@ -206,7 +242,7 @@ def fit(job: JobConfig, data: CheckedData, run_id: str, callbacks=(), progress: 
                                      resources_per_worker={"CPU": job.scaling.cpus_per_worker},
                                      placement_strategy=job.scaling.placement_strategy),
         datasets=datasets,
-        dataset_config=unsplit_data_config(),
+        dataset_config=equal_split_data_config(),
         run_config=RunConfig(name=job.name, storage_path=job.storage, callbacks=[fail_fast_callback(), *callbacks],
                              failure_config=FailureConfig(max_failures=job.train.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),

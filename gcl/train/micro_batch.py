@@ -7,7 +7,8 @@ this time with a graph, and back-propagated with that gradient (Gao et al., 2021
 Contrastive Learning Batch Size under Memory Limited Setup"). The pool of negatives is then the
 whole micro-batch while the activations held at once are one chunk's: exact, not an
 approximation (for a deterministic model; the random state each chunk met in the first pass is
-restored for its second).
+restored for its second, and batch norms that train update their running statistics in the
+second pass only, once per chunk, from the chunk's statistics, as in Gao et al.'s GradCache).
 
 Under DeepSpeed every chunk's backward is a micro-step of the engine: the gradients accumulate
 over the chunks (and the micro-batches of a grad_accum group) and are reduced across workers on
@@ -97,14 +98,26 @@ def _embed_without_graph(engine, fields: FieldsConfig, batch: dict[str, torch.Te
     parts: dict[str, list[torch.Tensor]] = {}
     random_states = []
     log_scale = None
+    statistics = _running_statistics(engine.module)
     with torch.no_grad():
         for rows in chunks:
             random_states.append(_capture_random_state(engine.device))
             embeddings, log_scale = engine(model_inputs(fields, batch, rows))
             for name, value in embeddings.items():
                 parts.setdefault(name, []).append(value)
+        for statistic, before in statistics:  # the second pass updates them, as a whole step would once
+            statistic.copy_(before)
     # A copy: under ZeRO-3 the returned scale is the gathered parameter, released after the forward.
     return {name: torch.cat(values) for name, values in parts.items()}, log_scale.detach().clone(), random_states
+
+
+def _running_statistics(module: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(buffer, a copy of it) for the running statistics that a forward in training mode updates:
+    those of batch norms that train (a locked one is in eval mode: gcl.model.FieldEncoder.train)."""
+    from torch.nn.modules.batchnorm import _NormBase
+
+    norms = [m for m in module.modules() if isinstance(m, _NormBase) and m.training and m.track_running_stats]
+    return [(b, b.clone()) for norm in norms for b in norm.buffers(recurse=False)]
 
 
 def _capture_random_state(device: torch.device) -> dict:

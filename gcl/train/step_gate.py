@@ -4,7 +4,9 @@ training. Inert unless the environment variable GCL_TEST_STEP_GATE names a direc
 
 In that directory a file `<prefix>.gate` holding a step number N lets every training whose name
 starts with `<prefix>` (the longest such prefix wins) run through step N and then wait before the
-next one; `none` (or no matching file) lets it run. While it waits, rank 0 writes the step it has
+next one; `fail N` lets it run through step N and then raises InjectedFault (a worker that
+fails, as a crash would, with no process to kill); `none` (or no matching file) lets it run.
+While it waits, rank 0 writes the step it has
 reached to `<name>.waiting` and keeps flushing its metrics (so an outage of the tracking store is
 retried and replayed while the run is held). Other ranks wait in the next step's collectives.
 """
@@ -19,13 +21,20 @@ from pathlib import Path
 ENV = "GCL_TEST_STEP_GATE"
 
 
-def _limit(directory: Path, name: str) -> int | None:
-    """The step the longest matching gate lets `name` run through (None: no limit)."""
+class InjectedFault(RuntimeError):
+    """The failure a `fail N` gate injects into a training."""
+
+
+def _gate(directory: Path, name: str) -> tuple[int | None, bool]:
+    """(the step the longest matching gate lets `name` run through (None: no limit), whether the
+    run fails there rather than waits)."""
     gates = [(len(p.stem), p) for p in directory.glob("*.gate") if name.startswith(p.stem)]
     if not gates:
-        return None
+        return None, False
     text = max(gates)[1].read_text().strip()
-    return None if text in ("", "none") else int(text)
+    fails = text.startswith("fail ")
+    text = text.removeprefix("fail ")
+    return (None if text in ("", "none") else int(text)), fails
 
 
 class StepGate:
@@ -42,7 +51,9 @@ class StepGate:
             return
         waiting = self.directory / f"{self.name}.waiting"
         last_call = None
-        while (limit := _limit(self.directory, self.name)) is not None and step > limit:
+        while (gate := _gate(self.directory, self.name))[0] is not None and step > gate[0]:
+            if gate[1]:
+                raise InjectedFault(f"{ENV}: {self.name} fails before step {step}, as its gate says")
             if last_call is None or time.monotonic() - last_call > 0.5:
                 while_waiting()  # first, so that what the run logged is written when it says it waits
                 last_call = time.monotonic()

@@ -9,6 +9,7 @@ examples do: set up, restore, then per epoch train, evaluate, save and report.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 
 from gcl import storage
-from gcl.data.batches import ShardReader, WaitClock, batch_template, train_batches
+from gcl.data.batches import ShardReader, WaitClock, train_batches
 from gcl.data.pipeline import epoch_dataset_name
 from gcl.errors import explained_cause
 from gcl.job_config import JobConfig
@@ -38,7 +39,13 @@ from gcl.registry.names import (
 )
 from gcl.registry.runs import MetricsLogger
 from gcl.retrieval import RowEncoder, evaluate_splits, objective_value
-from gcl.train.checkpoint import TrainState, has_zero_shards, restore_checkpoint, save_checkpoint
+from gcl.train.checkpoint import (
+    TrainState,
+    checkpoint_state,
+    has_zero_shards,
+    restore_checkpoint,
+    save_checkpoint,
+)
 from gcl.train.engine import setup_engine
 from gcl.train.micro_batch import backward_micro_batch
 from gcl.train.progress import ProgressPoster
@@ -81,7 +88,6 @@ class Worker:
     scheduler: Any
     loss_fn: GCLLoss
     metrics_log: MetricsLogger
-    template: dict  # column -> (row shape, dtype): an empty batch for a rank out of data
     readers: EpochReaders
     rank: int
     world: int
@@ -105,8 +111,8 @@ class EpochStats:
 
 
 def setup_worker(job: JobConfig, steps_per_epoch: int, tracking_uri: str | None, run_id: str | None,
-                 progress_board: str | None = None) -> Worker:  # fmt: skip
-    """The engine, loss, metrics logger, epoch readers and progress poster of this rank."""
+                 readers: EpochReaders, progress_board: str | None = None) -> Worker:  # fmt: skip
+    """The engine, loss, metrics logger and progress poster of this rank, with its epoch readers."""
     import ray.train
 
     torch.set_num_threads(job.scaling.torch_threads)
@@ -116,7 +122,7 @@ def setup_worker(job: JobConfig, steps_per_epoch: int, tracking_uri: str | None,
     # A resumed run keeps the ZeRO stage its checkpoint was saved at (see engine_zero_stage).
     checkpoint = ray.train.get_checkpoint()
     resumes_zero_shards = checkpoint is not None and has_zero_shards(checkpoint.path, checkpoint.filesystem)
-    engine, scheduler, loaded = setup_engine(job, optimizer_steps, resumes_zero_shards)
+    engine, scheduler, _ = setup_engine(job, optimizer_steps, resumes_zero_shards)
     loss_fn = GCLLoss(
         job.loss, job.fields.weights("left"), job.fields.weights("right"), rank=rank, world_size=world
     )
@@ -124,11 +130,8 @@ def setup_worker(job: JobConfig, steps_per_epoch: int, tracking_uri: str | None,
                                 flush_seconds=job.mlflow.flush_seconds)  # fmt: skip
     metrics_log.check_run()
     metrics_log.set_tag(WORKERS_TAG, json.dumps(_worker_placement(device=str(engine.device))))
-    text_cfg, vision_cfg = loaded.model_cfg["text_cfg"], loaded.model_cfg["vision_cfg"]
-    template = batch_template(job.fields, text_cfg.get("context_length", 77), vision_cfg["image_size"])
-    readers = EpochReaders(job, pin_memory=engine.device.type == "cuda")
     progress = ProgressPoster(progress_board, enabled=rank == 0)
-    return Worker(job, engine, scheduler, loss_fn, metrics_log, template, readers, rank, world, progress,
+    return Worker(job, engine, scheduler, loss_fn, metrics_log, readers, rank, world, progress,
                   StepGate(job.name, enabled=rank == 0))  # fmt: skip
 
 
@@ -160,8 +163,13 @@ def train_epoch(worker: Worker, epoch: int, step: int) -> tuple[EpochStats, int]
     """Train one epoch of this rank's shard; returns its stats and the step (micro-batch) reached.
     Each optimizer step averages the gradients of its group's micro-batches."""
     job, engine = worker.job, worker.engine
+    # What an epoch trains depends on the job, the epoch and the rank alone, not on what ran before
+    # it in this process (an evaluation, a restore): the model's modes are set here, as open_clip's
+    # loop sets them each epoch, and dropout's random stream is seeded from (seed, epoch, rank).
+    engine.train()
+    torch.manual_seed(training_seed(job.seed, epoch, worker.rank))
     stats = EpochStats(start=time.perf_counter(), data_wait=WaitClock(worker.readers.take(epoch)))
-    batches = train_batches(stats.data_wait, job.train.batch_size, worker.template, engine.device)
+    batches = train_batches(stats.data_wait, job.train.batch_size, engine.device)
     for group in accumulation_groups(batches, job.train.grad_accum):
         if stats.first_batch_at is None:
             stats.first_batch_at = time.perf_counter()
@@ -191,6 +199,11 @@ def train_epoch(worker: Worker, epoch: int, step: int) -> tuple[EpochStats, int]
     stats.end = time.perf_counter()
     stats.first_batch_at = stats.first_batch_at or stats.end
     return stats, step
+
+
+def training_seed(seed: int, epoch: int, rank: int) -> int:
+    """The seed of rank `rank`'s random stream in epoch `epoch` (dropout, augmentation on the worker)."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{epoch}:{rank}".encode(), digest_size=8).digest(), "little")
 
 
 def job_loss(loss: torch.Tensor, terms: dict[str, torch.Tensor],
@@ -282,13 +295,17 @@ def train_worker(config: dict[str, Any]) -> None:
 
 
 def _train_worker(config: dict[str, Any]) -> None:
+    import ray.train
+
     job = JobConfig.model_validate(config["job"])
+    # The first epoch's reading (its files, shuffle and first batches) starts now, while the engine
+    # is built and the starting model evaluated: which rows each rank gets does not depend on when
+    # reading starts.
+    readers = EpochReaders(job, pin_memory=job.scaling.use_gpu)
+    readers.start(checkpoint_state(ray.train.get_checkpoint()).epoch)
     worker = setup_worker(job, config["steps_per_epoch"], config.get("tracking_uri"), config.get("run_id"),
-                          config.get("progress_board"))  # fmt: skip
+                          readers, config.get("progress_board"))  # fmt: skip
     state = restore(worker)
-    # The first epoch's reading (its files, shuffle and first batches) starts now, while the starting
-    # model is evaluated: which rows each rank gets does not depend on when reading starts.
-    worker.readers.start(state.epoch)
     if state.step == 0 and job.eval.before_training and job.data.eval:
         evaluate_starting_model(worker)
     for epoch in range(state.epoch, job.train.epochs):

@@ -12,9 +12,12 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+import yaml
+
 from gcl.config import validate_config
 from gcl.job_config import JobConfig
 from gcl.registry.names import (
+    CONFIG_ARTIFACT,
     ERROR_TAG,
     EVAL_SAMPLE_QUERIES,
     OBJECTIVE,
@@ -86,6 +89,8 @@ def trial_driver(params: dict[str, Any], sweep: SweepContext) -> None:
         job = with_score_range(trial_job(sweep.base, params, name), sweep.data.train)
         log_params(client, run_id, {k: v for k, v in flatten("", job.model_dump(mode="json"), {}).items()
                                     if k not in params})  # fmt: skip
+        # What `gcl train --from-run` trains again, as gcl train logs it.
+        client.log_text(run_id, yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False), CONFIG_ARTIFACT)
         fit(job, sweep.data, run_id, callbacks=[TuneReportCallback()])
     except BaseException as err:
         mark_failed(client, run_id, err)
