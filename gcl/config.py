@@ -22,7 +22,9 @@ from gcl.errors import ConfigError
 class Section(BaseModel):
     """Base for config sections: unknown keys are errors, field docstrings become help."""
 
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True)
+    # Finite numbers only: `train.lr=.inf` would pass `gt=0` and train to NaN.
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True,
+                              allow_inf_nan=False)  # fmt: skip
 
 
 Modality = Literal["text", "image"]
@@ -76,13 +78,37 @@ class FieldsConfig(Section):
 # Loading and overrides
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A YAML mapping that gives a key twice."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (two `train:` sections):
+    PyYAML keeps the last silently, and the first section's settings would be lost."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise DuplicateKeyError(f"the key {key!r} is given twice in one mapping (lines {seen[key].line + 1} "
+                                        f"and {key_node.start_mark.line + 1}); merge them into one")  # fmt: skip
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _UniqueKeyLoader.construct_mapping)
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML config file into a dict; an empty file is an empty config."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
+    except DuplicateKeyError as err:
+        raise ConfigError(f"{path}: {err}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from err
     if not isinstance(data, dict):

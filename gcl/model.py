@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import pickle
+import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,13 +130,15 @@ def _open_clip_source(cfg: ModelConfig) -> tuple[str, str | None, dict[str, Any]
     if pretrained and Path(pretrained).is_dir():
         config_path = Path(pretrained) / CONFIG_FILE
         if not config_path.is_file():
-            raise FileNotFoundError(f"model.pretrained={pretrained}: directory has no {CONFIG_FILE}")
+            raise ModelError(f"model.pretrained={pretrained}: the directory has no {CONFIG_FILE}; give a model "
+                             "directory written by gcl (<storage>/<name>/model) or by open_clip")  # fmt: skip
+        weights = model_weights(pretrained)
         model_cfg = json.loads(config_path.read_text())["model_cfg"]
         if "hf_model_name" not in model_cfg.get("text_cfg", {}):
             return f"local-dir:{pretrained}", None, model_cfg
         # Built from towers: its text tower's config and tokenizer travel in the directory.
         model_cfg = resolve_text_tower(model_cfg, Path(pretrained))
-        return register_config("gcl-towers", model_cfg), str(Path(pretrained) / WEIGHTS_FILE), model_cfg
+        return register_config("gcl-towers", model_cfg), weights, model_cfg
     if cfg.towers is not None:
         model_cfg = towers_model_config(cfg.towers)
         return register_config("gcl-towers", model_cfg), None, model_cfg
@@ -146,6 +149,31 @@ def _open_clip_source(cfg: ModelConfig) -> tuple[str, str | None, dict[str, Any]
             f"ViT-B-32, ViT-B-16, ... ({len(open_clip.list_models())} in open_clip.list_models())"
         )
     return cfg.arch, pretrained, model_cfg
+
+
+OPEN_CLIP_WEIGHTS_FILES = (WEIGHTS_FILE, "open_clip_model.safetensors")  # what open_clip's local-dir: loads
+
+
+def model_weights(directory: str | Path) -> str:
+    """The weights file of a model directory (gcl's or open_clip's layout). A ModelError where it
+    has none: open_clip would build the model with random weights and only log a warning."""
+    for name in OPEN_CLIP_WEIGHTS_FILES:
+        path = Path(directory) / name
+        if path.is_file() and path.stat().st_size > 0:
+            # torch.save writes a zip whose directory comes last: a file cut short has none (read here
+            # from the file's end, before any model is built). Other files go to torch's own reader.
+            if path.suffix == ".bin" and _starts_with(path, b"PK") and not zipfile.is_zipfile(path):
+                raise ModelError(f"model {directory}: {path.name} is not a whole weights file (cut short, or not "
+                                 "written by torch.save); give the whole model directory gcl or open_clip saved")  # fmt: skip
+            return str(path)
+    raise ModelError(f"model {directory}: no weights ({WEIGHTS_FILE} is missing or empty); a model directory "
+                     "without them would be a model of random weights; give a whole model directory "
+                     "(gcl writes <storage>/<name>/model) or a checkpoint")  # fmt: skip
+
+
+def _starts_with(path: Path, magic: bytes) -> bool:
+    with open(path, "rb") as f:
+        return f.read(len(magic)) == magic
 
 
 FETCH_HINT = ("give model.pretrained as a local weights file or an exported model directory, or fill open_clip's "
@@ -215,10 +243,15 @@ def create_model(cfg: ModelConfig, init_temperature: float | None = None) -> Loa
         clip, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
             name, pretrained=pretrained, cache_dir=cfg.cache_dir, nonscalar_logit_scale=True, **options
         )
-    except RuntimeError as err:  # open_clip's, for weights it could not fetch
-        if "download" not in str(err) and "not a known tag" not in str(err):
+    except (RuntimeError, EOFError) as err:  # open_clip's, for weights it could not fetch; torch's, for a bad file
+        if "download" in str(err) or "not a known tag" in str(err):
+            raise ModelError(f"model.pretrained={pretrained}: {str(err).splitlines()[0][:300]}; {FETCH_HINT}") from err
+        if not (pretrained or cfg.pretrained):
             raise
-        raise ModelError(f"model.pretrained={pretrained}: {str(err).splitlines()[0][:300]}; {FETCH_HINT}") from err
+        detail = " ".join(str(err).split())[:160]
+        raise ModelError(f"model {cfg.pretrained or pretrained}: its weights could not be loaded into {name} "
+                         f"({type(err).__name__}: {detail}): a truncated file, or weights that do not fit the "
+                         "model's config; give the whole model gcl or open_clip saved") from None  # fmt: skip
     except pickle.UnpicklingError as err:  # open_clip loads weights_only: a file carrying objects
         raise ModelError(f"model {name} ({pretrained}): refused: the weights file holds objects other than "
                          f"tensors, which could run code when loaded ({str(err).splitlines()[0][:200]}); give "

@@ -394,3 +394,19 @@ def test_a_quick_evaluation_samples_the_same_queries_whatever_their_order():
     assert len(chosen) == 100 and chosen == sample_query_ids(shuffled, 100, seed=0)
     assert sample_query_ids(qrels, 100, seed=1) != chosen
     assert sample_query_ids(qrels, 5000, seed=0) == set(qrels)
+
+
+def test_a_directory_that_links_back_to_itself_is_read_once(small_pairs, tmp_path):
+    """A symlink to a directory above it: a recursive listing follows it until the system's limit
+    (the same file 40 times over, every pair id a duplicate). Each real file is read once, by its
+    shortest path."""
+    import os
+
+    from gcl.data.readers import resolve_files
+
+    (tmp_path / "pairs").mkdir()
+    small_pairs.to_parquet(tmp_path / "pairs/part-0.parquet")
+    os.symlink(tmp_path / "pairs", tmp_path / "pairs/again")
+    assert resolve_files(str(tmp_path / "pairs")) == [str(tmp_path / "pairs/part-0.parquet")]
+    report = validate_pairs(str(tmp_path / "pairs"), DataConfig(), FieldsConfig(), "score_linear")
+    assert report.rows == len(small_pairs) and report.bad_rows == 0

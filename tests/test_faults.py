@@ -389,13 +389,13 @@ def test_sweep_stopped_by_ctrl_c_mid_trial_resumes_without_running_finished_tria
 def test_errors_no_restart_can_fix_fail_the_run_at_once_naming_their_cause(
     ray_local, tiny_job, synth_dir, tmp_path
 ):
-    """An undecodable image that only the pipeline meets (data.validate_images=false), and a
-    tracking store that lacks the run: each ends training on its first attempt with gcl's own
-    error. Had Ray Train restarted the workers (train.max_failures=2), fit would end in its
+    """An undecodable image that only the pipeline meets (data.validate_images=false), a loss that
+    diverges, and a tracking store that lacks the run: each ends training on its first attempt
+    with gcl's own error. Had Ray Train restarted the workers (train.max_failures=2), fit would end in its
     WorkerGroupError after the third attempt instead."""
     import pandas as pd
 
-    from gcl.errors import DataError, TrackingError
+    from gcl.errors import DataError, TrackingError, TrainingError
     from gcl.train.job import fit, prepare, run_train
 
     pairs = pd.read_parquet(synth_dir / "train.parquet")
@@ -411,6 +411,14 @@ def test_errors_no_restart_can_fix_fail_the_run_at_once_naming_their_cause(
     client = MlflowClient(broken.mlflow.resolved_uri())
     run = _run_named(client, "broken-image")
     assert run.info.status == "FAILED" and "image cannot be read" in run.data.tags["gcl.error"]
+
+    # A loss that is no longer a number stops the run at that step, naming the likely causes.
+    diverging = tiny_job("name=diverging", "train.epochs=1", "data.eval={}", "train.max_failures=2",
+                         "scaling.num_workers=1", "train.lr=1e30", "train.warmup_steps=1")  # fmt: skip
+    with pytest.raises(TrainingError, match=r"the loss is (nan|inf) at step [0-9]+: training diverged.*train.lr=1e\+30"):
+        run_train(diverging)
+    run = _run_named(client, "diverging")
+    assert run.info.status == "FAILED" and "training diverged" in run.data.tags["gcl.error"]
 
     job, report = prepare(tiny_job("name=no-run", "train.epochs=1", "data.eval={}", "train.max_failures=2",
                                    "scaling.num_workers=1"))
@@ -503,6 +511,8 @@ def test_mlflow_server_going_away_mid_run_loses_no_step_and_gcl_sync_finishes_th
         assert sync.returncode == 0, sync.stdout[-3000:] + sync.stderr[-3000:]
         again = subprocess.run([GCL, "sync", "-c", str(config)], capture_output=True, text=True, timeout=300)
         assert again.returncode == 0, again.stderr[-3000:]  # idempotent: nothing written twice
+        assert "logged to MLflow: " in sync.stdout and "the model" in sync.stdout, sync.stdout
+        assert "nothing to log: MLflow has it all" in again.stdout, again.stdout
     finally:
         stop_mlflow_server(server)
     run = _run_named(reader, "outage")

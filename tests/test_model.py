@@ -154,9 +154,10 @@ def test_saved_model_loads_with_open_clip_and_gives_same_embeddings(tiny, tmp_pa
 def test_bad_model_source_is_reported(tmp_path):
     with pytest.raises(ValueError, match="model.arch='ViT-Q-99' is not an open_clip architecture"):
         create_model(ModelConfig(arch="ViT-Q-99"))
-    with pytest.raises(FileNotFoundError, match="has no open_clip_config.json"):
-        create_model(ModelConfig(pretrained=str(tmp_path)))
     from gcl.errors import ModelError
+
+    with pytest.raises(ModelError, match="has no open_clip_config.json"):
+        create_model(ModelConfig(pretrained=str(tmp_path)))
 
     with pytest.raises(ModelError, match="model.pretrained=no_such_tag: .*not a known tag or valid file path; give"):
         create_model(ModelConfig(arch="gcl-tiny", pretrained="no_such_tag"))
@@ -484,7 +485,8 @@ def test_gcl_evaluate_compares_models_against_the_first_including_open_clip_base
     assert run.data.params["model_2"] == "open_clip:gcl-tiny" and run.info.run_name.startswith("evaluate-")
     assert {a.path for a in client.list_artifacts(run.info.run_id)} == {f"{run.info.run_name}.png", "evaluation.json"}
     assert [p.name for p in (tmp_path / "runs").rglob("*.png")] == [f"{run.info.run_name}.png"]
-    assert main(["evaluate", "--model", str(out), "--model", "open_clip:"]) == 2  # no architecture named
+    assert main(["evaluate", "--set", f"data.eval={{in_domain: {tmp_path}/data/in_domain.parquet}}", "--set",
+                 f"mlflow.tracking_uri={uri}", "--model", str(out), "--model", "open_clip:"]) == 2  # no architecture named
     assert "give an open_clip architecture" in capsys.readouterr().err
 
 

@@ -139,7 +139,8 @@ def _exit_stopped(stop: KeyboardInterrupt | SystemExit) -> NoReturn:
 def cmd_sync(args) -> int:
     from gcl.train.job import sync_run
 
-    print(f"run {sync_run(_job(args))}: buffered metrics, model and end of run logged to MLflow")
+    run_id, done = sync_run(_job(args))
+    print(f"run {run_id}: " + (f"logged to MLflow: {', '.join(done)}" if done else "nothing to log: MLflow has it all"))
     return 0
 
 
@@ -208,9 +209,12 @@ def cmd_submit(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from gcl.errors import ConfigError
+    from gcl.outputs import EVALUATION_OUTPUT, check_output_file, write_file_whole
     from workflows.evaluate import run_evaluate
 
     job = _job(args)
+    if args.output:  # before any work: a typo in -o does not cost an evaluation
+        check_output_file(args.output, EVALUATION_OUTPUT, _is_evaluation_output)
     if args.index:
         from workflows.evaluate import run_evaluate_index
 
@@ -219,7 +223,7 @@ def cmd_evaluate(args) -> int:
         with _quiet(args, job.storage, job.name):
             results = run_evaluate_index(job, args.index, (args.model or [None])[0])
         if args.output:
-            Path(args.output).write_text(json.dumps({"index": args.index, "searches": results}, indent=2) + "\n")
+            write_file_whole(args.output, json.dumps({"index": args.index, "searches": results}, indent=2) + "\n")
         return 0
     if not args.model:
         raise ConfigError("give --model (repeat it to compare models), or --index DIR")
@@ -228,8 +232,14 @@ def cmd_evaluate(args) -> int:
     if args.output:
         one = len(args.model) == 1
         written = {"model": args.model[0], "metrics": results} if one else {"models": results}
-        Path(args.output).write_text(json.dumps(written, indent=2) + "\n")
+        write_file_whole(args.output, json.dumps(written, indent=2) + "\n")
     return 0
+
+
+def _is_evaluation_output(text: str) -> bool:
+    """Whether a file holds what `gcl evaluate -o` writes (so that -o may replace it)."""
+    written = json.loads(text)
+    return isinstance(written, dict) and bool({"metrics", "models", "searches"} & set(written))
 
 
 def cmd_demo(args) -> int:

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from gcl import storage
 from gcl.console import say, terminal
+from gcl.errors import ConfigError
 from gcl.job_config import JobConfig
 from gcl.model import ModelConfig, base_model_config, check_model_source
 from gcl.registry.buffer import is_outage, while_unreachable
@@ -23,7 +24,7 @@ from gcl.registry.runs import check_tracking, start_run
 from gcl.report import comparison_plot, comparison_table, metrics_table
 from gcl.retrieval import RowEncoder, evaluate_splits
 from gcl.train.checkpoint import resolve_model_dir
-from gcl.train.job import resolve_job
+from gcl.train.job import resolve_job, validate_splits
 
 Results = dict[str, dict[str, float]]
 
@@ -60,6 +61,7 @@ def run_evaluate_index(job: JobConfig, index_dir: str, model: str | None = None)
     job = resolve_job(job)
     SearchIndex.check_directory(index_dir)
     check_tracking(job.mlflow.resolved_uri())
+    validate_splits(job, job.data.eval)
     with open(os.path.join(index_dir, INFO_FILE)) as f:
         model = model or json.load(f).get("model_uri")
     with tempfile.TemporaryDirectory(prefix="gcl-evaluate-") as scratch:
@@ -78,6 +80,9 @@ def run_evaluate(job: JobConfig, model: str | list[str]) -> Results | dict[str, 
     MLflow run named evaluate-<time> holds too)."""
     job = resolve_job(job)
     check_tracking(job.mlflow.resolved_uri())
+    if not job.data.eval:
+        raise ConfigError("data.eval names no split to evaluate on; give data.eval={name: path, ...}")
+    validate_splits(job, job.data.eval)  # as training checks them, before any model is loaded
     models = [model] if isinstance(model, str) else list(model)
     results: dict[str, Results] = {}
     with tempfile.TemporaryDirectory(prefix="gcl-evaluate-") as scratch:

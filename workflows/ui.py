@@ -109,10 +109,31 @@ def run_ui(job: JobConfig, models: list[str], eval_split: str | None = None, cat
     import uvicorn
 
     job = resolve_job(job)
-    with tempfile.TemporaryDirectory(prefix="gcl-ui-") as scratch:
+    listening = listen(host, port)  # first: a port in use fails before any model loads
+    with listening, tempfile.TemporaryDirectory(prefix="gcl-ui-") as scratch:
         page = build_page(job, models, eval_split, catalog, scratch)
         if host not in ("127.0.0.1", "localhost", "::1"):
             say(f"warning: --host {host} serves the page, and every model's search, to anyone who can reach "
                 "this machine: there is no authentication")  # fmt: skip
+        port = listening.getsockname()[1]  # --port 0: the port the system chose
         say(f"gcl ui: http://{host}:{port}/ ({', '.join(models)}); Ctrl-C stops it")
-        uvicorn.run(create_app(page), host=host, port=port, log_level="warning")
+        server = uvicorn.Server(uvicorn.Config(create_app(page), host=host, port=port, log_level="warning"))
+        server.run(sockets=[listening])
+
+
+def listen(host: str, port: int):
+    """A socket bound to (host, port) and listening; a ConfigError naming the port when it cannot be."""
+    import socket
+
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"--port {port}: not a TCP port; give one from 1 to 65535 (0: any free port)")
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(128)
+    except OSError as err:
+        raise ConfigError(f"--host {host} --port {port}: cannot listen there ({err.strerror or err}); the port may "
+                          "be in use: give another --port") from None  # fmt: skip
+    return sock

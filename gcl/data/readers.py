@@ -65,7 +65,16 @@ def resolve_files(spec: str) -> list[str]:
     if not files:
         raise DataError(f"no data files ({', '.join(TABLE_SUFFIXES)}) at {spec}; give a parquet, CSV or JSONL file, "
                         "a directory of them or a glob")
-    return files
+    return _each_file_once(files)
+
+
+def _each_file_once(files: list[str]) -> list[str]:
+    """`files` with each local file once: a directory listing follows symlinks, and a link back to
+    a directory above it (or two links to one file) would list the same data many times."""
+    shortest: dict[str, str] = {}  # each real file by the shortest path that reaches it
+    for file in sorted(files, key=lambda f: (len(f), f)):
+        shortest.setdefault(os.path.realpath(file) if local_path(file) is not None else file, file)
+    return sorted(shortest.values())
 
 
 def read_table(file: str, columns: list[str] | None = None) -> pa.Table:

@@ -21,19 +21,19 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from pyarrow import fs
 
 from gcl import storage
 from gcl.data.readers import DataError, resolve_files
 from gcl.data.splits import HELD_OUT, SPLIT_NAMES, SplitConfig, check_not_empty, split_masks
 from gcl.data.units import Unit, plan_units, unit_batches, units_dataset
+from gcl.outputs import DATA_OUTPUT, check_output, replaced_whole
 
 log = logging.getLogger(__name__)
 UNIT_ROWS = 50_000
 """Pairs per task at least (consecutive row groups of a file), and so about per file written."""
 LOCAL_ROWS = 50_000
 """Datasets of at most this many rows are split in this process rather than as a Ray job."""
-MANIFEST = "manifest.json"
+MANIFEST = DATA_OUTPUT.marker
 
 
 class _HashingStream(io.RawIOBase):
@@ -116,21 +116,15 @@ def _rows(split: str, kind: str, keys, counts) -> pa.Table:
                      "rows": pa.array(counts, pa.int64())})  # fmt: skip
 
 
-def _clear(out: str, names) -> None:
-    """Remove what an earlier split left in out/<split>/, so that no stale part mixes in."""
-    for name in names:
-        store, path = storage.filesystem(storage.join(out, name))
-        if store.get_file_info(path).type == fs.FileType.Directory:
-            log.warning("replacing the earlier split in %s", storage.join(out, name))
-            store.delete_dir(path)
-        store.create_dir(path, recursive=True)
-
-
 def split_dataset(spec: str, out: str, query_col: str, doc_col: str, cfg: SplitConfig,
                   extra: dict | None = None, local_rows: int = LOCAL_ROWS) -> dict:  # fmt: skip
     """Split the pairs at `spec` into parquet directories `<out>/<split>/` and write
     `<out>/manifest.json`; return the manifest. Datasets of more than `local_rows` rows are split
-    as a Ray Data job; smaller ones by the same functions in this process."""
+    as a Ray Data job; smaller ones by the same functions in this process. `out` is new, empty or
+    an earlier split, which the new one replaces once whole (gcl.outputs): a split that fails
+    leaves it as it was."""
+    out = storage.absolute(out)
+    check_output(out, DATA_OUTPUT, inputs=[spec])
     files = resolve_files(spec)
     units = []
     for file in files:
@@ -139,18 +133,20 @@ def split_dataset(spec: str, out: str, query_col: str, doc_col: str, cfg: SplitC
             if column not in schema.names:
                 raise DataError(f"split: {file}: column {column!r} not in the data; columns are {schema.names}")
         units.extend(file_units)
-    out = storage.absolute(out)
     names = [n for n in SPLIT_NAMES if cfg.validation or not n.startswith("val_")]
-    _clear(out, names)
-    task = {"units": units, "out": out, "query_col": query_col, "doc_col": doc_col, "cfg": cfg}
-    on_ray = sum(u.rows for u in units) > local_rows
-    totals, files_written = (_reduce_on_ray if on_ray else _reduce_here)(task)
-    manifest = _manifest(names, totals, files_written, extra)
-    counts = manifest["splits"]
-    check_not_empty({n: counts[n]["rows"] for n in names}, counts["train"]["queries"], counts["train"]["documents"])
-    store, path = storage.filesystem(storage.join(out, MANIFEST))
-    with store.open_output_stream(path) as stream:
-        stream.write(json.dumps(manifest, indent=2).encode())
+    with replaced_whole(out) as partial:
+        for name in names:
+            store, path = storage.filesystem(storage.join(partial, name))
+            store.create_dir(path, recursive=True)
+        task = {"units": units, "out": partial, "query_col": query_col, "doc_col": doc_col, "cfg": cfg}
+        on_ray = sum(u.rows for u in units) > local_rows
+        totals, files_written = (_reduce_on_ray if on_ray else _reduce_here)(task)
+        manifest = _manifest(names, totals, files_written, extra)
+        counts = manifest["splits"]
+        check_not_empty({n: counts[n]["rows"] for n in names}, cfg)
+        store, path = storage.filesystem(storage.join(partial, MANIFEST))
+        with store.open_output_stream(path) as stream:
+            stream.write(json.dumps(manifest, indent=2).encode())
     return manifest
 
 

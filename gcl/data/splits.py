@@ -134,18 +134,20 @@ def build_splits(
         raise DataError(f"split: need at least 2 distinct queries and documents, got {queries} and {docs}")
     masks = split_masks(pairs[query_col].to_numpy(), pairs[doc_col].to_numpy(), cfg)
     splits = {name: pairs[mask].reset_index(drop=True) for name, mask in masks.items()}
-    check_not_empty({name: len(df) for name, df in splits.items()}, queries, docs)
+    check_not_empty({name: len(df) for name, df in splits.items()}, cfg)
     return splits
 
 
-def check_not_empty(rows: dict[str, int], queries: int, docs: int) -> None:
-    """Refuse splits that came out empty (too little data for the fractions)."""
+def check_not_empty(rows: dict[str, int], cfg: SplitConfig) -> None:
+    """Refuse splits that came out empty (too little data for the fractions), naming the fractions."""
     empty = [name for name, n in rows.items() if n == 0]
     if empty:
-        raise DataError(
-            f"split: {empty} would be empty with {queries} queries and {docs} documents; "
-            "raise the fractions or use more data"
-        )
+        held = (f"novel_query_fraction {cfg.novel_query_fraction} + validation_query_fraction "
+                f"{cfg.validation_query_fraction} of the queries, novel_document_fraction {cfg.novel_document_fraction} + "
+                f"validation_document_fraction {cfg.validation_document_fraction} of the documents, in_domain_fraction "
+                f"{cfg.in_domain_fraction} of the training queries")  # fmt: skip
+        raise DataError(f"split: {', '.join(empty)} would be empty ({held} held out); lower the fractions or use "
+                        "more data")  # fmt: skip
 
 
 def unused_pairs(pairs: pd.DataFrame, splits: dict[str, pd.DataFrame]) -> int:

@@ -24,6 +24,7 @@ from PIL import Image, ImageDraw
 
 from gcl.data.splits import SplitConfig, build_splits, unused_pairs
 from gcl.errors import ConfigError
+from gcl.outputs import DATA_OUTPUT, check_output, replaced_whole
 from gcl.storage import file_sha256
 
 COLOURS = {
@@ -213,11 +214,14 @@ def write_splits(
 
 def synthesize(out: str | Path, cfg: SynthConfig | None = None, split: SplitConfig | None = None) -> dict:
     """Generate the benchmark and write train, the four evaluation splits and (unless the split
-    config's validation fractions are 0) the four val_* splits to `out`."""
+    config's validation fractions are 0) the four val_* splits to `out`: a new or empty directory,
+    or gcl's data splits, which it replaces once the new ones are whole (gcl.outputs)."""
+    check_output(str(out), DATA_OUTPUT)
     cfg = cfg or SynthConfig()
     split = split or SplitConfig(seed=cfg.seed)
     pairs = generate_pairs(cfg)
     splits = build_splits(pairs, "query_id", "product_id", split)
     extra = {"generator": "gcl.data.synth", "config": asdict(cfg), "split": split.model_dump(),
              "unused_pairs": unused_pairs(pairs, splits)}  # fmt: skip
-    return write_splits(splits, out, extra)
+    with replaced_whole(str(Path(out).absolute())) as partial:
+        return write_splits(splits, partial, extra)

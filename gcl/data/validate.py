@@ -202,12 +202,14 @@ def validate_pairs(
     min_score: float = 0.0,
     files: list[str] | None = None,
     local_rows: int = LOCAL_ROWS,
+    trimmable: bool = True,
 ) -> ValidationReport:
     """Check every row of the dataset at `spec` (its `files`, listed here when not given); raise
     DataError or return a report, which carries the files on to training and the manifest.
 
     min_score: the lowest acceptable weight-key value (1 for rank positions).
     local_rows: datasets of more rows are checked as a Ray Data job.
+    trimmable: False for data whose bad rows are never skipped (evaluation splits): one line.
     """
     files = files or resolve_files(spec)
     rules = RowRules(data, fields, weight_key, min_score)
@@ -225,7 +227,7 @@ def validate_pairs(
     listed = None if data.on_bad_rows == "skip" else MAX_LISTED
     report = _report(files, units, runner, listed)
     if report.bad_rows and data.on_bad_rows == "error":
-        raise bad_rows_error(spec, report)
+        raise bad_rows_error(spec, report, trimmable=trimmable)
     if report.rows_valid == 0:
         raise DataError(f"{spec}: no valid rows left after skipping bad ones ({report.summary()})")
     if report.bad_rows:
@@ -233,8 +235,12 @@ def validate_pairs(
     return report
 
 
-def bad_rows_error(spec: str, report: ValidationReport) -> DataError:
-    """The error that lists a dataset's first bad rows (file, row, column, why) and their count."""
+def bad_rows_error(spec: str, report: ValidationReport, trimmable: bool = True) -> DataError:
+    """The error that lists a dataset's first bad rows (file, row, column, why) and their count;
+    for data that is never trimmed (an evaluation split), one line with the first."""
+    if not trimmable:
+        return DataError(f"{report.bad[0]}; {report.bad_rows} bad row(s) in {spec}, which is never trimmed "
+                         "(an evaluation split judges every row): fix them")  # fmt: skip
     more = report.bad_rows - min(len(report.bad), MAX_LISTED)
     listed_rows = "\n  ".join(str(b) for b in report.bad[:MAX_LISTED])
     more = f"\n  ... and {more} more" if more > 0 else ""
@@ -256,3 +262,33 @@ def _report(files: list[str], units: list[Unit], runner: _Local, listed: int | N
     bad = sorted(found.bad + duplicates, key=lambda b: (order[b.file], b.row))
     return ValidationReport(files=files, rows=found.rows, bad=bad, bad_rows=found.bad_rows,
                             reason_counts=found.reasons, score_min=found.score_min, score_max=found.score_max)  # fmt: skip
+
+
+def check_judgements(spec: str, files: list[str], data: DataConfig, grade_column: str) -> None:
+    """An evaluation split judges each (query, document) pair once: a DataError naming the pair's
+    two rows (file and row) when it is given twice with different grades, which would leave one
+    of them to chance (the later one overwrote the earlier). The same pair twice with one grade is
+    a harmless repeat. Grouped by pyarrow, not row by row."""
+    qcol, dcol = data.query_id_column, data.document_id_column
+    columns = list(dict.fromkeys([qcol, dcol, grade_column]))
+    parts = []
+    for index, file in enumerate(files):
+        for unit in plan_units(file, UNIT_ROWS)[1]:
+            for first, batch in unit_batches(unit, columns):
+                parts.append(pa.table({
+                    "q": pc.cast(batch.column(qcol), pa.string()), "d": pc.cast(batch.column(dcol), pa.string()),
+                    "g": pc.cast(batch.column(grade_column), pa.float64()), "file": pa.array([index] * batch.num_rows),
+                    "row": pa.array(np.arange(first, first + batch.num_rows)),
+                }))  # fmt: skip
+    if not parts:
+        return
+    pairs = pa.concat_tables(parts)
+    grades = pairs.group_by(["q", "d"], use_threads=False).aggregate([("g", "min"), ("g", "max")])
+    conflicts = grades.filter(pc.not_equal(grades["g_min"], grades["g_max"]))
+    if conflicts.num_rows == 0:
+        return
+    q, d = conflicts["q"][0].as_py(), conflicts["d"][0].as_py()
+    rows = pairs.filter(pc.and_(pc.equal(pairs["q"], q), pc.equal(pairs["d"], d))).to_pylist()
+    where = "; ".join(f"{files[r['file']]} row {r['row']}: {grade_column} {r['g']:g}" for r in rows[:2])
+    raise DataError(f"{spec}: query {q!r} and document {d!r} are judged twice with different grades ({where}); "
+                    f"{conflicts.num_rows} pair(s) in all: keep one grade per pair")  # fmt: skip

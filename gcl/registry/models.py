@@ -170,7 +170,7 @@ def objective_key_for(job: JobConfig, tags: dict[str, str]) -> str:
     return f"{job.eval.objective_name()} | {kind} {json.dumps(scored, sort_keys=True)}"
 
 
-def _registered_version(client, name: str, run_id: str) -> tuple[str, str] | None:
+def registered_version(client, name: str, run_id: str) -> tuple[str, str] | None:
     """(version, alias) if the run is registered under `name` already (a re-run of a finished sweep)."""
     for existing in client.search_model_versions(f"name = '{name}'"):
         if existing.tags.get("run_id") == run_id:
@@ -187,7 +187,7 @@ def register_run(run_id: str, name: str, tracking_uri: str) -> tuple[str, str]:
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri)
-    registered = _registered_version(client, name, run_id)
+    registered = registered_version(client, name, run_id)
     if registered:
         log.info("run %s is %s version %s already (@%s)", run_id, name, *registered)
         return registered

@@ -26,11 +26,13 @@ import pyarrow as pa
 from gcl.config import FieldsConfig
 from gcl.errors import ConfigError, ModelError
 from gcl.job_config import EmbedConfig
+from gcl.outputs import OutputKind, check_output, replaced_whole
 
 log = logging.getLogger(__name__)
 EMBEDDING_COLUMN = "embedding"
 METADATA_KEY = b"gcl"  # each output file's metadata: model URI and version, side, id column, dim
 SUMMARY_FILE = "_gcl_embeddings.json"  # the same with the counts, next to the parquet files
+EMBED_OUTPUT = OutputKind("a finished gcl embed output", "embed.out (--out)", SUMMARY_FILE)
 
 
 def pinned_model(model: str, tracking_uri: str) -> tuple[str, str | None]:
@@ -175,7 +177,7 @@ def embed_rows(job, cfg: EmbedConfig, tracking_uri: str, use_gpu: bool = False, 
         if not getattr(cfg, key):
             raise ConfigError(f"embed.{key} is not set: give --{key} (or embed.{key} in the config)")
     if not cfg.out.rstrip("/").endswith(".lance"):  # Lance's own create mode refuses an existing dataset
-        check_output(cfg.out)
+        check_output(cfg.out, EMBED_OUTPUT, inputs=[cfg.input])
     model_uri, version = pinned_model(cfg.model, tracking_uri)
     # The model is fetched here, once: the actors get its files through Ray's object store, so the
     # tracking store is not asked by every actor, and may go away once Ray work has started.
@@ -227,58 +229,11 @@ def embed_rows(job, cfg: EmbedConfig, tracking_uri: str, use_gpu: bool = False, 
         if cfg.out.rstrip("/").endswith(".lance"):
             embedded.write_lance(cfg.out, mode="create")
             return summary
-        clear_output(cfg.out)
-        try:
-            embedded.write_parquet(cfg.out)
+        with replaced_whole(cfg.out) as partial:  # a write that fails (a full disk) leaves the old output
+            embedded.write_parquet(partial)
             # Written last: it marks the output whole (gcl index refuses a directory without it).
-            storage.write_text(storage.join(cfg.out, SUMMARY_FILE), json.dumps({**json.loads(metadata), **summary}, indent=2))
-        except BaseException:
-            remove_output(cfg.out)  # a write that failed (a full disk) leaves nothing half-written
-            raise
+            storage.write_text(storage.join(partial, SUMMARY_FILE), json.dumps({**json.loads(metadata), **summary}, indent=2))
     return summary
-
-
-def check_output(out: str) -> None:
-    """embed.out may be new, empty, or a finished output of gcl embed (which a new run replaces);
-    anything else is refused before any work, so that no other file is mixed in or removed."""
-    from pyarrow import fs
-
-    from gcl import storage
-
-    store, path = storage.filesystem(out)
-    kind = store.get_file_info(path).type
-    if kind == fs.FileType.NotFound:
-        return
-    if kind != fs.FileType.Directory:
-        raise ConfigError(f"embed.out {out} is a file; give a directory (new, empty, or an earlier gcl embed output)")
-    names = sorted(os.path.basename(info.path) for info in store.get_file_info(fs.FileSelector(path)))
-    if names and SUMMARY_FILE not in names:
-        raise ConfigError(f"embed.out {out} holds {', '.join(names[:3])}{', ...' if len(names) > 3 else ''} and no "
-                          f"{SUMMARY_FILE}: not a finished gcl embed output, which is all gcl embed replaces; give a "
-                          "new or empty directory")  # fmt: skip
-
-
-def clear_output(out: str) -> None:
-    """Remove the earlier gcl embed output at `out` (check_output allowed it)."""
-    from pyarrow import fs
-
-    from gcl import storage
-
-    store, path = storage.filesystem(out)
-    if store.get_file_info(path).type == fs.FileType.Directory:
-        log.info("replacing the embeddings in %s", out)
-        store.delete_dir_contents(path)
-
-
-def remove_output(out: str) -> None:
-    """Remove what a failed run wrote at `out` (never another's files: check_output)."""
-    from gcl import storage
-
-    store, path = storage.filesystem(out)
-    try:
-        store.delete_dir(path)
-    except OSError as err:
-        log.warning("could not remove the unfinished embeddings in %s (%s); gcl index refuses them", out, err)
 
 
 def _read_files(directory: str) -> dict[str, bytes]:

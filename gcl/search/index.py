@@ -19,7 +19,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import time
 
 import numpy as np
@@ -29,10 +28,12 @@ import pyarrow.parquet as pq
 
 from gcl.errors import SearchIndexError
 from gcl.job_config import IndexConfig
+from gcl.outputs import OutputKind, check_output, replaced_whole
 from gcl.search.embed import EMBEDDING_COLUMN, METADATA_KEY, SUMMARY_FILE
 
 log = logging.getLogger(__name__)
 INDEX_FILE, IDS_FILE, INFO_FILE = "index.faiss", "ids.parquet", "index.json"
+INDEX_OUTPUT = OutputKind("a gcl index", "index.out (--out)", INFO_FILE)
 
 
 def build_faiss(cfg: IndexConfig, dim: int, rows: int, sample):
@@ -57,7 +58,13 @@ def build_faiss(cfg: IndexConfig, dim: int, rows: int, sample):
     training = sample()
     if len(training) < lists * 39 and len(training) < rows:
         log.warning("training %d IVF lists on %d vectors (FAISS wants 39 per list)", lists, len(training))
-    index.train(training)
+    try:
+        index.train(training)
+    except RuntimeError as err:  # FAISS's: too few vectors for its lists or its codebooks
+        detail = " ".join(str(err).split())[:200]
+        raise SearchIndexError(f"index.kind={cfg.kind}: {lists} IVF lists and {code_bytes}-byte codes (256 centroids "
+                               f"each) cannot be trained on {len(training)} vectors ({detail}); for a catalog this "
+                               "small use index.kind=flat or hnsw, or lower index.ivf_lists") from None  # fmt: skip
     faiss.extract_index_ivf(index).nprobe = cfg.ivf_probe
     if cfg.refine_factor:
         index = faiss.IndexRefineFlat(index)
@@ -160,6 +167,7 @@ def build_index(cfg: IndexConfig) -> dict:
         if not getattr(cfg, key):
             raise SearchIndexError(f"index.{key} is not set: give --{key} (or index.{key} in the config)")
     embeddings, out_dir, display = cfg.embeddings, cfg.out, list(cfg.display)
+    check_output(out_dir, INDEX_OUTPUT, inputs=[embeddings])
     files = embedding_files(embeddings)
     info = embeddings_info(files)
     id_column, dim = info["id_column"], int(info["dim"])
@@ -197,23 +205,16 @@ def build_index(cfg: IndexConfig) -> dict:
 
 @contextlib.contextmanager
 def _written_whole(out_dir: str):
-    """A directory beside `out_dir` to write into; it becomes `out_dir` (replacing an index there)
-    only once the block has written everything. A write that fails (a full disk) removes it and
-    leaves `out_dir` as it was: never a directory that looks like an index and is not one."""
-    out_dir = os.path.abspath(out_dir)
-    partial, old = f"{out_dir}.partial-{os.getpid()}", f"{out_dir}.old-{os.getpid()}"
+    """A directory beside `out_dir` to write into, moved into place once whole (gcl.outputs); a
+    write that fails (a full disk) leaves `out_dir` as it was: never a directory that looks like
+    an index and is not one."""
     try:
-        os.makedirs(partial)
-        yield partial
-        if os.path.exists(out_dir):
-            os.rename(out_dir, old)
-        os.rename(partial, out_dir)
+        with replaced_whole(out_dir) as partial:
+            os.makedirs(partial)
+            yield partial
     except (OSError, RuntimeError) as err:  # RuntimeError: FAISS's writer
         raise SearchIndexError(f"{out_dir}: the index could not be written ({' '.join(str(err).split())[:200]}); "
                                "nothing was written there") from None  # fmt: skip
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _first_occurrences(files: list[str], id_column: str, batch_rows: int) -> np.ndarray:

@@ -23,9 +23,17 @@ import torch
 
 from gcl import storage
 from gcl.config import FieldsConfig
-from gcl.errors import ModelError
+from gcl.errors import GclError, ModelError
 from gcl.job_config import JobConfig
-from gcl.model import CONFIG_FILE, FIELDS_FILE, ModelConfig, create_model, model_config, save_model
+from gcl.model import (
+    CONFIG_FILE,
+    FIELDS_FILE,
+    ModelConfig,
+    create_model,
+    model_config,
+    model_weights,
+    save_model,
+)
 from gcl.registry.runs import fluent_tracking_uri
 
 log = logging.getLogger(__name__)
@@ -200,14 +208,21 @@ def consolidate_checkpoint(checkpoint_dir: str, out_dir: str, model: ModelConfig
     gcl.model.save_model). Returns `out_dir`."""
     # Stage 0 saved the whole module, in fp32 whatever the precision (bf16 trains under autocast:
     # gcl.train.engine.deepspeed_config); a checkpoint from before that may hold bf16 weights.
-    if not has_zero_shards(checkpoint_dir):
-        path = os.path.join(checkpoint_dir, CHECKPOINT_TAG, "mp_rank_00_model_states.pt")
-        module = load_weights_only(path, map_location="cpu")["module"]
-        state = {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
-    else:
-        state = gather_zero_shards(checkpoint_dir)
-    loaded = create_model(model)
-    loaded.clip.load_state_dict({k.removeprefix("clip."): v for k, v in state.items()})
+    try:
+        if not has_zero_shards(checkpoint_dir):
+            path = os.path.join(checkpoint_dir, CHECKPOINT_TAG, "mp_rank_00_model_states.pt")
+            module = load_weights_only(path, map_location="cpu")["module"]
+            state = {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
+        else:
+            state = gather_zero_shards(checkpoint_dir)
+        loaded = create_model(model)
+        loaded.clip.load_state_dict({k.removeprefix("clip."): v for k, v in state.items()})
+    except GclError:
+        raise
+    except (OSError, EOFError, KeyError, ValueError, RuntimeError) as err:
+        detail = " ".join(str(err).split())[:300]
+        raise ModelError(f"checkpoint {checkpoint_dir}: its model states could not be read ({type(err).__name__}: "
+                         f"{detail}); a checkpoint that is not whole: give another (a run keeps its last two)") from None  # fmt: skip
     save_model(loaded.clip, model_config(model), out_dir)
     with open(os.path.join(out_dir, FIELDS_FILE), "w") as f:
         json.dump(fields.model_dump(), f, indent=2)
@@ -276,6 +291,7 @@ def resolve_model_dir(model: str, scratch: str, tracking_uri: str | None = None,
         local = storage.download_directory(checkpoint, scratch)
         return export_checkpoint(local, scratch, fallback_job, source=checkpoint)
     if os.path.isfile(os.path.join(model, CONFIG_FILE)):
+        model_weights(model)  # a directory without its weights is not a model
         return model
     raise ModelError(
         f"--model {model!r}: not a model directory (no {CONFIG_FILE}), a training checkpoint (no {STATE_FILE}), "

@@ -13,18 +13,20 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 
+import numpy
 import yaml
 
 from gcl import storage
 from gcl.cluster import init_ray
 from gcl.data.manifest import dataset_manifest
 from gcl.data.pipeline import PairSource, epoch_datasets, equal_split_data_config
-from gcl.data.validate import ValidationReport, validate_pairs
-from gcl.errors import ConfigError, GclError, ModelError, TrackingError
+from gcl.data.validate import ValidationReport, check_judgements, validate_pairs
+from gcl.errors import ConfigError, GclError, ModelError, TrackingError, TrainingError
 from gcl.job_config import JobConfig
 from gcl.model import CONFIG_FILE, check_model_source
+from gcl.outputs import replaced_whole
 from gcl.registry.buffer import SPILL_DIR, SpillFiles, is_outage, replay, while_unreachable
-from gcl.registry.models import log_embedding_model, register_run
+from gcl.registry.models import log_embedding_model, register_run, registered_version
 from gcl.registry.names import (
     CONFIG_ARTIFACT,
     DEEPSPEED_ARTIFACT,
@@ -42,9 +44,10 @@ from gcl.registry.runs import (
     runs_named,
     start_run,
 )
-from gcl.train.checkpoint import consolidate_checkpoint, log_resume
+from gcl.train.checkpoint import committed_checkpoint, consolidate_checkpoint, log_resume
 from gcl.train.engine import deepspeed_config
 from gcl.train.progress import TrainingBar
+from gcl.train.run_lock import run_lock
 from gcl.train.worker import train_worker
 
 log = logging.getLogger(__name__)
@@ -153,23 +156,38 @@ def validate_data(job: JobConfig) -> CheckedData:
     min_score = 1.0 if job.loss.weight_fn == "reciprocal" else 0.0
     report = validate_pairs(job.data.train, job.data, job.fields, job.loss.weight_key, min_score=min_score)
     log.info("training data %s: %s", job.data.train, report.summary())
-    strict = job.data.model_copy(update={"on_bad_rows": "error"})  # evaluation data is never trimmed
+    return CheckedData(train=report, eval_files=validate_splits(job, job.data.eval),
+                       validation_files=validate_splits(job, job.data.validation))  # fmt: skip
 
-    def files(splits: dict[str, str]) -> dict[str, list[str]]:
-        return {name: validate_pairs(spec, strict, job.fields, job.eval.grade_column).files
-                for name, spec in splits.items()}  # fmt: skip
 
-    return CheckedData(
-        train=report, eval_files=files(job.data.eval), validation_files=files(job.data.validation)
-    )
+def validate_splits(job: JobConfig, splits: dict[str, str]) -> dict[str, list[str]]:
+    """Check evaluation (or validation) splits as `gcl train` and `gcl evaluate` both do: every row
+    (an evaluation split is never trimmed: a bad row is an error naming its file and row) and one
+    grade per (query, document) pair. Returns each split's files."""
+    strict = job.data.model_copy(update={"on_bad_rows": "error"})
+    found = {}
+    for name, spec in splits.items():
+        found[name] = validate_pairs(spec, strict, job.fields, job.eval.grade_column, trimmable=False).files
+        check_judgements(spec, found[name], job.data, job.eval.grade_column)
+    return found
 
 
 def with_score_range(job: JobConfig, report: ValidationReport) -> JobConfig:
-    """Score-based weight functions need the score range: take it from the data when unset."""
-    if job.loss.score_range is None and job.loss.weight_fn in ("linear", "power", "exponential"):
-        score_range = (report.score_min, report.score_max)
-        return job.model_copy(update={"loss": job.loss.model_copy(update={"score_range": score_range})})
-    return job
+    """Score-based weight functions need the score range: take it from the data when unset. A
+    ConfigError, before any training, where the data's range cannot make weights: one value in
+    every pair (no range), or a span float32 cannot hold (an outlier: every weight would be 0)."""
+    loss = job.loss
+    if loss.score_range is not None or loss.weight_fn not in ("linear", "power", "exponential"):
+        return job
+    low, high = report.score_min, report.score_max
+    where = f"loss.weight_fn={loss.weight_fn} maps the training data's {loss.weight_key!r} range to weights"
+    if not low < high:
+        raise ConfigError(f"{where}, but every training pair has {loss.weight_key} {low:g}: one value has no range; "
+                          "use loss.weight_fn=uniform (every pair alike) or give another loss.weight_key")  # fmt: skip
+    if max(abs(low), abs(high)) * 2 > float(numpy.finfo(numpy.float32).max):
+        raise ConfigError(f"{where}, but it spans {low:g} to {high:g}, more than float32 holds: every weight would be "
+                          "0; check the data for an outlier, or give loss.score_range to clamp the scores to")  # fmt: skip
+    return job.model_copy(update={"loss": loss.model_copy(update={"score_range": (low, high)})})
 
 
 def steps_in_an_epoch(job: JobConfig, pairs: int) -> int:
@@ -270,10 +288,12 @@ def export_to_storage(job: JobConfig, checkpoint, manifest: dict | None = None) 
     if manifest is not None:
         files[MANIFEST_ARTIFACT] = json.dumps(manifest, indent=2)
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = storage.local_path(location) or os.path.join(tmp, MODEL_ARTIFACT)
-        with checkpoint.as_directory() as checkpoint_dir:
-            consolidate_checkpoint(checkpoint_dir, model_dir, job.model, job.fields)
-        storage.upload_directory(model_dir, location)
+        # Written beside the model an earlier export left and moved in whole (gcl.outputs).
+        with replaced_whole(location) as partial:
+            model_dir = storage.local_path(partial) or os.path.join(tmp, MODEL_ARTIFACT)
+            with checkpoint.as_directory() as checkpoint_dir:
+                consolidate_checkpoint(checkpoint_dir, model_dir, job.model, job.fields)
+            storage.upload_directory(model_dir, partial)
         run_files = os.path.join(tmp, RUN_FILES)
         os.makedirs(run_files)
         for name, text in files.items():
@@ -283,18 +303,21 @@ def export_to_storage(job: JobConfig, checkpoint, manifest: dict | None = None) 
     return storage.local_path(location) or location
 
 
-def finish_run(job: JobConfig, run_id: str, location: str, register: bool = True) -> None:
+def finish_run(job: JobConfig, run_id: str, location: str, register: bool = True) -> list[str]:
     """Everything training leaves to MLflow once the workers are done: the metrics buffered during
     an outage (gcl.registry.buffer), the exported model at `location` with its run files and the
     pyfunc embedding model (its URI in the run's MODEL_URI_TAG tag), the run's end and, where
     `mlflow.registered_model` is set and `register`, its registration. Each step is skipped where it is done
-    already, so `gcl sync` can repeat it after an outage."""
+    already, so `gcl sync` can repeat it after an outage. Returns what it did, in words."""
     from mlflow import MlflowClient
 
     uri = job.mlflow.resolved_uri()
     client = MlflowClient(uri)
     run_dir = storage.join(job.storage, job.name)
-    replay(client, run_id, SpillFiles(run_dir))
+    done = []
+    replayed = replay(client, run_id, SpillFiles(run_dir))
+    if replayed:
+        done.append(f"{replayed} buffered metric values")
     if MODEL_URI_TAG not in client.get_run(run_id).data.tags:
         with tempfile.TemporaryDirectory() as tmp:
             model_dir = storage.download_directory(location, os.path.join(tmp, MODEL_ARTIFACT))
@@ -303,9 +326,15 @@ def finish_run(job: JobConfig, run_id: str, location: str, register: bool = True
                 client.log_artifact(run_id, os.path.join(run_files, name))
             client.log_artifacts(run_id, model_dir, MODEL_ARTIFACT)
             client.set_tag(run_id, MODEL_URI_TAG, log_embedding_model(run_id, model_dir, uri))
-    mark_finished(client, run_id)
-    if register and job.mlflow.registered_model:
-        register_run(run_id, job.mlflow.registered_model, uri)
+        done.append("the model")
+    if client.get_run(run_id).info.status != "FINISHED":
+        mark_finished(client, run_id)
+        done.append("the run's end")
+    name = job.mlflow.registered_model
+    if register and name and registered_version(client, name, run_id) is None:
+        version, alias = register_run(run_id, name, uri)
+        done.append(f"{name} version {version} @{alias}")
+    return done
 
 
 def finish_despite_outage(job: JobConfig, run_id: str, location: str) -> None:
@@ -332,9 +361,9 @@ def tracking_lost(job: JobConfig, location: str, err: Exception) -> TrackingErro
     )
 
 
-def sync_run(job: JobConfig) -> str:
+def sync_run(job: JobConfig) -> tuple[str, list[str]]:
     """`gcl sync`: finish the MLflow run of a `gcl train` whose tracking store went away (finish_run),
-    from what the run left in storage. Returns the run id."""
+    from what the run left in storage. Returns the run id and what was logged, in words."""
     from mlflow import MlflowClient
 
     job = resolve_job(job)
@@ -347,18 +376,54 @@ def sync_run(job: JobConfig) -> str:
     if not storage.is_file(storage.join(location, CONFIG_FILE)):
         raise ModelError(f"no exported model at {location}: training did not finish; `gcl train` with the "
                          "same config resumes it")  # fmt: skip
-    finish_run(job, runs[0].info.run_id, location)
-    return runs[0].info.run_id
+    return runs[0].info.run_id, finish_run(job, runs[0].info.run_id, location)
+
+
+# What decides the weights a run trains: a run resumed with any of these changed would be a mix of two
+# runs. Not the keys below it (where evaluation data is, retries, how many tasks preprocess).
+TRAINING_KEYS = ("seed", "model.", "fields.", "loss.", "data.", "pipeline.", "train.", "scaling.num_workers",
+                 "deepspeed.")  # fmt: skip
+NOT_TRAINING_KEYS = ("data.eval", "data.validation", "train.max_failures", "pipeline.preprocess_tasks",
+                     "pipeline.cpus_per_task", "pipeline.prefetch_next_epoch")  # fmt: skip
+
+
+def check_same_run(job: JobConfig) -> None:
+    """A run's name means one run: a ConfigError, before any training, when <storage>/<name> holds
+    a checkpoint trained with another config (other data, learning rate, loss, model...), which
+    `gcl train` would otherwise resume and mix with this one."""
+    from gcl.train.checkpoint import JOB_FILE
+
+    run_dir = storage.join(job.storage, job.name)
+    latest = committed_checkpoint(run_dir)
+    saved = latest and storage.read_text(storage.join(run_dir, latest.get("checkpoint_dir_name", ""), JOB_FILE))
+    if not saved:
+        return
+    before, now = flatten("", json.loads(saved), {}), flatten("", job.model_dump(mode="json"), {})
+    changed = [key for key in sorted(set(before) | set(now)) if key.startswith(TRAINING_KEYS)
+               and not key.startswith(NOT_TRAINING_KEYS) and before.get(key) != now.get(key)]  # fmt: skip
+    if changed:
+        shown = ", ".join(f"{key} {before.get(key)!r} -> {now.get(key)!r}" for key in changed[:3])
+        raise ConfigError(f"run {job.name} in {run_dir} was trained with another config ({shown}"
+                          f"{', ...' if len(changed) > 3 else ''}); the same config resumes it. To train this one, "
+                          f"give it a name of its own (--set name={job.name}-2)")  # fmt: skip
 
 
 def run_train(job: JobConfig, progress: bool = True) -> TrainResult:
     """Train `job` end to end and return the exported model and final metrics; registers the
     model when `mlflow.registered_model` is set. A run that fails is marked FAILED with its cause
     (the same command resumes it). `progress`: draw a progress bar on the terminal."""
+
+    job, data = prepare(job)
+    with run_lock(storage.join(job.storage, job.name), job.name):
+        check_same_run(job)
+        return _train_checked(job, data, progress)
+
+
+def _train_checked(job: JobConfig, data: CheckedData, progress: bool) -> TrainResult:
+    """run_train's work once the job is checked and the run is this process's."""
     import ray
     from mlflow import MlflowClient
 
-    job, data = prepare(job)
     uri = job.mlflow.resolved_uri()
     init_ray()
     check_resources(job, ray.cluster_resources())
@@ -367,9 +432,31 @@ def run_train(job: JobConfig, progress: bool = True) -> TrainResult:
     client.log_metric(run_id, ROWS_SKIPPED, len(data.train.bad_row_keys))
     try:
         result = fit(job, data, run_id, progress=progress)
+        check_learned(job, client, run_id)
     except BaseException as err:
         end_interrupted(client, run_id, err)
         raise
     model_dir = export_to_storage(job, result.checkpoint, data.manifest(job))
     finish_despite_outage(job, run_id, model_dir)
     return TrainResult(run_id=run_id, model_dir=model_dir, metrics=dict(result.metrics))
+
+
+def check_learned(job: JobConfig, client, run_id: str) -> None:
+    """A TrainingError when the loss was 0 in every epoch: no step had a pair to learn from, and
+    the model is its starting one with weight decay applied. Such a run is not exported, finished
+    or registered."""
+    from gcl.registry.buffer import is_outage
+
+    try:
+        losses = [m.value for m in client.get_metric_history(run_id, "train_loss")]
+    except Exception as err:  # an outage: the check waits for gcl sync's replay rather than fail the run
+        if is_outage(err):
+            return
+        raise
+    if losses and all(loss == 0 for loss in losses):
+        raise TrainingError(
+            f"run {job.name}: the loss was 0 at every step of {len(losses)} epoch(s): nothing was learned, and the "
+            "model is not exported or registered. Every pair weighed 0, or had no negative: check the weights "
+            f"({job.loss.weight_key!r} with loss.weight_fn={job.loss.weight_fn}), loss.mask_same_query / "
+            "mask_same_document (a batch of one query's pairs has no negative then), and the fields' weights"
+        )

@@ -24,7 +24,7 @@ import torch
 from gcl import storage
 from gcl.data.batches import ShardReader, WaitClock, train_batches
 from gcl.data.pipeline import epoch_dataset_name
-from gcl.errors import explained_cause
+from gcl.errors import TrainingError, explained_cause
 from gcl.job_config import JobConfig
 from gcl.loss import GCLLoss
 from gcl.model import create_preprocessing
@@ -185,6 +185,8 @@ def train_epoch(worker: Worker, epoch: int, step: int) -> tuple[EpochStats, int]
             engine.step()  # the optimizer steps on the group's last micro-batch only
             step += 1
             loss_value, term_values, pairs = job_loss(loss, terms, batch["valid"])
+            if not math.isfinite(loss_value):  # every rank has the same value: all stop here
+                raise diverged(job, step, loss_value)
             stats.loss_sum += loss_value * pairs
             stats.loss_pairs += pairs
             stats.steps += 1
@@ -199,6 +201,16 @@ def train_epoch(worker: Worker, epoch: int, step: int) -> tuple[EpochStats, int]
     stats.end = time.perf_counter()
     stats.first_batch_at = stats.first_batch_at or stats.end
     return stats, step
+
+
+def diverged(job: JobConfig, step: int, loss: float) -> TrainingError:
+    """The error that stops a run whose loss is no longer a number: nothing after it can learn."""
+    return TrainingError(
+        f"run {job.name}: the loss is {loss} at step {step}: training diverged and stops here. Likely causes: a "
+        f"learning rate too high for this model (train.lr={job.train.lr:g}; try a tenth), or scores in "
+        f"{job.loss.weight_key!r} that overflow the weight function (loss.weight_fn={job.loss.weight_fn}; check the "
+        "data's largest values, or set loss.score_range)"
+    )
 
 
 def training_seed(seed: int, epoch: int, rank: int) -> int:
