@@ -315,6 +315,7 @@ def finish_run(job: JobConfig, run_id: str, location: str, register: bool = True
     client = MlflowClient(uri)
     run_dir = storage.join(job.storage, job.name)
     done = []
+    ended = client.get_run(run_id).info.status == "FINISHED"  # logging the model below may end it too
     replayed = replay(client, run_id, SpillFiles(run_dir))
     if replayed:
         done.append(f"{replayed} buffered metric values")
@@ -327,8 +328,8 @@ def finish_run(job: JobConfig, run_id: str, location: str, register: bool = True
             client.log_artifacts(run_id, model_dir, MODEL_ARTIFACT)
             client.set_tag(run_id, MODEL_URI_TAG, log_embedding_model(run_id, model_dir, uri))
         done.append("the model")
-    if client.get_run(run_id).info.status != "FINISHED":
-        mark_finished(client, run_id)
+    mark_finished(client, run_id)  # also clears the error an earlier attempt left
+    if not ended:
         done.append("the run's end")
     name = job.mlflow.registered_model
     if register and name and registered_version(client, name, run_id) is None:
