@@ -12,6 +12,7 @@ load with `open_clip.create_model_and_transforms("local-dir:DIR")`, or with
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import pickle
@@ -334,7 +335,9 @@ class FieldEncoder(torch.nn.Module):
     def forward(self, fields: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """fields: name -> (B, L) token ids for text; for images (B, 3, H, W) pixels, either uint8
         (resized and cropped, as the training pipeline sends them; normalized here, on the towers'
-        device) or float (the image transform's output, already normalized).
+        device) or float (the image transform's output, already normalized), or (B, F) float: a
+        locked image tower's trunk output, computed once (gcl.data.locked_features), which goes
+        through the tower's head only.
 
         Returns name -> (B, D) L2-normalized embeddings, and the (1,) log logit scale.
         Fields of one modality go through their tower in a single call, and through the
@@ -353,12 +356,14 @@ class FieldEncoder(torch.nn.Module):
         param = self._first_float_parameter()
         if stacked["text"] is not None:
             stacked["text"] = stacked["text"].to(param.device, non_blocking=True)
+        features = stacked["image"] is not None and stacked["image"].dim() == 2
         if stacked["image"] is not None:
             pixels = stacked["image"].to(param.device, non_blocking=True)
             if pixels.dtype == torch.uint8:
                 pixels = normalize_pixels(pixels, *self._mean_std_on(pixels.device))
             stacked["image"] = pixels.to(param.dtype)
-        result = self.clip(image=stacked["image"], text=stacked["text"])
+        with _trunk_skipped(self.clip) if features else contextlib.nullcontext():
+            result = self.clip(image=stacked["image"], text=stacked["text"])
         if isinstance(result, dict):
             image_emb, text_emb, scale = (
                 result["image_features"],
@@ -401,6 +406,25 @@ class FieldEncoder(torch.nn.Module):
         """Its dtype is the towers' (fp32 as gcl trains, under autocast in bf16; bf16 where someone
         cast the module), its device theirs."""
         return next(p for p in self.clip.parameters() if p.is_floating_point())
+
+
+@contextlib.contextmanager
+def _trunk_skipped(clip: torch.nn.Module):
+    """The image tower's trunk passes its input through for the block: the input is the trunk's
+    output, computed once for a locked tower. Inside the CLIP module's own forward, so that ZeRO-3
+    gathers every parameter it owns as usual."""
+    trunk = getattr(getattr(clip, "visual", None), "trunk", None)
+    if trunk is None:
+        raise ValueError("image features stand in for a timm tower's trunk output; this model has no trunk")
+    trunk.forward = _pass_through
+    try:
+        yield
+    finally:
+        del trunk.forward
+
+
+def _pass_through(x: torch.Tensor) -> torch.Tensor:
+    return x
 
 
 def locked_parts(module: torch.nn.Module) -> list[torch.nn.Module]:

@@ -17,6 +17,7 @@ import torch
 from pydantic import Field, model_validator
 
 from gcl.config import FieldsConfig, Section
+from gcl.data.keys import stable_keys
 from gcl.data.readers import DataError, field_text, image_base_dir, image_bytes, resolve_files
 from gcl.data.schema import DataConfig
 from gcl.loss import fuse_fields
@@ -152,12 +153,15 @@ class RowEncoder:
     """Encodes DataFrame rows of one side into fused embeddings, as in training."""
 
     def __init__(self, encoder: torch.nn.Module, tokenizer: Callable, image_transform: Callable,
-                 fields: FieldsConfig, base_dir: str | None = None):  # fmt: skip
+                 fields: FieldsConfig, base_dir: str | None = None, features=None, id_column: str | None = None):  # fmt: skip
+        """features: a gcl.data.locked_features.FeatureStore whose fields' images are looked up by
+        the rows' `id_column` instead of encoded (a locked tower's, in training's evaluations)."""
         self.encoder = encoder
         self.tokenizer = tokenizer
         self.image_transform = image_transform
         self.fields = fields
         self.base_dir = base_dir
+        self.features, self.id_column = features, id_column
 
     @classmethod
     def from_model_dir(cls, model_dir: str, fields: FieldsConfig | None = None,
@@ -217,6 +221,10 @@ class RowEncoder:
             chunk = rows.iloc[start : start + batch_size]
             inputs, present = {}, {}
             for name, spec in specs.items():
+                if self.features is not None and name in self.features.fields:
+                    features, shown = self.features.lookup(name, stable_keys(chunk[self.id_column].to_numpy()))
+                    inputs[name], present[name] = torch.from_numpy(features), torch.from_numpy(shown)
+                    continue
                 inputs[name], present[name] = self._field_tensor(spec.modality, chunk[name].tolist())
             usable = {n: t for n, t in inputs.items() if present[n].any()}
             embeddings, _ = self.encoder(usable)

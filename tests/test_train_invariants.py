@@ -7,11 +7,13 @@ whose MiniLM trains its top layers with dropout: the model these invariants can 
 has neither, and every invariant held on it while the towers broke them: before the fix, T and R
 below differed by up to 0.39 in their per-step losses).
 
-Two runs carry the three invariants (each would cost a training of its own to show alone): a
-sweep's trial (T), which does not evaluate its starting model and runs under Ray Tune, and
-`gcl train --from-run T` (R), which evaluates its starting model first and is stopped in its
-second epoch (its rank 0 fails), then resumed by the same command. R trains exactly as T, so none
-of the three changes what is trained; should they differ, any of the three may be the cause.
+Two runs carry four invariants (each would cost a training of its own to show alone): a sweep's
+trial (T), which does not evaluate its starting model, runs under Ray Tune and reads the locked
+image tower's features computed once per document (gcl.data.locked_features), and `gcl train
+--from-run T` (R), which evaluates its starting model first, decodes and encodes every image
+(pipeline.cache_locked_features=false) and is stopped in its second epoch (its rank 0 fails),
+then resumed by the same command. R trains as T, so none of the four changes what is trained;
+should they differ, any of them may be the cause.
 """
 
 import pytest
@@ -27,8 +29,8 @@ from gcl.train.job import retrain_job, run_train
 pytestmark = pytest.mark.integration
 TOWERS = "minilm-efflite0.yaml"
 EPOCHS = 2
-# Measured: every comparison below is exact (0.0) on this machine; the bound leaves room for a
-# kernel that sums in another order on other hardware.
+# Measured: every comparison below is exact (0.0) on this machine, the cached features included;
+# the bound leaves room for a kernel that sums in another order on other hardware.
 TOLERANCE = 1e-6
 
 
@@ -49,9 +51,10 @@ def runs(ray_local, synth_dir, tmp_path_factory, step_gates):
     uri = job.mlflow.resolved_uri()
     client = MlflowClient(uri)
     trial = tuned.best["run_id"]
-    out = {"T": (trial, _logged_model_dir(client, trial))}
+    out = {"T": (trial, _logged_model_dir(client, trial)), "storage": job.storage}
 
-    retrained = retrain_job(trial, [f"mlflow.tracking_uri={uri}", "eval.before_training=true"])
+    retrained = retrain_job(trial, [f"mlflow.tracking_uri={uri}", "eval.before_training=true",
+                                    "pipeline.cache_locked_features=false"])  # fmt: skip
     steps_per_epoch = max(_losses(client, trial)) // EPOCHS
     step_gates.fail(retrained.name, steps_per_epoch + 2)
     try:
@@ -112,6 +115,26 @@ def test_a_run_stopped_in_its_second_epoch_resumes_as_the_uninterrupted_run(runs
     _assert_same_training(runs, "R", reference="T")
 
 
+def test_a_locked_towers_features_computed_once_train_the_same_model(runs):
+    """T read the store of the locked tower's features (one row per distinct document of the
+    training, evaluation and validation data); R decoded and encoded every pair's image; they
+    train the same model."""
+    import json
+    from pathlib import Path
+
+    (out, client) = runs
+    stores = list(Path(out["storage"]).glob("locked_features/*/store.json"))
+    assert len(stores) == 1, stores
+    store = json.loads(stores[0].read_text())
+    import pandas as pd
+
+    read = [pd.read_parquet(f, columns=["product_id"]) for f, _, _ in store["files"]]
+    distinct = pd.concat(read)["product_id"].nunique()
+    assert len(read) == 3 and store["rows"] == distinct  # train, eval and validation: once per document
+    assert store["fields"] == ["image"] and store["dim"] == 1280
+    _assert_same_training(runs, "R", reference="T")
+
+
 def test_a_sweeps_trial_trains_as_gcl_train_from_its_logged_config(runs):
     """`gcl train --from-run` of a sweep's trial reproduces it: its losses, weights and test metrics."""
     (out, client) = runs
@@ -151,8 +174,8 @@ def test_training_leaves_the_locked_towers_as_their_pretrained_files_made_them(r
 
 def test_a_towers_run_evaluates_its_base_model_first_and_logs_a_servable_model(runs, synth_dir):
     """R's epoch-0 evaluation is what `gcl evaluate --model open_clip:towers` scores for the same
-    untrained projections; its logged model pins the towers' libraries, and the pyfunc embeds as
-    gcl's encoder of the exported directory does."""
+    untrained projections; T's logged model pins the towers' libraries, and its pyfunc embeds raw
+    images and texts as gcl's encoder of the exported directory does."""
     from pathlib import Path
 
     import mlflow
@@ -163,7 +186,7 @@ def test_a_towers_run_evaluates_its_base_model_first_and_logs_a_servable_model(r
     from workflows.evaluate import run_evaluate
 
     (out, client) = runs
-    run_id, model_dir = out["R"]
+    run_id = out["R"][0]
     uri = client.tracking_uri
     job = retrain_job(run_id, [f"mlflow.tracking_uri={uri}"])
     starting = {m.step: m.value for m in client.get_metric_history(run_id, "in_domain/ndcg_at_10")}
@@ -171,7 +194,8 @@ def test_a_towers_run_evaluates_its_base_model_first_and_logs_a_servable_model(r
     base = run_evaluate(job, "open_clip:towers")  # the towers as training started from them
     assert base["in_domain"]["ndcg@10"] == pytest.approx(starting[0], abs=1e-6)
 
-    model_uri = client.get_run(run_id).data.tags["gcl.model_uri"]
+    # The served model of T, which trained on the cached features, takes raw images.
+    model_uri = client.get_run(out["T"][0]).data.tags["gcl.model_uri"]
     with fluent_tracking_uri(uri):
         local = mlflow.artifacts.download_artifacts(model_uri)
         served = mlflow.pyfunc.load_model(model_uri)
@@ -179,7 +203,7 @@ def test_a_towers_run_evaluates_its_base_model_first_and_logs_a_servable_model(r
     assert "transformers==" in requirements and "timm==" in requirements
     rows = pd.read_parquet(synth_dir / "in_domain.parquet").head(4)
     documents = pd.DataFrame({"title": rows["title"], "image": [v["bytes"] for v in rows["image"]]})
-    ours = RowEncoder.from_model_dir(model_dir)
+    ours = RowEncoder.from_model_dir(out["T"][1])
     served_documents = torch.as_tensor(served.predict(documents))
     torch.testing.assert_close(
         served_documents, ours.encode(rows[["title", "image"]], "right"), atol=1e-5, rtol=0

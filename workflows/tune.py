@@ -15,6 +15,7 @@ import tempfile
 from gcl import storage
 from gcl.cluster import init_ray
 from gcl.console import say
+from gcl.data.locked_features import prepare_locked_features
 from gcl.errors import ConfigError, TrainingError
 from gcl.registry.models import register_run
 from gcl.registry.names import (
@@ -106,6 +107,7 @@ def run_tune(path: str, overrides: list[str] | None = None) -> TuneResult:
     job, data = prepare(job)  # paths and tracking URI resolved here, store and data checked, once
     uri = job.mlflow.resolved_uri()
     init_ray()
+    prepare_locked_features(job, data)  # once, for every trial whose sampled values keep the tower
     check_resources(job, ray.cluster_resources())
     resuming = tune.Tuner.can_restore(os.path.join(job.storage, sweep.name))
     # A resumed sweep keeps its parent run, finished or not: the trials it already ran hang under it.

@@ -18,6 +18,7 @@ import yaml
 
 from gcl import storage
 from gcl.cluster import init_ray
+from gcl.data.locked_features import prepare_locked_features
 from gcl.data.manifest import dataset_manifest
 from gcl.data.pipeline import PairSource, epoch_datasets, equal_split_data_config
 from gcl.data.validate import ValidationReport, check_judgements, validate_pairs
@@ -246,7 +247,8 @@ def fit(job: JobConfig, data: CheckedData, run_id: str, callbacks=(), progress: 
 
     world = job.scaling.num_workers
     steps_per_epoch = steps_in_an_epoch(job, data.train.rows_valid)
-    source = PairSource.of_job(job, data.train.files, data.train.bad_pair_ids)
+    features = prepare_locked_features(job, data)  # a locked tower's features, once per document
+    source = PairSource.of_job(job, data.train.files, data.train.bad_pair_ids, locked_features=features)
     datasets = epoch_datasets(source, epochs=job.train.epochs, seed=job.seed)
     resumed = log_resume(os.path.join(job.storage, job.name))
     bar = TrainingBar(f"{job.name}-{run_id}", job.train.epochs * steps_per_epoch, job.train.epochs,
@@ -255,6 +257,7 @@ def fit(job: JobConfig, data: CheckedData, run_id: str, callbacks=(), progress: 
         train_worker,
         train_loop_config={"job": job.model_dump(mode="json"), "steps_per_epoch": steps_per_epoch,
                            "tracking_uri": job.mlflow.resolved_uri(), "run_id": run_id,
+                           "locked_features": features.location if features else None,
                            "progress_board": bar.board_name if progress else None},
         scaling_config=ScalingConfig(num_workers=world, use_gpu=job.scaling.use_gpu,
                                      resources_per_worker={"CPU": job.scaling.cpus_per_worker},

@@ -23,6 +23,7 @@ import torch
 
 from gcl import storage
 from gcl.data.batches import ShardReader, WaitClock, train_batches
+from gcl.data.locked_features import FeatureStore
 from gcl.data.pipeline import epoch_dataset_name
 from gcl.errors import TrainingError, explained_cause
 from gcl.job_config import JobConfig
@@ -93,6 +94,7 @@ class Worker:
     world: int
     progress: ProgressPoster  # rank 0 feeds the driver's progress bar
     gate: StepGate  # a test-only seam (gcl.train.step_gate): inert unless a fault test sets it
+    features: FeatureStore | None = None  # a locked image tower's features (gcl.data.locked_features)
 
 
 @dataclass
@@ -317,6 +319,8 @@ def _train_worker(config: dict[str, Any]) -> None:
     readers.start(checkpoint_state(ray.train.get_checkpoint()).epoch)
     worker = setup_worker(job, config["steps_per_epoch"], config.get("tracking_uri"), config.get("run_id"),
                           readers, config.get("progress_board"))  # fmt: skip
+    if config.get("locked_features"):
+        worker.features = FeatureStore(config["locked_features"])
     state = restore(worker)
     if state.step == 0 and job.eval.before_training and job.data.eval:
         evaluate_starting_model(worker)
@@ -340,7 +344,7 @@ def timed_evaluation(worker: Worker, epoch: int, step: int, sample: int) -> dict
     with the seconds they took (EVAL_SECONDS); the progress bar says the workers evaluate."""
     worker.progress.post(phase="evaluating", epoch=epoch, step=step)
     start = time.perf_counter()
-    test, validation = _evaluate_on_workers(worker.job, worker.engine, sample)
+    test, validation = _evaluate_on_workers(worker.job, worker.engine, sample, worker.features)
     return {**evaluation_metrics(test, validation, worker.job, sample), EVAL_SECONDS: time.perf_counter() - start}
 
 
@@ -351,18 +355,20 @@ def evaluate_starting_model(worker: Worker) -> None:
     worker.metrics_log.flush()
 
 
-def evaluate_model(job: JobConfig, module: torch.nn.Module, sample: int = 0,
-                   device: torch.device | None = None) -> tuple[Results, Results]:  # fmt: skip
+def evaluate_model(job: JobConfig, module: torch.nn.Module, sample: int = 0, device: torch.device | None = None,
+                   features: FeatureStore | None = None) -> tuple[Results, Results]:  # fmt: skip
     """Retrieval metrics per evaluation (test) split and per validation split for the (full,
     unsharded) FieldEncoder `module`, on a seeded `sample` of each split's queries (0: all). In a
     torch.distributed group (training's workers), every rank must call it: each encodes its share
-    and searches its documents (on `device`), and rank 0 gets the metrics ({} elsewhere)."""
+    and searches its documents (on `device`), and rank 0 gets the metrics ({} elsewhere).
+    `features`: a locked image tower's store, looked up instead of encoding those images."""
 
     tokenizer, _, eval_transform = create_preprocessing(job.model)
     was_training = module.training
     module.eval()
     try:
-        encoder = RowEncoder(module, tokenizer, eval_transform, job.fields)
+        encoder = RowEncoder(module, tokenizer, eval_transform, job.fields, features=features,
+                             id_column=job.data.document_id_column)  # fmt: skip
         evaluate = evaluate_splits  # outside a worker group: one process does it all
         if torch.distributed.is_initialized():
             evaluate = functools.partial(evaluate_splits_on_workers, device=device or torch.device("cpu"))
@@ -372,7 +378,7 @@ def evaluate_model(job: JobConfig, module: torch.nn.Module, sample: int = 0,
         module.train(was_training)
 
 
-def _evaluate_on_workers(job: JobConfig, engine, sample: int) -> tuple[Results, Results]:
+def _evaluate_on_workers(job: JobConfig, engine, sample: int, features: FeatureStore | None = None):
     """(test, validation) metrics (on `sample` queries per split, 0: all) on rank 0 (empty
     elsewhere), every rank encoding and searching its share (gcl.train.worker_eval); under ZeRO-3 the
     ranks first gather the parameters."""
@@ -380,8 +386,8 @@ def _evaluate_on_workers(job: JobConfig, engine, sample: int) -> tuple[Results, 
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
-            return evaluate_model(job, engine.module, sample, engine.device)
-    return evaluate_model(job, engine.module, sample, engine.device)
+            return evaluate_model(job, engine.module, sample, engine.device, features)
+    return evaluate_model(job, engine.module, sample, engine.device, features)
 
 
 def _worker_placement(device: str) -> list[dict]:
