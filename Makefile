@@ -24,7 +24,8 @@ demo: $(STAMP)
 ## Lint, then the test suite (unit and local-Ray integration tests; GPU tests skip without CUDA),
 ## without the slow tier.
 test: $(STAMP)
-	$(BIN)/ruff check gcl workflows tests
+	$(BIN)/ruff check gcl workflows tests docs/*.py
+	$(BIN)/ruff format --check gcl workflows tests docs/*.py
 	$(BIN)/python -m pytest -q -m "not slow"
 
 ## The slow tier: killed workers and drivers, resumes, MLflow outages, two trainings at once,
@@ -46,12 +47,12 @@ test-unit: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not integration"
 
 lint: $(STAMP)
-	$(BIN)/ruff check gcl workflows tests
-	$(BIN)/ruff format --check gcl workflows tests
+	$(BIN)/ruff check gcl workflows tests docs/*.py
+	$(BIN)/ruff format --check gcl workflows tests docs/*.py
 
 format: $(STAMP)
-	$(BIN)/ruff format gcl workflows tests
-	$(BIN)/ruff check --fix gcl workflows tests
+	$(BIN)/ruff format gcl workflows tests docs/*.py
+	$(BIN)/ruff check --fix gcl workflows tests docs/*.py
 
 bench: $(STAMP)
 	$(BIN)/gcl bench

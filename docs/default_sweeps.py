@@ -30,8 +30,11 @@ def ndcg_at_10(measures: dict) -> float:
 
 def job_overrides(workdir: str) -> list[str]:
     """Overrides that point a job at the benchmark, storage and tracking store in `workdir`."""
-    return [*benchmark_data(f"{workdir}/data"), f"storage={workdir}/runs",
-            f"mlflow.tracking_uri=sqlite:///{workdir}/mlruns.db"]  # fmt: skip
+    return [
+        *benchmark_data(f"{workdir}/data"),
+        f"storage={workdir}/runs",
+        f"mlflow.tracking_uri=sqlite:///{workdir}/mlruns.db",
+    ]
 
 
 def run_sweep(path: str | Path, workdir: str) -> dict:
@@ -45,11 +48,18 @@ def run_sweep(path: str | Path, workdir: str) -> dict:
     result = run_tune(str(path), [f"job.{override}" for override in job_overrides(workdir)])
     best_metrics = MlflowClient(uri).get_run(result.best["run_id"]).data.metrics
     test = split_metrics(best_metrics)
-    return {"trials": [{k: row[k] for k in ("trial", "params", "objective", "test_objective", "epochs", "status")}
-                       for row in result.trials],
-            "best": {"params": result.best["params"], "objective": result.best["objective"],
-                     "epochs": result.best["epochs"],
-                     "test": {s: test[s] for s in SPLITS}}}  # fmt: skip
+    return {
+        "trials": [
+            {k: row[k] for k in ("trial", "params", "objective", "test_objective", "epochs", "status")}
+            for row in result.trials
+        ],
+        "best": {
+            "params": result.best["params"],
+            "objective": result.best["objective"],
+            "epochs": result.best["epochs"],
+            "test": {s: test[s] for s in SPLITS},
+        },
+    }
 
 
 def margin_table(results: dict) -> str:
@@ -77,8 +87,16 @@ def main(workdir: str, names: list[str]) -> None:
         results[name] = run_sweep(HERE / f"sweep-defaults-{name}.yaml", workdir)
         out.write_text(json.dumps(results, indent=2))
         best = results[name]["best"]
-        print(name, "best", json.dumps(best["params"]), "validation", round(best["objective"], 4),
-              "test ndcg@10", json.dumps({s: round(ndcg_at_10(m), 4) for s, m in best["test"].items()}), flush=True)
+        print(
+            name,
+            "best",
+            json.dumps(best["params"]),
+            "validation",
+            round(best["objective"], 4),
+            "test ndcg@10",
+            json.dumps({s: round(ndcg_at_10(m), 4) for s, m in best["test"].items()}),
+            flush=True,
+        )
     if {"gcl", "binary"} <= set(results):
         print(margin_table(results))
 

@@ -49,19 +49,25 @@ def train_with_seed(name: str, best: dict, seed: int, workdir: str) -> dict[str,
 
 def test_ndcg(results: dict, name: str) -> dict[str, list[float]]:
     """Split -> test NDCG@10 of every seed trained at the variant's best settings (seed 0 first)."""
-    runs = [{s: ndcg_at_10(m) for s, m in results[name]["best"]["test"].items()},
-            *results[name].get("seeds", {}).values()]  # fmt: skip
+    runs = [
+        {s: ndcg_at_10(m) for s, m in results[name]["best"]["test"].items()},
+        *results[name].get("seeds", {}).values(),
+    ]
     return {split: [run[split] for run in runs] for split in SPLITS}
 
 
 def champions_table(results: dict) -> str:
     """Each variant's best settings on the test splits (seed 0), and GCL's change over the others."""
-    lines = ["| split | binary | GCL-uniform | GCL | GCL vs binary | GCL vs GCL-uniform |",
-             "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    lines = [
+        "| split | binary | GCL-uniform | GCL | GCL vs binary | GCL vs GCL-uniform |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for split in SPLITS:
         binary, uniform, gcl = (test_ndcg(results, name)[split][0] for name in VARIANTS)
-        lines.append(f"| {split} | {binary:.4f} | {uniform:.4f} | {gcl:.4f} | {100 * (gcl / binary - 1):+.1f}% | "
-                     f"{100 * (gcl / uniform - 1):+.1f}% |")  # fmt: skip
+        lines.append(
+            f"| {split} | {binary:.4f} | {uniform:.4f} | {gcl:.4f} | {100 * (gcl / binary - 1):+.1f}% | "
+            f"{100 * (gcl / uniform - 1):+.1f}% |"
+        )
     return "\n".join(lines)
 
 
@@ -69,14 +75,18 @@ def seeds_table(results: dict, names: list[str]) -> str:
     """Mean and standard deviation over the seeds of two variants, and the change of the first's
     mean over the second's."""
     first, second = (test_ndcg(results, name) for name in names)
-    lines = [f"| split | {VARIANTS[names[0]]} (mean ± sd, {len(first[SPLITS[0]])} seeds) | "
-             f"{VARIANTS[names[1]]} (mean ± sd, {len(second[SPLITS[0]])} seeds) | change of the means |",
-             "| --- | --- | --- | --- |"]  # fmt: skip
+    lines = [
+        f"| split | {VARIANTS[names[0]]} (mean ± sd, {len(first[SPLITS[0]])} seeds) | "
+        f"{VARIANTS[names[1]]} (mean ± sd, {len(second[SPLITS[0]])} seeds) | change of the means |",
+        "| --- | --- | --- | --- |",
+    ]
     for split in SPLITS:
         a, b = first[split], second[split]
-        lines.append(f"| {split} | {statistics.mean(a):.4f} ± {statistics.stdev(a):.4f} | "
-                     f"{statistics.mean(b):.4f} ± {statistics.stdev(b):.4f} | "
-                     f"{100 * (statistics.mean(a) / statistics.mean(b) - 1):+.1f}% |")  # fmt: skip
+        lines.append(
+            f"| {split} | {statistics.mean(a):.4f} ± {statistics.stdev(a):.4f} | "
+            f"{statistics.mean(b):.4f} ± {statistics.stdev(b):.4f} | "
+            f"{100 * (statistics.mean(a) / statistics.mean(b) - 1):+.1f}% |"
+        )
     return "\n".join(lines)
 
 
@@ -86,8 +96,14 @@ def main(workdir: str) -> None:
         if name not in results:
             results[name] = run_sweep(sweep_path(name), workdir)
             out.write_text(json.dumps(results, indent=2))
-        print(name, "best", json.dumps(results[name]["best"]["params"]), "validation",
-              round(results[name]["best"]["objective"], 4), flush=True)  # fmt: skip
+        print(
+            name,
+            "best",
+            json.dumps(results[name]["best"]["params"]),
+            "validation",
+            round(results[name]["best"]["objective"], 4),
+            flush=True,
+        )
     for name in VARIANTS:
         seeds = results[name].setdefault("seeds", {})
         for seed in MORE_SEEDS:

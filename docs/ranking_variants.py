@@ -32,8 +32,12 @@ VARIANTS = {
     "diagonal m=4": ["pipeline.docs_per_query=4"],
     "GCL batch 128": ["train.batch_size=128", "train.embed_chunk=32"],
     "GCL batch 128 lr 2e-3": ["train.batch_size=128", "train.embed_chunk=32", "train.lr=2e-3"],
-    "listwise m=4 batch 128": ["loss.target=listwise", "pipeline.docs_per_query=4", "train.batch_size=128",
-                               "train.embed_chunk=32"],
+    "listwise m=4 batch 128": [
+        "loss.target=listwise",
+        "pipeline.docs_per_query=4",
+        "train.batch_size=128",
+        "train.embed_chunk=32",
+    ],
 }
 
 
@@ -42,8 +46,14 @@ def main(workdir: str, names: list[str]) -> None:
     data = f"{workdir}/data"
     if not os.path.exists(f"{data}/train.parquet"):
         synthesize(data, BENCHMARK)
-    common = [*benchmark_data(data), f"storage={workdir}/runs", f"mlflow.tracking_uri=sqlite:///{workdir}/mlruns.db",
-              "train.epochs=4", "train.batch_size=32", "train.lr=1e-3"]  # fmt: skip
+    common = [
+        *benchmark_data(data),
+        f"storage={workdir}/runs",
+        f"mlflow.tracking_uri=sqlite:///{workdir}/mlruns.db",
+        "train.epochs=4",
+        "train.batch_size=32",
+        "train.lr=1e-3",
+    ]
     out = f"{workdir}/ranking-variants.json"
     results = {}
     if os.path.exists(out):

@@ -25,13 +25,17 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
         return
     host, _, port = address.removeprefix("ray://").rpartition(":")
     if not host or not port.isdigit():
-        raise ClusterError(f"RAY_ADDRESS={address}: expected host:port of the cluster's head (e.g. 10.0.0.5:6379) "
-                           "or ray://host:10001; unset it to start a local cluster")  # fmt: skip
+        raise ClusterError(
+            f"RAY_ADDRESS={address}: expected host:port of the cluster's head (e.g. 10.0.0.5:6379) "
+            "or ray://host:10001; unset it to start a local cluster"
+        )
     try:
         socket.create_connection((host, int(port)), timeout=timeout).close()
     except OSError as err:
-        raise ClusterError(f"RAY_ADDRESS={address}: no Ray cluster answers there ({err.strerror or err}); start it "
-                           "(ray start --head), correct the address, or unset RAY_ADDRESS to start a local cluster") from None  # fmt: skip
+        raise ClusterError(
+            f"RAY_ADDRESS={address}: no Ray cluster answers there ({err.strerror or err}); start it "
+            "(ray start --head), correct the address, or unset RAY_ADDRESS to start a local cluster"
+        ) from None
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:

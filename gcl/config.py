@@ -23,8 +23,7 @@ class Section(BaseModel):
     """Base for config sections: unknown keys are errors, field docstrings become help."""
 
     # Finite numbers only: `train.lr=.inf` would pass `gt=0` and train to NaN.
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True,
-                              allow_inf_nan=False)  # fmt: skip
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True, allow_inf_nan=False)
 
 
 Modality = Literal["text", "image"]
@@ -91,8 +90,10 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
-                raise DuplicateKeyError(f"the key {key!r} is given twice in one mapping (lines {seen[key].line + 1} "
-                                        f"and {key_node.start_mark.line + 1}); merge them into one")  # fmt: skip
+                raise DuplicateKeyError(
+                    f"the key {key!r} is given twice in one mapping (lines {seen[key].line + 1} "
+                    f"and {key_node.start_mark.line + 1}); merge them into one"
+                )
             seen[key] = key_node.start_mark
         return super().construct_mapping(node, deep=deep)
 
@@ -175,9 +176,7 @@ def format_validation_error(err: ValidationError, model: type[BaseModel], source
     return "\n".join(lines)
 
 
-def parse_config(
-    model: type[BaseModel], path: str | Path | None = None, overrides: list[str] | None = None
-) -> Any:
+def parse_config(model: type[BaseModel], path: str | Path | None = None, overrides: list[str] | None = None) -> Any:
     """Load `path` (optional), apply overrides and validate into `model`.
 
     Raises ConfigError with every problem listed by dotted key.
@@ -187,8 +186,9 @@ def parse_config(
     return validate_config(model, data, overrides, source)
 
 
-def validate_config(model: type[BaseModel], data: dict[str, Any], overrides: list[str] | None = None,
-                    source: str = "config") -> Any:  # fmt: skip
+def validate_config(
+    model: type[BaseModel], data: dict[str, Any], overrides: list[str] | None = None, source: str = "config"
+) -> Any:
     """Apply `overrides` to a copy of `data` and validate it into `model` (ConfigError on problems)."""
     data = apply_overrides(copy.deepcopy(data), list(overrides or []))
     if overrides:

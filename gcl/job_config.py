@@ -98,8 +98,10 @@ class MlflowConfig(Section):
         """The tracking URI, which gcl.train.job.resolve_job fills in where the command started: a
         default computed anywhere else (a trial's or a worker's own directory) names another store."""
         if self.tracking_uri is None:
-            raise ConfigError("mlflow.tracking_uri is not resolved; resolve the job where the command starts "
-                              "(gcl.train.job.resolve_job) and pass the resolved job on")  # fmt: skip
+            raise ConfigError(
+                "mlflow.tracking_uri is not resolved; resolve the job where the command starts "
+                "(gcl.train.job.resolve_job) and pass the resolved job on"
+            )
         return self.tracking_uri
 
 
@@ -192,17 +194,18 @@ class JobConfig(Section):
         for key, splits in (("eval", self.data.eval), ("validation", self.data.validation)):
             unknown = [s for s in self.eval.objective_splits if splits and s not in splits]
             if unknown:
-                raise ValueError(
-                    f"eval.objective_splits: {unknown} are not data.{key} splits: {sorted(splits)}"
-                )
+                raise ValueError(f"eval.objective_splits: {unknown} are not data.{key} splits: {sorted(splits)}")
         return self
 
     @model_validator(mode="after")
     def _batches_hold_whole_runs(self) -> JobConfig:
         m = self.pipeline.docs_per_query
         if self.train.batch_size % m:
-            raise ValueError(f"train.batch_size={self.train.batch_size} is not a multiple of pipeline.docs_per_query={m}: "
-                             f"a batch holds batch_size / docs_per_query queries; e.g. train.batch_size={m * max(1, self.train.batch_size // m)}")  # fmt: skip
+            raise ValueError(
+                f"train.batch_size={self.train.batch_size} is not a multiple of pipeline.docs_per_query={m}: "
+                "a batch holds batch_size / docs_per_query queries; "
+                f"e.g. train.batch_size={m * max(1, self.train.batch_size // m)}"
+            )
         return self
 
     @model_validator(mode="after")

@@ -27,8 +27,14 @@ WeightFn = Literal["uniform", "linear", "reciprocal", "power", "exponential"]
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's clamp: logits are at most 100 x cosine
 # The job settings (`--set` overrides) under which this loss is CLIP's (open_clip's ClipLoss):
 # every pair weighted alike, no masking, both directions alike, documents of one image field.
-CLIP_LOSS = ["loss.weight_fn=uniform", "loss.mask_same_query=false", "loss.mask_same_document=false",
-             "loss.left_to_right=0.5", "loss.right_to_left=0.5", "fields.right={image: {modality: image, weight: 1.0}}"]  # fmt: skip
+CLIP_LOSS = [
+    "loss.weight_fn=uniform",
+    "loss.mask_same_query=false",
+    "loss.mask_same_document=false",
+    "loss.left_to_right=0.5",
+    "loss.right_to_left=0.5",
+    "fields.right={image: {modality: image, weight: 1.0}}",
+]
 
 
 class FieldPairTerm(Section):
@@ -105,9 +111,7 @@ def score_to_weight(scores: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
             raise ValueError(f"loss.weight_fn=reciprocal needs rank positions >= 1 in {cfg.weight_key!r}")
         return 1.0 / scores
     if cfg.score_range is None:
-        raise ValueError(
-            f"loss.weight_fn={cfg.weight_fn} needs loss.score_range (set it, or let training derive it)"
-        )
+        raise ValueError(f"loss.weight_fn={cfg.weight_fn} needs loss.score_range (set it, or let training derive it)")
     low, high = cfg.score_range
     unit = ((scores - low) / (high - low)).clamp(0.0, 1.0)
     if cfg.weight_fn == "linear":
@@ -317,9 +321,7 @@ class GCLLoss(torch.nn.Module):
         for term in cfg.field_pair_terms:
             if term.weight <= 0:
                 continue
-            value = self._field_pair(
-                term, left, right, directions, weights, scale, left_present, right_present
-            )
+            value = self._field_pair(term, left, right, directions, weights, scale, left_present, right_present)
             terms[f"{term.left}_{term.right}"] = value
             total = total + term.weight * value
         return total, {name: value.detach() for name, value in terms.items()}
@@ -374,9 +376,15 @@ class GCLLoss(torch.nn.Module):
             mask_right |= same_document & ~by_query
         if self.cfg.mask_same_query:
             mask_left |= same_query & ~by_document
-        return _Directions(targets, mask_right & ~by_query, mask_left & ~by_document, own=own,
-                           groups_right=by_query, groups_left=by_document,
-                           column_weights=self._gather_no_grad(weights.detach()))  # fmt: skip
+        return _Directions(
+            targets,
+            mask_right & ~by_query,
+            mask_left & ~by_document,
+            own=own,
+            groups_right=by_query,
+            groups_left=by_document,
+            column_weights=self._gather_no_grad(weights.detach()),
+        )
 
     def _gather_no_grad(self, tensor: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -412,8 +420,9 @@ class _Directions:
     """A batch's targets and negatives masks in each direction: the diagonal (each row's own pair,
     `targets` (B,) column indices) or listwise (row groups spread by column weights)."""
 
-    def __init__(self, targets, mask_to_right, mask_to_left, own=None, groups_right=None, groups_left=None,
-                 column_weights=None):  # fmt: skip
+    def __init__(
+        self, targets, mask_to_right, mask_to_left, own=None, groups_right=None, groups_left=None, column_weights=None
+    ):
         self.targets, self.mask_to_right, self.mask_to_left = targets, mask_to_right, mask_to_left
         self.own, self.groups_right, self.groups_left = own, groups_right, groups_left
         self.column_weights = column_weights

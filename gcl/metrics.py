@@ -23,8 +23,16 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 DEFAULT_MEASURES = (
-    "ndcg@10", "map@1000", "mrr@1000", "recall@10", "p@10", "err", "rbp@0.7", "rbp@0.8", "rbp@0.9",
-)  # fmt: skip
+    "ndcg@10",
+    "map@1000",
+    "mrr@1000",
+    "recall@10",
+    "p@10",
+    "err",
+    "rbp@0.7",
+    "rbp@0.8",
+    "rbp@0.9",
+)
 
 Qrels = Mapping[str, Mapping[str, float]]
 Run = Mapping[str, Mapping[str, float]]
@@ -35,9 +43,7 @@ def _parse_measure(name: str) -> tuple[str, float | None, int | None]:
     kind, *params = name.lower().split("@")
     known = {"ndcg", "map", "mrr", "recall", "p", "err", "rbp"}
     if kind not in known:
-        raise ValueError(
-            f"unknown measure {name!r}; accepted: {sorted(known)} with @k (rbp takes @p, err @k optional)"
-        )
+        raise ValueError(f"unknown measure {name!r}; accepted: {sorted(known)} with @k (rbp takes @p, err @k optional)")
     try:
         if kind == "rbp":
             if not params:
@@ -53,9 +59,7 @@ def _parse_measure(name: str) -> tuple[str, float | None, int | None]:
             raise ValueError
         return kind, None, int(k)
     except ValueError:
-        raise ValueError(
-            f"measure {name!r}: expected e.g. ndcg@10, err, err@20, rbp@0.8 or rbp@0.8@100"
-        ) from None
+        raise ValueError(f"measure {name!r}: expected e.g. ndcg@10, err, err@20, rbp@0.8 or rbp@0.8@100") from None
 
 
 def _rank_chunk(qids: Sequence[str], qrels: Qrels, run: Run) -> tuple[np.ndarray, np.ndarray]:
@@ -126,14 +130,19 @@ def evaluate(
         chunk = qids[lo : lo + chunk_queries]
         grades, lengths = _rank_chunk(chunk, qrels, run)
         valid = np.arange(grades.shape[1])[None, :] < lengths[:, None]
-        n_relevant = np.array(
-            [sum(g >= relevance_level for g in qrels[q].values()) for q in chunk], dtype=float
-        )
+        n_relevant = np.array([sum(g >= relevance_level for g in qrels[q].values()) for q in chunk], dtype=float)
         for name, (kind, p, k) in parsed.items():
             results[name][lo : lo + len(chunk)] = _measure(
-                kind, p, k, grades, valid, relevance_level, n_relevant, top,
+                kind,
+                p,
+                k,
+                grades,
+                valid,
+                relevance_level,
+                n_relevant,
+                top,
                 lambda width, chunk=chunk: _ideal_chunk(chunk, qrels, width),
-            )  # fmt: skip
+            )
 
     means = {m: float(v.mean()) for m, v in results.items()}
     if not per_query:

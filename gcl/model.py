@@ -64,8 +64,10 @@ class ModelConfig(Section):
         if (self.arch == TOWERS_ARCH) != (self.towers is not None):
             raise ConfigError("model.towers: give it with model.arch=towers, and model.arch=towers with it")
         if self.towers is not None and self.pretrained:
-            raise ConfigError("model.pretrained: a model built from towers takes its weights per tower "
-                              "(model.towers.image.weights, model.towers.text.hf); leave model.pretrained null")  # fmt: skip
+            raise ConfigError(
+                "model.pretrained: a model built from towers takes its weights per tower "
+                "(model.towers.image.weights, model.towers.text.hf); leave model.pretrained null"
+            )
         return self
 
 
@@ -86,8 +88,10 @@ def base_model_config(reference: str, job_model: ModelConfig | None = None) -> M
             raise ModelError(f"--model {reference}: the config has no model.towers to build the base model from")
         return job_model
     if not arch:
-        raise ModelError(f"--model {reference!r}: give an open_clip architecture, e.g. "
-                         "open_clip:ViT-B-32:laion2b_s34b_b79k or open_clip:gcl-tiny:/path/weights.bin")  # fmt: skip
+        raise ModelError(
+            f"--model {reference!r}: give an open_clip architecture, e.g. "
+            "open_clip:ViT-B-32:laion2b_s34b_b79k or open_clip:gcl-tiny:/path/weights.bin"
+        )
     return ModelConfig(arch=arch, pretrained=pretrained or None)
 
 
@@ -131,8 +135,10 @@ def _open_clip_source(cfg: ModelConfig) -> tuple[str, str | None, dict[str, Any]
     if pretrained and Path(pretrained).is_dir():
         config_path = Path(pretrained) / CONFIG_FILE
         if not config_path.is_file():
-            raise ModelError(f"model.pretrained={pretrained}: the directory has no {CONFIG_FILE}; give a model "
-                             "directory written by gcl (<storage>/<name>/model) or by open_clip")  # fmt: skip
+            raise ModelError(
+                f"model.pretrained={pretrained}: the directory has no {CONFIG_FILE}; give a model "
+                "directory written by gcl (<storage>/<name>/model) or by open_clip"
+            )
         weights = model_weights(pretrained)
         model_cfg = json.loads(config_path.read_text())["model_cfg"]
         if "hf_model_name" not in model_cfg.get("text_cfg", {}):
@@ -164,12 +170,16 @@ def model_weights(directory: str | Path) -> str:
             # torch.save writes a zip whose directory comes last: a file cut short has none (read here
             # from the file's end, before any model is built). Other files go to torch's own reader.
             if path.suffix == ".bin" and _starts_with(path, b"PK") and not zipfile.is_zipfile(path):
-                raise ModelError(f"model {directory}: {path.name} is not a whole weights file (cut short, or not "
-                                 "written by torch.save); give the whole model directory gcl or open_clip saved")  # fmt: skip
+                raise ModelError(
+                    f"model {directory}: {path.name} is not a whole weights file (cut short, or not "
+                    "written by torch.save); give the whole model directory gcl or open_clip saved"
+                )
             return str(path)
-    raise ModelError(f"model {directory}: no weights ({WEIGHTS_FILE} is missing or empty); a model directory "
-                     "without them would be a model of random weights; give a whole model directory "
-                     "(gcl writes <storage>/<name>/model) or a checkpoint")  # fmt: skip
+    raise ModelError(
+        f"model {directory}: no weights ({WEIGHTS_FILE} is missing or empty); a model directory "
+        "without them would be a model of random weights; give a whole model directory "
+        "(gcl writes <storage>/<name>/model) or a checkpoint"
+    )
 
 
 def _starts_with(path: Path, magic: bytes) -> bool:
@@ -177,9 +187,11 @@ def _starts_with(path: Path, magic: bytes) -> bool:
         return f.read(len(magic)) == magic
 
 
-FETCH_HINT = ("give model.pretrained as a local weights file or an exported model directory, or fill open_clip's "
-              "cache (model.cache_dir) on a machine that reaches the model hub and copy it here; with a "
-              "filled cache, HF_HUB_OFFLINE=1 keeps every library from trying the network")
+FETCH_HINT = (
+    "give model.pretrained as a local weights file or an exported model directory, or fill open_clip's "
+    "cache (model.cache_dir) on a machine that reaches the model hub and copy it here; with a "
+    "filled cache, HF_HUB_OFFLINE=1 keeps every library from trying the network"
+)
 
 
 def check_model_source(cfg: ModelConfig) -> None:
@@ -199,24 +211,31 @@ def check_model_source(cfg: ModelConfig) -> None:
     pretrained = cfg.pretrained
     if pretrained and Path(pretrained).is_dir():
         if not (Path(pretrained) / CONFIG_FILE).is_file():
-            raise ModelError(f"model.pretrained={pretrained}: the directory has no {CONFIG_FILE}; give a model "
-                             "directory written by gcl (<storage>/<name>/model) or by open_clip")  # fmt: skip
+            raise ModelError(
+                f"model.pretrained={pretrained}: the directory has no {CONFIG_FILE}; give a model "
+                "directory written by gcl (<storage>/<name>/model) or by open_clip"
+            )
         return
     if open_clip.get_model_config(cfg.arch) is None:
-        raise ModelError(f"model.arch={cfg.arch!r} is not an open_clip architecture; known: gcl-tiny, gcl-small, "
-                         f"towers, ViT-B-32, ViT-B-16, ... ({len(open_clip.list_models())} in open_clip.list_models())")  # fmt: skip
+        raise ModelError(
+            f"model.arch={cfg.arch!r} is not an open_clip architecture; known: gcl-tiny, gcl-small, "
+            f"towers, ViT-B-32, ViT-B-16, ... ({len(open_clip.list_models())} in open_clip.list_models())"
+        )
     if not pretrained or Path(pretrained).is_file():
         return
     tag = get_pretrained_cfg(cfg.arch, pretrained)
     if not tag:
         known = ", ".join(list_pretrained_tags_by_model(cfg.arch)) or "none"
-        raise ModelError(f"model.pretrained={pretrained!r}: neither a file nor a pretrained tag of {cfg.arch} "
-                         f"(its tags: {known})")  # fmt: skip
+        raise ModelError(
+            f"model.pretrained={pretrained!r}: neither a file nor a pretrained tag of {cfg.arch} (its tags: {known})"
+        )
     try:
         download_pretrained(tag, cache_dir=cfg.cache_dir)
     except Exception as err:
-        raise ModelError(f"model.pretrained={pretrained}: the weights of {cfg.arch} could not be fetched "
-                         f"({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}); {FETCH_HINT}") from None
+        raise ModelError(
+            f"model.pretrained={pretrained}: the weights of {cfg.arch} could not be fetched "
+            f"({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}); {FETCH_HINT}"
+        ) from None
 
 
 def model_config(cfg: ModelConfig) -> dict[str, Any]:
@@ -238,8 +257,12 @@ def create_model(cfg: ModelConfig, init_temperature: float | None = None) -> Loa
     options: dict[str, Any] = {}
     if towers is not None:
         mean, std = image_mean_std(towers)
-        options = {"image_mean": mean, "image_std": std, "pretrained_image": towers.image.weights == "timm",
-                   "pretrained_text": True}  # fmt: skip
+        options = {
+            "image_mean": mean,
+            "image_std": std,
+            "pretrained_image": towers.image.weights == "timm",
+            "pretrained_text": True,
+        }
     try:
         clip, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
             name, pretrained=pretrained, cache_dir=cfg.cache_dir, nonscalar_logit_scale=True, **options
@@ -250,17 +273,23 @@ def create_model(cfg: ModelConfig, init_temperature: float | None = None) -> Loa
         if not (pretrained or cfg.pretrained):
             raise
         detail = " ".join(str(err).split())[:160]
-        raise ModelError(f"model {cfg.pretrained or pretrained}: its weights could not be loaded into {name} "
-                         f"({type(err).__name__}: {detail}): a truncated file, or weights that do not fit the "
-                         "model's config; give the whole model gcl or open_clip saved") from None  # fmt: skip
+        raise ModelError(
+            f"model {cfg.pretrained or pretrained}: its weights could not be loaded into {name} "
+            f"({type(err).__name__}: {detail}): a truncated file, or weights that do not fit the "
+            "model's config; give the whole model gcl or open_clip saved"
+        ) from None
     except pickle.UnpicklingError as err:  # open_clip loads weights_only: a file carrying objects
-        raise ModelError(f"model {name} ({pretrained}): refused: the weights file holds objects other than "
-                         f"tensors, which could run code when loaded ({str(err).splitlines()[0][:200]}); give "
-                         "weights that gcl or open_clip saved") from None  # fmt: skip
+        raise ModelError(
+            f"model {name} ({pretrained}): refused: the weights file holds objects other than "
+            f"tensors, which could run code when loaded ({str(err).splitlines()[0][:200]}); give "
+            "weights that gcl or open_clip saved"
+        ) from None
     except OSError as err:  # transformers' or timm's: weights or files not found, not reachable
-        raise ModelError(f"model {name}: the weights could not be loaded ({str(err).splitlines()[0][:300]}); "
-                         "give a local directory or file, or fill the model hub's cache where the hub is "
-                         "reachable and set HF_HUB_OFFLINE=1") from err  # fmt: skip
+        raise ModelError(
+            f"model {name}: the weights could not be loaded ({str(err).splitlines()[0][:300]}); "
+            "give a local directory or file, or fill the model hub's cache where the hub is "
+            "reachable and set HF_HUB_OFFLINE=1"
+        ) from err
     if towers is not None:
         if towers.image.weights and towers.image.weights != "timm":
             load_image_weights(clip.visual.trunk, towers.image.weights)
@@ -289,9 +318,7 @@ def create_preprocessing(cfg: ModelConfig) -> tuple[Callable, Callable, Callable
         mean, std = image_mean_std(cfg.towers)
         preprocess = merge_preprocess_dict(preprocess, {"mean": mean, "std": std})
     elif pretrained:
-        preprocess = merge_preprocess_dict(
-            preprocess, open_clip.get_pretrained_cfg(cfg.arch, pretrained) or {}
-        )
+        preprocess = merge_preprocess_dict(preprocess, open_clip.get_pretrained_cfg(cfg.arch, pretrained) or {})
     preprocess["size"] = model_cfg["vision_cfg"]["image_size"]
     pp = PreprocessCfg(**preprocess)
     return (
@@ -324,9 +351,7 @@ class FieldEncoder(torch.nn.Module):
         self.modalities = dict(modalities)
         # What the model's image transforms normalize with: open_clip sets it on every model.
         preprocess = getattr(getattr(clip, "visual", None), "preprocess_cfg", None) or {}
-        self.pixel_mean_std = (
-            (preprocess["mean"], preprocess["std"]) if {"mean", "std"} <= set(preprocess) else None
-        )
+        self.pixel_mean_std = (preprocess["mean"], preprocess["std"]) if {"mean", "std"} <= set(preprocess) else None
         self._pixel_stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # made once per device
         # The libraries leave their towers in modes of their own (timm's in training, Hugging Face's
         # in eval): a new encoder starts in training mode with its locked parts in eval, as train() sets.
@@ -345,9 +370,7 @@ class FieldEncoder(torch.nn.Module):
         """
         unknown = set(fields) - set(self.modalities)
         if unknown:
-            raise KeyError(
-                f"fields {sorted(unknown)} have no modality; known fields: {sorted(self.modalities)}"
-            )
+            raise KeyError(f"fields {sorted(unknown)} have no modality; known fields: {sorted(self.modalities)}")
         groups = {m: [n for n in fields if self.modalities[n] == m] for m in ("text", "image")}
         stacked = {m: torch.cat([fields[n] for n in names]) if names else None for m, names in groups.items()}
         # Inputs go where the towers are (a no-op for training batches, already on the worker's
@@ -394,8 +417,10 @@ class FieldEncoder(torch.nn.Module):
         """The model's pixel mean and std as fp32 tensors on `device`, built on the first batch
         there rather than copied to it at every step."""
         if self.pixel_mean_std is None:
-            raise ValueError("uint8 pixels need the model's preprocess_cfg mean and std, which this model "
-                             "lacks; pass pixels normalized by its image transform (float) instead")  # fmt: skip
+            raise ValueError(
+                "uint8 pixels need the model's preprocess_cfg mean and std, which this model "
+                "lacks; pass pixels normalized by its image transform (float) instead"
+            )
         if device not in self._pixel_stats:
             self._pixel_stats[device] = tuple(
                 torch.tensor(v, dtype=torch.float32, device=device) for v in self.pixel_mean_std

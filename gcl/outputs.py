@@ -48,8 +48,10 @@ def check_output(target: str, kind: OutputKind, inputs: Sequence[str | None] = (
         raise ConfigError(f"{kind.key} {target} holds the working directory; give a new directory for {kind.what}")
     for given in filter(None, inputs):
         if _overlap(target, given):
-            raise ConfigError(f"{kind.key} {target} is, holds or lies inside the input {given}; give another "
-                              "location, so that the input is not replaced")  # fmt: skip
+            raise ConfigError(
+                f"{kind.key} {target} is, holds or lies inside the input {given}; give another "
+                "location, so that the input is not replaced"
+            )
     store, path = storage.filesystem(target)
     info = store.get_file_info(path)
     if info.type == fs.FileType.NotFound:
@@ -59,8 +61,10 @@ def check_output(target: str, kind: OutputKind, inputs: Sequence[str | None] = (
     names = sorted(os.path.basename(entry.path) for entry in store.get_file_info(fs.FileSelector(path)))
     if names and kind.marker not in names:
         shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
-        raise ConfigError(f"{kind.key} {target} holds {shown} and no {kind.marker}: not {kind.what}, which is all "
-                          f"gcl replaces there; give a new or empty directory")  # fmt: skip
+        raise ConfigError(
+            f"{kind.key} {target} holds {shown} and no {kind.marker}: not {kind.what}, which is all "
+            f"gcl replaces there; give a new or empty directory"
+        )
 
 
 def check_output_file(target: str, kind: OutputKind, recognise) -> None:

@@ -22,9 +22,7 @@ def metrics_table(results: Results, measures: list[str] | None = None) -> str:
     """A plain-text table: one row per split, one column per measure."""
     measures = measures or list(next(iter(results.values())))
     head = f"{'split':15s}" + "".join(f"{m:>11s}" for m in measures)
-    rows = [
-        f"{split:15s}" + "".join(f"{values[m]:11.4f}" for m in measures) for split, values in results.items()
-    ]
+    rows = [f"{split:15s}" + "".join(f"{values[m]:11.4f}" for m in measures) for split, values in results.items()]
     return "\n".join([head, "-" * len(head), *rows])
 
 
@@ -45,18 +43,25 @@ def comparison_table(results: Mapping[str, Results], measures: list[str]) -> str
     lines = []
     for split in results[first]:
         lines.append(f"\n{split}")
-        lines.append(f"  {'measure':{mw}s}" + "".join(f"{n:>{width}s}" for n in names)
-                     + "".join(f"{c:>{change_width}s}" for c in changes))  # fmt: skip
+        lines.append(
+            f"  {'measure':{mw}s}"
+            + "".join(f"{n:>{width}s}" for n in names)
+            + "".join(f"{c:>{change_width}s}" for c in changes)
+        )
         for m in measures:
             values = [results[n][split][m] for n in names]
             shown = [relative_change(v, values[0]) for v in values[1:]]
-            lines.append(f"  {m:{mw}s}" + "".join(f"{v:{width}.4f}" for v in values)
-                         + "".join(f"{'n/a' if c is None else f'{c:+.1f}%':>{change_width}s}" for c in shown))  # fmt: skip
+            lines.append(
+                f"  {m:{mw}s}"
+                + "".join(f"{v:{width}.4f}" for v in values)
+                + "".join(f"{'n/a' if c is None else f'{c:+.1f}%':>{change_width}s}" for c in shown)
+            )
     return "\n".join(lines)
 
 
-def comparison_plot(results: Mapping[str, Results], measure: str, path: str,
-                    losses: Mapping[str, list[float]] | None = None) -> str:  # fmt: skip
+def comparison_plot(
+    results: Mapping[str, Results], measure: str, path: str, losses: Mapping[str, list[float]] | None = None
+) -> str:
     """Per-split bars of `measure` for every model (results: model name -> split -> measure) and,
     when given, their training-loss curves beside them; saved as PNG at `path`."""
     import matplotlib

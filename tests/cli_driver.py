@@ -54,8 +54,13 @@ def run_case(case: dict) -> dict:
                     os.environ[key] = value
         terminal.seek(0)
         text = terminal.read().decode(errors="replace")
-    return {"name": case["name"], "code": code, "terminal": text, "log": console.last_log_file,
-            "seconds": time.perf_counter() - start}  # fmt: skip
+    return {
+        "name": case["name"],
+        "code": code,
+        "terminal": text,
+        "log": console.last_log_file,
+        "seconds": time.perf_counter() - start,
+    }
 
 
 if __name__ == "__main__":

@@ -101,13 +101,21 @@ def tiny_job_config(synth_dir, root, *overrides, config: str = "tiny-cpu.yaml"):
     from gcl.job_config import JobConfig
     from workflows.cli import CONFIGS
 
-    return parse_config(JobConfig, CONFIGS / config, [
-        f"data.train={synth_dir}/train.parquet",
-        f"data.eval={{in_domain: {synth_dir}/in_domain.parquet, zero_shot: {synth_dir}/zero_shot.parquet}}",
-        f"data.validation={{in_domain: {synth_dir}/val_in_domain.parquet}}",  # one split: evaluation costs
-        f"storage={root}/runs", f"mlflow.tracking_uri=sqlite:///{root}/mlflow.db",
-        "train.batch_size=16", "train.epochs=2", "train.warmup_steps=2", *overrides,
-    ])  # fmt: skip
+    return parse_config(
+        JobConfig,
+        CONFIGS / config,
+        [
+            f"data.train={synth_dir}/train.parquet",
+            f"data.eval={{in_domain: {synth_dir}/in_domain.parquet, zero_shot: {synth_dir}/zero_shot.parquet}}",
+            f"data.validation={{in_domain: {synth_dir}/val_in_domain.parquet}}",  # one split: evaluation costs
+            f"storage={root}/runs",
+            f"mlflow.tracking_uri=sqlite:///{root}/mlflow.db",
+            "train.batch_size=16",
+            "train.epochs=2",
+            "train.warmup_steps=2",
+            *overrides,
+        ],
+    )
 
 
 @pytest.fixture
@@ -147,8 +155,9 @@ def register_tiny_model(root, uri: str | None = None) -> str:
     return uri
 
 
-def write_embeddings(directory, vectors, ids, extra: dict | None = None, files: int = 2,
-                     model_uri: str = "models:/m/1") -> str:  # fmt: skip
+def write_embeddings(
+    directory, vectors, ids, extra: dict | None = None, files: int = 2, model_uri: str = "models:/m/1"
+) -> str:
     """Embeddings as `gcl embed` writes them: id, fixed-size float32 vectors, gcl metadata naming
     `model_uri`, and `extra` columns, in `files` parquet files."""
     import json
@@ -161,21 +170,33 @@ def write_embeddings(directory, vectors, ids, extra: dict | None = None, files: 
 
     os.makedirs(directory, exist_ok=True)
     vectors = np.asarray(vectors)
-    meta = json.dumps({"model_uri": model_uri, "model_version": "1", "side": "right", "dim": vectors.shape[1],
-                       "id_column": "product_id"}).encode()  # fmt: skip
+    meta = json.dumps(
+        {
+            "model_uri": model_uri,
+            "model_version": "1",
+            "side": "right",
+            "dim": vectors.shape[1],
+            "id_column": "product_id",
+        }
+    ).encode()
     for part, rows in enumerate(np.array_split(np.arange(len(vectors)), files)):
         flat = pa.array(vectors[rows].reshape(-1).astype(np.float32))
-        table = pa.table({"product_id": pa.array(np.asarray(ids)[rows]),
-                          EMBEDDING_COLUMN: pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1]),
-                          **{k: pa.array(np.asarray(v)[rows]) for k, v in (extra or {}).items()}})  # fmt: skip
+        table = pa.table(
+            {
+                "product_id": pa.array(np.asarray(ids)[rows]),
+                EMBEDDING_COLUMN: pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1]),
+                **{k: pa.array(np.asarray(v)[rows]) for k, v in (extra or {}).items()},
+            }
+        )
         pq.write_table(table.replace_schema_metadata({METADATA_KEY: meta}), f"{directory}/part-{part}.parquet")
     summary = {**json.loads(meta), "rows": len(vectors)}  # written last, as gcl embed does: the output is whole
     (Path(directory) / SUMMARY_FILE).write_text(json.dumps(summary))
     return str(directory)
 
 
-def wait_until_answers(url: str, process, what: str, timeout: float = 180, headers: dict | None = None,
-                       log=None) -> None:  # fmt: skip
+def wait_until_answers(
+    url: str, process, what: str, timeout: float = 180, headers: dict | None = None, log=None
+) -> None:
     """Poll `url` until it answers with a success; fail at once, with the process's output (piped,
     or the end of its `log` file), if `process` exits first, or after `timeout` seconds."""
     import time
@@ -192,7 +213,9 @@ def wait_until_answers(url: str, process, what: str, timeout: float = 180, heade
                 output = process.stdout.read() if process.stdout else ""
                 if log is not None and os.path.exists(log):
                     output += Path(log).read_text(errors="replace")[-5000:]
-                pytest.fail(f"{what} did not come up ({'exited' if process.poll() is not None else 'timed out'}):\n{output}")
+                pytest.fail(
+                    f"{what} did not come up ({'exited' if process.poll() is not None else 'timed out'}):\n{output}"
+                )
             time.sleep(0.5)
 
 
@@ -202,14 +225,26 @@ def start_mlflow_server(port: int, root):
     import subprocess
     import sys
 
-    command = [os.path.join(os.path.dirname(sys.executable), "mlflow"), "server", "--host", "127.0.0.1",
-               "--port", str(port), "--backend-store-uri", f"sqlite:///{root}/store.db",
-               "--artifacts-destination", str(root / "artifacts"), "--workers", "1"]  # fmt: skip
+    command = [
+        os.path.join(os.path.dirname(sys.executable), "mlflow"),
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--backend-store-uri",
+        f"sqlite:///{root}/store.db",
+        "--artifacts-destination",
+        str(root / "artifacts"),
+        "--workers",
+        "1",
+    ]
     env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
     log = root / "server.log"  # each start's output, appended: a failed start shows why
     with open(log, "a") as out:
-        server = subprocess.Popen(command, env=env, cwd=root, start_new_session=True, stdout=out,
-                                  stderr=subprocess.STDOUT)  # fmt: skip
+        server = subprocess.Popen(
+            command, env=env, cwd=root, start_new_session=True, stdout=out, stderr=subprocess.STDOUT
+        )
     # A bound on a hang only: on a loaded machine a restart took over 120 s once.
     wait_until_answers(f"http://127.0.0.1:{port}/health", server, "mlflow server", timeout=600, log=log)
     return server
@@ -239,11 +274,30 @@ def served_model(model_uri: str, tracking_uri: str, cwd):
 
     port = free_port()
     venv_bin = os.path.dirname(sys.executable)  # mlflow runs `uvicorn` from PATH
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri,
-           "PATH": venv_bin + os.pathsep + os.environ.get("PATH", "")}  # fmt: skip
-    server = subprocess.Popen([os.path.join(venv_bin, "mlflow"), "models", "serve", "-m", model_uri, "--env-manager",
-                               "local", "--host", "127.0.0.1", "--port", str(port)], env=env, cwd=cwd,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)  # fmt: skip
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": tracking_uri,
+        "PATH": venv_bin + os.pathsep + os.environ.get("PATH", ""),
+    }
+    server = subprocess.Popen(
+        [
+            os.path.join(venv_bin, "mlflow"),
+            "models",
+            "serve",
+            "-m",
+            model_uri,
+            "--env-manager",
+            "local",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        env=env,
+        cwd=cwd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
     try:
         wait_until_answers(f"http://127.0.0.1:{port}/ping", server, "mlflow models serve", timeout=120)
         yield port

@@ -15,8 +15,14 @@ from gcl.job_config import JobConfig
 
 def _batch(rows: int) -> dict:
     pairs = generate_pairs(SynthConfig(products=20, queries=8, docs_per_query=4, seed=3)).head(rows)
-    pre = PairPreprocessor({"arch": "gcl-tiny"}, FieldsConfig().model_dump(), "score_linear",
-                           DataConfig().model_dump(), None, augment=False)  # fmt: skip
+    pre = PairPreprocessor(
+        {"arch": "gcl-tiny"},
+        FieldsConfig().model_dump(),
+        "score_linear",
+        DataConfig().model_dump(),
+        None,
+        augment=False,
+    )
     batch = {k: torch.from_numpy(v) for k, v in pre({c: pairs[c].to_numpy() for c in pairs.columns}).items()}
     batch["valid"] = torch.ones(rows, dtype=torch.bool)
     return batch
@@ -37,8 +43,15 @@ def test_a_training_step_counts_forward_and_backward_flops():
     assert per_pair == pytest.approx(3 * forward.get_total_flops() / 16, rel=0.05)
 
 
-@pytest.mark.parametrize(("name", "tflops"), [("NVIDIA H100 PCIe", 756.0), ("NVIDIA H100 80GB HBM3", 989.4),
-                                              ("NVIDIA A100-SXM4-80GB", 312.0), ("Tesla T4", None)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("name", "tflops"),
+    [
+        ("NVIDIA H100 PCIe", 756.0),
+        ("NVIDIA H100 80GB HBM3", 989.4),
+        ("NVIDIA A100-SXM4-80GB", 312.0),
+        ("Tesla T4", None),
+    ],
+)
 def test_gpu_peaks_match_the_most_specific_name(name, tflops):
     assert gpu_peak_flops_per_s(name) == (None if tflops is None else tflops * 1e12)
 
@@ -67,9 +80,7 @@ def test_bench_job_takes_overrides_after_its_own_settings_and_names_a_bad_key(tm
     default = bench_job(str(tmp_path), gpus=0)
     assert default.train.batch_size == BATCH and default.scaling.num_workers == 2
     assert not default.scaling.use_gpu
-    on_one_gpu = bench_job(
-        str(tmp_path), gpus=1, overrides=["train.batch_size=128", "pipeline.preprocess_tasks=8"]
-    )
+    on_one_gpu = bench_job(str(tmp_path), gpus=1, overrides=["train.batch_size=128", "pipeline.preprocess_tasks=8"])
     assert on_one_gpu.scaling.use_gpu and on_one_gpu.scaling.num_workers == 1
     assert on_one_gpu.train.batch_size == 128 and on_one_gpu.pipeline.preprocess_tasks == 8
     with pytest.raises(ConfigError, match=r"train.batch_sise: unknown key.*did you mean 'batch_size'"):
@@ -81,10 +92,18 @@ def test_the_presets_time_vitb32_and_the_job_preset_trains_one_worker_on_every_c
     whole-job preset gives its one worker the cores the anchor (open_clip's loop) runs on."""
     import os
 
-    from workflows.bench import PRESETS, bench_job
+    from workflows.bench import PRESETS, bench_job, locked_jobs
 
-    jobs = {name: bench_job(str(tmp_path), gpus=0, overrides=preset["overrides"]) for name, preset in PRESETS.items()}
+    jobs = {
+        name: bench_job(str(tmp_path), gpus=0, overrides=preset["overrides"])
+        for name, preset in PRESETS.items()
+        if "locked" not in preset["only"]
+    }
     assert {job.model.arch for job in jobs.values()} == {"ViT-B-32"}
+    # The locked section's jobs: the towers with their image tower locked, binary on images only.
+    locked = locked_jobs(str(tmp_path))
+    assert all(job.model.towers.image.lock for job in locked.values())
+    assert set(locked["binary"].fields.right) == {"image"} and set(locked["gcl"].fields.right) == {"image", "title"}
     whole_job = jobs["vitb32-cpu-job"]
     assert (whole_job.scaling.num_workers, whole_job.scaling.torch_threads) == (1, os.cpu_count())
     # open_clip's work: a query and an image per pair, as the anchor's step (title fields would add a text tower pass)
@@ -101,8 +120,9 @@ def test_peak_memory_is_the_process_own_not_its_parents_and_restarts_on_reset():
 
     held = torch.ones(400 * 2**20 // 4)  # 400 MiB in this process
     code = "from gcl.bench.memory import peak_rss_mib; print(peak_rss_mib())"
-    child_peak = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                                      check=True).stdout.split()[-1])  # fmt: skip
+    child_peak = float(
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()[-1]
+    )
     assert peak_rss_mib() > child_peak + 300
     del held
     before_reset = peak_rss_mib()
@@ -134,8 +154,10 @@ def test_the_gpu_checks_cpu_smoke_writes_every_figure_without_ray_or_mlflow(tmp_
     import sys
 
     out = tmp_path / "cpu.json"
-    code = (_WITHOUT_RAY_AND_MLFLOW + "from gcl.bench.gpu_check import main; "
-            f"sys.exit(main(['--out', '{out}', '--arch', 'gcl-tiny', '--batches', '8', '--chunk', '2', '--steps', '2']))")  # fmt: skip
+    code = (
+        _WITHOUT_RAY_AND_MLFLOW + "from gcl.bench.gpu_check import main; "
+        f"sys.exit(main(['--out', '{out}', '--arch', 'gcl-tiny', '--batches', '8', '--chunk', '2', '--steps', '2']))"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-5000:]
     figures = json.loads(out.read_text())

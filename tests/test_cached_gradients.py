@@ -45,8 +45,15 @@ def _one_step(job, rank: int, world: int, chunk: int | None):
     loss_fn = GCLLoss(job.loss, job.fields.weights("left"), job.fields.weights("right"), rank=rank, world_size=world)
     losses = []
     for position in range(2):
-        loss, _, _ = backward_micro_batch(engine, loss_fn, job.fields, _batch(job.fields, position, rank), divisor=2,
-                                          boundary=position == 1, chunk=chunk)  # fmt: skip
+        loss, _, _ = backward_micro_batch(
+            engine,
+            loss_fn,
+            job.fields,
+            _batch(job.fields, position, rank),
+            divisor=2,
+            boundary=position == 1,
+            chunk=chunk,
+        )
         losses.append(loss.float().item())
         if position == 0:
             engine.step()
@@ -67,17 +74,39 @@ def _rank_main(rank: int, world: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     results = {}
     for stage, precision in CASES:
-        job = parse_config(JobConfig, CONFIGS / "tiny-cpu.yaml", [
-            f"deepspeed.zero_stage={stage}", f"train.precision={precision}", f"train.batch_size={BATCH}",
-            "train.grad_accum=2", "loss.score_range=[0, 1]",
-            "loss.field_pair_terms=[{left: query, right: title, weight: 0.2}]"])  # fmt: skip
-        results[(stage, precision)] = {"whole": _one_step(job, rank, world, None),
-                                       "chunked": _one_step(job, rank, world, CHUNK)}  # fmt: skip
+        job = parse_config(
+            JobConfig,
+            CONFIGS / "tiny-cpu.yaml",
+            [
+                f"deepspeed.zero_stage={stage}",
+                f"train.precision={precision}",
+                f"train.batch_size={BATCH}",
+                "train.grad_accum=2",
+                "loss.score_range=[0, 1]",
+                "loss.field_pair_terms=[{left: query, right: title, weight: 0.2}]",
+            ],
+        )
+        results[(stage, precision)] = {
+            "whole": _one_step(job, rank, world, None),
+            "chunked": _one_step(job, rank, world, CHUNK),
+        }
     # A field of fusion weight 0 is embedded but unused by the loss: it has no gradient to cache.
-    job = parse_config(JobConfig, CONFIGS / "tiny-cpu.yaml", [
-        "deepspeed.zero_stage=0", "train.precision=fp32", f"train.batch_size={BATCH}", "train.grad_accum=2",
-        "loss.score_range=[0, 1]", "fields.right.title.weight=0"])  # fmt: skip
-    results["unused field"] = {"whole": _one_step(job, rank, world, None), "chunked": _one_step(job, rank, world, CHUNK)}
+    job = parse_config(
+        JobConfig,
+        CONFIGS / "tiny-cpu.yaml",
+        [
+            "deepspeed.zero_stage=0",
+            "train.precision=fp32",
+            f"train.batch_size={BATCH}",
+            "train.grad_accum=2",
+            "loss.score_range=[0, 1]",
+            "fields.right.title.weight=0",
+        ],
+    )
+    results["unused field"] = {
+        "whole": _one_step(job, rank, world, None),
+        "chunked": _one_step(job, rank, world, CHUNK),
+    }
     torch.save(results, f"{out_dir}/rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()
@@ -141,8 +170,11 @@ def _tiny_job(precision: str, *overrides: str):
     from gcl.job_config import JobConfig
     from workflows import CONFIGS
 
-    return parse_config(JobConfig, CONFIGS / "tiny-cpu.yaml", [
-        f"train.precision={precision}", f"train.batch_size={BATCH}", "loss.score_range=[0, 1]", *overrides])  # fmt: skip
+    return parse_config(
+        JobConfig,
+        CONFIGS / "tiny-cpu.yaml",
+        [f"train.precision={precision}", f"train.batch_size={BATCH}", "loss.score_range=[0, 1]", *overrides],
+    )
 
 
 def _three_steps(engine, job) -> list[float]:
@@ -153,8 +185,9 @@ def _three_steps(engine, job) -> list[float]:
     loss_fn = GCLLoss(job.loss, job.fields.weights("left"), job.fields.weights("right"))
     losses = []
     for position in range(3):
-        loss, _, _ = backward_micro_batch(engine, loss_fn, job.fields, _batch(job.fields, position, 0), divisor=1,
-                                          boundary=True, chunk=None)  # fmt: skip
+        loss, _, _ = backward_micro_batch(
+            engine, loss_fn, job.fields, _batch(job.fields, position, 0), divisor=1, boundary=True, chunk=None
+        )
         engine.step()
         losses.append(loss.item())
     return losses
@@ -192,15 +225,18 @@ def _zero2_as_gcl_runs_it_and_as_deepspeed_does(out_dir: str, precision: str) ->
         losses = _three_steps(engine, job)
         directory = os.path.join(out_dir, f"checkpoint-{precision}-{resumes_zero_shards}")
         save_checkpoint(engine, directory, TrainState(epoch=1, step=3), job.model_dump(mode="json"))
-        exported = consolidate_checkpoint(directory, os.path.join(out_dir, f"model-{precision}-{resumes_zero_shards}"),
-                                          job.model, job.fields)  # fmt: skip
+        exported = consolidate_checkpoint(
+            directory, os.path.join(out_dir, f"model-{precision}-{resumes_zero_shards}"), job.model, job.fields
+        )
         results[resumes_zero_shards] = {
-            "stage": engine.zero_optimization_stage(), "allreduce": engine.enable_backward_allreduce,
+            "stage": engine.zero_optimization_stage(),
+            "allreduce": engine.enable_backward_allreduce,
             "dtypes": {p.dtype for p in engine.module.parameters()},
-            "shards": has_zero_shards(directory), "losses": losses,
+            "shards": has_zero_shards(directory),
+            "losses": losses,
             "weights": {name.removeprefix("clip."): p.detach().clone() for name, p in engine.module.named_parameters()},
             "exported": {name: p.detach().clone() for name, p in load_model(exported).clip.named_parameters()},
-        }  # fmt: skip
+        }
     return results
 
 
@@ -211,8 +247,10 @@ def _one_worker_main(rank: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     os.environ["LOCAL_RANK"] = "0"
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=0, world_size=1)
-    results = {"zero0": _zero0_with_and_without_all_reduce(),
-               "zero2": {p: _zero2_as_gcl_runs_it_and_as_deepspeed_does(out_dir, p) for p in ("fp32", "bf16")}}
+    results = {
+        "zero0": _zero0_with_and_without_all_reduce(),
+        "zero2": {p: _zero2_as_gcl_runs_it_and_as_deepspeed_does(out_dir, p) for p in ("fp32", "bf16")},
+    }
     torch.save(results, os.path.join(out_dir, "out.pt"))
     dist.destroy_process_group()
 
@@ -297,13 +335,24 @@ def test_the_graph_free_pass_leaves_batch_norm_statistics_to_the_pass_that_train
     from gcl.train.micro_batch import _embed_without_graph
     from workflows import CONFIGS
 
-    job = parse_config(JobConfig, CONFIGS / "minilm-efflite0.yaml", [
-        "model.towers.image.lock=false", "model.towers.image.image_size=32", "fields.right={image: {modality: image}}",
-    ])  # fmt: skip
+    job = parse_config(
+        JobConfig,
+        CONFIGS / "minilm-efflite0.yaml",
+        [
+            "model.towers.image.lock=false",
+            "model.towers.image.image_size=32",
+            "fields.right={image: {modality: image}}",
+        ],
+    )
     encoder = FieldEncoder(create_model(job.model).clip, job.fields.modalities())
-    engine = type("Engine", (), {"module": encoder, "device": torch.device("cpu"), "__call__": lambda s, x: encoder(x)})()
+    engine = type(
+        "Engine", (), {"module": encoder, "device": torch.device("cpu"), "__call__": lambda s, x: encoder(x)}
+    )()
     statistics = lambda: {k: v.clone() for k, v in encoder.state_dict().items() if "running" in k}  # noqa: E731
-    batch = {"query": torch.randint(0, 1000, (6, 16)), "image": torch.randint(0, 255, (6, 3, 32, 32), dtype=torch.uint8)}
+    batch = {
+        "query": torch.randint(0, 1000, (6, 16)),
+        "image": torch.randint(0, 255, (6, 3, 32, 32), dtype=torch.uint8),
+    }
     before = statistics()
     _embed_without_graph(engine, job.fields, batch, [slice(0, 3), slice(3, 6)])
     assert all(torch.equal(before[k], v) for k, v in statistics().items())

@@ -60,11 +60,11 @@ def undeclared_fields(instance, schema: dict, path: str = "") -> list[str]:
 
 def manifest_problems(manifest: dict) -> list[str]:
     schema = json.loads(SCHEMAS[manifest["kind"]].read_text())
-    errors = [f"{'.'.join(map(str, e.absolute_path))}: {e.message}"
-              for e in jsonschema.Draft7Validator(schema).iter_errors(manifest)]  # fmt: skip
-    return errors + [
-        f"{key}: not in the {manifest['kind']} schema" for key in undeclared_fields(manifest, schema)
+    errors = [
+        f"{'.'.join(map(str, e.absolute_path))}: {e.message}"
+        for e in jsonschema.Draft7Validator(schema).iter_errors(manifest)
     ]
+    return errors + [f"{key}: not in the {manifest['kind']} schema" for key in undeclared_fields(manifest, schema)]
 
 
 def test_cluster_folder_has_the_manifests():
@@ -77,11 +77,16 @@ def test_kuberay_manifests_validate_against_the_crd_schemas(path):
     assert manifest["apiVersion"] == "ray.io/v1"
     assert manifest_problems(manifest) == []
     spec = manifest["spec"].get("rayClusterSpec", manifest["spec"])
-    images = {c["image"] for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
-              for c in group["template"]["spec"]["containers"]}  # fmt: skip
+    images = {
+        c["image"]
+        for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+        for c in group["template"]["spec"]["containers"]
+    }
     assert len(images) == 1 and spec["rayVersion"] == ray.__version__  # the Dockerfile's image and Ray
-    assert all(g["template"]["spec"]["securityContext"]["runAsNonRoot"]
-               for g in [spec["headGroupSpec"], *spec["workerGroupSpecs"]])  # fmt: skip
+    assert all(
+        g["template"]["spec"]["securityContext"]["runAsNonRoot"]
+        for g in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+    )
 
 
 def test_a_wrong_field_type_or_a_misspelled_field_fails_the_schema_check():
@@ -93,9 +98,7 @@ def test_a_wrong_field_type_or_a_misspelled_field_fails_the_schema_check():
     assert any("replicas" in p and "integer" in p for p in problems), problems
     manifest = yaml.safe_load((CLUSTER / "raycluster.yaml").read_text())
     manifest["spec"]["workerGroupSpecs"][0]["maxReplica"] = 8
-    assert manifest_problems(manifest) == [
-        "spec.workerGroupSpecs[0].maxReplica: not in the RayCluster schema"
-    ]
+    assert manifest_problems(manifest) == ["spec.workerGroupSpecs[0].maxReplica: not in the RayCluster schema"]
 
 
 def test_cluster_launcher_config_validates_against_rays_schema():
@@ -106,14 +109,10 @@ def test_cluster_launcher_config_validates_against_rays_schema():
 
 
 def test_dockerfile_matches_the_pinned_ray_and_python_and_runs_as_non_root():
-    lines = [
-        line.split() for line in (ROOT / "Dockerfile").read_text().splitlines() if line and line[0] != "#"
-    ]
+    lines = [line.split() for line in (ROOT / "Dockerfile").read_text().splitlines() if line and line[0] != "#"]
     arg = {w[1].split("=")[0]: w[1].split("=", 1)[1] for w in lines if w[0] == "ARG" and "=" in w[1]}
     base = next(w[1] for w in lines if w[0] == "FROM").replace("${RAY_IMAGE}", arg.get("RAY_IMAGE", ""))
-    assert base.startswith(
-        f"rayproject/ray:{ray.__version__}-py{sys.version_info.major}{sys.version_info.minor}"
-    )
+    assert base.startswith(f"rayproject/ray:{ray.__version__}-py{sys.version_info.major}{sys.version_info.minor}")
     users = [w[1] for w in lines if w[0] == "USER"]
     assert users and users[-1] not in ("root", "0")
     ignored = (ROOT / ".dockerignore").read_text().split()
@@ -133,9 +132,7 @@ def test_submit_builds_the_entrypoint_and_runtime_env(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         runtime_env(None, None, ["novalue"])
     with pytest.raises(ConfigError, match=r"train.epochz: unknown key.*did you mean 'epochs'"):
-        check_command(
-            ["train", "-c", "workflows/configs/tiny-cpu.yaml", "--set", "train.epochz=1"], str(ROOT)
-        )
+        check_command(["train", "-c", "workflows/configs/tiny-cpu.yaml", "--set", "train.epochz=1"], str(ROOT))
     with pytest.raises(ConfigError, match="not a gcl command"):
         check_command(["trian"], str(ROOT))
 
@@ -156,21 +153,44 @@ def ray_head():
     bin_dir = os.path.dirname(sys.executable)
     temp_dir = tempfile.mkdtemp(prefix="gclray", dir="/tmp")  # short: Ray's socket paths must fit
     token = secrets.token_hex(16)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
-           "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0"}  # fmt: skip
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": token,
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
     env.pop("RAY_ADDRESS", None)
     gcs, dashboard, client, agent, agent_grpc, metrics, runtime_env_agent = _free_ports(7)
     head = subprocess.Popen(
-        [f"{bin_dir}/ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-         f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
-         f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
-         f"--runtime-env-agent-port={runtime_env_agent}", "--num-cpus=2", f"--temp-dir={temp_dir}"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-    )  # fmt: skip
+        [
+            f"{bin_dir}/ray",
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            f"--port={gcs}",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard}",
+            f"--ray-client-server-port={client}",
+            f"--dashboard-agent-listen-port={agent}",
+            f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--metrics-export-port={metrics}",
+            f"--runtime-env-agent-port={runtime_env_agent}",
+            "--num-cpus=2",
+            f"--temp-dir={temp_dir}",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     address = f"http://127.0.0.1:{dashboard}"
-    wait_until_answers(f"{address}/api/version", head, "ray start --head", timeout=120,
-                       headers={"Authorization": f"Bearer {token}"})  # fmt: skip
+    wait_until_answers(
+        f"{address}/api/version", head, "ray start --head", timeout=120, headers={"Authorization": f"Bearer {token}"}
+    )
     try:
         yield address, env, token
     finally:
@@ -182,8 +202,14 @@ def ray_head():
 
 
 def _gcl(*args, env, timeout=600) -> subprocess.CompletedProcess:
-    return subprocess.run([os.path.join(os.path.dirname(sys.executable), "gcl"), *args], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    return subprocess.run(
+        [os.path.join(os.path.dirname(sys.executable), "gcl"), *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.mark.integration
@@ -196,8 +222,20 @@ def test_gcl_submit_runs_a_training_job_on_a_ray_head_with_token_auth(ray_head, 
     # The client has the token but not RAY_AUTH_MODE: gcl submit turns token auth on for it.
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
     env.update(RAY_AUTH_TOKEN=token, MLFLOW_TRACKING_URI=uri)
-    overrides = ["--set", f"data.train={data}/train.parquet", "--set", f"data.eval={{in_domain: {data}/in_domain.parquet}}",
-                 "--set", f"data.validation={{in_domain: {data}/val_in_domain.parquet}}", "--set", f"storage={tmp_path}/runs", "--set", "train.epochs=1", "--set", "train.batch_size=16"]  # fmt: skip
+    overrides = [
+        "--set",
+        f"data.train={data}/train.parquet",
+        "--set",
+        f"data.eval={{in_domain: {data}/in_domain.parquet}}",
+        "--set",
+        f"data.validation={{in_domain: {data}/val_in_domain.parquet}}",
+        "--set",
+        f"storage={tmp_path}/runs",
+        "--set",
+        "train.epochs=1",
+        "--set",
+        "train.batch_size=16",
+    ]
     common = [
         "submit",
         "--address",
@@ -226,11 +264,19 @@ def test_gcl_submit_runs_a_training_job_on_a_ray_head_with_token_auth(ray_head, 
     assert "in_domain/ndcg_at_10" in runs[0].data.metrics
 
     # A job that fails on the cluster (its data is not there) makes gcl submit exit non-zero.
-    failed = _gcl(*common, "train", "-c", "workflows/configs/tiny-cpu.yaml", *overrides,
-                  "--set", "data.train=/nonexistent/train.parquet", "--set", "name=broken", env=env)  # fmt: skip
-    assert (
-        failed.returncode == 1 and "FAILED" in failed.stdout and "/nonexistent/train.parquet" in failed.stdout
+    failed = _gcl(
+        *common,
+        "train",
+        "-c",
+        "workflows/configs/tiny-cpu.yaml",
+        *overrides,
+        "--set",
+        "data.train=/nonexistent/train.parquet",
+        "--set",
+        "name=broken",
+        env=env,
     )
+    assert failed.returncode == 1 and "FAILED" in failed.stdout and "/nonexistent/train.parquet" in failed.stdout
 
     # A working directory whose `gcl` is not gcl (another project's package of that name, which
     # fails on import): the probe job finds that the cluster cannot import gcl, and nothing else is
@@ -239,8 +285,21 @@ def test_gcl_submit_runs_a_training_job_on_a_ray_head_with_token_auth(ray_head, 
     (tmp_path / "other/gcl/__init__.py").write_text("raise ImportError('not the gcl you are looking for')\n")
     jobs_client = JobSubmissionClient(address, headers={"Authorization": f"Bearer {token}"})
     jobs_before = {job.submission_id for job in jobs_client.list_jobs()}
-    shadowed = _gcl("submit", "--address", address, "--working-dir", str(tmp_path / "other"), "--", "train", "-c",
-                    "workflows/configs/tiny-cpu.yaml", *overrides, "--set", "name=shadowed", env=env)  # fmt: skip
+    shadowed = _gcl(
+        "submit",
+        "--address",
+        address,
+        "--working-dir",
+        str(tmp_path / "other"),
+        "--",
+        "train",
+        "-c",
+        "workflows/configs/tiny-cpu.yaml",
+        *overrides,
+        "--set",
+        "name=shadowed",
+        env=env,
+    )
     assert shadowed.returncode == 2 and "Traceback" not in shadowed.stderr, shadowed.stderr[-3000:]
     assert "cannot import gcl" in shadowed.stderr and "not the gcl you are" in shadowed.stderr, shadowed.stderr
     new_jobs = [job for job in jobs_client.list_jobs() if job.submission_id not in jobs_before]
@@ -284,16 +343,20 @@ def test_two_node_training_places_one_worker_per_node(tmp_path):
     data = tmp_path / "data"
     synthesize(data, SynthConfig(products=120, queries=40, docs_per_query=6, seed=4))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    done = subprocess.run([sys.executable, "-c", MULTI_NODE_SCRIPT, str(data), str(tmp_path)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", MULTI_NODE_SCRIPT, str(data), str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-5000:]
     result = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[7:])
     run = MlflowClient(result["uri"]).get_run(result["run_id"])
     workers = json.loads(run.data.tags["gcl.workers"])
     assert sorted(w["rank"] for w in workers) == [0, 1]
-    assert len({w["node_id"] for w in workers}) == 2 and {w["node_id"] for w in workers} <= set(
-        result["nodes"]
-    )
+    assert len({w["node_id"] for w in workers}) == 2 and {w["node_id"] for w in workers} <= set(result["nodes"])
     assert run.info.status == "FINISHED" and "train_loss" in run.data.metrics
 
 

@@ -55,9 +55,7 @@ def test_bf16_is_autocast_over_fp32_weights_and_zero3_keeps_torchs_linear(tmp_pa
 
 
 def test_overrides_nest_parse_yaml_and_reject_bad_forms():
-    data = apply_overrides(
-        {}, ["train.epochs=3", "fields.right={image: {modality: image}}", "loss.score_range=[0, 1]"]
-    )
+    data = apply_overrides({}, ["train.epochs=3", "fields.right={image: {modality: image}}", "loss.score_range=[0, 1]"])
     assert data == {
         "train": {"epochs": 3},
         "fields": {"right": {"image": {"modality": "image"}}},
@@ -112,8 +110,16 @@ def test_resume_is_reported_only_from_a_committed_checkpoint(tmp_path, caplog):
     assert committed_checkpoint(str(run_dir)) is None
     log_resume(str(run_dir))
     assert "never committed" in caplog.text and "starts from the beginning" in caplog.text
-    (run_dir / "checkpoint_manager_snapshot.json").write_text(json.dumps({"latest_checkpoint_result": {
-        "checkpoint_dir_name": "checkpoint_2026-01-01_00-00-00.000000", "metrics": {"epoch": 1, "step": 15}}}))  # fmt: skip
+    (run_dir / "checkpoint_manager_snapshot.json").write_text(
+        json.dumps(
+            {
+                "latest_checkpoint_result": {
+                    "checkpoint_dir_name": "checkpoint_2026-01-01_00-00-00.000000",
+                    "metrics": {"epoch": 1, "step": 15},
+                }
+            }
+        )
+    )
     log_resume(str(run_dir))
     assert "run resumes from its checkpoint at epoch 1, step 15" in caplog.text
 
@@ -122,13 +128,20 @@ def test_resume_is_reported_only_from_a_committed_checkpoint(tmp_path, caplog):
     ("override", "message"),
     [
         ("train.epoch=3", r"train.epoch: unknown key; .*\(did you mean 'epochs'\?\)"),
-        ("fields.right.image.weight=-1", r"fields.right.image.weight: Input should be greater than or equal to 0 \(got -1\)"),
+        (
+            "fields.right.image.weight=-1",
+            r"fields.right.image.weight: Input should be greater than or equal to 0 \(got -1\)",
+        ),
         ("loss.left_to_right=-0.5", r"loss.left_to_right: Input should be greater than or equal to 0"),
-        ("loss.weight_fn=softmax", r"loss.weight_fn: Input should be 'uniform', 'linear', 'reciprocal', 'power' or 'exponential' \(got 'softmax'\)"),
+        (
+            "loss.weight_fn=softmax",
+            r"loss.weight_fn: Input should be 'uniform', 'linear', 'reciprocal', 'power' or 'exponential' "
+            r"\(got 'softmax'\)",
+        ),
         ("deepspeed.zero_stage=4", r"deepspeed.zero_stage: Input should be 0, 1, 2 or 3 \(got 4\)"),
         ("scaling.num_workers=0", r"scaling.num_workers: Input should be greater than or equal to 1"),
     ],
-)  # fmt: skip
+)
 def test_each_invalid_config_value_in_the_data_guide_table_names_its_key(override, message):
     with pytest.raises(ConfigError, match=message):
         parse_config(JobConfig, CONFIGS / "tiny-cpu.yaml", [override])
@@ -142,15 +155,16 @@ def test_defaults_that_depend_on_the_working_directory_are_resolved_once_where_t
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    job = parse_config(JobConfig, None, ["storage=runs", "data.train=data/train.parquet",
-                                         "data.validation={in_domain: data/val_in_domain.parquet}"])  # fmt: skip
+    job = parse_config(
+        JobConfig,
+        None,
+        ["storage=runs", "data.train=data/train.parquet", "data.validation={in_domain: data/val_in_domain.parquet}"],
+    )
     with pytest.raises(ConfigError, match="mlflow.tracking_uri is not resolved"):
         job.mlflow.resolved_uri()
     resolved = resolve_job(job)
     assert resolved.mlflow.resolved_uri() == f"sqlite:///{tmp_path}/mlruns.db"
-    assert resolved.storage == str(tmp_path / "runs") and resolved.data.train == str(
-        tmp_path / "data/train.parquet"
-    )
+    assert resolved.storage == str(tmp_path / "runs") and resolved.data.train == str(tmp_path / "data/train.parquet")
     assert resolved.data.eval["in_domain"] == str(tmp_path / "gcl_runs/data/in_domain.parquet")
     assert resolved.data.validation["in_domain"] == str(tmp_path / "data/val_in_domain.parquet")
     monkeypatch.chdir(tmp_path / "..")
@@ -162,6 +176,4 @@ def test_defaults_that_depend_on_the_working_directory_are_resolved_once_where_t
         job.model_copy(update={"mlflow": job.mlflow.model_copy(update={"tracking_uri": "http://h:5000"})})
     )
     assert server.mlflow.tracking_uri == "http://h:5000"
-    assert (
-        resolve_job(parse_config(JobConfig, None, ["storage=s3://bucket/runs"])).storage == "s3://bucket/runs"
-    )
+    assert resolve_job(parse_config(JobConfig, None, ["storage=s3://bucket/runs"])).storage == "s3://bucket/runs"

@@ -32,9 +32,7 @@ def small_pairs():
 def test_synth_writes_marqo_schema_splits_deterministically(tmp_path):
     first = synthesize(tmp_path / "a", SMALL)
     second = synthesize(tmp_path / "b", SMALL)
-    assert {k: v["sha256"] for k, v in first["splits"].items()} == {
-        k: v["sha256"] for k, v in second["splits"].items()
-    }
+    assert {k: v["sha256"] for k, v in first["splits"].items()} == {k: v["sha256"] for k, v in second["splits"].items()}
     assert set(first["splits"]) == {"train", *SPLITS, *VALIDATION_SPLITS}
     df = pd.read_parquet(tmp_path / "a" / "train.parquet")
     assert set(MARQO_GS_COLUMNS) <= set(df.columns)
@@ -52,9 +50,7 @@ def test_synth_positions_follow_attribute_overlap(small_pairs):
         np.testing.assert_allclose(group["score_reciprocal"], 1.0 / group["position"])
         assert group["score_linear"].is_monotonic_decreasing
     # Higher grades sit higher in the lists on average (noise makes it imperfect).
-    corr = (
-        df.groupby("query_id").apply(lambda g: g["grade"].corr(-g["position"]), include_groups=False).mean()
-    )
+    corr = df.groupby("query_id").apply(lambda g: g["grade"].corr(-g["position"]), include_groups=False).mean()
     assert corr > 0.5
     # Result lists mix full and partial matches: binary relevance cannot tell them apart.
     assert df["grade"].nunique() >= 3
@@ -78,12 +74,14 @@ def test_split_builder_has_no_leakage(small_pairs):
     assert 0 < unused_pairs(small_pairs, splits) < len(small_pairs) * 0.1
     again = build_splits(small_pairs, "query_id", "product_id", SplitConfig(seed=3))
     assert all(again[k].equals(splits[k]) for k in splits)
-    without = build_splits(small_pairs, "query_id", "product_id",
-                           SplitConfig(seed=3, validation_query_fraction=0, validation_document_fraction=0))  # fmt: skip
-    assert set(without) == {"train", *SPLITS}
-    assert sum(len(without[p]) for p in ["train", "novel_query", "novel_document", "zero_shot"]) == len(
-        small_pairs
+    without = build_splits(
+        small_pairs,
+        "query_id",
+        "product_id",
+        SplitConfig(seed=3, validation_query_fraction=0, validation_document_fraction=0),
     )
+    assert set(without) == {"train", *SPLITS}
+    assert sum(len(without[p]) for p in ["train", "novel_query", "novel_document", "zero_shot"]) == len(small_pairs)
     with pytest.raises(ValueError, match="column 'qid' not in the data"):
         build_splits(small_pairs, "qid", "product_id", SplitConfig())
 
@@ -93,12 +91,13 @@ def assert_no_leakage(splits: dict[str, pd.DataFrame], pairs: pd.DataFrame) -> N
     queries = {name: set(df.query_id) for name, df in splits.items()}
     docs = {name: set(df.product_id) for name, df in splits.items()}
     for prefix in ("", "val_"):
-        for name, novel_q, novel_d in [("novel_query", True, False), ("novel_document", False, True),
-                                       ("zero_shot", True, True)]:  # fmt: skip
+        for name, novel_q, novel_d in [
+            ("novel_query", True, False),
+            ("novel_document", False, True),
+            ("zero_shot", True, True),
+        ]:
             split = prefix + name
-            assert (
-                queries[split].isdisjoint(train_q) == novel_q and docs[split].isdisjoint(train_d) == novel_d
-            ), split
+            assert queries[split].isdisjoint(train_q) == novel_q and docs[split].isdisjoint(train_d) == novel_d, split
         assert queries[prefix + "in_domain"] <= train_q and docs[prefix + "in_domain"] <= train_d
     # Held out for validation means held out of the test splits too, and the reverse: sweeps select
     # on the val_* splits and report the others. (Queries and documents seen in training are on the
@@ -112,8 +111,15 @@ def assert_no_leakage(splits: dict[str, pd.DataFrame], pairs: pd.DataFrame) -> N
     assert queries["val_in_domain"].isdisjoint(queries["in_domain"])
     # Every pair lands in exactly one of train, the cold-start splits and their val_ twins, or is
     # counted as unused (a novel query with a validation-novel document, or the reverse).
-    parts = ["train", "novel_query", "novel_document", "zero_shot", "val_novel_query", "val_novel_document",
-             "val_zero_shot"]  # fmt: skip
+    parts = [
+        "train",
+        "novel_query",
+        "novel_document",
+        "zero_shot",
+        "val_novel_query",
+        "val_novel_document",
+        "val_zero_shot",
+    ]
     pair_ids = [pid for p in parts for pid in splits[p].pair_id]
     assert len(pair_ids) == len(set(pair_ids)) == len(pairs) - unused_pairs(pairs, splits)
 
@@ -205,9 +211,7 @@ def test_missing_and_mistyped_columns_and_empty_data(small_pairs, tmp_path):
     with pytest.raises(DataError, match=r"missing column\(s\) \['title'\]"):
         _check(_write(small_pairs.drop(columns=["title"]), tmp_path, "a.parquet"))
     bad_type = small_pairs.assign(score_linear=small_pairs.score_linear.astype(str))
-    with pytest.raises(
-        DataError, match=r"column 'score_linear' has type (large_)?string, expected a numeric type"
-    ):
+    with pytest.raises(DataError, match=r"column 'score_linear' has type (large_)?string, expected a numeric type"):
         _check(_write(bad_type, tmp_path, "b.parquet"))
     with pytest.raises(DataError, match=r"column 'query' has type int64, expected string"):
         _check(_write(small_pairs.assign(query=1), tmp_path, "c.parquet"))
@@ -300,9 +304,13 @@ def _image_path_is_a_directory(df, tmp_path):
         (_corrupt_row_group, " row group 1 (rows 40-79): cannot be read (", "expected a parquet file"),
         (_ragged_csv, ": cannot be read (CSV parse error: line 5 (row 3): Expected", "the same number of cells"),
         (_broken_jsonl, ": cannot be read (JSON parse error", "expected a JSONL file of one JSON object per line"),
-        (_image_path_is_a_directory, " row 0 column 'image': image file cannot be read (", "accepted: a path to an image file"),
+        (
+            _image_path_is_a_directory,
+            " row 0 column 'image': image file cannot be read (",
+            "accepted: a path to an image file",
+        ),
     ],
-)  # fmt: skip
+)
 def test_files_that_are_not_what_they_claim_are_refused_naming_the_file_and_row(
     small_pairs, tmp_path, make, where, accepted
 ):
@@ -333,8 +341,9 @@ def test_validation_as_a_ray_data_job_finds_what_the_local_checks_find(ray_local
     (tmp_path / "pairs").mkdir()
     for k, start in enumerate(range(0, len(df), -(-len(df) // 3))):
         part = df.iloc[start : start + -(-len(df) // 3)]
-        pq.write_table(pa.Table.from_pandas(part, preserve_index=False), tmp_path / "pairs" / f"{k}.parquet",
-                       row_group_size=64)  # fmt: skip
+        pq.write_table(
+            pa.Table.from_pandas(part, preserve_index=False), tmp_path / "pairs" / f"{k}.parquet", row_group_size=64
+        )
     spec = str(tmp_path / "pairs")
     skip = DataConfig(on_bad_rows="skip")
     local = validate_pairs(spec, skip, FIELDS, "score_linear")
@@ -357,21 +366,33 @@ def test_split_streams_on_ray_data_by_id_hash_as_the_in_memory_split_does(ray_lo
     # leaks, hits its fractions within sampling error and writes the same files for the same seed.
     rng = np.random.default_rng(0)
     n = 24_000
-    pairs = pd.DataFrame({"query_id": rng.integers(0, 3000, n), "product_id": [f"p{i}" for i in rng.integers(0, 6000, n)],
-                          "pair_id": np.arange(n), "score_linear": rng.random(n)})  # fmt: skip
+    pairs = pd.DataFrame(
+        {
+            "query_id": rng.integers(0, 3000, n),
+            "product_id": [f"p{i}" for i in rng.integers(0, 6000, n)],
+            "pair_id": np.arange(n),
+            "score_linear": rng.random(n),
+        }
+    )
     (tmp_path / "in").mkdir()
     for k in range(3):
         pairs.iloc[k * n // 3 : (k + 1) * n // 3].to_parquet(tmp_path / "in" / f"{k}.parquet", index=False)
     cfg = SplitConfig(seed=7)
     manifest = split_dataset(str(tmp_path / "in"), str(tmp_path / "out"), "query_id", "product_id", cfg, local_rows=0)
-    streamed = {name: pd.read_parquet(tmp_path / "out" / name).sort_values("pair_id").reset_index(drop=True)
-                for name in manifest["splits"]}  # fmt: skip
+    streamed = {
+        name: pd.read_parquet(tmp_path / "out" / name).sort_values("pair_id").reset_index(drop=True)
+        for name in manifest["splits"]
+    }
     assert_no_leakage(streamed, pairs)
     in_memory = build_splits(pairs, "query_id", "product_id", cfg)
     for name, df in in_memory.items():
         assert df.sort_values("pair_id").reset_index(drop=True).equals(streamed[name]), name
         info = manifest["splits"][name]
-        assert (info["rows"], info["queries"], info["documents"]) == (len(df), df.query_id.nunique(), df.product_id.nunique())
+        assert (info["rows"], info["queries"], info["documents"]) == (
+            len(df),
+            df.query_id.nunique(),
+            df.product_id.nunique(),
+        )
         assert info["sha256"] == spec_manifest(str(tmp_path / "out" / name))["sha256"]
     assert manifest["unused_pairs"] == unused_pairs(pairs, in_memory)
     queries = pairs.query_id.unique()

@@ -64,8 +64,11 @@ def test_the_demo_fine_tunes_the_pretrained_towers_with_each_variant_at_its_own_
 
 
 def _post(port, payload):
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(payload).encode(),
-                                     headers={"Content-Type": "application/json"})  # fmt: skip
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/invocations",
+        data=json.dumps(payload).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(request, timeout=60) as response:
         return np.array(json.loads(response.read())["predictions"], dtype=np.float32)
 
@@ -83,11 +86,7 @@ def test_registered_champion_serves_embeddings_equal_to_gcl_encoder(demo):
         text = _post(port, {"dataframe_records": [{"query": q} for q in pairs["query"]]})
         docs = _post(
             port,
-            {
-                "dataframe_records": [
-                    {"title": t, "image": i} for t, i in zip(pairs["title"], images, strict=True)
-                ]
-            },
+            {"dataframe_records": [{"title": t, "image": i} for t, i in zip(pairs["title"], images, strict=True)]},
         )
         image_only = _post(port, {"dataframe_records": [{"image": images[0]}]})
 
@@ -107,14 +106,17 @@ def test_registered_champion_serves_embeddings_equal_to_gcl_encoder(demo):
     from gcl.model import FieldEncoder, ModelConfig, create_model, create_preprocessing
     from gcl.retrieval import RowEncoder
 
-    model_dir = os.path.join(workdir, "gcl_runs", "runs", [d for d in os.listdir(workdir / "gcl_runs" / "runs")
-                                                         if d.startswith("demo-gcl")][0], "model")  # fmt: skip
+    model_dir = os.path.join(
+        workdir,
+        "gcl_runs",
+        "runs",
+        [d for d in os.listdir(workdir / "gcl_runs" / "runs") if d.startswith("demo-gcl")][0],
+        "model",
+    )
     fields = FieldsConfig(**json.loads(Path(model_dir, "gcl_fields.json").read_text()))
     cfg = ModelConfig(pretrained=model_dir)
     tokenizer, _, transform = create_preprocessing(cfg)
-    ours = RowEncoder(
-        FieldEncoder(create_model(cfg).clip, fields.modalities()).eval(), tokenizer, transform, fields
-    )
+    ours = RowEncoder(FieldEncoder(create_model(cfg).clip, fields.modalities()).eval(), tokenizer, transform, fields)
     np.testing.assert_allclose(docs, ours.encode(pairs[["title", "image"]], "right").numpy(), atol=1e-5)
     np.testing.assert_allclose(text, ours.encode(pairs[["query"]], "left").numpy(), atol=1e-5)
     assert not np.allclose(image_only[0], docs[0], atol=1e-3)  # the title changes the fused embedding

@@ -126,9 +126,7 @@ def test_worker_killed_mid_epoch_restores_and_trains_as_an_uninterrupted_run(
         step_gates.forget("killed")
     killer.join(timeout=5)
     assert "pid" in killed, "the test never saw the run held in epoch 2"
-    assert (
-        not psutil.pid_exists(killed["pid"]) or psutil.Process(killed["pid"]).status() == psutil.STATUS_ZOMBIE
-    )
+    assert not psutil.pid_exists(killed["pid"]) or psutil.Process(killed["pid"]).status() == psutil.STATUS_ZOMBIE
 
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED" and result.metrics["epoch"] == 3
@@ -154,10 +152,16 @@ def test_two_gcl_train_processes_share_one_sqlite_store_and_keep_credentials_out
     commands = []
     for name, flags in (("first", []), ("second", ["-v"])):
         config = tmp_path / f"{name}.yaml"
-        config.write_text(yaml.safe_dump(tiny_job(f"name={name}", "train.epochs=1", "data.eval={}", "data.validation={}")
-                                         .model_dump(mode="json")))  # fmt: skip
-        commands.append(subprocess.Popen([GCL, *flags, "train", "-c", str(config)], env=env, stdout=subprocess.PIPE,
-                                         stderr=subprocess.STDOUT))  # fmt: skip
+        config.write_text(
+            yaml.safe_dump(
+                tiny_job(f"name={name}", "train.epochs=1", "data.eval={}", "data.validation={}").model_dump(mode="json")
+            )
+        )
+        commands.append(
+            subprocess.Popen(
+                [GCL, *flags, "train", "-c", str(config)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+            )
+        )
     # Bytes, decoded here: text mode would turn the bar's \r redraws into newlines.
     quiet, verbose = (process.communicate(timeout=900)[0].decode() for process in commands)
     log_file = Path(quiet.split("\n")[0].removeprefix("full log: "))
@@ -215,10 +219,11 @@ def test_sigterm_sigkill_and_a_killed_raylet_each_resume_as_an_uninterrupted_run
     tiny_job, tmp_path, uninterrupted_losses, step_gates
 ):
     """One run stopped three ways in a row, the same command each time: SIGTERM to `gcl train`
-    (which marks the MLflow run KILLED, as Ctrl-C does) and SIGKILL to its local Ray cluster's raylet, both 2 steps into epoch 2, then SIGKILL to
-    `gcl train` 2 steps into epoch 3; each time the run is held at that step (a step gate) until
-    the test has stopped it. After each, Ray's processes are gone (its agents within two minutes,
-    checked at the end), and the last command resumes the same MLflow run from the last committed
+    (which marks the MLflow run KILLED, as Ctrl-C does) and SIGKILL to its local Ray cluster's
+    raylet, both 2 steps into epoch 2, then SIGKILL to `gcl train` 2 steps into epoch 3; each time
+    the run is held at that step (a step gate) until the test has stopped it. After each, Ray's
+    processes are gone (its agents within two minutes, checked at the end), and the last command
+    resumes the same MLflow run from the last committed
     checkpoint and trains exactly as an uninterrupted run, every step logged once. The job is
     ZeRO-1 with train.grad_accum=4 on 5 steps an epoch: each epoch ends on a shorter optimizer
     step, which the resume must reproduce."""
@@ -285,8 +290,7 @@ def test_sigterm_sigkill_and_a_killed_raylet_each_resume_as_an_uninterrupted_run
     epoch_ends = sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "train_loss"))
     assert len(epoch_ends) == 3 and epoch_ends[-1] == max(uninterrupted_losses)
     assert (  # said on the terminal, and in the command's log
-        f"run stopped resumes from its checkpoint at epoch {latest['epoch']}, step {latest['step']}"
-        in last.stdout
+        f"run stopped resumes from its checkpoint at epoch {latest['epoch']}, step {latest['step']}" in last.stdout
     )
     assert not _gone(agents, timeout=120), "Ray's agents outlived their stopped cluster by over 2 minutes"
 
@@ -307,18 +311,31 @@ def test_sweep_stopped_by_ctrl_c_mid_trial_resumes_without_running_finished_tria
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     sweep, sweep_dir = tmp_path / "sweep.yaml", tmp_path / "runs" / "halted"
-    sweep.write_text(yaml.safe_dump({
-        "name": "halted", "base": str(CONFIGS / "tiny-cpu.yaml"), "search": "random", "num_samples": 1,
-        "asha": {"enabled": False},  # both trials run every epoch
-        "registered_model": "halted-best",
-        # One epoch: the second trial is stopped before its first checkpoint either way (resuming
-        # from a checkpoint is the gcl train fault tests' part).
-        "set": ["train.epochs=1", "train.batch_size=16", "train.warmup_steps=2", f"data.train={synth_dir}/train.parquet",
-                f"data.eval={{in_domain: {synth_dir}/in_domain.parquet}}", f"storage={tmp_path}/runs",
-                f"data.validation={{in_domain: {synth_dir}/val_in_domain.parquet}}",
-                f"mlflow.tracking_uri={uri}"],
-        "space": {"loss.left_to_right": {"grid": [1.0, 0.5]}},
-    }))  # fmt: skip
+    sweep.write_text(
+        yaml.safe_dump(
+            {
+                "name": "halted",
+                "base": str(CONFIGS / "tiny-cpu.yaml"),
+                "search": "random",
+                "num_samples": 1,
+                "asha": {"enabled": False},  # both trials run every epoch
+                "registered_model": "halted-best",
+                # One epoch: the second trial is stopped before its first checkpoint either way (resuming
+                # from a checkpoint is the gcl train fault tests' part).
+                "set": [
+                    "train.epochs=1",
+                    "train.batch_size=16",
+                    "train.warmup_steps=2",
+                    f"data.train={synth_dir}/train.parquet",
+                    f"data.eval={{in_domain: {synth_dir}/in_domain.parquet}}",
+                    f"storage={tmp_path}/runs",
+                    f"data.validation={{in_domain: {synth_dir}/val_in_domain.parquet}}",
+                    f"mlflow.tracking_uri={uri}",
+                ],
+                "space": {"loss.left_to_right": {"grid": [1.0, 0.5]}},
+            }
+        )
+    )
     command = [GCL, "tune", "-c", str(sweep)]
     env = ray_local_env()
     client = MlflowClient(uri)
@@ -350,10 +367,17 @@ def test_sweep_stopped_by_ctrl_c_mid_trial_resumes_without_running_finished_tria
         _wait_for(lambda: step_gates.waiting("halted"), "the first trial was held", first, timeout=600, logs=sweep_dir)
         (held,) = step_gates.waiting("halted")
         step_gates.hold(held, None)  # the first trial trains to its end
-        _wait_for(lambda: sorted(trial_epochs().values()) == [0, 1] and set(step_gates.waiting("halted")) - {held}
-                  and saved_finished_trials() == 1,
-                  "the second trial was held after the first finished and Tune saved that", first, timeout=600,
-                  logs=sweep_dir)  # fmt: skip
+        _wait_for(
+            lambda: (
+                sorted(trial_epochs().values()) == [0, 1]
+                and set(step_gates.waiting("halted")) - {held}
+                and saved_finished_trials() == 1
+            ),
+            "the second trial was held after the first finished and Tune saved that",
+            first,
+            timeout=600,
+            logs=sweep_dir,
+        )
         epochs = trial_epochs()
         done = next(run_id for run_id, n in epochs.items() if n == 1)
         interrupted = next(run_id for run_id, n in epochs.items() if n == 0)
@@ -369,7 +393,10 @@ def test_sweep_stopped_by_ctrl_c_mid_trial_resumes_without_running_finished_tria
     assert "stopped: `gcl tune` with the same config resumes sweep halted" in said, said[-3000:]
     assert "Traceback" not in said, said[-3000:]
     assert runs_named(client, "gcl", "halted")[0].info.status == "KILLED"
-    assert {run_id: run.info.status for run_id, run in trial_runs().items()} == {done: "FINISHED", interrupted: "KILLED"}
+    assert {run_id: run.info.status for run_id, run in trial_runs().items()} == {
+        done: "FINISHED",
+        interrupted: "KILLED",
+    }
     assert not _gone(_train_workers()), "a trial's workers trained on after Ctrl-C"
     assert not client.search_registered_models("name = 'halted-best'")  # a stopped sweep registers nothing
 
@@ -386,9 +413,7 @@ def test_sweep_stopped_by_ctrl_c_mid_trial_resumes_without_running_finished_tria
     assert client.search_registered_models("name = 'halted-best'")  # the finished sweep registers its best
 
 
-def test_errors_no_restart_can_fix_fail_the_run_at_once_naming_their_cause(
-    ray_local, tiny_job, synth_dir, tmp_path
-):
+def test_errors_no_restart_can_fix_fail_the_run_at_once_naming_their_cause(ray_local, tiny_job, synth_dir, tmp_path):
     """An undecodable image that only the pipeline meets (data.validate_images=false), a loss that
     diverges, and a tracking store that lacks the run: each ends training on its first attempt
     with gcl's own error. Had Ray Train restarted the workers (train.max_failures=2), fit would end in its
@@ -402,26 +427,41 @@ def test_errors_no_restart_can_fix_fail_the_run_at_once_naming_their_cause(
     pairs.at[5, "image"] = {"bytes": b"not an image", "path": None}
     pairs.to_parquet(tmp_path / "broken.parquet")
     # One worker: which rank meets the image does not matter here.
-    broken = tiny_job("name=broken-image", "train.epochs=1", "data.eval={}", "train.max_failures=2", "scaling.num_workers=1",
-                      f"data.train={tmp_path}/broken.parquet", "data.validate_images=false")  # fmt: skip
-    with pytest.raises(
-        DataError, match=rf"pair {int(pairs.at[5, 'pair_id'])}: image cannot be read or decoded"
-    ):
+    broken = tiny_job(
+        "name=broken-image",
+        "train.epochs=1",
+        "data.eval={}",
+        "train.max_failures=2",
+        "scaling.num_workers=1",
+        f"data.train={tmp_path}/broken.parquet",
+        "data.validate_images=false",
+    )
+    with pytest.raises(DataError, match=rf"pair {int(pairs.at[5, 'pair_id'])}: image cannot be read or decoded"):
         run_train(broken)
     client = MlflowClient(broken.mlflow.resolved_uri())
     run = _run_named(client, "broken-image")
     assert run.info.status == "FAILED" and "image cannot be read" in run.data.tags["gcl.error"]
 
     # A loss that is no longer a number stops the run at that step, naming the likely causes.
-    diverging = tiny_job("name=diverging", "train.epochs=1", "data.eval={}", "train.max_failures=2",
-                         "scaling.num_workers=1", "train.lr=1e30", "train.warmup_steps=1")  # fmt: skip
-    with pytest.raises(TrainingError, match=r"the loss is (nan|inf) at step [0-9]+: training diverged.*train.lr=1e\+30"):
+    diverging = tiny_job(
+        "name=diverging",
+        "train.epochs=1",
+        "data.eval={}",
+        "train.max_failures=2",
+        "scaling.num_workers=1",
+        "train.lr=1e30",
+        "train.warmup_steps=1",
+    )
+    with pytest.raises(
+        TrainingError, match=r"the loss is (nan|inf) at step [0-9]+: training diverged.*train.lr=1e\+30"
+    ):
         run_train(diverging)
     run = _run_named(client, "diverging")
     assert run.info.status == "FAILED" and "training diverged" in run.data.tags["gcl.error"]
 
-    job, report = prepare(tiny_job("name=no-run", "train.epochs=1", "data.eval={}", "train.max_failures=2",
-                                   "scaling.num_workers=1"))
+    job, report = prepare(
+        tiny_job("name=no-run", "train.epochs=1", "data.eval={}", "train.max_failures=2", "scaling.num_workers=1")
+    )
     with pytest.raises(TrackingError, match=r"MLflow run f{32} is not in the tracking store"):
         fit(job, report, run_id="f" * 32)
 
@@ -455,8 +495,14 @@ def test_mlflow_server_going_away_mid_run_loses_no_step_and_gcl_sync_finishes_th
     server_root = tmp_path / "server"
     server_root.mkdir()
     uri = f"http://127.0.0.1:{port}"
-    job = tiny_job("name=outage", "train.epochs=2", "data.eval={}", f"mlflow.tracking_uri={uri}",
-                   "mlflow.flush_seconds=0.2", "mlflow.finish_wait_seconds=3")  # fmt: skip
+    job = tiny_job(
+        "name=outage",
+        "train.epochs=2",
+        "data.eval={}",
+        f"mlflow.tracking_uri={uri}",
+        "mlflow.flush_seconds=0.2",
+        "mlflow.finish_wait_seconds=3",
+    )
     config = tmp_path / "job.yaml"
     config.write_text(yaml.safe_dump(job.model_dump(mode="json")))
     run_dir = tmp_path / "runs" / "outage"
@@ -472,8 +518,13 @@ def test_mlflow_server_going_away_mid_run_loses_no_step_and_gcl_sync_finishes_th
 
     step_gates.hold("outage", 2)
     server = start_mlflow_server(port, server_root)
-    train = subprocess.Popen([GCL, "train", "-c", str(config)], env=ray_local_env(),
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    train = subprocess.Popen(
+        [GCL, "train", "-c", str(config)],
+        env=ray_local_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     output: list[str] = []
     reading = threading.Thread(target=lambda: output.extend(train.stdout), daemon=True)
     reading.start()
@@ -485,8 +536,12 @@ def test_mlflow_server_going_away_mid_run_loses_no_step_and_gcl_sync_finishes_th
         _wait_for(held_after(4), "the run was held after step 4", train, logs=run_dir)
         assert any(spill.iterdir()), "steps 3 and 4 were not spilled"
         server = start_mlflow_server(port, server_root)
-        _wait_for(lambda: not any(spill.iterdir()) and max(logged_steps()) == 4,
-                  "the spilled metrics were replayed", train, logs=run_dir)  # fmt: skip
+        _wait_for(
+            lambda: not any(spill.iterdir()) and max(logged_steps()) == 4,
+            "the spilled metrics were replayed",
+            train,
+            logs=run_dir,
+        )
         stop_mlflow_server(server)  # outage 2: down until training ends
         step_gates.hold("outage", None)
         assert train.wait(timeout=600) == 2

@@ -67,13 +67,9 @@ def test_weighted_masked_loss_matches_per_row_reference(weight_fn):
     ]
     q_ids = torch.tensor([0, 0, 0, 1, 1, 2, 3, 3, 4, 5, 5, 5])
     d_ids = torch.tensor([10, 11, 12, 10, 13, 14, 15, 16, 11, 17, 18, 19])
-    cfg = LossConfig(
-        weight_fn=weight_fn, score_range=(0.0, 1.0), weight_min=0.2, left_to_right=0.7, right_to_left=0.3
-    )
+    cfg = LossConfig(weight_fn=weight_fn, score_range=(0.0, 1.0), weight_min=0.2, left_to_right=0.7, right_to_left=0.3)
     log_scale = torch.tensor([math.log(10.0)], dtype=torch.float64)
-    loss, terms = GCLLoss(cfg, {"q": 1.0}, {"d": 1.0})(
-        {"q": left}, {"d": right}, scores, log_scale, q_ids, d_ids
-    )
+    loss, terms = GCLLoss(cfg, {"q": 1.0}, {"d": 1.0})({"q": left}, {"d": right}, scores, log_scale, q_ids, d_ids)
 
     w = score_to_weight(scores, cfg).tolist()
     lr = _reference_direction(left, right, w, 10.0, q_ids.tolist(), d_ids.tolist(), True, True)
@@ -82,8 +78,9 @@ def test_weighted_masked_loss_matches_per_row_reference(weight_fn):
     assert terms["right_to_left"].item() == pytest.approx(rl, abs=1e-9)
     assert loss.item() == pytest.approx(0.7 * lr + 0.3 * rl, abs=1e-9)
     # Masking changes the value: there are shared queries and documents in this batch.
-    unmasked, _ = GCLLoss(cfg.model_copy(update={"mask_same_query": False, "mask_same_document": False}),
-                          {"q": 1.0}, {"d": 1.0})({"q": left}, {"d": right}, scores, log_scale)  # fmt: skip
+    unmasked, _ = GCLLoss(
+        cfg.model_copy(update={"mask_same_query": False, "mask_same_document": False}), {"q": 1.0}, {"d": 1.0}
+    )({"q": left}, {"d": right}, scores, log_scale)
     assert unmasked.item() > loss.item()
 
 
@@ -118,9 +115,7 @@ def test_score_to_weight_functions():
     lin = score_to_weight(s, LossConfig(weight_fn="linear", score_range=(0, 1), weight_min=0.1))
     torch.testing.assert_close(lin, torch.tensor([0.1, 0.55, 1.0, 1.0]))
     pos = torch.tensor([1.0, 2.0, 4.0])
-    torch.testing.assert_close(
-        score_to_weight(pos, LossConfig(weight_fn="reciprocal")), torch.tensor([1.0, 0.5, 0.25])
-    )
+    torch.testing.assert_close(score_to_weight(pos, LossConfig(weight_fn="reciprocal")), torch.tensor([1.0, 0.5, 0.25]))
     torch.testing.assert_close(score_to_weight(s, LossConfig(weight_fn="uniform")), torch.ones(4))
     power = score_to_weight(s, LossConfig(weight_fn="power", score_range=(0, 2), power_exponent=2))
     torch.testing.assert_close(power, torch.tensor([0.0, 0.0625, 0.25, 1.0]))
@@ -161,9 +156,7 @@ def test_field_pair_term_matches_reference_and_skips_missing():
     )
     keep = has_title.nonzero().flatten().tolist()
     # Row 2 has no title: it contributes 0 and is no negative for others; mean is over all n rows.
-    to_right = (
-        sum(-F.log_softmax(torch.stack([q[i] @ title[j] for j in keep]), 0)[keep.index(i)] for i in keep) / n
-    )
+    to_right = sum(-F.log_softmax(torch.stack([q[i] @ title[j] for j in keep]), 0)[keep.index(i)] for i in keep) / n
     to_left = sum(-F.log_softmax(torch.stack([title[i] @ q[j] for j in range(n)]), 0)[i] for i in keep) / n
     assert loss.item() == pytest.approx(float((to_right + to_left) / 2), abs=1e-9)
     assert set(terms) == {"q_title"}
@@ -173,9 +166,7 @@ def test_logit_scale_is_clamped_like_clip():
     left, right = _normed(4, 3, seed=11), _normed(4, 3, seed=12)
     cfg = _plain_cfg()
     loss_fn = GCLLoss(cfg, {"q": 1.0}, {"d": 1.0})
-    at_max, _ = loss_fn(
-        {"q": left}, {"d": right}, torch.ones(4), torch.tensor([math.log(100.0)], dtype=torch.float64)
-    )
+    at_max, _ = loss_fn({"q": left}, {"d": right}, torch.ones(4), torch.tensor([math.log(100.0)], dtype=torch.float64))
     beyond, _ = loss_fn({"q": left}, {"d": right}, torch.ones(4), torch.tensor([10.0], dtype=torch.float64))
     assert beyond.item() == pytest.approx(at_max.item())
 
@@ -223,8 +214,10 @@ def _rank_main(rank, world, init_file, out_dir, target="diagonal"):
     loss_fn = GCLLoss(LossConfig(**_CFG, target=target), {"q": 1.0}, {"d": 1.0}, rank=rank, world_size=world)
     loss, _ = loss_fn({"q": l_local}, {"d": r_local}, scores[rows], log_scale, q_ids[rows], d_ids[rows])
     loss.backward()
-    torch.save({"loss": loss.detach(), "l": l_local.grad, "r": r_local.grad, "s": log_scale.grad},
-               os.path.join(out_dir, f"rank{rank}.pt"))  # fmt: skip
+    torch.save(
+        {"loss": loss.detach(), "l": l_local.grad, "r": r_local.grad, "s": log_scale.grad},
+        os.path.join(out_dir, f"rank{rank}.pt"),
+    )
     dist.destroy_process_group()
 
 
@@ -245,8 +238,15 @@ def test_two_gloo_processes_equal_single_process_loss_and_grads(target):
     )
     full.backward()
     if target == "listwise":  # and the single process matches the per-row reference
-        reference = _listwise_reference(left.detach(), right.detach(), score_to_weight(scores, LossConfig(**_CFG)),
-                                        1.5, q_ids, d_ids, LossConfig(**_CFG, target=target))  # fmt: skip
+        reference = _listwise_reference(
+            left.detach(),
+            right.detach(),
+            score_to_weight(scores, LossConfig(**_CFG)),
+            1.5,
+            q_ids,
+            d_ids,
+            LossConfig(**_CFG, target=target),
+        )
         assert full.item() == pytest.approx(reference, abs=1e-9)
 
     assert sum(p["loss"] for p in parts).item() / world == pytest.approx(full.item(), abs=1e-10)
@@ -255,7 +255,6 @@ def test_two_gloo_processes_equal_single_process_loss_and_grads(target):
     torch.testing.assert_close(torch.cat([p["l"] for p in parts]) / world, left.grad)
     torch.testing.assert_close(torch.cat([p["r"] for p in parts]) / world, right.grad)
     torch.testing.assert_close(sum(p["s"] for p in parts) / world, log_scale.grad)
-
 
 
 # ------------------------------------------------------------------------------------------
@@ -275,7 +274,9 @@ def _listwise_reference(left, right, weights, log_scale, q_ids, d_ids, cfg, vali
         total = 0.0
         for i in range(n):
             group = [j for j in range(n) if (group_ids[j] == group_ids[i] and valid[j]) or j == i]
-            kept = [j for j in range(n) if j in group or (valid[j] and not (mask_other and other_ids[j] == other_ids[i]))]
+            kept = [
+                j for j in range(n) if j in group or (valid[j] and not (mask_other and other_ids[j] == other_ids[i]))
+            ]
             logits = {j: scale * float(rows[i] @ cols[j]) for j in kept}
             log_norm = math.log(sum(math.exp(v) for v in logits.values()))
             mass = sum(w[j] for j in group)
@@ -300,8 +301,16 @@ def _listwise_batch():
 @pytest.mark.parametrize("mask", [True, False])
 def test_listwise_loss_matches_a_per_row_reference(mask):
     left, right, scores, q_ids, d_ids = _listwise_batch()
-    cfg = LossConfig(weight_fn="linear", score_range=(0.0, 1.0), weight_min=0.1, left_to_right=0.7,
-                     right_to_left=0.3, target="listwise", mask_same_query=mask, mask_same_document=mask)  # fmt: skip
+    cfg = LossConfig(
+        weight_fn="linear",
+        score_range=(0.0, 1.0),
+        weight_min=0.1,
+        left_to_right=0.7,
+        right_to_left=0.3,
+        target="listwise",
+        mask_same_query=mask,
+        mask_same_document=mask,
+    )
     log_scale = torch.tensor([math.log(10.0)], dtype=torch.float64)
     loss, _ = GCLLoss(cfg, {"q": 1.0}, {"d": 1.0})({"q": left}, {"d": right}, scores, log_scale, q_ids, d_ids)
     want = _listwise_reference(left, right, score_to_weight(scores, cfg), math.log(10.0), q_ids, d_ids, cfg)
@@ -319,8 +328,9 @@ def test_listwise_with_padding_matches_the_reference():
     cfg = LossConfig(weight_fn="reciprocal", weight_key="position", target="listwise")
     positions = torch.where(valid, (scores * 10).ceil(), torch.zeros_like(scores))
     log_scale = torch.tensor([math.log(10.0)], dtype=torch.float64)
-    loss, _ = GCLLoss(cfg, {"q": 1.0}, {"d": 1.0})({"q": left}, {"d": right}, positions, log_scale, q_ids, d_ids,
-                                                    valid=valid)  # fmt: skip
+    loss, _ = GCLLoss(cfg, {"q": 1.0}, {"d": 1.0})(
+        {"q": left}, {"d": right}, positions, log_scale, q_ids, d_ids, valid=valid
+    )
     weights = score_to_weight(positions.clamp(min=1), cfg) * valid  # 1 / position, 0 for padding
     want = _listwise_reference(left, right, weights, math.log(10.0), q_ids, d_ids, cfg, valid)
     assert loss.item() == pytest.approx(want, abs=1e-9)
@@ -337,8 +347,11 @@ def test_listwise_equals_diagonal_with_one_document_per_query():
     scores = torch.rand(n, generator=g, dtype=torch.float64)
     q_ids, d_ids = torch.arange(n), torch.arange(n) + 100
     log_scale = torch.tensor([2.0], dtype=torch.float64, requires_grad=True)
-    base = LossConfig(weight_fn="linear", score_range=(0.0, 1.0),
-                      field_pair_terms=[FieldPairTerm(left="q", right="title", weight=0.2)])  # fmt: skip
+    base = LossConfig(
+        weight_fn="linear",
+        score_range=(0.0, 1.0),
+        field_pair_terms=[FieldPairTerm(left="q", right="title", weight=0.2)],
+    )
     results = []
     for target in ("diagonal", "listwise"):
         loss_fn = GCLLoss(base.model_copy(update={"target": target}), {"q": 1.0}, {"title": 0.3, "image": 0.7})
@@ -354,7 +367,10 @@ def test_listwise_equals_diagonal_with_one_document_per_query():
 
 def test_listwise_needs_the_ids():
     left, right, scores, _, _ = _listwise_batch()
-    loss_fn = GCLLoss(LossConfig(weight_fn="uniform", target="listwise", mask_same_query=False,
-                                 mask_same_document=False), {"q": 1.0}, {"d": 1.0})  # fmt: skip
+    loss_fn = GCLLoss(
+        LossConfig(weight_fn="uniform", target="listwise", mask_same_query=False, mask_same_document=False),
+        {"q": 1.0},
+        {"d": 1.0},
+    )
     with pytest.raises(ValueError, match="loss.target=listwise needs the batch's query_ids and document_ids"):
         loss_fn({"q": left}, {"d": right}, scores, torch.tensor([1.0], dtype=torch.float64))

@@ -7,8 +7,15 @@ import pytrec_eval
 
 from gcl.metrics import evaluate
 
-PYTREC = {"ndcg@10": "ndcg_cut_10", "map@1000": "map_cut_1000", "recall@10": "recall_10", "p@10": "P_10",
-          "ndcg@3": "ndcg_cut_3", "p@5": "P_5", "recall@100": "recall_100"}  # fmt: skip
+PYTREC = {
+    "ndcg@10": "ndcg_cut_10",
+    "map@1000": "map_cut_1000",
+    "recall@10": "recall_10",
+    "p@10": "P_10",
+    "ndcg@3": "ndcg_cut_3",
+    "p@5": "P_5",
+    "recall@100": "recall_100",
+}
 
 
 def _random_case(seed, n_queries=60, n_docs=80):
@@ -88,12 +95,8 @@ def test_err_and_rbp_match_per_query_reference():
         assert per_query[qid]["err"] == pytest.approx(_err_reference(grades, max_grade), abs=1e-12)
         assert per_query[qid]["err@5"] == pytest.approx(_err_reference(grades[:5], max_grade), abs=1e-12)
         for p in (0.7, 0.8, 0.9):
-            assert per_query[qid][f"rbp@{p}"] == pytest.approx(
-                _rbp_reference(grades, p, max_grade), abs=1e-12
-            )
-        assert per_query[qid]["rbp@0.8@10"] == pytest.approx(
-            _rbp_reference(grades[:10], 0.8, max_grade), abs=1e-12
-        )
+            assert per_query[qid][f"rbp@{p}"] == pytest.approx(_rbp_reference(grades, p, max_grade), abs=1e-12)
+        assert per_query[qid]["rbp@0.8@10"] == pytest.approx(_rbp_reference(grades[:10], 0.8, max_grade), abs=1e-12)
 
 
 def test_perfect_ranking_scores_one_and_chunking_does_not_change_results():

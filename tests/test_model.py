@@ -73,9 +73,7 @@ def test_field_encoder_normalizes_uint8_pixels_as_the_image_transform_does(tiny)
     from gcl.data.pipeline import pil_stages
 
     photos = [Image.new("RGB", (40, 48), color) for color in ("red", "teal", "beige")]
-    raw = torch.stack(
-        [torch.from_numpy(np.array(pil_stages(tiny.preprocess_val)(p))).permute(2, 0, 1) for p in photos]
-    )
+    raw = torch.stack([torch.from_numpy(np.array(pil_stages(tiny.preprocess_val)(p))).permute(2, 0, 1) for p in photos])
     normalized = torch.stack([tiny.preprocess_val(p) for p in photos])
     encoder = FieldEncoder(tiny.clip, {"image": "image"}).eval()
     with torch.no_grad():
@@ -296,8 +294,9 @@ def test_an_exported_model_loads_with_its_fields_on_the_chosen_device(tiny, tmp_
     from gcl.config import FieldsConfig, FieldSpec
     from gcl.retrieval import RowEncoder
 
-    fields = FieldsConfig(right={"title": FieldSpec(modality="text", weight=0.3),
-                                 "image": FieldSpec(modality="image", weight=0.7)})  # fmt: skip
+    fields = FieldsConfig(
+        right={"title": FieldSpec(modality="text", weight=0.3), "image": FieldSpec(modality="image", weight=0.7)}
+    )
     out = save_model(tiny.clip, tiny.model_cfg, tmp_path / "export")
     plain = RowEncoder.from_model_dir(str(out), fields=FieldsConfig())  # open_clip dir: the job's fields
     assert plain.fields == FieldsConfig()
@@ -309,11 +308,10 @@ def test_an_exported_model_loads_with_its_fields_on_the_chosen_device(tiny, tmp_
     assert loaded.fields == fields and not loaded.encoder.training
     assert {p.device.type for p in loaded.encoder.parameters()} == {"cpu"}  # no CUDA on this machine
     images = [Image.new("RGB", (40, 40), c) for c in ("red", "blue")]
-    rows = pd.DataFrame(
-        {"title": ["red round shoe", "blue striped bag"], "image": [_png(im) for im in images]}
+    rows = pd.DataFrame({"title": ["red round shoe", "blue striped bag"], "image": [_png(im) for im in images]})
+    direct = RowEncoder(
+        FieldEncoder(tiny.clip, fields.modalities()).eval(), tiny.tokenizer, tiny.preprocess_val, fields
     )
-    direct = RowEncoder(FieldEncoder(tiny.clip, fields.modalities()).eval(), tiny.tokenizer, tiny.preprocess_val,
-                        fields)  # fmt: skip
     torch.testing.assert_close(loaded.encode(rows, "right"), direct.encode(rows, "right"))
 
     # A GPU host: 'meta' stands in for the GPU these machines lack.
@@ -345,8 +343,9 @@ def _logged_tiny_model(tiny, root) -> tuple[str, str]:
     from gcl.config import FieldsConfig, FieldSpec
     from gcl.registry.models import log_embedding_model
 
-    fields = FieldsConfig(right={"title": FieldSpec(modality="text", weight=0.3),
-                                 "image": FieldSpec(modality="image", weight=0.7)})  # fmt: skip
+    fields = FieldsConfig(
+        right={"title": FieldSpec(modality="text", weight=0.3), "image": FieldSpec(modality="image", weight=0.7)}
+    )
     out = save_model(tiny.clip, tiny.model_cfg, root / "export")
     (out / "gcl_fields.json").write_text(json.dumps(fields.model_dump()))
     uri = f"sqlite:///{root}/mlflow.db"
@@ -361,8 +360,9 @@ def _rows():
     """(documents, queries): a title with an image, an image alone; two queries."""
     import pandas as pd
 
-    docs = pd.DataFrame({"title": ["red round shoe", None], "image": [_png(Image.new("RGB", (40, 40), c))
-                                                                      for c in ("red", "blue")]})  # fmt: skip
+    docs = pd.DataFrame(
+        {"title": ["red round shoe", None], "image": [_png(Image.new("RGB", (40, 40), c)) for c in ("red", "blue")]}
+    )
     return docs, pd.DataFrame({"query": ["red shoe", "blue bag"]})
 
 
@@ -399,10 +399,12 @@ def test_a_null_text_field_is_left_out_not_read_as_the_text_nan(tiny):
     from gcl.config import FieldsConfig, FieldSpec
     from gcl.retrieval import RowEncoder
 
-    fields = FieldsConfig(right={"title": FieldSpec(modality="text", weight=0.3),
-                                 "image": FieldSpec(modality="image", weight=0.7)})  # fmt: skip
-    encoder = RowEncoder(FieldEncoder(tiny.clip, fields.modalities()).eval(), tiny.tokenizer, tiny.preprocess_val,
-                         fields)  # fmt: skip
+    fields = FieldsConfig(
+        right={"title": FieldSpec(modality="text", weight=0.3), "image": FieldSpec(modality="image", weight=0.7)}
+    )
+    encoder = RowEncoder(
+        FieldEncoder(tiny.clip, fields.modalities()).eval(), tiny.tokenizer, tiny.preprocess_val, fields
+    )
     image = _png(Image.new("RGB", (40, 40), "red"))
     from_parquet = pa.table({"title": pa.array([None], pa.string()), "image": [image]}).to_pandas()
     missing = pd.DataFrame({"title": pd.Series([None], dtype=object), "image": [image]})
@@ -415,9 +417,7 @@ def test_evaluate_names_a_directory_that_holds_no_model_or_checkpoint(tmp_path):
     from gcl.errors import ModelError
     from gcl.train.checkpoint import resolve_model_dir
 
-    with pytest.raises(
-        ModelError, match="not a model directory .*, a training checkpoint .* committed checkpoint"
-    ):
+    with pytest.raises(ModelError, match="not a model directory .*, a training checkpoint .* committed checkpoint"):
         resolve_model_dir(str(tmp_path), str(tmp_path / "scratch"))
 
 
@@ -435,12 +435,12 @@ def test_gcl_evaluate_on_an_exported_model_prints_and_writes_the_metrics(tiny, t
     synthesize(tmp_path / "data", SynthConfig(products=40, queries=20, docs_per_query=4, seed=6))
     out = save_model(tiny.clip, tiny.model_cfg, tmp_path / "export")
     (out / "gcl_fields.json").write_text(json.dumps(FieldsConfig().model_dump()))
-    splits = {"in_domain": str(tmp_path / "data" / "in_domain.parquet"),
-              "zero_shot": str(tmp_path / "data" / "zero_shot.parquet")}  # fmt: skip
+    splits = {
+        "in_domain": str(tmp_path / "data" / "in_domain.parquet"),
+        "zero_shot": str(tmp_path / "data" / "zero_shot.parquet"),
+    }
     written = tmp_path / "metrics.json"
-    code = main(
-        ["evaluate", "--set", f"data.eval={json.dumps(splits)}", "--model", str(out), "-o", str(written)]
-    )
+    code = main(["evaluate", "--set", f"data.eval={json.dumps(splits)}", "--model", str(out), "-o", str(written)])
     assert code == 0
     want = evaluate_splits(RowEncoder.from_model_dir(str(out)), splits, DataConfig(), EvalConfig())
     saved = json.loads(written.read_text())
@@ -470,9 +470,22 @@ def test_gcl_evaluate_compares_models_against_the_first_including_open_clip_base
     models = [str(out), f"open_clip:gcl-tiny:{out / WEIGHTS_FILE}", "open_clip:gcl-tiny"]
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     written = tmp_path / "metrics.json"
-    code = main(["evaluate", "--set", f"data.eval={{in_domain: {tmp_path}/data/in_domain.parquet}}",
-                 "--set", f"storage={tmp_path}/runs", "--set", f"mlflow.tracking_uri={uri}", "--set", "seed=3",
-                 *[a for m in models for a in ("--model", m)], "-o", str(written)])  # fmt: skip
+    code = main(
+        [
+            "evaluate",
+            "--set",
+            f"data.eval={{in_domain: {tmp_path}/data/in_domain.parquet}}",
+            "--set",
+            f"storage={tmp_path}/runs",
+            "--set",
+            f"mlflow.tracking_uri={uri}",
+            "--set",
+            "seed=3",
+            *[a for m in models for a in ("--model", m)],
+            "-o",
+            str(written),
+        ]
+    )
     assert code == 0
     results = json.loads(written.read_text())["models"]
     assert list(results) == models
@@ -485,8 +498,22 @@ def test_gcl_evaluate_compares_models_against_the_first_including_open_clip_base
     assert run.data.params["model_2"] == "open_clip:gcl-tiny" and run.info.run_name.startswith("evaluate-")
     assert {a.path for a in client.list_artifacts(run.info.run_id)} == {f"{run.info.run_name}.png", "evaluation.json"}
     assert [p.name for p in (tmp_path / "runs").rglob("*.png")] == [f"{run.info.run_name}.png"]
-    assert main(["evaluate", "--set", f"data.eval={{in_domain: {tmp_path}/data/in_domain.parquet}}", "--set",
-                 f"mlflow.tracking_uri={uri}", "--model", str(out), "--model", "open_clip:"]) == 2  # no architecture named
+    assert (
+        main(
+            [
+                "evaluate",
+                "--set",
+                f"data.eval={{in_domain: {tmp_path}/data/in_domain.parquet}}",
+                "--set",
+                f"mlflow.tracking_uri={uri}",
+                "--model",
+                str(out),
+                "--model",
+                "open_clip:",
+            ]
+        )
+        == 2
+    )  # no architecture named
     assert "give an open_clip architecture" in capsys.readouterr().err
 
 
@@ -523,8 +550,13 @@ def test_the_logged_model_installs_into_a_fresh_environment_and_embeds_there_as_
     clean = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     # --no-compile: no byte-compiling of every installed file (torch has thousands); Python compiles
     # what it imports when it imports it.
-    install = subprocess.run([python, "-m", "pip", "install", "-q", "--no-compile", "-r", f"{model_dir}/requirements.txt"],
-                             env=clean, capture_output=True, text=True, timeout=900)  # fmt: skip
+    install = subprocess.run(
+        [python, "-m", "pip", "install", "-q", "--no-compile", "-r", f"{model_dir}/requirements.txt"],
+        env=clean,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert install.returncode == 0, install.stderr[-3000:]
     script = textwrap.dedent(f"""
         import importlib.util, sys
@@ -535,8 +567,7 @@ def test_the_logged_model_installs_into_a_fresh_environment_and_embeds_there_as_
         np.save({str(tmp_path / "docs.npy")!r}, model.predict(pd.read_pickle({str(tmp_path / "docs.pkl")!r})))
         np.save({str(tmp_path / "queries.npy")!r}, model.predict(pd.read_pickle({str(tmp_path / "queries.pkl")!r})))
     """)
-    there = subprocess.run([python, "-c", script], cwd=tmp_path, env=clean, capture_output=True, text=True,
-                           timeout=300)  # fmt: skip
+    there = subprocess.run([python, "-c", script], cwd=tmp_path, env=clean, capture_output=True, text=True, timeout=300)
     assert there.returncode == 0, there.stderr[-3000:]
 
     here = mlflow.pyfunc.load_model(model_dir)

@@ -64,11 +64,22 @@ def _three_file_source(tmp_path, pairs, shuffle: str, skip=frozenset(), docs_per
     for k in range(3):
         files.append(str(tmp_path / f"pairs-{k}.parquet"))
         pairs.iloc[k * len(pairs) // 3 : (k + 1) * len(pairs) // 3].to_parquet(files[-1])
-    return PairSource(spec=str(tmp_path), files=tuple(files), data=DataConfig(), fields=FieldsConfig(),
-                      weight_key="score_linear", model_cfg={"arch": "gcl-tiny"},
-                      pipeline=PipelineConfig(preprocess_tasks=1, cpus_per_task=0.25, preprocess_batch_size=32,
-                                              shuffle=shuffle, docs_per_query=docs_per_query),
-                      skip_pair_ids=frozenset(skip))  # fmt: skip
+    return PairSource(
+        spec=str(tmp_path),
+        files=tuple(files),
+        data=DataConfig(),
+        fields=FieldsConfig(),
+        weight_key="score_linear",
+        model_cfg={"arch": "gcl-tiny"},
+        pipeline=PipelineConfig(
+            preprocess_tasks=1,
+            cpus_per_task=0.25,
+            preprocess_batch_size=32,
+            shuffle=shuffle,
+            docs_per_query=docs_per_query,
+        ),
+        skip_pair_ids=frozenset(skip),
+    )
 
 
 def _grouped_share(batches: list[list[int]]) -> float:
@@ -77,8 +88,11 @@ def _grouped_share(batches: list[list[int]]) -> float:
     return together / sum(len(b) for b in batches)
 
 
-@pytest.mark.parametrize("modes", [[("auto", 1), ("blocks", 1)], pytest.param([("auto", 4)], marks=pytest.mark.slow)],
-                         ids=["auto-1+blocks-1", "auto-4"])  # auto: global here
+@pytest.mark.parametrize(
+    "modes",
+    [[("auto", 1), ("blocks", 1)], pytest.param([("auto", 4)], marks=pytest.mark.slow)],
+    ids=["auto-1+blocks-1", "auto-4"],
+)  # auto: global here
 def test_full_batches_of_valid_rows_once_per_epoch_across_two_shards(ray_local, tmp_path, modes):
     """Per-epoch datasets read as training reads them, the next epoch's reading started while
     this one is consumed: full batches only, each valid row at most once per epoch and the rows
@@ -101,13 +115,16 @@ def test_full_batches_of_valid_rows_once_per_epoch_across_two_shards(ray_local, 
             datasets[f"{name}-{shuffle}"] = dataset
     trainer = TorchTrainer(
         _consume,
-        train_loop_config={"out": str(tmp_path), "modes": [shuffle for shuffle, _ in modes],
-                           "local_shuffle_buffer": {shuffle: 64 if m == 1 else 0 for shuffle, m in modes}},
+        train_loop_config={
+            "out": str(tmp_path),
+            "modes": [shuffle for shuffle, _ in modes],
+            "local_shuffle_buffer": {shuffle: 64 if m == 1 else 0 for shuffle, m in modes},
+        },
         scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.25}),
         datasets=datasets,
         dataset_config=equal_split_data_config(),
         run_config=RunConfig(name="pipeline-test", storage_path=str(tmp_path / "runs")),
-    )  # fmt: skip
+    )
     trainer.fit()
 
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
@@ -136,15 +153,19 @@ def test_preprocessor_outputs_fixed_shapes_and_presence(tmp_path):
     pairs = generate_pairs(SynthConfig(products=20, queries=5, docs_per_query=4, seed=1)).head(6)
     pairs["title"] = pairs["title"].astype(object)
     pairs.loc[1, "title"] = None
-    pre = PairPreprocessor({"arch": "gcl-tiny"}, FieldsConfig().model_dump(), "score_linear",
-                           DataConfig().model_dump(), None, augment=False)  # fmt: skip
+    pre = PairPreprocessor(
+        {"arch": "gcl-tiny"},
+        FieldsConfig().model_dump(),
+        "score_linear",
+        DataConfig().model_dump(),
+        None,
+        augment=False,
+    )
     out = pre({c: pairs[c].to_numpy() for c in pairs.columns})
     assert out["query"].shape == (6, 32) and out["image"].shape == (6, 3, 32, 32)
     assert out["title" + PRESENT].tolist() == [True, False, True, True, True, True]
     np.testing.assert_array_equal(out["pair_key"], pairs.pair_id.to_numpy())
-    assert (
-        out["document_key"].dtype == np.int64 and len(set(out["document_key"])) == pairs.product_id.nunique()
-    )
+    assert out["document_key"].dtype == np.int64 and len(set(out["document_key"])) == pairs.product_id.nunique()
     assert isinstance(pd.DataFrame({"k": out["score"]}), pd.DataFrame)
 
 
@@ -155,8 +176,9 @@ def test_augmented_crops_repeat_for_the_same_epoch_seed():
     pairs = generate_pairs(SynthConfig(products=20, queries=5, docs_per_query=4, seed=1)).head(8)
     batch = {c: pairs[c].to_numpy() for c in pairs.columns}
 
-    pre = PairPreprocessor({"arch": "gcl-tiny"}, FieldsConfig().model_dump(), "score_linear",
-                           DataConfig().model_dump(), None, augment=True)  # fmt: skip
+    pre = PairPreprocessor(
+        {"arch": "gcl-tiny"}, FieldsConfig().model_dump(), "score_linear", DataConfig().model_dump(), None, augment=True
+    )
 
     def crops(seed):
         return pre(batch, seed=seed)["image"]
@@ -184,8 +206,14 @@ def test_preprocessed_pixels_once_normalized_and_cached_tokens_equal_open_clips_
     pairs["image"] = pairs["image"].astype(object)
     pairs.loc[3, "title"], pairs.loc[5, "image"] = None, None
     batch = {c: pairs[c].to_numpy() for c in pairs.columns}
-    pre = PairPreprocessor({"arch": "gcl-tiny"}, FieldsConfig().model_dump(), "score_linear",
-                           DataConfig().model_dump(), None, augment=augment)  # fmt: skip
+    pre = PairPreprocessor(
+        {"arch": "gcl-tiny"},
+        FieldsConfig().model_dump(),
+        "score_linear",
+        DataConfig().model_dump(),
+        None,
+        augment=augment,
+    )
     outputs = [pre(batch, seed=7), pre(batch, seed=7)]  # the second from the token caches
     assert set(pre.tokens["query"]._rows) == set(batch["query"])  # one cache per text field
 
@@ -273,8 +301,10 @@ def test_batches_stay_on_the_device_they_arrived_on_and_a_partial_last_one_waits
     """On a GPU worker Ray Data hands over batches already on the GPU: the `valid` column must be
     made there too. 'meta' stands in for the GPU these CPU machines lack. The partial batch a
     reader without drop_last would hand over last is not trained."""
-    batches = [{"score": torch.ones(n, device="meta"), "title": torch.ones(n, 5, dtype=torch.int64, device="meta")}
-               for n in (4, 4, 3)]  # fmt: skip
+    batches = [
+        {"score": torch.ones(n, device="meta"), "title": torch.ones(n, 5, dtype=torch.int64, device="meta")}
+        for n in (4, 4, 3)
+    ]
     out = list(train_batches(batches, 4, device="meta"))
     assert len(out) == 2
     assert {k: (v.device.type, tuple(v.shape)) for k, v in out[0].items()} == {
@@ -284,8 +314,9 @@ def test_batches_stay_on_the_device_they_arrived_on_and_a_partial_last_one_waits
     }
 
 
-@pytest.mark.parametrize(("shuffle", "docs_per_query"),
-                         [("global", 1), ("blocks", 1), pytest.param("global", 3, marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    ("shuffle", "docs_per_query"), [("global", 1), ("blocks", 1), pytest.param("global", 3, marks=pytest.mark.slow)]
+)
 def test_an_epochs_order_is_the_seeds_alone(ray_local, tmp_path, shuffle, docs_per_query):
     pairs = generate_pairs(SynthConfig(products=60, queries=30, docs_per_query=7, seed=5))
     source = _three_file_source(tmp_path, pairs, shuffle, docs_per_query=docs_per_query)

@@ -86,8 +86,20 @@ def newcomer_env() -> dict[str, str]:
 
 
 # The gcl commands check_result knows.
-CHECKED = ("gcl --help", "gcl data synth", "gcl data validate", "gcl train", "gcl evaluate", "gcl register",
-           "gcl data split", "gcl config", "gcl tune", "gcl embed", "gcl index", "gcl ui")  # fmt: skip
+CHECKED = (
+    "gcl --help",
+    "gcl data synth",
+    "gcl data validate",
+    "gcl train",
+    "gcl evaluate",
+    "gcl register",
+    "gcl data split",
+    "gcl config",
+    "gcl tune",
+    "gcl embed",
+    "gcl index",
+    "gcl ui",
+)
 
 
 def check_result(name: str, command: str, output: str, clone: Path, client: MlflowClient) -> None:
@@ -198,17 +210,35 @@ def test_readme_commands_run_as_written_in_a_fresh_clone(fresh_clone):
     try:
         for command in commands:
             if command.endswith("&"):  # a server: started here, stopped at the end
-                servers.append(subprocess.Popen(["bash", "-c", command.removesuffix("&")], cwd=fresh_clone,
-                                                env=newcomer_env(), stdout=subprocess.DEVNULL,
-                                                stderr=subprocess.DEVNULL, start_new_session=True))  # fmt: skip
+                servers.append(
+                    subprocess.Popen(
+                        ["bash", "-c", command.removesuffix("&")],
+                        cwd=fresh_clone,
+                        env=newcomer_env(),
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                        start_new_session=True,
+                    )
+                )
                 continue
             start = time.perf_counter()
-            done = subprocess.run(["bash", "-c", shrunk(command)], cwd=fresh_clone, env=newcomer_env(),
-                                  capture_output=True, text=True, timeout=900)  # fmt: skip
+            done = subprocess.run(
+                ["bash", "-c", shrunk(command)],
+                cwd=fresh_clone,
+                env=newcomer_env(),
+                capture_output=True,
+                text=True,
+                timeout=900,
+            )
             output = done.stdout + done.stderr
             assert done.returncode == 0, f"{command}\n{output[-5000:]}"
-            check_result(gcl_command(command) or "", command, done.stdout if command.startswith("curl") else output,
-                         fresh_clone, client)  # fmt: skip
+            check_result(
+                gcl_command(command) or "",
+                command,
+                done.stdout if command.startswith("curl") else output,
+                fresh_clone,
+                client,
+            )
             print(f"{time.perf_counter() - start:6.1f} s  {command}")
     finally:
         for server in servers:

@@ -48,9 +48,7 @@ def test_exact_top_k_when_the_best_documents_come_first_or_last(near_first):
     score passes, so it is compacted again and again. Both give the brute-force top k."""
     generator = torch.Generator().manual_seed(3)
     direction = torch.nn.functional.normalize(torch.randn(1, 32, generator=generator), dim=1)
-    queries = torch.nn.functional.normalize(
-        direction + 0.05 * torch.randn(40, 32, generator=generator), dim=1
-    )
+    queries = torch.nn.functional.normalize(direction + 0.05 * torch.randn(40, 32, generator=generator), dim=1)
     near = torch.nn.functional.normalize(direction + 0.3 * torch.randn(300, 32, generator=generator), dim=1)
     far = torch.nn.functional.normalize(-direction + 0.3 * torch.randn(900, 32, generator=generator), dim=1)
     docs = torch.cat([near, far] if near_first else [far, near])
@@ -131,10 +129,15 @@ def _tiny_evaluation(synth_dir):
     from gcl.train.worker import evaluate_model
     from workflows import CONFIGS
 
-    job = parse_config(JobConfig, CONFIGS / "tiny-cpu.yaml", [
-        f"data.eval={{in_domain: {synth_dir}/in_domain.parquet, zero_shot: {synth_dir}/zero_shot.parquet}}",
-        f"data.validation={{in_domain: {synth_dir}/val_in_domain.parquet}}", "eval.k=20",
-    ])  # fmt: skip
+    job = parse_config(
+        JobConfig,
+        CONFIGS / "tiny-cpu.yaml",
+        [
+            f"data.eval={{in_domain: {synth_dir}/in_domain.parquet, zero_shot: {synth_dir}/zero_shot.parquet}}",
+            f"data.validation={{in_domain: {synth_dir}/val_in_domain.parquet}}",
+            "eval.k=20",
+        ],
+    )
     torch.manual_seed(0)
     module = FieldEncoder(create_model(job.model).clip, job.fields.modalities())
     return evaluate_model(job, module, sample=0)

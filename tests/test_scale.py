@@ -42,8 +42,9 @@ def test_validate_split_and_first_batch_hold_no_dataset_in_the_driver(tmp_path):
     rows = 40_000  # 8 files, about 480 MB of images
     data = write_dataset(str(tmp_path / "data"), rows)
     size_mib = sum(p.stat().st_size for p in (tmp_path / "data").glob("*.parquet")) / 2**20
-    out = subprocess.run([sys.executable, "-c", DRIVER, data, str(tmp_path / "split")], capture_output=True,
-                         text=True, timeout=900)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", DRIVER, data, str(tmp_path / "split")], capture_output=True, text=True, timeout=900
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["rows"] == rows and result["bad"] == 0 and 0 < result["train"] < rows

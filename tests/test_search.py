@@ -77,17 +77,25 @@ def test_a_failed_index_write_leaves_the_previous_index_whole_and_unfinished_emb
     import resource
     import signal
 
-    small = write_embeddings(tmp_path / "small", clustered_unit_vectors(50, 64, seed=3, centres=5),
-                             np.array([f"p{i}" for i in range(50)], dtype=object))  # fmt: skip
-    large = write_embeddings(tmp_path / "large", clustered_unit_vectors(4000, 64, seed=4),
-                             np.array([f"p{i}" for i in range(4000)], dtype=object))  # fmt: skip
+    small = write_embeddings(
+        tmp_path / "small",
+        clustered_unit_vectors(50, 64, seed=3, centres=5),
+        np.array([f"p{i}" for i in range(50)], dtype=object),
+    )
+    large = write_embeddings(
+        tmp_path / "large",
+        clustered_unit_vectors(4000, 64, seed=4),
+        np.array([f"p{i}" for i in range(4000)], dtype=object),
+    )
     out = tmp_path / "index"
     build_index(IndexConfig(kind="flat", embeddings=small, out=str(out)))
     limits = resource.getrlimit(resource.RLIMIT_FSIZE)
     handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG)
     resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, limits[1]))  # the flat index of 4000 vectors is 1 MiB
     try:
-        with pytest.raises(SearchIndexError, match=rf"{out}: the index could not be written .*nothing was written there"):
+        with pytest.raises(
+            SearchIndexError, match=rf"{out}: the index could not be written .*nothing was written there"
+        ):
             build_index(IndexConfig(kind="flat", embeddings=large, out=str(out)))
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, limits)
@@ -127,8 +135,15 @@ def embedded(ray_local, registered, synth_dir):
     from workflows.embed import run_embed
 
     root, uri = registered
-    job = _job(root, uri, "embed.model=models:/tiny@champion", f"embed.input={synth_dir}/*.parquet",
-               f"embed.out={root}/catalog", "embed.keep=[title]", "embed.batch_size=64")  # fmt: skip
+    job = _job(
+        root,
+        uri,
+        "embed.model=models:/tiny@champion",
+        f"embed.input={synth_dir}/*.parquet",
+        f"embed.out={root}/catalog",
+        "embed.keep=[title]",
+        "embed.batch_size=64",
+    )
     return run_embed(job), root, uri
 
 
@@ -153,15 +168,19 @@ def test_gcl_embed_writes_what_the_served_model_returns_for_the_same_rows(embedd
     with fluent_tracking_uri(uri):
         served = mlflow.pyfunc.load_model("models:/tiny@champion")
     want = served.predict(pd.DataFrame({"title": sample["title"], "image": [v["bytes"] for v in sample["image"]]}))
-    got = np.stack(out.drop_duplicates("product_id").set_index("product_id").loc[sample["product_id"], EMBEDDING_COLUMN])
+    got = np.stack(
+        out.drop_duplicates("product_id").set_index("product_id").loc[sample["product_id"], EMBEDDING_COLUMN]
+    )
     np.testing.assert_allclose(got, want, atol=1e-6)
-    assert list(out.drop_duplicates("product_id").set_index("product_id").loc[sample["product_id"], "title"]) == \
-        list(sample["title"])  # fmt: skip
+    assert list(out.drop_duplicates("product_id").set_index("product_id").loc[sample["product_id"], "title"]) == list(
+        sample["title"]
+    )
 
 
 @pytest.mark.integration
-def test_gcl_embed_names_bad_rows_before_loading_the_model_or_skips_and_counts_them(ray_local, registered,
-                                                                                     synth_dir, tmp_path):  # fmt: skip
+def test_gcl_embed_names_bad_rows_before_loading_the_model_or_skips_and_counts_them(
+    ray_local, registered, synth_dir, tmp_path
+):
     """An undecodable image and a row with no field: a DataError naming file, row and column, as
     `gcl data validate` words it; with data.on_bad_rows=skip the others are embedded and the two
     are counted."""
@@ -192,8 +211,9 @@ def test_gcl_embed_writes_a_lance_dataset(ray_local, registered, synth_dir, tmp_
     from gcl.search.embed import embed_rows
 
     root, uri = registered
-    cfg = EmbedConfig(model="models:/tiny@champion", input=f"{synth_dir}/zero_shot.parquet",
-                      out=str(tmp_path / "catalog.lance"))  # fmt: skip
+    cfg = EmbedConfig(
+        model="models:/tiny@champion", input=f"{synth_dir}/zero_shot.parquet", out=str(tmp_path / "catalog.lance")
+    )
     summary = embed_rows(_job(root, uri), cfg, uri)
     table = lance.dataset(str(tmp_path / "catalog.lance")).to_table()
     assert table.num_rows == summary["rows"] == pq.read_metadata(f"{synth_dir}/zero_shot.parquet").num_rows
@@ -207,7 +227,9 @@ def test_gcl_evaluate_with_an_index_prints_its_ndcg_beside_exact_search(embedded
 
     _, root, uri = embedded
     build_index(IndexConfig(kind="flat", embeddings=f"{root}/catalog", out=str(tmp_path / "flat")))
-    job = _job(root, uri, f"data.eval={{in_domain: {synth_dir}/in_domain.parquet, zero_shot: {synth_dir}/zero_shot.parquet}}")
+    job = _job(
+        root, uri, f"data.eval={{in_domain: {synth_dir}/in_domain.parquet, zero_shot: {synth_dir}/zero_shot.parquet}}"
+    )
     results = run_evaluate_index(job, str(tmp_path / "flat"))
     exact, flat = results["exact search"], results["flat index"]
     assert set(exact) == {"in_domain", "zero_shot"}
@@ -217,8 +239,11 @@ def test_gcl_evaluate_with_an_index_prints_its_ndcg_beside_exact_search(embedded
 
 
 def _post(port: int, payload: dict) -> list[dict]:
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(payload).encode(),
-                                     headers={"Content-Type": "application/json"})  # fmt: skip
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/invocations",
+        data=json.dumps(payload).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(request, timeout=60) as response:
         return json.loads(response.read())["predictions"]
 
@@ -239,7 +264,9 @@ def test_the_registered_search_model_serves_the_exact_top_k_over_http(embedded, 
     built = run_index(job, register="tiny-search")
     assert built["alias"] == "champion"
     version = MlflowClient(uri).get_model_version_by_alias("tiny-search", "champion")
-    assert version.tags["embedding_model"] == "models:/tiny/1" and version.tags["corpus_sha256"] == built["corpus_sha256"]
+    assert (
+        version.tags["embedding_model"] == "models:/tiny/1" and version.tags["corpus_sha256"] == built["corpus_sha256"]
+    )
     assert json.loads(version.tags["index"])["kind"] == "hnsw"
 
     catalog = pq.read_table(f"{root}/catalog").to_pandas().drop_duplicates("product_id")

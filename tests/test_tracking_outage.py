@@ -114,7 +114,12 @@ def test_tracking_server_going_away_during_embed_index_and_evaluate(tracking_ser
     tiny = str(CONFIGS / "tiny-cpu.yaml")
     embeddings, index = tmp_path / "catalog", tmp_path / "index"
     quick = ["--set", "mlflow.finish_wait_seconds=2"]  # how long a command retries the store before saying so
-    evaluate_on = ["--set", f"data.eval={{in_domain: {synth_dir}/in_domain.parquet}}", "--set", f"storage={tmp_path}/runs"]
+    evaluate_on = [
+        "--set",
+        f"data.eval={{in_domain: {synth_dir}/in_domain.parquet}}",
+        "--set",
+        f"storage={tmp_path}/runs",
+    ]
 
     def after_the_check(relay, pid, method, path):
         return len(relay.answered) >= 1  # check_tracking's one request, which each command makes first
@@ -122,25 +127,84 @@ def test_tracking_server_going_away_during_embed_index_and_evaluate(tracking_ser
     def from_another_process(relay, pid, method, path):
         return pid != driver.pid
 
-    relays = {"embed": GoingAwayRelay(port, from_another_process), "index": GoingAwayRelay(port, after_the_check),
-              "evaluate": GoingAwayRelay(port, after_the_check)}  # fmt: skip
-    register = ["index", "--embeddings", str(embeddings), "--out", str(index), "--register", "tiny-search", "-c", tiny, *quick]
+    relays = {
+        "embed": GoingAwayRelay(port, from_another_process),
+        "index": GoingAwayRelay(port, after_the_check),
+        "evaluate": GoingAwayRelay(port, after_the_check),
+    }
+    register = [
+        "index",
+        "--embeddings",
+        str(embeddings),
+        "--out",
+        str(index),
+        "--register",
+        "tiny-search",
+        "-c",
+        tiny,
+        *quick,
+    ]
     cases = [
-        {"name": "embed", "argv": ["embed", "-c", tiny, "--model", "models:/tiny@champion", "--input",
-                                   f"{synth_dir}/in_domain.parquet", "--out", str(embeddings),
-                                   "--set", f"mlflow.tracking_uri={relays['embed'].uri}", "--set", f"storage={tmp_path}/runs"],
-         "env": {"RAY_ADDRESS": ray_local_env()["RAY_ADDRESS"]}},
-        {"name": "index", "argv": [*register, "--set", f"mlflow.tracking_uri={relays['index'].uri}",
-                                   "--set", f"storage={tmp_path}/runs"]},
-        {"name": "evaluate", "argv": ["evaluate", "-c", tiny, "--model", str(root / "model"), "--model", "open_clip:gcl-tiny",
-                                      "--output", str(tmp_path / "evaluation.json"), *evaluate_on, *quick,
-                                      "--set", f"mlflow.tracking_uri={relays['evaluate'].uri}"]},
-        {"name": "index, the store back", "argv": [*register, "--set", f"mlflow.tracking_uri={uri}",
-                                                   "--set", f"storage={tmp_path}/runs"]},
-    ]  # fmt: skip
+        {
+            "name": "embed",
+            "argv": [
+                "embed",
+                "-c",
+                tiny,
+                "--model",
+                "models:/tiny@champion",
+                "--input",
+                f"{synth_dir}/in_domain.parquet",
+                "--out",
+                str(embeddings),
+                "--set",
+                f"mlflow.tracking_uri={relays['embed'].uri}",
+                "--set",
+                f"storage={tmp_path}/runs",
+            ],
+            "env": {"RAY_ADDRESS": ray_local_env()["RAY_ADDRESS"]},
+        },
+        {
+            "name": "index",
+            "argv": [
+                *register,
+                "--set",
+                f"mlflow.tracking_uri={relays['index'].uri}",
+                "--set",
+                f"storage={tmp_path}/runs",
+            ],
+        },
+        {
+            "name": "evaluate",
+            "argv": [
+                "evaluate",
+                "-c",
+                tiny,
+                "--model",
+                str(root / "model"),
+                "--model",
+                "open_clip:gcl-tiny",
+                "--output",
+                str(tmp_path / "evaluation.json"),
+                *evaluate_on,
+                *quick,
+                "--set",
+                f"mlflow.tracking_uri={relays['evaluate'].uri}",
+            ],
+        },
+        {
+            "name": "index, the store back",
+            "argv": [*register, "--set", f"mlflow.tracking_uri={uri}", "--set", f"storage={tmp_path}/runs"],
+        },
+    ]
     (tmp_path / "cases.json").write_text(json.dumps(cases))
-    driver = subprocess.Popen([sys.executable, str(DRIVER), str(tmp_path / "cases.json"), str(tmp_path / "out.json")],
-                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    driver = subprocess.Popen(
+        [sys.executable, str(DRIVER), str(tmp_path / "cases.json"), str(tmp_path / "out.json")],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     output, _ = driver.communicate(timeout=900)
     assert driver.returncode == 0, output[-3000:]
     done = {case["name"]: case for case in json.loads((tmp_path / "out.json").read_text())}

@@ -16,8 +16,7 @@ pytestmark = pytest.mark.integration
 
 def _losses(uri, run_id):
     return [
-        (m.step, m.value)
-        for m in sorted(MlflowClient(uri).get_metric_history(run_id, "loss"), key=lambda m: m.step)
+        (m.step, m.value) for m in sorted(MlflowClient(uri).get_metric_history(run_id, "loss"), key=lambda m: m.step)
     ]
 
 
@@ -63,13 +62,21 @@ def test_zero2_trains_from_csv_tracks_exports_and_evaluates_consistently(ray_loc
 
     # A quick evaluation on 5 queries per split after epoch 1, the full one after epochs 2 and 3.
     pairs = _pairs_with_image_files(synth_dir, tmp_path, "csv")
-    job = tiny_job("deepspeed.zero_stage=2", "name=z2", "train.epochs=3", "eval.every_n_epochs=2",
-                   "eval.sample_queries=5", f"data.train={pairs}")  # fmt: skip
+    job = tiny_job(
+        "deepspeed.zero_stage=2",
+        "name=z2",
+        "train.epochs=3",
+        "eval.every_n_epochs=2",
+        "eval.sample_queries=5",
+        f"data.train={pairs}",
+    )
     result = run_train(job)
     uri = job.mlflow.resolved_uri()
     client = MlflowClient(uri)
     run = client.get_run(result.run_id)
-    assert run.data.params["deepspeed.zero_stage"] == "2" and run.data.params["loss.weight_fn"] == "exponential"  # tiny-cpu.yaml's
+    assert (
+        run.data.params["deepspeed.zero_stage"] == "2" and run.data.params["loss.weight_fn"] == "exponential"
+    )  # tiny-cpu.yaml's
     _trained_on_every_pair(client, result.run_id)
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
     assert {"model", "config.yaml", "deepspeed.json"} <= artifacts
@@ -98,8 +105,9 @@ def test_zero2_trains_from_csv_tracks_exports_and_evaluates_consistently(ray_loc
     sampled = client.get_metric_history(result.run_id, "sample/in_domain/ndcg_at_10")
     assert starting.step == 0 and starting.value != history[-1].value
     assert len(history) == 2 and len(sampled) == 1 and 0 < sampled[0].step < history[0].step
-    assert [m.value for m in sorted(client.get_metric_history(result.run_id, "eval_sample_queries"),
-                                    key=lambda m: m.step)] == [0, 5, 0, 0]  # fmt: skip
+    assert [
+        m.value for m in sorted(client.get_metric_history(result.run_id, "eval_sample_queries"), key=lambda m: m.step)
+    ] == [0, 5, 0, 0]
     assert [m.step for m in client.get_metric_history(result.run_id, "test_objective")][0] == 0
     assert all(m.value > 0 for m in client.get_metric_history(result.run_id, "eval_seconds"))
     earlier = min(glob.glob(os.path.join(run_dir, "checkpoint_*")))  # named by the time they were saved
@@ -145,8 +153,15 @@ def test_zero3_in_bf16_trains_from_jsonl_and_loss_goes_down(ray_local, tiny_job,
     from gcl.train.job import run_train
 
     pairs = _pairs_with_image_files(synth_dir, tmp_path, "jsonl")
-    job = tiny_job("deepspeed.zero_stage=3", "deepspeed.config=workflows/configs/deepspeed/zero3.json",
-                   "name=z3", "train.epochs=2", "data.eval={}", "train.precision=bf16", f"data.train={pairs}")  # fmt: skip
+    job = tiny_job(
+        "deepspeed.zero_stage=3",
+        "deepspeed.config=workflows/configs/deepspeed/zero3.json",
+        "name=z3",
+        "train.epochs=2",
+        "data.eval={}",
+        "train.precision=bf16",
+        f"data.train={pairs}",
+    )
     result = run_train(job)
     losses = _trained_on_every_pair(MlflowClient(job.mlflow.resolved_uri()), result.run_id)
     half = len(losses) // 2  # epoch 2's mean loss against epoch 1's
@@ -180,8 +195,13 @@ def test_one_gpu_worker_trains_in_bf16_and_evaluates_consistently(ray_local, tin
     from gcl.train.job import run_train
     from workflows.evaluate import run_evaluate
 
-    job = tiny_job(f"deepspeed.zero_stage={stage}", f"name=gpu-z{stage}", "scaling.use_gpu=true",
-                   "scaling.num_workers=1", "train.epochs=2")  # fmt: skip
+    job = tiny_job(
+        f"deepspeed.zero_stage={stage}",
+        f"name=gpu-z{stage}",
+        "scaling.use_gpu=true",
+        "scaling.num_workers=1",
+        "train.epochs=2",
+    )
     result = run_train(job)
     run = MlflowClient(job.mlflow.resolved_uri()).get_run(result.run_id)
     assert [w["device"] for w in json.loads(run.data.tags["gcl.workers"])] == ["cuda:0"]

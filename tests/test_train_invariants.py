@@ -41,11 +41,23 @@ def runs(ray_local, synth_dir, tmp_path_factory, step_gates):
     from workflows.tune import run_tune
 
     root = tmp_path_factory.mktemp("invariants")
-    job = tiny_job_config(synth_dir, root, f"train.epochs={EPOCHS}", "train.max_failures=0",
-                          f"data.eval={{in_domain: {synth_dir}/in_domain.parquet}}", config=TOWERS)  # fmt: skip
+    job = tiny_job_config(
+        synth_dir,
+        root,
+        f"train.epochs={EPOCHS}",
+        "train.max_failures=0",
+        f"data.eval={{in_domain: {synth_dir}/in_domain.parquet}}",
+        config=TOWERS,
+    )
     (root / "base.yaml").write_text(yaml.safe_dump(job.model_dump(mode="json")))
-    sweep = {"name": "inv", "base": str(root / "base.yaml"), "search": "random", "num_samples": 1,
-             "asha": {"enabled": False}, "space": {"train.lr": {"grid": [job.train.lr]}}}  # fmt: skip
+    sweep = {
+        "name": "inv",
+        "base": str(root / "base.yaml"),
+        "search": "random",
+        "num_samples": 1,
+        "asha": {"enabled": False},
+        "space": {"train.lr": {"grid": [job.train.lr]}},
+    }
     (root / "sweep.yaml").write_text(yaml.safe_dump(sweep))
     tuned = run_tune(str(root / "sweep.yaml"))
     uri = job.mlflow.resolved_uri()
@@ -53,8 +65,9 @@ def runs(ray_local, synth_dir, tmp_path_factory, step_gates):
     trial = tuned.best["run_id"]
     out = {"T": (trial, _logged_model_dir(client, trial)), "storage": job.storage}
 
-    retrained = retrain_job(trial, [f"mlflow.tracking_uri={uri}", "eval.before_training=true",
-                                    "pipeline.cache_locked_features=false"])  # fmt: skip
+    retrained = retrain_job(
+        trial, [f"mlflow.tracking_uri={uri}", "eval.before_training=true", "pipeline.cache_locked_features=false"]
+    )
     steps_per_epoch = max(_losses(client, trial)) // EPOCHS
     step_gates.fail(retrained.name, steps_per_epoch + 2)
     try:
@@ -162,8 +175,11 @@ def test_training_leaves_the_locked_towers_as_their_pretrained_files_made_them(r
         "visual.head.",
         "text.proj",
     )
-    locked = {k: v for k, v in fresh.items() if k.startswith(("visual.trunk.", "text.transformer."))
-              and not k.startswith(trainable)}  # fmt: skip
+    locked = {
+        k: v
+        for k, v in fresh.items()
+        if k.startswith(("visual.trunk.", "text.transformer.")) and not k.startswith(trainable)
+    }
     assert any(k.endswith("running_var") and not torch.all(v == 1) for k, v in locked.items())  # ImageNet's
     assert len(locked) > 300
     for name, pretrained in locked.items():
@@ -205,8 +221,6 @@ def test_a_towers_run_evaluates_its_base_model_first_and_logs_a_servable_model(r
     documents = pd.DataFrame({"title": rows["title"], "image": [v["bytes"] for v in rows["image"]]})
     ours = RowEncoder.from_model_dir(out["T"][1])
     served_documents = torch.as_tensor(served.predict(documents))
-    torch.testing.assert_close(
-        served_documents, ours.encode(rows[["title", "image"]], "right"), atol=1e-5, rtol=0
-    )
+    torch.testing.assert_close(served_documents, ours.encode(rows[["title", "image"]], "right"), atol=1e-5, rtol=0)
     served_queries = torch.as_tensor(served.predict(rows[["query"]]))
     torch.testing.assert_close(served_queries, ours.encode(rows[["query"]], "left"), atol=1e-5, rtol=0)

@@ -67,7 +67,11 @@ def test_sampled_values_become_validated_overrides(tmp_path):
     assert trial_overrides(params)[1] == 'loss.weight_fn="power"'
     trial = trial_job(job.model_dump(mode="json"), params, "s-0")
     assert (trial.loss.left_to_right, trial.loss.weight_fn, trial.train.lr, trial.loss.mask_same_query) == (
-        0.25, "power", 1e-3, False)  # fmt: skip
+        0.25,
+        "power",
+        1e-3,
+        False,
+    )
     with pytest.raises(ConfigError, match=r"trial s-1.*loss.left_to_right"):
         trial_job(job.model_dump(mode="json"), {"loss.left_to_right": -1.0}, "s-1")
 
@@ -122,8 +126,13 @@ def test_trials_tune_stopped_are_finished_in_mlflow_and_only_errored_trials_stay
 
     after = {trial: client.get_run(run_id) for trial, run_id in runs.items()}
     status = {trial: run.info.status for trial, run in after.items()}
-    assert status == {"cut_killed": "FINISHED", "cut_raced": "FINISHED", "last_epoch": "FINISHED",
-                      "errored": "FAILED", "finished": "FINISHED"}  # fmt: skip
+    assert status == {
+        "cut_killed": "FINISHED",
+        "cut_raced": "FINISHED",
+        "last_epoch": "FINISHED",
+        "errored": "FAILED",
+        "finished": "FINISHED",
+    }
     early = {trial for trial, run in after.items() if run.data.tags.get("gcl.stopped_early") == "true"}
     assert early == {"cut_killed", "cut_raced"}
     assert "gcl.error" not in after["cut_raced"].data.tags
@@ -142,13 +151,22 @@ def test_sweep_runs_fails_one_trial_alone_registers_the_best_and_resumes(ray_loc
     data = synth_dir
     uri = f"sqlite:///{tmp_path}/mlruns.db"
     path = _sweep_file(
-        tmp_path, name="sw", search="random", num_samples=1, registered_model="sw-model",
-        set=["train.epochs=1", "train.batch_size=16", "train.warmup_steps=2", f"data.train={data}/train.parquet",
-             f"data.eval={{in_domain: {data}/in_domain.parquet, zero_shot: {data}/zero_shot.parquet}}",
-             f"data.validation={{in_domain: {data}/val_in_domain.parquet, zero_shot: {data}/val_zero_shot.parquet}}",
-             "storage=runs"],
+        tmp_path,
+        name="sw",
+        search="random",
+        num_samples=1,
+        registered_model="sw-model",
+        set=[
+            "train.epochs=1",
+            "train.batch_size=16",
+            "train.warmup_steps=2",
+            f"data.train={data}/train.parquet",
+            f"data.eval={{in_domain: {data}/in_domain.parquet, zero_shot: {data}/zero_shot.parquet}}",
+            f"data.validation={{in_domain: {data}/val_in_domain.parquet, zero_shot: {data}/val_zero_shot.parquet}}",
+            "storage=runs",
+        ],
         space={"loss.left_to_right": {"grid": [1.0, 0.5, -1.0]}},  # -1: an invalid weight
-    )  # fmt: skip
+    )
     result = run_tune(path)
     # MLflow's set_tracking_uri exports MLFLOW_TRACKING_URI: a later job in this process must not
     # inherit the sweep's store as its default (the demo's runs went to this test's store).
@@ -162,9 +180,7 @@ def test_sweep_runs_fails_one_trial_alone_registers_the_best_and_resumes(ray_loc
 
     client = MlflowClient(uri)
     parent = client.get_run(result.parent_run_id)
-    assert (
-        parent.info.status == "FINISHED" and parent.data.metrics["best_objective"] == result.best["objective"]
-    )
+    assert parent.info.status == "FINISHED" and parent.data.metrics["best_objective"] == result.best["objective"]
     assert {"trials.json", "trials.png"} <= {a.path for a in client.list_artifacts(result.parent_run_id)}
     assert (tmp_path / "runs/sw/trials.png").stat().st_size > 10_000
     experiment = parent.info.experiment_id
@@ -175,22 +191,20 @@ def test_sweep_runs_fails_one_trial_alone_registers_the_best_and_resumes(ray_loc
     for child in children:
         if child.info.status != "FAILED":  # the sampled value is a param; per-split metrics per epoch
             assert child.data.params["loss.left_to_right"] in ("1.0", "0.5")
-            assert (
-                "in_domain/ndcg_at_10" in child.data.metrics and "zero_shot/ndcg_at_10" in child.data.metrics
-            )
+            assert "in_domain/ndcg_at_10" in child.data.metrics and "zero_shot/ndcg_at_10" in child.data.metrics
             history = client.get_metric_history(child.info.run_id, "objective")
             assert [m.step for m in history] == sorted(m.step for m in history) and history
             # Selected on validation, the test splits reported beside it.
             metrics = child.data.metrics
-            on = {kind: [metrics[f"{prefix}{s}/ndcg_at_10"] for s in ("in_domain", "zero_shot")]
-                  for kind, prefix in (("validation", "validation/"), ("test", ""))}  # fmt: skip
+            on = {
+                kind: [metrics[f"{prefix}{s}/ndcg_at_10"] for s in ("in_domain", "zero_shot")]
+                for kind, prefix in (("validation", "validation/"), ("test", ""))
+            }
             assert metrics["objective"] == pytest.approx(sum(on["validation"]) / 2)
             assert metrics["test_objective"] == pytest.approx(sum(on["test"]) / 2)
             assert metrics["objective"] != metrics["test_objective"]
     row = next(r for r in result.trials if r["trial"] == result.best["trial"])
-    assert row["test_objective"] == pytest.approx(
-        client.get_run(result.best["run_id"]).data.metrics["test_objective"]
-    )
+    assert row["test_objective"] == pytest.approx(client.get_run(result.best["run_id"]).data.metrics["test_objective"])
 
     # The best trial's model is registered as champion, with its provenance as tags.
     version, alias = result.registered
@@ -217,25 +231,23 @@ def test_sweep_runs_fails_one_trial_alone_registers_the_best_and_resumes(ray_loc
 
     model_uri = client.get_run(result.best["run_id"]).data.tags["gcl.model_uri"]
     key = registered.tags[OBJECTIVE_KEY_TAG]
-    assert (
-        register(model_uri, "sw-model", result.best["objective"] - 0.1, uri, objective_key=key)[1]
-        == "challenger"
-    )
+    assert register(model_uri, "sw-model", result.best["objective"] - 0.1, uri, objective_key=key)[1] == "challenger"
     assert register(model_uri, "sw-model", 2.0, uri, objective_key=key + " other data")[1] == "challenger"
     assert client.get_model_version_by_alias("sw-model", "champion").version == version
     better = register(model_uri, "sw-model", result.best["objective"] + 0.1, uri, objective_key=key)
-    assert (
-        better[1] == "champion"
-        and client.get_model_version_by_alias("sw-model", "champion").version == better[0]
-    )
+    assert better[1] == "champion" and client.get_model_version_by_alias("sw-model", "champion").version == better[0]
 
 
 def test_the_trial_table_marks_objectives_measured_on_a_sample():
     from gcl.tune.tuner import trial_table
 
     row = {"params": {"loss.temperature": 0.07}, "epochs": 1, "test_objective": 0.2, "status": "OK", "error": None}
-    table = trial_table([{**row, "trial": "full", "objective": 0.5, "sampled_queries": 0},
-                         {**row, "trial": "cut", "objective": 0.3, "sampled_queries": 2000}])  # fmt: skip
+    table = trial_table(
+        [
+            {**row, "trial": "full", "objective": 0.5, "sampled_queries": 0},
+            {**row, "trial": "cut", "objective": 0.3, "sampled_queries": 2000},
+        ]
+    )
     assert "| 0.5000 |" in table and "| 0.3000* | 0.2000* |" in table
     assert table.endswith("* on a sample of 2000 queries per split (eval.sample_queries)")
 
@@ -272,8 +284,12 @@ def test_optuna_samples_the_space_and_objective_splits_choose_their_own_best_tri
     job = parse_config(JobConfig, CONFIGS / "tiny-cpu.yaml", [f"storage={tmp_path}"])
     best, sampled = {}, {}
     for splits in ([], ["zero_shot"]):
-        sweep = SweepConfig(name=f"optuna-{len(splits)}", num_samples=4, asha={"enabled": False},
-                            space={"loss.left_to_right": {"uniform": [0.2, 0.9]}})  # fmt: skip
+        sweep = SweepConfig(
+            name=f"optuna-{len(splits)}",
+            num_samples=4,
+            asha={"enabled": False},
+            space={"loss.left_to_right": {"uniform": [0.2, 0.9]}},
+        )
         assert sweep.search == "optuna"
         trainable = tune.with_resources(
             tune.with_parameters(_scored_by_the_sampled_value, objective_splits=splits), {"CPU": 0.5}
@@ -307,9 +323,12 @@ def _trial_on_ray_train(config: dict, storage: str) -> None:
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    TorchTrainer(_epoch_results, train_loop_config={"x": config["loss.left_to_right"]},
-                 scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 0.25}),
-                 run_config=RunConfig(storage_path=storage, callbacks=[TuneReportCallback()])).fit()  # fmt: skip
+    TorchTrainer(
+        _epoch_results,
+        train_loop_config={"x": config["loss.left_to_right"]},
+        scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 0.25}),
+        run_config=RunConfig(storage_path=storage, callbacks=[TuneReportCallback()]),
+    ).fit()
 
 
 @pytest.mark.slow
@@ -330,13 +349,24 @@ def test_a_trial_asha_stops_ends_with_its_process_and_the_sweep_goes_on(ray_loca
     from gcl.tune.tuner import build_tuner, trial_rows
 
     job = parse_config(JobConfig, CONFIGS / "tiny-cpu.yaml", [f"storage={tmp_path}", "train.epochs=3"])
-    sweep = SweepConfig(name="asha-stop", search="random", num_samples=1, asha={"grace_period": 1, "reduction_factor": 2},
-                        space={"loss.left_to_right": {"grid": [0.9, 0.1, 0.5]}})  # fmt: skip
+    sweep = SweepConfig(
+        name="asha-stop",
+        search="random",
+        num_samples=1,
+        asha={"grace_period": 1, "reduction_factor": 2},
+        space={"loss.left_to_right": {"grid": [0.9, 0.1, 0.5]}},
+    )
     trainable = tune.with_resources(tune.with_parameters(_trial_on_ray_train, storage=str(tmp_path)), {"CPU": 0.25})
     fitted = {}
-    sweeping = threading.Thread(target=lambda: fitted.update(grid=build_tuner(sweep, job, trainable, 1).fit()), daemon=True)
+    sweeping = threading.Thread(
+        target=lambda: fitted.update(grid=build_tuner(sweep, job, trainable, 1).fit()), daemon=True
+    )
     sweeping.start()
     sweeping.join(600)  # bounds a hang: three trials of 1-second epochs take about a minute
     assert "grid" in fitted, "the sweep did not finish after ASHA stopped a trial"
     rows = {row["params"]["loss.left_to_right"]: row for row in trial_rows(fitted["grid"], sweep)}
-    assert {x: (row["status"], row["epochs"]) for x, row in rows.items()} == {0.9: ("OK", 3), 0.1: ("OK", 1), 0.5: ("OK", 2)}
+    assert {x: (row["status"], row["epochs"]) for x, row in rows.items()} == {
+        0.9: ("OK", 3),
+        0.1: ("OK", 1),
+        0.5: ("OK", 2),
+    }

@@ -47,16 +47,30 @@ def catalog(tmp_path_factory, synth_dir):
     for n, (model_uri, model_dir) in enumerate(models.items()):
         encoder = RowEncoder.from_model_dir(str(model_dir))
         vectors[model_uri] = encoder.encode(docs[["title", "image"]], "right").numpy()
-        embeddings = write_embeddings(root / f"emb{n}", vectors[model_uri], docs["product_id"].astype(str),
-                                      {"title": docs["title"]}, model_uri=model_uri)  # fmt: skip
+        embeddings = write_embeddings(
+            root / f"emb{n}",
+            vectors[model_uri],
+            docs["product_id"].astype(str),
+            {"title": docs["title"]},
+            model_uri=model_uri,
+        )
         build_index(IndexConfig(kind="flat", embeddings=embeddings, out=str(root / f"index{n}"), display=["title"]))
         indexes.append(str(root / f"index{n}"))
     shown = docs.copy()
     shown.loc[0, "title"] = MARKUP_TITLE
     shown.at[1, "image"] = {"bytes": b"these bytes are not an image", "path": None}
     shown.to_parquet(root / "catalog.parquet")
-    return {"root": root, "uri": uri, "split": split, "indexes": indexes, "docs": docs, "models": models,
-            "vectors": vectors, "markup_id": str(docs.loc[0, "product_id"]), "broken_id": str(docs.loc[1, "product_id"])}  # fmt: skip
+    return {
+        "root": root,
+        "uri": uri,
+        "split": split,
+        "indexes": indexes,
+        "docs": docs,
+        "models": models,
+        "vectors": vectors,
+        "markup_id": str(docs.loc[0, "product_id"]),
+        "broken_id": str(docs.loc[1, "product_id"]),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -64,10 +78,27 @@ def page(catalog):
     """`gcl ui` serving the two indexes with the split and the catalog; yields its base URL."""
     port = free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": catalog["uri"]}
-    server = subprocess.Popen([GCL, "ui", "--model", catalog["indexes"][0], "--model", catalog["indexes"][1],
-                               "--eval-split", catalog["split"], "--catalog", str(catalog["root"] / "catalog.parquet"),
-                               "--port", str(port)], env=env, cwd=catalog["root"],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    server = subprocess.Popen(
+        [
+            GCL,
+            "ui",
+            "--model",
+            catalog["indexes"][0],
+            "--model",
+            catalog["indexes"][1],
+            "--eval-split",
+            catalog["split"],
+            "--catalog",
+            str(catalog["root"] / "catalog.parquet"),
+            "--port",
+            str(port),
+        ],
+        env=env,
+        cwd=catalog["root"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     url = f"http://127.0.0.1:{port}"
     wait_until_answers(f"{url}/api/models", server, "gcl ui")
     yield url
@@ -164,8 +195,9 @@ def test_an_embedding_model_searches_its_catalog_embedded_at_start_as_its_index_
     for query in sorted(text_to_id)[:5]:
         embedded, indexed = page.search(query, 10)["columns"]
         assert [r["id"] for r in embedded["results"]] == [r["id"] for r in indexed["results"]], query
-        np.testing.assert_allclose([r["score"] for r in embedded["results"]], [r["score"] for r in indexed["results"]],
-                                   atol=1e-5)  # fmt: skip
+        np.testing.assert_allclose(
+            [r["score"] for r in embedded["results"]], [r["score"] for r in indexed["results"]], atol=1e-5
+        )
         assert embedded["ndcg@10"] == pytest.approx(indexed["ndcg@10"], abs=1e-6)
         assert all(r["title"] for r in embedded["results"])
 
@@ -199,8 +231,10 @@ def _chrome():
     driver_path = shutil.which("chromedriver") or "/usr/bin/chromedriver"
     browser = shutil.which("chromium") or "/usr/bin/chromium"
     if not (os.path.exists(driver_path) and os.path.exists(browser)):
-        pytest.skip("chromium and chromium-driver are not installed (Debian: apt-get install chromium chromium-driver; "
-                    "make test-slow installs them where it can)")  # fmt: skip
+        pytest.skip(
+            "chromium and chromium-driver are not installed (Debian: apt-get install chromium chromium-driver; "
+            "make test-slow installs them where it can)"
+        )
     options = webdriver.ChromeOptions()
     options.binary_location = browser
     for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1000"):
@@ -235,7 +269,8 @@ def test_the_page_in_a_real_browser_shows_columns_thumbnails_grades_and_ndcg(cat
         k.send_keys("5")
         browser.find_element(By.CSS_SELECTOR, "#search button").click()
         WebDriverWait(browser, 60).until(
-            lambda b: b.find_element(By.ID, "columns").get_attribute("data-query") == query)
+            lambda b: b.find_element(By.ID, "columns").get_attribute("data-query") == query
+        )
         columns = browser.find_elements(By.CSS_SELECTOR, "#columns .column")
         assert [c.find_element(By.TAG_NAME, "h2").text for c in columns] == catalog["indexes"]
         for column, expected in zip(columns, want["columns"], strict=True):
@@ -243,10 +278,15 @@ def test_the_page_in_a_real_browser_shows_columns_thumbnails_grades_and_ndcg(cat
             assert [r.get_attribute("data-id") for r in results] == [r["id"] for r in expected["results"]]
             assert column.find_element(By.CLASS_NAME, "ndcg").text == f"NDCG@10 {expected['ndcg@10']:.4f}"
             grades = [r.find_element(By.CLASS_NAME, "grade").text for r in results]
-            assert grades == ["not judged" if r["grade"] is None else f"grade {r['grade']}" for r in expected["results"]]
-            WebDriverWait(browser, 60).until(lambda b, column=column: all(
-                b.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", img)
-                for img in column.find_elements(By.TAG_NAME, "img")))
+            assert grades == [
+                "not judged" if r["grade"] is None else f"grade {r['grade']}" for r in expected["results"]
+            ]
+            WebDriverWait(browser, 60).until(
+                lambda b, column=column: all(
+                    b.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", img)
+                    for img in column.find_elements(By.TAG_NAME, "img")
+                )
+            )
         # The markup title: typed as a query, its document is shown with the title as text.
         box.clear()
         box.send_keys(MARKUP_TITLE)
@@ -254,7 +294,8 @@ def test_the_page_in_a_real_browser_shows_columns_thumbnails_grades_and_ndcg(cat
         k.send_keys("100")
         browser.find_element(By.CSS_SELECTOR, "#search button").click()
         WebDriverWait(browser, 60).until(
-            lambda b: b.find_element(By.ID, "columns").get_attribute("data-query") == MARKUP_TITLE)
+            lambda b: b.find_element(By.ID, "columns").get_attribute("data-query") == MARKUP_TITLE
+        )
         shown = browser.find_element(By.CSS_SELECTOR, f".result[data-id='{catalog['markup_id']}'] .title")
         assert shown.text == MARKUP_TITLE and not browser.find_elements(By.CSS_SELECTOR, ".title b")
         assert browser.execute_script("return window.pwned === undefined")

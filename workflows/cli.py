@@ -25,8 +25,15 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
         "-c",
         help="YAML config (e.g. workflows/configs/tiny-cpu.yaml); default: built-in defaults",
     )
-    parser.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set train.epochs=3 --set loss.weight_fn=reciprocal")  # fmt: skip
+    parser.add_argument(
+        "--set",
+        "-s",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set train.epochs=3 --set loss.weight_fn=reciprocal",
+    )
 
 
 def _job(args):
@@ -74,13 +81,13 @@ def cmd_data_synth(args) -> int:
     from gcl.data.splits import SplitConfig
     from gcl.data.synth import SynthConfig, synthesize
 
-    cfg = SynthConfig(
-        products=args.products, queries=args.queries, docs_per_query=args.docs_per_query, seed=args.seed
-    )
+    cfg = SynthConfig(products=args.products, queries=args.queries, docs_per_query=args.docs_per_query, seed=args.seed)
     manifest = synthesize(args.out, cfg, SplitConfig(seed=args.seed))
     for name, info in manifest["splits"].items():
-        print(f"{name:19s} {info['rows']:7d} pairs  {info['queries']:6d} queries  {info['documents']:6d} documents"
-              f"  -> {Path(args.out) / info['file']}")  # fmt: skip
+        print(
+            f"{name:19s} {info['rows']:7d} pairs  {info['queries']:6d} queries  {info['documents']:6d} documents"
+            f"  -> {Path(args.out) / info['file']}"
+        )
     return 0
 
 
@@ -95,10 +102,14 @@ def cmd_data_split(args) -> int:
     extra = {"source": args.input, "split": cfg.model_dump()}
     manifest = split_dataset(args.input, args.out, args.query_column, args.document_column, cfg, extra)
     for name, info in manifest["splits"].items():
-        print(f"{name:19s} {info['rows']:9d} pairs  {info['queries']:7d} queries  {info['documents']:8d} documents"
-              f"  -> {Path(args.out) / info['file']} ({info['files']} files)")  # fmt: skip
-    print(f"{manifest['unused_pairs']} pairs in no split (a test-novel query with a validation-novel document, "
-          "or the reverse)")  # fmt: skip
+        print(
+            f"{name:19s} {info['rows']:9d} pairs  {info['queries']:7d} queries  {info['documents']:8d} documents"
+            f"  -> {Path(args.out) / info['file']} ({info['files']} files)"
+        )
+    print(
+        f"{manifest['unused_pairs']} pairs in no split (a test-novel query with a validation-novel document, "
+        "or the reverse)"
+    )
     return 0
 
 
@@ -117,8 +128,10 @@ def cmd_train(args) -> int:
         with _quiet(args, job.storage, job.name):
             train(job)
     except (KeyboardInterrupt, SystemExit) as stop:
-        print(f"stopped: `gcl train` with the same config resumes run {job.name} from its last checkpoint",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"stopped: `gcl train` with the same config resumes run {job.name} from its last checkpoint",
+            file=sys.stderr,
+        )
         _exit_stopped(stop)
     return 0
 
@@ -153,8 +166,11 @@ def cmd_tune(args) -> int:
         with _quiet(args, job.storage, sweep.name):
             run_tune(args.config, args.overrides)
     except (KeyboardInterrupt, SystemExit) as stop:
-        print(f"stopped: `gcl tune` with the same config resumes sweep {sweep.name}; its finished trials are "
-              "not run again", file=sys.stderr)  # fmt: skip
+        print(
+            f"stopped: `gcl tune` with the same config resumes sweep {sweep.name}; its finished trials are "
+            "not run again",
+            file=sys.stderr,
+        )
         _exit_stopped(stop)
     return 0
 
@@ -255,8 +271,11 @@ def _with_flags(args, section: str, flags: dict) -> list[str]:
     """The config overrides plus `section.key=value` for each flag given on the command line."""
     import yaml
 
-    given = [f"{section}.{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
-             for key, value in flags.items() if value not in (None, [])]  # fmt: skip
+    given = [
+        f"{section}.{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
+        for key, value in flags.items()
+        if value not in (None, [])
+    ]
     return [*args.overrides, *given]
 
 
@@ -265,8 +284,9 @@ def cmd_embed(args) -> int:
     from gcl.job_config import JobConfig
     from workflows.embed import run_embed
 
-    overrides = _with_flags(args, "embed", {"model": args.model, "input": args.input, "out": args.out,
-                                             "side": args.side, "keep": args.keep})  # fmt: skip
+    overrides = _with_flags(
+        args, "embed", {"model": args.model, "input": args.input, "out": args.out, "side": args.side, "keep": args.keep}
+    )
     job = parse_config(JobConfig, args.config, overrides)
     with _quiet(args, job.storage, job.name):
         run_embed(job)
@@ -278,8 +298,9 @@ def cmd_index(args) -> int:
     from gcl.job_config import JobConfig
     from workflows.index import run_index
 
-    overrides = _with_flags(args, "index", {"embeddings": args.embeddings, "out": args.out, "kind": args.kind,
-                                             "display": args.display})  # fmt: skip
+    overrides = _with_flags(
+        args, "index", {"embeddings": args.embeddings, "out": args.out, "kind": args.kind, "display": args.display}
+    )
     job = parse_config(JobConfig, args.config, overrides)
     with _quiet(args, job.storage, job.name):
         run_index(job, args.register)
@@ -304,8 +325,7 @@ def cmd_bench(args) -> int:
         from gcl.bench.gpu_check import main as gpu_check
 
         return gpu_check(["--out", args.gpu_check])
-    run_bench(args.only.split(",") if args.only else None, args.workdir, args.overrides, args.search_rows,
-              args.preset)  # fmt: skip
+    run_bench(args.only.split(",") if args.only else None, args.workdir, args.overrides, args.search_rows, args.preset)
     return 0
 
 
@@ -320,9 +340,7 @@ def _add_data(sub) -> None:
     data = sub.add_parser("data", help="generate, split and validate scored-pair data").add_subparsers(
         dest="data_command", required=True, metavar="ACTION"
     )
-    p = data.add_parser(
-        "synth", help="write the synthetic shopping benchmark (train, 4 test and 4 validation splits)"
-    )
+    p = data.add_parser("synth", help="write the synthetic shopping benchmark (train, 4 test and 4 validation splits)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--products", type=int, default=2000)
     p.add_argument("--queries", type=int, default=700)
@@ -335,17 +353,28 @@ def _add_data(sub) -> None:
         "zero_shot) and validation splits of their own (val_*)",
     )
     p.add_argument("--input", required=True, help="parquet file, directory or glob (or .csv / .jsonl)")
-    p.add_argument("--out", required=True, help="output directory (local or a URI): <out>/<split>/ parquet "
-                   "directories and manifest.json")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="output directory (local or a URI): <out>/<split>/ parquet directories and manifest.json",
+    )
     p.add_argument("--query-column", default="query_id")
     p.add_argument("--document-column", default="product_id")
     p.add_argument("--novel-query-fraction", type=float, default=0.2)
     p.add_argument("--novel-document-fraction", type=float, default=0.2)
     p.add_argument("--in-domain-fraction", type=float, default=0.2)
-    p.add_argument("--validation-query-fraction", type=float, default=0.1,
-                   help="queries held out for the val_* splits, apart from the test splits' (0: none)")  # fmt: skip
-    p.add_argument("--validation-document-fraction", type=float, default=0.1,
-                   help="documents held out for the val_* splits likewise (0: none)")  # fmt: skip
+    p.add_argument(
+        "--validation-query-fraction",
+        type=float,
+        default=0.1,
+        help="queries held out for the val_* splits, apart from the test splits' (0: none)",
+    )
+    p.add_argument(
+        "--validation-document-fraction",
+        type=float,
+        default=0.1,
+        help="documents held out for the val_* splits likewise (0: none)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_data_split)
     p = data.add_parser("validate", help="check a config's training and evaluation data, naming bad rows")
@@ -356,29 +385,42 @@ def _add_data(sub) -> None:
 def _add_train_and_tune(sub) -> None:
     p = sub.add_parser("train", help="fine-tune with Ray Train + DeepSpeed; resumes a run of the same name")
     _add_config_args(p)
-    p.add_argument("--from-run", metavar="RUN", help="train again with the config a run logged: a run name or id, "
-                   "or a registered model (models:/NAME@ALIAS); as run <name>-retrain unless --set name=...")  # fmt: skip
+    p.add_argument(
+        "--from-run",
+        metavar="RUN",
+        help="train again with the config a run logged: a run name or id, "
+        "or a registered model (models:/NAME@ALIAS); as run <name>-retrain unless --set name=...",
+    )
     p.set_defaults(func=cmd_train)
-    p = sub.add_parser("sync", help="after an MLflow outage: log what a finished `gcl train` could not "
-                       "(buffered metrics, the model, the run's end, its registration)")  # fmt: skip
+    p = sub.add_parser(
+        "sync",
+        help="after an MLflow outage: log what a finished `gcl train` could not "
+        "(buffered metrics, the model, the run's end, its registration)",
+    )
     _add_config_args(p)
     p.set_defaults(func=cmd_sync)
-    p = sub.add_parser(
-        "tune", help="sweep loss weights with Ray Tune (Optuna + ASHA); registers the best model"
-    )
+    p = sub.add_parser("tune", help="sweep loss weights with Ray Tune (Optuna + ASHA); registers the best model")
+    p.add_argument("--config", "-c", required=True, help="sweep YAML (e.g. workflows/configs/sweep-tiny.yaml)")
     p.add_argument(
-        "--config", "-c", required=True, help="sweep YAML (e.g. workflows/configs/sweep-tiny.yaml)"
+        "--set",
+        "-s",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a sweep key, or with job. a key of its base job, e.g. --set num_samples=4 "
+        "--set job.train.epochs=1",
     )
-    p.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a sweep key, or with job. a key of its base job, e.g. --set num_samples=4 "
-                   "--set job.train.epochs=1")  # fmt: skip
     p.set_defaults(func=cmd_tune)
 
 
 def _add_register_and_submit(sub) -> None:
     p = sub.add_parser("register", help="register a run's model; @champion only if it beats the current one")
-    p.add_argument("--run", required=True,
-                   help="a `gcl train` run or a sweep's trial: its name (the job's `name`; the newest run of it) or MLflow run id")  # fmt: skip
+    p.add_argument(
+        "--run",
+        required=True,
+        help="a `gcl train` run or a sweep's trial: its name (the job's `name`; the newest run of it) or MLflow run id",
+    )
     p.add_argument(
         "--experiment", default="gcl", help="the MLflow experiment of a run given by name (mlflow.experiment)"
     )
@@ -386,64 +428,90 @@ def _add_register_and_submit(sub) -> None:
     p.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI, else sqlite:///mlruns.db here")
     p.set_defaults(func=cmd_register)
 
-    p = sub.add_parser("submit", help="run a gcl command on a Ray cluster as a Ray Job, streaming its logs",
-                       description="e.g. gcl submit --address http://head:8265 --runtime-env cluster/runtime_env.yaml "
-                       "-- train -c workflows/configs/tiny-cpu.yaml --set train.epochs=3")  # fmt: skip
-    p.add_argument(
-        "--address", help="Ray dashboard address (default: RAY_ADDRESS, else http://127.0.0.1:8265)"
+    p = sub.add_parser(
+        "submit",
+        help="run a gcl command on a Ray cluster as a Ray Job, streaming its logs",
+        description="e.g. gcl submit --address http://head:8265 --runtime-env cluster/runtime_env.yaml "
+        "-- train -c workflows/configs/tiny-cpu.yaml --set train.epochs=3",
     )
+    p.add_argument("--address", help="Ray dashboard address (default: RAY_ADDRESS, else http://127.0.0.1:8265)")
     p.add_argument("--runtime-env", help="runtime environment YAML (e.g. cluster/runtime_env.yaml)")
+    p.add_argument("--working-dir", help="directory uploaded as the job's working directory (overrides the file's)")
     p.add_argument(
-        "--working-dir", help="directory uploaded as the job's working directory (overrides the file's)"
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="environment variable for the job (MLFLOW_TRACKING_URI is forwarded from here when set)",
     )
-    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                   help="environment variable for the job (MLFLOW_TRACKING_URI is forwarded from here when set)")  # fmt: skip
-    p.add_argument(
-        "--no-wait", action="store_true", help="return once submitted instead of streaming the logs"
-    )
+    p.add_argument("--no-wait", action="store_true", help="return once submitted instead of streaming the logs")
     p.add_argument("--submission-id", help="job id to use (default: generated)")
-    p.add_argument(
-        "gcl_command", nargs=argparse.REMAINDER, help="-- then the gcl command, e.g. -- train -c ..."
-    )
+    p.add_argument("gcl_command", nargs=argparse.REMAINDER, help="-- then the gcl command, e.g. -- train -c ...")
     p.set_defaults(func=cmd_submit)
 
 
 def _add_embed_and_index(sub) -> None:
-    p = sub.add_parser("embed", help="embed a catalog (or queries) with a model: Ray Data batch inference to "
-                       "parquet or Lance")  # fmt: skip
+    p = sub.add_parser(
+        "embed", help="embed a catalog (or queries) with a model: Ray Data batch inference to parquet or Lance"
+    )
     _add_config_args(p)
-    p.add_argument("--model", help="models:/<name>@<alias> (or /<version>), runs:/<id>/model, or an exported "
-                   "model directory (embed.model)")  # fmt: skip
-    p.add_argument("--input", help="rows to embed: parquet, CSV or JSONL; a file, directory or glob, local or a "
-                   "URI (embed.input)")  # fmt: skip
-    p.add_argument("--out", help="output directory of parquet files, or a path ending in .lance for a Lance "
-                   "dataset (embed.out)")  # fmt: skip
-    p.add_argument("--side", choices=["right", "left"],
-                   help="right: documents (default); left: queries (embed.side)")  # fmt: skip
-    p.add_argument("--keep", action="append", default=[], metavar="COLUMN",
-                   help="copy an input column to the output, e.g. a title to display (embed.keep; repeatable)")  # fmt: skip
+    p.add_argument(
+        "--model",
+        help="models:/<name>@<alias> (or /<version>), runs:/<id>/model, or an exported model directory (embed.model)",
+    )
+    p.add_argument(
+        "--input", help="rows to embed: parquet, CSV or JSONL; a file, directory or glob, local or a URI (embed.input)"
+    )
+    p.add_argument(
+        "--out", help="output directory of parquet files, or a path ending in .lance for a Lance dataset (embed.out)"
+    )
+    p.add_argument("--side", choices=["right", "left"], help="right: documents (default); left: queries (embed.side)")
+    p.add_argument(
+        "--keep",
+        action="append",
+        default=[],
+        metavar="COLUMN",
+        help="copy an input column to the output, e.g. a title to display (embed.keep; repeatable)",
+    )
     p.set_defaults(func=cmd_embed)
-    p = sub.add_parser("index", help="build a FAISS index (flat, hnsw, ivf-pq) of `gcl embed`'s output; "
-                       "--register NAME makes it a servable search model")  # fmt: skip
+    p = sub.add_parser(
+        "index",
+        help="build a FAISS index (flat, hnsw, ivf-pq) of `gcl embed`'s output; "
+        "--register NAME makes it a servable search model",
+    )
     _add_config_args(p)
     p.add_argument("--embeddings", help="`gcl embed`'s output directory (index.embeddings)")
     p.add_argument("--out", help="index directory to write (index.out)")
     p.add_argument("--kind", choices=["flat", "hnsw", "ivf-pq"], help="index kind (index.kind; default hnsw)")
-    p.add_argument("--display", action="append", default=[], metavar="COLUMN",
-                   help="a column kept by `gcl embed --keep` to return with results (index.display; repeatable)")  # fmt: skip
+    p.add_argument(
+        "--display",
+        action="append",
+        default=[],
+        metavar="COLUMN",
+        help="a column kept by `gcl embed --keep` to return with results (index.display; repeatable)",
+    )
     p.add_argument("--register", metavar="NAME", help="log and register the model and index as search model NAME")
     p.set_defaults(func=cmd_index)
 
 
 def _add_ui(sub) -> None:
-    p = sub.add_parser("ui", help="a search page over 1 to 3 search models side by side, with grades and NDCG@10 "
-                       "from an evaluation split")  # fmt: skip
+    p = sub.add_parser(
+        "ui",
+        help="a search page over 1 to 3 search models side by side, with grades and NDCG@10 from an evaluation split",
+    )
     _add_config_args(p)
-    p.add_argument("--model", action="append", default=[], required=True,
-                   help="a registered search model (models:/NAME@ALIAS, from gcl index --register) or a gcl index "
-                   "directory; repeat for up to 3 columns")  # fmt: skip
-    p.add_argument("--eval-split", help="pairs with grades (a split of gcl data split): grades, NDCG@10 and the "
-                   "split's queries on the page")  # fmt: skip
+    p.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        required=True,
+        help="a registered search model (models:/NAME@ALIAS, from gcl index --register) or a gcl index "
+        "directory; repeat for up to 3 columns",
+    )
+    p.add_argument(
+        "--eval-split",
+        help="pairs with grades (a split of gcl data split): grades, NDCG@10 and the split's queries on the page",
+    )
     p.add_argument("--catalog", help="the documents' rows with their images (default: the evaluation split's)")
     p.add_argument("--host", default="127.0.0.1", help="the address to listen on (default loopback only)")
     p.add_argument("--port", type=int, default=8765)
@@ -464,39 +532,65 @@ def _add_evaluate_demo_bench(sub) -> None:
         "base model open_clip:ARCH[:TAG or weights file] fed with the config's fields; repeat --model to "
         "compare models, each against the first",
     )
-    p.add_argument("--index", metavar="DIR", help="a `gcl index` directory: search each split's queries with it "
-                   "and exactly over the same catalog, side by side (the model: the index's, unless --model)")  # fmt: skip
-    p.add_argument("--output", "-o", metavar="FILE", help="also write the metrics per split to FILE as JSON "
-                   "({model, metrics}; with several models {models: {model: metrics}})")  # fmt: skip
+    p.add_argument(
+        "--index",
+        metavar="DIR",
+        help="a `gcl index` directory: search each split's queries with it "
+        "and exactly over the same catalog, side by side (the model: the index's, unless --model)",
+    )
+    p.add_argument(
+        "--output",
+        "-o",
+        metavar="FILE",
+        help="also write the metrics per split to FILE as JSON "
+        "({model, metrics}; with several models {models: {model: metrics}})",
+    )
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser(
-        "demo", help="the main job: synthetic data, binary baseline vs GCL, table, plot, registry"
-    )
+    p = sub.add_parser("demo", help="the main job: synthetic data, binary baseline vs GCL, table, plot, registry")
     p.add_argument("--quick", action="store_true", help="a smaller, faster variant")
-    p.add_argument("--tiny", action="store_true",
-                   help="train gcl-tiny (3.4M parameters) from random weights instead of fine-tuning the pretrained "
-                        "towers (MiniLM text, EfficientNet-Lite0 image; the `pretrained` extra)")  # fmt: skip
-    p.add_argument("--workdir", help="where data, runs and the plot go (default: gcl_runs/demo, or "
-                   "gcl_runs/demo-tiny with --tiny)")  # fmt: skip
+    p.add_argument(
+        "--tiny",
+        action="store_true",
+        help="train gcl-tiny (3.4M parameters) from random weights instead of fine-tuning the pretrained "
+        "towers (MiniLM text, EfficientNet-Lite0 image; the `pretrained` extra)",
+    )
+    p.add_argument(
+        "--workdir", help="where data, runs and the plot go (default: gcl_runs/demo, or gcl_runs/demo-tiny with --tiny)"
+    )
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser(
         "bench", help="performance ratios measured side by side (data, pipeline, memory, cached, retrieval)"
     )
-    p.add_argument("--only", help="comma-separated subset of: data,steps,pipeline,memory,cached,retrieval (the default "
-                   "set), and search (embedding and indexes; minutes at 1M vectors)")  # fmt: skip
-    p.add_argument("--search-rows", type=int, default=1_000_000,
-                   help="vectors the search section indexes (default 1M)")  # fmt: skip
+    p.add_argument(
+        "--only",
+        help="comma-separated subset of: data,steps,pipeline,memory,cached,retrieval (the default "
+        "set), and search (embedding and indexes; minutes at 1M vectors)",
+    )
+    p.add_argument("--search-rows", type=int, default=1_000_000, help="vectors the search section indexes (default 1M)")
     p.add_argument("--workdir", help="scratch directory (default: a new temporary one)")
-    p.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override the timed job's config (data, steps, pipeline), e.g. --set model.arch=ViT-B-32 "
-                   "--set train.batch_size=128 --set pipeline.preprocess_tasks=8")  # fmt: skip
-    p.add_argument("--preset", choices=["vitb32-cpu", "vitb32-cpu-job"],
-                   help="vitb32-cpu: the steps section at ViT-B-32 size on this CPU (a few minutes); "
-                   "vitb32-cpu-job: with `gcl train` on one worker against open_clip's loop (about 10 minutes)")  # fmt: skip
-    p.add_argument("--gpu-check", metavar="OUT.json",
-                   help="the GPU check (gcl.bench.gpu_check: open_clip's loop against gcl's steps at ViT-B-32, "
-                   "batches 256 and 512, on the first GPU) into one JSON file; nothing else runs")  # fmt: skip
+    p.add_argument(
+        "--set",
+        "-s",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override the timed job's config (data, steps, pipeline), e.g. --set model.arch=ViT-B-32 "
+        "--set train.batch_size=128 --set pipeline.preprocess_tasks=8",
+    )
+    p.add_argument(
+        "--preset",
+        choices=["vitb32-cpu", "vitb32-cpu-job"],
+        help="vitb32-cpu: the steps section at ViT-B-32 size on this CPU (a few minutes); "
+        "vitb32-cpu-job: with `gcl train` on one worker against open_clip's loop (about 10 minutes)",
+    )
+    p.add_argument(
+        "--gpu-check",
+        metavar="OUT.json",
+        help="the GPU check (gcl.bench.gpu_check: open_clip's loop against gcl's steps at ViT-B-32, "
+        "batches 256 and 512, on the first GPU) into one JSON file; nothing else runs",
+    )
     p.set_defaults(func=cmd_bench)
 
 
@@ -506,9 +600,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Generalized Contrastive Learning: fine-tune open_clip models for retrieval and ranking "
         "from graded relevance, on Ray with DeepSpeed, tracked in MLflow.",
     )
-    parser.add_argument("--verbose", "-v", action="count", default=0,
-                        help="-v: everything Ray, Ray Data, DeepSpeed and open_clip print on the terminal too "
-                        "(by default it goes to the command's log file); -vv: debug logging")  # fmt: skip
+    parser.add_argument(
+        "--verbose",
+        "-v",
+        action="count",
+        default=0,
+        help="-v: everything Ray, Ray Data, DeepSpeed and open_clip print on the terminal too "
+        "(by default it goes to the command's log file); -vv: debug logging",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (
         _add_config,
@@ -539,8 +638,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:
         if console.last_log_file is None:  # no log to hold the traceback: the terminal gets it
             raise
-        print(f"error: {type(err).__name__}: {' '.join(str(err).split())[:300]}; gcl stopped on an error it does "
-              f"not explain: please report it with the traceback in {console.last_log_file}", file=sys.stderr)  # fmt: skip
+        print(
+            f"error: {type(err).__name__}: {' '.join(str(err).split())[:300]}; gcl stopped on an error it does "
+            f"not explain: please report it with the traceback in {console.last_log_file}",
+            file=sys.stderr,
+        )
         return 1
 
 

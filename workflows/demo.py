@@ -53,9 +53,11 @@ BENCHMARK = SynthConfig(products=1500, queries=500)
 def benchmark_data(data: str) -> list[str]:
     """Overrides that point a job at the benchmark written to `data`: its training pairs, test
     splits and validation splits."""
-    return [f"data.train={data}/train.parquet",
-            "data.eval={" + ", ".join(f"{s}: {data}/{s}.parquet" for s in SPLITS) + "}",
-            "data.validation={" + ", ".join(f"{s}: {data}/val_{s}.parquet" for s in SPLITS) + "}"]  # fmt: skip
+    return [
+        f"data.train={data}/train.parquet",
+        "data.eval={" + ", ".join(f"{s}: {data}/{s}.parquet" for s in SPLITS) + "}",
+        "data.validation={" + ", ".join(f"{s}: {data}/val_{s}.parquet" for s in SPLITS) + "}",
+    ]
 
 
 # `gcl demo --tiny`: each variant at its own settings, chosen for it on the validation splits by a
@@ -67,27 +69,49 @@ TINY_SETTINGS = {
     "baseline": [*CLIP_LOSS, "train.lr=1.3e-3", "loss.init_temperature=0.088"],
     # GCL's documents, masking and term weights with every pair weighted alike:
     # docs/sweep-defaults-binary.yaml's best trial (GCL's space but the weight function).
-    "ablation": ["loss.weight_fn=uniform", "train.lr=7.4e-4", "loss.init_temperature=0.035",
-                 "loss.left_to_right=0.55", "loss.right_to_left=0.54", "loss.mask_same_query=false",
-                 "fields.right.image.weight=0.81", "fields.right.title.weight=0.36"],
+    "ablation": [
+        "loss.weight_fn=uniform",
+        "train.lr=7.4e-4",
+        "loss.init_temperature=0.035",
+        "loss.left_to_right=0.55",
+        "loss.right_to_left=0.54",
+        "loss.mask_same_query=false",
+        "fields.right.image.weight=0.81",
+        "fields.right.title.weight=0.36",
+    ],
     # GCL: tiny-cpu.yaml as it is, whose settings are docs/sweep-defaults-gcl.yaml's best trial.
     "gcl": [],
-}  # fmt: skip
+}
 
 
 # `gcl demo`: the three from pretrained towers (minilm-efflite0.yaml: MiniLM text,
 # ImageNet EfficientNet-Lite0 image, locked), each at its best trial of docs/sweep-towers-*.yaml
 # (rounded; docs/ranking.md, section 2c).
 TOWERS_SETTINGS = {
-    "baseline": [*CLIP_LOSS, "train.lr=1.4e-3", "loss.init_temperature=0.15",
-                 "model.towers.text.unlocked_layers=0"],
-    "ablation": ["loss.weight_fn=uniform", "train.lr=1.5e-4", "loss.init_temperature=0.087",
-                 "model.towers.text.unlocked_layers=2", "loss.left_to_right=0.41", "loss.right_to_left=0.77",
-                 "loss.mask_same_query=false", "fields.right.image.weight=0.51", "fields.right.title.weight=0.31"],
-    "gcl": ["train.lr=1.0e-3", "loss.init_temperature=0.046", "model.towers.text.unlocked_layers=2",
-            "loss.left_to_right=0.74", "loss.right_to_left=0.21", "loss.mask_same_query=false",
-            "fields.right.image.weight=0.68", "fields.right.title.weight=0.29", "loss.temperature=0.27"],
-}  # fmt: skip
+    "baseline": [*CLIP_LOSS, "train.lr=1.4e-3", "loss.init_temperature=0.15", "model.towers.text.unlocked_layers=0"],
+    "ablation": [
+        "loss.weight_fn=uniform",
+        "train.lr=1.5e-4",
+        "loss.init_temperature=0.087",
+        "model.towers.text.unlocked_layers=2",
+        "loss.left_to_right=0.41",
+        "loss.right_to_left=0.77",
+        "loss.mask_same_query=false",
+        "fields.right.image.weight=0.51",
+        "fields.right.title.weight=0.31",
+    ],
+    "gcl": [
+        "train.lr=1.0e-3",
+        "loss.init_temperature=0.046",
+        "model.towers.text.unlocked_layers=2",
+        "loss.left_to_right=0.74",
+        "loss.right_to_left=0.21",
+        "loss.mask_same_query=false",
+        "fields.right.image.weight=0.68",
+        "fields.right.title.weight=0.29",
+        "loss.temperature=0.27",
+    ],
+}
 
 
 def demo_jobs(workdir: str, quick: bool, stamp: str, tiny: bool = False) -> dict[str, JobConfig]:
@@ -96,8 +120,9 @@ def demo_jobs(workdir: str, quick: bool, stamp: str, tiny: bool = False) -> dict
     (TINY_SETTINGS, TOWERS_SETTINGS): the CLIP-style binary baseline, the ablation
     (uniform weights with GCL's title + image fields, masking and term weights) and GCL (graded
     weights too)."""
-    config, settings, epochs = ("tiny-cpu.yaml", TINY_SETTINGS, 4) if tiny else (
-        "minilm-efflite0.yaml", TOWERS_SETTINGS, 2)  # fmt: skip
+    config, settings, epochs = (
+        ("tiny-cpu.yaml", TINY_SETTINGS, 4) if tiny else ("minilm-efflite0.yaml", TOWERS_SETTINGS, 2)
+    )
     common = [
         *benchmark_data(f"{workdir}/data"),
         f"storage={workdir}/runs",
@@ -105,14 +130,18 @@ def demo_jobs(workdir: str, quick: bool, stamp: str, tiny: bool = False) -> dict
         f"train.epochs={1 if quick else epochs}",
         "train.batch_size=32",
     ]
-    return {key: parse_config(JobConfig, CONFIGS / config, [*common, f"name=demo-{key}-{stamp}", *extra])
-            for key, extra in settings.items()}  # fmt: skip
+    return {
+        key: parse_config(JobConfig, CONFIGS / config, [*common, f"name=demo-{key}-{stamp}", *extra])
+        for key, extra in settings.items()
+    }
 
 
 def _plot_and_log(runs: dict, results: dict, client, path: str) -> str:
     """The comparison plot (per-split NDCG@10, loss curves), logged to every run."""
-    losses = {NAMES[key]: [m.value for m in sorted(client.get_metric_history(r.run_id, "loss"), key=lambda m: m.step)]
-              for key, r in runs.items()}  # fmt: skip
+    losses = {
+        NAMES[key]: [m.value for m in sorted(client.get_metric_history(r.run_id, "loss"), key=lambda m: m.step)]
+        for key, r in runs.items()
+    }
     plot = comparison_plot({NAMES[key]: r for key, r in results.items()}, "ndcg@10", path, losses)
     for run in runs.values():
         client.log_artifact(run.run_id, plot)
@@ -121,8 +150,10 @@ def _plot_and_log(runs: dict, results: dict, client, path: str) -> str:
 
 def _print_next_steps(uri: str, name: str, alias: str, baseline_model: str, split: str) -> None:
     say("\nNext:")
-    say(f"  search page: .venv/bin/gcl ui --model models:/{name}@{alias} --model {baseline_model} "
-        f"--eval-split {split}   # GCL beside the binary baseline; open http://127.0.0.1:8765/")  # fmt: skip
+    say(
+        f"  search page: .venv/bin/gcl ui --model models:/{name}@{alias} --model {baseline_model} "
+        f"--eval-split {split}   # GCL beside the binary baseline; open http://127.0.0.1:8765/"
+    )
     say(f"  MLflow UI:   .venv/bin/mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
     say(
         f"  serve:       PATH=$PWD/.venv/bin:$PATH MLFLOW_TRACKING_URI={uri} mlflow models serve "
@@ -150,11 +181,7 @@ def run_demo(quick: bool = False, workdir: str = "gcl_runs/demo", tiny: bool = F
         say(f"[{next(phases)}/6] {what}")
 
     phase("generating the synthetic benchmark")
-    synth = (
-        SynthConfig(products=400, queries=150, docs_per_query=10)
-        if quick
-        else BENCHMARK
-    )
+    synth = SynthConfig(products=400, queries=150, docs_per_query=10) if quick else BENCHMARK
     manifest = synthesize(f"{workdir}/data", synth)
     log.info("data: %s", json.dumps({k: v["rows"] for k, v in manifest["splits"].items()}))
 
@@ -176,14 +203,24 @@ def run_demo(quick: bool = False, workdir: str = "gcl_runs/demo", tiny: bool = F
     phase("registering the GCL model")
     version, alias = register_run(gcl.run_id, registered_model, uri)
 
-    say("\nSame model, data and budget, each at its own settings (chosen on the validation splits by a sweep of "
+    say(
+        "\nSame model, data and budget, each at its own settings (chosen on the validation splits by a sweep of "
         "its own; docs/ranking.md): binary = CLIP-style (uniform weights, image-only documents, no masking); "
         "GCL-uniform = GCL's title + image fields, masking and term weights with uniform weights; GCL = graded "
-        "weights too. Test splits, seed 0:")  # fmt: skip
+        "weights too. Test splits, seed 0:"
+    )
     say(table)
     say(f"\nplot: {plot}")
-    say(f"registered {registered_model} version {version} as @{alias} "
-        f"({jobs['gcl'].eval.objective_name()} on the validation splits {gcl.metrics[OBJECTIVE]:.4f})")  # fmt: skip
+    say(
+        f"registered {registered_model} version {version} as @{alias} "
+        f"({jobs['gcl'].eval.objective_name()} on the validation splits {gcl.metrics[OBJECTIVE]:.4f})"
+    )
     _print_next_steps(uri, registered_model, alias, runs["baseline"].model_dir, f"{workdir}/data/in_domain.parquet")
-    return {**results, "plot": plot, "version": version, "alias": alias, "registered_model": registered_model,
-            "runs": {key: run.run_id for key, run in runs.items()}}  # fmt: skip
+    return {
+        **results,
+        "plot": plot,
+        "version": version,
+        "alias": alias,
+        "registered_model": registered_model,
+        "runs": {key: run.run_id for key, run in runs.items()},
+    }

@@ -23,7 +23,9 @@ def run_embed(job: JobConfig) -> dict:
     model = cfg.model
     if model and not model.startswith(("models:/", "runs:/")) and os.path.exists(model):
         model = os.path.abspath(model)
-    cfg = cfg.model_copy(update={"model": model, "input": storage.absolute(cfg.input), "out": storage.absolute(cfg.out)})
+    cfg = cfg.model_copy(
+        update={"model": model, "input": storage.absolute(cfg.input), "out": storage.absolute(cfg.out)}
+    )
     bars: list[tqdm] = []  # drawn from the first rows embedded: a bad model or input fails before any bar
 
     def progress(done: int, total: int) -> None:

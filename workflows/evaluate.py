@@ -88,8 +88,9 @@ def run_evaluate(job: JobConfig, model: str | list[str]) -> Results | dict[str, 
     with tempfile.TemporaryDirectory(prefix="gcl-evaluate-") as scratch:
         # Every reference resolved first: a bad one fails before any model is evaluated.
         resolved = {reference: resolve_model(job, reference, tempfile.mkdtemp(dir=scratch)) for reference in models}
-        with tqdm(total=len(models) * len(job.data.eval), desc="evaluating", unit="split", file=terminal(),
-                  dynamic_ncols=True) as bar:  # fmt: skip
+        with tqdm(
+            total=len(models) * len(job.data.eval), desc="evaluating", unit="split", file=terminal(), dynamic_ncols=True
+        ) as bar:
             for reference in models:
                 encoder = row_encoder(job, resolved[reference])
                 results[reference] = {}
@@ -106,13 +107,18 @@ def run_evaluate(job: JobConfig, model: str | list[str]) -> Results | dict[str, 
     os.makedirs(directory, exist_ok=True)
     plot = comparison_plot(results, job.eval.objective, os.path.join(directory, f"{name}.png"))
     try:
-        while_unreachable(lambda: _log_comparison(job, name, models, results, plot), job.mlflow.finish_wait_seconds,
-                          "while logging the comparison")  # fmt: skip
+        while_unreachable(
+            lambda: _log_comparison(job, name, models, results, plot),
+            job.mlflow.finish_wait_seconds,
+            "while logging the comparison",
+        )
     except Exception as err:
         if not is_outage(err):
             raise
-        say(f"\nplot: {plot}\nwarning: the comparison was not logged to MLflow: the tracking store "
-            f"{job.mlflow.resolved_uri()} cannot be reached ({type(err).__name__})")  # fmt: skip
+        say(
+            f"\nplot: {plot}\nwarning: the comparison was not logged to MLflow: the tracking store "
+            f"{job.mlflow.resolved_uri()} cannot be reached ({type(err).__name__})"
+        )
         return results
     say(f"\nplot: {plot} (and in MLflow run {name})")
     return results

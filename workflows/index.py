@@ -18,11 +18,15 @@ def run_index(job: JobConfig, register: str | None = None) -> dict:
     job = resolve_job(job)
     if register:  # the store answers before the index is built
         check_tracking(job.mlflow.resolved_uri())
-    cfg = job.index.model_copy(update={"embeddings": storage.absolute(job.index.embeddings),
-                                       "out": storage.absolute(job.index.out)})  # fmt: skip
+    cfg = job.index.model_copy(
+        update={"embeddings": storage.absolute(job.index.embeddings), "out": storage.absolute(job.index.out)}
+    )
     built = build_index(cfg)
-    say(f"{built['kind']} index of {built['rows']} vectors ({built['dim']} dimensions) in {built['build_seconds']:.1f} s, "
-        f"{built['index_bytes'] / 2**20:.1f} MiB: {cfg.out}")  # fmt: skip
+    say(
+        f"{built['kind']} index of {built['rows']} vectors ({built['dim']} dimensions) "
+        f"in {built['build_seconds']:.1f} s, "
+        f"{built['index_bytes'] / 2**20:.1f} MiB: {cfg.out}"
+    )
     if register:
         version, alias = _register(job, cfg.out, register)
         say(f"registered search model {register} version {version} as @{alias}")
@@ -38,12 +42,17 @@ def _register(job: JobConfig, index_dir: str, name: str) -> tuple[str, str]:
 
     uri = job.mlflow.resolved_uri()
     try:
-        return while_unreachable(lambda: register_search_index(index_dir, name, uri, job.mlflow.experiment),
-                                 job.mlflow.finish_wait_seconds, "while registering the search model")  # fmt: skip
+        return while_unreachable(
+            lambda: register_search_index(index_dir, name, uri, job.mlflow.experiment),
+            job.mlflow.finish_wait_seconds,
+            "while registering the search model",
+        )
     except Exception as err:
         if not is_outage(err):
             raise
-        raise TrackingError(f"the index is complete in {index_dir}, but the MLflow tracking store {uri} cannot be reached "
-                            f"({type(err).__name__}: {str(err)[:200]}) to register it: no version of {name} was "
-                            "registered. When the store answers, the same command registers it (and ends the run "
-                            f"index-{name} if this one left it unfinished)") from None  # fmt: skip
+        raise TrackingError(
+            f"the index is complete in {index_dir}, but the MLflow tracking store {uri} cannot be reached "
+            f"({type(err).__name__}: {str(err)[:200]}) to register it: no version of {name} was "
+            "registered. When the store answers, the same command registers it (and ends the run "
+            f"index-{name} if this one left it unfinished)"
+        ) from None

@@ -78,24 +78,30 @@ def check_cluster_imports_gcl(client, address: str, env_spec: dict, timeout: flo
 
     from ray.job_submission import JobStatus
 
-    probe = client.submit_job(entrypoint=shlex.join(["python", "-c", PROBE]), runtime_env=env_spec or None,
-                              metadata={"gcl.probe": "imports"})  # fmt: skip
+    probe = client.submit_job(
+        entrypoint=shlex.join(["python", "-c", PROBE]), runtime_env=env_spec or None, metadata={"gcl.probe": "imports"}
+    )
     deadline = time.monotonic() + timeout
     while (status := client.get_job_status(probe)) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
         if time.monotonic() > deadline:
-            raise ClusterError(f"the Ray cluster at {address} did not run a probe job within {timeout:.0f} s "
-                               f"(it stays {status.value}); is it out of resources?")  # fmt: skip
+            raise ClusterError(
+                f"the Ray cluster at {address} did not run a probe job within {timeout:.0f} s "
+                f"(it stays {status.value}); is it out of resources?"
+            )
         time.sleep(0.5)
     if status != JobStatus.SUCCEEDED:
         last = (client.get_job_logs(probe).strip().splitlines() or ["(no output)"])[-1]
-        raise ClusterError(f"the Ray cluster at {address} cannot import gcl in this runtime environment ({last}); "
-                           "give it gcl: submit from the repository with --working-dir . --runtime-env "
-                           "cluster/runtime_env.yaml (which installs its dependencies), or run the cluster from "
-                           "the image the Dockerfile builds (cluster/README.md)")  # fmt: skip
+        raise ClusterError(
+            f"the Ray cluster at {address} cannot import gcl in this runtime environment ({last}); "
+            "give it gcl: submit from the repository with --working-dir . --runtime-env "
+            "cluster/runtime_env.yaml (which installs its dependencies), or run the cluster from "
+            "the image the Dockerfile builds (cluster/README.md)"
+        )
 
 
-def submit(address: str | None, command: list[str], env_spec: dict, wait: bool = True,
-           submission_id: str | None = None) -> int:  # fmt: skip
+def submit(
+    address: str | None, command: list[str], env_spec: dict, wait: bool = True, submission_id: str | None = None
+) -> int:
     """Submit `command` as a Ray Job; with `wait`, stream its logs and return 0 only if it
     SUCCEEDED (1 otherwise). Without `wait`, return 0 once submitted."""
     import asyncio
@@ -109,8 +115,12 @@ def submit(address: str | None, command: list[str], env_spec: dict, wait: bool =
     except Exception as err:  # ConnectionError, auth errors: name the address
         raise ClusterError(f"cannot reach the Ray job server at {address}: {err}") from None
     check_cluster_imports_gcl(client, address, env_spec)
-    job_id = client.submit_job(entrypoint=entrypoint(command), runtime_env=env_spec or None,
-                               submission_id=submission_id, metadata={"gcl.command": shlex.join(command)})  # fmt: skip
+    job_id = client.submit_job(
+        entrypoint=entrypoint(command),
+        runtime_env=env_spec or None,
+        submission_id=submission_id,
+        metadata={"gcl.command": shlex.join(command)},
+    )
     print(f"submitted {job_id} to {address}: {entrypoint(command)}", flush=True)
     if not wait:
         print(f"follow it with: ray job logs --address {address} --follow {job_id}")
@@ -124,9 +134,7 @@ def submit(address: str | None, command: list[str], env_spec: dict, wait: bool =
     try:
         asyncio.run(stream())
     except KeyboardInterrupt:
-        print(
-            f"\nstopped following; the job goes on. Stop it with: ray job stop --address {address} {job_id}"
-        )
+        print(f"\nstopped following; the job goes on. Stop it with: ray job stop --address {address} {job_id}")
         return 130
     status = client.get_job_status(job_id)
     info = client.get_job_info(job_id)

@@ -63,11 +63,11 @@ def _report_trials(client, sweep, job, parent_run_id: str, rows: list[dict]) -> 
         directory = storage.local_path(storage.join(job.storage, sweep.name)) or tmp
         plot = sweep_plot(rows, os.path.join(directory, TRIALS_PLOT))
         client.log_artifact(parent_run_id, plot)
-    selected_on = (
-        "validation splits" if job.data.validation else "the evaluation splits, no validation splits given"
+    selected_on = "validation splits" if job.data.validation else "the evaluation splits, no validation splits given"
+    say(
+        f"\nsweep {sweep.name}: {job.eval.objective_name()}, selected on {selected_on}; "
+        "test: the same on the evaluation splits"
     )
-    say(f"\nsweep {sweep.name}: {job.eval.objective_name()}, selected on {selected_on}; "
-          "test: the same on the evaluation splits")  # fmt: skip
     say(trial_table(rows))
     if directory != tmp:  # kept
         say(f"plot: {plot}")
@@ -97,13 +97,18 @@ def run_tune(path: str, overrides: list[str] | None = None) -> TuneResult:
 
     sweep, job = load_sweep(path, overrides)
     if not job.data.validation:
-        log.warning("sweep %s has no validation splits (data.validation): it selects its trials and the "
-                    "champion on the evaluation splits it reports, whose figures are then optimistic; "
-                    "`gcl data split` and `gcl data synth` write val_* splits for it", sweep.name)  # fmt: skip
+        log.warning(
+            "sweep %s has no validation splits (data.validation): it selects its trials and the "
+            "champion on the evaluation splits it reports, whose figures are then optimistic; "
+            "`gcl data split` and `gcl data synth` write val_* splits for it",
+            sweep.name,
+        )
     if job.eval.every_n_epochs > 1 and job.eval.sample_queries is None:
-        raise ConfigError(f"sweep {sweep.name}: eval.every_n_epochs={job.eval.every_n_epochs} leaves epochs without an "
-                          "objective, which ASHA compares trials on; set eval.sample_queries (a quick evaluation "
-                          "between the full ones) or eval.every_n_epochs=1")  # fmt: skip
+        raise ConfigError(
+            f"sweep {sweep.name}: eval.every_n_epochs={job.eval.every_n_epochs} leaves epochs without an "
+            "objective, which ASHA compares trials on; set eval.sample_queries (a quick evaluation "
+            "between the full ones) or eval.every_n_epochs=1"
+        )
     job, data = prepare(job)  # paths and tracking URI resolved here, store and data checked, once
     uri = job.mlflow.resolved_uri()
     init_ray()
@@ -111,13 +116,30 @@ def run_tune(path: str, overrides: list[str] | None = None) -> TuneResult:
     check_resources(job, ray.cluster_resources())
     resuming = tune.Tuner.can_restore(os.path.join(job.storage, sweep.name))
     # A resumed sweep keeps its parent run, finished or not: the trials it already ran hang under it.
-    parent_run_id = start_run(uri, job.mlflow.experiment, sweep.name, flatten("sweep", sweep.model_dump(mode="json"), {}),
-                              {SWEEP_TAG: sweep.name}, reopen_finished=resuming)  # fmt: skip
+    parent_run_id = start_run(
+        uri,
+        job.mlflow.experiment,
+        sweep.name,
+        flatten("sweep", sweep.model_dump(mode="json"), {}),
+        {SWEEP_TAG: sweep.name},
+        reopen_finished=resuming,
+    )
     concurrency = trial_concurrency(ray.cluster_resources(), job, sweep.max_concurrent_trials)
-    log.info("sweep %s: %d samples, %d trials at once (each holds about %s)", sweep.name, sweep.num_samples,
-             concurrency, job_resources(job))  # fmt: skip
-    context = SweepContext(name=sweep.name, base=job.model_dump(mode="json"), data=data, tracking_uri=uri,
-                           experiment=job.mlflow.experiment, parent_run_id=parent_run_id)  # fmt: skip
+    log.info(
+        "sweep %s: %d samples, %d trials at once (each holds about %s)",
+        sweep.name,
+        sweep.num_samples,
+        concurrency,
+        job_resources(job),
+    )
+    context = SweepContext(
+        name=sweep.name,
+        base=job.model_dump(mode="json"),
+        data=data,
+        tracking_uri=uri,
+        experiment=job.mlflow.experiment,
+        parent_run_id=parent_run_id,
+    )
     client = MlflowClient(uri)
     # Ctrl-C stops the sweep at once, as it stops gcl train: Tune's own SIGINT handler would end
     # the trials and return their results as if the sweep had finished, to be ranked and registered.

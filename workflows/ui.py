@@ -33,8 +33,10 @@ from gcl.search.ui import (
 from gcl.train.checkpoint import resolve_model_dir
 from gcl.train.job import resolve_job
 
-MODELS_ACCEPTED = ("a search model registered by `gcl index --register NAME` (models:/NAME@ALIAS), a `gcl index` "
-                   "directory, or an embedding model (a model directory, runs:/ or models:/ URI) with a catalog")  # fmt: skip
+MODELS_ACCEPTED = (
+    "a search model registered by `gcl index --register NAME` (models:/NAME@ALIAS), a `gcl index` "
+    "directory, or an embedding model (a model directory, runs:/ or models:/ URI) with a catalog"
+)
 
 
 def _catalog_index(job: JobConfig, encoder: RowEncoder, files: list[str], spec: str) -> SearchIndex:
@@ -47,7 +49,9 @@ def _catalog_index(job: JobConfig, encoder: RowEncoder, files: list[str], spec: 
         frame = read_table(file).to_pandas()
         missing = [c for c in (id_column, *fields) if c not in frame.columns]
         if missing:
-            raise DataError(f"{file}: no column(s) {missing} for the documents of {spec} (columns: {list(frame.columns)})")
+            raise DataError(
+                f"{file}: no column(s) {missing} for the documents of {spec} (columns: {list(frame.columns)})"
+            )
         frames.append(frame)
     docs = pd.concat(frames).drop_duplicates(id_column).reset_index(drop=True)
     encoder.base_dir = image_base_dir(files[0], job.data.image_root)
@@ -76,8 +80,9 @@ def load_column(job: JobConfig, spec: str, scratch: str, catalog_files: list[str
     return Column(spec, encoder, _catalog_index(job, encoder, catalog_files, spec))
 
 
-def build_page(job: JobConfig, models: list[str], eval_split: str | None, catalog: str | None,
-               scratch: str) -> SearchPage:  # fmt: skip
+def build_page(
+    job: JobConfig, models: list[str], eval_split: str | None, catalog: str | None, scratch: str
+) -> SearchPage:
     """Every model, the split's judgments and the catalog's images loaded and checked, once."""
     from gcl.data.readers import image_base_dir, resolve_files
 
@@ -103,8 +108,14 @@ def build_page(job: JobConfig, models: list[str], eval_split: str | None, catalo
     return SearchPage(columns, titles, Thumbnails(images, base_dir), judgments)
 
 
-def run_ui(job: JobConfig, models: list[str], eval_split: str | None = None, catalog: str | None = None,
-           host: str = "127.0.0.1", port: int = 8765) -> None:  # fmt: skip
+def run_ui(
+    job: JobConfig,
+    models: list[str],
+    eval_split: str | None = None,
+    catalog: str | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8765,
+) -> None:
     """Load the page (a bad model, split or catalog fails here, before the server starts) and serve it."""
     import uvicorn
 
@@ -113,8 +124,10 @@ def run_ui(job: JobConfig, models: list[str], eval_split: str | None = None, cat
     with listening, tempfile.TemporaryDirectory(prefix="gcl-ui-") as scratch:
         page = build_page(job, models, eval_split, catalog, scratch)
         if host not in ("127.0.0.1", "localhost", "::1"):
-            say(f"warning: --host {host} serves the page, and every model's search, to anyone who can reach "
-                "this machine: there is no authentication")  # fmt: skip
+            say(
+                f"warning: --host {host} serves the page, and every model's search, to anyone who can reach "
+                "this machine: there is no authentication"
+            )
         port = listening.getsockname()[1]  # --port 0: the port the system chose
         say(f"gcl ui: http://{host}:{port}/ ({', '.join(models)}); Ctrl-C stops it")
         server = uvicorn.Server(uvicorn.Config(create_app(page), host=host, port=port, log_level="warning"))
@@ -134,6 +147,8 @@ def listen(host: str, port: int):
         sock.bind((host, port))
         sock.listen(128)
     except OSError as err:
-        raise ConfigError(f"--host {host} --port {port}: cannot listen there ({err.strerror or err}); the port may "
-                          "be in use: give another --port") from None  # fmt: skip
+        raise ConfigError(
+            f"--host {host} --port {port}: cannot listen there ({err.strerror or err}); the port may "
+            "be in use: give another --port"
+        ) from None
     return sock

@@ -24,8 +24,9 @@ from gcl.loss import CLIP_LOSS
 GCL_MODES = ("plain", "zero0", "zero1", "zero2", "zero3")
 
 
-def open_clip_batch(rows: int, context_length: int, image_size: int, device: torch.device,
-                    seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def open_clip_batch(
+    rows: int, context_length: int, image_size: int, device: torch.device, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(images, texts) as open_clip's data loader hands them: normalized float pixels (B, 3, H, W)
     and token ids (B, L)."""
     generator = torch.Generator().manual_seed(seed)
@@ -48,17 +49,23 @@ def open_clip_step(arch: str, rows: int, device: torch.device, seed: int = 0, pr
     torch.manual_seed(seed)
     model = open_clip.create_model(arch, device=device)
     config = open_clip.get_model_config(arch)
-    images, texts = open_clip_batch(rows, config["text_cfg"].get("context_length", 77),
-                                    config["vision_cfg"]["image_size"], device, seed)  # fmt: skip
+    images, texts = open_clip_batch(
+        rows, config["text_cfg"].get("context_length", 77), config["vision_cfg"]["image_size"], device, seed
+    )
     loss_fn = ClipLoss()
     # open_clip_train/main.py's parameter groups: no weight decay on gains, biases and the logit scale.
     exclude = lambda n, p: p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n  # noqa: E731
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
-        [{"params": [p for n, p in named if exclude(n, p)], "weight_decay": 0.0},
-         {"params": [p for n, p in named if not exclude(n, p)], "weight_decay": 0.2}],
-        lr=5e-4, betas=(0.9, 0.98), eps=1e-6, fused=device.type in ("cuda", "cpu"),
-    )  # fmt: skip
+        [
+            {"params": [p for n, p in named if exclude(n, p)], "weight_decay": 0.0},
+            {"params": [p for n, p in named if not exclude(n, p)], "weight_decay": 0.2},
+        ],
+        lr=5e-4,
+        betas=(0.9, 0.98),
+        eps=1e-6,
+        fused=device.type in ("cuda", "cpu"),
+    )
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=use_bf16(precision))
     model.train()
 
@@ -84,10 +91,17 @@ OPEN_CLIPS_WORK = ["fields.left={query: {modality: text, weight: 1.0}}", *CLIP_L
 def check_job(arch: str, batch_size: int, precision: str = "auto", *overrides: str) -> JobConfig:
     """gcl's job for the comparison: the open_clip architecture `arch` from random weights, doing
     open_clip's work (OPEN_CLIPS_WORK)."""
-    return parse_config(JobConfig, None, [
-        f"model.arch={arch}", *OPEN_CLIPS_WORK, f"train.batch_size={batch_size}", f"train.precision={precision}",
-        *overrides,
-    ])  # fmt: skip
+    return parse_config(
+        JobConfig,
+        None,
+        [
+            f"model.arch={arch}",
+            *OPEN_CLIPS_WORK,
+            f"train.batch_size={batch_size}",
+            f"train.precision={precision}",
+            *overrides,
+        ],
+    )
 
 
 def gcl_batch(job: JobConfig, rows: int, device: torch.device, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -96,8 +110,9 @@ def gcl_batch(job: JobConfig, rows: int, device: torch.device, seed: int = 0) ->
     from gcl.model import model_config
 
     config = model_config(job.model)
-    batch = random_batch(job.fields, rows, config["text_cfg"].get("context_length", 77),
-                         config["vision_cfg"]["image_size"], seed=seed)  # fmt: skip
+    batch = random_batch(
+        job.fields, rows, config["text_cfg"].get("context_length", 77), config["vision_cfg"]["image_size"], seed=seed
+    )
     return {k: v.to(device) for k, v in batch.items()}
 
 
@@ -118,8 +133,15 @@ def free_device_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def step_figures(arch: str, rows: int, device: torch.device, steps: int, peak: float,
-                 modes: tuple[str, ...] = GCL_MODES, precision: str = "auto") -> dict:  # fmt: skip
+def step_figures(
+    arch: str,
+    rows: int,
+    device: torch.device,
+    steps: int,
+    peak: float,
+    modes: tuple[str, ...] = GCL_MODES,
+    precision: str = "auto",
+) -> dict:
     """open_clip's step and gcl's (`modes`: plain torch, DeepSpeed ZeRO-0 to 3) at `rows` pairs a
     step in this process, both at `precision` (train.precision's values): pairs/s, the ratio to
     open_clip's, MFU against `peak` (FLOP/s); the FLOPs per pair counted on open_clip's step."""
@@ -158,8 +180,9 @@ def start_process_group(device: torch.device) -> None:
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
 
 
-def _anchor_process(arch: str, rows: int, steps: int, modes: tuple[str, ...], threads: int, precision: str,
-                    results) -> None:  # fmt: skip
+def _anchor_process(
+    arch: str, rows: int, steps: int, modes: tuple[str, ...], threads: int, precision: str, results
+) -> None:
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     torch.set_num_threads(threads)
     start_process_group(device)
@@ -169,17 +192,23 @@ def _anchor_process(arch: str, rows: int, steps: int, modes: tuple[str, ...], th
     results.put({**step_figures(arch, rows, device, steps, peak, modes, precision), "anchor_peak_source": source})
 
 
-def anchor_figures(arch: str, rows: int, steps: int = 10, modes: tuple[str, ...] = GCL_MODES,
-                   threads: int | None = None, precision: str = "auto") -> dict:  # fmt: skip
+def anchor_figures(
+    arch: str,
+    rows: int,
+    steps: int = 10,
+    modes: tuple[str, ...] = GCL_MODES,
+    threads: int | None = None,
+    precision: str = "auto",
+) -> dict:
     """step_figures on the first GPU (else the CPU, on `threads` threads: all cores by default), in
     a fresh process: DeepSpeed's engines need a process group, which the caller should not keep."""
     import torch.multiprocessing as mp
 
     context = mp.get_context("spawn")
     results = context.Queue()
-    process = context.Process(target=_anchor_process,
-                              args=(arch, rows, steps, modes, threads or os.cpu_count() or 1, precision,
-                                    results))  # fmt: skip
+    process = context.Process(
+        target=_anchor_process, args=(arch, rows, steps, modes, threads or os.cpu_count() or 1, precision, results)
+    )
     process.start()
     figures = results.get(timeout=3600)
     process.join()

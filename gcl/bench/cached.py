@@ -1,6 +1,6 @@
 """Cached-gradient steps (train.embed_chunk) against whole ones: per-worker peak memory and time per
-pair on the bench job's DeepSpeed workers (2 on the CPU), for a batch of one chunk, a batch 16x the chunk in chunks, and the
-same large batch whole (what the chunks save)."""
+pair on the bench job's DeepSpeed workers (2 on the CPU), for a batch of one chunk, a batch 16x
+the chunk in chunks, and the same large batch whole (what the chunks save)."""
 
 from __future__ import annotations
 
@@ -19,8 +19,9 @@ from gcl.job_config import JobConfig
 FACTOR = 16  # the large batch, in chunks
 
 
-def random_batch(fields: FieldsConfig, rows: int, context_length: int, image_size: int,
-                 seed: int = 0) -> dict[str, torch.Tensor]:  # fmt: skip
+def random_batch(
+    fields: FieldsConfig, rows: int, context_length: int, image_size: int, seed: int = 0
+) -> dict[str, torch.Tensor]:
     """A pipeline batch of random tokens, pixels and scores: every query and document its own."""
     generator = torch.Generator().manual_seed(seed)
     batch: dict[str, torch.Tensor] = {}
@@ -28,11 +29,16 @@ def random_batch(fields: FieldsConfig, rows: int, context_length: int, image_siz
         if modality == "text":
             batch[name] = torch.randint(1, 49000, (rows, context_length), generator=generator)
         else:
-            batch[name] = torch.randint(0, 256, (rows, 3, image_size, image_size), dtype=torch.uint8,
-                                        generator=generator)  # fmt: skip
+            batch[name] = torch.randint(
+                0, 256, (rows, 3, image_size, image_size), dtype=torch.uint8, generator=generator
+            )
         batch[name + PRESENT] = torch.ones(rows, dtype=torch.bool)
-    batch.update(score=torch.rand(rows, generator=generator), query_key=torch.arange(rows),
-                 document_key=torch.arange(rows), valid=torch.ones(rows, dtype=torch.bool))  # fmt: skip
+    batch.update(
+        score=torch.rand(rows, generator=generator),
+        query_key=torch.arange(rows),
+        document_key=torch.arange(rows),
+        valid=torch.ones(rows, dtype=torch.bool),
+    )
     return batch
 
 
@@ -58,8 +64,13 @@ def cached_step_worker(config: dict) -> None:
         baseline = rss_mib()
     engine, _, loaded = setup_engine(job, total_steps=10)
     loss_fn = GCLLoss(job.loss, job.fields.weights("left"), job.fields.weights("right"), rank=rank, world_size=world)
-    batch = random_batch(job.fields, job.train.batch_size, loaded.model_cfg["text_cfg"]["context_length"],
-                         loaded.model_cfg["vision_cfg"]["image_size"], seed=rank)  # fmt: skip
+    batch = random_batch(
+        job.fields,
+        job.train.batch_size,
+        loaded.model_cfg["text_cfg"]["context_length"],
+        loaded.model_cfg["vision_cfg"]["image_size"],
+        seed=rank,
+    )
     batch = {k: v.to(engine.device) for k, v in batch.items()}
 
     def step():
@@ -77,7 +88,13 @@ def cached_step_worker(config: dict) -> None:
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else peak_rss_mib()
     with open(os.path.join(config["out"], f"rank{rank}.json"), "w") as f:
-        json.dump({"peak_beyond_mib": peak - baseline, "seconds_per_pair": seconds / (config["steps"] * job.train.batch_size)}, f)
+        json.dump(
+            {
+                "peak_beyond_mib": peak - baseline,
+                "seconds_per_pair": seconds / (config["steps"] * job.train.batch_size),
+            },
+            f,
+        )
 
 
 def _measure(job: JobConfig, storage: str, batch_size: int, chunk: int | None, steps: int) -> dict:
@@ -89,17 +106,23 @@ def _measure(job: JobConfig, storage: str, batch_size: int, chunk: int | None, s
     train = job.train.model_copy(update={"batch_size": batch_size, "embed_chunk": chunk})
     job = job.model_copy(update={"train": train})
     out = tempfile.mkdtemp(prefix="cached-", dir=storage)
-    trainer = TorchTrainer(cached_step_worker, train_loop_config={"job": job.model_dump(mode="json"), "out": out, "steps": steps},
-                           scaling_config=ScalingConfig(num_workers=job.scaling.num_workers, use_gpu=job.scaling.use_gpu,
-                                                        resources_per_worker={"CPU": 0.5}),
-                           run_config=RunConfig(name=f"bench-cached-{time.time_ns()}", storage_path=storage))  # fmt: skip
+    trainer = TorchTrainer(
+        cached_step_worker,
+        train_loop_config={"job": job.model_dump(mode="json"), "out": out, "steps": steps},
+        scaling_config=ScalingConfig(
+            num_workers=job.scaling.num_workers, use_gpu=job.scaling.use_gpu, resources_per_worker={"CPU": 0.5}
+        ),
+        run_config=RunConfig(name=f"bench-cached-{time.time_ns()}", storage_path=storage),
+    )
     trainer.fit()
     ranks = []
     for rank in range(job.scaling.num_workers):
         with open(os.path.join(out, f"rank{rank}.json")) as f:
             ranks.append(json.load(f))
-    return {"peak_mib": max(r["peak_beyond_mib"] for r in ranks),
-            "seconds_per_pair": max(r["seconds_per_pair"] for r in ranks)}  # fmt: skip
+    return {
+        "peak_mib": max(r["peak_beyond_mib"] for r in ranks),
+        "seconds_per_pair": max(r["seconds_per_pair"] for r in ranks),
+    }
 
 
 def cached_gradient_figures(job: JobConfig, storage: str, chunk: int = 32, steps: int = 3) -> dict:

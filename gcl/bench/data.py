@@ -44,8 +44,9 @@ def preprocessor_pairs_per_s(job: JobConfig, rows: int = 512) -> float:
     import pandas as pd
 
     frame = pd.read_parquet(job.data.train).head(rows)
-    pre = PairPreprocessor(job.model.model_dump(), job.fields.model_dump(), job.loss.weight_key,
-                           job.data.model_dump(), None, augment=False)  # fmt: skip
+    pre = PairPreprocessor(
+        job.model.model_dump(), job.fields.model_dump(), job.loss.weight_key, job.data.model_dump(), None, augment=False
+    )
     batch = {c: frame[c].to_numpy() for c in frame.columns}
     start = time.perf_counter()
     pre(batch)

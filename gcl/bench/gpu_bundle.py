@@ -23,8 +23,16 @@ from pathlib import Path
 
 # Imported by the check and not part of a PyTorch machine: open_clip (and what its tokenizer
 # imports), pydantic (gcl's configs) and DeepSpeed's own needs beyond PyTorch's.
-WHEELS = ("open_clip_torch", "ftfy", "wcwidth", "pydantic", "pydantic_core", "annotated_types",
-          "typing_inspection", "hjson")  # fmt: skip
+WHEELS = (
+    "open_clip_torch",
+    "ftfy",
+    "wcwidth",
+    "pydantic",
+    "pydantic_core",
+    "annotated_types",
+    "typing_inspection",
+    "hjson",
+)
 COPIED = ("deepspeed",)  # no wheel on the package index: the installed directory travels
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
 
@@ -36,13 +44,31 @@ def bundle(out: str, python_version: str) -> list[str]:
     (target / "site").mkdir(parents=True, exist_ok=True)
     pins = [f"{name}=={importlib.metadata.version(name)}" for name in WHEELS]
     platforms = [arg for platform in PLATFORMS for arg in ("--platform", platform)]
-    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
-                    "--python-version", python_version, "--implementation", "cp", *platforms,
-                    "-d", str(target), *pins], check=True)  # fmt: skip
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "-q",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--python-version",
+            python_version,
+            "--implementation",
+            "cp",
+            *platforms,
+            "-d",
+            str(target),
+            *pins,
+        ],
+        check=True,
+    )
     for name in COPIED:
         source = _package_dir(name)
-        shutil.copytree(source, target / "site" / name, dirs_exist_ok=True,
-                        ignore=shutil.ignore_patterns("__pycache__", "*.so"))  # fmt: skip
+        shutil.copytree(
+            source, target / "site" / name, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__", "*.so")
+        )
         info = next(source.parent.glob(f"{name}-*.dist-info"))  # DeepSpeed reads its own version
         shutil.copytree(info, target / "site" / info.name, dirs_exist_ok=True)
     return sorted(str(p.relative_to(target)) for p in target.iterdir())

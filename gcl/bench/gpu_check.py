@@ -53,12 +53,19 @@ CHUNK_FACTOR = 16  # the large batch of the cached-gradient figures, in chunks
 
 def environment() -> dict:
     cuda = torch.cuda.is_available()
-    figures = {"torch": torch.__version__, "python": platform.python_version(), "cuda": cuda,
-               "cpu_cores": os.cpu_count()}  # fmt: skip
+    figures = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cuda": cuda,
+        "cpu_cores": os.cpu_count(),
+    }
     if cuda:
-        figures.update(device=torch.cuda.get_device_name(0), cuda_version=torch.version.cuda,
-                       bf16=torch.cuda.is_bf16_supported(),
-                       gpu_memory_gib=torch.cuda.get_device_properties(0).total_memory / 2**30)  # fmt: skip
+        figures.update(
+            device=torch.cuda.get_device_name(0),
+            cuda_version=torch.version.cuda,
+            bf16=torch.cuda.is_bf16_supported(),
+            gpu_memory_gib=torch.cuda.get_device_properties(0).total_memory / 2**30,
+        )
     for package in ("open_clip", "deepspeed", "ray", "mlflow", "pydantic"):
         figures[f"has_{package}"] = importlib.util.find_spec(package) is not None
     return figures
@@ -110,8 +117,11 @@ def cached_gradient_figures(arch: str, chunk: int, device: torch.device, steps: 
     figures["cached_grad_max_abs"] = max(g.abs().max().item() for g in whole.values())
     # Memory and time, in the device's training precision (bf16 on a GPU).
     large = CHUNK_FACTOR * chunk
-    for name, rows, size in (("chunk_batch", chunk, None), ("large_in_chunks", large, chunk),
-                             ("large_whole", large, None)):  # fmt: skip
+    for name, rows, size in (
+        ("chunk_batch", chunk, None),
+        ("large_in_chunks", large, chunk),
+        ("large_whole", large, None),
+    ):
         job = check_job(arch, rows, "auto", "deepspeed.zero_stage=0")
         engine, _, _ = setup_engine(job, total_steps=1000)
         batch = gcl_batch(job, rows, device, seed=2)
@@ -125,8 +135,8 @@ def cached_gradient_figures(arch: str, chunk: int, device: torch.device, steps: 
         figures[f"cached_{name}_seconds_per_pair"] = 1 / pairs_per_s(step, rows, steps)
         del engine, batch, step
         free_device_memory(device)
-    figures["cached_peak_large_in_chunks_over_chunk_batch"] = (
-        figures["cached_large_in_chunks_peak_mib"] / max(figures["cached_chunk_batch_peak_mib"], 1e-9)
+    figures["cached_peak_large_in_chunks_over_chunk_batch"] = figures["cached_large_in_chunks_peak_mib"] / max(
+        figures["cached_chunk_batch_peak_mib"], 1e-9
     )
     figures["cached_time_in_chunks_over_whole"] = (
         figures["cached_large_in_chunks_seconds_per_pair"] / figures["cached_large_whole_seconds_per_pair"]
@@ -154,9 +164,11 @@ def inference_figures(arch: str, rows: int, device: torch.device, steps: int) ->
             encoder({"image": pixels})
 
     reference, rate = pairs_per_s(theirs, rows, steps), pairs_per_s(ours, rows, steps)
-    return {f"inference_b{rows}_open_clip_images_per_s": reference,
-            f"inference_b{rows}_gcl_images_per_s": rate,
-            f"inference_b{rows}_gcl_over_open_clip": rate / reference}  # fmt: skip
+    return {
+        f"inference_b{rows}_open_clip_images_per_s": reference,
+        f"inference_b{rows}_gcl_images_per_s": rate,
+        f"inference_b{rows}_gcl_over_open_clip": rate / reference,
+    }
 
 
 def gcl_train_figures(workdir: str, timeout: int = 300) -> dict:
@@ -167,11 +179,32 @@ def gcl_train_figures(workdir: str, timeout: int = 300) -> dict:
     from gcl.data.synth import SynthConfig, synthesize
 
     synthesize(f"{workdir}/data", SynthConfig(products=600, queries=200))
-    command = [sys.executable, "-m", "workflows.cli", "train", "-c", "workflows/configs/tiny-cpu.yaml",
-               "--set", f"data.train={workdir}/data/train.parquet", "--set", "data.eval={}",
-               "--set", "data.validation={}", "--set", f"storage={workdir}/runs",
-               "--set", f"mlflow.tracking_uri=sqlite:///{workdir}/mlflow.db", "--set", "scaling.use_gpu=true",
-               "--set", "scaling.num_workers=1", "--set", "train.batch_size=256", "--set", "train.epochs=2"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "workflows.cli",
+        "train",
+        "-c",
+        "workflows/configs/tiny-cpu.yaml",
+        "--set",
+        f"data.train={workdir}/data/train.parquet",
+        "--set",
+        "data.eval={}",
+        "--set",
+        "data.validation={}",
+        "--set",
+        f"storage={workdir}/runs",
+        "--set",
+        f"mlflow.tracking_uri=sqlite:///{workdir}/mlflow.db",
+        "--set",
+        "scaling.use_gpu=true",
+        "--set",
+        "scaling.num_workers=1",
+        "--set",
+        "train.batch_size=256",
+        "--set",
+        "train.epochs=2",
+    ]
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
     figures = {"gcl_train_returncode": done.returncode, "gcl_train_seconds": time.perf_counter() - start}
@@ -180,8 +213,14 @@ def gcl_train_figures(workdir: str, timeout: int = 300) -> dict:
     return figures
 
 
-def run_gpu_check(arch: str = "ViT-B-32", batches: tuple[int, ...] = (256, 512), chunk: int = 256,
-                  steps: int = 20, workdir: str | None = None, train: bool = True) -> dict:  # fmt: skip
+def run_gpu_check(
+    arch: str = "ViT-B-32",
+    batches: tuple[int, ...] = (256, 512),
+    chunk: int = 256,
+    steps: int = 20,
+    workdir: str | None = None,
+    train: bool = True,
+) -> dict:
     """Every figure of the check, measured on the first GPU (the CPU where there is none)."""
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
@@ -214,8 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20, help="timed steps per figure")
     parser.add_argument("--no-train", action="store_true", help="leave out `gcl train`")
     args = parser.parse_args(argv)
-    figures = run_gpu_check(args.arch, tuple(int(b) for b in args.batches.split(",")), args.chunk, args.steps,
-                            train=not args.no_train)  # fmt: skip
+    figures = run_gpu_check(
+        args.arch, tuple(int(b) for b in args.batches.split(",")), args.chunk, args.steps, train=not args.no_train
+    )
     with open(args.out, "w") as f:
         json.dump(figures, f, indent=2)
     print(json.dumps(figures, indent=2))

@@ -55,16 +55,26 @@ def zero_peak_memory_mib(
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    job = parse_config(JobConfig, None, [
-        "model.arch=ViT-B-32", f"deepspeed.zero_stage={stage}", "train.batch_size=4",
-        "fields.left={query: {modality: text}}", "fields.right={image: {modality: image}}",
-        f"train.precision={precision}", f"scaling.use_gpu={str(use_gpu).lower()}",
-    ])  # fmt: skip
+    job = parse_config(
+        JobConfig,
+        None,
+        [
+            "model.arch=ViT-B-32",
+            f"deepspeed.zero_stage={stage}",
+            "train.batch_size=4",
+            "fields.left={query: {modality: text}}",
+            "fields.right={image: {modality: image}}",
+            f"train.precision={precision}",
+            f"scaling.use_gpu={str(use_gpu).lower()}",
+        ],
+    )
     out = tempfile.mkdtemp(prefix=f"zero{stage}-", dir=storage)
-    trainer = TorchTrainer(memory_worker, train_loop_config={"job": job.model_dump(mode="json"), "out": out},
-                           scaling_config=ScalingConfig(num_workers=2, use_gpu=use_gpu,
-                                                        resources_per_worker={"CPU": 0.5}),
-                           run_config=RunConfig(name=f"bench-zero{stage}-{time.time_ns()}", storage_path=storage))  # fmt: skip
+    trainer = TorchTrainer(
+        memory_worker,
+        train_loop_config={"job": job.model_dump(mode="json"), "out": out},
+        scaling_config=ScalingConfig(num_workers=2, use_gpu=use_gpu, resources_per_worker={"CPU": 0.5}),
+        run_config=RunConfig(name=f"bench-zero{stage}-{time.time_ns()}", storage_path=storage),
+    )
     trainer.fit()
     ranks = []
     for rank in range(2):
@@ -79,6 +89,11 @@ def zero_memory_figures(storage: str, precision: str, use_gpu: bool, suffix: str
     zero0, zero0_model = zero_peak_memory_mib(0, storage, precision, use_gpu)
     zero3, zero3_model = zero_peak_memory_mib(3, storage, precision, use_gpu)
     label = ("gpu_mib" if use_gpu else "rss_mib") + suffix
-    return {f"peak_{label}_zero0": zero0, f"peak_{label}_zero3": zero3, f"zero3_over_zero0{suffix}": zero3 / zero0,
-            f"training_{label}_zero0": zero0_model, f"training_{label}_zero3": zero3_model,
-            f"zero3_over_zero0_training{suffix}": zero3_model / zero0_model}  # fmt: skip
+    return {
+        f"peak_{label}_zero0": zero0,
+        f"peak_{label}_zero3": zero3,
+        f"zero3_over_zero0{suffix}": zero3 / zero0,
+        f"training_{label}_zero0": zero0_model,
+        f"training_{label}_zero3": zero3_model,
+        f"zero3_over_zero0_training{suffix}": zero3_model / zero0_model,
+    }

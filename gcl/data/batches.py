@@ -30,17 +30,26 @@ class ShardReader:
     it asks (the split assigns blocks in a fixed order), so prefetching keeps runs deterministic.
     """
 
-    def __init__(self, shard, batch_size: int, *, local_shuffle_buffer: int = 0, seed: int | None = None,
-                 pin_memory: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        shard,
+        batch_size: int,
+        *,
+        local_shuffle_buffer: int = 0,
+        seed: int | None = None,
+        pin_memory: bool = False,
+    ):
         # On a GPU worker Ray Data moves each batch to the worker's GPU ("auto" device), from
         # pinned memory when asked, in its prefetch threads.
         self._batches = iter(
             shard.iter_torch_batches(
-                batch_size=batch_size, drop_last=True, pin_memory=pin_memory,
+                batch_size=batch_size,
+                drop_last=True,
+                pin_memory=pin_memory,
                 local_shuffle_buffer_size=local_shuffle_buffer or None,
                 local_shuffle_seed=seed if local_shuffle_buffer else None,
             )
-        )  # fmt: skip
+        )
         self._first: dict | None = None
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._fetch_first, name="gcl-shard-reader", daemon=True)
@@ -96,8 +105,9 @@ def train_batches(
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     while True:
         batch = next(iterator, None)
-        full = torch.tensor([int(batch is not None and len(batch["score"]) == batch_size)],
-                            device=device if distributed else "cpu")  # fmt: skip
+        full = torch.tensor(
+            [int(batch is not None and len(batch["score"]) == batch_size)], device=device if distributed else "cpu"
+        )
         if distributed:
             dist.all_reduce(full, op=dist.ReduceOp.MIN)
         if not full.item():

@@ -89,9 +89,15 @@ def tower_identity(job) -> dict:
     if weights and weights != "timm":
         weights = storage.file_sha256(package_path(weights, "model.towers.image.weights"))
     _, _, transform = create_preprocessing(job.model)
-    return {"version": VERSION, "timm": image.timm, "weights": weights, "image_size": image.image_size,
-            "mean_std": image_mean_std(job.model.towers), "transform": repr(transform),
-            "dtype": job.pipeline.locked_features_dtype}  # fmt: skip
+    return {
+        "version": VERSION,
+        "timm": image.timm,
+        "weights": weights,
+        "image_size": image.image_size,
+        "mean_std": image_mean_std(job.model.towers),
+        "transform": repr(transform),
+        "dtype": job.pipeline.locked_features_dtype,
+    }
 
 
 def files_identity(files: list[str]) -> list[tuple[str, int, int]]:
@@ -119,8 +125,11 @@ def prepare_locked_features(job, data) -> LockedFeatures | None:
         return None
     from gcl.console import say
 
-    files = [*data.train.files, *(f for fs in data.eval_files.values() for f in fs),
-             *(f for fs in data.validation_files.values() for f in fs)]  # fmt: skip
+    files = [
+        *data.train.files,
+        *(f for fs in data.eval_files.values() for f in fs),
+        *(f for fs in data.validation_files.values() for f in fs),
+    ]
     location = store_location(job, files)
     fields = tuple(n for n, m in job.fields.modalities().items() if m == "image")
     if storage.read_text(storage.join(location, STORE_FILE)):
@@ -164,25 +173,55 @@ def build_store(job, files: list[str], location: str, fields: tuple[str, ...]) -
     groups: dict[tuple[str, str | None], list[str]] = {}  # one read per file type and image directory
     for file in sorted(set(files)):
         groups.setdefault((os.path.splitext(file)[1], image_base_dir(file, job.data.image_root)), []).append(file)
-    reads = [read_pairs(kind, group, [doc_col, *fields], cpus).map_batches(
-                 _first_of_each_document, fn_kwargs={"doc_col": doc_col, "base_dir": base_dir},
-                 batch_format="pyarrow", num_cpus=cpus)
-             for (kind, base_dir), group in groups.items()]  # fmt: skip
+    reads = [
+        read_pairs(kind, group, [doc_col, *fields], cpus).map_batches(
+            _first_of_each_document,
+            fn_kwargs={"doc_col": doc_col, "base_dir": base_dir},
+            batch_format="pyarrow",
+            num_cpus=cpus,
+        )
+        for (kind, base_dir), group in groups.items()
+    ]
     firsts = reads[0].union(*reads[1:]) if len(reads) > 1 else reads[0]
     distinct = firsts.groupby(KEY, num_partitions=max(1, min(64, len(files)))).map_groups(
-        _first_row, batch_format="pyarrow", num_cpus=cpus)  # fmt: skip
-    settings = {"model": job.model.model_dump(mode="json"), "fields": list(fields),
-                "dtype": job.pipeline.locked_features_dtype, "threads": max(1, int(cpus))}  # fmt: skip
-    encoded = distinct.map_batches(TowerFeatures, fn_constructor_kwargs={"settings": settings},
-                                   batch_size=job.pipeline.preprocess_batch_size, batch_format="pyarrow",
-                                   compute=ActorPoolStrategy(size=job.pipeline.preprocess_tasks), num_cpus=cpus)  # fmt: skip
+        _first_row, batch_format="pyarrow", num_cpus=cpus
+    )
+    settings = {
+        "model": job.model.model_dump(mode="json"),
+        "fields": list(fields),
+        "dtype": job.pipeline.locked_features_dtype,
+        "threads": max(1, int(cpus)),
+    }
+    encoded = distinct.map_batches(
+        TowerFeatures,
+        fn_constructor_kwargs={"settings": settings},
+        batch_size=job.pipeline.preprocess_batch_size,
+        batch_format="pyarrow",
+        compute=ActorPoolStrategy(size=job.pipeline.preprocess_tasks),
+        num_cpus=cpus,
+    )
     with replaced_whole(location) as partial:
-        parts = encoded.sort(KEY).map_batches(_write_part, fn_kwargs={"out": partial, "fields": list(fields)},
-                                              batch_size=None, batch_format="pyarrow", num_cpus=cpus).take_all()  # fmt: skip
+        parts = (
+            encoded.sort(KEY)
+            .map_batches(
+                _write_part,
+                fn_kwargs={"out": partial, "fields": list(fields)},
+                batch_size=None,
+                batch_format="pyarrow",
+                num_cpus=cpus,
+            )
+            .take_all()
+        )
         parts = sorted((p for p in parts if p["rows"]), key=lambda p: p["first"])
-        built = {"tower": tower_identity(job), "files": files_identity(files), "fields": list(fields),
-                 "parts": parts, "rows": sum(p["rows"] for p in parts), "dim": parts[0]["dim"] if parts else 0,
-                 "seconds": time.perf_counter() - start}  # fmt: skip
+        built = {
+            "tower": tower_identity(job),
+            "files": files_identity(files),
+            "fields": list(fields),
+            "parts": parts,
+            "rows": sum(p["rows"] for p in parts),
+            "dim": parts[0]["dim"] if parts else 0,
+            "seconds": time.perf_counter() - start,
+        }
         storage.write_text(storage.join(partial, STORE_FILE), json.dumps(built, indent=1, default=str))  # last
     return built
 
@@ -233,8 +272,9 @@ class TowerFeatures:
         out = {KEY: table.column(KEY)}
         for field in self.fields:
             images, present = [], []
-            for value, base_dir in zip(table.column(field).to_pylist(), table.column("__base_dir").to_pylist(),
-                                       strict=True):  # fmt: skip
+            for value, base_dir in zip(
+                table.column(field).to_pylist(), table.column("__base_dir").to_pylist(), strict=True
+            ):
                 raw = image_bytes(value, base_dir)
                 try:
                     images.append(None if raw is None else self.transform(Image.open(io.BytesIO(raw)).convert("RGB")))
@@ -277,8 +317,9 @@ def _write_part(table, out: str, fields: list[str]):
         np.save(buffer, array)
         with store.open_output_stream(f"{root}/{name}.{suffix}.npy") as stream:
             stream.write(buffer.getvalue())
-    return pa.table({"name": [name], "rows": [len(keys)], "first": [int(keys[0])], "last": [int(keys[-1])],
-                     "dim": [dim]})  # fmt: skip
+    return pa.table(
+        {"name": [name], "rows": [len(keys)], "first": [int(keys[0])], "last": [int(keys[-1])], "dim": [dim]}
+    )
 
 
 class FeatureStore:
@@ -316,8 +357,10 @@ class FeatureStore:
             at = np.minimum(np.searchsorted(held, keys[rows]), max(len(held) - 1, 0))
             missing = (len(held) == 0) | (held[at] != keys[rows]) if len(held) else np.ones(len(rows), bool)
             if np.any(missing):
-                raise DataError(f"{self.location}: no locked image features for document key {keys[rows][missing][0]}: "
-                                "the store does not hold every document of this data; delete it to build it again")  # fmt: skip
+                raise DataError(
+                    f"{self.location}: no locked image features for document key {keys[rows][missing][0]}: "
+                    "the store does not hold every document of this data; delete it to build it again"
+                )
             features[rows] = self._array(int(part), field)[at]
             present[rows] = self._array(int(part), f"{field}.present")[at]
         return features, present

@@ -19,9 +19,12 @@ def spec_manifest(spec: str, files: list[str] | None = None) -> dict:
     return {"spec": spec, "files": hashed, "sha256": combined}
 
 
-def dataset_manifest(data: DataConfig, train_files: list[str] | None = None,
-                     eval_files: Mapping[str, list[str]] | None = None,
-                     validation_files: Mapping[str, list[str]] | None = None) -> dict:  # fmt: skip
+def dataset_manifest(
+    data: DataConfig,
+    train_files: list[str] | None = None,
+    eval_files: Mapping[str, list[str]] | None = None,
+    validation_files: Mapping[str, list[str]] | None = None,
+) -> dict:
     """Manifest of the training data, every evaluation split and every validation split, from their
     files as validation listed them (listed here where not given)."""
     manifest = {"train": spec_manifest(data.train, train_files) if data.train else None}

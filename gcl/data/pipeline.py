@@ -81,13 +81,14 @@ class PipelineConfig(Section):
     epoch's first batch has arrived, so that its start-up overlaps training instead of stalling
     the trainers between epochs. Costs a second epoch's shuffle in the object store for a while."""
 
-
     @model_validator(mode="after")
     def _runs_stay_together(self) -> PipelineConfig:
         if self.docs_per_query > 1 and self.local_shuffle_buffer:
-            raise ValueError(f"pipeline.docs_per_query={self.docs_per_query} lays a query's pairs side by side, "
-                             f"which pipeline.local_shuffle_buffer={self.local_shuffle_buffer} would scatter: "
-                             "set one of them off (docs_per_query=1 or local_shuffle_buffer=0)")  # fmt: skip
+            raise ValueError(
+                f"pipeline.docs_per_query={self.docs_per_query} lays a query's pairs side by side, "
+                f"which pipeline.local_shuffle_buffer={self.local_shuffle_buffer} would scatter: "
+                "set one of them off (docs_per_query=1 or local_shuffle_buffer=0)"
+            )
         return self
 
 
@@ -127,9 +128,7 @@ def pil_stages(transform):
 
     stages = list(getattr(transform, "transforms", []))
     if len(stages) < 2 or not isinstance(stages[-2], ToTensor) or not isinstance(stages[-1], Normalize):
-        raise ValueError(
-            f"image transform {transform!r} does not end with ToTensor and Normalize as open_clip's do"
-        )
+        raise ValueError(f"image transform {transform!r} does not end with ToTensor and Normalize as open_clip's do")
     # Images are converted to RGB on decoding, and resizing and cropping keep the mode: a second
     # conversion would only copy each image.
     return Compose([s for s in stages[:-2] if not (isinstance(s, MaybeConvertMode) and s.mode == "RGB")])
@@ -144,8 +143,16 @@ class PairPreprocessor:
     `document_key`, `pair_key`.
     """
 
-    def __init__(self, model_cfg: dict, fields: dict, weight_key: str, data_cfg: dict,
-                 base_dir: str | None, augment: bool, locked_features: str | None = None):  # fmt: skip
+    def __init__(
+        self,
+        model_cfg: dict,
+        fields: dict,
+        weight_key: str,
+        data_cfg: dict,
+        base_dir: str | None,
+        augment: bool,
+        locked_features: str | None = None,
+    ):
         from gcl.model import ModelConfig, create_preprocessing
 
         tokenizer, train_tf, eval_tf = create_preprocessing(ModelConfig(**model_cfg))
@@ -154,9 +161,7 @@ class PairPreprocessor:
         self.fields = FieldsConfig(**fields).modalities()
         # A tokenizer that reduces long texts at random (open_clip's reduction_fn) must run every time.
         deterministic = getattr(tokenizer, "reduction_fn", None) is None
-        self.tokens = {
-            n: TokenCache(tokenizer) for n, m in self.fields.items() if m == "text" and deterministic
-        }
+        self.tokens = {n: TokenCache(tokenizer) for n, m in self.fields.items() if m == "text" and deterministic}
         self.weight_key = weight_key
         self.data = DataConfig(**data_cfg)
         self.base_dir = base_dir
@@ -179,9 +184,7 @@ class PairPreprocessor:
                 return np.asarray(self.image_transform(img.convert("RGB")))
         except Exception as err:
             pair_id = pair_id.item() if isinstance(pair_id, np.generic) else pair_id  # 6, not np.int64(6)
-            raise DataError(
-                f"pair {pair_id!r}: image cannot be read or decoded ({type(err).__name__}: {err})"
-            ) from err
+            raise DataError(f"pair {pair_id!r}: image cannot be read or decoded ({type(err).__name__}: {err})") from err
 
     def __call__(self, batch: Mapping[str, np.ndarray], seed: int = 0) -> dict[str, np.ndarray]:
         """seed: the epoch's seed, which draws the random crops when augmenting."""
@@ -202,8 +205,7 @@ class PairPreprocessor:
                 out[name] = tokens.astype(np.int64, copy=False)
             else:
                 images = [
-                    self._image(v, pid, key, seed)
-                    for v, pid, key in zip(values, pair_ids, pair_keys, strict=True)
+                    self._image(v, pid, key, seed) for v, pid, key in zip(values, pair_ids, pair_keys, strict=True)
                 ]
                 present = np.array([img is not None for img in images])
                 out[name] = self._pixels(images, present)
@@ -296,14 +298,22 @@ class PairSource:
     locked_features: LockedFeatures | None = None
 
     @classmethod
-    def of_job(cls, job, files: list[str] | None = None, skip_pair_ids=(),
-               locked_features: LockedFeatures | None = None) -> PairSource:  # fmt: skip
+    def of_job(
+        cls, job, files: list[str] | None = None, skip_pair_ids=(), locked_features: LockedFeatures | None = None
+    ) -> PairSource:
         """The training pairs of a JobConfig; files: resolved from job.data.train when not given;
         locked_features: a store whose features stand in for those image fields (not read)."""
-        return cls(spec=job.data.train, files=tuple(files or resolve_files(job.data.train)), data=job.data,
-                   fields=job.fields, weight_key=job.loss.weight_key, model_cfg=job.model.model_dump(),
-                   pipeline=job.pipeline, skip_pair_ids=frozenset(skip_pair_ids),
-                   locked_features=locked_features)  # fmt: skip
+        return cls(
+            spec=job.data.train,
+            files=tuple(files or resolve_files(job.data.train)),
+            data=job.data,
+            fields=job.fields,
+            weight_key=job.loss.weight_key,
+            model_cfg=job.model.model_dump(),
+            pipeline=job.pipeline,
+            skip_pair_ids=frozenset(skip_pair_ids),
+            locked_features=locked_features,
+        )
 
 
 def shuffle_mode(source: PairSource) -> str:
@@ -328,8 +338,9 @@ def read_training_pairs(source: PairSource, *, file_order_seed: int | None = Non
     data, fields = source.data, source.fields
     cached = source.locked_features.fields if source.locked_features else ()
     read = [name for name in fields.modalities() if name not in cached]  # a cached image is never read
-    columns = list(dict.fromkeys([*read, source.weight_key, data.query_id_column, data.document_id_column,
-                                  data.pair_id_column]))  # fmt: skip
+    columns = list(
+        dict.fromkeys([*read, source.weight_key, data.query_id_column, data.document_id_column, data.pair_id_column])
+    )
     files = list(source.files)
     if file_order_seed is not None:
         files = [files[i] for i in np.random.default_rng(file_order_seed).permutation(len(files))]
@@ -342,10 +353,15 @@ def read_training_pairs(source: PairSource, *, file_order_seed: int | None = Non
             return df[~df[pair_col].isin(skip)]
 
         ds = ds.map_batches(drop_rejected, batch_format="pandas")
-    settings = dict(model_cfg=source.model_cfg, fields=fields.model_dump(), weight_key=source.weight_key,
-                    data_cfg=data.model_dump(), base_dir=image_base_dir(source.files[0], data.image_root),
-                    augment=source.pipeline.augment_images,
-                    locked_features=source.locked_features.location if source.locked_features else None)  # fmt: skip
+    settings = dict(
+        model_cfg=source.model_cfg,
+        fields=fields.model_dump(),
+        weight_key=source.weight_key,
+        data_cfg=data.model_dump(),
+        base_dir=image_base_dir(source.files[0], data.image_root),
+        augment=source.pipeline.augment_images,
+        locked_features=source.locked_features.location if source.locked_features else None,
+    )
     return ds, json.dumps(settings, sort_keys=True)
 
 
@@ -382,19 +398,20 @@ def runs_of_query(group, seed: int, docs_per_query: int, query_col: str, pair_co
     return group.append_column(GROUP_KEY, pa.array(keys[runs])).append_column(GROUP_ORDER, pa.array(np.arange(rows)))
 
 
-def group_by_query(raw, seed: int, docs_per_query: int, query_col: str, pair_col: str, cpus: float,
-                   partitions: int):  # fmt: skip
+def group_by_query(raw, seed: int, docs_per_query: int, query_col: str, pair_col: str, cpus: float, partitions: int):
     """`raw` pairs reordered so that each query's pairs come in runs of `docs_per_query`, the runs in a
     random order drawn from `seed` (see PipelineConfig.docs_per_query); the groupby hashes the
     queries into `partitions` (Ray Data's default of 200 costs seconds of tasks on small data)."""
     grouped = raw.groupby(query_col, num_partitions=partitions).map_groups(
-        runs_of_query, fn_kwargs={"seed": seed, "docs_per_query": docs_per_query, "query_col": query_col,
-                                  "pair_col": pair_col}, batch_format="pyarrow", num_cpus=cpus)  # fmt: skip
+        runs_of_query,
+        fn_kwargs={"seed": seed, "docs_per_query": docs_per_query, "query_col": query_col, "pair_col": pair_col},
+        batch_format="pyarrow",
+        num_cpus=cpus,
+    )
     return grouped.sort([GROUP_KEY, GROUP_ORDER]).drop_columns([GROUP_KEY, GROUP_ORDER])
 
 
-def preprocess(raw, settings: str, pipeline: PipelineConfig, *, seed: int = 0, shuffle: str = "global",
-               files: int = 1):  # fmt: skip
+def preprocess(raw, settings: str, pipeline: PipelineConfig, *, seed: int = 0, shuffle: str = "global", files: int = 1):
     """Shuffle `raw` pairs with `seed` (`shuffle`: global, blocks or none; see PipelineConfig), then
     decode, transform and tokenize them in Ray Data tasks. Lazy: runs each time it is consumed, in
     the same order. (For blocks, the files' order is drawn where they are read.)"""
@@ -402,14 +419,26 @@ def preprocess(raw, settings: str, pipeline: PipelineConfig, *, seed: int = 0, s
 
     if pipeline.docs_per_query > 1 and shuffle != "none":
         data_cfg = json.loads(settings)["data_cfg"]
-        raw = group_by_query(raw, seed, pipeline.docs_per_query, data_cfg["query_id_column"],
-                             data_cfg["pair_id_column"], pipeline.cpus_per_task, max(1, min(200, files)))  # fmt: skip
+        raw = group_by_query(
+            raw,
+            seed,
+            pipeline.docs_per_query,
+            data_cfg["query_id_column"],
+            data_cfg["pair_id_column"],
+            pipeline.cpus_per_task,
+            max(1, min(200, files)),
+        )
     elif shuffle == "global":
         raw = raw.random_shuffle(seed=seed, num_cpus=pipeline.cpus_per_task)
     elif shuffle == "blocks":
         pair_col = json.loads(settings)["data_cfg"]["pair_id_column"]
-        raw = raw.map_batches(shuffle_block_rows, fn_kwargs={"seed": seed, "pair_col": pair_col}, batch_size=None,
-                              batch_format="pyarrow", num_cpus=pipeline.cpus_per_task)  # fmt: skip
+        raw = raw.map_batches(
+            shuffle_block_rows,
+            fn_kwargs={"seed": seed, "pair_col": pair_col},
+            batch_size=None,
+            batch_format="pyarrow",
+            num_cpus=pipeline.cpus_per_task,
+        )
     # Blocks of one preprocessing batch: the preprocessing streams (the first batches reach the
     # trainers while later ones are decoded) and the split can hand every worker a share even of a
     # small dataset. A whole file or shuffle partition is one block otherwise.

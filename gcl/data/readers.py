@@ -63,8 +63,10 @@ def resolve_files(spec: str) -> list[str]:
         else:
             files = [spec]
     if not files:
-        raise DataError(f"no data files ({', '.join(TABLE_SUFFIXES)}) at {spec}; give a parquet, CSV or JSONL file, "
-                        "a directory of them or a glob")
+        raise DataError(
+            f"no data files ({', '.join(TABLE_SUFFIXES)}) at {spec}; give a parquet, CSV or JSONL file, "
+            "a directory of them or a glob"
+        )
     return _each_file_once(files)
 
 

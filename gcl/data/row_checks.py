@@ -136,8 +136,9 @@ def _numpy(mask) -> np.ndarray:
     return pc.fill_null(mask, False).to_numpy(zero_copy_only=False)
 
 
-def check_batch(file: str, offset: int, batch: pa.RecordBatch, rules: RowRules, base_dir: str | None,
-                result: CheckResult) -> None:  # fmt: skip
+def check_batch(
+    file: str, offset: int, batch: pa.RecordBatch, rules: RowRules, base_dir: str | None, result: CheckResult
+) -> None:
     """Check the rows of `batch` (rows offset.. of `file`) and add what was found to `result`."""
     rejected = _Rejected(file, offset, batch.column(rules.data.pair_id_column))
     _check_scores(batch, rules, rejected, result)
@@ -147,8 +148,16 @@ def check_batch(file: str, offset: int, batch: pa.RecordBatch, rules: RowRules, 
     _tally(rejected, batch.num_rows, result)
 
 
-def check_side_batch(file: str, offset: int, batch: pa.RecordBatch, rules: RowRules, side: str, id_column: str,
-                     base_dir: str | None, result: CheckResult) -> None:  # fmt: skip
+def check_side_batch(
+    file: str,
+    offset: int,
+    batch: pa.RecordBatch,
+    rules: RowRules,
+    side: str,
+    id_column: str,
+    base_dir: str | None,
+    result: CheckResult,
+) -> None:
     """The checks of one side's rows (a catalog of documents or a list of queries, as `gcl embed`
     reads them): an id, and the side's fields as in check_batch."""
     rejected = _Rejected(file, offset, batch.column(id_column))
@@ -180,8 +189,12 @@ def _check_scores(batch: pa.RecordBatch, rules: RowRules, rejected: _Rejected, r
     column = rules.weight_key
     rejected.reject(missing, column, "score is missing", lambda i: f"score is missing (null or NaN) ({accepted})")
     rejected.reject(infinite, column, "score is not finite", lambda i: f"score is {value(i)} ({accepted})")
-    rejected.reject(below, column, f"score is below {rules.min_score}",
-                    lambda i: f"score {value(i)} is below {rules.min_score} ({accepted})")  # fmt: skip
+    rejected.reject(
+        below,
+        column,
+        f"score is below {rules.min_score}",
+        lambda i: f"score {value(i)} is below {rules.min_score} ({accepted})",
+    )
     valid = pc.filter(scores, pa.array(~(missing | infinite | below)))
     if len(valid):
         low, high = pc.min_max(valid).values()
@@ -197,8 +210,7 @@ def _check_ids(batch: pa.RecordBatch, rules: RowRules, rejected: _Rejected) -> N
     rejected.reject(pc.is_null(batch.column(data.pair_id_column)), data.pair_id_column, "pair id is missing")
 
 
-def _check_side(batch: pa.RecordBatch, rules: RowRules, side: str, base_dir: str | None,
-                rejected: _Rejected) -> None:  # fmt: skip
+def _check_side(batch: pa.RecordBatch, rules: RowRules, side: str, base_dir: str | None, rejected: _Rejected) -> None:
     """A side's fields: no empty text, images that decode (data.validate_images), and a value in
     at least one field of positive weight (a null is a missing value, not an error)."""
     specs = getattr(rules.fields, side)
@@ -210,8 +222,12 @@ def _check_side(batch: pa.RecordBatch, rules: RowRules, side: str, base_dir: str
             pass
         elif spec.modality == "text":
             empty = given & _numpy(pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(column)), 0))
-            rejected.reject(empty, name, "empty text",
-                            lambda i: "empty text (accepted: non-empty text, or null for a missing value)")  # fmt: skip
+            rejected.reject(
+                empty,
+                name,
+                "empty text",
+                lambda i: "empty text (accepted: non-empty text, or null for a missing value)",
+            )
             given &= ~empty
         elif rules.data.validate_images:
             problems = {i: _image_problem(column[i].as_py(), base_dir) for i in np.flatnonzero(given).tolist()}
@@ -232,7 +248,10 @@ def _image_problem(value, base_dir) -> str | None:
     try:
         raw = image_bytes(value, base_dir)
     except (FileNotFoundError, OSError) as err:
-        return f"image file cannot be read ({err}); accepted: a path to an image file (relative ones start at data.image_root, else at the data file's directory)"
+        return (
+            f"image file cannot be read ({err}); accepted: a path to an image file (relative ones start at "
+            "data.image_root, else at the data file's directory)"
+        )
     if raw is None:
         return None
     try:
@@ -240,5 +259,7 @@ def _image_problem(value, base_dir) -> str | None:
             img.load()
     except Exception as err:  # PIL raises several types for corrupt data
         detail = "not an image format PIL knows" if isinstance(err, UnidentifiedImageError) else str(err)
-        return f"image cannot be decoded ({type(err).__name__}: {detail}); accepted: PNG/JPEG/WebP bytes or a path to one"
+        return (
+            f"image cannot be decoded ({type(err).__name__}: {detail}); accepted: PNG/JPEG/WebP bytes or a path to one"
+        )
     return None

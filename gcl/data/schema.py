@@ -15,9 +15,17 @@ from gcl.config import Section
 
 # Marqo-GS-10M's columns. `image` holds {bytes, path} structs (or a path/URI string).
 MARQO_GS_COLUMNS = (
-    "query", "title", "image", "product_id", "query_id", "pair_id",
-    "position", "score_linear", "score_reciprocal", "no_score",
-)  # fmt: skip
+    "query",
+    "title",
+    "image",
+    "product_id",
+    "query_id",
+    "pair_id",
+    "position",
+    "score_linear",
+    "score_reciprocal",
+    "no_score",
+)
 SPLITS = ("in_domain", "novel_query", "novel_document", "zero_shot")
 
 

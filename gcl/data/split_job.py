@@ -3,8 +3,9 @@
 Each task reads a unit of the input (row groups of a file, gcl.data.units), decides each pair's
 split from the hashes of its ids (gcl.data.splits.split_masks, no list of ids anywhere) and writes
 the unit's rows of each split as one parquet file, `<out>/<split>/part-<unit>.parquet`: the same
-input and seed give the same files (and a retried task rewrites its own). What comes back to the driver is one row per (split, query or document id) and per file
-written, which Ray Data's groupby reduces to the manifest: rows, distinct queries and documents, and
+input and seed give the same files (and a retried task rewrites its own). What comes back to the
+driver is one row per (split, query or document id) and per file written, which Ray Data's
+groupby reduces to the manifest: rows, distinct queries and documents, and
 the sha256 of each split's files (as `gcl train` hashes them), so nothing the size of the data is
 ever in one process.
 """
@@ -112,12 +113,25 @@ def _split_task(batch: dict, units: list[Unit], **kwargs) -> pa.Table:
 
 def _rows(split: str, kind: str, keys, counts) -> pa.Table:
     n = len(keys)
-    return pa.table({"split": [split] * n, "kind": [kind] * n, "key": pa.array(keys, pa.string()),
-                     "rows": pa.array(counts, pa.int64())})  # fmt: skip
+    return pa.table(
+        {
+            "split": [split] * n,
+            "kind": [kind] * n,
+            "key": pa.array(keys, pa.string()),
+            "rows": pa.array(counts, pa.int64()),
+        }
+    )
 
 
-def split_dataset(spec: str, out: str, query_col: str, doc_col: str, cfg: SplitConfig,
-                  extra: dict | None = None, local_rows: int = LOCAL_ROWS) -> dict:  # fmt: skip
+def split_dataset(
+    spec: str,
+    out: str,
+    query_col: str,
+    doc_col: str,
+    cfg: SplitConfig,
+    extra: dict | None = None,
+    local_rows: int = LOCAL_ROWS,
+) -> dict:
     """Split the pairs at `spec` into parquet directories `<out>/<split>/` and write
     `<out>/manifest.json`; return the manifest. Datasets of more than `local_rows` rows are split
     as a Ray Data job; smaller ones by the same functions in this process. `out` is new, empty or
@@ -154,8 +168,9 @@ def _reduce_on_ray(task: dict) -> tuple[list[dict], list[dict]]:
     """Every unit split in a Ray Data task; (totals per split and kind, files written)."""
     from ray.data.aggregate import Count, Sum
 
-    stats = units_dataset(len(task["units"])).map_batches(_split_task, fn_kwargs=task, batch_size=1, num_cpus=1,
-                                                          batch_format="pyarrow")  # fmt: skip
+    stats = units_dataset(len(task["units"])).map_batches(
+        _split_task, fn_kwargs=task, batch_size=1, num_cpus=1, batch_format="pyarrow"
+    )
     # One row per (split, kind, key): the distinct ids of each split, and each file. Materialized:
     # the totals and the file list both read it, and the writing tasks must run once.
     per_key = stats.groupby(["split", "kind", "key"]).aggregate(Sum("rows", alias_name="rows")).materialize()
@@ -167,10 +182,12 @@ def _reduce_on_ray(task: dict) -> tuple[list[dict], list[dict]]:
 def _reduce_here(task: dict) -> tuple[list[dict], list[dict]]:
     """_reduce_on_ray in this process, with pyarrow's group_by."""
     stats = _split_task({"unit": np.arange(len(task["units"]))}, **task)
-    per_key = stats.group_by(["split", "kind", "key"]).aggregate([("rows", "sum")]).rename_columns(
-        {"rows_sum": "rows"})
-    totals = per_key.group_by(["split", "kind"]).aggregate([("key", "count"), ("rows", "sum")]).rename_columns(
-        {"key_count": "keys", "rows_sum": "rows"})
+    per_key = stats.group_by(["split", "kind", "key"]).aggregate([("rows", "sum")]).rename_columns({"rows_sum": "rows"})
+    totals = (
+        per_key.group_by(["split", "kind"])
+        .aggregate([("key", "count"), ("rows", "sum")])
+        .rename_columns({"key_count": "keys", "rows_sum": "rows"})
+    )
     return totals.to_pylist(), per_key.filter(pc.equal(per_key["kind"], "file")).to_pylist()
 
 
@@ -182,10 +199,13 @@ def _manifest(names: list[str], totals: list[dict], files: list[dict], extra: di
     for name in names:
         written = sorted(f["key"].split(":") for f in files if f["split"] == name)
         hashes = "".join(sha for _, sha in written)
-        splits[name] = {"file": f"{name}/", "rows": by.get((name, "query"), {}).get("rows", 0),
-                        "queries": by.get((name, "query"), {}).get("keys", 0),
-                        "documents": by.get((name, "document"), {}).get("keys", 0),
-                        "files": len(written),
-                        "sha256": hashlib.sha256(hashes.encode()).hexdigest()}  # fmt: skip
+        splits[name] = {
+            "file": f"{name}/",
+            "rows": by.get((name, "query"), {}).get("rows", 0),
+            "queries": by.get((name, "query"), {}).get("keys", 0),
+            "documents": by.get((name, "document"), {}).get("keys", 0),
+            "files": len(written),
+            "sha256": hashlib.sha256(hashes.encode()).hexdigest(),
+        }
     unused = by.get(("unused", "pairs"), {}).get("rows", 0)
     return {"splits": splits, **(extra or {}), "unused_pairs": unused}

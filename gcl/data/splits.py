@@ -66,8 +66,15 @@ class SplitConfig(Section):
 
 
 SPLIT_NAMES = ("train", *SPLITS, *VALIDATION_SPLITS)
-HELD_OUT = ("train", "novel_query", "novel_document", "zero_shot", "val_novel_query", "val_novel_document",
-            "val_zero_shot")  # fmt: skip
+HELD_OUT = (
+    "train",
+    "novel_query",
+    "novel_document",
+    "zero_shot",
+    "val_novel_query",
+    "val_novel_document",
+    "val_zero_shot",
+)
 """The splits every pair is in one of (or none: unused); in_domain and val_in_domain are samples of train."""
 
 
@@ -112,18 +119,20 @@ def split_masks(query_ids, doc_ids, cfg: SplitConfig) -> dict[str, np.ndarray]:
         "zero_shot": q_novel & d_novel,
     }
     if cfg.validation:
-        masks.update({
-            "val_in_domain": train & (in_domain >= cfg.in_domain_fraction) & (in_domain < 2 * cfg.in_domain_fraction),
-            "val_novel_query": q_val & d_seen,
-            "val_novel_document": q_seen & d_val,
-            "val_zero_shot": q_val & d_val,
-        })  # fmt: skip
+        masks.update(
+            {
+                "val_in_domain": train
+                & (in_domain >= cfg.in_domain_fraction)
+                & (in_domain < 2 * cfg.in_domain_fraction),
+                "val_novel_query": q_val & d_seen,
+                "val_novel_document": q_seen & d_val,
+                "val_zero_shot": q_val & d_val,
+            }
+        )
     return masks
 
 
-def build_splits(
-    pairs: pd.DataFrame, query_col: str, doc_col: str, cfg: SplitConfig
-) -> dict[str, pd.DataFrame]:
+def build_splits(pairs: pd.DataFrame, query_col: str, doc_col: str, cfg: SplitConfig) -> dict[str, pd.DataFrame]:
     """Split scored pairs held in memory (the synthetic benchmark) into train, the four test splits
     and (when cfg.validation) the four val_* splits, as `gcl data split` splits any dataset."""
     for column in (query_col, doc_col):
@@ -142,12 +151,15 @@ def check_not_empty(rows: dict[str, int], cfg: SplitConfig) -> None:
     """Refuse splits that came out empty (too little data for the fractions), naming the fractions."""
     empty = [name for name, n in rows.items() if n == 0]
     if empty:
-        held = (f"novel_query_fraction {cfg.novel_query_fraction} + validation_query_fraction "
-                f"{cfg.validation_query_fraction} of the queries, novel_document_fraction {cfg.novel_document_fraction} + "
-                f"validation_document_fraction {cfg.validation_document_fraction} of the documents, in_domain_fraction "
-                f"{cfg.in_domain_fraction} of the training queries")  # fmt: skip
-        raise DataError(f"split: {', '.join(empty)} would be empty ({held} held out); lower the fractions or use "
-                        "more data")  # fmt: skip
+        held = (
+            f"novel_query_fraction {cfg.novel_query_fraction} + validation_query_fraction "
+            f"{cfg.validation_query_fraction} of the queries, novel_document_fraction {cfg.novel_document_fraction} + "
+            f"validation_document_fraction {cfg.validation_document_fraction} of the documents, in_domain_fraction "
+            f"{cfg.in_domain_fraction} of the training queries"
+        )
+        raise DataError(
+            f"split: {', '.join(empty)} would be empty ({held} held out); lower the fractions or use more data"
+        )
 
 
 def unused_pairs(pairs: pd.DataFrame, splits: dict[str, pd.DataFrame]) -> int:

@@ -28,9 +28,15 @@ from gcl.outputs import DATA_OUTPUT, check_output, replaced_whole
 from gcl.storage import file_sha256
 
 COLOURS = {
-    "red": (214, 39, 40), "green": (44, 160, 44), "blue": (31, 90, 220), "yellow": (240, 210, 30),
-    "purple": (130, 60, 170), "orange": (255, 127, 14), "black": (25, 25, 25), "white": (250, 250, 250),
-}  # fmt: skip
+    "red": (214, 39, 40),
+    "green": (44, 160, 44),
+    "blue": (31, 90, 220),
+    "yellow": (240, 210, 30),
+    "purple": (130, 60, 170),
+    "orange": (255, 127, 14),
+    "black": (25, 25, 25),
+    "white": (250, 250, 250),
+}
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 NOUNS = {"circle": "plate", "square": "tile", "triangle": "pennant", "diamond": "kite", "cross": "badge"}
 PATTERNS = ("solid", "striped", "dotted", "checked")
@@ -128,12 +134,20 @@ def _products(cfg: SynthConfig, rng: np.random.Generator) -> list[dict]:
     products = []
     for i in range(cfg.products):
         attrs = {
-            "colour": str(rng.choice(list(COLOURS))), "shape": str(rng.choice(SHAPES)),
-            "pattern": str(rng.choice(PATTERNS)), "size": str(rng.choice(list(SIZES))),
+            "colour": str(rng.choice(list(COLOURS))),
+            "shape": str(rng.choice(SHAPES)),
+            "pattern": str(rng.choice(PATTERNS)),
+            "size": str(rng.choice(list(SIZES))),
             "background": str(rng.choice(list(BACKGROUNDS))),
-        }  # fmt: skip
-        products.append({"product_id": f"p{i:06d}", "attrs": attrs, "title": _title(attrs, rng, cfg.title_noise),
-                         "image": _draw_product(attrs, rng)})  # fmt: skip
+        }
+        products.append(
+            {
+                "product_id": f"p{i:06d}",
+                "attrs": attrs,
+                "title": _title(attrs, rng, cfg.title_noise),
+                "image": _draw_product(attrs, rng),
+            }
+        )
     return products
 
 
@@ -144,8 +158,20 @@ def _queries(cfg: SynthConfig, rng: np.random.Generator) -> dict[str, dict]:
         n_attrs = int(rng.choice([1, 2, 2, 3, 3, 4]))
         drawn = set(rng.choice(QUERY_ATTRIBUTES, n_attrs, replace=False).tolist())
         chosen = [a for a in QUERY_ATTRIBUTES if a in drawn]
-        values = {a: str(rng.choice(list(COLOURS) if a == "colour" else SHAPES if a == "shape" else
-                                    PATTERNS if a == "pattern" else list(SIZES))) for a in chosen}  # fmt: skip
+        values = {
+            a: str(
+                rng.choice(
+                    list(COLOURS)
+                    if a == "colour"
+                    else SHAPES
+                    if a == "shape"
+                    else PATTERNS
+                    if a == "pattern"
+                    else list(SIZES)
+                )
+            )
+            for a in chosen
+        }
         queries.setdefault(" ".join(values[a] for a in chosen), values)
     return queries
 
@@ -164,9 +190,7 @@ def generate_pairs(cfg: SynthConfig) -> pd.DataFrame:
         if len(candidates) == 0:
             continue
         # Result lists mix full and partial matches, as a shopping engine's would.
-        pick = candidates[np.argsort(-(matched[candidates] + rng.random(len(candidates))))][
-            : cfg.docs_per_query
-        ]
+        pick = candidates[np.argsort(-(matched[candidates] + rng.random(len(candidates))))][: cfg.docs_per_query]
         relevance = matched[pick] + rng.normal(0, cfg.rank_noise, len(pick))
         ranked = pick[np.argsort(-relevance, kind="stable")]
         n = len(ranked)
@@ -185,7 +209,7 @@ def generate_pairs(cfg: SynthConfig) -> pd.DataFrame:
                     "score_reciprocal": 1.0 / position,
                     "no_score": 1.0,
                     "grade": int(round(3 * matched[index])),
-                }  # fmt: skip
+                }
             )
     return pd.DataFrame(rows)
 
@@ -205,9 +229,12 @@ def write_splits(
         path = out / f"{name}.parquet"
         df.to_parquet(path, index=False)
         manifest["splits"][name] = {
-            "file": path.name, "rows": len(df), "queries": int(df[query_col].nunique()),
-            "documents": int(df[doc_col].nunique()), "sha256": file_sha256(str(path)),
-        }  # fmt: skip
+            "file": path.name,
+            "rows": len(df),
+            "queries": int(df[query_col].nunique()),
+            "documents": int(df[doc_col].nunique()),
+            "sha256": file_sha256(str(path)),
+        }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest
 
@@ -221,7 +248,11 @@ def synthesize(out: str | Path, cfg: SynthConfig | None = None, split: SplitConf
     split = split or SplitConfig(seed=cfg.seed)
     pairs = generate_pairs(cfg)
     splits = build_splits(pairs, "query_id", "product_id", split)
-    extra = {"generator": "gcl.data.synth", "config": asdict(cfg), "split": split.model_dump(),
-             "unused_pairs": unused_pairs(pairs, splits)}  # fmt: skip
+    extra = {
+        "generator": "gcl.data.synth",
+        "config": asdict(cfg),
+        "split": split.model_dump(),
+        "unused_pairs": unused_pairs(pairs, splits),
+    }
     with replaced_whole(str(Path(out).absolute())) as partial:
         return write_splits(splits, partial, extra)

@@ -105,8 +105,11 @@ def unit_pair_ids(index: int, unit: Unit, column: str, id_type: pa.DataType) -> 
     for offset, batch in unit_batches(unit, [column]):
         ids = pc.cast(batch.column(0), id_type)
         rows = np.arange(offset, offset + batch.num_rows, dtype=np.int64)
-        parts.append(pa.table({"pair_id": ids, "unit": pa.array(np.full(len(rows), index, np.int32)),
-                               "row": rows}).filter(pc.is_valid(ids)))  # fmt: skip
+        parts.append(
+            pa.table({"pair_id": ids, "unit": pa.array(np.full(len(rows), index, np.int32)), "row": rows}).filter(
+                pc.is_valid(ids)
+            )
+        )
     return pa.concat_tables(parts) if parts else pa.table({"pair_id": pa.array([], id_type)})
 
 
@@ -155,8 +158,11 @@ class _Local:
 
 
 def _check_task(batch: dict, units: list[Unit], rules: RowRules, listed: int | None) -> dict:
-    return {"result": np.array([pickle.dumps(check_unit(units[int(i)], rules, listed)) for i in batch["unit"]],
-                               dtype=object)}  # fmt: skip
+    return {
+        "result": np.array(
+            [pickle.dumps(check_unit(units[int(i)], rules, listed)) for i in batch["unit"]], dtype=object
+        )
+    }
 
 
 def _ids_task(batch: dict, units: list[Unit], column: str, id_type: pa.DataType) -> pa.Table:
@@ -170,27 +176,39 @@ class _OnRay(_Local):
         return units_dataset(len(self.units))
 
     def check(self, listed: int | None) -> list[CheckResult]:
-        results = self._units().map_batches(_check_task, fn_kwargs={"units": self.units, "rules": self.rules,
-                                            "listed": listed}, batch_size=1, num_cpus=1)  # fmt: skip
+        results = self._units().map_batches(
+            _check_task,
+            fn_kwargs={"units": self.units, "rules": self.rules, "listed": listed},
+            batch_size=1,
+            num_cpus=1,
+        )
         return [pickle.loads(row["result"]) for row in results.iter_rows()]
 
     def pair_ids(self):
-        return self._units().map_batches(_ids_task, fn_kwargs={"units": self.units, "column": self.rules.data.pair_id_column,
-                                         "id_type": self.id_type}, batch_size=1, num_cpus=1, batch_format="pyarrow")  # fmt: skip
+        return self._units().map_batches(
+            _ids_task,
+            fn_kwargs={"units": self.units, "column": self.rules.data.pair_id_column, "id_type": self.id_type},
+            batch_size=1,
+            num_cpus=1,
+            batch_format="pyarrow",
+        )
 
     def repeated(self, listed: int | None) -> tuple[int, pa.Table]:
         counts = self.pair_ids().groupby("pair_id").count()
-        repeated = counts.map_batches(lambda t: t.filter(pc.greater(t["count()"], 1)),
-                                      batch_format="pyarrow").materialize()
+        repeated = counts.map_batches(
+            lambda t: t.filter(pc.greater(t["count()"], 1)), batch_format="pyarrow"
+        ).materialize()
         if not repeated.count():
             return 0, pa.table({"pair_id": pa.array([], self.id_type), "unit": [], "row": []})
         extra = repeated.sum("count()") - repeated.count()
         rows = repeated.take(listed) if listed is not None else repeated.take_all()
         listed_ids = pa.array([r["pair_id"] for r in rows], self.id_type)
-        located = self.pair_ids().map_batches(lambda t: t.filter(pc.is_in(t["pair_id"], listed_ids)),
-                                              batch_format="pyarrow")  # fmt: skip
-        return extra, pa.Table.from_pylist(located.take_all(), schema=pa.schema(
-            [("pair_id", self.id_type), ("unit", pa.int32()), ("row", pa.int64())]))  # fmt: skip
+        located = self.pair_ids().map_batches(
+            lambda t: t.filter(pc.is_in(t["pair_id"], listed_ids)), batch_format="pyarrow"
+        )
+        return extra, pa.Table.from_pylist(
+            located.take_all(), schema=pa.schema([("pair_id", self.id_type), ("unit", pa.int32()), ("row", pa.int64())])
+        )
 
 
 def validate_pairs(
@@ -239,13 +257,17 @@ def bad_rows_error(spec: str, report: ValidationReport, trimmable: bool = True) 
     """The error that lists a dataset's first bad rows (file, row, column, why) and their count;
     for data that is never trimmed (an evaluation split), one line with the first."""
     if not trimmable:
-        return DataError(f"{report.bad[0]}; {report.bad_rows} bad row(s) in {spec}, which is never trimmed "
-                         "(an evaluation split judges every row): fix them")  # fmt: skip
+        return DataError(
+            f"{report.bad[0]}; {report.bad_rows} bad row(s) in {spec}, which is never trimmed "
+            "(an evaluation split judges every row): fix them"
+        )
     more = report.bad_rows - min(len(report.bad), MAX_LISTED)
     listed_rows = "\n  ".join(str(b) for b in report.bad[:MAX_LISTED])
     more = f"\n  ... and {more} more" if more > 0 else ""
-    return DataError(f"{spec}: {report.summary()}:\n  {listed_rows}{more}\n"
-                     "Fix these rows, or set data.on_bad_rows=skip to drop them (they are counted and reported).")  # fmt: skip
+    return DataError(
+        f"{spec}: {report.summary()}:\n  {listed_rows}{more}\n"
+        "Fix these rows, or set data.on_bad_rows=skip to drop them (they are counted and reported)."
+    )
 
 
 def _report(files: list[str], units: list[Unit], runner: _Local, listed: int | None) -> ValidationReport:
@@ -260,8 +282,15 @@ def _report(files: list[str], units: list[Unit], runner: _Local, listed: int | N
     found.reasons.update(b.label for b in duplicates if (b.file, b.row) not in already)
     order = {f: i for i, f in enumerate(files)}
     bad = sorted(found.bad + duplicates, key=lambda b: (order[b.file], b.row))
-    return ValidationReport(files=files, rows=found.rows, bad=bad, bad_rows=found.bad_rows,
-                            reason_counts=found.reasons, score_min=found.score_min, score_max=found.score_max)  # fmt: skip
+    return ValidationReport(
+        files=files,
+        rows=found.rows,
+        bad=bad,
+        bad_rows=found.bad_rows,
+        reason_counts=found.reasons,
+        score_min=found.score_min,
+        score_max=found.score_max,
+    )
 
 
 def check_judgements(spec: str, files: list[str], data: DataConfig, grade_column: str) -> None:
@@ -275,11 +304,17 @@ def check_judgements(spec: str, files: list[str], data: DataConfig, grade_column
     for index, file in enumerate(files):
         for unit in plan_units(file, UNIT_ROWS)[1]:
             for first, batch in unit_batches(unit, columns):
-                parts.append(pa.table({
-                    "q": pc.cast(batch.column(qcol), pa.string()), "d": pc.cast(batch.column(dcol), pa.string()),
-                    "g": pc.cast(batch.column(grade_column), pa.float64()), "file": pa.array([index] * batch.num_rows),
-                    "row": pa.array(np.arange(first, first + batch.num_rows)),
-                }))  # fmt: skip
+                parts.append(
+                    pa.table(
+                        {
+                            "q": pc.cast(batch.column(qcol), pa.string()),
+                            "d": pc.cast(batch.column(dcol), pa.string()),
+                            "g": pc.cast(batch.column(grade_column), pa.float64()),
+                            "file": pa.array([index] * batch.num_rows),
+                            "row": pa.array(np.arange(first, first + batch.num_rows)),
+                        }
+                    )
+                )
     if not parts:
         return
     pairs = pa.concat_tables(parts)
@@ -290,5 +325,7 @@ def check_judgements(spec: str, files: list[str], data: DataConfig, grade_column
     q, d = conflicts["q"][0].as_py(), conflicts["d"][0].as_py()
     rows = pairs.filter(pc.and_(pc.equal(pairs["q"], q), pc.equal(pairs["d"], d))).to_pylist()
     where = "; ".join(f"{files[r['file']]} row {r['row']}: {grade_column} {r['g']:g}" for r in rows[:2])
-    raise DataError(f"{spec}: query {q!r} and document {d!r} are judged twice with different grades ({where}); "
-                    f"{conflicts.num_rows} pair(s) in all: keep one grade per pair")  # fmt: skip
+    raise DataError(
+        f"{spec}: query {q!r} and document {d!r} are judged twice with different grades ({where}); "
+        f"{conflicts.num_rows} pair(s) in all: keep one grade per pair"
+    )

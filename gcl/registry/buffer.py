@@ -19,8 +19,15 @@ from gcl import storage
 
 log = logging.getLogger(__name__)
 SPILL_DIR = "tracking_buffer"
-OUTAGE_CODES = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "BAD_GATEWAY",
-                "SERVICE_UNAVAILABLE", "DEADLINE_EXCEEDED", "ENDPOINT_NOT_FOUND"}  # fmt: skip
+OUTAGE_CODES = {
+    "INTERNAL_ERROR",
+    "TEMPORARILY_UNAVAILABLE",
+    "REQUEST_LIMIT_EXCEEDED",
+    "BAD_GATEWAY",
+    "SERVICE_UNAVAILABLE",
+    "DEADLINE_EXCEEDED",
+    "ENDPOINT_NOT_FOUND",
+}
 BATCH_METRICS = 1000  # MLflow's log_batch limit
 FAIL_FAST = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
@@ -67,8 +74,12 @@ def while_unreachable(action, wait_seconds: float, doing: str):
             except Exception as err:
                 if not is_outage(err) or time.monotonic() + pause > deadline:
                     raise
-                log.warning("MLflow tracking store unreachable %s (%s); trying again in %.0f s", doing,
-                            type(err).__name__, pause)  # fmt: skip
+                log.warning(
+                    "MLflow tracking store unreachable %s (%s); trying again in %.0f s",
+                    doing,
+                    type(err).__name__,
+                    pause,
+                )
                 time.sleep(pause)
                 pause = min(2 * pause, 30.0)
 
@@ -124,7 +135,9 @@ def replay(client, run_id: str, spill: SpillFiles) -> int:
     tags: dict[str, str] = {}
     for record in spill.read(parts):
         if "metric" in record:  # the first value of a step wins: training retraces steps identically
-            metrics[record["metric"]].setdefault(record["step"], Metric(record["metric"], record["value"], record["timestamp"], record["step"]))  # fmt: skip
+            metrics[record["metric"]].setdefault(
+                record["step"], Metric(record["metric"], record["value"], record["timestamp"], record["step"])
+            )
         else:
             tags[record["tag"]] = record["value"]
     missing = []
@@ -145,8 +158,15 @@ class BufferedRunLog:
     replayed when it can again. Steps an earlier attempt of the run already logged are not
     logged again (after a restore, the steps past the checkpoint are trained once more)."""
 
-    def __init__(self, client, run_id: str, run_dir: str, flush_seconds: float = 10.0,
-                 flush_metrics: int = 200, max_backoff_s: float = 60.0):  # fmt: skip
+    def __init__(
+        self,
+        client,
+        run_id: str,
+        run_dir: str,
+        flush_seconds: float = 10.0,
+        flush_metrics: int = 200,
+        max_backoff_s: float = 60.0,
+    ):
         self.client, self.run_id = client, run_id
         self.spill = SpillFiles(run_dir)
         self.flush_seconds, self.flush_metrics, self.max_backoff_s = flush_seconds, flush_metrics, max_backoff_s
@@ -190,9 +210,14 @@ class BufferedRunLog:
             self._spill()
             self.backoff_s = min(self.max_backoff_s, max(1.0, 2 * self.backoff_s))
             self.retry_at = time.monotonic() + self.backoff_s
-            log.warning("MLflow tracking store unreachable (%s: %s); metrics are kept in %s and written "
-                        "when it answers again (next try in %.0f s)", type(err).__name__, str(err)[:200],
-                        self.spill.directory, self.backoff_s)  # fmt: skip
+            log.warning(
+                "MLflow tracking store unreachable (%s: %s); metrics are kept in %s and written "
+                "when it answers again (next try in %.0f s)",
+                type(err).__name__,
+                str(err)[:200],
+                self.spill.directory,
+                self.backoff_s,
+            )
             return
         if self.out:
             log.warning("MLflow tracking store answers again; the buffered metrics are written")
@@ -219,8 +244,9 @@ class BufferedRunLog:
         self.metrics, self.tags = [], {}
 
     def _spill(self) -> None:
-        records = [{"metric": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step}
-                   for m in self.metrics] + [{"tag": k, "value": v} for k, v in self.tags.items()]  # fmt: skip
+        records = [
+            {"metric": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step} for m in self.metrics
+        ] + [{"tag": k, "value": v} for k, v in self.tags.items()]
         self.spill.write(records)
         self.spilled = True
         self.metrics, self.tags = [], {}

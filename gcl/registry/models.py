@@ -32,8 +32,18 @@ log = logging.getLogger(__name__)
 SERVING_CODE = os.path.join(os.path.dirname(__file__), "serving.py")
 # What the served model's code imports (gcl.registry.serving, gcl.retrieval, gcl.model and open_clip's
 # transforms), by distribution name; pinned to the versions it was logged with.
-SERVING_DISTRIBUTIONS = ("mlflow", "torch", "torchvision", "open_clip_torch", "numpy", "pandas", "pyarrow",
-                         "pillow", "pydantic", "pyyaml")  # fmt: skip
+SERVING_DISTRIBUTIONS = (
+    "mlflow",
+    "torch",
+    "torchvision",
+    "open_clip_torch",
+    "numpy",
+    "pandas",
+    "pyarrow",
+    "pillow",
+    "pydantic",
+    "pyyaml",
+)
 
 
 # What a model built from pretrained towers (gcl.towers) imports besides: timm's image tower and
@@ -49,7 +59,9 @@ def serving_requirements(model_dir: str | None = None) -> list[str]:
     from gcl.model import CONFIG_FILE
 
     names = list(SERVING_DISTRIBUTIONS)
-    if model_dir and "hf_model_name" in json.loads(Path(model_dir, CONFIG_FILE).read_text())["model_cfg"].get("text_cfg", {}):
+    if model_dir and "hf_model_name" in json.loads(Path(model_dir, CONFIG_FILE).read_text())["model_cfg"].get(
+        "text_cfg", {}
+    ):
         names += TOWER_DISTRIBUTIONS
     return [f"{name}=={version(name).split('+')[0]}" for name in names]
 
@@ -77,8 +89,7 @@ def log_embedding_model(run_id: str, model_dir: str, tracking_uri: str, input_ex
 
     import mlflow
 
-    with tempfile.TemporaryDirectory() as scratch, fluent_tracking_uri(tracking_uri), \
-            mlflow.start_run(run_id=run_id):  # fmt: skip
+    with tempfile.TemporaryDirectory() as scratch, fluent_tracking_uri(tracking_uri), mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name=EMBEDDING_MODEL_ARTIFACT,
             python_model=SERVING_CODE,
@@ -90,8 +101,9 @@ def log_embedding_model(run_id: str, model_dir: str, tracking_uri: str, input_ex
     return info.model_uri
 
 
-def register(model_uri: str, name: str, objective: float, tracking_uri: str, tags: dict | None = None,
-             objective_key: str = "") -> tuple[str, str]:  # fmt: skip
+def register(
+    model_uri: str, name: str, objective: float, tracking_uri: str, tags: dict | None = None, objective_key: str = ""
+) -> tuple[str, str]:
     """Register `model_uri` as a new version of `name`; alias it `champion` if its objective beats
     the current champion's (higher is better) on the same `objective_key` (measure, splits and
     evaluation data), else `challenger`. Returns (version, alias)."""
@@ -110,21 +122,30 @@ def register(model_uri: str, name: str, objective: float, tracking_uri: str, tag
     best = float(current.tags.get(OBJECTIVE_TAG, "-inf")) if current else float("-inf")
     comparable = current is None or current.tags.get(OBJECTIVE_KEY_TAG, "") == objective_key
     if not comparable:
-        log.warning("%s@champion (version %s) was scored on %r, this version on %r: not comparable, "
-                    "registering as challenger", name, current.version, current.tags.get(OBJECTIVE_KEY_TAG),
-                    objective_key)  # fmt: skip
+        log.warning(
+            "%s@champion (version %s) was scored on %r, this version on %r: not comparable, registering as challenger",
+            name,
+            current.version,
+            current.tags.get(OBJECTIVE_KEY_TAG),
+            objective_key,
+        )
     alias = CHAMPION if current is None or (comparable and objective > best) else CHALLENGER
     client.set_registered_model_alias(name, alias, version)
-    log.info("registered %s version %s as %s (objective %.4f vs champion %.4f)", name, version, alias,
-             objective, best)  # fmt: skip
+    log.info("registered %s version %s as %s (objective %.4f vs champion %.4f)", name, version, alias, objective, best)
     return version, alias
 
 
 def code_version() -> str:
     """gcl's version, plus the git commit when running from a checkout."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=os.path.dirname(__file__),
-                                capture_output=True, text=True, timeout=10, check=True).stdout.strip()  # fmt: skip
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=os.path.dirname(__file__),
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
     return f"{gcl.__version__}+{commit}" if commit else gcl.__version__
@@ -135,9 +156,7 @@ def _run_artifact(run_id: str, path: str, tracking_uri: str) -> str | None:
     import mlflow
 
     try:
-        return mlflow.artifacts.download_artifacts(
-            run_id=run_id, artifact_path=path, tracking_uri=tracking_uri
-        )
+        return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, tracking_uri=tracking_uri)
     except mlflow.exceptions.MlflowException:
         return None
 
@@ -145,9 +164,11 @@ def _run_artifact(run_id: str, path: str, tracking_uri: str) -> str | None:
 def version_tags(run, job: JobConfig, manifest: dict) -> dict[str, str]:
     """A registered version's lineage: the data's content hashes (the full file list stays in the
     run's manifest artifact), loss config, per-split metrics, base model, code version, run id."""
-    hashes = {"train": (manifest.get("train") or {}).get("sha256"),
-              **{s: m["sha256"] for s, m in manifest.get("eval", {}).items()},
-              **{VALIDATION_PREFIX + s: m["sha256"] for s, m in manifest.get("validation", {}).items()}}  # fmt: skip
+    hashes = {
+        "train": (manifest.get("train") or {}).get("sha256"),
+        **{s: m["sha256"] for s, m in manifest.get("eval", {}).items()},
+        **{VALIDATION_PREFIX + s: m["sha256"] for s, m in manifest.get("validation", {}).items()},
+    }
     return {
         "dataset_manifest": json.dumps(hashes),
         "loss": job.loss.model_dump_json(),
@@ -194,16 +215,18 @@ def register_run(run_id: str, name: str, tracking_uri: str) -> tuple[str, str]:
     run = client.get_run(run_id)
     model_uri = run.data.tags.get(MODEL_URI_TAG)
     if model_uri is None:
-        raise ModelError(f"run {run_id} has no exported embedding model (tag {MODEL_URI_TAG}); "
-                         "register runs made by `gcl train` or `gcl tune`")  # fmt: skip
+        raise ModelError(
+            f"run {run_id} has no exported embedding model (tag {MODEL_URI_TAG}); "
+            "register runs made by `gcl train` or `gcl tune`"
+        )
     if OBJECTIVE not in run.data.metrics:
-        raise ModelError(f"run {run_id} has no {OBJECTIVE!r} metric: it was trained without evaluation "
-                         "splits (data.eval), so it cannot be compared with the champion")  # fmt: skip
+        raise ModelError(
+            f"run {run_id} has no {OBJECTIVE!r} metric: it was trained without evaluation "
+            "splits (data.eval), so it cannot be compared with the champion"
+        )
     with open(_run_artifact(run_id, CONFIG_ARTIFACT, tracking_uri)) as f:
         job = JobConfig.model_validate(yaml.safe_load(f))
     manifest_file = _run_artifact(run_id, MANIFEST_ARTIFACT, tracking_uri)
     manifest = json.loads(Path(manifest_file).read_text()) if manifest_file else {}
     tags = version_tags(run, job, manifest)
-    return register(
-        model_uri, name, run.data.metrics[OBJECTIVE], tracking_uri, tags, objective_key_for(job, tags)
-    )
+    return register(model_uri, name, run.data.metrics[OBJECTIVE], tracking_uri, tags, objective_key_for(job, tags))

@@ -70,9 +70,7 @@ def check_tracking(uri: str) -> None:
         with fail_fast_requests(timeout_seconds=60), _sqlite_init_lock(uri):
             MlflowClient(uri).search_experiments(max_results=1)
     except Exception as err:
-        raise TrackingError(
-            f"MLflow tracking store {uri!r} is not reachable: {type(err).__name__}: {err}"
-        ) from None
+        raise TrackingError(f"MLflow tracking store {uri!r} is not reachable: {type(err).__name__}: {err}") from None
 
 
 @contextlib.contextmanager
@@ -108,8 +106,9 @@ def runs_named(client, experiment: str, name: str) -> list:
     found = client.get_experiment_by_name(experiment)
     if found is None:
         return []
-    return client.search_runs([found.experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{name}'",
-                              order_by=["start_time DESC"])  # fmt: skip
+    return client.search_runs(
+        [found.experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{name}'", order_by=["start_time DESC"]
+    )
 
 
 def find_run(uri: str, run: str, experiment: str) -> str:
@@ -151,8 +150,10 @@ def logged_job(uri: str, reference: str, experiment: str) -> dict:
         try:
             path = client.download_artifacts(run_id, CONFIG_ARTIFACT, scratch)
         except (MlflowException, OSError):
-            raise TrackingError(f"run {run_id} ({reference}) has no {CONFIG_ARTIFACT}: only runs of gcl train and "
-                                "sweeps' trials log the job they trained") from None  # fmt: skip
+            raise TrackingError(
+                f"run {run_id} ({reference}) has no {CONFIG_ARTIFACT}: only runs of gcl train and "
+                "sweeps' trials log the job they trained"
+            ) from None
         with open(path) as f:
             return yaml.safe_load(f)
 
@@ -168,12 +169,15 @@ def model_version_run(client, reference: str) -> str:
         name, _, version = name.partition("/")
         return client.get_model_version(name, version).run_id
     except MlflowException as err:
-        raise TrackingError(f"{reference}: no such registered model version ({' '.join(str(err).split())[:200]}); "
-                            "give models:/NAME@ALIAS or models:/NAME/VERSION") from None  # fmt: skip
+        raise TrackingError(
+            f"{reference}: no such registered model version ({' '.join(str(err).split())[:200]}); "
+            "give models:/NAME@ALIAS or models:/NAME/VERSION"
+        ) from None
 
 
-def start_run(uri: str, experiment: str, name: str, params: dict, tags: dict | None = None,
-              reopen_finished: bool = False) -> str:  # fmt: skip
+def start_run(
+    uri: str, experiment: str, name: str, params: dict, tags: dict | None = None, reopen_finished: bool = False
+) -> str:
     """The MLflow run called `name`: an unfinished (running, failed or killed) run of that name
     (or with `reopen_finished`, the latest one whatever its status) is resumed and marked running
     again, else a new one is created with `params` and `tags`."""
@@ -242,8 +246,9 @@ class MetricsLogger:
     """Rank 0's metrics and tags for the MLflow run, buffered so that an outage of the tracking
     store does not stop training (gcl.registry.buffer.BufferedRunLog); other ranks log nothing."""
 
-    def __init__(self, tracking_uri: str | None, run_id: str | None, enabled: bool, run_dir: str,
-                 flush_seconds: float = 10.0):  # fmt: skip
+    def __init__(
+        self, tracking_uri: str | None, run_id: str | None, enabled: bool, run_dir: str, flush_seconds: float = 10.0
+    ):
         self.tracking_uri, self.run_id = tracking_uri, run_id
         self.buffer = None
         if enabled and tracking_uri and run_id:

@@ -34,9 +34,7 @@ class GCLEmbeddingModel(mlflow.pyfunc.PythonModel):
             self.dim = json.load(f)["model_cfg"]["embed_dim"]
 
     def _side(self, row: pd.Series) -> str:
-        has = {
-            side: any(pd.notna(row.get(n)) for n in getattr(self.fields, side)) for side in ("left", "right")
-        }
+        has = {side: any(pd.notna(row.get(n)) for n in getattr(self.fields, side)) for side in ("left", "right")}
         if has["left"] == has["right"]:
             raise ValueError(
                 f"each row needs fields of exactly one side: left {sorted(self.fields.left)} (a query) or "

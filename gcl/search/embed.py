@@ -75,8 +75,20 @@ def _row_counter():
 class Embedder:
     """A Ray Data actor: loads the model once, then embeds batches of rows of one side."""
 
-    def __init__(self, model_files: list, fields: dict, side: str, id_column: str, keep: list[str],
-                 batch_size: int, base_dir: str | None, threads: int, use_gpu: bool, metadata: bytes, counter):  # fmt: skip
+    def __init__(
+        self,
+        model_files: list,
+        fields: dict,
+        side: str,
+        id_column: str,
+        keep: list[str],
+        batch_size: int,
+        base_dir: str | None,
+        threads: int,
+        use_gpu: bool,
+        metadata: bytes,
+        counter,
+    ):
         import tempfile
 
         import ray
@@ -97,8 +109,13 @@ class Embedder:
         frame = batch.to_pandas()
         vectors = self.encoder.encode(frame, self.side, self.batch_size).numpy().astype(np.float32)
         embedding = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1])
-        out = pa.table({self.id_column: batch.column(self.id_column), EMBEDDING_COLUMN: embedding,
-                        **{c: batch.column(c) for c in self.keep}})  # fmt: skip
+        out = pa.table(
+            {
+                self.id_column: batch.column(self.id_column),
+                EMBEDDING_COLUMN: embedding,
+                **{c: batch.column(c) for c in self.keep},
+            }
+        )
         if self.counter is not None:
             self.counter.add.remote(len(frame))
         return out.replace_schema_metadata({METADATA_KEY: self.metadata})
@@ -145,13 +162,21 @@ def check_rows(spec: str, units: list, files: list[str], rules, side: str, id_co
     listed = None if rules.data.on_bad_rows == "skip" else MAX_LISTED
     found = CheckResult(listed=None)
     checks = units_dataset(len(units)).map_batches(
-        _check_units, fn_kwargs={"units": units, "rules": rules, "side": side, "id_column": id_column,
-                                 "listed": listed}, batch_size=1, num_cpus=cpus)  # fmt: skip
+        _check_units,
+        fn_kwargs={"units": units, "rules": rules, "side": side, "id_column": id_column, "listed": listed},
+        batch_size=1,
+        num_cpus=cpus,
+    )
     for row in checks.iter_rows():
         found.add(pickle.loads(row["result"]))
     order = {f: i for i, f in enumerate(files)}
-    report = ValidationReport(files=files, rows=found.rows, bad=sorted(found.bad, key=lambda b: (order[b.file], b.row)),
-                              bad_rows=found.bad_rows, reason_counts=found.reasons)  # fmt: skip
+    report = ValidationReport(
+        files=files,
+        rows=found.rows,
+        bad=sorted(found.bad, key=lambda b: (order[b.file], b.row)),
+        bad_rows=found.bad_rows,
+        reason_counts=found.reasons,
+    )
     if report.bad_rows and rules.data.on_bad_rows == "error":
         raise bad_rows_error(spec, report)
     if report.bad_rows:
@@ -210,21 +235,50 @@ def embed_rows(job, cfg: EmbedConfig, tracking_uri: str, use_gpu: bool = False, 
     skip: dict[str, set[int]] = {}
     for bad in report.bad:
         skip.setdefault(bad.file, set()).add(bad.row)
-    metadata = json.dumps({"model_uri": model_uri, "model_version": version, "side": cfg.side, "dim": dim,
-                           "id_column": id_column, "fields": fields.model_dump(), "input": cfg.input}).encode()  # fmt: skip
+    metadata = json.dumps(
+        {
+            "model_uri": model_uri,
+            "model_version": version,
+            "side": cfg.side,
+            "dim": dim,
+            "id_column": id_column,
+            "fields": fields.model_dump(),
+            "input": cfg.input,
+        }
+    ).encode()
     columns = list(dict.fromkeys([id_column, *getattr(fields, cfg.side), *cfg.keep]))
-    summary = {"rows": report.rows_valid, "bad_rows": report.bad_rows, "bad_reasons": dict(report.reasons()),
-               "model_uri": model_uri, "model_version": version, "dim": dim, "out": cfg.out}  # fmt: skip
+    summary = {
+        "rows": report.rows_valid,
+        "bad_rows": report.bad_rows,
+        "bad_reasons": dict(report.reasons()),
+        "model_uri": model_uri,
+        "model_version": version,
+        "dim": dim,
+        "out": cfg.out,
+    }
     counter = _row_counter()
     rows = _read_dataset(units, columns, skip, job.pipeline.cpus_per_task)
     embedded = rows.map_batches(
-        Embedder, fn_constructor_kwargs=dict(model_files=[model_ref], fields=fields.model_dump(),
-                                             side=cfg.side, id_column=id_column, keep=cfg.keep,
-                                             batch_size=cfg.batch_size, base_dir=image_base_dir(files[0], job.data.image_root),
-                                             threads=max(1, int(cfg.cpus_per_actor)), use_gpu=use_gpu,
-                                             metadata=metadata, counter=counter),
-        batch_size=cfg.batch_size, batch_format="pyarrow", compute=_actor_pool(cfg.actors),
-        num_cpus=cfg.cpus_per_actor, num_gpus=1 if use_gpu else 0)  # fmt: skip
+        Embedder,
+        fn_constructor_kwargs=dict(
+            model_files=[model_ref],
+            fields=fields.model_dump(),
+            side=cfg.side,
+            id_column=id_column,
+            keep=cfg.keep,
+            batch_size=cfg.batch_size,
+            base_dir=image_base_dir(files[0], job.data.image_root),
+            threads=max(1, int(cfg.cpus_per_actor)),
+            use_gpu=use_gpu,
+            metadata=metadata,
+            counter=counter,
+        ),
+        batch_size=cfg.batch_size,
+        batch_format="pyarrow",
+        compute=_actor_pool(cfg.actors),
+        num_cpus=cfg.cpus_per_actor,
+        num_gpus=1 if use_gpu else 0,
+    )
     with _Polling(counter, report.rows_valid, progress):
         if cfg.out.rstrip("/").endswith(".lance"):
             embedded.write_lance(cfg.out, mode="create")
@@ -232,7 +286,9 @@ def embed_rows(job, cfg: EmbedConfig, tracking_uri: str, use_gpu: bool = False, 
         with replaced_whole(cfg.out) as partial:  # a write that fails (a full disk) leaves the old output
             embedded.write_parquet(partial)
             # Written last: it marks the output whole (gcl index refuses a directory without it).
-            storage.write_text(storage.join(partial, SUMMARY_FILE), json.dumps({**json.loads(metadata), **summary}, indent=2))
+            storage.write_text(
+                storage.join(partial, SUMMARY_FILE), json.dumps({**json.loads(metadata), **summary}, indent=2)
+            )
     return summary
 
 
@@ -261,8 +317,12 @@ def _read_dataset(units: list, columns: list[str], skip: dict[str, set[int]], cp
     from gcl.data.units import units_dataset
 
     return units_dataset(len(units)).map_batches(
-        _read_units, fn_kwargs={"units": units, "columns": columns, "skip": skip}, batch_size=1, num_cpus=cpus,
-        batch_format="numpy")  # fmt: skip
+        _read_units,
+        fn_kwargs={"units": units, "columns": columns, "skip": skip},
+        batch_size=1,
+        num_cpus=cpus,
+        batch_format="numpy",
+    )
 
 
 def _actor_pool(actors: int):

@@ -52,9 +52,13 @@ def build_faiss(cfg: IndexConfig, dim: int, rows: int, sample):
     lists = cfg.ivf_lists or max(1, min(int(4 * np.sqrt(rows)), rows // 39))
     code_bytes = cfg.pq_bytes or max(1, dim // 4)
     if dim % code_bytes:
-        raise SearchIndexError(f"index.pq_bytes={code_bytes} does not divide the embedding dimension {dim}; "
-                          f"accepted: a divisor of {dim}, e.g. {dim // 4}")  # fmt: skip
-    index = faiss.index_factory(dim, f"IVF{lists},PQ{code_bytes}x8np", metric)  # np: no polysemous training (7x the time)
+        raise SearchIndexError(
+            f"index.pq_bytes={code_bytes} does not divide the embedding dimension {dim}; "
+            f"accepted: a divisor of {dim}, e.g. {dim // 4}"
+        )
+    index = faiss.index_factory(
+        dim, f"IVF{lists},PQ{code_bytes}x8np", metric
+    )  # np: no polysemous training (7x the time)
     training = sample()
     if len(training) < lists * 39 and len(training) < rows:
         log.warning("training %d IVF lists on %d vectors (FAISS wants 39 per list)", lists, len(training))
@@ -62,9 +66,11 @@ def build_faiss(cfg: IndexConfig, dim: int, rows: int, sample):
         index.train(training)
     except RuntimeError as err:  # FAISS's: too few vectors for its lists or its codebooks
         detail = " ".join(str(err).split())[:200]
-        raise SearchIndexError(f"index.kind={cfg.kind}: {lists} IVF lists and {code_bytes}-byte codes (256 centroids "
-                               f"each) cannot be trained on {len(training)} vectors ({detail}); for a catalog this "
-                               "small use index.kind=flat or hnsw, or lower index.ivf_lists") from None  # fmt: skip
+        raise SearchIndexError(
+            f"index.kind={cfg.kind}: {lists} IVF lists and {code_bytes}-byte codes (256 centroids "
+            f"each) cannot be trained on {len(training)} vectors ({detail}); for a catalog this "
+            "small use index.kind=flat or hnsw, or lower index.ivf_lists"
+        ) from None
     faiss.extract_index_ivf(index).nprobe = cfg.ivf_probe
     if cfg.refine_factor:
         index = faiss.IndexRefineFlat(index)
@@ -91,8 +97,10 @@ def embedding_files(spec: str) -> list[str]:
     files = [f for f in found if f.endswith(".parquet")]
     if not files or len(files) < len(found):
         other = sorted(set(found) - set(files))[:3]
-        raise SearchIndexError(f"{spec}: {'holds ' + ', '.join(other) + ', not parquet' if other else 'no parquet files'}; "
-                               f"give {EMBEDDINGS_ACCEPTED}")  # fmt: skip
+        raise SearchIndexError(
+            f"{spec}: {'holds ' + ', '.join(other) + ', not parquet' if other else 'no parquet files'}; "
+            f"give {EMBEDDINGS_ACCEPTED}"
+        )
     for file in files:
         embeddings_info([file])
     _check_finished(spec, files)
@@ -109,12 +117,16 @@ def _check_finished(spec: str, files: list[str]) -> None:
         with open(summary_path) as f:
             expected = int(json.load(f)["rows"])
     except (OSError, ValueError, KeyError, TypeError):
-        raise SearchIndexError(f"{spec}: no readable {SUMMARY_FILE}: `gcl embed` did not finish writing these embeddings; "
-                               "run it again (into a new or the same directory)") from None  # fmt: skip
+        raise SearchIndexError(
+            f"{spec}: no readable {SUMMARY_FILE}: `gcl embed` did not finish writing these embeddings; "
+            "run it again (into a new or the same directory)"
+        ) from None
     rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
     if rows != expected:
-        raise SearchIndexError(f"{spec}: its files hold {rows} rows where {SUMMARY_FILE} counts {expected}: files "
-                               "were lost or added since `gcl embed` wrote them; run it again") from None  # fmt: skip
+        raise SearchIndexError(
+            f"{spec}: its files hold {rows} rows where {SUMMARY_FILE} counts {expected}: files "
+            "were lost or added since `gcl embed` wrote them; run it again"
+        ) from None
 
 
 def embeddings_info(files: list[str]) -> dict:
@@ -122,8 +134,9 @@ def embeddings_info(files: list[str]) -> dict:
     try:
         schema = pq.read_schema(files[0])
     except (pa.ArrowException, OSError) as err:
-        raise SearchIndexError(f"{files[0]}: cannot be read as parquet ({' '.join(str(err).split())[:200]}); "
-                               f"give {EMBEDDINGS_ACCEPTED}") from None  # fmt: skip
+        raise SearchIndexError(
+            f"{files[0]}: cannot be read as parquet ({' '.join(str(err).split())[:200]}); give {EMBEDDINGS_ACCEPTED}"
+        ) from None
     metadata = schema.metadata or {}
     if METADATA_KEY not in metadata or EMBEDDING_COLUMN not in schema.names:
         raise SearchIndexError(f"{files[0]}: no gcl metadata: not written by `gcl embed`; give {EMBEDDINGS_ACCEPTED}")
@@ -173,8 +186,10 @@ def build_index(cfg: IndexConfig) -> dict:
     id_column, dim = info["id_column"], int(info["dim"])
     missing = [c for c in display if c not in pq.read_schema(files[0]).names]
     if missing:
-        raise SearchIndexError(f"{embeddings}: no column(s) {missing} to display; `gcl embed --keep COLUMN` "
-                          f"carries input columns; its output has {pq.read_schema(files[0]).names}")  # fmt: skip
+        raise SearchIndexError(
+            f"{embeddings}: no column(s) {missing} to display; `gcl embed --keep COLUMN` "
+            f"carries input columns; its output has {pq.read_schema(files[0]).names}"
+        )
     rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
     start = time.perf_counter()
     first = _first_occurrences(files, id_column, cfg.batch_rows)
@@ -187,13 +202,26 @@ def build_index(cfg: IndexConfig) -> dict:
         kept.append(pa.Table.from_batches([batch]).select([id_column, *display]).filter(pa.array(keep)))
     id_map = pa.concat_tables(kept)
     if id_map.num_rows < rows:
-        log.warning("%s: %d of %d rows repeat an id indexed already (a catalog read from pairs?); each id is "
-                    "indexed once, from its first row", embeddings, rows - id_map.num_rows, rows)  # fmt: skip
+        log.warning(
+            "%s: %d of %d rows repeat an id indexed already (a catalog read from pairs?); each id is "
+            "indexed once, from its first row",
+            embeddings,
+            rows - id_map.num_rows,
+            rows,
+        )
     digest.update(pc.cast(id_map[id_column], pa.string()).to_numpy(zero_copy_only=False).astype(str).tobytes())
-    built = {**cfg.model_dump(exclude={"embeddings", "out", "display"}), "dim": dim, "rows": id_map.num_rows, "repeated_rows": rows - id_map.num_rows,
-             "id_column": id_column, "display": display, "embeddings": embeddings,
-             "corpus_sha256": digest.hexdigest(), "build_seconds": time.perf_counter() - start,
-             **{k: info[k] for k in ("model_uri", "model_version", "side", "fields") if k in info}}  # fmt: skip
+    built = {
+        **cfg.model_dump(exclude={"embeddings", "out", "display"}),
+        "dim": dim,
+        "rows": id_map.num_rows,
+        "repeated_rows": rows - id_map.num_rows,
+        "id_column": id_column,
+        "display": display,
+        "embeddings": embeddings,
+        "corpus_sha256": digest.hexdigest(),
+        "build_seconds": time.perf_counter() - start,
+        **{k: info[k] for k in ("model_uri", "model_version", "side", "fields") if k in info},
+    }
     with _written_whole(out_dir) as partial:
         faiss.write_index(index, os.path.join(partial, INDEX_FILE))
         pq.write_table(id_map, os.path.join(partial, IDS_FILE))
@@ -213,16 +241,16 @@ def _written_whole(out_dir: str):
             os.makedirs(partial)
             yield partial
     except (OSError, RuntimeError) as err:  # RuntimeError: FAISS's writer
-        raise SearchIndexError(f"{out_dir}: the index could not be written ({' '.join(str(err).split())[:200]}); "
-                               "nothing was written there") from None  # fmt: skip
+        raise SearchIndexError(
+            f"{out_dir}: the index could not be written ({' '.join(str(err).split())[:200]}); nothing was written there"
+        ) from None
 
 
 def _first_occurrences(files: list[str], id_column: str, batch_rows: int) -> np.ndarray:
     """Sorted positions (over all `files`, in order) of each id's first row."""
     ids = pa.concat_arrays([b.column(id_column) for _, b in _batches(files, [id_column], batch_rows)])
     table = pa.table({"id": ids, "position": np.arange(len(ids))})
-    return np.sort(table.group_by("id", use_threads=False).aggregate([("position", "min")])["position_min"]
-                   .to_numpy())  # fmt: skip
+    return np.sort(table.group_by("id", use_threads=False).aggregate([("position", "min")])["position_min"].to_numpy())
 
 
 def _first_rows(files: list[str], columns: list[str], first: np.ndarray, batch_rows: int):
@@ -247,14 +275,16 @@ class SearchIndex:
             self.index = faiss.read_index(os.path.join(directory, INDEX_FILE))
             self.id_map = pq.read_table(os.path.join(directory, IDS_FILE))
         except (ValueError, RuntimeError, pa.ArrowException, OSError) as err:  # JSON, FAISS, parquet
-            raise SearchIndexError(f"{directory}: cannot be read as an index written by `gcl index` "
-                                   f"({' '.join(str(err).split())[:200]})") from None  # fmt: skip
+            raise SearchIndexError(
+                f"{directory}: cannot be read as an index written by `gcl index` ({' '.join(str(err).split())[:200]})"
+            ) from None
         self.ids = self.id_map[self.info["id_column"]].to_numpy(zero_copy_only=False)
         self.display = {c: self.id_map[c].to_numpy(zero_copy_only=False) for c in self.info.get("display", [])}
 
     @classmethod
-    def in_memory(cls, ids: np.ndarray, vectors: np.ndarray, id_column: str,
-                  display: dict[str, np.ndarray] | None = None) -> SearchIndex:  # fmt: skip
+    def in_memory(
+        cls, ids: np.ndarray, vectors: np.ndarray, id_column: str, display: dict[str, np.ndarray] | None = None
+    ) -> SearchIndex:
         """An exact (flat) index of `vectors` held in this process, without a directory: gcl ui's
         search of a small catalog embedded at start."""
         import faiss
@@ -307,5 +337,9 @@ def corpus_vectors(index: SearchIndex) -> np.ndarray:
         return inner.reconstruct_n(0, inner.ntotal)
     files, batch_rows = embedding_files(index.info["embeddings"]), index.info["batch_rows"]
     first = _first_occurrences(files, index.info["id_column"], batch_rows)
-    return np.concatenate([_vectors(batch, file, index.dim)[keep]
-                           for file, batch, keep in _first_rows(files, [EMBEDDING_COLUMN], first, batch_rows)])  # fmt: skip
+    return np.concatenate(
+        [
+            _vectors(batch, file, index.dim)[keep]
+            for file, batch, keep in _first_rows(files, [EMBEDDING_COLUMN], first, batch_rows)
+        ]
+    )

@@ -32,11 +32,15 @@ def log_search_model(run_id: str, model_dir: str, index_dir: str, tracking_uri: 
     # No input schema: as for the embedding model, an unknown column is the model's error to name.
     signature = ModelSignature(inputs=None, params=ParamSchema([ParamSpec("k", "long", 10)]))
     requirements = [*serving_requirements(model_dir), f"faiss-cpu=={version('faiss-cpu')}"]
-    with tempfile.TemporaryDirectory() as scratch, fluent_tracking_uri(tracking_uri), \
-            mlflow.start_run(run_id=run_id):  # fmt: skip
-        info = mlflow.pyfunc.log_model(name=SEARCH_MODEL_ARTIFACT, python_model=SEARCH_SERVING_CODE,
-                                       artifacts={"model": model_dir, "index": index_dir}, signature=signature,
-                                       pip_requirements=requirements, code_paths=[copy_gcl_code(scratch)])  # fmt: skip
+    with tempfile.TemporaryDirectory() as scratch, fluent_tracking_uri(tracking_uri), mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name=SEARCH_MODEL_ARTIFACT,
+            python_model=SEARCH_SERVING_CODE,
+            artifacts={"model": model_dir, "index": index_dir},
+            signature=signature,
+            pip_requirements=requirements,
+            code_paths=[copy_gcl_code(scratch)],
+        )
     return info.model_uri
 
 
@@ -54,9 +58,11 @@ def register_search_index(index_dir: str, name: str, tracking_uri: str, experime
         info = json.load(f)
     model_uri = info.get("model_uri") or ""
     if not model_uri.startswith("models:/") or info.get("side") != "right":
-        raise ModelError(f"{index_dir}: built from embeddings of {model_uri or 'an unknown model'} ({info.get('side')} side); "
-                         "a search model is registered from documents embedded with a registered model: "
-                         "gcl embed --model models:/<name>@<alias> (the default side, right)")  # fmt: skip
+        raise ModelError(
+            f"{index_dir}: built from embeddings of {model_uri or 'an unknown model'} ({info.get('side')} side); "
+            "a search model is registered from documents embedded with a registered model: "
+            "gcl embed --model models:/<name>@<alias> (the default side, right)"
+        )
     client = MlflowClient(tracking_uri)
     model_name, model_version = model_uri.removeprefix("models:/").split("/", 1)
     try:
@@ -66,15 +72,34 @@ def register_search_index(index_dir: str, name: str, tracking_uri: str, experime
             raise
         raise ModelError(f"{model_uri}: not in {tracking_uri} ({err})") from err
     embedding_tags = embedding_version.tags
-    build = {k: info[k] for k in ("kind", "hnsw_m", "hnsw_ef_construction", "hnsw_ef_search", "ivf_lists",
-                                  "ivf_probe", "pq_bytes", "refine_factor", "rows", "dim")}  # fmt: skip
+    build = {
+        k: info[k]
+        for k in (
+            "kind",
+            "hnsw_m",
+            "hnsw_ef_construction",
+            "hnsw_ef_search",
+            "ivf_lists",
+            "ivf_probe",
+            "pq_bytes",
+            "refine_factor",
+            "rows",
+            "dim",
+        )
+    }
     run_id = start_run(tracking_uri, experiment, f"index-{name}", {f"index.{k}": v for k, v in build.items()})
     with tempfile.TemporaryDirectory(prefix="gcl-index-") as scratch:
-        search_uri = log_search_model(run_id, resolve_model_dir(model_uri, scratch, tracking_uri), index_dir,
-                                      tracking_uri)  # fmt: skip
+        search_uri = log_search_model(
+            run_id, resolve_model_dir(model_uri, scratch, tracking_uri), index_dir, tracking_uri
+        )
     client.set_terminated(run_id)
     lineage = {k: v for k, v in embedding_tags.items() if k not in (OBJECTIVE_TAG, OBJECTIVE_KEY_TAG)}
-    tags = {**lineage, "embedding_model": model_uri, "index": json.dumps(build),
-            "corpus_sha256": info["corpus_sha256"], "index_run_id": run_id}  # fmt: skip
+    tags = {
+        **lineage,
+        "embedding_model": model_uri,
+        "index": json.dumps(build),
+        "corpus_sha256": info["corpus_sha256"],
+        "index_run_id": run_id,
+    }
     objective = float(embedding_tags.get(OBJECTIVE_TAG, "-inf"))
     return register(search_uri, name, objective, tracking_uri, tags, embedding_tags.get(OBJECTIVE_KEY_TAG, ""))

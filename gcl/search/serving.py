@@ -40,9 +40,13 @@ class GCLSearchModel(mlflow.pyfunc.PythonModel):
             raise ValueError(f"query row(s) {empty[:10]} have no value in any query field {sorted(left)}")
         queries = self.row_encoder.encode(frame, "left").numpy() if len(frame) else np.zeros((0, self.index.dim))
         scores, positions = self.index.search(queries, k)
-        out = {"ids": [[str(self.index.ids[p]) for p in row if p >= 0] for row in positions],
-               "scores": [[float(s) for s, p in zip(sc, row, strict=True) if p >= 0]
-                          for sc, row in zip(scores, positions, strict=True)]}  # fmt: skip
+        out = {
+            "ids": [[str(self.index.ids[p]) for p in row if p >= 0] for row in positions],
+            "scores": [
+                [float(s) for s, p in zip(sc, row, strict=True) if p >= 0]
+                for sc, row in zip(scores, positions, strict=True)
+            ],
+        }
         for name, column in self.index.display.items():
             out[name] = [[column[p] for p in row if p >= 0] for row in positions]
         return pd.DataFrame(out)

@@ -52,8 +52,10 @@ class Column:
         frame = pd.DataFrame({name: queries if name == text_field else [None] * len(queries) for name in left})
         vectors = self.row_encoder.encode(frame, "left").numpy()
         scores, positions = self.index.search(vectors, k)
-        return [[(str(self.index.ids[p]), float(s), int(p)) for s, p in zip(sc, pos, strict=True) if p >= 0]
-                for sc, pos in zip(scores, positions, strict=True)]  # fmt: skip
+        return [
+            [(str(self.index.ids[p]), float(s), int(p)) for s, p in zip(sc, pos, strict=True) if p >= 0]
+            for sc, pos in zip(scores, positions, strict=True)
+        ]
 
 
 @dataclass
@@ -72,8 +74,14 @@ class Judgments:
         """NDCG@10 of each query's ranking ({query id: ranked}), as gcl evaluate computes it
         (gcl.metrics, one call for all of them)."""
         run = {qid: {doc: score for doc, score, _ in ranked} for qid, ranked in rankings.items()}
-        _, per_query = evaluate({qid: self.qrels[qid] for qid in rankings}, run, [NDCG], per_query=True,
-                                relevance_level=self.relevance_level, max_grade=self.max_grade)  # fmt: skip
+        _, per_query = evaluate(
+            {qid: self.qrels[qid] for qid in rankings},
+            run,
+            [NDCG],
+            per_query=True,
+            relevance_level=self.relevance_level,
+            max_grade=self.max_grade,
+        )
         return {qid: values[NDCG] for qid, values in per_query.items()}
 
 
@@ -118,8 +126,13 @@ class SearchPage:
     """What the endpoints answer from: the columns, titles by id, thumbnails, and the split's
     judgments with every column's NDCG@10 per judged query (computed once, at start)."""
 
-    def __init__(self, columns: list[Column], titles: Mapping[str, str], thumbnails: Thumbnails,
-                 judgments: Judgments | None = None):  # fmt: skip
+    def __init__(
+        self,
+        columns: list[Column],
+        titles: Mapping[str, str],
+        thumbnails: Thumbnails,
+        judgments: Judgments | None = None,
+    ):
         self.columns, self.titles, self.thumbnails, self.judgments = columns, titles, thumbnails, judgments
         self.query_table: list[dict] = []
         if judgments:
@@ -137,13 +150,22 @@ class SearchPage:
         for column in self.columns:
             ranked = column.search([query], max(k, 10) if qid else k)[0]
             grades = self.judgments.qrels[qid] if qid else {}
-            columns.append({
-                "label": column.label,
-                NDCG: self.judgments.ndcg({qid: ranked})[qid] if qid else None,
-                "results": [{"rank": rank, "id": doc, "score": score, "title": self.titles.get(doc),
-                             "grade": grades.get(doc) if qid else None}
-                            for rank, (doc, score, _) in enumerate(ranked[:k], start=1)],
-            })  # fmt: skip
+            columns.append(
+                {
+                    "label": column.label,
+                    NDCG: self.judgments.ndcg({qid: ranked})[qid] if qid else None,
+                    "results": [
+                        {
+                            "rank": rank,
+                            "id": doc,
+                            "score": score,
+                            "title": self.titles.get(doc),
+                            "grade": grades.get(doc) if qid else None,
+                        }
+                        for rank, (doc, score, _) in enumerate(ranked[:k], start=1)
+                    ],
+                }
+            )
         return {"query": query, "judged": qid is not None, "columns": columns}
 
 
@@ -174,8 +196,9 @@ def create_app(page: SearchPage):
         return HTMLResponse(html)
 
     async def models(request):
-        return JSONResponse({"models": [c.label for c in page.columns], "judged": page.judgments is not None,
-                             "max_k": MAX_K})  # fmt: skip
+        return JSONResponse(
+            {"models": [c.label for c in page.columns], "judged": page.judgments is not None, "max_k": MAX_K}
+        )
 
     async def search(request):
         try:
@@ -194,8 +217,13 @@ def create_app(page: SearchPage):
             return Response(placeholder(), media_type="image/png")
         return Response(jpeg, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
 
-    routes = [Route("/", index), Route("/api/models", models), Route("/api/search", search),
-              Route("/api/queries", queries), Route("/thumb", thumb)]  # fmt: skip
+    routes = [
+        Route("/", index),
+        Route("/api/models", models),
+        Route("/api/search", search),
+        Route("/api/queries", queries),
+        Route("/thumb", thumb),
+    ]
     return Starlette(routes=routes)
 
 
@@ -205,13 +233,17 @@ def load_judgments(files: list[str], data, fields, grade_column: str, relevance_
 
     queries, _, qrels = load_split(files, data, fields, grade_column)
     text_field = next(name for name, spec in fields.left.items() if spec.modality == "text")
-    query_ids = {str(text): str(qid) for qid, text in zip(queries[data.query_id_column], queries[text_field],
-                                                          strict=True) if isinstance(text, str)}  # fmt: skip
+    query_ids = {
+        str(text): str(qid)
+        for qid, text in zip(queries[data.query_id_column], queries[text_field], strict=True)
+        if isinstance(text, str)
+    }
     return Judgments(query_ids, qrels, relevance_level)
 
 
-def catalog_images(files: list[str], id_column: str, image_column: str | None,
-                   title_column: str | None) -> tuple[dict, dict]:  # fmt: skip
+def catalog_images(
+    files: list[str], id_column: str, image_column: str | None, title_column: str | None
+) -> tuple[dict, dict]:
     """({id: image value}, {id: title}) of a catalog's files (each id's first row), read a file at a time."""
     from gcl.data.readers import field_text, read_table
     from gcl.errors import DataError
@@ -221,8 +253,10 @@ def catalog_images(files: list[str], id_column: str, image_column: str | None,
     for file in files:
         frame = read_table(file).to_pandas()
         if id_column not in frame.columns:
-            raise DataError(f"{file}: no column {id_column!r}, the index's id column (columns: {list(frame.columns)}); "
-                            "give the catalog the index was built from")  # fmt: skip
+            raise DataError(
+                f"{file}: no column {id_column!r}, the index's id column (columns: {list(frame.columns)}); "
+                "give the catalog the index was built from"
+            )
         rows = len(frame)
         ids = frame[id_column].astype(str).tolist()
         image_values = frame[image_column].tolist() if image_column in frame.columns else [None] * rows
@@ -243,4 +277,3 @@ def display_titles(index: SearchIndex, column: str = "title") -> dict[str, str]:
     from gcl.data.readers import field_text
 
     return {str(i): field_text(t) for i, t in zip(index.ids, index.display[column], strict=True) if field_text(t)}
-

@@ -75,8 +75,10 @@ def load_weights_only(path: str, map_location=None, mmap: bool = False):
 def refusal(err: pickle.UnpicklingError) -> str:
     """Why a weights_only load refused a file, in a line (torch's first line names the global)."""
     detail = next((line.strip() for line in str(err).splitlines() if "Unsupported global" in line), "")
-    return ("the checkpoint holds objects other than tensors and DeepSpeed's records, which could run "
-            f"code when loaded{f' ({detail})' if detail else ''}; only checkpoints gcl's training wrote are accepted")  # fmt: skip
+    return (
+        "the checkpoint holds objects other than tensors and DeepSpeed's records, which could run "
+        f"code when loaded{f' ({detail})' if detail else ''}; only checkpoints gcl's training wrote are accepted"
+    )
 
 
 @contextmanager
@@ -180,14 +182,19 @@ def log_resume(run_dir: str) -> dict:
     latest = committed_checkpoint(run_dir)
     if latest:
         metrics = latest.get("metrics", {})
-        message = (f"run {os.path.basename(run_dir)} resumes from its checkpoint at epoch {metrics.get('epoch')}, "
-                   f"step {metrics.get('step')} ({os.path.join(run_dir, latest.get('checkpoint_dir_name', ''))})")  # fmt: skip
+        message = (
+            f"run {os.path.basename(run_dir)} resumes from its checkpoint at epoch {metrics.get('epoch')}, "
+            f"step {metrics.get('step')} ({os.path.join(run_dir, latest.get('checkpoint_dir_name', ''))})"
+        )
         log.info("%s", message)
         say(message)
         return metrics
     if glob.glob(os.path.join(run_dir, "checkpoint_*")):
-        log.warning("%s holds checkpoint directories that Ray Train never committed (the run stopped while "
-                    "saving one): training starts from the beginning", run_dir)  # fmt: skip
+        log.warning(
+            "%s holds checkpoint directories that Ray Train never committed (the run stopped while "
+            "saving one): training starts from the beginning",
+            run_dir,
+        )
     return {}
 
 
@@ -221,8 +228,10 @@ def consolidate_checkpoint(checkpoint_dir: str, out_dir: str, model: ModelConfig
         raise
     except (OSError, EOFError, KeyError, ValueError, RuntimeError) as err:
         detail = " ".join(str(err).split())[:300]
-        raise ModelError(f"checkpoint {checkpoint_dir}: its model states could not be read ({type(err).__name__}: "
-                         f"{detail}); a checkpoint that is not whole: give another (a run keeps its last two)") from None  # fmt: skip
+        raise ModelError(
+            f"checkpoint {checkpoint_dir}: its model states could not be read ({type(err).__name__}: "
+            f"{detail}); a checkpoint that is not whole: give another (a run keeps its last two)"
+        ) from None
     save_model(loaded.clip, model_config(model), out_dir)
     with open(os.path.join(out_dir, FIELDS_FILE), "w") as f:
         json.dump(fields.model_dump(), f, indent=2)
@@ -268,8 +277,9 @@ def pyfunc_model_dir(local: str) -> str:
     return local
 
 
-def resolve_model_dir(model: str, scratch: str, tracking_uri: str | None = None,
-                      fallback_job: JobConfig | None = None) -> str:  # fmt: skip
+def resolve_model_dir(
+    model: str, scratch: str, tracking_uri: str | None = None, fallback_job: JobConfig | None = None
+) -> str:
     """A local model directory for any model reference: a model directory, a training checkpoint
     or a run's directory (local or a storage URI; exported into `scratch`), or an MLflow URI
     (runs:/..., models:/..., read from `tracking_uri`)."""
@@ -282,9 +292,11 @@ def resolve_model_dir(model: str, scratch: str, tracking_uri: str | None = None,
             with fluent_tracking_uri(tracking_uri):
                 local = mlflow.artifacts.download_artifacts(artifact_uri=model)
         except (MlflowException, OSError) as err:
-            raise ModelError(f"--model {model}: not found in the tracking store {tracking_uri} "
-                             f"({' '.join(str(err).split())[:200]}); give models:/NAME@ALIAS or models:/NAME/VERSION "
-                             "of a registered model, or runs:/RUN_ID/model of a run that logged one") from None  # fmt: skip
+            raise ModelError(
+                f"--model {model}: not found in the tracking store {tracking_uri} "
+                f"({' '.join(str(err).split())[:200]}); give models:/NAME@ALIAS or models:/NAME/VERSION "
+                "of a registered model, or runs:/RUN_ID/model of a run that logged one"
+            ) from None
         return pyfunc_model_dir(local)
     checkpoint = training_checkpoint(model)
     if checkpoint:

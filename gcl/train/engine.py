@@ -75,9 +75,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or "logit_scale" in name or "ln" in name or "bias" in name else decay).append(
-            p
-        )
+        (no_decay if p.ndim < 2 or "logit_scale" in name or "ln" in name or "bias" in name else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -88,9 +86,7 @@ def adamw(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, fused=True)
 
 
-def warmup_cosine(
-    optimizer: torch.optim.Optimizer, warmup: int, total: int
-) -> torch.optim.lr_scheduler.LambdaLR:
+def warmup_cosine(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up for `warmup` steps, then cosine decay to zero at `total`."""
 
     def factor(step: int) -> float:
@@ -132,12 +128,19 @@ def setup_engine(job: JobConfig, total_steps: int, resumes_zero_shards: bool = F
     config = deepspeed_config(job)
     stage = engine_zero_stage(job, config, world_size, resumes_zero_shards)
     if stage != job.deepspeed.zero_stage:
-        log.info("one worker: ZeRO-%d has nothing to partition, the engine runs at stage 0 (the same "
-                 "updates, without flat copies of every parameter and gradient)", job.deepspeed.zero_stage)  # fmt: skip
+        log.info(
+            "one worker: ZeRO-%d has nothing to partition, the engine runs at stage 0 (the same "
+            "updates, without flat copies of every parameter and gradient)",
+            job.deepspeed.zero_stage,
+        )
     config["zero_optimization"]["stage"] = stage
     engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=encoder, optimizer=optimizer, lr_scheduler=scheduler, config=config, dist_init_required=False,
-    )  # fmt: skip
+        model=encoder,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=config,
+        dist_init_required=False,
+    )
     if stage == 0 and world_size == 1:
         # Averaging gradients over one worker changes nothing, but DeepSpeed would still flatten
         # them into buckets and copy them back every step: 5-15% of a ViT-B-32 step on CPU.

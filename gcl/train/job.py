@@ -83,20 +83,26 @@ def resolve_job(job: JobConfig) -> JobConfig:
     resolved, here, in the process the user started: local data, model, DeepSpeed-config and
     storage paths made absolute, and the tracking URI filled in (see resolve_tracking_uri).
     Trials, workers and jobs run in directories of their own and get the job as it is."""
-    data = job.data.model_copy(update={
-        "train": storage.absolute(job.data.train), "image_root": storage.absolute(job.data.image_root),
-        "eval": {k: storage.absolute(v) for k, v in job.data.eval.items()},
-        "validation": {k: storage.absolute(v) for k, v in job.data.validation.items()},
-    })  # fmt: skip
+    data = job.data.model_copy(
+        update={
+            "train": storage.absolute(job.data.train),
+            "image_root": storage.absolute(job.data.image_root),
+            "eval": {k: storage.absolute(v) for k, v in job.data.eval.items()},
+            "validation": {k: storage.absolute(v) for k, v in job.data.validation.items()},
+        }
+    )
     pretrained = job.model.pretrained
     if pretrained and os.path.exists(pretrained):
         pretrained = storage.absolute(pretrained)
-    return job.model_copy(update={
-        "data": data, "storage": storage.absolute(job.storage),
-        "mlflow": job.mlflow.model_copy(update={"tracking_uri": resolve_tracking_uri(job.mlflow.tracking_uri)}),
-        "model": job.model.model_copy(update={"pretrained": pretrained}),
-        "deepspeed": job.deepspeed.model_copy(update={"config": storage.absolute(job.deepspeed.config)}),
-    })  # fmt: skip
+    return job.model_copy(
+        update={
+            "data": data,
+            "storage": storage.absolute(job.storage),
+            "mlflow": job.mlflow.model_copy(update={"tracking_uri": resolve_tracking_uri(job.mlflow.tracking_uri)}),
+            "model": job.model.model_copy(update={"pretrained": pretrained}),
+            "deepspeed": job.deepspeed.model_copy(update={"config": storage.absolute(job.deepspeed.config)}),
+        }
+    )
 
 
 RETRAIN_SUFFIX = "-retrain"
@@ -136,17 +142,20 @@ def check_resources(job: JobConfig, cluster: dict[str, float], can_grow: bool | 
     if can_grow is None:
         can_grow = bool(os.environ.get("RAY_ADDRESS"))
     need = job_resources(job)
-    short = {name: (amount, cluster.get(name, 0.0)) for name, amount in need.items()
-             if amount > cluster.get(name, 0.0) + 1e-9}  # fmt: skip
+    short = {
+        name: (amount, cluster.get(name, 0.0))
+        for name, amount in need.items()
+        if amount > cluster.get(name, 0.0) + 1e-9
+    }
     if not short:
         return
-    detail = ", ".join(
-        f"{amount:g} {name} needed, {have:g} available" for name, (amount, have) in short.items()
+    detail = ", ".join(f"{amount:g} {name} needed, {have:g} available" for name, (amount, have) in short.items())
+    message = (
+        f"the job does not fit the Ray cluster: {detail} (scaling.num_workers={job.scaling.num_workers} x "
+        f"scaling.cpus_per_worker={job.scaling.cpus_per_worker}, use_gpu={job.scaling.use_gpu}, plus "
+        f"pipeline.preprocess_tasks={job.pipeline.preprocess_tasks} x pipeline.cpus_per_task="
+        f"{job.pipeline.cpus_per_task} and 1 CPU for Ray Data); lower them or use a bigger cluster"
     )
-    message = (f"the job does not fit the Ray cluster: {detail} (scaling.num_workers={job.scaling.num_workers} x "
-               f"scaling.cpus_per_worker={job.scaling.cpus_per_worker}, use_gpu={job.scaling.use_gpu}, plus "
-               f"pipeline.preprocess_tasks={job.pipeline.preprocess_tasks} x pipeline.cpus_per_task="
-               f"{job.pipeline.cpus_per_task} and 1 CPU for Ray Data); lower them or use a bigger cluster")  # fmt: skip
     if not can_grow:
         raise ConfigError(message)
     log.warning("%s; waiting for the cluster to scale up", message)
@@ -157,8 +166,11 @@ def validate_data(job: JobConfig) -> CheckedData:
     min_score = 1.0 if job.loss.weight_fn == "reciprocal" else 0.0
     report = validate_pairs(job.data.train, job.data, job.fields, job.loss.weight_key, min_score=min_score)
     log.info("training data %s: %s", job.data.train, report.summary())
-    return CheckedData(train=report, eval_files=validate_splits(job, job.data.eval),
-                       validation_files=validate_splits(job, job.data.validation))  # fmt: skip
+    return CheckedData(
+        train=report,
+        eval_files=validate_splits(job, job.data.eval),
+        validation_files=validate_splits(job, job.data.validation),
+    )
 
 
 def validate_splits(job: JobConfig, splits: dict[str, str]) -> dict[str, list[str]]:
@@ -183,11 +195,15 @@ def with_score_range(job: JobConfig, report: ValidationReport) -> JobConfig:
     low, high = report.score_min, report.score_max
     where = f"loss.weight_fn={loss.weight_fn} maps the training data's {loss.weight_key!r} range to weights"
     if not low < high:
-        raise ConfigError(f"{where}, but every training pair has {loss.weight_key} {low:g}: one value has no range; "
-                          "use loss.weight_fn=uniform (every pair alike) or give another loss.weight_key")  # fmt: skip
+        raise ConfigError(
+            f"{where}, but every training pair has {loss.weight_key} {low:g}: one value has no range; "
+            "use loss.weight_fn=uniform (every pair alike) or give another loss.weight_key"
+        )
     if max(abs(low), abs(high)) * 2 > float(numpy.finfo(numpy.float32).max):
-        raise ConfigError(f"{where}, but it spans {low:g} to {high:g}, more than float32 holds: every weight would be "
-                          "0; check the data for an outlier, or give loss.score_range to clamp the scores to")  # fmt: skip
+        raise ConfigError(
+            f"{where}, but it spans {low:g} to {high:g}, more than float32 holds: every weight would be "
+            "0; check the data for an outlier, or give loss.score_range to clamp the scores to"
+        )
     return job.model_copy(update={"loss": loss.model_copy(update={"score_range": (low, high)})})
 
 
@@ -198,20 +214,27 @@ def steps_in_an_epoch(job: JobConfig, pairs: int) -> int:
     world, batch_size = job.scaling.num_workers, job.train.batch_size
     steps = pairs // world // batch_size
     if steps == 0:
-        raise ConfigError(f"train.batch_size={batch_size} x scaling.num_workers={world}: a step takes "
-                          f"{batch_size * world} pairs, but the training data {job.data.train} has {pairs} valid "
-                          "pairs; lower train.batch_size (an epoch trains full batches only)")  # fmt: skip
+        raise ConfigError(
+            f"train.batch_size={batch_size} x scaling.num_workers={world}: a step takes "
+            f"{batch_size * world} pairs, but the training data {job.data.train} has {pairs} valid "
+            "pairs; lower train.batch_size (an epoch trains full batches only)"
+        )
     left = pairs - steps * world * batch_size
     if left:
-        log.info("an epoch trains %d steps of %d x %d pairs; the other %d wait for the next epoch's shuffle",
-                 steps, world, batch_size, left)  # fmt: skip
+        log.info(
+            "an epoch trains %d steps of %d x %d pairs; the other %d wait for the next epoch's shuffle",
+            steps,
+            world,
+            batch_size,
+            left,
+        )
     return steps
 
 
 def prepare(job: JobConfig) -> tuple[JobConfig, CheckedData]:
     """Everything resolved and checked before any training: paths and the tracking URI
-    (resolve_job), a reachable tracking store, the model's weights at hand, valid data. Returns the job, with the score range
-    from the data where its weights need one, and what validation found."""
+    (resolve_job), a reachable tracking store, the model's weights at hand, valid data. Returns the
+    job, with the score range from the data where its weights need one, and what validation found."""
     job = resolve_job(job)
     check_tracking(job.mlflow.resolved_uri())
     check_model_source(job.model)
@@ -251,23 +274,42 @@ def fit(job: JobConfig, data: CheckedData, run_id: str, callbacks=(), progress: 
     source = PairSource.of_job(job, data.train.files, data.train.bad_pair_ids, locked_features=features)
     datasets = epoch_datasets(source, epochs=job.train.epochs, seed=job.seed)
     resumed = log_resume(os.path.join(job.storage, job.name))
-    bar = TrainingBar(f"{job.name}-{run_id}", job.train.epochs * steps_per_epoch, job.train.epochs,
-                      start_step=resumed.get("step", 0)) if progress else contextlib.nullcontext()  # fmt: skip
+    bar = (
+        TrainingBar(
+            f"{job.name}-{run_id}",
+            job.train.epochs * steps_per_epoch,
+            job.train.epochs,
+            start_step=resumed.get("step", 0),
+        )
+        if progress
+        else contextlib.nullcontext()
+    )
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"job": job.model_dump(mode="json"), "steps_per_epoch": steps_per_epoch,
-                           "tracking_uri": job.mlflow.resolved_uri(), "run_id": run_id,
-                           "locked_features": features.location if features else None,
-                           "progress_board": bar.board_name if progress else None},
-        scaling_config=ScalingConfig(num_workers=world, use_gpu=job.scaling.use_gpu,
-                                     resources_per_worker={"CPU": job.scaling.cpus_per_worker},
-                                     placement_strategy=job.scaling.placement_strategy),
+        train_loop_config={
+            "job": job.model_dump(mode="json"),
+            "steps_per_epoch": steps_per_epoch,
+            "tracking_uri": job.mlflow.resolved_uri(),
+            "run_id": run_id,
+            "locked_features": features.location if features else None,
+            "progress_board": bar.board_name if progress else None,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=world,
+            use_gpu=job.scaling.use_gpu,
+            resources_per_worker={"CPU": job.scaling.cpus_per_worker},
+            placement_strategy=job.scaling.placement_strategy,
+        ),
         datasets=datasets,
         dataset_config=equal_split_data_config(),
-        run_config=RunConfig(name=job.name, storage_path=job.storage, callbacks=[fail_fast_callback(), *callbacks],
-                             failure_config=FailureConfig(max_failures=job.train.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
-    )  # fmt: skip
+        run_config=RunConfig(
+            name=job.name,
+            storage_path=job.storage,
+            callbacks=[fail_fast_callback(), *callbacks],
+            failure_config=FailureConfig(max_failures=job.train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
     try:
         with bar:
             result = trainer.fit()
@@ -286,8 +328,10 @@ def export_to_storage(job: JobConfig, checkpoint, manifest: dict | None = None) 
     finish_run logs beside it under <storage>/<name>/run_files/. Needs no tracking store. Returns
     the model's location (a local directory, or a URI where the storage is remote)."""
     location = storage.join(job.storage, job.name, MODEL_ARTIFACT)
-    files = {CONFIG_ARTIFACT: yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False),
-             DEEPSPEED_ARTIFACT: json.dumps(deepspeed_config(job), indent=2)}  # fmt: skip
+    files = {
+        CONFIG_ARTIFACT: yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False),
+        DEEPSPEED_ARTIFACT: json.dumps(deepspeed_config(job), indent=2),
+    }
     if manifest is not None:
         files[MANIFEST_ARTIFACT] = json.dumps(manifest, indent=2)
     with tempfile.TemporaryDirectory() as tmp:
@@ -345,8 +389,9 @@ def finish_despite_outage(job: JobConfig, run_id: str, location: str) -> None:
     """finish_run, tried again with backoff for up to `mlflow.finish_wait_seconds` while the store
     cannot be reached; then a TrackingError that says where everything is and to run `gcl sync`."""
     try:
-        while_unreachable(lambda: finish_run(job, run_id, location), job.mlflow.finish_wait_seconds,
-                          "at the end of training")  # fmt: skip
+        while_unreachable(
+            lambda: finish_run(job, run_id, location), job.mlflow.finish_wait_seconds, "at the end of training"
+        )
     except Exception as err:
         if not is_outage(err):
             raise
@@ -378,17 +423,33 @@ def sync_run(job: JobConfig) -> tuple[str, list[str]]:
         raise TrackingError(f"no run named {job.name!r} in experiment {job.mlflow.experiment!r} of {uri}")
     location = storage.join(job.storage, job.name, MODEL_ARTIFACT)
     if not storage.is_file(storage.join(location, CONFIG_FILE)):
-        raise ModelError(f"no exported model at {location}: training did not finish; `gcl train` with the "
-                         "same config resumes it")  # fmt: skip
+        raise ModelError(
+            f"no exported model at {location}: training did not finish; `gcl train` with the same config resumes it"
+        )
     return runs[0].info.run_id, finish_run(job, runs[0].info.run_id, location)
 
 
 # What decides the weights a run trains: a run resumed with any of these changed would be a mix of two
 # runs. Not the keys below it (where evaluation data is, retries, how many tasks preprocess).
-TRAINING_KEYS = ("seed", "model.", "fields.", "loss.", "data.", "pipeline.", "train.", "scaling.num_workers",
-                 "deepspeed.")  # fmt: skip
-NOT_TRAINING_KEYS = ("data.eval", "data.validation", "train.max_failures", "pipeline.preprocess_tasks",
-                     "pipeline.cpus_per_task", "pipeline.prefetch_next_epoch")  # fmt: skip
+TRAINING_KEYS = (
+    "seed",
+    "model.",
+    "fields.",
+    "loss.",
+    "data.",
+    "pipeline.",
+    "train.",
+    "scaling.num_workers",
+    "deepspeed.",
+)
+NOT_TRAINING_KEYS = (
+    "data.eval",
+    "data.validation",
+    "train.max_failures",
+    "pipeline.preprocess_tasks",
+    "pipeline.cpus_per_task",
+    "pipeline.prefetch_next_epoch",
+)
 
 
 def check_same_run(job: JobConfig) -> None:
@@ -403,13 +464,18 @@ def check_same_run(job: JobConfig) -> None:
     if not saved:
         return
     before, now = flatten("", json.loads(saved), {}), flatten("", job.model_dump(mode="json"), {})
-    changed = [key for key in sorted(set(before) | set(now)) if key.startswith(TRAINING_KEYS)
-               and not key.startswith(NOT_TRAINING_KEYS) and before.get(key) != now.get(key)]  # fmt: skip
+    changed = [
+        key
+        for key in sorted(set(before) | set(now))
+        if key.startswith(TRAINING_KEYS) and not key.startswith(NOT_TRAINING_KEYS) and before.get(key) != now.get(key)
+    ]
     if changed:
         shown = ", ".join(f"{key} {before.get(key)!r} -> {now.get(key)!r}" for key in changed[:3])
-        raise ConfigError(f"run {job.name} in {run_dir} was trained with another config ({shown}"
-                          f"{', ...' if len(changed) > 3 else ''}); the same config resumes it. To train this one, "
-                          f"give it a name of its own (--set name={job.name}-2)")  # fmt: skip
+        raise ConfigError(
+            f"run {job.name} in {run_dir} was trained with another config ({shown}"
+            f"{', ...' if len(changed) > 3 else ''}); the same config resumes it. To train this one, "
+            f"give it a name of its own (--set name={job.name}-2)"
+        )
 
 
 def run_train(job: JobConfig, progress: bool = True) -> TrainResult:

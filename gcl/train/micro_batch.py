@@ -35,12 +35,26 @@ def split_sides(fields: FieldsConfig, batch: dict[str, torch.Tensor], embeddings
     return left, right, left_present, right_present
 
 
-def batch_loss_from_embeddings(loss_fn: GCLLoss, fields: FieldsConfig, batch: dict[str, torch.Tensor],
-                               embeddings: dict[str, torch.Tensor], log_scale: torch.Tensor):  # fmt: skip
+def batch_loss_from_embeddings(
+    loss_fn: GCLLoss,
+    fields: FieldsConfig,
+    batch: dict[str, torch.Tensor],
+    embeddings: dict[str, torch.Tensor],
+    log_scale: torch.Tensor,
+):
     """(loss, its terms) of a pipeline batch whose fields are embedded."""
     left, right, left_present, right_present = split_sides(fields, batch, embeddings)
-    return loss_fn(left, right, batch["score"], log_scale, batch["query_key"], batch["document_key"],
-                   left_present, right_present, valid=batch["valid"])  # fmt: skip
+    return loss_fn(
+        left,
+        right,
+        batch["score"],
+        log_scale,
+        batch["query_key"],
+        batch["document_key"],
+        left_present,
+        right_present,
+        valid=batch["valid"],
+    )
 
 
 def batch_loss(model, loss_fn: GCLLoss, fields: FieldsConfig, batch: dict[str, torch.Tensor]):
@@ -56,8 +70,15 @@ def model_inputs(fields: FieldsConfig, batch: dict[str, torch.Tensor], rows: sli
     return {name: batch[name][rows] for name in fields.modalities()}
 
 
-def backward_micro_batch(engine, loss_fn: GCLLoss, fields: FieldsConfig, batch: dict[str, torch.Tensor],
-                         divisor: int, boundary: bool, chunk: int | None = None):  # fmt: skip
+def backward_micro_batch(
+    engine,
+    loss_fn: GCLLoss,
+    fields: FieldsConfig,
+    batch: dict[str, torch.Tensor],
+    divisor: int,
+    boundary: bool,
+    chunk: int | None = None,
+):
     """Forward and backward of one micro-batch on a DeepSpeed engine, the loss divided by `divisor`
     (the micro-batches of its optimizer step); `boundary`: the step's last micro-batch, whose
     backward reduces the gradients. With `chunk` (pairs) below the batch's size, in chunks with
@@ -83,8 +104,11 @@ def backward_micro_batch(engine, loss_fn: GCLLoss, fields: FieldsConfig, batch: 
             chunk_embeddings, chunk_log_scale = engine(model_inputs(fields, batch, rows_of_chunk))
         # The surrogate whose gradient with respect to the chunk's embeddings is the loss's (a field
         # the loss does not use, one of fusion weight 0, has none).
-        surrogate = sum((chunk_embeddings[name] * leaf.grad[rows_of_chunk]).sum()
-                        for name, leaf in leaves.items() if leaf.grad is not None)  # fmt: skip
+        surrogate = sum(
+            (chunk_embeddings[name] * leaf.grad[rows_of_chunk]).sum()
+            for name, leaf in leaves.items()
+            if leaf.grad is not None
+        )
         if position == 0:  # the logit scale is a parameter: its gradient joins once
             surrogate = surrogate + (chunk_log_scale * log_scale_leaf.grad).sum()
         engine.backward(surrogate, scale_wrt_gas=False)

@@ -48,8 +48,14 @@ class _WarningsToBoard(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            self.board.warn.remote({"logger": record.name, "level": record.levelname,
-                                    "template": str(record.msg), "text": record.getMessage()})  # fmt: skip
+            self.board.warn.remote(
+                {
+                    "logger": record.name,
+                    "level": record.levelname,
+                    "template": str(record.msg),
+                    "text": record.getMessage(),
+                }
+            )
         except Exception:  # the board gone (the driver ended): the worker's own log keeps the line
             self.handleError(record)
 
@@ -107,8 +113,15 @@ class TrainingBar:
         from gcl.console import terminal
 
         self._board = _board_class().options(name=self.board_name, get_if_exists=True).remote()
-        self.bar = tqdm(total=self.total_steps, initial=self.start_step, desc="training", unit="step",
-                        file=terminal(), dynamic_ncols=True, mininterval=0.5)  # fmt: skip
+        self.bar = tqdm(
+            total=self.total_steps,
+            initial=self.start_step,
+            desc="training",
+            unit="step",
+            file=terminal(),
+            dynamic_ncols=True,
+            mininterval=0.5,
+        )
         self._thread = threading.Thread(target=self._draw, name="gcl-progress", daemon=True)
         self._thread.start()
         return self
@@ -159,8 +172,9 @@ class TrainingBar:
         self._warnings_seen += len(warnings)
         with self.bar.external_write_mode(file=terminal()):
             for warning in warnings:
-                logging.getLogger(warning["logger"]).log(logging.getLevelName(warning["level"]), warning["text"],
-                                                         extra={"once_key": warning["template"]})  # fmt: skip
+                logging.getLogger(warning["logger"]).log(
+                    logging.getLevelName(warning["level"]), warning["text"], extra={"once_key": warning["template"]}
+                )
 
     def __exit__(self, *exc) -> None:
         import ray

@@ -51,10 +51,12 @@ def run_lock(run_dir: str, name: str) -> Iterator[None]:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(path)
             continue
-        raise ConfigError(f"run {name} is being trained by process {holder.get('pid')} on {holder.get('host')} since "
-                          f"{holder.get('since')} ({path}): two trainings of one run would share its checkpoints "
-                          "and MLflow run. Wait for it, or give this one a name of its own (--set name=...); if "
-                          f"that process is gone, delete {path}")  # fmt: skip
+        raise ConfigError(
+            f"run {name} is being trained by process {holder.get('pid')} on {holder.get('host')} since "
+            f"{holder.get('since')} ({path}): two trainings of one run would share its checkpoints "
+            "and MLflow run. Wait for it, or give this one a name of its own (--set name=...); if "
+            f"that process is gone, delete {path}"
+        )
     try:
         yield
     finally:

@@ -71,9 +71,13 @@ class EpochReaders:
 
         if epoch < self.job.train.epochs and epoch not in self._readers:
             shard = ray.train.get_dataset_shard(epoch_dataset_name(epoch))
-            self._readers[epoch] = ShardReader(shard, self.job.train.batch_size, pin_memory=self.pin_memory,
-                                               local_shuffle_buffer=self.job.pipeline.local_shuffle_buffer,
-                                               seed=self.job.seed * 1000 + epoch)  # fmt: skip
+            self._readers[epoch] = ShardReader(
+                shard,
+                self.job.train.batch_size,
+                pin_memory=self.pin_memory,
+                local_shuffle_buffer=self.job.pipeline.local_shuffle_buffer,
+                seed=self.job.seed * 1000 + epoch,
+            )
 
     def take(self, epoch: int) -> ShardReader:
         self.start(epoch)
@@ -112,8 +116,14 @@ class EpochStats:
     data_wait: WaitClock | None = field(default=None, repr=False)  # seconds spent waiting for batches
 
 
-def setup_worker(job: JobConfig, steps_per_epoch: int, tracking_uri: str | None, run_id: str | None,
-                 readers: EpochReaders, progress_board: str | None = None) -> Worker:  # fmt: skip
+def setup_worker(
+    job: JobConfig,
+    steps_per_epoch: int,
+    tracking_uri: str | None,
+    run_id: str | None,
+    readers: EpochReaders,
+    progress_board: str | None = None,
+) -> Worker:
     """The engine, loss, metrics logger and progress poster of this rank, with its epoch readers."""
     import ray.train
 
@@ -125,16 +135,29 @@ def setup_worker(job: JobConfig, steps_per_epoch: int, tracking_uri: str | None,
     checkpoint = ray.train.get_checkpoint()
     resumes_zero_shards = checkpoint is not None and has_zero_shards(checkpoint.path, checkpoint.filesystem)
     engine, scheduler, _ = setup_engine(job, optimizer_steps, resumes_zero_shards)
-    loss_fn = GCLLoss(
-        job.loss, job.fields.weights("left"), job.fields.weights("right"), rank=rank, world_size=world
+    loss_fn = GCLLoss(job.loss, job.fields.weights("left"), job.fields.weights("right"), rank=rank, world_size=world)
+    metrics_log = MetricsLogger(
+        tracking_uri,
+        run_id,
+        enabled=rank == 0,
+        run_dir=storage.join(job.storage, job.name),
+        flush_seconds=job.mlflow.flush_seconds,
     )
-    metrics_log = MetricsLogger(tracking_uri, run_id, enabled=rank == 0, run_dir=storage.join(job.storage, job.name),
-                                flush_seconds=job.mlflow.flush_seconds)  # fmt: skip
     metrics_log.check_run()
     metrics_log.set_tag(WORKERS_TAG, json.dumps(_worker_placement(device=str(engine.device))))
     progress = ProgressPoster(progress_board, enabled=rank == 0)
-    return Worker(job, engine, scheduler, loss_fn, metrics_log, readers, rank, world, progress,
-                  StepGate(job.name, enabled=rank == 0))  # fmt: skip
+    return Worker(
+        job,
+        engine,
+        scheduler,
+        loss_fn,
+        metrics_log,
+        readers,
+        rank,
+        world,
+        progress,
+        StepGate(job.name, enabled=rank == 0),
+    )
 
 
 def restore(worker: Worker) -> TrainState:
@@ -181,9 +204,15 @@ def train_epoch(worker: Worker, epoch: int, step: int) -> tuple[EpochStats, int]
         for position, batch in enumerate(group):
             worker.gate.before_step(step + 1, while_waiting=worker.metrics_log.flush)
             tick = time.perf_counter()
-            loss, terms, log_scale = backward_micro_batch(engine, worker.loss_fn, job.fields, batch, len(group),
-                                                          boundary=position == len(group) - 1,
-                                                          chunk=job.train.embed_chunk)  # fmt: skip
+            loss, terms, log_scale = backward_micro_batch(
+                engine,
+                worker.loss_fn,
+                job.fields,
+                batch,
+                len(group),
+                boundary=position == len(group) - 1,
+                chunk=job.train.embed_chunk,
+            )
             engine.step()  # the optimizer steps on the group's last micro-batch only
             step += 1
             loss_value, term_values, pairs = job_loss(loss, terms, batch["valid"])
@@ -195,11 +224,23 @@ def train_epoch(worker: Worker, epoch: int, step: int) -> tuple[EpochStats, int]
             stats.pairs += int(batch["valid"].sum())
             now = time.perf_counter()
             pairs_per_s = worker.world * job.train.batch_size / max(now - tick, 1e-9)
-            worker.metrics_log.log({"loss": loss_value, "lr": worker.scheduler.get_last_lr()[0], "pairs_per_s": pairs_per_s,
-                                    "logit_scale": log_scale.exp().item(), **{f"loss_{k}": v for k, v in term_values.items()}},
-                                   step)  # fmt: skip
-            worker.progress.post(phase="training", epoch=epoch + 1, step=step, loss=loss_value,
-                                 pairs_per_s=worker.world * stats.pairs / max(now - stats.start, 1e-9))  # fmt: skip
+            worker.metrics_log.log(
+                {
+                    "loss": loss_value,
+                    "lr": worker.scheduler.get_last_lr()[0],
+                    "pairs_per_s": pairs_per_s,
+                    "logit_scale": log_scale.exp().item(),
+                    **{f"loss_{k}": v for k, v in term_values.items()},
+                },
+                step,
+            )
+            worker.progress.post(
+                phase="training",
+                epoch=epoch + 1,
+                step=step,
+                loss=loss_value,
+                pairs_per_s=worker.world * stats.pairs / max(now - stats.start, 1e-9),
+            )
     stats.end = time.perf_counter()
     stats.first_batch_at = stats.first_batch_at or stats.end
     return stats, step
@@ -220,8 +261,9 @@ def training_seed(seed: int, epoch: int, rank: int) -> int:
     return int.from_bytes(hashlib.blake2b(f"{seed}:{epoch}:{rank}".encode(), digest_size=8).digest(), "little")
 
 
-def job_loss(loss: torch.Tensor, terms: dict[str, torch.Tensor],
-             valid: torch.Tensor) -> tuple[float, dict[str, float], float]:  # fmt: skip
+def job_loss(
+    loss: torch.Tensor, terms: dict[str, torch.Tensor], valid: torch.Tensor
+) -> tuple[float, dict[str, float], float]:
     """A micro-batch's loss and its terms over every rank's valid pairs, and those pairs' number:
     what a person reads as the job's loss. Each rank's loss is a mean over its batch's rows with
     padding rows weighing 0, so a rank whose shard ran out shows 0 and a partial last batch shows
@@ -229,8 +271,9 @@ def job_loss(loss: torch.Tensor, terms: dict[str, torch.Tensor],
     valid pairs (one all-reduce; every rank gets the same). loss: () tensor; terms: name -> ();
     valid: (B,) bool."""
     rows = valid.shape[0]
-    packed = torch.stack([loss.detach().float() * rows, *(t.detach().float() * rows for t in terms.values()),
-                          valid.sum().float()])  # fmt: skip
+    packed = torch.stack(
+        [loss.detach().float() * rows, *(t.detach().float() * rows for t in terms.values()), valid.sum().float()]
+    )
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(packed)
     values = packed.tolist()
@@ -245,13 +288,15 @@ def epoch_metrics(stats: EpochStats, world: int, data_wait_seconds: float) -> di
     shuffle and first batch). data_wait_seconds: the longest any rank waited for batches."""
     elapsed = max(stats.end - stats.start, 1e-9)
     steady_pairs = stats.pairs - stats.first_batch_pairs
-    return {"train_loss": stats.loss_sum / max(stats.loss_pairs, 1),
-            "epoch_seconds": time.perf_counter() - stats.start,
-            "epoch_pairs_per_s": world * stats.pairs / elapsed,
-            "epoch_first_batch_seconds": stats.first_batch_at - stats.start,
-            "epoch_data_wait_seconds": data_wait_seconds,
-            "epoch_data_wait_fraction": data_wait_seconds / elapsed,
-            "epoch_steady_pairs_per_s": world * steady_pairs / max(stats.end - stats.first_batch_at, 1e-9)}  # fmt: skip
+    return {
+        "train_loss": stats.loss_sum / max(stats.loss_pairs, 1),
+        "epoch_seconds": time.perf_counter() - stats.start,
+        "epoch_pairs_per_s": world * stats.pairs / elapsed,
+        "epoch_first_batch_seconds": stats.first_batch_at - stats.start,
+        "epoch_data_wait_seconds": data_wait_seconds,
+        "epoch_data_wait_fraction": data_wait_seconds / elapsed,
+        "epoch_steady_pairs_per_s": world * steady_pairs / max(stats.end - stats.first_batch_at, 1e-9),
+    }
 
 
 def evaluation_plan(job: JobConfig, epoch: int) -> int | None:
@@ -273,8 +318,13 @@ def evaluation_metrics(test: Results, validation: Results, job: JobConfig, sampl
         return {}
     prefix = SAMPLE_PREFIX if sample else ""
     metrics = {f"{prefix}{split}/{name}": value for split, values in test.items() for name, value in values.items()}
-    metrics.update({f"{prefix}{VALIDATION_PREFIX}{split}/{name}": value for split, values in validation.items()
-                    for name, value in values.items()})  # fmt: skip
+    metrics.update(
+        {
+            f"{prefix}{VALIDATION_PREFIX}{split}/{name}": value
+            for split, values in validation.items()
+            for name, value in values.items()
+        }
+    )
     metrics[EVAL_SAMPLE_QUERIES] = sample
     metrics[OBJECTIVE] = objective_value(validation or test, job.eval)
     metrics[TEST_OBJECTIVE] = objective_value(test, job.eval)
@@ -317,8 +367,14 @@ def _train_worker(config: dict[str, Any]) -> None:
     # reading starts.
     readers = EpochReaders(job, pin_memory=job.scaling.use_gpu)
     readers.start(checkpoint_state(ray.train.get_checkpoint()).epoch)
-    worker = setup_worker(job, config["steps_per_epoch"], config.get("tracking_uri"), config.get("run_id"),
-                          readers, config.get("progress_board"))  # fmt: skip
+    worker = setup_worker(
+        job,
+        config["steps_per_epoch"],
+        config.get("tracking_uri"),
+        config.get("run_id"),
+        readers,
+        config.get("progress_board"),
+    )
     if config.get("locked_features"):
         worker.features = FeatureStore(config["locked_features"])
     state = restore(worker)
@@ -355,8 +411,13 @@ def evaluate_starting_model(worker: Worker) -> None:
     worker.metrics_log.flush()
 
 
-def evaluate_model(job: JobConfig, module: torch.nn.Module, sample: int = 0, device: torch.device | None = None,
-                   features: FeatureStore | None = None) -> tuple[Results, Results]:  # fmt: skip
+def evaluate_model(
+    job: JobConfig,
+    module: torch.nn.Module,
+    sample: int = 0,
+    device: torch.device | None = None,
+    features: FeatureStore | None = None,
+) -> tuple[Results, Results]:
     """Retrieval metrics per evaluation (test) split and per validation split for the (full,
     unsharded) FieldEncoder `module`, on a seeded `sample` of each split's queries (0: all). In a
     torch.distributed group (training's workers), every rank must call it: each encodes its share
@@ -367,8 +428,9 @@ def evaluate_model(job: JobConfig, module: torch.nn.Module, sample: int = 0, dev
     was_training = module.training
     module.eval()
     try:
-        encoder = RowEncoder(module, tokenizer, eval_transform, job.fields, features=features,
-                             id_column=job.data.document_id_column)  # fmt: skip
+        encoder = RowEncoder(
+            module, tokenizer, eval_transform, job.fields, features=features, id_column=job.data.document_id_column
+        )
         evaluate = evaluate_splits  # outside a worker group: one process does it all
         if torch.distributed.is_initialized():
             evaluate = functools.partial(evaluate_splits_on_workers, device=device or torch.device("cpu"))
@@ -398,8 +460,12 @@ def _worker_placement(device: str) -> list[dict]:
     import ray
 
     context = ray.train.get_context()
-    mine = {"rank": context.get_world_rank(), "node_id": ray.get_runtime_context().get_node_id(),
-            "host": socket.gethostname(), "device": device}  # fmt: skip
+    mine = {
+        "rank": context.get_world_rank(),
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "host": socket.gethostname(),
+        "device": device,
+    }
     everyone: list = [None] * context.get_world_size()
     torch.distributed.all_gather_object(everyone, mine)
     return everyone

@@ -3,8 +3,9 @@ the others wait.
 
 Each rank encodes the queries and documents whose ids fall to it (gcl.retrieval.shard_of), so N
 workers encode about N times less each. The queries' embeddings are all-gathered; each rank
-searches its own documents for every query (torch's top-k on the rank's device), and rank 0 merges the ranks' top k and scores the ranking. The documents' embeddings
-never move: only the queries and the top-k lists do. The merged ranking is exact search over the
+searches its own documents for every query (torch's top-k on the rank's device), and rank 0
+merges the ranks' top k and scores the ranking. The documents' embeddings never move: only the
+queries and the top-k lists do. The merged ranking is exact search over the
 whole corpus (tested against single-process evaluation).
 """
 
@@ -21,8 +22,9 @@ from gcl.metrics import evaluate
 from gcl.retrieval import EvalConfig, RowEncoder, judged_queries, prepare_split
 
 
-def torch_top_k(queries: torch.Tensor, docs: torch.Tensor, k: int, chunk_size: int = 2048,
-                query_block: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def torch_top_k(
+    queries: torch.Tensor, docs: torch.Tensor, k: int, chunk_size: int = 2048, query_block: int = 1024
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k by inner product with torch on the tensors' device (a GPU's matmul and topk),
     in chunks of `chunk_size` documents per block of `query_block` queries. Returns (scores,
     indices) of shape (Q, min(k, N)), best first, as exact_top_k."""
@@ -60,8 +62,15 @@ def merge_top_k(parts: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.
     return np.take_along_axis(scores, order, axis=1), np.take_along_axis(ids, order, axis=1)
 
 
-def evaluate_split_on_workers(row_encoder: RowEncoder, spec: str, data: DataConfig, cfg: EvalConfig,
-                              sample: int | None, seed: int, device: torch.device) -> dict[str, float] | None:  # fmt: skip
+def evaluate_split_on_workers(
+    row_encoder: RowEncoder,
+    spec: str,
+    data: DataConfig,
+    cfg: EvalConfig,
+    sample: int | None,
+    seed: int,
+    device: torch.device,
+) -> dict[str, float] | None:
     """evaluate_split, with every rank of the torch.distributed group taking part: its metrics on
     rank 0, None on the others."""
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -88,10 +97,18 @@ def evaluate_split_on_workers(row_encoder: RowEncoder, spec: str, data: DataConf
     return evaluate(judged_queries(qrels, spec, cfg), run, cfg.measures, relevance_level=cfg.relevance_level)
 
 
-def evaluate_splits_on_workers(row_encoder: RowEncoder, splits: Mapping[str, str], data: DataConfig,
-                               cfg: EvalConfig, sample: int | None, seed: int,
-                               device: torch.device) -> dict[str, dict[str, float]]:  # fmt: skip
+def evaluate_splits_on_workers(
+    row_encoder: RowEncoder,
+    splits: Mapping[str, str],
+    data: DataConfig,
+    cfg: EvalConfig,
+    sample: int | None,
+    seed: int,
+    device: torch.device,
+) -> dict[str, dict[str, float]]:
     """{split: {measure: value}} on rank 0 ({} on the others), every rank encoding its share."""
-    results = {name: evaluate_split_on_workers(row_encoder, spec, data, cfg, sample, seed, device)
-               for name, spec in splits.items()}  # fmt: skip
+    results = {
+        name: evaluate_split_on_workers(row_encoder, spec, data, cfg, sample, seed, device)
+        for name, spec in splits.items()
+    }
     return {} if dist.get_rank() != 0 else results

@@ -116,9 +116,7 @@ class SweepConfig(Section):
     def _grid_needs_random(self) -> SweepConfig:
         grid = [k for k, d in self.space.items() if d.grid is not None]
         if grid and self.search != "random":
-            raise ValueError(
-                f"space: grid keys {grid} need search: random (Optuna samples, it does not grid)"
-            )
+            raise ValueError(f"space: grid keys {grid} need search: random (Optuna samples, it does not grid)")
         return self
 
 
@@ -140,8 +138,10 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None):
     for key in sweep.space:
         if key not in known:
             hint = difflib.get_close_matches(key, known, n=1)
-            raise ConfigError(f"{path}: space.{key}: not a key of the job config {base_path}"
-                              + (f" (did you mean {hint[0]!r}?)" if hint else ""))  # fmt: skip
+            raise ConfigError(
+                f"{path}: space.{key}: not a key of the job config {base_path}"
+                + (f" (did you mean {hint[0]!r}?)" if hint else "")
+            )
     if not job.data.eval:
         raise ConfigError(f"{base_path}: data.eval is empty; a sweep ranks trials by evaluation metrics")
     return sweep, job

@@ -87,8 +87,9 @@ def trial_driver(params: dict[str, Any], sweep: SweepContext) -> None:
     client = MlflowClient(sweep.tracking_uri)
     try:
         job = with_score_range(trial_job(sweep.base, params, name), sweep.data.train)
-        log_params(client, run_id, {k: v for k, v in flatten("", job.model_dump(mode="json"), {}).items()
-                                    if k not in params})  # fmt: skip
+        log_params(
+            client, run_id, {k: v for k, v in flatten("", job.model_dump(mode="json"), {}).items() if k not in params}
+        )
         # What `gcl train --from-run` trains again, as gcl train logs it.
         client.log_text(run_id, yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False), CONFIG_ARTIFACT)
         fit(job, sweep.data, run_id, callbacks=[TuneReportCallback()])
@@ -118,8 +119,12 @@ def build_tuner(sweep: SweepConfig, job: JobConfig, trainable, concurrency: int)
         search = BasicVariantGenerator(random_state=sweep.seed, max_concurrent=concurrency)
     scheduler = None
     if sweep.asha.enabled:
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=job.train.epochs,
-                                  grace_period=sweep.asha.grace_period, reduction_factor=sweep.asha.reduction_factor)  # fmt: skip
+        scheduler = ASHAScheduler(
+            time_attr="training_iteration",
+            max_t=job.train.epochs,
+            grace_period=sweep.asha.grace_period,
+            reduction_factor=sweep.asha.reduction_factor,
+        )
     return tune.Tuner(
         trainable,
         param_space={key: domain.to_tune() for key, domain in sweep.space.items()},
@@ -128,11 +133,21 @@ def build_tuner(sweep: SweepConfig, job: JobConfig, trainable, concurrency: int)
         # goes on training (Tune cannot interrupt the Ray Train run its driver waits on), so its
         # process cannot be reused, and the sweep hung with the next trial waiting for the CPUs the
         # stopped one still held. A process of its own ends with the trial, and its Ray Train run with it.
-        tune_config=tune.TuneConfig(metric=OBJECTIVE, mode="max", search_alg=search, scheduler=scheduler,
-                                    num_samples=sweep.num_samples, reuse_actors=scheduler is None),
-        run_config=tune.RunConfig(name=sweep.name, storage_path=job.storage, callbacks=[trial_lines(sweep)],
-                                  failure_config=tune.FailureConfig(max_failures=0)),
-    )  # fmt: skip
+        tune_config=tune.TuneConfig(
+            metric=OBJECTIVE,
+            mode="max",
+            search_alg=search,
+            scheduler=scheduler,
+            num_samples=sweep.num_samples,
+            reuse_actors=scheduler is None,
+        ),
+        run_config=tune.RunConfig(
+            name=sweep.name,
+            storage_path=job.storage,
+            callbacks=[trial_lines(sweep)],
+            failure_config=tune.FailureConfig(max_failures=0),
+        ),
+    )
 
 
 def shown_value(value: Any) -> str:
@@ -169,8 +184,9 @@ def trainable(context: SweepContext, trial_cpus: float):
     a non-empty resource request per trial; the driver's memory makes it one when trial_cpus is 0."""
     from ray import tune
 
-    return tune.with_resources(tune.with_parameters(trial_driver, sweep=context),
-                               {"CPU": trial_cpus, "memory": TRIAL_DRIVER_MEMORY})  # fmt: skip
+    return tune.with_resources(
+        tune.with_parameters(trial_driver, sweep=context), {"CPU": trial_cpus, "memory": TRIAL_DRIVER_MEMORY}
+    )
 
 
 def _error_text(error: BaseException) -> str:
@@ -190,15 +206,19 @@ def trial_rows(grid, sweep: SweepConfig) -> list[dict]:
         metrics = result.metrics or {}
         trial_id = metrics["trial_id"]
         config = result.config or configs.get(trial_id, {})
-        rows.append({
-            "trial": trial_id, "params": {k: config.get(k) for k in sweep.space},
-            "objective": metrics.get(OBJECTIVE), "test_objective": metrics.get(TEST_OBJECTIVE),
-            "sampled_queries": metrics.get(EVAL_SAMPLE_QUERIES) or 0,
-            "epochs": metrics.get("epoch"),
-            "status": "ERROR" if result.error else "OK",
-            "error": _error_text(result.error) if result.error else None,
-            "checkpoint_path": metrics.get("checkpoint_path"),
-        })  # fmt: skip
+        rows.append(
+            {
+                "trial": trial_id,
+                "params": {k: config.get(k) for k in sweep.space},
+                "objective": metrics.get(OBJECTIVE),
+                "test_objective": metrics.get(TEST_OBJECTIVE),
+                "sampled_queries": metrics.get(EVAL_SAMPLE_QUERIES) or 0,
+                "epochs": metrics.get("epoch"),
+                "status": "ERROR" if result.error else "OK",
+                "error": _error_text(result.error) if result.error else None,
+                "checkpoint_path": metrics.get("checkpoint_path"),
+            }
+        )
     return sorted(rows, key=lambda r: (r["objective"] is None, -(r["objective"] or 0.0)))
 
 
