@@ -24,8 +24,8 @@ demo: $(STAMP)
 ## Lint, then the test suite (unit and local-Ray integration tests; GPU tests skip without CUDA),
 ## without the slow tier.
 test: $(STAMP)
-	$(BIN)/ruff check gcl workflows tests docs/*.py
-	$(BIN)/ruff format --check gcl workflows tests docs/*.py
+	$(BIN)/ruff check gcl workflows tests experiments/*.py
+	$(BIN)/ruff format --check gcl workflows tests experiments/*.py
 	$(BIN)/python -m pytest -q -m "not slow"
 
 ## The slow tier: killed workers and drivers, resumes, MLflow outages, two trainings at once,
@@ -47,12 +47,12 @@ test-unit: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not integration"
 
 lint: $(STAMP)
-	$(BIN)/ruff check gcl workflows tests docs/*.py
-	$(BIN)/ruff format --check gcl workflows tests docs/*.py
+	$(BIN)/ruff check gcl workflows tests experiments/*.py
+	$(BIN)/ruff format --check gcl workflows tests experiments/*.py
 
 format: $(STAMP)
-	$(BIN)/ruff format gcl workflows tests docs/*.py
-	$(BIN)/ruff check --fix gcl workflows tests docs/*.py
+	$(BIN)/ruff format gcl workflows tests experiments/*.py
+	$(BIN)/ruff check --fix gcl workflows tests experiments/*.py
 
 bench: $(STAMP)
 	$(BIN)/gcl bench

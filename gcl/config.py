@@ -176,12 +176,92 @@ def format_validation_error(err: ValidationError, model: type[BaseModel], source
     return "\n".join(lines)
 
 
+EXTENDS, SET = "extends", "set"  # a job config's overlay keys (see load_layers)
+
+
+def load_layers(path: str | Path, seen: tuple[Path, ...] = ()) -> list[tuple[Path, dict[str, Any], list[str]]]:
+    """The files a job config is made of, base first: (file, its sections, its `set` overrides).
+
+    A config may name the files it extends (`extends: base.yaml`, or a list, relative to it); their
+    sections are merged in order, a mapping key by key, anything else replaced, then its own, then
+    every file's `set:` (KEY=VALUE, as `--set` takes them), base first: the way to replace a
+    mapping whole, e.g. `fields.right={image: {modality: image}}`. So a small file can say what
+    differs from a job ("CLIP's loss", "the towers' tuned GCL") and a person can read it."""
+    path = Path(path).resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: extends itself through {' -> '.join(map(str, seen))}")
+    data = load_yaml(path)
+    bases = data.pop(EXTENDS, [])
+    sets = data.pop(SET, [])
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"{path}: {EXTENDS}: give a file, or a list of files, relative to this one")
+    if not isinstance(sets, list) or not all(isinstance(o, str) for o in sets):
+        raise ConfigError(f"{path}: {SET}: give a list of KEY=VALUE overrides, as --set takes them")
+    layers = []
+    for base in bases:
+        layers.extend(load_layers(path.parent / base, (*seen, path)))
+    return [*layers, (path, data, sets)]
+
+
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` on top of `base`: mappings merged key by key, anything else replaced."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def load_job_config(path: str | Path) -> tuple[dict[str, Any], list[str]]:
+    """A job config file with the files it extends merged (load_layers): (sections, overrides)."""
+    data: dict[str, Any] = {}
+    sets: list[str] = []
+    for _, sections, file_sets in load_layers(path):
+        data = merge(data, sections)
+        sets += file_sets
+    return data, sets
+
+
+def describe_layers(path: str | Path) -> list[str]:
+    """What each file of a job config sets, base first, as YAML comments (`gcl config -c FILE`)."""
+    lines = ["# made of, base first (a later file's values win):"]
+    for file, sections, sets in load_layers(path):
+        keys = [key.split("=", 1)[0] for key in overlay_leaves(sections)] + [o.split("=", 1)[0] for o in sets]
+        lines.append(f"#   {file}: {', '.join(keys) if keys else 'nothing'}")
+    return lines
+
+
+def overlay_leaves(node: dict, prefix: str = "") -> list[str]:
+    """KEY=VALUE for each leaf of nested config sections (lists and values as flow YAML)."""
+    out = []
+    for key, value in node.items():
+        if isinstance(value, dict) and value:
+            out += overlay_leaves(value, f"{prefix}{key}.")
+        else:
+            flow = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+            out.append(f"{prefix}{key}={flow}")
+    return out
+
+
+def overlay_overrides(path: str | Path) -> list[str]:
+    """A job config file (with what it extends) as `--set` overrides, to layer it on another job:
+    one KEY=VALUE per leaf of its sections, then its `set` list."""
+    data, sets = load_job_config(path)
+    return [*overlay_leaves(data), *sets]
+
+
 def parse_config(model: type[BaseModel], path: str | Path | None = None, overrides: list[str] | None = None) -> Any:
-    """Load `path` (optional), apply overrides and validate into `model`.
+    """Load `path` (optional), apply overrides and validate into `model`. A job config may extend
+    others (load_layers); a config of another kind (a sweep) is read as it is.
 
     Raises ConfigError with every problem listed by dotted key.
     """
-    data = load_yaml(path) if path else {}
+    if path and EXTENDS not in model.model_fields and SET not in model.model_fields:
+        data, sets = load_job_config(path)
+        overrides = [*sets, *(overrides or [])]
+    else:
+        data = load_yaml(path) if path else {}
     source = str(path) if path else "defaults"
     return validate_config(model, data, overrides, source)
 
@@ -200,12 +280,15 @@ def validate_config(
 
 
 def describe(model: type[BaseModel], prefix: str = "") -> list[str]:
-    """One line per config key: dotted name, type and docstring (for `gcl config --keys`)."""
+    """One line per config key: dotted name, type and docstring (for `gcl config --keys`); each
+    section opens with where it is defined."""
     lines = []
     for name, field in model.model_fields.items():
         key = f"{prefix}{name}"
         ann = field.annotation
         if isinstance(ann, type) and issubclass(ann, BaseModel):
+            module = ann.__module__.replace(".", "/") + ".py"
+            lines.append(f"[{key}] {ann.__name__} in {module}")
             lines.extend(describe(ann, key + "."))
             continue
         type_name = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")

@@ -25,16 +25,6 @@ from gcl.config import Section
 
 WeightFn = Literal["uniform", "linear", "reciprocal", "power", "exponential"]
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's clamp: logits are at most 100 x cosine
-# The job settings (`--set` overrides) under which this loss is CLIP's (open_clip's ClipLoss):
-# every pair weighted alike, no masking, both directions alike, documents of one image field.
-CLIP_LOSS = [
-    "loss.weight_fn=uniform",
-    "loss.mask_same_query=false",
-    "loss.mask_same_document=false",
-    "loss.left_to_right=0.5",
-    "loss.right_to_left=0.5",
-    "fields.right={image: {modality: image, weight: 1.0}}",
-]
 
 
 class FieldPairTerm(Section):

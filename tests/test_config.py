@@ -14,8 +14,42 @@ SWEEP_CONFIGS = sorted(CONFIGS.glob("sweep-*.yaml"))
 
 @pytest.mark.parametrize("path", JOB_CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_config_parses(path):
+    """A job config is named as its file; an overlay (clip-loss.yaml) names no job of its own."""
+    from gcl.config import load_yaml
+
     job = parse_config(JobConfig, path)
-    assert job.name == path.stem
+    assert job.name == path.stem if "name" in load_yaml(path) else job.name == JobConfig().name
+
+
+def test_a_config_extends_others_and_gcl_config_says_what_each_file_sets(tmp_path, capsys):
+    """An overlay names the files it extends: their sections merged key by key, its own on top,
+    then every file's `set:` (which replaces a mapping whole); `gcl config -c` lists what each
+    file sets. A file that extends itself is refused naming the chain."""
+    (tmp_path / "base.yaml").write_text(
+        "name: base\ntrain: {lr: 0.001, epochs: 3}\n"
+        "fields: {right: {image: {modality: image, weight: 0.7}, title: {modality: text, weight: 0.3}}}\n"
+    )
+    (tmp_path / "over.yaml").write_text(
+        "extends: base.yaml\nname: over\ntrain: {lr: 0.002}\nset: ['fields.right={image: {modality: image}}']\n"
+    )
+    job = parse_config(JobConfig, tmp_path / "over.yaml", ["train.epochs=5"])
+    assert (job.name, job.train.lr, job.train.epochs, list(job.fields.right)) == ("over", 0.002, 5, ["image"])
+    same = parse_config(
+        JobConfig,
+        tmp_path / "base.yaml",
+        ["name=over", "train.lr=0.002", "fields.right={image: {modality: image}}", "train.epochs=5"],
+    )
+    assert job == same
+    assert main(["config", "-c", str(tmp_path / "over.yaml")]) == 0
+    said = capsys.readouterr().out
+    assert f"#   {tmp_path / 'base.yaml'}: name, train.lr, train.epochs, fields.right.image.modality" in said
+    assert f"#   {tmp_path / 'over.yaml'}: name, train.lr, fields.right" in said
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(ConfigError, match="a.yaml: extends itself through .*a.yaml -> .*b.yaml"):
+        parse_config(JobConfig, tmp_path / "a.yaml")
+    assert main(["config", "--keys"]) == 0
+    assert "[loss] LossConfig in gcl/loss.py" in capsys.readouterr().out  # where each section is defined
 
 
 @pytest.mark.parametrize("path", SWEEP_CONFIGS, ids=lambda p: p.name)

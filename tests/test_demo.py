@@ -1,4 +1,4 @@
-"""The main job, small: binary baseline, ablation and GCL on a local Ray cluster, then the registered
+"""The main job, small: binary baseline, GCL-uniform and GCL on a local Ray cluster, then the registered
 model served by `mlflow models serve` and queried over HTTP on loopback."""
 
 import base64
@@ -31,11 +31,11 @@ def demo(ray_local, tmp_path_factory):
 
 def test_gcl_beats_the_binary_baseline_in_domain(demo):
     result, workdir = demo
-    assert result["gcl"]["in_domain"]["ndcg@10"] > result["baseline"]["in_domain"]["ndcg@10"]
+    assert result["gcl"]["in_domain"]["ndcg@10"] > result["binary"]["in_domain"]["ndcg@10"]
     splits = {"in_domain", "novel_query", "novel_document", "zero_shot"}
-    assert set(result["gcl"]) == set(result["ablation"]) == splits
-    # The ablation is its own training: uniform weights with GCL's fields and masking.
-    assert len(set(result["runs"].values())) == 3 and result["ablation"] != result["gcl"]
+    assert set(result["gcl"]) == set(result["gcl-uniform"]) == splits
+    # GCL-uniform is its own training: uniform weights with GCL's fields and masking.
+    assert len(set(result["runs"].values())) == 3 and result["gcl-uniform"] != result["gcl"]
     assert os.path.getsize(result["plot"]) > 10_000
     client = MlflowClient(f"sqlite:///{workdir}/mlruns.db")
     assert result["registered_model"] == "gcl-demo-tiny"
@@ -45,20 +45,22 @@ def test_gcl_beats_the_binary_baseline_in_domain(demo):
     # Each variant trained at its own tuned settings, not at GCL's: the margins are over tuned baselines.
     params = {key: client.get_run(run_id).data.params for key, run_id in result["runs"].items()}
     assert len({p["train.lr"] for p in params.values()}) == 3
-    assert "fields.right.title.weight" not in params["baseline"] and params["baseline"]["loss.weight_fn"] == "uniform"
+    assert "fields.right.title.weight" not in params["binary"] and params["binary"]["loss.weight_fn"] == "uniform"
 
 
 def test_the_demo_fine_tunes_the_pretrained_towers_with_each_variant_at_its_own_settings(tmp_path):
     """`gcl demo` runs its three trainings from the pretrained towers (`--tiny`, the fixture above,
     with gcl-tiny): what it trains is built here (the towers' own training on Ray is
-    tests/test_towers.py's, the whole demo's figures the README's)."""
+    tests/test_train_invariants.py's, the whole demo's figures the README's)."""
     from workflows.demo import demo_jobs
 
     jobs = demo_jobs(str(tmp_path), quick=False, stamp="t")
     assert {job.model.arch for job in jobs.values()} == {"towers"}
     assert jobs["gcl"].model.towers.text.hf.startswith("pypackage:") and jobs["gcl"].train.epochs == 2
-    assert list(jobs["baseline"].fields.right) == ["image"] and jobs["baseline"].loss.weight_fn == "uniform"
-    assert list(jobs["ablation"].fields.right) == ["image", "title"] and jobs["ablation"].loss.weight_fn == "uniform"
+    assert list(jobs["binary"].fields.right) == ["image"] and jobs["binary"].loss.weight_fn == "uniform"
+    assert (
+        list(jobs["gcl-uniform"].fields.right) == ["image", "title"] and jobs["gcl-uniform"].loss.weight_fn == "uniform"
+    )
     assert jobs["gcl"].loss.weight_fn != "uniform"
     assert len({job.train.lr for job in jobs.values()}) == 3
 

@@ -21,11 +21,10 @@ from gcl.bench.sections import (
 )
 from gcl.bench.steps import bench_device
 from gcl.cluster import init_ray
-from gcl.config import parse_config
+from gcl.config import overlay_overrides, parse_config
 from gcl.data.schema import SPLITS
 from gcl.data.synth import SynthConfig, synthesize
 from gcl.job_config import JobConfig
-from gcl.loss import CLIP_LOSS
 from workflows import CONFIGS
 
 SECTIONS = ["data", "steps", "pipeline", "memory", "cached", "retrieval", "search", "locked"]
@@ -101,7 +100,7 @@ def locked_jobs(workdir: str, overrides: list[str] | None = None) -> dict[str, J
         name: parse_config(
             JobConfig, CONFIGS / "minilm-efflite0.yaml", [*common, f"name=locked-{name}", *extra, *(overrides or [])]
         )
-        for name, extra in (("binary", CLIP_LOSS), ("gcl", []))
+        for name, extra in (("binary", overlay_overrides(CONFIGS / "clip-loss.yaml")), ("gcl", []))
     }
 
 

@@ -74,6 +74,10 @@ def cmd_config(args) -> int:
         print("\n".join(describe(JobConfig)))
         return 0
     print(yaml.safe_dump(_job(args).model_dump(mode="json"), sort_keys=False), end="")
+    if args.config and not getattr(args, "from_run", None):
+        from gcl.config import describe_layers
+
+        print("\n".join(describe_layers(args.config)))
     return 0
 
 
@@ -330,7 +334,11 @@ def cmd_bench(args) -> int:
 
 
 def _add_config(sub) -> None:
-    p = sub.add_parser("config", help="print the resolved config, or every key with its meaning (--keys)")
+    p = sub.add_parser(
+        "config",
+        help="print the resolved config and the files it is made of, or every key "
+        "with its meaning and where its section is defined (--keys)",
+    )
     _add_config_args(p)
     p.add_argument("--keys", action="store_true", help="list every config key with its type and meaning")
     p.set_defaults(func=cmd_config)

@@ -1,13 +1,13 @@
 """`gcl demo`: the main job on embedded defaults (local Ray, MLflow on SQLite, generated data).
 
 Generates the synthetic benchmark, fine-tunes three times with the same budget - the CLIP-style
-binary baseline (CLIP's loss: uniform weights, image-only documents, no masking), the ablation
+binary baseline (CLIP's loss: uniform weights, image-only documents, no masking), GCL-uniform
 (uniform weights with GCL's image + title documents and loss settings) and GCL (graded weights
-too), each at its own settings, chosen for it on the validation splits by a sweep of its own at
-this budget - evaluates them on all four splits, prints the comparison, saves a plot, and
-registers the GCL model as `champion`. The model is a dual encoder from pretrained towers
+too), each at its own settings (workflows/configs/towers-*.yaml), chosen for it on the validation
+splits by a sweep of its own at this budget - evaluates them on all four splits, prints the
+comparison, saves a plot, and registers the GCL model as `champion`. The model is a dual encoder from pretrained towers
 (minilm-efflite0.yaml: MiniLM text, ImageNet EfficientNet-Lite0 image, from the `pretrained`
-extra); `gcl demo --tiny` does the same with gcl-tiny from random weights (tiny-cpu.yaml).
+extra); `gcl demo --tiny` does the same with gcl-tiny from random weights (tiny-*.yaml).
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from gcl.console import say
 from gcl.data.schema import SPLITS
 from gcl.data.synth import SynthConfig, synthesize
 from gcl.job_config import JobConfig
-from gcl.loss import CLIP_LOSS
 from gcl.registry.models import register_run
 from gcl.registry.names import OBJECTIVE
 from gcl.report import comparison_plot, comparison_table, split_metrics
@@ -42,8 +41,14 @@ def _nested(metrics: dict) -> dict[str, dict[str, float]]:
     return {s: out[s] for s in SPLITS if s in out}
 
 
-# The three trainings, in the table's order; each column after the first is compared with the first.
-NAMES = {"baseline": "binary", "ablation": "GCL-uniform", "gcl": "GCL"}
+# The three trainings, in the table's order (each column after the first is compared with the
+# first): their names, and the config each trains (workflows/configs/), from the pretrained towers
+# and, with --tiny, from gcl-tiny. Each config holds its variant's own settings, chosen for it on
+# the validation splits by a sweep at the demo's budget (docs/ranking.md), so the margins the demo
+# prints are over tuned baselines.
+NAMES = {"binary": "binary", "gcl-uniform": "GCL-uniform", "gcl": "GCL"}
+TOWERS_CONFIGS = {"binary": "towers-binary.yaml", "gcl-uniform": "towers-gcl-uniform.yaml", "gcl": "towers-gcl.yaml"}
+TINY_CONFIGS = {"binary": "tiny-binary.yaml", "gcl-uniform": "tiny-gcl-uniform.yaml", "gcl": "tiny-cpu.yaml"}
 
 
 # The demo's synthetic benchmark (`gcl demo --quick` makes a smaller one).
@@ -60,69 +65,12 @@ def benchmark_data(data: str) -> list[str]:
     ]
 
 
-# `gcl demo --tiny`: each variant at its own settings, chosen for it on the validation splits by a
-# sweep at the demo's budget (docs/ranking.md, "The demo's settings"), so the margins the demo
-# prints are over tuned baselines, not over baselines run at GCL's settings.
-# The binary baseline trains CLIP's loss (gcl.loss.CLIP_LOSS).
-TINY_SETTINGS = {
-    # Learning rate and initial temperature: docs/sweep-defaults-clip.yaml's best trial.
-    "baseline": [*CLIP_LOSS, "train.lr=1.3e-3", "loss.init_temperature=0.088"],
-    # GCL's documents, masking and term weights with every pair weighted alike:
-    # docs/sweep-defaults-binary.yaml's best trial (GCL's space but the weight function).
-    "ablation": [
-        "loss.weight_fn=uniform",
-        "train.lr=7.4e-4",
-        "loss.init_temperature=0.035",
-        "loss.left_to_right=0.55",
-        "loss.right_to_left=0.54",
-        "loss.mask_same_query=false",
-        "fields.right.image.weight=0.81",
-        "fields.right.title.weight=0.36",
-    ],
-    # GCL: tiny-cpu.yaml as it is, whose settings are docs/sweep-defaults-gcl.yaml's best trial.
-    "gcl": [],
-}
-
-
-# `gcl demo`: the three from pretrained towers (minilm-efflite0.yaml: MiniLM text,
-# ImageNet EfficientNet-Lite0 image, locked), each at its best trial of docs/sweep-towers-*.yaml
-# (rounded; docs/ranking.md, section 2c).
-TOWERS_SETTINGS = {
-    "baseline": [*CLIP_LOSS, "train.lr=1.4e-3", "loss.init_temperature=0.15", "model.towers.text.unlocked_layers=0"],
-    "ablation": [
-        "loss.weight_fn=uniform",
-        "train.lr=1.5e-4",
-        "loss.init_temperature=0.087",
-        "model.towers.text.unlocked_layers=2",
-        "loss.left_to_right=0.41",
-        "loss.right_to_left=0.77",
-        "loss.mask_same_query=false",
-        "fields.right.image.weight=0.51",
-        "fields.right.title.weight=0.31",
-    ],
-    "gcl": [
-        "train.lr=1.0e-3",
-        "loss.init_temperature=0.046",
-        "model.towers.text.unlocked_layers=2",
-        "loss.left_to_right=0.74",
-        "loss.right_to_left=0.21",
-        "loss.mask_same_query=false",
-        "fields.right.image.weight=0.68",
-        "fields.right.title.weight=0.29",
-        "loss.temperature=0.27",
-    ],
-}
-
-
 def demo_jobs(workdir: str, quick: bool, stamp: str, tiny: bool = False) -> dict[str, JobConfig]:
-    """The trainings the demo compares, with identical budget, data and model (minilm-efflite0.yaml's
-    pretrained towers, or tiny-cpu.yaml's gcl-tiny with `tiny`), each at its own tuned settings
-    (TINY_SETTINGS, TOWERS_SETTINGS): the CLIP-style binary baseline, the ablation
+    """The trainings the demo compares, each its variant's config (TOWERS_CONFIGS, or TINY_CONFIGS
+    with `tiny`), with identical budget and data: the CLIP-style binary baseline, GCL-uniform
     (uniform weights with GCL's title + image fields, masking and term weights) and GCL (graded
     weights too)."""
-    config, settings, epochs = (
-        ("tiny-cpu.yaml", TINY_SETTINGS, 4) if tiny else ("minilm-efflite0.yaml", TOWERS_SETTINGS, 2)
-    )
+    configs, epochs = (TINY_CONFIGS, 4) if tiny else (TOWERS_CONFIGS, 2)
     common = [
         *benchmark_data(f"{workdir}/data"),
         f"storage={workdir}/runs",
@@ -131,8 +79,8 @@ def demo_jobs(workdir: str, quick: bool, stamp: str, tiny: bool = False) -> dict
         "train.batch_size=32",
     ]
     return {
-        key: parse_config(JobConfig, CONFIGS / config, [*common, f"name=demo-{key}-{stamp}", *extra])
-        for key, extra in settings.items()
+        key: parse_config(JobConfig, CONFIGS / config, [*common, f"name=demo-{key}-{stamp}"])
+        for key, config in configs.items()
     }
 
 
@@ -215,7 +163,7 @@ def run_demo(quick: bool = False, workdir: str = "gcl_runs/demo", tiny: bool = F
         f"registered {registered_model} version {version} as @{alias} "
         f"({jobs['gcl'].eval.objective_name()} on the validation splits {gcl.metrics[OBJECTIVE]:.4f})"
     )
-    _print_next_steps(uri, registered_model, alias, runs["baseline"].model_dir, f"{workdir}/data/in_domain.parquet")
+    _print_next_steps(uri, registered_model, alias, runs["binary"].model_dir, f"{workdir}/data/in_domain.parquet")
     return {
         **results,
         "plot": plot,

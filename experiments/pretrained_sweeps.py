@@ -1,8 +1,8 @@
-"""Issue #39 item 4: does GCL rank better from a pretrained start? Binary (CLIP's loss, image-only
+"""Does GCL rank better from a pretrained start? Binary (CLIP's loss, image-only
 documents), GCL-uniform and GCL, each fine-tuned from the pretrained towers of
 workflows/configs/minilm-efflite0.yaml at its own validation-selected settings:
 
-    .venv/bin/python docs/pretrained_sweeps.py [WORKDIR]
+    .venv/bin/python experiments/pretrained_sweeps.py [WORKDIR]
 
 Runs docs/sweep-towers-{binary,uniform,gcl}.yaml on `gcl demo`'s synthetic benchmark (each picks
 its best trial on the validation splits), then trains each variant's best settings with seeds 1

@@ -1,7 +1,7 @@
-"""The ranking variants of issue #28 at `gcl demo`'s budget, each trained and scored on the test
+"""The ranking variants at `gcl demo`'s budget, each trained and scored on the test
 splits (NDCG@10), the same data, model and settings as the demo's GCL run otherwise:
 
-    .venv/bin/python docs/ranking_variants.py [WORKDIR] [VARIANT ...]
+    .venv/bin/python experiments/ranking_variants.py [WORKDIR] [VARIANT ...]
 
 GCL (diagonal target, shuffled pairs); the listwise target with 2 and 4 documents per query in a
 batch; the diagonal target with 4 documents per query (what the grouping alone does); GCL with a

@@ -1,6 +1,6 @@
-"""The sweeps behind the shipped defaults (issue #28 items 4-5), on `gcl demo`'s benchmark and budget:
+"""The sweeps behind the shipped defaults, on `gcl demo`'s benchmark and budget:
 
-    .venv/bin/python docs/default_sweeps.py [WORKDIR] [gcl|binary ...]
+    .venv/bin/python experiments/default_sweeps.py [WORKDIR] [gcl|binary ...]
 
 Each sweep (docs/sweep-defaults-<name>.yaml) selects its best trial on the validation splits; the
 best trial's test splits are what docs/ranking.md reports. Results go to
