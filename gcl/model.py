@@ -362,7 +362,8 @@ class FieldEncoder(torch.nn.Module):
         (resized and cropped, as the training pipeline sends them; normalized here, on the towers'
         device) or float (the image transform's output, already normalized), or (B, F) float: a
         locked image tower's trunk output, computed once (gcl.data.locked_features), which goes
-        through the tower's head only.
+        through the tower's head only. A text field may likewise be (B, F) float: a locked text
+        tower's pooled output, which goes through its projection only.
 
         Returns name -> (B, D) L2-normalized embeddings, and the (1,) log logit scale.
         Fields of one modality go through their tower in a single call, and through the
@@ -379,13 +380,19 @@ class FieldEncoder(torch.nn.Module):
         param = self._first_float_parameter()
         if stacked["text"] is not None:
             stacked["text"] = stacked["text"].to(param.device, non_blocking=True)
-        features = stacked["image"] is not None and stacked["image"].dim() == 2
+        image_features = stacked["image"] is not None and stacked["image"].dim() == 2
+        text_features = stacked["text"] is not None and stacked["text"].is_floating_point()
         if stacked["image"] is not None:
             pixels = stacked["image"].to(param.device, non_blocking=True)
             if pixels.dtype == torch.uint8:
                 pixels = normalize_pixels(pixels, *self._mean_std_on(pixels.device))
             stacked["image"] = pixels.to(param.dtype)
-        with _trunk_skipped(self.clip) if features else contextlib.nullcontext():
+        with contextlib.ExitStack() as skipped:
+            if image_features:
+                skipped.enter_context(_trunk_skipped(self.clip))
+            if text_features:
+                stacked["text"] = stacked["text"].to(param.dtype)
+                skipped.enter_context(_text_encoder_skipped(self.clip))
             result = self.clip(image=stacked["image"], text=stacked["text"])
         if isinstance(result, dict):
             image_emb, text_emb, scale = (
@@ -450,6 +457,21 @@ def _trunk_skipped(clip: torch.nn.Module):
 
 def _pass_through(x: torch.Tensor) -> torch.Tensor:
     return x
+
+
+@contextlib.contextmanager
+def _text_encoder_skipped(clip: torch.nn.Module):
+    """The text tower takes its encoder's pooled output (B, F), computed once for a locked tower,
+    and applies its projection only, for the block (inside the CLIP module's own forward)."""
+    text = getattr(clip, "text", None)
+    if text is None or not hasattr(text, "proj"):
+        raise ValueError("text features stand in for a Hugging Face text tower's pooled output; this model has none")
+    projection = text.proj
+    text.forward = lambda pooled: projection(pooled)  # a function: a module here would register as a child
+    try:
+        yield
+    finally:
+        del text.forward
 
 
 def locked_parts(module: torch.nn.Module) -> list[torch.nn.Module]:

@@ -165,16 +165,17 @@ class RowEncoder:
         fields: FieldsConfig,
         base_dir: str | None = None,
         features=None,
-        id_column: str | None = None,
+        id_columns: Mapping[str, str] | None = None,
     ):
-        """features: a gcl.data.locked_features.FeatureStore whose fields' images are looked up by
-        the rows' `id_column` instead of encoded (a locked tower's, in training's evaluations)."""
+        """features: a gcl.data.locked_features.FeatureStore whose fields are looked up by the rows'
+        ids (`id_columns`: side -> column) instead of encoded (locked towers', in training's
+        evaluations)."""
         self.encoder = encoder
         self.tokenizer = tokenizer
         self.image_transform = image_transform
         self.fields = fields
         self.base_dir = base_dir
-        self.features, self.id_column = features, id_column
+        self.features, self.id_columns = features, dict(id_columns or {})
 
     @classmethod
     def from_model_dir(
@@ -233,8 +234,9 @@ class RowEncoder:
             chunk = rows.iloc[start : start + batch_size]
             inputs, present = {}, {}
             for name, spec in specs.items():
-                if self.features is not None and name in self.features.fields:
-                    features, shown = self.features.lookup(name, stable_keys(chunk[self.id_column].to_numpy()))
+                if self.features is not None and name in self.features.side_of:
+                    keys = stable_keys(chunk[self.id_columns[side]].to_numpy())
+                    features, shown = self.features.lookup(name, keys)
                     inputs[name], present[name] = torch.from_numpy(features), torch.from_numpy(shown)
                     continue
                 inputs[name], present[name] = self._field_tensor(spec.modality, chunk[name].tolist())

@@ -150,8 +150,8 @@ def run_stage(stage: str, data: str, work: str) -> None:
                 "pipeline.preprocess_tasks=2",
             ],
         )
-        built = build_store(job, resolve_files(data), os.path.join(work, "locked-features"), ("image",))
-        extra["documents"] = built["rows"]
+        built = build_store(job, resolve_files(data), os.path.join(work, "locked-features"), {"image": "right"})
+        extra["documents"] = built["sides"]["right"]["rows"]
     else:
         from gcl.cluster import init_ray
         from gcl.config import parse_config

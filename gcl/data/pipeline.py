@@ -166,7 +166,7 @@ class PairPreprocessor:
         self.data = DataConfig(**data_cfg)
         self.base_dir = base_dir
         self.augment = augment
-        # A locked tower's features, looked up by document instead of decoding its image.
+        # Locked towers' features, looked up by document or query instead of running the tower.
         self.features = FeatureStore(locked_features) if locked_features else None
 
     def _image(self, value, pair_id, pair_key: int, seed: int) -> np.ndarray | None:
@@ -191,10 +191,12 @@ class PairPreprocessor:
         pair_ids = batch[self.data.pair_id_column]
         pair_keys = stable_keys(pair_ids)
         document_keys = stable_keys(batch[self.data.document_id_column])
+        query_keys = stable_keys(batch[self.data.query_id_column])
         out: dict[str, np.ndarray] = {}
         for name, modality in self.fields.items():
-            if self.features is not None and name in self.features.fields:  # (B, D) float32 features
-                out[name], out[name + PRESENT] = self.features.lookup(name, document_keys)
+            if self.features is not None and name in self.features.side_of:  # (B, D) float32 features
+                keys = document_keys if self.features.side_of[name] == "right" else query_keys
+                out[name], out[name + PRESENT] = self.features.lookup(name, keys)
                 continue
             values = batch[name]
             if modality == "text":
@@ -211,7 +213,7 @@ class PairPreprocessor:
                 out[name] = self._pixels(images, present)
             out[name + PRESENT] = present
         out["score"] = np.asarray(batch[self.weight_key], dtype=np.float32)
-        out["query_key"] = stable_keys(batch[self.data.query_id_column])
+        out["query_key"] = query_keys
         out["document_key"] = document_keys
         out["pair_key"] = pair_keys
         return out
@@ -337,7 +339,7 @@ def read_training_pairs(source: PairSource, *, file_order_seed: int | None = Non
 
     data, fields = source.data, source.fields
     cached = source.locked_features.fields if source.locked_features else ()
-    read = [name for name in fields.modalities() if name not in cached]  # a cached image is never read
+    read = [name for name in fields.modalities() if name not in cached]  # a cached field is never read
     columns = list(
         dict.fromkeys([*read, source.weight_key, data.query_id_column, data.document_id_column, data.pair_id_column])
     )

@@ -428,9 +428,8 @@ def evaluate_model(
     was_training = module.training
     module.eval()
     try:
-        encoder = RowEncoder(
-            module, tokenizer, eval_transform, job.fields, features=features, id_column=job.data.document_id_column
-        )
+        ids = {"left": job.data.query_id_column, "right": job.data.document_id_column}
+        encoder = RowEncoder(module, tokenizer, eval_transform, job.fields, features=features, id_columns=ids)
         evaluate = evaluate_splits  # outside a worker group: one process does it all
         if torch.distributed.is_initialized():
             evaluate = functools.partial(evaluate_splits_on_workers, device=device or torch.device("cpu"))
