@@ -10,6 +10,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from gcl.config import ConfigError, FieldsConfig, Section
+from gcl.data.grades import GradesConfig
 from gcl.data.pipeline import PipelineConfig
 from gcl.data.schema import DataConfig
 from gcl.loss import LossConfig
@@ -188,6 +189,7 @@ class JobConfig(Section):
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
     index: IndexConfig = Field(default_factory=IndexConfig)
+    grades: GradesConfig = Field(default_factory=GradesConfig)
 
     @model_validator(mode="after")
     def _check_objective_splits(self) -> JobConfig:

@@ -126,3 +126,32 @@ def sweep_plot(rows: list[dict], path: str) -> str:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def grades_plot(report, path: str) -> str:
+    """`gcl data grades`'s report as a PNG at `path`: the examination propensity per position (the
+    click model's estimate with its bootstrap spread, and the harvested check), and the
+    distribution of the grades written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    positions = np.arange(1, len(report.propensities) + 1)
+    if len(positions):
+        sd = np.array(report.propensity_sd or [0.0] * len(positions))
+        left.errorbar(positions, report.propensities, yerr=sd, marker="o", capsize=3, label="click model (EM), ±1 sd")
+    harvested = [np.nan if v is None else v for v in report.harvested]
+    if harvested:
+        left.plot(np.arange(1, len(harvested) + 1), harvested, "s--", label="harvested (pairs at 2 positions)")
+    left.set(xlabel="position", ylabel="examination propensity (position 1 = 1)", title="position bias")
+    left.legend()
+    quantiles = report.grade_quantiles
+    right.bar(list(quantiles), list(quantiles.values()))
+    right.set(title=f"score_linear of the {report.written} pairs written", ylabel="score_linear")
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+    return path

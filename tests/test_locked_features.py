@@ -52,8 +52,12 @@ def test_only_a_tower_that_is_a_fixed_function_of_its_input_is_cached():
     assert cached_fields(locked) == {"image": "right", "query": "left", "title": "right"}
     for off in ("pipeline.augment_images=true", "model.towers.image.lock=false"):
         assert "image" not in cached_fields(parse_config(JobConfig, CONFIGS / "minilm-efflite0.yaml", [off]))
-    assert cached_fields(parse_config(JobConfig, CONFIGS / "minilm-efflite0.yaml",
-                                      [*LOCKED, "pipeline.cache_locked_features=false"])) == {}  # fmt: skip
+    assert (
+        cached_fields(
+            parse_config(JobConfig, CONFIGS / "minilm-efflite0.yaml", [*LOCKED, "pipeline.cache_locked_features=false"])
+        )
+        == {}
+    )
     assert cached_fields(parse_config(JobConfig, CONFIGS / "tiny-cpu.yaml")) == {}
 
 
@@ -76,13 +80,24 @@ def test_a_store_holds_each_document_and_query_once_and_looks_them_up(ray_local,
     assert built["sides"]["left"]["rows"] == pairs.query_id.nunique()
     store = FeatureStore(str(tmp_path / "store"))
     documents = pairs.drop_duplicates("product_id").head(5)
-    actor = TowerFeatures({"model": job.model.model_dump(mode="json"), "dtype": "float32", "threads": 1,
-                           "fields": {"image": "image", "title": "text"}})  # fmt: skip
+    actor = TowerFeatures(
+        {
+            "model": job.model.model_dump(mode="json"),
+            "dtype": "float32",
+            "threads": 1,
+            "fields": {"image": "image", "title": "text"},
+        }
+    )
     import pyarrow as pa
 
-    table = pa.table({"__document_key": stable_keys(documents.product_id.to_numpy()),
-                      "image": documents.image.tolist(), "title": documents.title.tolist(),
-                      "__base_dir": [None] * len(documents)})  # fmt: skip
+    table = pa.table(
+        {
+            "__document_key": stable_keys(documents.product_id.to_numpy()),
+            "image": documents.image.tolist(),
+            "title": documents.title.tolist(),
+            "__base_dir": [None] * len(documents),
+        }
+    )
     direct = actor(table)
     for field in ("image", "title"):
         found, present = store.lookup(field, stable_keys(documents.product_id.to_numpy()))

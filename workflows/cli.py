@@ -83,15 +83,28 @@ def cmd_config(args) -> int:
 
 def cmd_data_synth(args) -> int:
     from gcl.data.splits import SplitConfig
-    from gcl.data.synth import SynthConfig, synthesize
+    from gcl.data.synth import LogConfig, SynthConfig, synthesize
 
     cfg = SynthConfig(products=args.products, queries=args.queries, docs_per_query=args.docs_per_query, seed=args.seed)
-    manifest = synthesize(args.out, cfg, SplitConfig(seed=args.seed))
+    search_log = LogConfig(sessions_per_query=args.log_sessions, seed=args.seed) if args.log_sessions else None
+    manifest = synthesize(args.out, cfg, SplitConfig(seed=args.seed), log=search_log)
     for name, info in manifest["splits"].items():
         print(
             f"{name:19s} {info['rows']:7d} pairs  {info['queries']:6d} queries  {info['documents']:6d} documents"
             f"  -> {Path(args.out) / info['file']}"
         )
+    if search_log:
+        print(f"search log {Path(args.out) / 'log/impressions.parquet'}, catalog {Path(args.out) / 'catalog.parquet'}")
+    return 0
+
+
+def cmd_data_grades(args) -> int:
+    from gcl.config import parse_config
+    from gcl.job_config import JobConfig
+    from workflows.grades import run_grades
+
+    overrides = _with_flags(args, "grades", {"log": args.log, "catalog": args.catalog, "out": args.out})
+    run_grades(parse_config(JobConfig, args.config, overrides))
     return 0
 
 
@@ -354,7 +367,25 @@ def _add_data(sub) -> None:
     p.add_argument("--queries", type=int, default=700)
     p.add_argument("--docs-per-query", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--log-sessions",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also a search log over the training queries, N searches each, drawn from their known "
+        "grades (<out>/log/, with its truth), and the catalog (<out>/catalog.parquet)",
+    )
     p.set_defaults(func=cmd_data_synth)
+    p = data.add_parser(
+        "grades",
+        help="graded pairs from a search log (impressions, clicks, carts, purchases), "
+        "position bias taken out; the pairs `gcl data split` and `gcl train` take",
+    )
+    _add_config_args(p)
+    p.add_argument("--log", help="the impression log (file, directory or glob); grades.log")
+    p.add_argument("--catalog", help="the products (id, title, image, ...); grades.catalog")
+    p.add_argument("--out", help="output directory for the graded pairs; grades.out")
+    p.set_defaults(func=cmd_data_grades)
     p = data.add_parser(
         "split",
         help="split your pairs into train, the test splits (in_domain, novel_query, novel_document, "

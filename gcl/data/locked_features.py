@@ -112,14 +112,23 @@ def tower_identity(job, modalities: set[str]) -> dict:
         if weights and weights != "timm":
             weights = storage.file_sha256(package_path(weights, "model.towers.image.weights"))
         _, _, transform = create_preprocessing(job.model)
-        identity["image"] = {"timm": towers.image.timm, "weights": weights, "image_size": towers.image.image_size,
-                             "mean_std": image_mean_std(towers), "transform": repr(transform)}  # fmt: skip
+        identity["image"] = {
+            "timm": towers.image.timm,
+            "weights": weights,
+            "image_size": towers.image.image_size,
+            "mean_std": image_mean_std(towers),
+            "transform": repr(transform),
+        }
     if "text" in modalities:
         location = package_path(towers.text.hf, "model.towers.text.hf")
         files = sorted(Path(location).glob("*.safetensors")) + sorted(Path(location).glob("*.bin"))
         weights = [storage.file_sha256(str(f)) for f in files] or towers.text.hf  # a hub name: its name
-        identity["text"] = {"hf": towers.text.hf, "weights": weights, "pooling": towers.text.pooling,
-                            "context_length": towers.text.context_length}  # fmt: skip
+        identity["text"] = {
+            "hf": towers.text.hf,
+            "weights": weights,
+            "pooling": towers.text.pooling,
+            "context_length": towers.text.context_length,
+        }
     return identity
 
 
@@ -159,8 +168,10 @@ def prepare_locked_features(job, data) -> LockedFeatures | None:
     if storage.read_text(storage.join(location, STORE_FILE)):
         log.info("the locked towers' features of %s are in %s (reused)", ", ".join(fields), location)
         return features
-    say(f"computing the locked towers' features of {', '.join(fields)} once per document and query, for this "
-        f"and later runs: {location}")  # fmt: skip
+    say(
+        f"computing the locked towers' features of {', '.join(fields)} once per document and query, for this "
+        f"and later runs: {location}"
+    )
     built = _outside_placement_groups(build_store, job, files, location, fields)
     rows = sum(side["rows"] for side in built["sides"].values())
     say(f"{rows} documents and queries in {built['seconds']:.0f} s ({rows / max(built['seconds'], 1e-9):.0f}/s)")
@@ -194,8 +205,11 @@ def build_store(job, files: list[str], location: str, fields: dict[str, str]) ->
     init_ray()
     start = time.perf_counter()
     key_columns = {"left": job.data.query_id_column, "right": job.data.document_id_column}
-    built: dict = {"tower": tower_identity(job, {job.fields.modalities()[n] for n in fields}),
-                   "files": files_identity(files), "sides": {}}  # fmt: skip
+    built: dict = {
+        "tower": tower_identity(job, {job.fields.modalities()[n] for n in fields}),
+        "files": files_identity(files),
+        "sides": {},
+    }
     with replaced_whole(location) as partial:
         for side in SIDES:
             names = [name for name, where in fields.items() if where == side]
@@ -251,8 +265,13 @@ def _build_side(job, files: list[str], out: str, key_column: str, fields: list[s
     dims = json.loads(parts[0]["dims"]) if parts else {}
     for part in parts:
         del part["dims"]
-    return {"fields": fields, "key_column": key_column, "parts": parts, "dims": dims,
-            "rows": sum(p["rows"] for p in parts)}  # fmt: skip
+    return {
+        "fields": fields,
+        "key_column": key_column,
+        "parts": parts,
+        "dims": dims,
+        "rows": sum(p["rows"] for p in parts),
+    }
 
 
 def _first_of_each_document(table, doc_col: str, base_dir: str | None):
@@ -397,8 +416,9 @@ class FeatureStore:
     def _array(self, side: str, part: int, suffix: str) -> np.ndarray:
         if (side, part, suffix) not in self._open:
             name = self.info["sides"][side]["parts"][part]["name"]
-            self._open[side, part, suffix] = np.load(os.path.join(self.directory, side, f"{name}.{suffix}.npy"),
-                                                     mmap_mode="r")  # fmt: skip
+            self._open[side, part, suffix] = np.load(
+                os.path.join(self.directory, side, f"{name}.{suffix}.npy"), mmap_mode="r"
+            )
         return self._open[side, part, suffix]
 
     def lookup(self, field: str, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -239,10 +239,83 @@ def write_splits(
     return manifest
 
 
-def synthesize(out: str | Path, cfg: SynthConfig | None = None, split: SplitConfig | None = None) -> dict:
+@dataclass
+class LogConfig:
+    """A search log over the benchmark's training queries, generated from their known grades:
+    what a shop's logging would record, with the truth kept beside it (log-truth.json)."""
+
+    sessions_per_query: int = 40
+    """Searches of each query."""
+    shown: int = 10
+    """Products shown per search (the ranked list's length)."""
+    eta: float = 1.0
+    """Position bias: a product at position k is examined with probability 1 / k**eta."""
+    ranker_noise: float = 0.25
+    """The logging ranker orders a query's products by their grade plus this much Gaussian noise."""
+    promotion: float = 1.5
+    """The logging ranker also ranks by a promotion of each product (drawn once, uniform in [0, 1],
+    unrelated to relevance: sponsorship, popularity) times this weight: what raw clicks learn back."""
+    swap_rate: float = 0.3
+    """Randomization: the chance that a search swaps two neighbouring positions of its list, which
+    lets the log tell position bias from relevance."""
+    seed: int = 0
+
+    def propensities(self) -> list[float]:
+        return [1.0 / k**self.eta for k in range(1, self.shown + 1)]
+
+
+def generate_log(pairs: pd.DataFrame, cfg: LogConfig) -> pd.DataFrame:
+    """Impressions of `pairs` (a query's products and their true grade, score_linear): per search,
+    the logging ranker's list (by grade, the products' promotion and noise) with its random swaps,
+    each shown product examined by its position's propensity and, if examined, clicked with a
+    probability rising with its grade; add-to-cart and purchase follow a click, likelier for a
+    higher grade. One row per product shown."""
+    rng = np.random.default_rng(cfg.seed)
+    theta = np.array(cfg.propensities())
+    products = np.sort(pairs["product_id"].unique())
+    promoted = dict(zip(products, rng.random(len(products)), strict=True))
+    frames = []
+    impression = 0
+    for (query_id, query), group in pairs.groupby(["query_id", "query"], sort=True):
+        grades = group["score_linear"].to_numpy(np.float64)
+        products = group["product_id"].to_numpy()
+        ranked_by = grades + cfg.promotion * np.array([promoted[p] for p in products])
+        for _ in range(cfg.sessions_per_query):
+            order = np.argsort(-(ranked_by + rng.normal(0, cfg.ranker_noise, len(grades))), kind="stable")[: cfg.shown]
+            if len(order) > 1 and rng.random() < cfg.swap_rate:
+                k = rng.integers(0, len(order) - 1)
+                order[[k, k + 1]] = order[[k + 1, k]]
+            g = grades[order]
+            examined = rng.random(len(order)) < theta[: len(order)]
+            click = examined & (rng.random(len(order)) < 0.05 + 0.85 * g)
+            cart = click & (rng.random(len(order)) < 0.1 + 0.5 * g)
+            purchase = cart & (rng.random(len(order)) < 0.2 + 0.6 * g)
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "impression_id": impression,
+                        "query_id": query_id,
+                        "query": query,
+                        "product_id": products[order],
+                        "position": np.arange(1, len(order) + 1),
+                        "click": click.astype(np.int64),
+                        "add_to_cart": cart.astype(np.int64),
+                        "purchase": purchase.astype(np.int64),
+                    }
+                )
+            )
+            impression += 1
+    return pd.concat(frames, ignore_index=True)
+
+
+def synthesize(
+    out: str | Path, cfg: SynthConfig | None = None, split: SplitConfig | None = None, log: LogConfig | None = None
+) -> dict:
     """Generate the benchmark and write train, the four evaluation splits and (unless the split
     config's validation fractions are 0) the four val_* splits to `out`: a new or empty directory,
-    or gcl's data splits, which it replaces once the new ones are whole (gcl.outputs)."""
+    or gcl's data splits, which it replaces once the new ones are whole (gcl.outputs). With `log`,
+    also a search log over the training queries (log/impressions.parquet, with log-truth.json: the
+    propensities and grades it was drawn from) and the products' catalog (catalog.parquet)."""
     check_output(str(out), DATA_OUTPUT)
     cfg = cfg or SynthConfig()
     split = split or SplitConfig(seed=cfg.seed)
@@ -255,4 +328,17 @@ def synthesize(out: str | Path, cfg: SynthConfig | None = None, split: SplitConf
         "unused_pairs": unused_pairs(pairs, splits),
     }
     with replaced_whole(str(Path(out).absolute())) as partial:
-        return write_splits(splits, partial, extra)
+        manifest = write_splits(splits, partial, extra)
+        if log is not None:
+            train = splits["train"]
+            (Path(partial) / "log").mkdir()
+            generate_log(train, log).to_parquet(Path(partial) / "log" / "impressions.parquet", index=False)
+            truth = {
+                "config": asdict(log),
+                "propensities": log.propensities(),
+                "grades": "train.parquet's score_linear, per (query_id, product_id)",
+            }
+            (Path(partial) / "log-truth.json").write_text(json.dumps(truth, indent=2))  # beside: not a log file
+            catalog = pairs.drop_duplicates("product_id")[["product_id", "title", "image"]]
+            catalog.to_parquet(Path(partial) / "catalog.parquet", index=False)
+        return manifest

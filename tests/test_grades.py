@@ -1,0 +1,118 @@
+"""`gcl data grades` against a search log whose truth is known (gcl.data.synth.generate_log: a
+logging ranker that also promotes products regardless of relevance, examination by 1/k, clicks by
+the position-based model, carts and purchases after clicks, some randomized swaps): the fitted
+propensities are the generator's, the debiased grades order each query's products closer to the
+true grades than raw click-through rates do, the report says when a log cannot tell bias from
+relevance, and the command writes pairs training takes."""
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from gcl.data.grades import GradesConfig, GradesReport, aggregate_batch, grade_pairs, position_counts, propensities_of
+from gcl.data.synth import LogConfig, SynthConfig, generate_log, generate_pairs
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    return generate_pairs(SynthConfig(products=300, queries=120, seed=1))
+
+
+def _graded(pairs, log: LogConfig, **settings):
+    cfg = GradesConfig(bootstrap=0, **settings)
+    totals = aggregate_batch(pa.Table.from_pandas(generate_log(pairs, log), preserve_index=False), cfg.model_dump())
+    counts, by_pair = position_counts(totals)
+    report = GradesReport()
+    theta = propensities_of(cfg, counts, report)
+    return grade_pairs(cfg, counts, by_pair, theta, report).to_pandas(), theta, report
+
+
+def _rank_agreement(graded, pairs) -> float:
+    """Mean over queries of Kendall's tau between the grades and the true grades."""
+    from scipy.stats import kendalltau
+
+    truth = pairs.astype({"query_id": str, "product_id": str})[["query_id", "product_id", "score_linear"]]
+    joined = graded.merge(truth.rename(columns={"score_linear": "true"}), on=["query_id", "product_id"])
+    taus = [kendalltau(g.score_linear, g.true).statistic for _, g in joined.groupby("query_id") if len(g) > 2]
+    return float(np.nanmean(taus))
+
+
+def test_the_click_model_finds_the_propensities_the_log_was_drawn_with(pairs):
+    """EM over the counts and intervention harvesting each recover 1/k within 0.04 at every position
+    (measured: within 0.02); the bootstrap's spread is small beside the values."""
+    from gcl.data.click_model import fit_pbm, harvested_propensities, propensity_spread
+
+    log = LogConfig(sessions_per_query=60, seed=1)
+    cfg = GradesConfig()
+    counts, _ = position_counts(aggregate_batch(pa.Table.from_pandas(generate_log(pairs, log)), cfg.model_dump()))
+    truth = np.array(log.propensities())
+    fit = fit_pbm(counts)
+    harvested, informed = harvested_propensities(counts)
+    print("EM", np.round(fit.theta, 3), "harvested", np.round(harvested, 3), "truth", np.round(truth, 3))
+    assert fit.converged and np.abs(fit.theta - truth).max() < 0.04
+    assert np.abs(harvested - truth).max() < 0.04 and informed[1:].min() > 100
+    spread = propensity_spread(counts, fit, resamples=8)
+    assert spread[0] == 0 and 0 < spread[1:].max() < 0.03
+
+
+def test_debiased_grades_order_each_querys_products_closer_to_the_truth_than_raw_clicks(pairs):
+    """The logging ranker promotes products whatever their relevance; raw click-through rates learn
+    that promotion back (a promoted product is shown higher, so clicked more), the debiased grades
+    take it out. Kendall's tau with the true grades, per query, mean (measured: 0.63 against 0.50)."""
+    log = LogConfig(sessions_per_query=100, promotion=2.0, seed=1)
+    plain = {"add_to_cart_weight": 0.0, "purchase_weight": 0.0}  # clicks alone: the two estimators compared
+    debiased, _, report = _graded(pairs, log, **plain)
+    raw, theta, _ = _graded(pairs, log, debias=False, **plain)
+    ours, theirs = _rank_agreement(debiased, pairs), _rank_agreement(raw, pairs)
+    print(f"Kendall's tau with the true grades: debiased {ours:.3f}, raw click-through rate {theirs:.3f}")
+    assert ours > theirs + 0.05 and (theta == 1).all() and report.identifiable
+    with_events, _, _ = _graded(pairs, log)  # carts and purchases, likelier for relevant products, help
+    assert _rank_agreement(with_events, pairs) > theirs
+
+
+def test_the_report_says_when_position_bias_cannot_be_told_from_relevance(pairs):
+    """A deterministic logging ranker with no swaps shows every pair at one position: no propensity
+    curve can be trusted, and the report says so instead of printing a confident one."""
+    from gcl.data.grades import report_lines
+
+    _, _, report = _graded(pairs, LogConfig(sessions_per_query=20, ranker_noise=0.0, swap_rate=0.0, seed=1))
+    assert report.several_positions_share == 0 and not report.identifiable
+    assert any("too few pairs were shown at more than one position" in line for line in report_lines(report))
+    _, _, varied = _graded(pairs, LogConfig(sessions_per_query=20, seed=1))
+    assert varied.identifiable and not any("too few pairs" in line for line in report_lines(varied))
+
+
+def test_gcl_data_grades_writes_pairs_that_training_takes_with_the_inputs_sha256(tmp_path, capsys):
+    """`gcl data synth --log-sessions` then `gcl data grades` as a user types them: the pairs pass
+    `gcl data validate`'s checks with score_linear as their weight, every pair's product joined
+    with its catalog row; manifest.json records the inputs' sha256 and the report; MLflow gets
+    the report and its plot; a bad column is named."""
+    from mlflow import MlflowClient
+
+    from gcl.config import FieldsConfig
+    from gcl.data.schema import DataConfig
+    from gcl.data.validate import validate_pairs
+    from gcl.storage import file_sha256
+    from workflows.cli import main
+
+    data, out, uri = tmp_path / "data", tmp_path / "grades", f"sqlite:///{tmp_path}/mlflow.db"
+    synth = ["data", "synth", "--out", str(data), "--products", "300", "--queries", "120", "--log-sessions", "20"]
+    assert main(synth) == 0
+    grades = ["data", "grades", "--log", str(data / "log"), "--catalog", str(data / "catalog.parquet")]
+    grades += ["--out", str(out), "--set", f"mlflow.tracking_uri={uri}"]
+    assert main(grades) == 0
+    said = capsys.readouterr().out
+    assert "pairs shown at 2+ positions" in said and "grades:" in said and "MLflow run grades-" in said
+    report = validate_pairs(str(out / "pairs"), DataConfig(), FieldsConfig(), "score_linear")
+    assert report.rows > 500 and report.bad_rows == 0 and 0 < report.score_max <= 1
+    manifest = json.loads((out / "manifest.json").read_text())
+    log_file = str(data / "log/impressions.parquet")
+    assert manifest["log"]["files"] == [{"path": log_file, "sha256": file_sha256(log_file)}]
+    assert manifest["report"]["written"] == report.rows
+    client = MlflowClient(uri)
+    run = client.search_runs([client.get_experiment_by_name("gcl").experiment_id])[0]
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"grades.png", "grades-report.json"}
+    assert main([*grades[:-2], "--set", "grades.click_column=clicked"]) == 2  # named, before any work
+    assert "no column(s) ['clicked']" in capsys.readouterr().err
