@@ -20,7 +20,12 @@ from mlflow import MlflowClient
 
 ROOT = Path(__file__).resolve().parent.parent
 # (page, the heading of its section with the commands; None: the whole page), in the order they run.
-SECTIONS = (("README.md", "## A tour of the commands"), ("docs/sweeps.md", None), ("docs/search.md", None))
+SECTIONS = (
+    ("README.md", "## A tour of the commands"),
+    ("docs/sweeps.md", None),
+    ("docs/search.md", None),
+    ("docs/grades.md", None),
+)
 # The budget, shrunk: a smaller benchmark, one epoch, one trial per sweep.
 SMALLER = {
     "gcl data synth": ["--products", "400", "--queries", "150"],
@@ -94,6 +99,7 @@ CHECKED = (
     "gcl evaluate",
     "gcl register",
     "gcl data split",
+    "gcl data grades",
     "gcl config",
     "gcl tune",
     "gcl embed",
@@ -102,14 +108,26 @@ CHECKED = (
 )
 
 
+def _flag(command: str, flag: str) -> str:
+    """The value a command gives `flag` (e.g. --out)."""
+    words = shlex.split(command, comments=True)
+    return words[words.index(flag) + 1]
+
+
 def check_result(name: str, command: str, output: str, clone: Path, client: MlflowClient) -> None:
     """What each command must have produced, beyond exiting 0."""
     finished = lambda run: run.info.status == "FINISHED" and run.data.metrics  # noqa: E731
     if name == "gcl --help":
         assert "train" in output and "tune" in output
     elif name == "gcl data synth":
+        out = clone / _flag(command, "--out")
         for split in ("train", "in_domain", "zero_shot", "val_in_domain", "val_zero_shot"):
-            assert (clone / "gcl_runs/data" / f"{split}.parquet").is_file(), split
+            assert (out / f"{split}.parquet").is_file(), split
+        if "--log-sessions" in command:  # a search log over its training queries, and the catalog
+            assert (out / "log/impressions.parquet").is_file() and (out / "catalog.parquet").is_file()
+    elif name == "gcl data grades":  # graded pairs from the log, with the report
+        assert "pairs shown at 2+ positions" in output and "pairs written" in output, output
+        assert list((clone / _flag(command, "--out") / "pairs").glob("*.parquet"))
     elif name == "gcl data validate":
         assert "rows, all valid" in output
     elif name == "gcl train":
@@ -117,6 +135,9 @@ def check_result(name: str, command: str, output: str, clone: Path, client: Mlfl
         runs = client.search_runs([experiment], "tags.`gcl.run_name` = 'tiny-cpu'")
         assert len(runs) == 1 and finished(runs[0]) and "test_objective" in runs[0].data.metrics
         assert (clone / "gcl_runs/tiny-cpu/model/open_clip_pytorch_model.bin").is_file()
+        if "name=from-logs" in command:  # trained on the graded log, scored against the true grades
+            (from_logs,) = client.search_runs([experiment], "tags.`gcl.run_name` = 'from-logs'")
+            assert finished(from_logs) and from_logs.data.metrics["in_domain/ndcg_at_10"] > 0
         if "--from-run" in command:  # the registered model's run trained again: the same model
             (again,) = client.search_runs([experiment], "tags.`gcl.run_name` = 'tiny-cpu-retrain'")
             assert finished(again) and again.data.metrics["test_objective"] == runs[0].data.metrics["test_objective"]
@@ -132,9 +153,10 @@ def check_result(name: str, command: str, output: str, clone: Path, client: Mlfl
     elif name == "gcl register":
         assert re.search(r"registered my-model version 1 as @champion", output), output
     elif name == "gcl data split":
-        manifest = json.loads((clone / "my-splits/manifest.json").read_text())
+        out = clone / _flag(command, "--out")
+        manifest = json.loads((out / "manifest.json").read_text())
         for split in ("train", "novel_query", "val_novel_query"):
-            assert manifest["splits"][split]["rows"] > 0 and list((clone / "my-splits" / split).glob("*.parquet"))
+            assert manifest["splits"][split]["rows"] > 0 and list((out / split).glob("*.parquet"))
     elif name == "gcl config":
         assert "loss.weight_fn" in output and "data.validation" in output
     elif name == "gcl tune":
