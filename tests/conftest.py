@@ -136,7 +136,7 @@ def register_tiny_model(root, uri: str | None = None) -> str:
     from gcl.config import FieldsConfig
     from gcl.model import ModelConfig, create_model, save_model
     from gcl.registry.models import log_embedding_model
-    from gcl.registry.runs import fluent_tracking_uri
+    from gcl.tracking.runs import fluent_tracking_uri
 
     torch.manual_seed(0)
     tiny = create_model(ModelConfig(arch="gcl-tiny"))
@@ -166,7 +166,7 @@ def write_embeddings(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from gcl.search.embed import EMBEDDING_COLUMN, METADATA_KEY, SUMMARY_FILE
+    from gcl.search.batch_embed import EMBEDDING_COLUMN, METADATA_KEY, SUMMARY_FILE
 
     os.makedirs(directory, exist_ok=True)
     vectors = np.asarray(vectors)

@@ -24,7 +24,7 @@ from mlflow import MlflowClient
 from ray.job_submission import JobSubmissionClient
 
 from gcl.data.synth import SynthConfig, synthesize
-from gcl.registry.runs import runs_named
+from gcl.tracking.runs import runs_named
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"

@@ -16,7 +16,7 @@ import pytest
 from conftest import free_port, ray_local_env, start_mlflow_server, stop_mlflow_server, tiny_job_config
 from mlflow import MlflowClient
 
-from gcl.registry.runs import runs_named
+from gcl.tracking.runs import runs_named
 from gcl.train.checkpoint import committed_checkpoint
 
 pytestmark = pytest.mark.integration

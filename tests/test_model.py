@@ -249,7 +249,7 @@ def test_files_handed_to_gcl_from_elsewhere_cannot_run_code(tiny, tmp_path):
     import faiss
 
     from gcl.errors import ModelError, SearchIndexError
-    from gcl.search.index import IDS_FILE, INDEX_FILE, INFO_FILE, SearchIndex, embedding_files
+    from gcl.search.faiss_index import IDS_FILE, INDEX_FILE, INFO_FILE, SearchIndex, embedding_files
     from gcl.towers import load_image_weights
 
     marker = tmp_path / "ran"
@@ -373,8 +373,8 @@ def test_the_logged_pyfunc_embeds_as_gcl_does_and_names_bad_input(tiny, tmp_path
     import numpy as np
     import pandas as pd
 
-    from gcl.registry.runs import fluent_tracking_uri
     from gcl.retrieval import RowEncoder
+    from gcl.tracking.runs import fluent_tracking_uri
 
     out, model_uri = _logged_tiny_model(tiny, tmp_path)
     with fluent_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db"):
@@ -530,7 +530,7 @@ def test_the_logged_model_installs_into_a_fresh_environment_and_embeds_there_as_
     import mlflow
 
     from gcl.registry.models import SERVING_DISTRIBUTIONS
-    from gcl.registry.runs import fluent_tracking_uri
+    from gcl.tracking.runs import fluent_tracking_uri
 
     _, model_uri = _logged_tiny_model(tiny, tmp_path)
     with fluent_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db"):  # models:/ resolves through it
@@ -539,7 +539,7 @@ def test_the_logged_model_installs_into_a_fresh_environment_and_embeds_there_as_
     names = {r.split("==")[0].lower().replace("_", "-") for r in requirements}
     assert all("==" in r for r in requirements) and "gcl" not in names, requirements
     assert {d.replace("_", "-") for d in SERVING_DISTRIBUTIONS} <= names
-    assert (Path(model_dir) / "code/gcl/registry/serving.py").exists()
+    assert (Path(model_dir) / "code/gcl/registry/embedding_model.py").exists()
 
     docs, queries = _rows()
     docs.to_pickle(tmp_path / "docs.pkl")

@@ -16,8 +16,8 @@ from conftest import register_tiny_model, served_model, write_embeddings
 
 from gcl.errors import DataError, SearchIndexError
 from gcl.job_config import EmbedConfig, IndexConfig
-from gcl.search.embed import EMBEDDING_COLUMN, METADATA_KEY
-from gcl.search.index import SearchIndex, build_index, corpus_vectors
+from gcl.search.batch_embed import EMBEDDING_COLUMN, METADATA_KEY
+from gcl.search.faiss_index import SearchIndex, build_index, corpus_vectors
 
 
 def clustered_unit_vectors(rows: int, dim: int, seed: int, centres: int | None = None) -> np.ndarray:
@@ -153,7 +153,7 @@ def test_gcl_embed_writes_what_the_served_model_returns_for_the_same_rows(embedd
     rows; the files name the model version the alias pointed at."""
     import mlflow
 
-    from gcl.registry.runs import fluent_tracking_uri
+    from gcl.tracking.runs import fluent_tracking_uri
 
     summary, root, uri = embedded
     files = sorted(glob.glob(f"{root}/catalog/*.parquet"))
@@ -184,7 +184,7 @@ def test_gcl_embed_names_bad_rows_before_loading_the_model_or_skips_and_counts_t
     """An undecodable image and a row with no field: a DataError naming file, row and column, as
     `gcl data validate` words it; with data.on_bad_rows=skip the others are embedded and the two
     are counted."""
-    from gcl.search.embed import embed_rows
+    from gcl.search.batch_embed import embed_rows
 
     root, uri = registered
     rows = pd.read_parquet(f"{synth_dir}/train.parquet").drop_duplicates("product_id").head(12).reset_index(drop=True)
@@ -208,7 +208,7 @@ def test_gcl_embed_names_bad_rows_before_loading_the_model_or_skips_and_counts_t
 @pytest.mark.integration
 def test_gcl_embed_writes_a_lance_dataset(ray_local, registered, synth_dir, tmp_path):
     lance = pytest.importorskip("lance")
-    from gcl.search.embed import embed_rows
+    from gcl.search.batch_embed import embed_rows
 
     root, uri = registered
     cfg = EmbedConfig(
@@ -256,7 +256,7 @@ def test_the_registered_search_model_serves_the_exact_top_k_over_http(embedded, 
     import mlflow
     from mlflow import MlflowClient
 
-    from gcl.registry.runs import fluent_tracking_uri
+    from gcl.tracking.runs import fluent_tracking_uri
     from workflows.index import run_index
 
     _, root, uri = embedded

@@ -1,4 +1,4 @@
-"""The tracking buffer (gcl.registry.buffer) on a real SQLite MLflow store: spilled metrics are
+"""The tracking buffer (gcl.tracking.buffer) on a real SQLite MLflow store: spilled metrics are
 replayed once, against the run's history, and an unreachable store is told from a bad request."""
 
 import pytest
@@ -7,7 +7,7 @@ from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, TEMPORARILY_UNAVAILABLE
 
-from gcl.registry.buffer import BufferedRunLog, SpillFiles, is_outage, replay
+from gcl.tracking.buffer import BufferedRunLog, SpillFiles, is_outage, replay
 
 
 @pytest.fixture

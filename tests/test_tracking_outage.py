@@ -21,7 +21,7 @@ import pytest
 from conftest import free_port, ray_local_env, register_tiny_model, start_mlflow_server, stop_mlflow_server
 from mlflow import MlflowClient
 
-from gcl.search.index import SearchIndex
+from gcl.search.faiss_index import SearchIndex
 from workflows import CONFIGS
 
 pytestmark = pytest.mark.integration

@@ -131,7 +131,7 @@ def test_a_run_whose_loss_is_zero_at_every_step_is_refused_not_finished(tmp_path
     is learned. The run says so and is not exported, finished or registered; a run that learned
     anything passes (a real SQLite store, the metrics as the workers log them)."""
     from gcl.errors import TrainingError
-    from gcl.registry.runs import start_run
+    from gcl.tracking.runs import start_run
     from gcl.train.job import check_learned
 
     job = tiny_job()

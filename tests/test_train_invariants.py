@@ -23,7 +23,7 @@ from conftest import tiny_job_config
 from mlflow import MlflowClient
 
 from gcl.model import WEIGHTS_FILE
-from gcl.registry.names import TEST_OBJECTIVE
+from gcl.tracking.names import TEST_OBJECTIVE
 from gcl.train.job import retrain_job, run_train
 
 pytestmark = pytest.mark.integration
@@ -197,8 +197,8 @@ def test_a_towers_run_evaluates_its_base_model_first_and_logs_a_servable_model(r
     import mlflow
     import pandas as pd
 
-    from gcl.registry.runs import fluent_tracking_uri
     from gcl.retrieval import RowEncoder
+    from gcl.tracking.runs import fluent_tracking_uri
     from workflows.evaluate import run_evaluate
 
     (out, client) = runs

@@ -227,14 +227,17 @@ def test_sweep_runs_fails_one_trial_alone_registers_the_best_and_resumes(ray_loc
     assert len(client.search_model_versions("name = 'sw-model'")) == 1
 
     # Gating: a lower objective, or one scored on other data, never takes the champion alias.
-    from gcl.registry.models import OBJECTIVE_KEY_TAG, register
+    from gcl.registry.models import OBJECTIVE_KEY_TAG, register_version
 
     model_uri = client.get_run(result.best["run_id"]).data.tags["gcl.model_uri"]
     key = registered.tags[OBJECTIVE_KEY_TAG]
-    assert register(model_uri, "sw-model", result.best["objective"] - 0.1, uri, objective_key=key)[1] == "challenger"
-    assert register(model_uri, "sw-model", 2.0, uri, objective_key=key + " other data")[1] == "challenger"
+    assert (
+        register_version(model_uri, "sw-model", result.best["objective"] - 0.1, uri, objective_key=key)[1]
+        == "challenger"
+    )
+    assert register_version(model_uri, "sw-model", 2.0, uri, objective_key=key + " other data")[1] == "challenger"
     assert client.get_model_version_by_alias("sw-model", "champion").version == version
-    better = register(model_uri, "sw-model", result.best["objective"] + 0.1, uri, objective_key=key)
+    better = register_version(model_uri, "sw-model", result.best["objective"] + 0.1, uri, objective_key=key)
     assert better[1] == "champion" and client.get_model_version_by_alias("sw-model", "champion").version == better[0]
 
 

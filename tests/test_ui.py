@@ -31,7 +31,7 @@ def catalog(tmp_path_factory, synth_dir):
     from gcl.job_config import IndexConfig
     from gcl.model import ModelConfig, create_model, save_model
     from gcl.retrieval import RowEncoder
-    from gcl.search.index import build_index
+    from gcl.search.faiss_index import build_index
 
     root = tmp_path_factory.mktemp("ui")
     uri = register_tiny_model(root)  # root/model, registered as models:/tiny/1
@@ -207,10 +207,10 @@ def test_the_page_refuses_bad_requests_and_shows_what_it_cannot_decode(catalog, 
     for query, k in (("", 10), ("   ", 10), ("x" * 10_000, 10), ("shoe", 0), ("shoe", 101), ("shoe", "ten")):
         status, body, _ = _get(f"{page}/api/search?" + urllib.parse.urlencode({"q": query, "k": k}))
         assert status == 400 and json.loads(body)["error"].startswith(("q:", "k=")), (query[:20], k, body)
-    for path in ("/nope", "/api/nope", "/../../etc/passwd", "/thumb/../../etc/passwd", "/gcl/search/ui.py"):
+    for path in ("/nope", "/api/nope", "/../../etc/passwd", "/thumb/../../etc/passwd", "/gcl/search/page.py"):
         assert _get(f"{page}{path}")[0] == 404, path
 
-    from gcl.search.ui import THUMB_PIXELS, placeholder
+    from gcl.search.page import THUMB_PIXELS, placeholder
 
     status, body, kind = _get(f"{page}/thumb?id={catalog['broken_id']}")
     assert status == 200 and kind == "image/png" and body == placeholder()

@@ -10,7 +10,7 @@ import torch
 
 from gcl.bench.anchor import OPEN_CLIPS_WORK
 from gcl.bench.data import batch_from_pipeline
-from gcl.bench.report import print_figures
+from gcl.bench.printout import print_figures
 from gcl.bench.sections import (
     bare_loop_figures,
     data_figures,

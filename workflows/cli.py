@@ -194,7 +194,7 @@ def cmd_tune(args) -> int:
 
 def cmd_register(args) -> int:
     from gcl.registry.models import register_run
-    from gcl.registry.runs import check_tracking, find_run, resolve_tracking_uri
+    from gcl.tracking.runs import check_tracking, find_run, resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri)
     check_tracking(uri)
@@ -421,7 +421,7 @@ def _add_data(sub) -> None:
     p.set_defaults(func=cmd_data_validate)
 
 
-def _add_train_and_tune(sub) -> None:
+def _add_train(sub) -> None:
     p = sub.add_parser("train", help="fine-tune with Ray Train + DeepSpeed; resumes a run of the same name")
     _add_config_args(p)
     p.add_argument(
@@ -431,6 +431,9 @@ def _add_train_and_tune(sub) -> None:
         "or a registered model (models:/NAME@ALIAS); as run <name>-retrain unless --set name=...",
     )
     p.set_defaults(func=cmd_train)
+
+
+def _add_sync(sub) -> None:
     p = sub.add_parser(
         "sync",
         help="after an MLflow outage: log what a finished `gcl train` could not "
@@ -438,6 +441,9 @@ def _add_train_and_tune(sub) -> None:
     )
     _add_config_args(p)
     p.set_defaults(func=cmd_sync)
+
+
+def _add_tune(sub) -> None:
     p = sub.add_parser("tune", help="sweep loss weights with Ray Tune (Optuna + ASHA); registers the best model")
     p.add_argument("--config", "-c", required=True, help="sweep YAML (e.g. workflows/configs/sweep-tiny.yaml)")
     p.add_argument(
@@ -453,7 +459,7 @@ def _add_train_and_tune(sub) -> None:
     p.set_defaults(func=cmd_tune)
 
 
-def _add_register_and_submit(sub) -> None:
+def _add_register(sub) -> None:
     p = sub.add_parser("register", help="register a run's model; @champion only if it beats the current one")
     p.add_argument(
         "--run",
@@ -467,6 +473,8 @@ def _add_register_and_submit(sub) -> None:
     p.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI, else sqlite:///mlruns.db here")
     p.set_defaults(func=cmd_register)
 
+
+def _add_submit(sub) -> None:
     p = sub.add_parser(
         "submit",
         help="run a gcl command on a Ray cluster as a Ray Job, streaming its logs",
@@ -489,7 +497,7 @@ def _add_register_and_submit(sub) -> None:
     p.set_defaults(func=cmd_submit)
 
 
-def _add_embed_and_index(sub) -> None:
+def _add_embed(sub) -> None:
     p = sub.add_parser(
         "embed", help="embed a catalog (or queries) with a model: Ray Data batch inference to parquet or Lance"
     )
@@ -513,6 +521,9 @@ def _add_embed_and_index(sub) -> None:
         help="copy an input column to the output, e.g. a title to display (embed.keep; repeatable)",
     )
     p.set_defaults(func=cmd_embed)
+
+
+def _add_index(sub) -> None:
     p = sub.add_parser(
         "index",
         help="build a FAISS index (flat, hnsw, ivf-pq) of `gcl embed`'s output; "
@@ -557,7 +568,7 @@ def _add_ui(sub) -> None:
     p.set_defaults(func=cmd_ui)
 
 
-def _add_evaluate_demo_bench(sub) -> None:
+def _add_evaluate(sub) -> None:
     p = sub.add_parser(
         "evaluate", help="retrieval metrics per split for one or more models (gcl's, MLflow's or open_clip's)"
     )
@@ -586,6 +597,8 @@ def _add_evaluate_demo_bench(sub) -> None:
     )
     p.set_defaults(func=cmd_evaluate)
 
+
+def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="the main job: synthetic data, binary baseline vs GCL, table, plot, registry")
     p.add_argument("--quick", action="store_true", help="a smaller, faster variant")
     p.add_argument(
@@ -598,6 +611,9 @@ def _add_evaluate_demo_bench(sub) -> None:
         "--workdir", help="where data, runs and the plot go (default: gcl_runs/demo, or gcl_runs/demo-tiny with --tiny)"
     )
     p.set_defaults(func=cmd_demo)
+
+
+def _add_bench(sub) -> None:
     p = sub.add_parser(
         "bench", help="performance ratios measured side by side (data, pipeline, memory, cached, retrieval)"
     )
@@ -651,11 +667,17 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (
         _add_config,
         _add_data,
-        _add_train_and_tune,
-        _add_register_and_submit,
-        _add_embed_and_index,
+        _add_train,
+        _add_sync,
+        _add_tune,
+        _add_register,
+        _add_submit,
+        _add_embed,
+        _add_index,
         _add_ui,
-        _add_evaluate_demo_bench,
+        _add_evaluate,
+        _add_demo,
+        _add_bench,
     ):
         add(sub)
     return parser

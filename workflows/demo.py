@@ -24,8 +24,8 @@ from gcl.data.schema import SPLITS
 from gcl.data.synth import SynthConfig, synthesize
 from gcl.job_config import JobConfig
 from gcl.registry.models import register_run
-from gcl.registry.names import OBJECTIVE
 from gcl.report import comparison_plot, comparison_table, split_metrics
+from gcl.tracking.names import OBJECTIVE
 from gcl.train.job import resolve_job, run_train
 from workflows import CONFIGS
 

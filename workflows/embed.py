@@ -1,5 +1,5 @@
 """`gcl embed`: a catalog (or a list of queries) embedded by a model on the Ray cluster, written as
-parquet (or Lance) for `gcl index` or a vector database; see gcl.search.embed."""
+parquet (or Lance) for `gcl index` or a vector database; see gcl.search.batch_embed."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from tqdm import tqdm
 from gcl import storage
 from gcl.console import say, terminal
 from gcl.job_config import JobConfig
-from gcl.registry.runs import check_tracking
-from gcl.search.embed import embed_rows
+from gcl.search.batch_embed import embed_rows
+from gcl.tracking.runs import check_tracking
 from gcl.train.job import resolve_job
 
 

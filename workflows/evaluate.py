@@ -19,10 +19,10 @@ from gcl.console import say, terminal
 from gcl.errors import ConfigError
 from gcl.job_config import JobConfig
 from gcl.model import ModelConfig, base_model_config, check_model_source
-from gcl.registry.buffer import is_outage, while_unreachable
-from gcl.registry.runs import check_tracking, start_run
 from gcl.report import comparison_plot, comparison_table, metrics_table
 from gcl.retrieval import RowEncoder, evaluate_splits
+from gcl.tracking.buffer import is_outage, while_unreachable
+from gcl.tracking.runs import check_tracking, start_run
 from gcl.train.checkpoint import resolve_model_dir
 from gcl.train.job import resolve_job, validate_splits
 
@@ -55,7 +55,7 @@ def run_evaluate_index(job: JobConfig, index_dir: str, model: str | None = None)
     embedded the catalog); prints both side by side and returns {search: {split: metrics}}."""
     import json
 
-    from gcl.search.index import INFO_FILE, SearchIndex
+    from gcl.search.faiss_index import INFO_FILE, SearchIndex
     from gcl.search.index_eval import NEIGHBOURS, evaluate_index
 
     job = resolve_job(job)

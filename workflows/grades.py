@@ -29,7 +29,7 @@ def _log(job: JobConfig, report: GradesReport) -> None:
     """An MLflow run holding the report (JSON), its plot and the grading's settings as params."""
     from mlflow import MlflowClient
 
-    from gcl.registry.runs import check_tracking, flatten, start_run
+    from gcl.tracking.runs import check_tracking, flatten, start_run
 
     uri = job.mlflow.resolved_uri()
     check_tracking(uri)

@@ -7,8 +7,8 @@ from gcl import storage
 from gcl.console import say
 from gcl.errors import TrackingError
 from gcl.job_config import JobConfig
-from gcl.registry.runs import check_tracking
-from gcl.search.index import build_index
+from gcl.search.faiss_index import build_index
+from gcl.tracking.runs import check_tracking
 from gcl.train.job import resolve_job
 
 
@@ -37,8 +37,8 @@ def run_index(job: JobConfig, register: str | None = None) -> dict:
 def _register(job: JobConfig, index_dir: str, name: str) -> tuple[str, str]:
     """register_search_index, tried again while the tracking store is out (for up to
     mlflow.finish_wait_seconds); then an error saying the index is complete and nothing registered."""
-    from gcl.registry.buffer import is_outage, while_unreachable
     from gcl.search.register import register_search_index
+    from gcl.tracking.buffer import is_outage, while_unreachable
 
     uri = job.mlflow.resolved_uri()
     try:

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from gcl.console import say
 from gcl.job_config import JobConfig
-from gcl.registry.names import OBJECTIVE, TEST_OBJECTIVE, VALIDATION_PREFIX
 from gcl.report import metrics_table, relative_change, split_metrics
+from gcl.tracking.names import OBJECTIVE, TEST_OBJECTIVE, VALIDATION_PREFIX
 from gcl.train.job import TrainResult, resolve_job, run_train
 
 

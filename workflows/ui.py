@@ -1,4 +1,4 @@
-"""`gcl ui`: a search page over one to three models, side by side (gcl.search.ui serves it).
+"""`gcl ui`: a search page over one to three models, side by side (gcl.search.page serves it).
 
 Each model is a registered search model (`models:/NAME@ALIAS`, from `gcl index --register`), a
 `gcl index` directory (searched with the model its embeddings came from), or an embedding model
@@ -18,10 +18,9 @@ import pandas as pd
 from gcl.console import say
 from gcl.errors import ConfigError, DataError
 from gcl.job_config import JobConfig
-from gcl.registry.runs import check_tracking
 from gcl.retrieval import RowEncoder
-from gcl.search.index import INFO_FILE, SearchIndex
-from gcl.search.ui import (
+from gcl.search.faiss_index import INFO_FILE, SearchIndex
+from gcl.search.page import (
     Column,
     SearchPage,
     Thumbnails,
@@ -30,6 +29,7 @@ from gcl.search.ui import (
     display_titles,
     load_judgments,
 )
+from gcl.tracking.runs import check_tracking
 from gcl.train.checkpoint import resolve_model_dir
 from gcl.train.job import resolve_job
 

@@ -20,6 +20,6 @@ gcl's engines under DeepSpeed's torch autocast), one worker per GPU up to 2; mem
 per-worker peak of allocated GPU memory. On one GPU the steps section runs 1 process, and the
 memory section (ZeRO-3 shards over 2 workers) is left out.
 
-Each section is a function of gcl.bench.sections returning its figures; gcl.bench.report prints
+Each section is a function of gcl.bench.sections returning its figures; gcl.bench.printout prints
 them with their goals. `gcl bench` (workflows/bench.py) chooses the sections and the job.
 """

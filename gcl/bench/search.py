@@ -55,7 +55,7 @@ def write_embeddings(directory: str, vectors: np.ndarray, rows_per_file: int = 2
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from gcl.search.embed import EMBEDDING_COLUMN, METADATA_KEY, SUMMARY_FILE
+    from gcl.search.batch_embed import EMBEDDING_COLUMN, METADATA_KEY, SUMMARY_FILE
 
     os.makedirs(directory, exist_ok=True)
     dim = vectors.shape[1]
@@ -97,7 +97,7 @@ def index_figures(
     import faiss
 
     from gcl.job_config import IndexConfig
-    from gcl.search.index import SearchIndex, build_index
+    from gcl.search.faiss_index import SearchIndex, build_index
     from gcl.search.index_eval import neighbour_recall
 
     faiss.omp_set_num_threads(os.cpu_count() or 1)
@@ -144,7 +144,7 @@ def embed_figures(job, rows: int = 20_000, workdir: str | None = None) -> dict:
     from gcl.job_config import EmbedConfig
     from gcl.model import ModelConfig, create_model, save_model
     from gcl.retrieval import RowEncoder
-    from gcl.search.embed import embed_rows
+    from gcl.search.batch_embed import embed_rows
 
     scratch = tempfile.mkdtemp(prefix="gcl-bench-embed-", dir=workdir)
     synthesize(f"{scratch}/data", SynthConfig(products=max(rows, 400), queries=max(150, rows // 20), seed=5))

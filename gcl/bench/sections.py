@@ -10,8 +10,8 @@ from gcl.bench.anchor import anchor_figures
 from gcl.bench.data import data_pipeline_pass, preprocessor_pairs_per_s
 from gcl.bench.flops import peak_flops_per_s, train_flops_per_pair
 from gcl.bench.memory import zero_memory_figures
-from gcl.bench.retrieval import retrieval_queries_per_s, search_peak_memory
 from gcl.bench.steps import bare_loop_pairs_per_s, data_parallel_pairs_per_s
+from gcl.bench.top_k import retrieval_queries_per_s, search_peak_memory
 from gcl.job_config import JobConfig
 from gcl.train.job import run_train
 

@@ -210,7 +210,7 @@ def aggregate_log(cfg: GradesConfig, files: list[str], cpus: float = 0.5) -> tup
         from ray.data.aggregate import Sum
 
         from gcl.cluster import init_ray
-        from gcl.data.pipeline import read_pairs
+        from gcl.data.readers import read_pairs
 
         init_ray()
         present = [c for c in columns if c in _schema_names(files[0])]
@@ -369,7 +369,7 @@ def join_catalog(cfg: GradesConfig, graded: pa.Table, out: str, cpus: float = 0.
     import ray.data
 
     from gcl.cluster import init_ray
-    from gcl.data.pipeline import read_pairs
+    from gcl.data.readers import read_pairs
 
     init_ray()
     catalog = read_pairs(cfg.catalog, files, None, cpus).map_batches(

@@ -224,7 +224,7 @@ def _build_side(job, files: list[str], out: str, key_column: str, fields: list[s
     """One side's parts in `out`: the distinct rows by `key_column`, each field's features."""
     from ray.data import ActorPoolStrategy
 
-    from gcl.data.pipeline import read_pairs
+    from gcl.data.readers import read_pairs
 
     cpus = job.pipeline.cpus_per_task
     groups: dict[tuple[str, str | None], list[str]] = {}  # one read per file type and image directory

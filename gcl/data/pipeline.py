@@ -7,13 +7,10 @@ module level: Ray Data's split coordinators import it to unpickle the datasets.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import io
 import json
-import math
-import os
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -26,7 +23,7 @@ from gcl import storage
 from gcl.config import FieldsConfig, Section
 from gcl.data.keys import stable_keys
 from gcl.data.locked_features import FeatureStore, LockedFeatures
-from gcl.data.readers import DataError, field_text, image_base_dir, image_bytes, resolve_files
+from gcl.data.readers import DataError, field_text, image_base_dir, image_bytes, read_pairs, resolve_files
 from gcl.data.schema import DataConfig
 
 PRESENT = "__present"  # suffix of the per-field presence columns
@@ -242,45 +239,6 @@ def preprocess_batch(batch: Mapping[str, np.ndarray], settings: str, seed: int) 
     processes, which outlive an epoch: each builds the tokenizer and transforms once and keeps
     them (an actor pool would start new processes, and load them again, every epoch)."""
     return _preprocessor(settings)(batch, seed=seed)
-
-
-FOOTER_ACTORS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
-
-
-@contextlib.contextmanager
-def footer_readers_for(files: list[str]):
-    """Ray Data's parquet reader starts a pool of footer-reading actors (32 unless
-    RAY_DATA_PARQUET_FOOTER_NUM_ACTORS says otherwise) every time a dataset executes: once per
-    epoch. Each is a new worker process; on a small machine starting 32 costs seconds of CPU at
-    every epoch's start. Start one per batch of 10 files (Ray's batch of footer reads), at most
-    32. The reader takes the setting when the dataset is defined, here on the driver; a value
-    the user set is kept."""
-    if FOOTER_ACTORS_ENV in os.environ:
-        yield
-        return
-    os.environ[FOOTER_ACTORS_ENV] = str(min(32, math.ceil(len(files) / 10)))
-    try:
-        yield
-    finally:
-        del os.environ[FOOTER_ACTORS_ENV]
-
-
-def read_pairs(spec: str, files: list[str], columns: list[str] | None, num_cpus: float = 1.0):
-    """A Ray Dataset of the pairs in `files` (resolved from `spec`; parquet, CSV or JSONL), only
-    `columns` (None: all); each read task reserves `num_cpus`."""
-    import ray.data
-
-    kinds = {os.path.splitext(f)[1] for f in files}
-    if kinds == {".parquet"}:
-        with footer_readers_for(files):
-            return ray.data.read_parquet(files, columns=columns, num_cpus=num_cpus)
-    if kinds == {".csv"}:
-        ds = ray.data.read_csv(files, num_cpus=num_cpus)
-    elif kinds <= {".jsonl", ".json"}:
-        ds = ray.data.read_json(files, lines=True, num_cpus=num_cpus)
-    else:
-        raise DataError(f"{spec}: mixes file types {sorted(kinds)}; use one format per dataset")
-    return ds.select_columns(columns) if columns else ds
 
 
 @dataclass(frozen=True)

@@ -144,3 +144,42 @@ def image_bytes(value, base_dir: str | None) -> bytes | None:
     store, resolved = filesystem(path)
     with store.open_input_stream(resolved) as stream:
         return stream.read()
+
+
+FOOTER_ACTORS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
+
+
+@contextmanager
+def footer_readers_for(files: list[str]):
+    """Ray Data's parquet reader starts a pool of footer-reading actors (32 unless
+    RAY_DATA_PARQUET_FOOTER_NUM_ACTORS says otherwise) every time a dataset executes: once per
+    epoch. Each is a new worker process; on a small machine starting 32 costs seconds of CPU at
+    every epoch's start. Start one per batch of 10 files (Ray's batch of footer reads), at most
+    32. The reader takes the setting when the dataset is defined, here on the driver; a value
+    the user set is kept."""
+    if FOOTER_ACTORS_ENV in os.environ:
+        yield
+        return
+    os.environ[FOOTER_ACTORS_ENV] = str(min(32, math.ceil(len(files) / 10)))
+    try:
+        yield
+    finally:
+        del os.environ[FOOTER_ACTORS_ENV]
+
+
+def read_pairs(spec: str, files: list[str], columns: list[str] | None, num_cpus: float = 1.0):
+    """A Ray Dataset of the pairs in `files` (resolved from `spec`; parquet, CSV or JSONL), only
+    `columns` (None: all); each read task reserves `num_cpus`."""
+    import ray.data
+
+    kinds = {os.path.splitext(f)[1] for f in files}
+    if kinds == {".parquet"}:
+        with footer_readers_for(files):
+            return ray.data.read_parquet(files, columns=columns, num_cpus=num_cpus)
+    if kinds == {".csv"}:
+        ds = ray.data.read_csv(files, num_cpus=num_cpus)
+    elif kinds <= {".jsonl", ".json"}:
+        ds = ray.data.read_json(files, lines=True, num_cpus=num_cpus)
+    else:
+        raise DataError(f"{spec}: mixes file types {sorted(kinds)}; use one format per dataset")
+    return ds.select_columns(columns) if columns else ds

@@ -76,7 +76,7 @@ class ValidationReport:
         return f"{self.rows} rows, {self.bad_rows} bad ({reasons})"
 
 
-def _check_schema(file: str, schema: pa.Schema, expected: dict[str, tuple[str, object]]) -> None:
+def check_schema(file: str, schema: pa.Schema, expected: dict[str, tuple[str, object]]) -> None:
     names = set(schema.names)
     missing = [c for c in expected if c not in names]
     if missing:
@@ -235,7 +235,7 @@ def validate_pairs(
     schemas, units = [], []
     for file in files:
         schema, file_units = plan_units(file, UNIT_ROWS)
-        _check_schema(file, schema, expected)
+        check_schema(file, schema, expected)
         schemas.append(schema)
         units.extend(file_units)
     total = sum(u.rows for u in units)

@@ -14,7 +14,7 @@ import yaml
 import gcl
 from gcl.errors import ModelError
 from gcl.job_config import JobConfig
-from gcl.registry.names import (
+from gcl.tracking.names import (
     CHALLENGER,
     CHAMPION,
     CONFIG_ARTIFACT,
@@ -26,11 +26,11 @@ from gcl.registry.names import (
     OBJECTIVE_TAG,
     VALIDATION_PREFIX,
 )
-from gcl.registry.runs import fluent_tracking_uri
+from gcl.tracking.runs import fluent_tracking_uri
 
 log = logging.getLogger(__name__)
-SERVING_CODE = os.path.join(os.path.dirname(__file__), "serving.py")
-# What the served model's code imports (gcl.registry.serving, gcl.retrieval, gcl.model and open_clip's
+SERVING_CODE = os.path.join(os.path.dirname(__file__), "embedding_model.py")
+# What the served model's code imports (gcl.registry.embedding_model, gcl.retrieval, gcl.model and open_clip's
 # transforms), by distribution name; pinned to the versions it was logged with.
 SERVING_DISTRIBUTIONS = (
     "mlflow",
@@ -101,12 +101,11 @@ def log_embedding_model(run_id: str, model_dir: str, tracking_uri: str, input_ex
     return info.model_uri
 
 
-def register(
+def register_version(
     model_uri: str, name: str, objective: float, tracking_uri: str, tags: dict | None = None, objective_key: str = ""
 ) -> tuple[str, str]:
-    """Register `model_uri` as a new version of `name`; alias it `champion` if its objective beats
-    the current champion's (higher is better) on the same `objective_key` (measure, splits and
-    evaluation data), else `challenger`. Returns (version, alias)."""
+    """Register `model_uri` as a new version of `name` with its tags, aliased as the champion gate
+    says (champion_gate). Returns (version, alias)."""
     import mlflow
     from mlflow import MlflowClient
 
@@ -115,6 +114,17 @@ def register(
         version = mlflow.register_model(model_uri, name).version
     for key, value in {**(tags or {}), OBJECTIVE_TAG: objective, OBJECTIVE_KEY_TAG: objective_key}.items():
         client.set_model_version_tag(name, version, key, str(value)[:5000])
+    alias = champion_gate(client, name, objective, objective_key)
+    client.set_registered_model_alias(name, alias, version)
+    return version, alias
+
+
+def champion_gate(client, name: str, objective: float, objective_key: str) -> str:
+    """`champion` for a version whose objective beats the current champion's (higher is better)
+    on the same `objective_key` (measure, splits and evaluation data), or when there is none; else
+    `challenger`, and a warning where the two were scored on other data."""
+    import mlflow
+
     try:
         current = client.get_model_version_by_alias(name, CHAMPION)
     except mlflow.exceptions.MlflowException:
@@ -130,9 +140,8 @@ def register(
             objective_key,
         )
     alias = CHAMPION if current is None or (comparable and objective > best) else CHALLENGER
-    client.set_registered_model_alias(name, alias, version)
-    log.info("registered %s version %s as %s (objective %.4f vs champion %.4f)", name, version, alias, objective, best)
-    return version, alias
+    log.info("%s: objective %.4f against the champion's %.4f: %s", name, objective, best, alias)
+    return alias
 
 
 def code_version() -> str:
@@ -229,4 +238,6 @@ def register_run(run_id: str, name: str, tracking_uri: str) -> tuple[str, str]:
     manifest_file = _run_artifact(run_id, MANIFEST_ARTIFACT, tracking_uri)
     manifest = json.loads(Path(manifest_file).read_text()) if manifest_file else {}
     tags = version_tags(run, job, manifest)
-    return register(model_uri, name, run.data.metrics[OBJECTIVE], tracking_uri, tags, objective_key_for(job, tags))
+    return register_version(
+        model_uri, name, run.data.metrics[OBJECTIVE], tracking_uri, tags, objective_key_for(job, tags)
+    )

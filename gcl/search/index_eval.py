@@ -12,7 +12,7 @@ import numpy as np
 
 from gcl.metrics import evaluate
 from gcl.retrieval import EvalConfig, RowEncoder, exact_top_k, judged_queries, load_split
-from gcl.search.index import SearchIndex, corpus_vectors
+from gcl.search.faiss_index import SearchIndex, corpus_vectors
 
 log = logging.getLogger(__name__)
 NEIGHBOURS = 10  # the overlap of the index's top 10 with the exact top 10 (recall@10 of the index)

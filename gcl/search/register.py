@@ -1,5 +1,5 @@
 """The search model in the registry: `gcl index --register` logs the embedding model and the index as
-one MLflow pyfunc (gcl/search/serving.py, defined from code, with gcl's code and pinned
+one MLflow pyfunc (gcl/search/search_model.py, defined from code, with gcl's code and pinned
 requirements as the embedding model) and registers it with the embedding model's lineage."""
 
 from __future__ import annotations
@@ -8,18 +8,18 @@ import json
 import os
 
 from gcl.errors import ModelError
-from gcl.registry.buffer import is_outage
-from gcl.registry.models import copy_gcl_code, register, serving_requirements
-from gcl.registry.names import OBJECTIVE_KEY_TAG, OBJECTIVE_TAG, SEARCH_MODEL_ARTIFACT
-from gcl.registry.runs import fluent_tracking_uri, start_run
-from gcl.search.index import INFO_FILE
+from gcl.registry.models import copy_gcl_code, register_version, serving_requirements
+from gcl.search.faiss_index import INFO_FILE
+from gcl.tracking.buffer import is_outage
+from gcl.tracking.names import OBJECTIVE_KEY_TAG, OBJECTIVE_TAG, SEARCH_MODEL_ARTIFACT
+from gcl.tracking.runs import fluent_tracking_uri, start_run
 from gcl.train.checkpoint import resolve_model_dir
 
-SEARCH_SERVING_CODE = os.path.join(os.path.dirname(__file__), "serving.py")
+SEARCH_SERVING_CODE = os.path.join(os.path.dirname(__file__), "search_model.py")
 
 
 def log_search_model(run_id: str, model_dir: str, index_dir: str, tracking_uri: str) -> str:
-    """Log the search model (gcl/search/serving.py: the exported model at `model_dir` and the
+    """Log the search model (gcl/search/search_model.py: the exported model at `model_dir` and the
     `gcl index` directory `index_dir`) to the run, as log_embedding_model logs the embedding
     model, plus faiss-cpu and a signature that takes `k` as a param. Returns its model URI."""
     import tempfile
@@ -102,4 +102,4 @@ def register_search_index(index_dir: str, name: str, tracking_uri: str, experime
         "index_run_id": run_id,
     }
     objective = float(embedding_tags.get(OBJECTIVE_TAG, "-inf"))
-    return register(search_uri, name, objective, tracking_uri, tags, embedding_tags.get(OBJECTIVE_KEY_TAG, ""))
+    return register_version(search_uri, name, objective, tracking_uri, tags, embedding_tags.get(OBJECTIVE_KEY_TAG, ""))

@@ -34,7 +34,7 @@ from gcl.model import (
     model_weights,
     save_model,
 )
-from gcl.registry.runs import fluent_tracking_uri
+from gcl.tracking.runs import fluent_tracking_uri
 
 log = logging.getLogger(__name__)
 CHECKPOINT_TAG = "checkpoint"

@@ -26,9 +26,9 @@ from gcl.errors import ConfigError, GclError, ModelError, TrackingError, Trainin
 from gcl.job_config import JobConfig
 from gcl.model import CONFIG_FILE, check_model_source
 from gcl.outputs import replaced_whole
-from gcl.registry.buffer import SPILL_DIR, SpillFiles, is_outage, replay, while_unreachable
 from gcl.registry.models import log_embedding_model, register_run, registered_version
-from gcl.registry.names import (
+from gcl.tracking.buffer import SPILL_DIR, SpillFiles, is_outage, replay, while_unreachable
+from gcl.tracking.names import (
     CONFIG_ARTIFACT,
     DEEPSPEED_ARTIFACT,
     MANIFEST_ARTIFACT,
@@ -36,7 +36,7 @@ from gcl.registry.names import (
     MODEL_URI_TAG,
     ROWS_SKIPPED,
 )
-from gcl.registry.runs import (
+from gcl.tracking.runs import (
     check_tracking,
     end_interrupted,
     flatten,
@@ -109,12 +109,12 @@ RETRAIN_SUFFIX = "-retrain"
 
 
 def retrain_job(reference: str, overrides: list[str]) -> JobConfig:
-    """`gcl train --from-run`: the job a run trained (its logged config; gcl.registry.runs.logged_job),
+    """`gcl train --from-run`: the job a run trained (its logged config; gcl.tracking.runs.logged_job),
     named <name>-retrain so that it does not resume the run itself, with `overrides` applied last.
     The run is looked up in the tracking store and experiment the overrides name, else the default
     ones (resolve_tracking_uri)."""
     from gcl.config import validate_config
-    from gcl.registry.runs import logged_job
+    from gcl.tracking.runs import logged_job
 
     given = dict(item.split("=", 1) for item in overrides if "=" in item)
     uri = resolve_tracking_uri(given.get("mlflow.tracking_uri"))
@@ -352,7 +352,7 @@ def export_to_storage(job: JobConfig, checkpoint, manifest: dict | None = None) 
 
 def finish_run(job: JobConfig, run_id: str, location: str, register: bool = True) -> list[str]:
     """Everything training leaves to MLflow once the workers are done: the metrics buffered during
-    an outage (gcl.registry.buffer), the exported model at `location` with its run files and the
+    an outage (gcl.tracking.buffer), the exported model at `location` with its run files and the
     pyfunc embedding model (its URI in the run's MODEL_URI_TAG tag), the run's end and, where
     `mlflow.registered_model` is set and `register`, its registration. Each step is skipped where it is done
     already, so `gcl sync` can repeat it after an outage. Returns what it did, in words."""
@@ -515,7 +515,7 @@ def check_learned(job: JobConfig, client, run_id: str) -> None:
     """A TrainingError when the loss was 0 in every epoch: no step had a pair to learn from, and
     the model is its starting one with weight decay applied. Such a run is not exported, finished
     or registered."""
-    from gcl.registry.buffer import is_outage
+    from gcl.tracking.buffer import is_outage
 
     try:
         losses = [m.value for m in client.get_metric_history(run_id, "train_loss")]

@@ -29,7 +29,8 @@ from gcl.errors import TrainingError, explained_cause
 from gcl.job_config import JobConfig
 from gcl.loss import GCLLoss
 from gcl.model import create_preprocessing
-from gcl.registry.names import (
+from gcl.retrieval import RowEncoder, evaluate_splits, objective_value
+from gcl.tracking.names import (
     EVAL_SAMPLE_QUERIES,
     EVAL_SECONDS,
     OBJECTIVE,
@@ -38,8 +39,7 @@ from gcl.registry.names import (
     VALIDATION_PREFIX,
     WORKERS_TAG,
 )
-from gcl.registry.runs import MetricsLogger
-from gcl.retrieval import RowEncoder, evaluate_splits, objective_value
+from gcl.tracking.runs import MetricsLogger
 from gcl.train.checkpoint import (
     TrainState,
     checkpoint_state,

@@ -16,7 +16,7 @@ import yaml
 
 from gcl.config import validate_config
 from gcl.job_config import JobConfig
-from gcl.registry.names import (
+from gcl.tracking.names import (
     CONFIG_ARTIFACT,
     ERROR_TAG,
     EVAL_SAMPLE_QUERIES,
@@ -27,7 +27,7 @@ from gcl.registry.names import (
     TEST_OBJECTIVE,
     TRIAL_ID_TAG,
 )
-from gcl.registry.runs import flatten, log_params, mark_failed, mark_finished, start_run
+from gcl.tracking.runs import flatten, log_params, mark_failed, mark_finished, start_run
 from gcl.train.job import fit, with_score_range
 from gcl.tune.sweep import SweepConfig, trial_overrides
 
@@ -54,7 +54,12 @@ class TuneResult:
     parent_run_id: str
     trials: list[dict] = field(default_factory=list)
     best: dict | None = None
-    registered: tuple[str, str] | None = None
+    registered: tuple[str, str] | None = None  # (version, alias)
+    registered_model: str | None = None
+    validated: bool = False  # selected on validation splits
+    heading: str = ""  # what the objective is and where it was measured
+    table: str = ""  # the trials, best first (trial_table)
+    plot: str | None = None  # the trials' plot, where the storage is local
 
 
 def trial_job(base: dict, params: dict[str, Any], name: str) -> JobConfig:

@@ -1,6 +1,6 @@
 """Exact top-k search against FAISS's exact index on the same embeddings, and the search's extra
 peak memory at 100k and 1M documents, each measured in a fresh process (`python -m
-gcl.bench.retrieval N_DOCS N_QUERIES DIM K` prints it)."""
+gcl.bench.top_k N_DOCS N_QUERIES DIM K` prints it)."""
 
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ def search_peak_memory(n_queries: int = 1000, dim: int = 512, k: int = 1000) -> 
     bounded by the chunk size, it must not grow with the corpus."""
     extra = {}
     for n_docs in (100_000, 1_000_000):
-        command = [sys.executable, "-m", "gcl.bench.retrieval", *map(str, (n_docs, n_queries, dim, k))]
+        command = [sys.executable, "-m", "gcl.bench.top_k", *map(str, (n_docs, n_queries, dim, k))]
         out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
         extra[n_docs] = json.loads(out.strip().splitlines()[-1])["extra_mib"]
     return {

@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 from gcl.errors import SearchIndexError
 from gcl.job_config import IndexConfig
 from gcl.outputs import OutputKind, check_output, replaced_whole
-from gcl.search.embed import EMBEDDING_COLUMN, METADATA_KEY, SUMMARY_FILE
+from gcl.search.batch_embed import EMBEDDING_COLUMN, METADATA_KEY, SUMMARY_FILE
 
 log = logging.getLogger(__name__)
 INDEX_FILE, IDS_FILE, INFO_FILE = "index.faiss", "ids.parquet", "index.json"

@@ -11,7 +11,7 @@ import os
 import time
 
 from gcl.errors import TrackingError
-from gcl.registry.names import ERROR_TAG, PARENT_RUN_TAG, RUN_NAME_TAG
+from gcl.tracking.names import ERROR_TAG, PARENT_RUN_TAG, RUN_NAME_TAG
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def check_tracking(uri: str) -> None:
     """Fail fast, before any training, if the MLflow tracking store cannot be reached."""
     from mlflow import MlflowClient
 
-    from gcl.registry.buffer import fail_fast_requests
+    from gcl.tracking.buffer import fail_fast_requests
 
     try:
         # One try: a wrong URI (nothing listening, no such host) fails at once. A server that is
@@ -139,7 +139,7 @@ def logged_job(uri: str, reference: str, experiment: str) -> dict:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from gcl.registry.names import CONFIG_ARTIFACT
+    from gcl.tracking.names import CONFIG_ARTIFACT
 
     client = MlflowClient(uri)
     if reference.startswith("models:/"):
@@ -212,7 +212,7 @@ def end_interrupted(client, run_id: str, err: BaseException, children: bool = Fa
     running: a sweep's trials, which die with its driver): KILLED when its user stopped it (Ctrl-C,
     or SIGTERM, which Ray's driver turns into sys.exit(15)), else FAILED with `err`. The same
     command resumes them. A tracking store that cannot be reached is said, not raised over `err`."""
-    from gcl.registry.buffer import fail_fast_requests, is_outage
+    from gcl.tracking.buffer import fail_fast_requests, is_outage
 
     stopped = isinstance(err, KeyboardInterrupt | SystemExit)
     try:
@@ -244,7 +244,7 @@ def mlflow_metric_name(name: str) -> str:
 
 class MetricsLogger:
     """Rank 0's metrics and tags for the MLflow run, buffered so that an outage of the tracking
-    store does not stop training (gcl.registry.buffer.BufferedRunLog); other ranks log nothing."""
+    store does not stop training (gcl.tracking.buffer.BufferedRunLog); other ranks log nothing."""
 
     def __init__(
         self, tracking_uri: str | None, run_id: str | None, enabled: bool, run_dir: str, flush_seconds: float = 10.0
@@ -254,7 +254,7 @@ class MetricsLogger:
         if enabled and tracking_uri and run_id:
             from mlflow import MlflowClient
 
-            from gcl.registry.buffer import FAIL_FAST, BufferedRunLog
+            from gcl.tracking.buffer import FAIL_FAST, BufferedRunLog
 
             os.environ.update(FAIL_FAST)  # this worker process's MLflow requests are the buffer's
             self.buffer = BufferedRunLog(MlflowClient(tracking_uri), run_id, run_dir, flush_seconds)
@@ -265,7 +265,7 @@ class MetricsLogger:
         reached now is no error: its metrics are buffered."""
         from mlflow.exceptions import MlflowException
 
-        from gcl.registry.buffer import is_outage
+        from gcl.tracking.buffer import is_outage
 
         if self.buffer is None:
             return

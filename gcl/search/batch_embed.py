@@ -194,7 +194,7 @@ def embed_rows(job, cfg: EmbedConfig, tracking_uri: str, use_gpu: bool = False, 
     from gcl.data.readers import image_base_dir, resolve_files
     from gcl.data.row_checks import RowRules
     from gcl.data.units import plan_units
-    from gcl.data.validate import _check_schema
+    from gcl.data.validate import check_schema
     from gcl.model import CONFIG_FILE, trained_fields
     from gcl.train.checkpoint import resolve_model_dir
 
@@ -219,7 +219,7 @@ def embed_rows(job, cfg: EmbedConfig, tracking_uri: str, use_gpu: bool = False, 
     units = []
     for file in files:
         schema, file_units = plan_units(file, 4096)
-        _check_schema(file, schema, expected)
+        check_schema(file, schema, expected)
         missing = [c for c in cfg.keep if c not in schema.names]
         if missing:
             raise ConfigError(f"embed.keep: {file} has no column(s) {missing}; it has {schema.names}")

@@ -29,8 +29,8 @@ CONFIG_ARTIFACT = "config.yaml"  # the whole resolved job config
 DEEPSPEED_ARTIFACT = "deepspeed.json"  # the DeepSpeed config the engines ran with
 MANIFEST_ARTIFACT = "dataset_manifest.json"  # every data file with its sha256
 MODEL_ARTIFACT = "model"  # the exported open_clip model directory
-EMBEDDING_MODEL_ARTIFACT = "embedding_model"  # the pyfunc model (gcl/registry/serving.py)
-SEARCH_MODEL_ARTIFACT = "search_model"  # the pyfunc search model (gcl/search/serving.py)
+EMBEDDING_MODEL_ARTIFACT = "embedding_model"  # the pyfunc model (gcl/registry/embedding_model.py)
+SEARCH_MODEL_ARTIFACT = "search_model"  # the pyfunc search model (gcl/search/search_model.py)
 TRIALS_ARTIFACT = "trials.json"  # a sweep's trials: params, objective, status, error
 TRIALS_PLOT = "trials.png"  # the objective per trial and the sampled values against it
 

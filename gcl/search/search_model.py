@@ -1,4 +1,4 @@
-"""The MLflow pyfunc search model, defined from code (as gcl.registry.serving's embedding model): the
+"""The MLflow pyfunc search model, defined from code (as gcl.registry.embedding_model's embedding model): the
 embedding model and a `gcl index` index in one servable model. Logged by
 gcl.search.register.log_search_model.
 
@@ -23,7 +23,7 @@ class GCLSearchModel(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context) -> None:
         from gcl.retrieval import RowEncoder
-        from gcl.search.index import SearchIndex
+        from gcl.search.faiss_index import SearchIndex
 
         self.row_encoder = RowEncoder.from_model_dir(context.artifacts["model"])
         self.fields = self.row_encoder.fields

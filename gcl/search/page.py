@@ -27,7 +27,7 @@ import pandas as pd
 
 from gcl.metrics import evaluate
 from gcl.retrieval import RowEncoder
-from gcl.search.index import SearchIndex
+from gcl.search.faiss_index import SearchIndex
 
 log = logging.getLogger(__name__)
 MAX_QUERY_CHARS = 1000

@@ -1,0 +1,1 @@
+"""MLflow tracking: runs resumed by name, metrics buffered through an outage, the names gcl gives things."""
