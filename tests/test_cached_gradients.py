@@ -9,6 +9,8 @@ import tempfile
 
 import pytest
 import torch
+from conftest import FAULT_JOB, assert_trains_as_uninterrupted
+from mlflow import MlflowClient
 
 from gcl.data.pipeline import PRESENT
 
@@ -358,3 +360,15 @@ def test_the_graph_free_pass_leaves_batch_norm_statistics_to_the_pass_that_train
     assert all(torch.equal(before[k], v) for k, v in statistics().items())
     encoder(batch)  # the pass with a graph, in training mode: it moves them
     assert not all(torch.equal(before[k], v) for k, v in statistics().items())
+
+
+@pytest.mark.slow
+def test_a_cached_gradient_run_trains_as_the_whole_batch_run(tiny_job, uninterrupted_losses):
+    """The fault tests' job (cached-gradient steps of 2 chunks per micro-batch) against the same job
+    with whole micro-batches, through Ray Train and Ray Data: the same steps and losses."""
+    from gcl.train.job import run_train
+
+    plain = [override for override in FAULT_JOB if not override.startswith("train.embed_chunk")]
+    job = tiny_job("name=whole-batches", *plain)
+    result = run_train(job)
+    assert_trains_as_uninterrupted(MlflowClient(job.mlflow.resolved_uri()), result.run_id, uninterrupted_losses)

@@ -13,57 +13,26 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import free_port, ray_local_env, start_mlflow_server, stop_mlflow_server, tiny_job_config
+from conftest import (
+    FAULT_JOB,
+    assert_trains_as_uninterrupted,
+    free_port,
+    ray_local_env,
+    start_mlflow_server,
+    stop_mlflow_server,
+)
 from mlflow import MlflowClient
 
 from gcl.tracking.runs import runs_named
 from gcl.train.checkpoint import committed_checkpoint
 
 pytestmark = pytest.mark.integration
-# What the interrupted runs and their reference share: ZeRO-1, and 5 steps an epoch (184 pairs,
-# 2 workers, batch 16: full batches only) in optimizer steps of 4 and 1 micro-batches, each micro-batch a
-# cached-gradient step of 2 chunks (train.embed_chunk): resume restores those too.
-FAULT_JOB = ("train.epochs=3", "data.eval={}", "deepspeed.zero_stage=1", "train.grad_accum=4", "train.embed_chunk=8")
 GCL = os.path.join(os.path.dirname(sys.executable), "gcl")
 
 
 def _own_local_ray_env() -> dict[str, str]:
     """This environment without RAY_ADDRESS: a `gcl` subprocess starts its own local Ray."""
     return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-
-
-@pytest.fixture(scope="module")
-def uninterrupted_losses(ray_local, synth_dir, tmp_path_factory) -> dict[int, float]:
-    """Per-step training losses of the fault tests' job run once without interruption."""
-    from gcl.train.job import run_train
-
-    job = tiny_job_config(synth_dir, tmp_path_factory.mktemp("reference"), "name=reference", *FAULT_JOB)
-    result = run_train(job)
-    client = MlflowClient(job.mlflow.resolved_uri())
-    return {m.step: m.value for m in client.get_metric_history(result.run_id, "loss")}
-
-
-def _assert_trains_as_uninterrupted(client: MlflowClient, run_id: str, reference: dict[int, float]) -> None:
-    """The same steps as the uninterrupted run, each once, with the same losses (within 1e-5):
-    data order, model, optimizer and schedule were all restored."""
-    history = client.get_metric_history(run_id, "loss")
-    losses = {m.step: m.value for m in history}
-    assert len(history) == len(losses), "a step was logged twice"
-    assert sorted(losses) == sorted(reference), "not the uninterrupted run's steps"
-    worst = max(abs(losses[step] - reference[step]) for step in reference)
-    assert worst <= 1e-5, f"per-step losses differ from the uninterrupted run's by up to {worst:.2e}"
-
-
-@pytest.mark.slow
-def test_a_cached_gradient_run_trains_as_the_whole_batch_run(tiny_job, uninterrupted_losses):
-    """The fault tests' job (cached-gradient steps of 2 chunks per micro-batch) against the same job
-    with whole micro-batches, through Ray Train and Ray Data: the same steps and losses."""
-    from gcl.train.job import run_train
-
-    plain = [override for override in FAULT_JOB if not override.startswith("train.embed_chunk")]
-    job = tiny_job("name=whole-batches", *plain)
-    result = run_train(job)
-    _assert_trains_as_uninterrupted(MlflowClient(job.mlflow.resolved_uri()), result.run_id, uninterrupted_losses)
 
 
 def _run_named(client: MlflowClient, name: str):
@@ -130,7 +99,7 @@ def test_worker_killed_mid_epoch_restores_and_trains_as_an_uninterrupted_run(
 
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED" and result.metrics["epoch"] == 3
-    _assert_trains_as_uninterrupted(client, result.run_id, uninterrupted_losses)
+    assert_trains_as_uninterrupted(client, result.run_id, uninterrupted_losses)
     epoch_ends = sorted(m.step for m in client.get_metric_history(result.run_id, "train_loss"))
     assert len(epoch_ends) == 3 and epoch_ends[0] == killed["after_step"]
 
@@ -286,7 +255,7 @@ def test_sigterm_sigkill_and_a_killed_raylet_each_resume_as_an_uninterrupted_run
     assert last.returncode == 0, last.stdout[-3000:] + last.stderr[-3000:]
     runs = runs_named(client, "gcl", "stopped")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # the same run, resumed
-    _assert_trains_as_uninterrupted(client, runs[0].info.run_id, uninterrupted_losses)
+    assert_trains_as_uninterrupted(client, runs[0].info.run_id, uninterrupted_losses)
     epoch_ends = sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "train_loss"))
     assert len(epoch_ends) == 3 and epoch_ends[-1] == max(uninterrupted_losses)
     assert (  # said on the terminal, and in the command's log
