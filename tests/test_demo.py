@@ -4,6 +4,7 @@ model served by `mlflow models serve` and queried over HTTP on loopback."""
 import base64
 import json
 import os
+import re
 import urllib.request
 from pathlib import Path
 
@@ -112,7 +113,7 @@ def test_registered_champion_serves_embeddings_equal_to_gcl_encoder(demo):
         workdir,
         "gcl_runs",
         "runs",
-        [d for d in os.listdir(workdir / "gcl_runs" / "runs") if d.startswith("demo-gcl")][0],
+        [d for d in os.listdir(workdir / "gcl_runs" / "runs") if re.fullmatch(r"demo-gcl-[0-9-]+", d)][0],
         "model",
     )
     fields = FieldsConfig(**json.loads(Path(model_dir, "gcl_fields.json").read_text()))

@@ -143,8 +143,9 @@ def test_a_locked_towers_features_computed_once_train_the_same_model(runs):
 
     read = [pd.read_parquet(f, columns=["product_id"]) for f, _, _ in store["files"]]
     distinct = pd.concat(read)["product_id"].nunique()
-    assert len(read) == 3 and store["rows"] == distinct  # train, eval and validation: once per document
-    assert store["fields"] == ["image"] and store["dim"] == 1280
+    documents = store["sides"]["right"]
+    assert len(read) == 3 and documents["rows"] == distinct  # train, eval and validation: once per document
+    assert documents["fields"] == ["image"] and documents["dims"] == {"image": 1280}
     _assert_same_training(runs, "R", reference="T")
 
 
