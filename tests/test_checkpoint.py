@@ -139,7 +139,7 @@ def test_files_handed_to_gcl_from_elsewhere_cannot_run_code(tiny, tmp_path):
 
 def test_evaluate_names_a_directory_that_holds_no_model_or_checkpoint(tmp_path):
     from gcl.errors import ModelError
-    from gcl.train.checkpoint import resolve_model_dir
+    from gcl.model_refs import resolve_model_dir
 
     with pytest.raises(ModelError, match="not a model directory .*, a training checkpoint .* committed checkpoint"):
         resolve_model_dir(str(tmp_path), str(tmp_path / "scratch"))

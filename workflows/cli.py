@@ -101,7 +101,7 @@ def cmd_data_synth(args) -> int:
 def cmd_data_grades(args) -> int:
     from gcl.config import parse_config
     from gcl.job_config import JobConfig
-    from workflows.grades import run_grades
+    from workflows.data_grades import run_grades
 
     overrides = _with_flags(args, "grades", {"log": args.log, "catalog": args.catalog, "out": args.out})
     run_grades(parse_config(JobConfig, args.config, overrides))

@@ -19,11 +19,11 @@ from gcl.console import say, terminal
 from gcl.errors import ConfigError
 from gcl.job_config import JobConfig
 from gcl.model import ModelConfig, base_model_config, check_model_source
+from gcl.model_refs import resolve_model_dir
 from gcl.report import comparison_plot, comparison_table, metrics_table
 from gcl.retrieval import RowEncoder, evaluate_splits
 from gcl.tracking.buffer import is_outage, while_unreachable
 from gcl.tracking.runs import check_tracking, start_run
-from gcl.train.checkpoint import resolve_model_dir
 from gcl.train.job import resolve_job, validate_splits
 
 Results = dict[str, dict[str, float]]

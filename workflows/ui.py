@@ -18,6 +18,7 @@ import pandas as pd
 from gcl.console import say
 from gcl.errors import ConfigError, DataError
 from gcl.job_config import JobConfig
+from gcl.model_refs import resolve_model_dir
 from gcl.retrieval import RowEncoder
 from gcl.search.faiss_index import INFO_FILE, SearchIndex
 from gcl.search.page import (
@@ -30,7 +31,6 @@ from gcl.search.page import (
     load_judgments,
 )
 from gcl.tracking.runs import check_tracking
-from gcl.train.checkpoint import resolve_model_dir
 from gcl.train.job import resolve_job
 
 MODELS_ACCEPTED = (

@@ -196,7 +196,7 @@ def embed_rows(job, cfg: EmbedConfig, tracking_uri: str, use_gpu: bool = False, 
     from gcl.data.units import plan_units
     from gcl.data.validate import check_schema
     from gcl.model import CONFIG_FILE, trained_fields
-    from gcl.train.checkpoint import resolve_model_dir
+    from gcl.model_refs import resolve_model_dir
 
     for key in ("model", "input", "out"):
         if not getattr(cfg, key):

@@ -8,12 +8,12 @@ import json
 import os
 
 from gcl.errors import ModelError
+from gcl.model_refs import resolve_model_dir
 from gcl.registry.models import copy_gcl_code, register_version, serving_requirements
 from gcl.search.faiss_index import INFO_FILE
 from gcl.tracking.buffer import is_outage
 from gcl.tracking.names import OBJECTIVE_KEY_TAG, OBJECTIVE_TAG, SEARCH_MODEL_ARTIFACT
 from gcl.tracking.runs import fluent_tracking_uri, start_run
-from gcl.train.checkpoint import resolve_model_dir
 
 SEARCH_SERVING_CODE = os.path.join(os.path.dirname(__file__), "search_model.py")
 
