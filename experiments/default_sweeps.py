@@ -2,7 +2,7 @@
 
     .venv/bin/python experiments/default_sweeps.py [WORKDIR] [gcl|binary ...]
 
-Each sweep (docs/sweep-defaults-<name>.yaml) selects its best trial on the validation splits; the
+Each sweep (experiments/sweep-defaults-<name>.yaml) selects its best trial on the validation splits; the
 best trial's test splits are what docs/ranking.md reports. Results go to
 <WORKDIR>/default-sweeps.json (one entry per sweep: every trial's parameters and validation
 objective, the best trial's per-split test metrics).
@@ -37,15 +37,23 @@ def job_overrides(workdir: str) -> list[str]:
     ]
 
 
-def run_sweep(path: str | Path, workdir: str) -> dict:
-    """Run the sweep in `path` on the benchmark in <workdir>/data; every trial's parameters and
-    validation objective, and the best trial's per-split test metrics."""
+def tune_overrides(overrides: list[str]) -> list[str]:
+    """A script's overrides as `gcl tune` takes them: the job's prefixed `job.`, the sweep's
+    (given as `sweep.key=value`) bare."""
+    return [o.removeprefix("sweep.") if o.startswith("sweep.") else f"job.{o}" for o in overrides]
+
+
+def run_sweep(path: str | Path, workdir: str, overrides: list[str] | None = None) -> dict:
+    """Run the sweep in `path` on the benchmark in <workdir>/data (or as `overrides`, the job's, say:
+    `job_overrides(workdir)` by default; sweep-level ones prefixed `sweep.`); every trial's
+    parameters and validation objective, and the best trial's per-split test metrics."""
     from mlflow import MlflowClient
 
     from workflows.tune import run_tune
 
     uri = f"sqlite:///{workdir}/mlruns.db"
-    result = run_tune(str(path), [f"job.{override}" for override in job_overrides(workdir)])
+    overrides = job_overrides(workdir) if overrides is None else overrides
+    result = run_tune(str(path), tune_overrides(overrides))
     best_metrics = MlflowClient(uri).get_run(result.best["run_id"]).data.metrics
     test = split_metrics(best_metrics)
     return {
@@ -60,6 +68,29 @@ def run_sweep(path: str | Path, workdir: str) -> dict:
             "test": {s: test[s] for s in SPLITS},
         },
     }
+
+
+def train_with_seed(sweep: str | Path, best: dict, seed: int, overrides: list[str]) -> dict[str, float]:
+    """Test NDCG@10 per split of a sweep's best settings trained again with `seed`, as long as the
+    best trial trained; `overrides` as the sweep ran (see run_sweep)."""
+    from gcl.train.job import resolve_job, run_train
+    from gcl.tune.sweep import load_sweep
+    from gcl.tune.tuner import trial_job
+
+    config, job = load_sweep(sweep, tune_overrides(overrides))
+    params = {**best["params"], "train.epochs": best["epochs"]}
+    seeded = trial_job({**job.model_dump(mode="json"), "seed": seed}, params, f"{config.name}-best-seed{seed}")
+    metrics = split_metrics(run_train(resolve_job(seeded), progress=False).metrics)
+    return {split: ndcg_at_10(metrics[split]) for split in SPLITS}
+
+
+def test_ndcg(results: dict, name: str) -> dict[str, list[float]]:
+    """Split -> test NDCG@10 of every seed trained at a variant's best settings (seed 0 first)."""
+    runs = [
+        {s: ndcg_at_10(m) for s, m in results[name]["best"]["test"].items()},
+        *results[name].get("seeds", {}).values(),
+    ]
+    return {split: [run[split] for run in runs] for split in SPLITS}
 
 
 def margin_table(results: dict) -> str:

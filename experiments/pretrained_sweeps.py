@@ -4,7 +4,7 @@ workflows/configs/minilm-efflite0.yaml at its own validation-selected settings:
 
     .venv/bin/python experiments/pretrained_sweeps.py [WORKDIR]
 
-Runs docs/sweep-towers-{binary,uniform,gcl}.yaml on `gcl demo`'s synthetic benchmark (each picks
+Runs experiments/sweep-towers-{binary,uniform,gcl}.yaml on `gcl demo`'s synthetic benchmark (each picks
 its best trial on the validation splits), then trains each variant's best settings with seeds 1
 and 2. Results go to <WORKDIR>/pretrained-sweeps.json (a rerun continues where it stopped); the
 tables it prints (test NDCG@10 per split) are what docs/ranking.md reports.
@@ -19,10 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from default_sweeps import job_overrides, ndcg_at_10, open_results, run_sweep  # noqa: E402
+from default_sweeps import job_overrides, open_results, run_sweep, test_ndcg, train_with_seed  # noqa: E402
 
 from gcl.data.schema import SPLITS  # noqa: E402
-from gcl.report import split_metrics  # noqa: E402
 
 HERE = Path(__file__).parent
 VARIANTS = {"binary": "binary", "uniform": "GCL-uniform", "gcl": "GCL"}
@@ -31,29 +30,6 @@ MORE_SEEDS = (1, 2)
 
 def sweep_path(name: str) -> Path:
     return HERE / f"sweep-towers-{name}.yaml"
-
-
-def train_with_seed(name: str, best: dict, seed: int, workdir: str) -> dict[str, float]:
-    """Test NDCG@10 per split of the sweep's best settings trained again with `seed` (as long as
-    the best trial trained)."""
-    from gcl.train.job import resolve_job, run_train
-    from gcl.tune.sweep import load_sweep
-    from gcl.tune.tuner import trial_job
-
-    sweep, job = load_sweep(sweep_path(name), [f"job.{override}" for override in job_overrides(workdir)])
-    params = {**best["params"], "train.epochs": best["epochs"]}
-    seeded = trial_job({**job.model_dump(mode="json"), "seed": seed}, params, f"{sweep.name}-best-seed{seed}")
-    metrics = split_metrics(run_train(resolve_job(seeded), progress=False).metrics)
-    return {split: ndcg_at_10(metrics[split]) for split in SPLITS}
-
-
-def test_ndcg(results: dict, name: str) -> dict[str, list[float]]:
-    """Split -> test NDCG@10 of every seed trained at the variant's best settings (seed 0 first)."""
-    runs = [
-        {s: ndcg_at_10(m) for s, m in results[name]["best"]["test"].items()},
-        *results[name].get("seeds", {}).values(),
-    ]
-    return {split: [run[split] for run in runs] for split in SPLITS}
 
 
 def champions_table(results: dict) -> str:
@@ -108,7 +84,9 @@ def main(workdir: str) -> None:
         seeds = results[name].setdefault("seeds", {})
         for seed in MORE_SEEDS:
             if str(seed) not in seeds:
-                seeds[str(seed)] = train_with_seed(name, results[name]["best"], seed, workdir)
+                seeds[str(seed)] = train_with_seed(
+                    sweep_path(name), results[name]["best"], seed, job_overrides(workdir)
+                )
                 out.write_text(json.dumps(results, indent=2))
     print(champions_table(results))
     print(seeds_table(results, ["gcl", "uniform"]))

@@ -1,0 +1,122 @@
+"""Does GCL trained on a search log's debiased grades rank better than training on its raw clicks?
+
+    .venv/bin/python experiments/log_grades.py [WORKDIR]
+
+1. `gcl demo`'s benchmark, with a search log over its training queries (gcl.data.synth: a logging
+   ranker that also ranks by a promotion unrelated to relevance, position bias 1/k, clicks, carts
+   and purchases drawn from the true grades) and the products' catalog.
+2. `gcl data grades` twice: (a) debiased grades, (b) raw click-through-rate grades
+   (`grades.debias: false`); (c) the pairs clicked at least once, what a team trains on today.
+3. Each variant at its own validation-selected settings: (a) and (b) run sweep-logs-gcl.yaml (the
+   towers' GCL), (c) sweep-logs-clip.yaml (CLIP's loss over the towers). Every variant selects on
+   the benchmark's validation splits (true grades, the same for all three) and is reported on its
+   test splits against the true grades; each champion is trained again with seeds 1 and 2.
+
+Results go to <WORKDIR>/log-grades.json (a rerun continues where it stopped); the table it prints
+(test NDCG@10 per split, mean and standard deviation over the seeds) is what docs/ranking.md
+section 3 reports.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from default_sweeps import job_overrides, run_sweep, test_ndcg, train_with_seed  # noqa: E402
+
+from gcl.data.schema import SPLITS  # noqa: E402
+
+HERE = Path(__file__).parent
+# variant -> (what it is, its sweep, its training pairs under the work directory)
+VARIANTS = {
+    "debiased": ("(a) GCL, debiased grades", "sweep-logs-gcl.yaml", "grades-debiased/pairs"),
+    "raw": ("(b) GCL, raw click-through grades", "sweep-logs-gcl.yaml", "grades-raw/pairs"),
+    "clicked": ("(c) CLIP's loss, clicked pairs", "sweep-logs-clip.yaml", "clicked"),
+}
+MORE_SEEDS = (1, 2)
+
+
+def make_data(workdir: str) -> dict:
+    """The benchmark with its log, both gradings and the clicked pairs (each made once); what
+    each grading reported."""
+    import pyarrow.dataset as ds
+    import pyarrow.parquet as pq
+
+    from gcl.data.grades import GradesConfig, make_grades
+    from gcl.data.synth import LogConfig, synthesize
+    from workflows.demo import BENCHMARK
+
+    data = f"{workdir}/data"
+    if not os.path.exists(f"{data}/log-truth.json"):
+        synthesize(data, BENCHMARK, log=LogConfig())
+    reports = {}
+    for name, debias in (("debiased", True), ("raw", False)):
+        out = f"{workdir}/grades-{name}"
+        if not os.path.exists(f"{out}/manifest.json"):
+            make_grades(GradesConfig(log=f"{data}/log", catalog=f"{data}/catalog.parquet", out=out, debias=debias))
+        reports[name] = json.loads(Path(f"{out}/manifest.json").read_text())["report"]
+    clicked = f"{workdir}/clicked/pairs.parquet"
+    if not os.path.exists(clicked):
+        os.makedirs(os.path.dirname(clicked), exist_ok=True)
+        pairs = ds.dataset(f"{workdir}/grades-raw/pairs").to_table(filter=ds.field("clicks") > 0)
+        pq.write_table(pairs, clicked + ".partial")
+        os.replace(clicked + ".partial", clicked)
+    reports["clicked_pairs"] = pq.read_metadata(clicked).num_rows
+    return reports
+
+
+def variant_overrides(workdir: str, name: str) -> list[str]:
+    """The benchmark's validation and test splits, the variant's own training pairs and sweep name."""
+    train = f"data.train={workdir}/{VARIANTS[name][2]}"
+    return [
+        *(o for o in job_overrides(workdir) if not o.startswith("data.train=")),
+        train,
+        f"sweep.name=sweep-logs-{name}",
+    ]
+
+
+def results_table(results: dict) -> str:
+    """Test NDCG@10 per split, mean ± sd over the seeds, and (a)'s change over (b) and (c)."""
+    ndcg = {name: test_ndcg(results, name) for name in VARIANTS}
+    seeds = len(ndcg["debiased"][SPLITS[0]])
+    lines = [
+        "| split | "
+        + " | ".join(f"{label} ({seeds} seeds)" for label, _, _ in VARIANTS.values())
+        + " | (a) vs (b) | (a) vs (c) |",
+        "| --- " * (len(VARIANTS) + 3) + "|",
+    ]
+    for split in SPLITS:
+        means = {name: statistics.mean(ndcg[name][split]) for name in VARIANTS}
+        cells = [f"{means[name]:.4f} ± {statistics.stdev(ndcg[name][split]):.4f}" for name in VARIANTS]
+        changes = [f"{100 * (means['debiased'] / means[other] - 1):+.1f}%" for other in ("raw", "clicked")]
+        lines.append(f"| {split} | " + " | ".join(cells + changes) + " |")
+    return "\n".join(lines)
+
+
+def main(workdir: str) -> None:
+    workdir = os.path.abspath(workdir)
+    out = Path(workdir) / "log-grades.json"
+    os.makedirs(workdir, exist_ok=True)
+    results = json.loads(out.read_text()) if out.exists() else {}
+    results["grades"] = make_data(workdir)
+    for name, (label, sweep, _) in VARIANTS.items():
+        overrides = variant_overrides(workdir, name)
+        if name not in results:
+            results[name] = run_sweep(HERE / sweep, workdir, overrides)
+            out.write_text(json.dumps(results, indent=2))
+        print(label, "best", json.dumps(results[name]["best"]["params"]), flush=True)
+        seeds = results[name].setdefault("seeds", {})
+        for seed in MORE_SEEDS:
+            if str(seed) not in seeds:
+                seeds[str(seed)] = train_with_seed(HERE / sweep, results[name]["best"], seed, overrides)
+                out.write_text(json.dumps(results, indent=2))
+    print(results_table(results))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "gcl_runs/log-grades")
