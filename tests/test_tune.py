@@ -379,7 +379,8 @@ def test_a_trial_asha_stops_ends_with_its_process_and_the_sweep_goes_on(ray_loca
 def test_placement_groups_left_by_stopped_trials_are_released_and_no_other(ray_local):
     """A trial Tune stops leaves its Ray Train workers' placement group reserved for as long as the
     sweep runs (twelve towers trials on 2 cores hung the next one). As each trial ends the sweep
-    removes the created groups no actor uses: not one whose actor runs, nor one still pending."""
+    removes the created groups no actor has used for a while: not one whose actor runs, nor one still
+    pending, nor one made a moment ago (a starting trial's, before its workers are placed)."""
     import ray
     from ray.util import placement_group, placement_group_table, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -399,7 +400,10 @@ def test_placement_groups_left_by_stopped_trials_are_released_and_no_other(ray_l
     worker = Worker.options(scheduling_strategy=PlacementGroupSchedulingStrategy(used)).remote()
     assert ray.get(worker.ping.remote()) == "alive"
     try:
-        assert release_idle_placement_groups() == 1
+        idle_since = {}
+        assert release_idle_placement_groups(idle_since, idle_for_s=3600) == 0  # just made: spared
+        assert left.id.hex() in idle_since and used.id.hex() not in idle_since
+        assert release_idle_placement_groups(idle_since, idle_for_s=0) == 1
         states = placement_group_table()
         assert states[left.id.hex()]["state"] == "REMOVED" and states[used.id.hex()]["state"] == "CREATED"
         assert states[pending.id.hex()]["state"] == "PENDING" and ray.get(worker.ping.remote()) == "alive"

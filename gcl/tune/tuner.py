@@ -184,39 +184,70 @@ def trial_lines(sweep: SweepConfig):
     return TrialLines()
 
 
-def placement_group_release():
-    """A Tune callback that removes, as each trial ends, the placement groups no live actor uses.
-    A trial that Tune stops (ASHA's cut) dies with its Ray Train run, but not with the placement
-    group that run reserved for its workers: placement groups live as long as the job that made
-    them (the sweep's driver). Each one left held CPUs until, twelve trials into a towers sweep on
-    2 cores, a new trial's data pipeline could not get the CPU it waited for (observed: 1.0 of the
-    cluster's 2 reserved by two stopped trials' groups, the next trial hung). A group in use has
-    actors (a running trial's workers, Tune's own trial groups); one still waiting for resources
-    is PENDING, not CREATED, and is left alone."""
+def placement_group_release(check_every_s: float = 10.0, idle_for_s: float = 30.0):
+    """A Tune callback that removes the placement groups no live actor has used for `idle_for_s`,
+    checked every `check_every_s` while the sweep runs and as each trial ends. A trial that Tune
+    stops (ASHA's cut) dies with its Ray Train run, but not always with the placement group that
+    run reserved for its workers: Ray Train leaves that to a detached cleaner actor, whose state
+    queries find no cluster when another Ray instance runs on the machine ("Found multiple active
+    Ray instances"), and placement groups live as long as the job that made them (the sweep's
+    driver). Each one left held CPUs until, twelve trials into a towers sweep on 2 cores, a new
+    trial's data pipeline could not get the CPU it waited for (observed twice: 1.0 of the cluster's
+    2 reserved by two stopped trials' groups, the next trial hung). Checking while trials run, not
+    only as they end, frees a group whose actors were still dying when its trial ended; the grace
+    spares a group a starting trial has just made and not yet filled with its workers. A group in
+    use has actors (a running trial's workers, Tune's own trial groups); one still waiting for
+    resources is PENDING, not CREATED, and is left alone."""
+    import time
+
     from ray import tune
 
     class ReleasePlacementGroups(tune.Callback):
+        def __init__(self):
+            self.idle_since: dict[str, float] = {}
+            self.checked = 0.0
+
+        def on_step_begin(self, iteration, trials, **info):
+            if time.monotonic() - self.checked >= check_every_s:
+                self._release()
+
         def on_trial_complete(self, iteration, trials, trial, **info):
-            release_idle_placement_groups()
+            self._release()
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            release_idle_placement_groups()
+            self._release()
+
+        def _release(self):
+            self.checked = time.monotonic()
+            release_idle_placement_groups(self.idle_since, idle_for_s)
 
     return ReleasePlacementGroups()
 
 
-def release_idle_placement_groups() -> int:
-    """Remove the created placement groups that no actor (alive, or starting) uses; returns how many."""
+def release_idle_placement_groups(idle_since: dict[str, float], idle_for_s: float) -> int:
+    """Remove the created placement groups that no actor (alive, or starting) has used since
+    `idle_for_s` ago; `idle_since` (group id -> when first seen idle) carries over between calls.
+    Returns how many were removed."""
+    import time
+
+    import ray
     from ray.util import placement_group_table, remove_placement_group
     from ray.util.placement_group import PlacementGroup
     from ray.util.state import list_actors
 
-    actors = list_actors(filters=[("state", "!=", "DEAD")], detail=True, limit=10_000)
+    # This cluster's address: without it the state API refuses when other Ray instances run here.
+    address = ray.get_runtime_context().gcs_address
+    actors = list_actors(address=address, filters=[("state", "!=", "DEAD")], detail=True, limit=10_000)
     used = {a.placement_group_id for a in actors}
+    now = time.monotonic()
+    idle = {g for g, group in placement_group_table().items() if group["state"] == "CREATED" and g not in used}
+    for group_id in set(idle_since) - idle:
+        del idle_since[group_id]
     released = 0
-    for group_id, group in placement_group_table().items():
-        if group["state"] == "CREATED" and group_id not in used:
+    for group_id in idle:
+        if now - idle_since.setdefault(group_id, now) >= idle_for_s:
             remove_placement_group(PlacementGroup(ray_id_from_hex(group_id)))
+            del idle_since[group_id]
             released += 1
     if released:
         log.info("released %d placement group(s) left by trials Tune stopped", released)
