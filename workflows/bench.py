@@ -21,7 +21,7 @@ from gcl.bench.sections import (
 )
 from gcl.bench.steps import bench_device
 from gcl.cluster import init_ray
-from gcl.config import overlay_overrides, parse_config
+from gcl.config import parse_config
 from gcl.data.schema import SPLITS
 from gcl.data.synth import SynthConfig, synthesize
 from gcl.job_config import JobConfig
@@ -85,9 +85,9 @@ PRESETS = {
 
 
 def locked_jobs(workdir: str, overrides: list[str] | None = None) -> dict[str, JobConfig]:
-    """The locked section's jobs: the pretrained towers (minilm-efflite0.yaml, the image tower
-    locked) on `gcl demo`'s benchmark at its budget, with CLIP's loss over image-only documents
-    (binary) and as the config trains them (GCL: title and image)."""
+    """The locked section's jobs: the demo's binary and GCL (workflows/configs/towers-binary.yaml,
+    towers-gcl.yaml: the pretrained towers at their sweeps' champions, both towers locked) on `gcl
+    demo`'s benchmark at its budget."""
     common = [
         f"data.train={workdir}/demo-data/train.parquet",
         "data.eval={" + ", ".join(f"{s}: {workdir}/demo-data/{s}.parquet" for s in SPLITS) + "}",
@@ -95,12 +95,11 @@ def locked_jobs(workdir: str, overrides: list[str] | None = None) -> dict[str, J
         f"storage={workdir}/runs",
         f"mlflow.tracking_uri=sqlite:///{workdir}/mlflow.db",
         "train.epochs=2",
+        "train.batch_size=32",
     ]
     return {
-        name: parse_config(
-            JobConfig, CONFIGS / "minilm-efflite0.yaml", [*common, f"name=locked-{name}", *extra, *(overrides or [])]
-        )
-        for name, extra in (("binary", overlay_overrides(CONFIGS / "clip-loss.yaml")), ("gcl", []))
+        name: parse_config(JobConfig, CONFIGS / config, [*common, f"name=locked-{name}", *(overrides or [])])
+        for name, config in (("binary", "towers-binary.yaml"), ("gcl", "towers-gcl.yaml"))
     }
 
 
