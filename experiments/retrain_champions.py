@@ -5,9 +5,11 @@
 RESULTS.json is a result of experiments/pretrained_sweeps.py (e.g. pretrained-sweeps-2026-12-05.json,
 whose champions were selected while training ran its first epoch in the wrong modes, issue #50).
 Each variant's best settings are trained as its sweep file says (experiments/sweep-towers-*.yaml)
-on the benchmark in WORKDIR: set beside a new sweep's champions, this tells what the code's fix
-changed from what the new sweeps chose. Results go to <WORKDIR>/retrained-<RESULTS>.json (a rerun
-continues where it stopped); the tables printed are pretrained_sweeps.py's.
+on the benchmark in WORKDIR (not the sweeps' own: their seed runs have these runs' names, and gcl
+refuses to continue a run under another config). Set beside a new sweep's champions, this tells
+what the code's fix changed from what the new sweeps chose. Results go to
+<WORKDIR>/retrained-<RESULTS>.json (a rerun continues where it stopped); the tables printed are
+pretrained_sweeps.py's.
 """
 
 from __future__ import annotations
@@ -48,4 +50,4 @@ def main(recorded: str, workdir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "gcl_runs/pretrained-sweeps")
+    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "gcl_runs/retrained-champions")
