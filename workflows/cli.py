@@ -636,9 +636,10 @@ def _add_bench(sub) -> None:
     )
     p.add_argument(
         "--preset",
-        choices=["vitb32-cpu", "vitb32-cpu-job"],
+        choices=["vitb32-cpu", "vitb32-cpu-job", "towers-locked"],
         help="vitb32-cpu: the steps section at ViT-B-32 size on this CPU (a few minutes); "
-        "vitb32-cpu-job: with `gcl train` on one worker against open_clip's loop (about 10 minutes)",
+        "vitb32-cpu-job: with `gcl train` on one worker against open_clip's loop (about 10 minutes); "
+        "towers-locked: the demo's towers trained with their locked features computed once and not",
     )
     p.add_argument(
         "--gpu-check",
