@@ -8,7 +8,7 @@
 2. `gcl data grades` twice: (a) debiased grades, (b) raw click-through-rate grades
    (`grades.debias: false`); (c) the pairs clicked at least once, what a team trains on today.
 3. Each variant at its own validation-selected settings: (a) and (b) run sweep-logs-gcl.yaml (the
-   towers' GCL), (c) sweep-logs-clip.yaml (CLIP's loss over the towers). Every variant selects on
+   towers' GCL), (c) sweep-logs-clip.yaml (CLIP's loss over the same title + image documents). Every variant selects on
    the benchmark's validation splits (true grades, the same for all three) and is reported on its
    test splits against the true grades; each champion is trained again with seeds 1 and 2.
 

@@ -73,11 +73,15 @@ def test_a_store_holds_each_document_and_query_once_and_looks_them_up(ray_local,
     from gcl.data.readers import DataError
 
     job = parse_config(JobConfig, CONFIGS / "minilm-efflite0.yaml", [*LOCKED, f"storage={tmp_path}"])
-    files = [str(synth_dir / "train.parquet"), str(synth_dir / "in_domain.parquet")]
+    # Query ids as `gcl data grades` writes them (strings) in one file, a split's integers in the other.
+    graded = pd.read_parquet(synth_dir / "in_domain.parquet").astype({"query_id": str})
+    graded.to_parquet(tmp_path / "graded.parquet")
+    files = [str(synth_dir / "train.parquet"), str(tmp_path / "graded.parquet")]
     built = build_store(job, files, str(tmp_path / "store"), cached_fields(job))
     pairs = pd.concat([pd.read_parquet(f) for f in files])
     assert built["sides"]["right"]["rows"] == pairs.product_id.nunique()
-    assert built["sides"]["left"]["rows"] == pairs.query_id.nunique()
+    # Each file's ids keyed as training keys them: "7" and 7 are two keys.
+    assert built["sides"]["left"]["rows"] == pairs.query_id.map(lambda q: (type(q), q)).nunique()
     store = FeatureStore(str(tmp_path / "store"))
     documents = pairs.drop_duplicates("product_id").head(5)
     actor = TowerFeatures(
@@ -105,7 +109,8 @@ def test_a_store_holds_each_document_and_query_once_and_looks_them_up(ray_local,
         assert present.all()
         # Within convolution's and matmul's rounding, which depends on the batch each ran in.
         np.testing.assert_allclose(found, expected, atol=2e-5, rtol=2e-5)
-    queries, present = store.lookup("query", stable_keys(pairs.query_id.unique()[:3]))
+    queries, present = store.lookup("query", stable_keys(pd.read_parquet(files[0]).query_id.unique()[:3]))
     assert queries.shape == (3, 384) and present.all()
+    assert store.lookup("query", stable_keys(graded.query_id.to_numpy()))[1].all()
     with pytest.raises(DataError, match=r"store.*no locked features of image for key 12345"):
         store.lookup("image", np.array([12345]))

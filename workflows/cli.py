@@ -25,15 +25,12 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
         "-c",
         help="YAML config (e.g. workflows/configs/tiny-cpu.yaml); default: built-in defaults",
     )
-    parser.add_argument(
-        "--set",
-        "-s",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set train.epochs=3 --set loss.weight_fn=reciprocal",
-    )
+    _add_set_arg(parser, "override a config key, e.g. --set train.epochs=3 --set loss.weight_fn=reciprocal")
+
+
+def _add_set_arg(parser: argparse.ArgumentParser, help: str) -> None:
+    """--set KEY=VALUE, repeatable, into args.overrides."""
+    parser.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help)
 
 
 def _job(args):
@@ -446,15 +443,8 @@ def _add_sync(sub) -> None:
 def _add_tune(sub) -> None:
     p = sub.add_parser("tune", help="sweep loss weights with Ray Tune (Optuna + ASHA); registers the best model")
     p.add_argument("--config", "-c", required=True, help="sweep YAML (e.g. workflows/configs/sweep-tiny.yaml)")
-    p.add_argument(
-        "--set",
-        "-s",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a sweep key, or with job. a key of its base job, e.g. --set num_samples=4 "
-        "--set job.train.epochs=1",
+    _add_set_arg(
+        p, "override a sweep key, or with job. a key of its base job, e.g. --set num_samples=4 --set job.train.epochs=1"
     )
     p.set_defaults(func=cmd_tune)
 
@@ -624,14 +614,9 @@ def _add_bench(sub) -> None:
     )
     p.add_argument("--search-rows", type=int, default=1_000_000, help="vectors the search section indexes (default 1M)")
     p.add_argument("--workdir", help="scratch directory (default: a new temporary one)")
-    p.add_argument(
-        "--set",
-        "-s",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override the timed job's config (data, steps, pipeline), e.g. --set model.arch=ViT-B-32 "
+    _add_set_arg(
+        p,
+        "override the timed job's config (data, steps, pipeline), e.g. --set model.arch=ViT-B-32 "
         "--set train.batch_size=128 --set pipeline.preprocess_tasks=8",
     )
     p.add_argument(

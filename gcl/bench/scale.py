@@ -1,7 +1,8 @@
 """How the cost of the work before training grows with the data: validation, `gcl data split`, an
 epoch's first training batch and a locked image tower's features (gcl.data.locked_features, one
 per distinct document: half the rows here) on N-row datasets in Marqo-GS-10M's layout with JPEG
-images of about 12 kB, each stage in a process of its own whose peak memory is the driver's.
+images of about 12 kB, and `gcl data grades` on a search log of N impressions (write_log), each
+stage in a process of its own whose peak memory is the driver's.
 
     python -m gcl.bench.scale --rows 20000,200000,1000000 --workdir /data/scale [--baseline DIR]
 
@@ -25,7 +26,10 @@ ROWS_PER_FILE = 50_000
 ROW_GROUP_ROWS = 5_000
 PAIRS_PER_QUERY = 100  # Marqo-GS-10M: about 100 ranked products per query
 IMAGE_POOL = 512
-STAGES = ("validate", "split", "first_batch", "locked_features")
+STAGES = ("validate", "split", "first_batch", "locked_features", "grades")
+# The search log of the grades stage: each query searched LOG_SEARCHES times, LOG_SHOWN of its
+# LOG_CANDIDATES products shown per search (so a product is seen at several positions).
+LOG_SEARCHES, LOG_SHOWN, LOG_CANDIDATES = 20, 10, 15
 
 
 def _jpeg_pool(seed: int) -> list[bytes]:
@@ -82,6 +86,76 @@ def write_dataset(out: str, rows: int, seed: int = 0) -> str:
                 )
     open(done, "w").close()
     return out
+
+
+def write_log(out: str, rows: int, seed: int = 0) -> str:
+    """A search log of `rows` impressions (log/, parquet files of ROWS_PER_FILE rows) and its
+    products' catalog (catalog/, id and title): a query's searches show LOG_SHOWN of its products
+    in an order drawn around their relevance each time, and clicks fall off as 1/position. Written
+    a row group at a time; returns `out`. Kept when already there."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    done = os.path.join(out, "_complete")
+    if os.path.exists(done):
+        return out
+    os.makedirs(os.path.join(out, "log"), exist_ok=True)
+    os.makedirs(os.path.join(out, "catalog"), exist_ok=True)
+    rng = np.random.default_rng(seed)
+    per_query = LOG_SEARCHES * LOG_SHOWN
+    products = max(LOG_CANDIDATES, rows // 40)
+    for first in range(0, rows, ROWS_PER_FILE):
+        path = os.path.join(out, "log", f"impressions-{first // ROWS_PER_FILE:05d}.parquet")
+        with pq.ParquetWriter(path, _log_schema()) as writer:
+            for start in range(first, min(rows, first + ROWS_PER_FILE), ROW_GROUP_ROWS):
+                n = min(ROW_GROUP_ROWS, rows - start, first + ROWS_PER_FILE - start)
+                row = np.arange(start, start + n)
+                search, position = row // LOG_SHOWN, row % LOG_SHOWN + 1
+                query = row // per_query
+                # The candidate at this slot of this search: relevance order, shuffled a little.
+                candidate = (position - 1 + rng.integers(-2, 3, n)) % LOG_CANDIDATES
+                relevance = 1.0 - candidate / LOG_CANDIDATES
+                click = rng.random(n) < relevance / position
+                writer.write_table(
+                    pa.table(
+                        {
+                            "impression_id": search,
+                            "query_id": query,
+                            "query": [f"query {q}" for q in query],
+                            "product_id": [f"p{p}" for p in (query * LOG_CANDIDATES + candidate) % products],
+                            "position": position,
+                            "click": click.astype(np.int64),
+                            "add_to_cart": (click & (rng.random(n) < 0.3)).astype(np.int64),
+                            "purchase": (click & (rng.random(n) < 0.1)).astype(np.int64),
+                        },
+                        schema=_log_schema(),
+                    )
+                )
+    for first in range(0, products, ROWS_PER_FILE):
+        ids = np.arange(first, min(products, first + ROWS_PER_FILE))
+        pq.write_table(
+            pa.table({"product_id": [f"p{p}" for p in ids], "title": [f"product {p} title" for p in ids]}),
+            os.path.join(out, "catalog", f"products-{first // ROWS_PER_FILE:05d}.parquet"),
+        )
+    open(done, "w").close()
+    return out
+
+
+def _log_schema():
+    import pyarrow as pa
+
+    return pa.schema(
+        [
+            ("impression_id", pa.int64()),
+            ("query_id", pa.int64()),
+            ("query", pa.string()),
+            ("product_id", pa.string()),
+            ("position", pa.int64()),
+            ("click", pa.int64()),
+            ("add_to_cart", pa.int64()),
+            ("purchase", pa.int64()),
+        ]
+    )
 
 
 def _schema():
@@ -152,6 +226,15 @@ def run_stage(stage: str, data: str, work: str) -> None:
         )
         built = build_store(job, resolve_files(data), os.path.join(work, "locked-features"), {"image": "right"})
         extra["documents"] = built["sides"]["right"]["rows"]
+    elif stage == "grades":
+        import shutil
+
+        from gcl.data.grades import GradesConfig, make_grades
+
+        out = os.path.join(work, "grades")
+        shutil.rmtree(out, ignore_errors=True)
+        report = make_grades(GradesConfig(log=f"{data}/log", catalog=f"{data}/catalog", out=out))
+        extra.update(pairs=report.pairs, written=report.written)
     else:
         from gcl.cluster import init_ray
         from gcl.config import parse_config
@@ -212,8 +295,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     results = []
     for rows in (int(r) for r in args.rows.split(",")):
-        data = write_dataset(os.path.abspath(os.path.join(args.workdir, f"data-{rows}")), rows)
         for stage in args.stages.split(","):
+            if stage == "grades":  # a search log of `rows` impressions
+                data = write_log(os.path.abspath(os.path.join(args.workdir, f"log-{rows}")), rows)
+            else:
+                data = write_dataset(os.path.abspath(os.path.join(args.workdir, f"data-{rows}")), rows)
             codes = [("this", None)]
             if args.baseline and (stage != "split" or rows <= args.baseline_max_split_rows):
                 codes.append(("baseline", os.path.abspath(args.baseline)))
@@ -221,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
                 work = os.path.abspath(os.path.join(args.workdir, f"work-{label}-{rows}"))
                 result = {"rows": rows, "code": label, **measure(stage, data, work, code)}
                 if "wall_s" in result:
-                    result["rows_per_s"] = round(rows / result["wall_s"])
+                    rate = "impressions_per_s" if stage == "grades" else "rows_per_s"
+                    result[rate] = round(rows / result["wall_s"])
                 if "documents" in result:
                     result["documents_per_s"] = round(result["documents"] / result["wall_s"])
                 results.append(result)

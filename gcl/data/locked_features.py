@@ -233,7 +233,7 @@ def _build_side(job, files: list[str], out: str, key_column: str, fields: list[s
     reads = [
         read_pairs(kind, group, [key_column, *fields], cpus).map_batches(
             _first_of_each_document,
-            fn_kwargs={"doc_col": key_column, "base_dir": base_dir},
+            fn_kwargs={"doc_col": key_column, "base_dir": base_dir, "keep_doc_col": key_column in fields},
             batch_format="pyarrow",
             num_cpus=cpus,
         )
@@ -274,7 +274,7 @@ def _build_side(job, files: list[str], out: str, key_column: str, fields: list[s
     }
 
 
-def _first_of_each_document(table, doc_col: str, base_dir: str | None):
+def _first_of_each_document(table, doc_col: str, base_dir: str | None, keep_doc_col: bool):
     """A block's first row of each document, with its key and where its image paths are relative
     to: most repeats go before the shuffle."""
     import pyarrow as pa
@@ -284,6 +284,8 @@ def _first_of_each_document(table, doc_col: str, base_dir: str | None):
     _, first = np.unique(keys, return_index=True)
     first = np.sort(first)
     table = table.take(pa.array(first)).append_column(KEY, pa.array(keys[first]))
+    if not keep_doc_col:  # the key replaces it: files whose ids differ in type (`gcl data grades`'
+        table = table.drop_columns([doc_col])  # string query ids, a split's integers) then union
     return table.append_column("__base_dir", pa.array([base_dir] * len(first), pa.string()))
 
 
