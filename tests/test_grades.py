@@ -116,3 +116,35 @@ def test_gcl_data_grades_writes_pairs_that_training_takes_with_the_inputs_sha256
     assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"grades.png", "grades-report.json"}
     assert main([*grades[:-2], "--set", "grades.click_column=clicked"]) == 2  # named, before any work
     assert "no column(s) ['clicked']" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_a_large_log_is_counted_and_joined_on_ray_data_as_a_small_one_is_here(ray_local, pairs, tmp_path, monkeypatch):
+    """Above grades.LOCAL_ROWS impressions the counting is a Ray Data job (what reaches the driver
+    is the counts, as Arrow blocks) and so is the catalog join: both give the pairs and report that
+    the in-process path gives, over a log of several files."""
+    import pandas as pd
+
+    from gcl.data import grades
+
+    log = generate_log(pairs, LogConfig(sessions_per_query=10, seed=2))
+    (tmp_path / "log").mkdir()
+    for part, rows in enumerate(np.array_split(np.arange(len(log)), 3)):
+        log.iloc[rows].to_parquet(tmp_path / "log" / f"part-{part}.parquet", index=False)
+    pairs.drop_duplicates("product_id")[["product_id", "title", "image"]].to_parquet(tmp_path / "catalog.parquet")
+    written, reports = {}, {}
+    for path, local_rows in (("local", len(log)), ("ray", 0)):
+        monkeypatch.setattr(grades, "LOCAL_ROWS", local_rows)
+        out = tmp_path / path
+        cfg = GradesConfig(log=str(tmp_path / "log"), catalog=str(tmp_path / "catalog.parquet"), out=str(out))
+        reports[path] = grades.make_grades(cfg)
+        written[path] = pd.read_parquet(out / "pairs").sort_values("pair_id", ignore_index=True)
+    assert reports["ray"].impressions == reports["local"].impressions == len(log)
+    assert reports["ray"].written == reports["local"].written == len(written["local"]) > 100
+    columns = ["pair_id", "query_id", "product_id", "score_linear", "position", "clicks", "title"]
+    pd.testing.assert_frame_equal(written["ray"][columns], written["local"][columns], check_dtype=False)
+    catalog = pd.read_parquet(tmp_path / "catalog.parquet")
+    graded_product = catalog[catalog.product_id.astype(str) == written["local"].product_id[0]]
+    pd.concat([catalog, graded_product]).to_parquet(tmp_path / "catalog.parquet")  # a product twice
+    with pytest.raises(grades.DataError, match="catalog.*product_id repeats"):
+        grades.make_grades(cfg.model_copy(update={"out": str(tmp_path / "repeated")}))

@@ -207,6 +207,7 @@ def aggregate_log(cfg: GradesConfig, files: list[str], cpus: float = 0.5) -> tup
         parts = [aggregate_batch(read_table(f, [c for c in columns if c in _schema_names(f)]), settings) for f in files]
         combined = pa.concat_tables(parts)
     else:
+        import ray
         from ray.data.aggregate import Sum
 
         from gcl.cluster import init_ray
@@ -217,10 +218,13 @@ def aggregate_log(cfg: GradesConfig, files: list[str], cpus: float = 0.5) -> tup
         ds = read_pairs(cfg.log, files, present, cpus).map_batches(
             aggregate_batch, fn_kwargs={"cfg": settings}, batch_format="pyarrow", num_cpus=cpus
         )
+        ds.context.raise_original_map_exception = True  # a column of text named as the local path names it
         summed = ds.groupby(keys).aggregate(*(Sum(c, alias_name=c) for c in COUNTS))
-        combined = pa.Table.from_pylist(summed.take_all()) if summed.count() else None
-        if combined is None:
+        # The counts come here as Arrow blocks from one execution (not as a dict per row).
+        blocks = [block for block in ray.get(summed.to_arrow_refs()) if block.num_rows]
+        if not blocks:
             raise DataError(f"grades.log {cfg.log}: no impressions")
+        combined = pa.concat_tables(blocks)
     totals = combined.group_by(keys, use_threads=False).aggregate([(c, "sum") for c in COUNTS])
     totals = totals.select([*keys, *(f"{c}_sum" for c in COUNTS)]).rename_columns([*keys, *COUNTS])
     is_bad = pc.equal(totals["query_id"], BAD)
@@ -366,18 +370,37 @@ def join_catalog(cfg: GradesConfig, graded: pa.Table, out: str, cpus: float = 0.
             with store.open_output_stream(f"{root}/part-{index:05d}.parquet") as stream:
                 pq.write_table(joined.slice(start, 50_000), stream)
         return joined.num_rows
-    import ray.data
+    import pyarrow.parquet as pq
+    import ray
 
     from gcl.cluster import init_ray
     from gcl.data.readers import read_pairs
 
     init_ray()
-    catalog = read_pairs(cfg.catalog, files, None, cpus).map_batches(
-        lambda t: t.set_column(t.column_names.index(key), key, t[key].cast(pa.string())), batch_format="pyarrow"
+    # The graded pairs (one row per pair: what the driver already holds) go to every task once; the
+    # catalog streams past them, each of its blocks joined with the pairs of its products.
+    joined = read_pairs(cfg.catalog, files, None, cpus).map_batches(
+        _join_block, fn_kwargs={"graded": ray.put(graded), "key": key}, batch_format="pyarrow", num_cpus=cpus
     )
-    joined = ray.data.from_arrow(graded).join(catalog, join_type="inner", num_partitions=max(1, len(files)), on=(key,))
+    joined.context.raise_original_map_exception = True  # a DataError reaches the command as itself
     joined.write_parquet(out)
-    return joined.count()
+    store, root = _filesystem(out)
+    pair_ids = pq.read_table(root, columns=["pair_id"], filesystem=store)["pair_id"]
+    if pc.count_distinct(pair_ids).as_py() != len(pair_ids):
+        raise DataError(f"grades.catalog {cfg.catalog}: a {key} repeats; give each product one row")
+    return len(pair_ids)
+
+
+def _join_block(catalog: pa.Table, graded, key: str) -> pa.Table:
+    """Ray Data task: the graded pairs whose product is in this block of the catalog, with its columns."""
+    import ray
+
+    if key not in catalog.column_names:
+        raise DataError(f"grades.catalog: no column {key!r} (grades.product_id_column)")
+    catalog = catalog.set_column(catalog.column_names.index(key), key, catalog[key].cast(pa.string()))
+    if pc.count_distinct(catalog[key]).as_py() != catalog.num_rows:  # across blocks: the pairs' ids tell
+        raise DataError(f"grades.catalog: a {key} repeats; give each product one row")
+    return _joined(ray.get(graded), catalog, key)
 
 
 def _joined(graded: pa.Table, catalog: pa.Table, key: str) -> pa.Table:
