@@ -113,12 +113,30 @@ def engine_zero_stage(job: JobConfig, config: dict[str, Any], world_size: int, r
     return stage
 
 
+def extensions_dir_per_environment() -> str:
+    """Where torch builds DeepSpeed's C++ extensions (on CPU, its shared-memory all-reduce): one
+    directory per Python environment unless TORCH_EXTENSIONS_DIR says otherwise. torch's default is
+    one directory for all environments of a Python and CUDA version, so two environments (a second
+    checkout's .venv) rebuild it in turn, half a minute on 2 cores each time."""
+    import hashlib
+    import os
+    import sys
+
+    from torch.utils.cpp_extension import get_default_build_root
+
+    if "TORCH_EXTENSIONS_DIR" not in os.environ:
+        tag = hashlib.sha256(f"{sys.prefix} {sys.version} {torch.__version__}".encode()).hexdigest()[:16]
+        os.environ["TORCH_EXTENSIONS_DIR"] = os.path.join(get_default_build_root(), f"env-{tag}")
+    return os.environ["TORCH_EXTENSIONS_DIR"]
+
+
 def setup_engine(job: JobConfig, total_steps: int, resumes_zero_shards: bool = False):
     """Model, AdamW, schedule and the DeepSpeed engine around a FieldEncoder (at the stage
     engine_zero_stage says)."""
     import deepspeed
     import torch.distributed as dist
 
+    extensions_dir_per_environment()  # before DeepSpeed's communication backend loads its extension
     torch.manual_seed(job.seed)
     loaded = create_model(job.model, init_temperature=job.loss.init_temperature)
     encoder = FieldEncoder(loaded.clip, job.fields.modalities())
