@@ -1,20 +1,24 @@
 """Does GCL trained on a search log's debiased grades rank better than training on its raw clicks?
 
-    .venv/bin/python experiments/log_grades.py [WORKDIR]
+    .venv/bin/python experiments/log_grades.py [WORKDIR] [--confounded]
 
 1. `gcl demo`'s benchmark, with a search log over its training queries (gcl.data.synth: a logging
    ranker that also ranks by a promotion unrelated to relevance, position bias 1/k, clicks, carts
-   and purchases drawn from the true grades) and the products' catalog.
+   and purchases drawn from the true grades) and the products' catalog. --confounded: a stronger
+   promotion (2.0 against 1.5) and grades from clicks alone, where raw click-through rates learn
+   the promotion back most (tests/test_grades.py's setting).
 2. `gcl data grades` twice: (a) debiased grades, (b) raw click-through-rate grades
-   (`grades.debias: false`); (c) the pairs clicked at least once, what a team trains on today.
-3. Each variant at its own validation-selected settings: (a) and (b) run sweep-logs-gcl.yaml (the
-   towers' GCL), (c) sweep-logs-clip.yaml (CLIP's loss over the same title + image documents). Every variant selects on
-   the benchmark's validation splits (true grades, the same for all three) and is reported on its
-   test splits against the true grades; each champion is trained again with seeds 1 and 2.
+   (`grades.debias: false`); (c) the pairs clicked at least once, what a team trains on today;
+   (d) (a)'s pairs at their true grades: what any grading could buy at most.
+3. Each variant at its own validation-selected settings: (a), (b) and (d) run sweep-logs-gcl.yaml
+   (the towers' GCL), (c) sweep-logs-clip.yaml (CLIP's loss over the same title + image
+   documents). Every variant selects on the benchmark's validation splits (true grades, the same
+   for all) and is reported on its test splits against the true grades; each champion is trained
+   again with seeds 1 and 2.
 
 Results go to <WORKDIR>/log-grades.json (a rerun continues where it stopped); the table it prints
 (test NDCG@10 per split, mean and standard deviation over the seeds) is what docs/ranking.md
-section 3 reports.
+section 4 reports.
 """
 
 from __future__ import annotations
@@ -37,11 +41,14 @@ VARIANTS = {
     "debiased": ("(a) GCL, debiased grades", "sweep-logs-gcl.yaml", "grades-debiased/pairs"),
     "raw": ("(b) GCL, raw click-through grades", "sweep-logs-gcl.yaml", "grades-raw/pairs"),
     "clicked": ("(c) CLIP's loss, clicked pairs", "sweep-logs-clip.yaml", "clicked"),
+    # What grades can buy at most: (a)'s pairs with the grades the log was drawn from.
+    "true": ("(d) GCL, (a)'s pairs at their true grades", "sweep-logs-gcl.yaml", "true-grades"),
 }
 MORE_SEEDS = (1, 2)
+COMPARED = (("debiased", "raw"), ("debiased", "clicked"), ("true", "raw"))
 
 
-def make_data(workdir: str) -> dict:
+def make_data(workdir: str, confounded: bool = False) -> dict:
     """The benchmark with its log, both gradings and the clicked pairs (each made once); what
     each grading reported."""
     import pyarrow.dataset as ds
@@ -53,12 +60,14 @@ def make_data(workdir: str) -> dict:
 
     data = f"{workdir}/data"
     if not os.path.exists(f"{data}/log-truth.json"):
-        synthesize(data, BENCHMARK, log=LogConfig())
+        synthesize(data, BENCHMARK, log=LogConfig(promotion=2.0) if confounded else LogConfig())
     reports = {}
     for name, debias in (("debiased", True), ("raw", False)):
         out = f"{workdir}/grades-{name}"
         if not os.path.exists(f"{out}/manifest.json"):
-            make_grades(GradesConfig(log=f"{data}/log", catalog=f"{data}/catalog.parquet", out=out, debias=debias))
+            clicks_only = {"add_to_cart_weight": 0.0, "purchase_weight": 0.0} if confounded else {}
+            cfg = GradesConfig(log=f"{data}/log", catalog=f"{data}/catalog.parquet", out=out, debias=debias)
+            make_grades(cfg.model_copy(update=clicks_only))
         reports[name] = json.loads(Path(f"{out}/manifest.json").read_text())["report"]
     clicked = f"{workdir}/clicked/pairs.parquet"
     if not os.path.exists(clicked):
@@ -67,7 +76,29 @@ def make_data(workdir: str) -> dict:
         pq.write_table(pairs, clicked + ".partial")
         os.replace(clicked + ".partial", clicked)
     reports["clicked_pairs"] = pq.read_metadata(clicked).num_rows
+    true = f"{workdir}/true-grades/pairs.parquet"
+    if not os.path.exists(true):
+        os.makedirs(os.path.dirname(true), exist_ok=True)
+        pq.write_table(with_true_grades(f"{workdir}/grades-debiased/pairs", f"{data}/train.parquet"), true + ".partial")
+        os.replace(true + ".partial", true)
     return reports
+
+
+def with_true_grades(graded: str, truth: str):
+    """The graded pairs with score_linear replaced by the benchmark's true grade of each (query,
+    product), and position / score_reciprocal ranked again by it."""
+    import pyarrow as pa
+    import pyarrow.dataset as ds
+
+    pairs = ds.dataset(graded).to_table().to_pandas()
+    true = ds.dataset(truth).to_table(columns=["query_id", "product_id", "score_linear"]).to_pandas()
+    true = true.astype({"query_id": str, "product_id": str}).rename(columns={"score_linear": "true"})
+    pairs = pairs.merge(true, on=["query_id", "product_id"], how="left", validate="one_to_one")
+    assert pairs["true"].notna().all(), "a graded pair is not in the benchmark's training split"
+    pairs["score_linear"] = pairs.pop("true")
+    pairs["position"] = pairs.groupby("query_id")["score_linear"].rank(ascending=False, method="first").astype(int)
+    pairs["score_reciprocal"] = 1.0 / pairs["position"]
+    return pa.Table.from_pandas(pairs, preserve_index=False)
 
 
 def variant_overrides(workdir: str, name: str) -> list[str]:
@@ -81,29 +112,30 @@ def variant_overrides(workdir: str, name: str) -> list[str]:
 
 
 def results_table(results: dict) -> str:
-    """Test NDCG@10 per split, mean ± sd over the seeds, and (a)'s change over (b) and (c)."""
+    """Test NDCG@10 per split, mean ± sd over the seeds, and the changes COMPARED names."""
     ndcg = {name: test_ndcg(results, name) for name in VARIANTS}
     seeds = len(ndcg["debiased"][SPLITS[0]])
     lines = [
         "| split | "
         + " | ".join(f"{label} ({seeds} seeds)" for label, _, _ in VARIANTS.values())
-        + " | (a) vs (b) | (a) vs (c) |",
-        "| --- " * (len(VARIANTS) + 3) + "|",
+        + "".join(f" | {VARIANTS[a][0][:3]} vs {VARIANTS[b][0][:3]}" for a, b in COMPARED)
+        + " |",
+        "| --- " * (len(VARIANTS) + len(COMPARED) + 1) + "|",
     ]
     for split in SPLITS:
         means = {name: statistics.mean(ndcg[name][split]) for name in VARIANTS}
         cells = [f"{means[name]:.4f} ± {statistics.stdev(ndcg[name][split]):.4f}" for name in VARIANTS]
-        changes = [f"{100 * (means['debiased'] / means[other] - 1):+.1f}%" for other in ("raw", "clicked")]
+        changes = [f"{100 * (means[a] / means[b] - 1):+.1f}%" for a, b in COMPARED]
         lines.append(f"| {split} | " + " | ".join(cells + changes) + " |")
     return "\n".join(lines)
 
 
-def main(workdir: str) -> None:
+def main(workdir: str, confounded: bool = False) -> None:
     workdir = os.path.abspath(workdir)
     out = Path(workdir) / "log-grades.json"
     os.makedirs(workdir, exist_ok=True)
     results = json.loads(out.read_text()) if out.exists() else {}
-    results["grades"] = make_data(workdir)
+    results["grades"] = make_data(workdir, confounded)
     for name, (label, sweep, _) in VARIANTS.items():
         overrides = variant_overrides(workdir, name)
         if name not in results:
@@ -119,4 +151,5 @@ def main(workdir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "gcl_runs/log-grades")
+    args = [a for a in sys.argv[1:] if a != "--confounded"]
+    main(args[0] if args else "gcl_runs/log-grades", confounded="--confounded" in sys.argv)
