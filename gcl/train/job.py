@@ -47,9 +47,9 @@ from gcl.tracking.runs import (
 )
 from gcl.train.checkpoint import committed_checkpoint, consolidate_checkpoint, log_resume
 from gcl.train.engine import deepspeed_config
+from gcl.train.entry import train_worker
 from gcl.train.progress import TrainingBar
 from gcl.train.run_lock import run_lock
-from gcl.train.worker import train_worker
 
 log = logging.getLogger(__name__)
 RUN_FILES = "run_files"  # <storage>/<name>/run_files/: what finish_run logs beside the model
