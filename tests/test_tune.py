@@ -403,7 +403,8 @@ def test_placement_groups_left_by_stopped_trials_are_released_and_no_other(ray_l
         idle_since = {}
         assert release_idle_placement_groups(idle_since, idle_for_s=3600) == 0  # just made: spared
         assert left.id.hex() in idle_since and used.id.hex() not in idle_since
-        assert release_idle_placement_groups(idle_since, idle_for_s=0) == 1
+        # At least `left`: a group an earlier test's run left idle on the session's cluster goes too.
+        assert release_idle_placement_groups(idle_since, idle_for_s=0) >= 1
         states = placement_group_table()
         assert states[left.id.hex()]["state"] == "REMOVED" and states[used.id.hex()]["state"] == "CREATED"
         assert states[pending.id.hex()]["state"] == "PENDING" and ray.get(worker.ping.remote()) == "alive"
