@@ -357,12 +357,7 @@ def join_catalog(cfg: GradesConfig, graded: pa.Table, out: str, cpus: float = 0.
     rows = sum(_rows_of(f) for f in files)
     if rows <= LOCAL_ROWS:
         catalog = pa.concat_tables([read_table(f) for f in files], promote_options="default")
-        if key not in catalog.column_names:
-            raise DataError(f"grades.catalog {cfg.catalog}: no column {key!r} (grades.product_id_column)")
-        catalog = catalog.set_column(catalog.column_names.index(key), key, catalog[key].cast(pa.string()))
-        if pc.count_distinct(catalog[key]).as_py() != catalog.num_rows:
-            raise DataError(f"grades.catalog {cfg.catalog}: {key} repeats; give each product one row")
-        joined = _joined(graded, catalog, key)
+        joined = _joined(graded, _checked_catalog(catalog, key, cfg.catalog), key)
         import pyarrow.parquet as pq
 
         store, root = _filesystem(out)
@@ -380,27 +375,36 @@ def join_catalog(cfg: GradesConfig, graded: pa.Table, out: str, cpus: float = 0.
     # The graded pairs (one row per pair: what the driver already holds) go to every task once; the
     # catalog streams past them, each of its blocks joined with the pairs of its products.
     joined = read_pairs(cfg.catalog, files, None, cpus).map_batches(
-        _join_block, fn_kwargs={"graded": ray.put(graded), "key": key}, batch_format="pyarrow", num_cpus=cpus
+        _join_block,
+        fn_kwargs={"graded": ray.put(graded), "key": key, "where": cfg.catalog},
+        batch_format="pyarrow",
+        num_cpus=cpus,
     )
     joined.context.raise_original_map_exception = True  # a DataError reaches the command as itself
     joined.write_parquet(out)
     store, root = _filesystem(out)
     pair_ids = pq.read_table(root, columns=["pair_id"], filesystem=store)["pair_id"]
     if pc.count_distinct(pair_ids).as_py() != len(pair_ids):
-        raise DataError(f"grades.catalog {cfg.catalog}: a {key} repeats; give each product one row")
+        raise DataError(f"grades.catalog {cfg.catalog}: {key} repeats; give each product one row")
     return len(pair_ids)
 
 
-def _join_block(catalog: pa.Table, graded, key: str) -> pa.Table:
+def _checked_catalog(catalog: pa.Table, key: str, where: str) -> pa.Table:
+    """The catalog (or a block of it) with its ids as strings; an error naming `where` if it has no
+    id column or an id repeats in it (across a large catalog's blocks, join_catalog checks)."""
+    if key not in catalog.column_names:
+        raise DataError(f"grades.catalog {where}: no column {key!r} (grades.product_id_column)")
+    catalog = catalog.set_column(catalog.column_names.index(key), key, catalog[key].cast(pa.string()))
+    if pc.count_distinct(catalog[key]).as_py() != catalog.num_rows:
+        raise DataError(f"grades.catalog {where}: {key} repeats; give each product one row")
+    return catalog
+
+
+def _join_block(catalog: pa.Table, graded, key: str, where: str) -> pa.Table:
     """Ray Data task: the graded pairs whose product is in this block of the catalog, with its columns."""
     import ray
 
-    if key not in catalog.column_names:
-        raise DataError(f"grades.catalog: no column {key!r} (grades.product_id_column)")
-    catalog = catalog.set_column(catalog.column_names.index(key), key, catalog[key].cast(pa.string()))
-    if pc.count_distinct(catalog[key]).as_py() != catalog.num_rows:  # across blocks: the pairs' ids tell
-        raise DataError(f"grades.catalog: a {key} repeats; give each product one row")
-    return _joined(ray.get(graded), catalog, key)
+    return _joined(ray.get(graded), _checked_catalog(catalog, key, where), key)
 
 
 def _joined(graded: pa.Table, catalog: pa.Table, key: str) -> pa.Table:
