@@ -1,12 +1,14 @@
 """Does GCL trained on a search log's debiased grades rank better than training on its raw clicks?
 
-    .venv/bin/python experiments/log_grades.py [WORKDIR] [--confounded]
+    .venv/bin/python experiments/log_grades.py [WORKDIR] [--confounded | --sponsored]
 
 1. `gcl demo`'s benchmark, with a search log over its training queries (gcl.data.synth: a logging
    ranker that also ranks by a promotion unrelated to relevance, position bias 1/k, clicks, carts
    and purchases drawn from the true grades) and the products' catalog. --confounded: a stronger
    promotion (2.0 against 1.5) and grades from clicks alone, where raw click-through rates learn
-   the promotion back most (tests/test_grades.py's setting).
+   the promotion back most (tests/test_grades.py's setting). --sponsored: the first log, with
+   every list opening with two sponsored products of other queries' results (true grade 0), which
+   their clicks at the top of a list make look relevant.
 2. `gcl data grades` twice: (a) debiased grades, (b) raw click-through-rate grades
    (`grades.debias: false`); (c) the pairs clicked at least once, what a team trains on today;
    (d) (a)'s pairs at their true grades: what any grading could buy at most.
@@ -43,12 +45,19 @@ VARIANTS = {
     "clicked": ("(c) CLIP's loss, clicked pairs", "sweep-logs-clip.yaml", "clicked"),
     # What grades can buy at most: (a)'s pairs with the grades the log was drawn from.
     "true": ("(d) GCL, (a)'s pairs at their true grades", "sweep-logs-gcl.yaml", "true-grades"),
+    # (a) with the propensities by intervention harvesting (grades.estimator=harvested): what the
+    # report advises where EM and harvesting disagree (the sponsored log).
+    "harvested": ("(a') GCL, debiased grades, harvested propensities", "sweep-logs-gcl.yaml", "grades-harvested/pairs"),
 }
 MORE_SEEDS = (1, 2)
-COMPARED = (("debiased", "raw"), ("debiased", "clicked"), ("true", "raw"))
+COMPARED = (("debiased", "raw"), ("debiased", "clicked"), ("true", "raw"), ("harvested", "raw"))
+GRADINGS = {"debiased": {}, "raw": {"debias": False}, "harvested": {"estimator": "harvested"}}
 
 
-def make_data(workdir: str, confounded: bool = False) -> dict:
+LOGS = {"mild": {}, "confounded": {"promotion": 2.0}, "sponsored": {"sponsored": 2}}
+
+
+def make_data(workdir: str, log: str = "mild") -> dict:
     """The benchmark with its log, both gradings and the clicked pairs (each made once); what
     each grading reported."""
     import pyarrow.dataset as ds
@@ -60,13 +69,13 @@ def make_data(workdir: str, confounded: bool = False) -> dict:
 
     data = f"{workdir}/data"
     if not os.path.exists(f"{data}/log-truth.json"):
-        synthesize(data, BENCHMARK, log=LogConfig(promotion=2.0) if confounded else LogConfig())
+        synthesize(data, BENCHMARK, log=LogConfig(**LOGS[log]))
     reports = {}
-    for name, debias in (("debiased", True), ("raw", False)):
+    for name, grading in GRADINGS.items():
         out = f"{workdir}/grades-{name}"
         if not os.path.exists(f"{out}/manifest.json"):
-            clicks_only = {"add_to_cart_weight": 0.0, "purchase_weight": 0.0} if confounded else {}
-            cfg = GradesConfig(log=f"{data}/log", catalog=f"{data}/catalog.parquet", out=out, debias=debias)
+            clicks_only = {"add_to_cart_weight": 0.0, "purchase_weight": 0.0} if log == "confounded" else {}
+            cfg = GradesConfig(log=f"{data}/log", catalog=f"{data}/catalog.parquet", out=out, **grading)
             make_grades(cfg.model_copy(update=clicks_only))
         reports[name] = json.loads(Path(f"{out}/manifest.json").read_text())["report"]
     clicked = f"{workdir}/clicked/pairs.parquet"
@@ -79,22 +88,24 @@ def make_data(workdir: str, confounded: bool = False) -> dict:
     true = f"{workdir}/true-grades/pairs.parquet"
     if not os.path.exists(true):
         os.makedirs(os.path.dirname(true), exist_ok=True)
-        pq.write_table(with_true_grades(f"{workdir}/grades-debiased/pairs", f"{data}/train.parquet"), true + ".partial")
+        pq.write_table(
+            with_true_grades(f"{workdir}/grades-debiased/pairs", f"{data}/log-truth.parquet"), true + ".partial"
+        )
         os.replace(true + ".partial", true)
     return reports
 
 
 def with_true_grades(graded: str, truth: str):
-    """The graded pairs with score_linear replaced by the benchmark's true grade of each (query,
-    product), and position / score_reciprocal ranked again by it."""
+    """The graded pairs with score_linear replaced by the true grade of each (query, product) the
+    log showed (gcl.data.synth.log_truth), and position / score_reciprocal ranked again by it."""
     import pyarrow as pa
     import pyarrow.dataset as ds
 
     pairs = ds.dataset(graded).to_table().to_pandas()
-    true = ds.dataset(truth).to_table(columns=["query_id", "product_id", "score_linear"]).to_pandas()
-    true = true.astype({"query_id": str, "product_id": str}).rename(columns={"score_linear": "true"})
+    true = ds.dataset(truth).to_table(columns=["query_id", "product_id", "grade"]).to_pandas()
+    true = true.astype({"query_id": str, "product_id": str}).rename(columns={"grade": "true"})
     pairs = pairs.merge(true, on=["query_id", "product_id"], how="left", validate="one_to_one")
-    assert pairs["true"].notna().all(), "a graded pair is not in the benchmark's training split"
+    assert pairs["true"].notna().all(), "a graded pair is not in the log's truth"
     pairs["score_linear"] = pairs.pop("true")
     pairs["position"] = pairs.groupby("query_id")["score_linear"].rank(ascending=False, method="first").astype(int)
     pairs["score_reciprocal"] = 1.0 / pairs["position"]
@@ -112,30 +123,33 @@ def variant_overrides(workdir: str, name: str) -> list[str]:
 
 
 def results_table(results: dict) -> str:
-    """Test NDCG@10 per split, mean ± sd over the seeds, and the changes COMPARED names."""
-    ndcg = {name: test_ndcg(results, name) for name in VARIANTS}
+    """Test NDCG@10 per split, mean ± sd over the seeds, and the changes COMPARED names, of the
+    variants `results` has (an earlier run's lack (a'))."""
+    variants = [name for name in VARIANTS if name in results]
+    compared = [(a, b) for a, b in COMPARED if a in results and b in results]
+    ndcg = {name: test_ndcg(results, name) for name in variants}
     seeds = len(ndcg["debiased"][SPLITS[0]])
     lines = [
         "| split | "
-        + " | ".join(f"{label} ({seeds} seeds)" for label, _, _ in VARIANTS.values())
-        + "".join(f" | {VARIANTS[a][0][:3]} vs {VARIANTS[b][0][:3]}" for a, b in COMPARED)
+        + " | ".join(f"{VARIANTS[name][0]} ({seeds} seeds)" for name in variants)
+        + "".join(f" | {VARIANTS[a][0].split()[0]} vs {VARIANTS[b][0].split()[0]}" for a, b in compared)
         + " |",
-        "| --- " * (len(VARIANTS) + len(COMPARED) + 1) + "|",
+        "| --- " * (len(variants) + len(compared) + 1) + "|",
     ]
     for split in SPLITS:
-        means = {name: statistics.mean(ndcg[name][split]) for name in VARIANTS}
-        cells = [f"{means[name]:.4f} ± {statistics.stdev(ndcg[name][split]):.4f}" for name in VARIANTS]
-        changes = [f"{100 * (means[a] / means[b] - 1):+.1f}%" for a, b in COMPARED]
+        means = {name: statistics.mean(ndcg[name][split]) for name in variants}
+        cells = [f"{means[name]:.4f} ± {statistics.stdev(ndcg[name][split]):.4f}" for name in variants]
+        changes = [f"{100 * (means[a] / means[b] - 1):+.1f}%" for a, b in compared]
         lines.append(f"| {split} | " + " | ".join(cells + changes) + " |")
     return "\n".join(lines)
 
 
-def main(workdir: str, confounded: bool = False) -> None:
+def main(workdir: str, log: str = "mild") -> None:
     workdir = os.path.abspath(workdir)
     out = Path(workdir) / "log-grades.json"
     os.makedirs(workdir, exist_ok=True)
     results = json.loads(out.read_text()) if out.exists() else {}
-    results["grades"] = make_data(workdir, confounded)
+    results["grades"] = make_data(workdir, log)
     for name, (label, sweep, _) in VARIANTS.items():
         overrides = variant_overrides(workdir, name)
         if name not in results:
@@ -151,5 +165,6 @@ def main(workdir: str, confounded: bool = False) -> None:
 
 
 if __name__ == "__main__":
-    args = [a for a in sys.argv[1:] if a != "--confounded"]
-    main(args[0] if args else "gcl_runs/log-grades", confounded="--confounded" in sys.argv)
+    logs = [a[2:] for a in sys.argv[1:] if a[2:] in LOGS]
+    args = [a for a in sys.argv[1:] if a[2:] not in LOGS]
+    main(args[0] if args else "gcl_runs/log-grades", log=logs[0] if logs else "mild")

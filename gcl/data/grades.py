@@ -7,8 +7,10 @@ graded by its position-debiased click-through rate combined with its cart and pu
    log (only the counts reach the driver) or in this process for a small one.
 2. Position bias is estimated from the log itself (gcl.data.click_model: the position-based
    model by EM, checked against intervention harvesting where pairs were shown at several
-   positions, with a bootstrap over queries for its spread), or taken from `grades.propensities`
-   (a randomized experiment's), or left out (`grades.debias: false`: raw click-through rates).
+   positions, with a bootstrap over queries for its spread; `grades.estimator: harvested` grades
+   by the harvested curve instead), or taken from `grades.propensities` (a randomized
+   experiment's), or left out (`grades.debias: false`: raw click-through rates). Where the two
+   estimates disagree, the report says so.
 3. Each pair's grade: its clicks, carts and purchases per expected examination (impressions
    weighted by their position's propensity), each shrunk toward the log's mean rate with
    `grades.prior_examinations` pseudo-examinations (1 click in 1 impression is not the top grade),
@@ -27,6 +29,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
@@ -88,6 +91,11 @@ class GradesConfig(Section):
     """Pairs with fewer expected examinations (impressions weighted by propensity) are dropped."""
     debias: bool = True
     """Take position bias out (false: raw click-through rates, every position examined alike)."""
+    estimator: Literal["em", "harvested"] = "em"
+    """How the propensities are estimated from the log: `em`, the position-based click model over
+    every pair; `harvested`, the click-through rates of the pairs shown at both of two neighbouring
+    positions (no model of each pair: where few pairs link some positions, e.g. sponsored slots
+    that open every list, EM can be biased and the report says so)."""
     propensities: list[float] | None = None
     """Known examination propensities per position (1 first), e.g. from a randomized experiment,
     instead of estimating them from the log; positions beyond the list take its last value."""
@@ -114,7 +122,9 @@ class GradesReport:
     propensity_sd: list[float] = field(default_factory=list)
     harvested: list[float] = field(default_factory=list)
     harvested_pairs: list[int] = field(default_factory=list)
-    source: str = "estimated"  # estimated | given | none
+    disagreeing_positions: list[int] = field(default_factory=list)  # 1-based, EM against harvested
+    source: str = "estimated"  # estimated (by grades.estimator) | given | none
+    estimator: str = "em"
     identifiable: bool = True
     dropped_little_evidence: int = 0
     dropped_not_in_catalog: int = 0
@@ -296,7 +306,37 @@ def propensities_of(cfg: GradesConfig, counts: PositionCounts, report: GradesRep
     if cfg.bootstrap:
         report.propensity_sd = propensity_spread(counts, fit, resamples=cfg.bootstrap).tolist()
     report.identifiable = report.several_positions_share >= cfg.min_identifying_share
-    return fit.theta
+    report.disagreeing_positions = disagreeing_positions(fit.theta, harvested, informed, report.propensity_sd)
+    report.estimator = cfg.estimator
+    if cfg.estimator == "em":
+        return fit.theta
+    if np.isnan(harvested).any():
+        unlinked = int(np.flatnonzero(np.isnan(harvested))[0]) + 1
+        raise DataError(
+            f"grades.estimator=harvested: no pair of the log was shown at both positions {unlinked - 1} and "
+            f"{unlinked}, so harvesting cannot reach position {unlinked}; set grades.max_position={unlinked - 1}, "
+            "use grades.estimator=em, or pass known grades.propensities"
+        )
+    return harvested
+
+
+# EM and harvesting disagree at a position when they differ by more than this, and by more than
+# DISAGREE_SPREADS times EM's bootstrap spread there, with at least DISAGREE_PAIRS pairs informing
+# the harvested ratio (fewer: harvesting's own noise). Measured: on logs the click model fits
+# (tests/test_grades.py) they differ by at most 0.02; with sponsored slots opening every list, by 0.25.
+DISAGREE_BY, DISAGREE_SPREADS, DISAGREE_PAIRS = 0.05, 3.0, 20
+
+
+def disagreeing_positions(em: np.ndarray, harvested: np.ndarray, informed: np.ndarray, spread: list) -> list[int]:
+    """The 1-based positions where EM's propensity and the harvested one disagree (see DISAGREE_BY)."""
+    out = []
+    for k in range(1, len(em)):
+        if k >= len(harvested) or np.isnan(harvested[k]) or informed[k] < DISAGREE_PAIRS:
+            continue
+        bound = max(DISAGREE_BY, DISAGREE_SPREADS * (spread[k] if k < len(spread) else 0.0))
+        if abs(em[k] - harvested[k]) > bound:
+            out.append(k + 1)
+    return out
 
 
 def grade_pairs(
@@ -494,6 +534,9 @@ def report_lines(report: GradesReport) -> list[str]:
     elif report.source == "none":
         lines.append("propensities: none (grades.debias=false: raw click-through rates)")
     else:
+        lines.append(
+            f"propensities: estimated from the log; the grades use {report.estimator.upper()}'s (grades.estimator)"
+        )
         lines.append(f"{'position':>8s} {'EM':>8s} {'+-':>6s} {'harvested':>10s} {'pairs':>6s}")
         for k, theta in enumerate(shown[:20]):
             sd = report.propensity_sd[k] if k < len(report.propensity_sd) else float("nan")
@@ -508,6 +551,18 @@ def report_lines(report: GradesReport) -> list[str]:
                 "warning: too few pairs were shown at more than one position to tell position bias from "
                 "relevance: the propensities above rest on the click model's assumption alone. Log some "
                 "randomized swaps, or pass known propensities (grades.propensities) from an experiment"
+            )
+        elif report.disagreeing_positions:
+            worst = max(abs(report.propensities[k - 1] - report.harvested[k - 1]) for k in report.disagreeing_positions)
+            lines.append(
+                f"warning: EM and harvesting disagree at position(s) {report.disagreeing_positions} (by up to "
+                f"{worst:.2f}, beyond their spread): the log links some positions through few pairs (sponsored "
+                "slots, a fixed top of the list), where EM's per-pair model can be biased. "
+                + (
+                    "Grade by the harvested curve (grades.estimator=harvested) or known grades.propensities"
+                    if report.estimator == "em"
+                    else "The grades use the harvested curve (grades.estimator=harvested)"
+                )
             )
     lines.append(
         f"grades: {report.written} pairs written; dropped: {report.dropped_little_evidence} with too little "

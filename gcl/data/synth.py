@@ -258,6 +258,10 @@ class LogConfig:
     swap_rate: float = 0.3
     """Randomization: the chance that a search swaps two neighbouring positions of its list, which
     lets the log tell position bias from relevance."""
+    sponsored: int = 0
+    """Sponsored slots: each query's searches open with this many products of other queries'
+    results (drawn once per query, true grade 0, in a random order per search), ahead of what the
+    ranker ranks; examined, they are clicked at the click model's floor."""
     seed: int = 0
 
     def propensities(self) -> list[float]:
@@ -269,19 +273,29 @@ def generate_log(pairs: pd.DataFrame, cfg: LogConfig) -> pd.DataFrame:
     the logging ranker's list (by grade, the products' promotion and noise) with its random swaps,
     each shown product examined by its position's propensity and, if examined, clicked with a
     probability rising with its grade; add-to-cart and purchase follow a click, likelier for a
-    higher grade. One row per product shown."""
+    higher grade. With `cfg.sponsored`, each list opens with that many products of other queries at
+    grade 0 (log_truth gives every shown pair's grade). One row per product shown."""
     rng = np.random.default_rng(cfg.seed)
     theta = np.array(cfg.propensities())
-    products = np.sort(pairs["product_id"].unique())
-    promoted = dict(zip(products, rng.random(len(products)), strict=True))
+    catalog = np.sort(pairs["product_id"].unique())
+    promoted = dict(zip(catalog, rng.random(len(catalog)), strict=True))
     frames = []
     impression = 0
     for (query_id, query), group in pairs.groupby(["query_id", "query"], sort=True):
         grades = group["score_linear"].to_numpy(np.float64)
         products = group["product_id"].to_numpy()
         ranked_by = grades + cfg.promotion * np.array([promoted[p] for p in products])
+        slots = np.arange(len(products), len(products) + cfg.sponsored)  # indices of the sponsored
+        if cfg.sponsored:
+            drawn = rng.choice(np.setdiff1d(catalog, products), size=cfg.sponsored, replace=False)
+            products, grades = np.concatenate([products, drawn]), np.concatenate([grades, np.zeros(cfg.sponsored)])
         for _ in range(cfg.sessions_per_query):
-            order = np.argsort(-(ranked_by + rng.normal(0, cfg.ranker_noise, len(grades))), kind="stable")[: cfg.shown]
+            ranked = np.argsort(-(ranked_by + rng.normal(0, cfg.ranker_noise, len(ranked_by))), kind="stable")
+            order = (
+                np.concatenate([rng.permutation(slots), ranked]).astype(int)[: cfg.shown]
+                if cfg.sponsored
+                else ranked[: cfg.shown]
+            )
             if len(order) > 1 and rng.random() < cfg.swap_rate:
                 k = rng.integers(0, len(order) - 1)
                 order[[k, k + 1]] = order[[k + 1, k]]
@@ -308,6 +322,14 @@ def generate_log(pairs: pd.DataFrame, cfg: LogConfig) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
+def log_truth(pairs: pd.DataFrame, log: pd.DataFrame) -> pd.DataFrame:
+    """The true grade of every (query_id, product_id) the log shows: its score_linear in `pairs`
+    (the pairs the log was generated from), 0 for a product of another query's results."""
+    shown = log[["query_id", "product_id"]].drop_duplicates()
+    truth = shown.merge(pairs[["query_id", "product_id", "score_linear"]], how="left", on=["query_id", "product_id"])
+    return truth.rename(columns={"score_linear": "grade"}).fillna({"grade": 0.0})
+
+
 def synthesize(
     out: str | Path, cfg: SynthConfig | None = None, split: SplitConfig | None = None, log: LogConfig | None = None
 ) -> dict:
@@ -332,13 +354,16 @@ def synthesize(
         if log is not None:
             train = splits["train"]
             (Path(partial) / "log").mkdir()
-            generate_log(train, log).to_parquet(Path(partial) / "log" / "impressions.parquet", index=False)
+            impressions = generate_log(train, log)
+            impressions.to_parquet(Path(partial) / "log" / "impressions.parquet", index=False)
             truth = {
                 "config": asdict(log),
                 "propensities": log.propensities(),
-                "grades": "train.parquet's score_linear, per (query_id, product_id)",
+                "grades": "log-truth.parquet: the grade of every (query_id, product_id) the log shows",
             }
-            (Path(partial) / "log-truth.json").write_text(json.dumps(truth, indent=2))  # beside: not a log file
+            # Beside the log, not in it: the grades' reader takes every file under log/.
+            (Path(partial) / "log-truth.json").write_text(json.dumps(truth, indent=2))
+            log_truth(train, impressions).to_parquet(Path(partial) / "log-truth.parquet", index=False)
             catalog = pairs.drop_duplicates("product_id")[["product_id", "title", "image"]]
             catalog.to_parquet(Path(partial) / "catalog.parquet", index=False)
         return manifest
