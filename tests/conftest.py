@@ -94,6 +94,29 @@ def synth_dir(tmp_path_factory):
     return out
 
 
+_STORE_TEMPLATE: list[Path] = []
+
+
+def mlflow_store(root, name: str = "mlflow.db") -> str:
+    """The URI of a new SQLite MLflow store at root/name, copied from one MLflow created once this
+    session: creating a store runs MLflow's schema migrations, about 2 s each time, and some 30
+    tests each want a store of their own. (The tests of a store gcl creates itself, the demo's,
+    a sweep's and the README's, do not take this.)"""
+    import shutil
+    import tempfile
+
+    from mlflow import MlflowClient
+
+    if not _STORE_TEMPLATE:
+        template = Path(tempfile.mkdtemp(prefix="gcl-test-store-")) / "template.db"
+        MlflowClient(f"sqlite:///{template}").search_experiments()  # creates the tables
+        _STORE_TEMPLATE.append(template)
+    target = Path(root) / name
+    if not target.exists():
+        shutil.copyfile(_STORE_TEMPLATE[0], target)
+    return f"sqlite:///{target}"
+
+
 def tiny_job_config(synth_dir, root, *overrides, config: str = "tiny-cpu.yaml"):
     """The tiny CPU job on `synth_dir` (or another shipped `config`: minilm-efflite0.yaml, the
     pretrained towers), storing runs and MLflow under `root`, plus overrides."""
@@ -109,7 +132,7 @@ def tiny_job_config(synth_dir, root, *overrides, config: str = "tiny-cpu.yaml"):
             f"data.eval={{in_domain: {synth_dir}/in_domain.parquet, zero_shot: {synth_dir}/zero_shot.parquet}}",
             f"data.validation={{in_domain: {synth_dir}/val_in_domain.parquet}}",  # one split: evaluation costs
             f"storage={root}/runs",
-            f"mlflow.tracking_uri=sqlite:///{root}/mlflow.db",
+            f"mlflow.tracking_uri={mlflow_store(root)}",
             "train.batch_size=16",
             "train.epochs=2",
             "train.warmup_steps=2",
@@ -142,10 +165,10 @@ def register_tiny_model(root, uri: str | None = None) -> str:
     tiny = create_model(ModelConfig(arch="gcl-tiny"))
     out = save_model(tiny.clip, tiny.model_cfg, root / "model")
     (out / "gcl_fields.json").write_text(json.dumps(FieldsConfig().model_dump()))
-    client = MlflowClient(uri or f"sqlite:///{root}/mlflow.db")
+    client = MlflowClient(uri or mlflow_store(root))
     # A server keeps the artifacts it is given (mlflow-artifacts:); a SQLite store, under root.
     experiment = client.create_experiment("gcl", artifact_location=None if uri else str(root / "artifacts"))
-    uri = uri or f"sqlite:///{root}/mlflow.db"
+    uri = uri or mlflow_store(root)
     run = client.create_run(experiment)
     model_uri = log_embedding_model(run.info.run_id, str(out), uri)
     client.set_terminated(run.info.run_id, "FINISHED")
