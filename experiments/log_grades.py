@@ -9,12 +9,14 @@
    the promotion back most (tests/test_grades.py's setting). --sponsored: the first log, with
    every list opening with two sponsored products of other queries' results (true grade 0), which
    their clicks at the top of a list make look relevant.
-2. `gcl data grades` twice: (a) debiased grades, (b) raw click-through-rate grades
+2. `gcl data grades`: (a) debiased grades, (b) raw click-through-rate grades
    (`grades.debias: false`); (c) the pairs clicked at least once, what a team trains on today;
-   (d) (a)'s pairs at their true grades: what any grading could buy at most.
-3. Each variant at its own validation-selected settings: (a), (b) and (d) run sweep-logs-gcl.yaml
-   (the towers' GCL), (c) sweep-logs-clip.yaml (CLIP's loss over the same title + image
-   documents). Every variant selects on the benchmark's validation splits (true grades, the same
+   (d) (a)'s pairs at their true grades: what any grading could buy at most; (e) and (f): (a) and
+   (b) with score_linear by rank within each query (`grades.score: rank`); (a') (a) with the
+   propensities by intervention harvesting (`grades.estimator: harvested`).
+3. Each variant at its own validation-selected settings: (a), (b), (d), (e), (f) and (a') run
+   sweep-logs-gcl.yaml (the towers' GCL), (c) sweep-logs-clip.yaml (CLIP's loss over the same
+   title + image documents). Every variant selects on the benchmark's validation splits (true grades, the same
    for all) and is reported on its test splits against the true grades; each champion is trained
    again with seeds 1 and 2.
 
@@ -45,13 +47,30 @@ VARIANTS = {
     "clicked": ("(c) CLIP's loss, clicked pairs", "sweep-logs-clip.yaml", "clicked"),
     # What grades can buy at most: (a)'s pairs with the grades the log was drawn from.
     "true": ("(d) GCL, (a)'s pairs at their true grades", "sweep-logs-gcl.yaml", "true-grades"),
+    # (a) and (b) with score_linear by rank within the query (grades.score=rank), as the benchmark's
+    # own scores are: the grade over the log's largest puts most pairs near the weight's floor.
+    "debiased-rank": ("(e) GCL, debiased grades by rank", "sweep-logs-gcl.yaml", "grades-debiased-rank/pairs"),
+    "raw-rank": ("(f) GCL, raw click-through grades by rank", "sweep-logs-gcl.yaml", "grades-raw-rank/pairs"),
     # (a) with the propensities by intervention harvesting (grades.estimator=harvested): what the
     # report advises where EM and harvesting disagree (the sponsored log).
     "harvested": ("(a') GCL, debiased grades, harvested propensities", "sweep-logs-gcl.yaml", "grades-harvested/pairs"),
 }
 MORE_SEEDS = (1, 2)
-COMPARED = (("debiased", "raw"), ("debiased", "clicked"), ("true", "raw"), ("harvested", "raw"))
-GRADINGS = {"debiased": {}, "raw": {"debias": False}, "harvested": {"estimator": "harvested"}}
+COMPARED = (
+    ("debiased", "raw"),
+    ("debiased", "clicked"),
+    ("true", "raw"),
+    ("debiased-rank", "raw-rank"),
+    ("debiased-rank", "clicked"),
+    ("harvested", "raw"),
+)
+GRADINGS = {
+    "debiased": {},
+    "raw": {"debias": False},
+    "debiased-rank": {"score": "rank"},
+    "raw-rank": {"debias": False, "score": "rank"},
+    "harvested": {"estimator": "harvested"},
+}
 
 
 LOGS = {"mild": {}, "confounded": {"promotion": 2.0}, "sponsored": {"sponsored": 2}}

@@ -117,6 +117,18 @@ def test_sponsored_products_are_graded_down_where_raw_clicks_keep_them(pairs):
     assert not any("disagree" in line for line in quiet)  # a log the click model fits
 
 
+def test_grades_by_rank_score_each_querys_pairs_as_marqo_gs_does(pairs):
+    """grades.score=rank: score_linear is (n - position + 1) / n within each query, in the order
+    the grades give; the default, the grade over the log's largest, orders them alike."""
+    log = LogConfig(sessions_per_query=10, seed=3)
+    by_grade, _, _ = _graded(pairs, log)
+    by_rank, _, _ = _graded(pairs, log, score="rank")
+    assert (by_rank.position == by_grade.position).all() and by_rank.score_linear.max() == 1
+    n = by_rank.groupby("query_id").position.transform("size")
+    assert np.allclose(by_rank.score_linear, (n - by_rank.position + 1) / n)
+    assert by_grade.score_linear.median() < 0.5 < by_rank.score_linear.median() + 0.05
+
+
 def test_the_report_says_when_position_bias_cannot_be_told_from_relevance(pairs):
     """A deterministic logging ranker with no swaps shows every pair at one position: no propensity
     curve can be trusted, and the report says so instead of printing a confident one."""

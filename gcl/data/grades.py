@@ -16,7 +16,8 @@ graded by its position-debiased click-through rate combined with its cart and pu
    `grades.prior_examinations` pseudo-examinations (1 click in 1 impression is not the top grade),
    combined with `grades.{click,add_to_cart,purchase}_weight`. Pairs with fewer than
    `grades.min_examinations` expected examinations are dropped and counted. `score_linear` is the
-   grade over the largest grade; `position` ranks each query's products by grade.
+   grade over the largest grade (or, `grades.score: rank`, the pair's rank within its query as
+   Marqo-GS-10M's scores are); `position` ranks each query's products by grade.
 4. The pairs are joined with the catalog (product id -> title, image, ...) and written to
    `<out>/pairs/`, with `<out>/manifest.json` (the inputs' sha256, the report), as gcl writes
    every output (gcl.outputs).
@@ -89,6 +90,11 @@ class GradesConfig(Section):
     graded near the mean, not by its one click."""
     min_examinations: float = Field(1.0, ge=0)
     """Pairs with fewer expected examinations (impressions weighted by propensity) are dropped."""
+    score: Literal["grade", "rank"] = "grade"
+    """What `score_linear` holds: `grade`, the pair's grade over the log's largest (comparable across
+    queries; a skewed log puts most pairs near 0); `rank`, its rank among its query's products as
+    Marqo-GS-10M's scores are, (n - position + 1) / n, which spreads every query's pairs over the
+    weight range the shipped training settings were tuned on."""
     debias: bool = True
     """Take position bias out (false: raw click-through rates, every position examined alike)."""
     estimator: Literal["em", "harvested"] = "em"
@@ -367,6 +373,10 @@ def grade_pairs(
     starts = np.r_[0, np.nonzero(np.diff(query[order]))[0] + 1]
     counts_per_query = np.diff(np.r_[starts, len(order)])
     rank[order] = np.arange(len(order)) - np.repeat(starts, counts_per_query) + 1
+    if cfg.score == "rank":  # Marqo-GS-10M's score_linear: (n - position + 1) / n within each query
+        in_query = np.empty(len(rank), np.int64)
+        in_query[order] = np.repeat(counts_per_query, counts_per_query)
+        score = (in_query - rank + 1) / in_query
     report.grade_quantiles = {f"p{q}": float(np.percentile(score, q)) for q in (10, 50, 90)} if len(score) else {}
     return (
         graded.append_column("score_linear", pa.array(score))
