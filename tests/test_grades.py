@@ -146,6 +146,7 @@ def test_gcl_data_grades_writes_pairs_that_training_takes_with_the_inputs_sha256
     `gcl data validate`'s checks with score_linear as their weight, every pair's product joined
     with its catalog row; manifest.json records the inputs' sha256 and the report; MLflow gets
     the report and its plot; a bad column is named."""
+    import pandas as pd
     from mlflow import MlflowClient
 
     from gcl.config import FieldsConfig
@@ -156,7 +157,9 @@ def test_gcl_data_grades_writes_pairs_that_training_takes_with_the_inputs_sha256
 
     data, out, uri = tmp_path / "data", tmp_path / "grades", f"sqlite:///{tmp_path}/mlflow.db"
     synth = ["data", "synth", "--out", str(data), "--products", "300", "--queries", "120", "--log-sessions", "20"]
-    assert main(synth) == 0
+    assert main([*synth, "--log-sponsored", "1"]) == 0
+    truth = pd.read_parquet(data / "log-truth.parquet")  # each query's sponsored product, at grade 0
+    assert (truth.grade == 0).sum() == truth.query_id.nunique() and (truth.grade > 0).sum() > 500
     grades = ["data", "grades", "--log", str(data / "log"), "--catalog", str(data / "catalog.parquet")]
     grades += ["--out", str(out), "--set", f"mlflow.tracking_uri={uri}"]
     assert main(grades) == 0

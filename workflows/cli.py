@@ -83,7 +83,11 @@ def cmd_data_synth(args) -> int:
     from gcl.data.synth import LogConfig, SynthConfig, synthesize
 
     cfg = SynthConfig(products=args.products, queries=args.queries, docs_per_query=args.docs_per_query, seed=args.seed)
-    search_log = LogConfig(sessions_per_query=args.log_sessions, seed=args.seed) if args.log_sessions else None
+    search_log = (
+        LogConfig(sessions_per_query=args.log_sessions, sponsored=args.log_sponsored, seed=args.seed)
+        if args.log_sessions
+        else None
+    )
     manifest = synthesize(args.out, cfg, SplitConfig(seed=args.seed), log=search_log)
     for name, info in manifest["splits"].items():
         print(
@@ -371,6 +375,13 @@ def _add_data(sub) -> None:
         metavar="N",
         help="also a search log over the training queries, N searches each, drawn from their known "
         "grades (<out>/log/, with its truth), and the catalog (<out>/catalog.parquet)",
+    )
+    p.add_argument(
+        "--log-sponsored",
+        type=int,
+        default=0,
+        metavar="K",
+        help="the log's lists open with K sponsored products of other queries' results (true grade 0)",
     )
     p.set_defaults(func=cmd_data_synth)
     p = data.add_parser(
