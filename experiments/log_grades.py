@@ -1,6 +1,7 @@
 """Does GCL trained on a search log's debiased grades rank better than training on its raw clicks?
 
-    .venv/bin/python experiments/log_grades.py [WORKDIR] [--confounded | --sponsored]
+    .venv/bin/python experiments/log_grades.py [WORKDIR] [--confounded | --sponsored | --sponsored-large]
+        [--only=VARIANT,...]
 
 1. `gcl demo`'s benchmark, with a search log over its training queries (gcl.data.synth: a logging
    ranker that also ranks by a promotion unrelated to relevance, position bias 1/k, clicks, carts
@@ -8,7 +9,8 @@
    promotion (2.0 against 1.5) and grades from clicks alone, where raw click-through rates learn
    the promotion back most (tests/test_grades.py's setting). --sponsored: the first log, with
    every list opening with two sponsored products of other queries' results (true grade 0), which
-   their clicks at the top of a list make look relevant.
+   their clicks at the top of a list make look relevant; --sponsored-large: the same with 400
+   searches per query instead of 40. --only=harvested,raw runs those variants alone.
 2. `gcl data grades`: (a) debiased grades, (b) raw click-through-rate grades
    (`grades.debias: false`); (c) the pairs clicked at least once, what a team trains on today;
    (d) (a)'s pairs at their true grades: what any grading could buy at most; (e) and (f): (a) and
@@ -73,7 +75,14 @@ GRADINGS = {
 }
 
 
-LOGS = {"mild": {}, "confounded": {"promotion": 2.0}, "sponsored": {"sponsored": 2}}
+LOGS = {
+    "mild": {},
+    "confounded": {"promotion": 2.0},
+    "sponsored": {"sponsored": 2},
+    # The sponsored log with 10x the searches: grades closer to their limit (debiased: the truth's
+    # order; raw: the ranker's bias), with --only harvested,raw.
+    "sponsored-large": {"sponsored": 2, "sessions_per_query": 400},
+}
 
 
 def make_data(workdir: str, log: str = "mild") -> dict:
@@ -147,7 +156,7 @@ def results_table(results: dict) -> str:
     variants = [name for name in VARIANTS if name in results]
     compared = [(a, b) for a, b in COMPARED if a in results and b in results]
     ndcg = {name: test_ndcg(results, name) for name in variants}
-    seeds = len(ndcg["debiased"][SPLITS[0]])
+    seeds = len(ndcg[variants[0]][SPLITS[0]])
     lines = [
         "| split | "
         + " | ".join(f"{VARIANTS[name][0]} ({seeds} seeds)" for name in variants)
@@ -163,13 +172,15 @@ def results_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def main(workdir: str, log: str = "mild") -> None:
+def main(workdir: str, log: str = "mild", only: list[str] | None = None) -> None:
     workdir = os.path.abspath(workdir)
     out = Path(workdir) / "log-grades.json"
     os.makedirs(workdir, exist_ok=True)
     results = json.loads(out.read_text()) if out.exists() else {}
     results["grades"] = make_data(workdir, log)
     for name, (label, sweep, _) in VARIANTS.items():
+        if only and name not in only:
+            continue
         overrides = variant_overrides(workdir, name)
         if name not in results:
             results[name] = run_sweep(HERE / sweep, workdir, overrides)
@@ -184,6 +195,7 @@ def main(workdir: str, log: str = "mild") -> None:
 
 
 if __name__ == "__main__":
+    only = [a.split("=", 1)[1].split(",") for a in sys.argv[1:] if a.startswith("--only=")]
     logs = [a[2:] for a in sys.argv[1:] if a[2:] in LOGS]
-    args = [a for a in sys.argv[1:] if a[2:] not in LOGS]
-    main(args[0] if args else "gcl_runs/log-grades", log=logs[0] if logs else "mild")
+    args = [a for a in sys.argv[1:] if a[2:] not in LOGS and not a.startswith("--only=")]
+    main(args[0] if args else "gcl_runs/log-grades", log=logs[0] if logs else "mild", only=only[0] if only else None)
