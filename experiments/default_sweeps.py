@@ -86,10 +86,9 @@ def train_with_seed(sweep: str | Path, best: dict, seed: int, overrides: list[st
 
 def test_ndcg(results: dict, name: str) -> dict[str, list[float]]:
     """Split -> test NDCG@10 of every seed trained at a variant's best settings (seed 0 first)."""
-    runs = [
-        {s: ndcg_at_10(m) for s, m in results[name]["best"]["test"].items()},
-        *results[name].get("seeds", {}).values(),
-    ]
+    best = results[name]["best"]
+    champion = [{s: ndcg_at_10(m) for s, m in best["test"].items()}] if "test" in best else []  # not swept: seeds only
+    runs = [*champion, *results[name].get("seeds", {}).values()]
     return {split: [run[split] for run in runs] for split in SPLITS}
 
 

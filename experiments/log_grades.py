@@ -1,7 +1,7 @@
 """Does GCL trained on a search log's debiased grades rank better than training on its raw clicks?
 
     .venv/bin/python experiments/log_grades.py [WORKDIR] [--confounded | --sponsored | --sponsored-large]
-        [--only=VARIANT,...]
+        [--only=VARIANT,...] [--at=RESULTS.json]
 
 1. `gcl demo`'s benchmark, with a search log over its training queries (gcl.data.synth: a logging
    ranker that also ranks by a promotion unrelated to relevance, position bias 1/k, clicks, carts
@@ -10,7 +10,8 @@
    the promotion back most (tests/test_grades.py's setting). --sponsored: the first log, with
    every list opening with two sponsored products of other queries' results (true grade 0), which
    their clicks at the top of a list make look relevant; --sponsored-large: the same with 400
-   searches per query instead of 40. --only=harvested,raw runs those variants alone.
+   searches per query instead of 40. --only=harvested,raw runs those variants alone; --at=FILE
+   trains each at FILE's champion settings, seeds 0-2, instead of sweeping.
 2. `gcl data grades`: (a) debiased grades, (b) raw click-through-rate grades
    (`grades.debias: false`); (c) the pairs clicked at least once, what a team trains on today;
    (d) (a)'s pairs at their true grades: what any grading could buy at most; (e) and (f): (a) and
@@ -172,7 +173,9 @@ def results_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def main(workdir: str, log: str = "mild", only: list[str] | None = None) -> None:
+def main(workdir: str, log: str = "mild", only: list[str] | None = None, at: str | None = None) -> None:
+    """`at`: an earlier run's results file; each variant trains at that run's champion settings
+    with seeds 0, 1 and 2 instead of sweeping its own (every GCL sweep so far chose the same one)."""
     workdir = os.path.abspath(workdir)
     out = Path(workdir) / "log-grades.json"
     os.makedirs(workdir, exist_ok=True)
@@ -182,12 +185,15 @@ def main(workdir: str, log: str = "mild", only: list[str] | None = None) -> None
         if only and name not in only:
             continue
         overrides = variant_overrides(workdir, name)
+        if name not in results and at:
+            best = json.loads(Path(at).read_text())[name]["best"]
+            results[name] = {"best": {"params": best["params"], "epochs": best["epochs"], "from": at}, "seeds": {}}
         if name not in results:
             results[name] = run_sweep(HERE / sweep, workdir, overrides)
             out.write_text(json.dumps(results, indent=2))
         print(label, "best", json.dumps(results[name]["best"]["params"]), flush=True)
         seeds = results[name].setdefault("seeds", {})
-        for seed in MORE_SEEDS:
+        for seed in MORE_SEEDS if "test" in results[name]["best"] else (0, *MORE_SEEDS):
             if str(seed) not in seeds:
                 seeds[str(seed)] = train_with_seed(HERE / sweep, results[name]["best"], seed, overrides)
                 out.write_text(json.dumps(results, indent=2))
@@ -195,7 +201,8 @@ def main(workdir: str, log: str = "mild", only: list[str] | None = None) -> None
 
 
 if __name__ == "__main__":
-    only = [a.split("=", 1)[1].split(",") for a in sys.argv[1:] if a.startswith("--only=")]
+    options = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith(("--only=", "--at=")))
     logs = [a[2:] for a in sys.argv[1:] if a[2:] in LOGS]
-    args = [a for a in sys.argv[1:] if a[2:] not in LOGS and not a.startswith("--only=")]
-    main(args[0] if args else "gcl_runs/log-grades", log=logs[0] if logs else "mild", only=only[0] if only else None)
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    only = options["only"].split(",") if "only" in options else None
+    main(args[0] if args else "gcl_runs/log-grades", logs[0] if logs else "mild", only, options.get("at"))

@@ -99,8 +99,8 @@ _STORE_TEMPLATE: list[Path] = []
 
 def mlflow_store(root, name: str = "mlflow.db") -> str:
     """The URI of a new SQLite MLflow store at root/name, copied from one MLflow created once this
-    session: creating a store runs MLflow's schema migrations, about 2 s each time, and some 30
-    tests each want a store of their own. (The tests of a store gcl creates itself, the demo's,
+    session: creating a store runs MLflow's schema migrations, about 2-3 s each time, and a dozen
+    tests of the default tier each want a store of their own. (The tests of a store gcl creates itself, the demo's,
     a sweep's and the README's, do not take this.)"""
     import shutil
     import tempfile
