@@ -171,6 +171,10 @@ def test_gcl_data_grades_writes_pairs_that_training_takes_with_the_inputs_sha256
     log_file = str(data / "log/impressions.parquet")
     assert manifest["log"]["files"] == [{"path": log_file, "sha256": file_sha256(log_file)}]
     assert manifest["report"]["written"] == report.rows
+    harvested = [*grades[:7], str(tmp_path / "harvested"), *grades[8:], "--set", "grades.estimator=harvested"]
+    assert main(harvested) == 0
+    by_harvest = json.loads((tmp_path / "harvested" / "manifest.json").read_text())["report"]
+    assert by_harvest["estimator"] == "harvested" and by_harvest["propensities"] == manifest["report"]["propensities"]
     client = MlflowClient(uri)
     run = client.search_runs([client.get_experiment_by_name("gcl").experiment_id])[0]
     assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"grades.png", "grades-report.json"}

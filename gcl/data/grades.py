@@ -511,9 +511,7 @@ def make_grades(cfg: GradesConfig, cpus: float = 0.5) -> GradesReport:
     report.impressions = int(pc.sum(totals["impressions"]).as_py())
     counts, pairs = position_counts(totals)
     report.queries, report.pairs = int(counts.query.max()) + 1, counts.n_pairs
-    theta = propensities_of(cfg, counts, report)
-    if report.source == "estimated":
-        report.propensities = theta.tolist()
+    theta = propensities_of(cfg, counts, report)  # report.propensities: EM's, whichever grades
     graded = grade_pairs(cfg, counts, pairs, theta, report)
     with replaced_whole(out) as partial:
         report.written = join_catalog(cfg, graded, storage.join(partial, PAIRS_DIR), cpus)
