@@ -55,3 +55,35 @@ def test_outages_are_told_from_requests_that_are_wrong():
     assert is_outage(ConnectionRefusedError())
     assert not is_outage(MlflowException("bad key", error_code=INVALID_PARAMETER_VALUE))
     assert not is_outage(ValueError("a bug"))
+
+
+def test_the_end_of_training_check_asks_an_unreachable_store_once(tiny_job):
+    """gcl train's last look at the store (check_learned) makes one request when the store does not
+    answer, and lets the run end (gcl sync finishes it later). With MLflow's own retries (7, backing
+    off from 2 s) it held `gcl train` about 4 minutes; counted here as the connections a store that
+    hangs up on every request receives: 1, not 8."""
+    import socket
+    import threading
+
+    from gcl.train.job import check_learned
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    accepted = []
+
+    def hang_up():
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:  # closed: the test is over
+                return
+            accepted.append(connection)
+            connection.close()
+
+    threading.Thread(target=hang_up, daemon=True).start()
+    try:
+        check_learned(tiny_job(), MlflowClient(f"http://127.0.0.1:{listener.getsockname()[1]}"), "0" * 32)
+    finally:
+        listener.close()
+    assert len(accepted) == 1

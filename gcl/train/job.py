@@ -515,10 +515,12 @@ def check_learned(job: JobConfig, client, run_id: str) -> None:
     """A TrainingError when the loss was 0 in every epoch: no step had a pair to learn from, and
     the model is its starting one with weight decay applied. Such a run is not exported, finished
     or registered."""
-    from gcl.tracking.buffer import is_outage
+    from gcl.tracking.buffer import fail_fast_requests, is_outage
 
     try:
-        losses = [m.value for m in client.get_metric_history(run_id, "train_loss")]
+        # One quick try: with MLflow's own retries an unreachable store held this for about 4 minutes.
+        with fail_fast_requests():
+            losses = [m.value for m in client.get_metric_history(run_id, "train_loss")]
     except Exception as err:  # an outage: the check waits for gcl sync's replay rather than fail the run
         if is_outage(err):
             return
