@@ -1,4 +1,5 @@
 import contextlib
+import functools
 import os
 import socket
 from pathlib import Path
@@ -94,26 +95,28 @@ def synth_dir(tmp_path_factory):
     return out
 
 
-_STORE_TEMPLATE: list[Path] = []
+@functools.cache
+def _store_template() -> Path:
+    """A SQLite MLflow store as MLflow creates it, made once per session (mlflow_store copies it)."""
+    import tempfile
+
+    from mlflow import MlflowClient
+
+    template = Path(tempfile.mkdtemp(prefix="gcl-test-store-")) / "template.db"
+    MlflowClient(f"sqlite:///{template}").search_experiments()  # creates the tables
+    return template
 
 
 def mlflow_store(root, name: str = "mlflow.db") -> str:
     """The URI of a new SQLite MLflow store at root/name, copied from one MLflow created once this
     session: creating a store runs MLflow's schema migrations, about 2-3 s each time, and a dozen
-    tests of the default tier each want a store of their own. (The tests of a store gcl creates itself, the demo's,
-    a sweep's and the README's, do not take this.)"""
+    tests of the default tier each want a store of their own. (The tests of a store gcl creates
+    itself, the demo's, a sweep's and the README's, do not take this.)"""
     import shutil
-    import tempfile
 
-    from mlflow import MlflowClient
-
-    if not _STORE_TEMPLATE:
-        template = Path(tempfile.mkdtemp(prefix="gcl-test-store-")) / "template.db"
-        MlflowClient(f"sqlite:///{template}").search_experiments()  # creates the tables
-        _STORE_TEMPLATE.append(template)
     target = Path(root) / name
     if not target.exists():
-        shutil.copyfile(_STORE_TEMPLATE[0], target)
+        shutil.copyfile(_store_template(), target)
     return f"sqlite:///{target}"
 
 

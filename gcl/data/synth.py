@@ -294,11 +294,7 @@ def generate_log(pairs: pd.DataFrame, cfg: LogConfig) -> pd.DataFrame:
             products, grades = np.concatenate([products, drawn]), np.concatenate([grades, np.zeros(cfg.sponsored)])
         for _ in range(cfg.sessions_per_query):
             ranked = np.argsort(-(ranked_by + rng.normal(0, cfg.ranker_noise, len(ranked_by))), kind="stable")
-            order = (
-                np.concatenate([rng.permutation(slots), ranked]).astype(int)[: cfg.shown]
-                if cfg.sponsored
-                else ranked[: cfg.shown]
-            )
+            order = np.concatenate([rng.permutation(slots), ranked])[: cfg.shown]  # no slots: draws nothing
             if len(order) > 1 and rng.random() < cfg.swap_rate:
                 k = rng.integers(0, len(order) - 1)
                 order[[k, k + 1]] = order[[k + 1, k]]
