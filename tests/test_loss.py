@@ -202,34 +202,44 @@ def _shard_inputs(world):
 _CFG = dict(weight_fn="linear", score_range=(0.0, 1.0), weight_min=0.1, left_to_right=0.6, right_to_left=0.4)
 
 
-def _rank_main(rank, world, init_file, out_dir, target="diagonal"):
+def _rank_main(rank, world, init_file, out_dir):
+    """Each target's loss and gradients on this rank's rows (one spawn serves both targets)."""
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     left, right, scores, q_ids, d_ids = _shard_inputs(world)
     rows = slice(rank * 8, (rank + 1) * 8)
-    l_local = left[rows].clone().requires_grad_()
-    r_local = right[rows].clone().requires_grad_()
-    log_scale = torch.tensor([1.5], dtype=torch.float64, requires_grad=True)
-    loss_fn = GCLLoss(LossConfig(**_CFG, target=target), {"q": 1.0}, {"d": 1.0}, rank=rank, world_size=world)
-    loss, _ = loss_fn({"q": l_local}, {"d": r_local}, scores[rows], log_scale, q_ids[rows], d_ids[rows])
-    loss.backward()
-    torch.save(
-        {"loss": loss.detach(), "l": l_local.grad, "r": r_local.grad, "s": log_scale.grad},
-        os.path.join(out_dir, f"rank{rank}.pt"),
-    )
+    out = {}
+    for target in TARGETS:
+        l_local = left[rows].clone().requires_grad_()
+        r_local = right[rows].clone().requires_grad_()
+        log_scale = torch.tensor([1.5], dtype=torch.float64, requires_grad=True)
+        loss_fn = GCLLoss(LossConfig(**_CFG, target=target), {"q": 1.0}, {"d": 1.0}, rank=rank, world_size=world)
+        loss, _ = loss_fn({"q": l_local}, {"d": r_local}, scores[rows], log_scale, q_ids[rows], d_ids[rows])
+        loss.backward()
+        out[target] = {"loss": loss.detach(), "l": l_local.grad, "r": r_local.grad, "s": log_scale.grad}
+    torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("target", ["diagonal", "listwise"])
-def test_two_gloo_processes_equal_single_process_loss_and_grads(target):
-    """Both targets; in the listwise one a query's documents sit on both ranks (q_ids = n // 3)."""
-    world = 2
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_rank_main, args=(world, os.path.join(tmp, "init"), tmp, target), nprocs=world, join=True)
-        parts = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(world)]
+TARGETS = ("diagonal", "listwise")
+WORLD = 2
 
-    left, right, scores, q_ids, d_ids = _shard_inputs(world)
+
+@pytest.fixture(scope="module")
+def gloo_parts() -> list[dict]:
+    """Per rank, per target: the loss and gradients two gloo processes computed."""
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_rank_main, args=(WORLD, os.path.join(tmp, "init"), tmp), nprocs=WORLD, join=True)
+        return [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_two_gloo_processes_equal_single_process_loss_and_grads(gloo_parts, target):
+    """Both targets; in the listwise one a query's documents sit on both ranks (q_ids = n // 3)."""
+    parts = [by_target[target] for by_target in gloo_parts]
+
+    left, right, scores, q_ids, d_ids = _shard_inputs(WORLD)
     left.requires_grad_()
     right.requires_grad_()
     log_scale = torch.tensor([1.5], dtype=torch.float64, requires_grad=True)
@@ -249,12 +259,12 @@ def test_two_gloo_processes_equal_single_process_loss_and_grads(target):
         )
         assert full.item() == pytest.approx(reference, abs=1e-9)
 
-    assert sum(p["loss"] for p in parts).item() / world == pytest.approx(full.item(), abs=1e-10)
+    assert sum(p["loss"] for p in parts).item() / WORLD == pytest.approx(full.item(), abs=1e-10)
     # Data-parallel training averages gradients over ranks; gather-with-grad routes every
     # rank's loss gradient back to the rank that owns each embedding.
-    torch.testing.assert_close(torch.cat([p["l"] for p in parts]) / world, left.grad)
-    torch.testing.assert_close(torch.cat([p["r"] for p in parts]) / world, right.grad)
-    torch.testing.assert_close(sum(p["s"] for p in parts) / world, log_scale.grad)
+    torch.testing.assert_close(torch.cat([p["l"] for p in parts]) / WORLD, left.grad)
+    torch.testing.assert_close(torch.cat([p["r"] for p in parts]) / WORLD, right.grad)
+    torch.testing.assert_close(sum(p["s"] for p in parts) / WORLD, log_scale.grad)
 
 
 # ------------------------------------------------------------------------------------------

@@ -160,6 +160,7 @@ def test_sweep_runs_fails_one_trial_alone_registers_the_best_and_resumes(ray_loc
             "train.epochs=1",
             "train.batch_size=16",
             "train.warmup_steps=2",
+            "scaling.num_workers=1",  # what a sweep does, not how a trial shards (test_train.py)
             f"data.train={data}/train.parquet",
             f"data.eval={{in_domain: {data}/in_domain.parquet, zero_shot: {data}/zero_shot.parquet}}",
             f"data.validation={{in_domain: {data}/val_in_domain.parquet, zero_shot: {data}/val_zero_shot.parquet}}",
