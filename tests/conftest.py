@@ -62,8 +62,9 @@ def step_gates(tmp_path_factory) -> StepGates:
     return StepGates(directory)
 
 
-# Ray's system setting (read from the environment as RAY_<name>) of how many idle workers it keeps.
-IDLE_WORKERS_KEPT = "RAY_num_workers_soft_limit"
+# Ray's system setting (read from the environment as RAY_<name>): how long a pooled worker beyond
+# num_cpus may stay idle before Ray kills it (1 s by default).
+IDLE_WORKER_SECONDS = "RAY_idle_worker_killing_time_threshold_ms"
 
 
 @pytest.fixture(scope="session")
@@ -76,15 +77,16 @@ def ray_local(tmp_path_factory, step_gates):
     # Ray workers unpickle test functions by module name: let them import tests/.
     tests_dir = os.path.dirname(os.path.abspath(__file__))
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [tests_dir, os.environ.get("PYTHONPATH")]))
-    # This one cluster runs the session's hundreds of Ray jobs back to back. Ray kills the pooled
-    # workers idle beyond num_cpus (2) after a second, so each job started and imported its task
-    # workers afresh: a Ray Data groupby on 300 rows took 7 s, 2 s with its workers kept. Read by
-    # the raylet as it starts; not passed on to the commands tests start with a cluster of their own.
-    os.environ[IDLE_WORKERS_KEPT] = "6"
+    # This one cluster runs the session's Ray jobs back to back, several in a test. Ray kills the
+    # pooled workers idle beyond num_cpus (2) after a second, so each job started and imported its
+    # task workers afresh: a Ray Data groupby over 300 rows took 7 s, 2 s with them kept 15 s. Not
+    # longer: an idle worker costs about 2.5% of a core. Read by the raylet as it starts; not
+    # passed on to the commands tests start with a cluster of their own.
+    os.environ[IDLE_WORKER_SECONDS] = "15000"
     try:
         init_ray(num_cpus=2)
     finally:
-        del os.environ[IDLE_WORKERS_KEPT]
+        del os.environ[IDLE_WORKER_SECONDS]
     yield ray
     ray.shutdown()
 
