@@ -202,6 +202,10 @@ def _shard_inputs(world):
 _CFG = dict(weight_fn="linear", score_range=(0.0, 1.0), weight_min=0.1, left_to_right=0.6, right_to_left=0.4)
 
 
+TARGETS = ("diagonal", "listwise")
+WORLD = 2
+
+
 def _rank_main(rank, world, init_file, out_dir):
     """Each target's loss and gradients on this rank's rows (one spawn serves both targets)."""
     import torch.distributed as dist
@@ -220,10 +224,6 @@ def _rank_main(rank, world, init_file, out_dir):
         out[target] = {"loss": loss.detach(), "l": l_local.grad, "r": r_local.grad, "s": log_scale.grad}
     torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
-
-
-TARGETS = ("diagonal", "listwise")
-WORLD = 2
 
 
 @pytest.fixture(scope="module")
