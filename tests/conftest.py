@@ -82,11 +82,9 @@ def ray_local(tmp_path_factory, step_gates):
     # task workers afresh: a Ray Data groupby over 300 rows took 7 s, 2 s with them kept 15 s. Not
     # longer: an idle worker costs about 2.5% of a core. Read by the raylet as it starts; not
     # passed on to the commands tests start with a cluster of their own.
-    os.environ[IDLE_WORKER_SECONDS] = "15000"
-    try:
+    with pytest.MonkeyPatch.context() as env:  # restores a value the developer had set
+        env.setenv(IDLE_WORKER_SECONDS, "15000")
         init_ray(num_cpus=2)
-    finally:
-        del os.environ[IDLE_WORKER_SECONDS]
     yield ray
     ray.shutdown()
 
